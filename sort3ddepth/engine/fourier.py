@@ -1,0 +1,427 @@
+"""Fourier-space hot paths: projection, back-projection and the fused image-vs-map distance.
+
+Layout conventions (one place, used everywhere):
+* 2D images: numpy rfft2 of the image with its centre (N//2, N//2) moved to the origin
+  (``rfft2(ifftshift(img))``); shape (N, N//2+1); row iy holds ky = iy (iy < N/2) or iy - N.
+* 3D maps for gathering/scattering: zero-padded to Np = pad*N, same centring, rfftn, then the
+  z and y axes fftshift-ed, so frequency (kx, ky, kz) in padded-grid units sits at
+  [kz + Np//2, ky + Np//2, kx] with kx >= 0 (Hermitian half grid; the other half is the
+  complex conjugate at -k). K maps are stacked on the LAST axis so a trilinear gather reads the
+  K values of one voxel contiguously.
+* A 2D frequency q = (kx, ky) of an image with rotation A lies in the map at A.T @ (kx, ky, 0)
+  (geometry.py). Scaling by ``pad`` maps image frequencies to padded-grid units.
+* Sums over the half plane count the columns 0 < kx < N/2 twice, so every "norm" or "distance"
+  is the full-plane sum.
+
+All kernels are numba ``parallel=True``; per-particle work goes to one thread, so sums for one
+particle never depend on the number of threads. Back-projection accumulates in float64 per
+thread and adds the copies at the end (the order of additions differs with the thread count only
+at the 1e-16 level).
+"""
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .ctf import ctf_value
+
+
+class FourierVolumes:
+    """K maps prepared for gathering: padded, gridding-corrected, on the Hermitian half grid."""
+
+    def __init__(self, data, box, pad):
+        self.data = data          # (Np, Np, Np//2+1, K) complex64
+        self.box = box
+        self.pad = pad
+
+    @property
+    def n_maps(self):
+        return self.data.shape[-1]
+
+
+def _sinc2_profile(box, npad):
+    x = np.arange(box) - box // 2
+    return np.sinc(x / npad) ** 2
+
+
+def volumes_to_fourier(vols, pad=2, gridding_correction=True):
+    """Prepare maps (N,N,N) or (K,N,N,N) for projection. Trilinear interpolation in Fourier space
+    multiplies the projection by sinc^2(x/Np) per axis; dividing the map by it beforehand cancels
+    that (``gridding_correction``)."""
+    vols = np.asarray(vols, dtype=np.float64)
+    if vols.ndim == 3:
+        vols = vols[None]
+    k, n = vols.shape[0], vols.shape[-1]
+    npad = int(round(pad * n))
+    npad += npad % 2
+    lo = npad // 2 - n // 2
+    out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
+    corr = None
+    if gridding_correction:
+        s = _sinc2_profile(n, npad)
+        corr = s[:, None, None] * s[None, :, None] * s[None, None, :]
+    for i in range(k):
+        big = np.zeros((npad, npad, npad))
+        big[lo:lo + n, lo:lo + n, lo:lo + n] = vols[i] / corr if corr is not None else vols[i]
+        f = np.fft.rfftn(np.fft.ifftshift(big))
+        out[..., i] = np.fft.fftshift(f, axes=(0, 1))
+    return FourierVolumes(out, n, npad / n)
+
+
+def images_to_fourier(images):
+    """(n, N, N) real images -> (n, N, N//2+1) complex64 centred rfft2."""
+    images = np.asarray(images, dtype=np.float32)
+    return np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1))).astype(np.complex64)
+
+
+def fourier_to_images(images_f, box):
+    return np.fft.fftshift(np.fft.irfft2(images_f, s=(box, box)), axes=(-2, -1)).astype(np.float32)
+
+
+def frequency_grid(box):
+    """(ky, kx) integer frequency arrays of the rfft2 grid, shape (N, N//2+1) each."""
+    ky = np.fft.fftfreq(box, 1.0 / box)
+    kx = np.arange(box // 2 + 1, dtype=np.float64)
+    return np.meshgrid(ky, kx, indexing="ij")
+
+
+def shift_images(images_f, shifts):
+    """Re-centre particles: RELION's origin (x, y) in pixels is the shift that centres the particle,
+    i.e. the content moves by +origin: F *= exp(-2 pi i k.origin / N)."""
+    n_img, box = images_f.shape[0], images_f.shape[1]
+    ky, kx = frequency_grid(box)
+    out = np.empty_like(images_f)
+    for start in range(0, n_img, 1024):
+        s = np.asarray(shifts[start:start + 1024], np.float64)
+        phase = -2j * np.pi / box * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky)
+        out[start:start + 1024] = images_f[start:start + 1024] * np.exp(phase).astype(np.complex64)
+    return out
+
+
+def crop_fourier_images(images_f, new_box):
+    """Fourier-crop (n, N, N//2+1) to (n, n', n'//2+1); real-space amplitudes are preserved
+    (the pixel size grows by N/n')."""
+    box = images_f.shape[1]
+    if new_box == box:
+        return images_f
+    if new_box > box:
+        raise ValueError(f"cannot crop {box} px images to a larger size {new_box}")
+    h = new_box // 2
+    rows = np.r_[0:h, box - h:box]
+    out = images_f[:, rows, :h + 1] * np.float32((new_box / box) ** 2)
+    return np.ascontiguousarray(out)
+
+
+def resize_volume(vol, new_box):
+    """Fourier crop or pad a real map (N,N,N) to new_box^3, keeping real-space amplitudes."""
+    vol = np.asarray(vol, np.float64)
+    n = vol.shape[0]
+    if n == new_box:
+        return vol.copy()
+    f = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(vol)))
+    out = np.zeros((new_box,) * 3, np.complex128)
+    m = min(n, new_box)
+    so, sn = n // 2 - m // 2, new_box // 2 - m // 2
+    out[sn:sn + m, sn:sn + m, sn:sn + m] = f[so:so + m, so:so + m, so:so + m]
+    res = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(out))).real
+    return res * (new_box / n) ** 3
+
+
+# ----------------------------------------------------------------------------------------------
+# numba kernels
+# ----------------------------------------------------------------------------------------------
+
+@njit(inline="always", fastmath=True)
+def _gather(vol, px, py, pz, vals):
+    """Trilinear interpolation of the K maps at padded-grid frequency (px, py, pz) into vals."""
+    nz, ny, nxh = vol.shape[0], vol.shape[1], vol.shape[2]
+    conj = False
+    if px < 0.0:
+        px, py, pz, conj = -px, -py, -pz, True
+    c = ny // 2
+    y = py + c
+    z = pz + c
+    x0, y0, z0 = int(np.floor(px)), int(np.floor(y)), int(np.floor(z))
+    for k in range(vals.shape[0]):
+        vals[k] = 0.0
+    if x0 + 1 >= nxh or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
+        return
+    fx, fy, fz = px - x0, y - y0, z - z0
+    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+    w000, w001 = gz * gy * gx, gz * gy * fx
+    w010, w011 = gz * fy * gx, gz * fy * fx
+    w100, w101 = fz * gy * gx, fz * gy * fx
+    w110, w111 = fz * fy * gx, fz * fy * fx
+    for k in range(vals.shape[0]):
+        v = (w000 * vol[z0, y0, x0, k] + w001 * vol[z0, y0, x0 + 1, k]
+             + w010 * vol[z0, y0 + 1, x0, k] + w011 * vol[z0, y0 + 1, x0 + 1, k]
+             + w100 * vol[z0 + 1, y0, x0, k] + w101 * vol[z0 + 1, y0, x0 + 1, k]
+             + w110 * vol[z0 + 1, y0 + 1, x0, k] + w111 * vol[z0 + 1, y0 + 1, x0 + 1, k])
+        vals[k] = np.conj(v) if conj else v
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _project_kernel(vol, rots, box, pad, rmax2, out):
+    half = box // 2
+    nk = vol.shape[3]
+    for i in prange(rots.shape[0]):
+        vals = np.empty(nk, np.complex128)
+        r = rots[i]
+        for iy in range(box):
+            ky = float(iy if iy <= (box - 1) // 2 else iy - box)
+            for ix in range(half + 1):
+                kx = float(ix)
+                if kx * kx + ky * ky > rmax2:
+                    for k in range(nk):
+                        out[i, k, iy, ix] = 0.0
+                    continue
+                px = (r[0, 0] * kx + r[1, 0] * ky) * pad
+                py = (r[0, 1] * kx + r[1, 1] * ky) * pad
+                pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
+                _gather(vol, px, py, pz, vals)
+                for k in range(nk):
+                    out[i, k, iy, ix] = vals[k]
+
+
+def pixel_table(box, rmin=0.0, rmax=None):
+    """The rfft2 pixels inside the band rmin <= |k| <= rmax, as parallel arrays
+    (iy, ix, kx, ky, shell, hermitian factor 1 or 2); kernels loop over this list, not the grid."""
+    ky, kx = frequency_grid(box)
+    r2 = kx ** 2 + ky ** 2
+    sel = (r2 <= _rmax2(box, rmax)) & (r2 >= float(rmin) ** 2)
+    iy, ix = np.nonzero(sel)
+    herm = np.where((ix > 0) & (ix < box // 2), 2.0, 1.0)
+    shell = np.rint(np.sqrt(r2[iy, ix])).astype(np.int64)
+    return (iy.astype(np.int64), ix.astype(np.int64), kx[iy, ix].copy(), ky[iy, ix].copy(),
+            shell, herm)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _distance_kernel(vol, rots, imgs, coefs, use_ctf, shell_w, groups, pad,
+                     piy, pix, pkx, pky, pshell, pherm, cross, pp, xx):
+    nk = vol.shape[3]
+    nz, ny, nxh = vol.shape[0], vol.shape[1], vol.shape[2]
+    c = ny // 2
+    npix = piy.shape[0]
+    for i in prange(rots.shape[0]):
+        acc_c = np.zeros(nk)
+        acc_p = np.zeros(nk)
+        acc_x = 0.0
+        r = rots[i]
+        g = groups[i]
+        for j in range(npix):
+            w = shell_w[g, pshell[j]] * pherm[j]
+            if w == 0.0:
+                continue
+            kx = pkx[j]
+            ky = pky[j]
+            ctf = ctf_value(coefs[i], kx, ky) if use_ctf else 1.0
+            px = (r[0, 0] * kx + r[1, 0] * ky) * pad
+            py = (r[0, 1] * kx + r[1, 1] * ky) * pad
+            pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
+            sgn = 1.0
+            if px < 0.0:
+                px, py, pz, sgn = -px, -py, -pz, -1.0
+            y = py + c
+            z = pz + c
+            x0, y0, z0 = int(px), int(np.floor(y)), int(np.floor(z))
+            x = imgs[i, piy[j], pix[j]]
+            xr, xi = x.real, x.imag
+            acc_x += w * (xr * xr + xi * xi)
+            if x0 + 1 >= nxh or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
+                continue
+            fx, fy, fz = px - x0, y - y0, z - z0
+            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+            w0, w1 = gz * gy * gx, gz * gy * fx
+            w2, w3 = gz * fy * gx, gz * fy * fx
+            w4, w5 = fz * gy * gx, fz * gy * fx
+            w6, w7 = fz * fy * gx, fz * fy * fx
+            # conj(P) when the point was mirrored: flip the sign of the imaginary part
+            xi_s = xi * sgn
+            for k in range(nk):
+                v = (w0 * vol[z0, y0, x0, k] + w1 * vol[z0, y0, x0 + 1, k]
+                     + w2 * vol[z0, y0 + 1, x0, k] + w3 * vol[z0, y0 + 1, x0 + 1, k]
+                     + w4 * vol[z0 + 1, y0, x0, k] + w5 * vol[z0 + 1, y0, x0 + 1, k]
+                     + w6 * vol[z0 + 1, y0 + 1, x0, k] + w7 * vol[z0 + 1, y0 + 1, x0 + 1, k])
+                pr, pim = ctf * v.real, ctf * v.imag
+                acc_c[k] += w * (xr * pr + xi_s * pim)
+                acc_p[k] += w * (pr * pr + pim * pim)
+        for k in range(nk):
+            cross[i, k] = acc_c[k]
+            pp[i, k] = acc_p[k]
+        xx[i] = acc_x
+
+
+@njit(inline="always", fastmath=True)
+def _scatter(data, wts, px, py, pz, vr, vi, w, ks, ms):
+    """Adjoint of the trilinear gather for one sample: add value*(trilinear weight)*m and
+    weight likewise into maps ks[j] with insertion weights ms[j]; corners on the missing half
+    (x < 0) are dropped (the caller also scatters the Hermitian mirror when it reaches x = 0)."""
+    nz, ny, nxh = data.shape[1], data.shape[2], data.shape[3]
+    c = ny // 2
+    y = py + c
+    z = pz + c
+    x0, y0, z0 = int(np.floor(px)), int(np.floor(y)), int(np.floor(z))
+    if x0 + 1 < 0 or x0 >= nxh - 1 or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
+        return
+    fx, fy, fz = px - x0, y - y0, z - z0
+    for dz in range(2):
+        wz = fz if dz else 1.0 - fz
+        for dy in range(2):
+            wzy = wz * (fy if dy else 1.0 - fy)
+            for dx in range(2):
+                xi = x0 + dx
+                if xi < 0:
+                    continue
+                t = wzy * (fx if dx else 1.0 - fx)
+                for j in range(ks.shape[0]):
+                    tm = t * ms[j]
+                    data[ks[j], z0 + dz, y0 + dy, xi] += complex(tm * vr, tm * vi)
+                    wts[ks[j], z0 + dz, y0 + dy, xi] += tm * w
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, ptr, mk, mw, shell_w, groups, pad,
+                        piy, pix, pkx, pky, pshell, pherm, bounds, data, wts):
+    npix = piy.shape[0]
+    for t in prange(bounds.shape[0] - 1):
+        dt = data[t]
+        wt = wts[t]
+        for e in range(bounds[t], bounds[t + 1]):
+            if ptr[e + 1] == ptr[e]:
+                continue
+            ks = mk[ptr[e]:ptr[e + 1]]
+            ms = mw[ptr[e]:ptr[e + 1]]
+            i = img_index[e]
+            r = rots[e]
+            g = groups[i]
+            for j in range(npix):
+                nw = shell_w[g, pshell[j]]
+                if nw == 0.0:
+                    continue
+                kx = pkx[j]
+                ky = pky[j]
+                ctf = ctf_value(coefs[i], kx, ky) if use_ctf else 1.0
+                x = imgs[i, piy[j], pix[j]]
+                vr, vi = x.real * ctf * nw, x.imag * ctf * nw
+                w = ctf * ctf * nw
+                px = (r[0, 0] * kx + r[1, 0] * ky) * pad
+                py = (r[0, 1] * kx + r[1, 1] * ky) * pad
+                pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
+                if px > -1.0:
+                    _scatter(dt, wt, px, py, pz, vr, vi, w, ks, ms)
+                # a half-plane sample stands for its mirror -q too (columns 0 < kx < N/2)
+                if pherm[j] == 2.0 and px < 1.0:
+                    _scatter(dt, wt, -px, -py, -pz, vr, -vi, w, ks, ms)
+
+
+# ----------------------------------------------------------------------------------------------
+# wrappers
+# ----------------------------------------------------------------------------------------------
+
+def _rmax2(box, rmax):
+    r = box // 2 - 1 if rmax is None else min(float(rmax), box // 2 - 1)
+    return float(r) ** 2
+
+
+def _shell_weights(box, shell_weights, groups, n):
+    nshell = box // 2 + 2
+    if shell_weights is None:
+        sw = np.ones((1, nshell))
+    else:
+        sw = np.atleast_2d(np.asarray(shell_weights, np.float64))
+        if sw.shape[1] < nshell:
+            sw = np.concatenate([sw, np.zeros((sw.shape[0], nshell - sw.shape[1]))], axis=1)
+        sw = np.ascontiguousarray(sw)
+    g = np.zeros(n, np.int64) if groups is None else np.ascontiguousarray(groups, np.int64)
+    if g.size and (g.min() < 0 or g.max() >= sw.shape[0]):
+        raise ValueError("particle group index outside the rows of the shell weights")
+    return sw, g
+
+
+def _coefs(ctf_coefs, n):
+    if ctf_coefs is None:
+        return np.zeros((n, 6)), False
+    return np.ascontiguousarray(ctf_coefs, np.float64), True
+
+
+def project(fvols, rotations, rmax=None):
+    """Central-slice projections of K maps at n orientations -> (n, K, N, N//2+1) complex64
+    (no CTF, no shift); frequencies beyond rmax (pixels, default N/2-1) are zero."""
+    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
+    box = fvols.box
+    out = np.empty((rots.shape[0], fvols.n_maps, box, box // 2 + 1), np.complex64)
+    _project_kernel(fvols.data, rots, box, float(fvols.pad), _rmax2(box, rmax), out)
+    return out
+
+
+def distance_terms(fvols, rotations, images_f, ctf_coefs=None, rmin=0.0, rmax=None,
+                   shell_weights=None, groups=None):
+    """Fused comparison of n images with the CTF-multiplied projections of K maps, without storing
+    the projections. Returns (cross (n,K), pp (n,K), xx (n,)) with, over the frequency band
+    rmin <= |k| <= rmax and shell weights w(group, shell):
+    cross = sum w Re(conj(X) CTF P_k), pp = sum w |CTF P_k|^2, xx = sum w |X|^2.
+    The squared distance is xx - 2 cross + pp; a normalised cross score is cross / sqrt(pp)."""
+    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
+    n = rots.shape[0]
+    imgs = np.ascontiguousarray(images_f, np.complex64)
+    if imgs.shape[0] != n or imgs.shape[1] != fvols.box:
+        raise ValueError(f"{imgs.shape[0]} images of {imgs.shape[1]} px for {n} rotations and "
+                         f"{fvols.box} px maps")
+    coefs, use_ctf = _coefs(ctf_coefs, n)
+    sw, g = _shell_weights(fvols.box, shell_weights, groups, n)
+    cross = np.empty((n, fvols.n_maps))
+    pp = np.empty((n, fvols.n_maps))
+    xx = np.empty(n)
+    table = pixel_table(fvols.box, rmin, rmax)
+    _distance_kernel(fvols.data, rots, imgs, coefs, use_ctf, sw, g, float(fvols.pad), *table,
+                     cross, pp, xx)
+    return cross, pp, xx
+
+
+def squared_distances(fvols, rotations, images_f, **kw):
+    """(n, K) weighted squared Fourier distances |X - CTF P_k|^2 (see distance_terms)."""
+    cross, pp, xx = distance_terms(fvols, rotations, images_f, **kw)
+    return xx[:, None] - 2.0 * cross + pp
+
+
+def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax=None,
+                shell_weights=None, groups=None, image_index=None, n_threads=None):
+    """Insert images (times CTF times shell weight) into K Fourier accumulators, with the CTF^2
+    times shell weight in K weight accumulators (the adjoint of ``project``).
+
+    member_weights: (m, K) insertion weight of entry e into map k (one-hot for a hard assignment,
+    fuzzy memberships, or smear probabilities). Entry e uses image ``image_index[e]`` (default e)
+    and rotation ``rotations[e]``. Returns (data (K, Np, Np, Np//2+1) complex128,
+    weights (K, Np, Np, Np//2+1) float64) on the half grid of ``volumes_to_fourier``."""
+    imgs = np.ascontiguousarray(images_f, np.complex64)
+    box = imgs.shape[1]
+    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
+    m = rots.shape[0]
+    memb = np.ascontiguousarray(member_weights, np.float64)
+    if memb.ndim == 1:
+        memb = memb[:, None]
+    if memb.shape[0] != m:
+        raise ValueError(f"member_weights has {memb.shape[0]} rows for {m} entries")
+    idx = np.arange(m) if image_index is None else np.ascontiguousarray(image_index, np.int64)
+    coefs, use_ctf = _coefs(ctf_coefs, imgs.shape[0])
+    sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
+    npad = int(round(pad * box))
+    npad += npad % 2
+    k = memb.shape[1]
+    # sparse rows of the membership: a hard assignment writes one map per sample, not K
+    rows, cols = np.nonzero(memb)
+    ptr = np.searchsorted(rows, np.arange(m + 1)).astype(np.int64)
+    mk = cols.astype(np.int64)
+    mw = memb[rows, cols]
+    nt = n_threads or numba.get_num_threads()
+    nt = max(1, min(nt, m))
+    bounds = np.linspace(0, m, nt + 1).astype(np.int64)
+    shape = (nt, k, npad, npad, npad // 2 + 1)
+    data = np.zeros(shape, np.complex128)
+    wts = np.zeros(shape, np.float64)
+    table = pixel_table(box, 0.0, rmax)
+    _backproject_kernel(imgs, idx, rots, coefs, use_ctf, ptr, mk, mw, sw, g, float(npad / box),
+                        *table, bounds, data, wts)
+    if nt == 1:
+        return data[0], wts[0]
+    return data.sum(axis=0), wts.sum(axis=0)

@@ -1,0 +1,151 @@
+"""Maps from back-projected sums, and the map tools around them: FSC, low-pass, masks, symmetry.
+
+The regularised (Wiener-like) division follows the sorting practice of SPHIRE: the SNR of a
+shell is taken from an FSC as FSC/(1-FSC), so the reconstruction adds mean_weight*(1-FSC)/FSC
+to the CTF^2 weights of that shell; shells past the resolution limit are zeroed.
+"""
+import numpy as np
+from scipy import ndimage
+
+
+def radial_index(shape_or_box, half=True):
+    """Integer shell index of every voxel of a centred (Np,Np,Np//2+1) half grid (half=True) or of
+    a centred real-space cube (half=False)."""
+    if half:
+        npad = shape_or_box
+        c = np.arange(npad) - npad // 2
+        x = np.arange(npad // 2 + 1)
+        r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + x[None, None, :] ** 2)
+    else:
+        n = shape_or_box
+        c = np.arange(n) - n // 2
+        r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    return np.rint(r).astype(np.int64)
+
+
+def _radial_mean(values, shells, nshell):
+    s = np.bincount(shells.ravel(), weights=values.ravel(), minlength=nshell)[:nshell]
+    c = np.bincount(shells.ravel(), minlength=nshell)[:nshell]
+    return s / np.maximum(c, 1)
+
+
+def reconstruct(data, weights, box, fsc=None, rmax=None, min_weight=1e-3, symmetry=None,
+                tau_shells_unregularised=0):
+    """Real-space maps (K, N, N, N) float32 from half-grid accumulators (K, Np, Np, Np//2+1).
+
+    fsc: optional (nshell,) FSC per shell of the *box* grid used as SNR: weight += mean_w*(1-f)/f.
+    Without it the weights get a floor of ``min_weight`` x their shell mean (a plain division).
+    rmax: resolution limit in box-grid pixels (default N/2 - 1). symmetry: a PointGroup, applied
+    to the real-space map (average of the rotated copies)."""
+    data = np.asarray(data)
+    weights = np.asarray(weights)
+    if data.ndim == 3:
+        data, weights = data[None], weights[None]
+    npad = data.shape[1]
+    pad = npad / box
+    shells_pad = radial_index(npad, half=True)
+    shells = np.rint(shells_pad / pad).astype(np.int64)        # box-grid shell of each voxel
+    nshell = box // 2 + 1
+    limit = box // 2 - 1 if rmax is None else min(rmax, box // 2 - 1)
+    keep = shells <= limit
+    out = np.empty((data.shape[0], box, box, box), np.float32)
+    for k in range(data.shape[0]):
+        w = weights[k]
+        mean_w = _radial_mean(w, np.minimum(shells, nshell - 1), nshell)
+        if fsc is not None:
+            f = np.clip(np.asarray(fsc, np.float64)[:nshell], 1e-3, 0.999)
+            if f.size < nshell:
+                f = np.concatenate([f, np.full(nshell - f.size, 1e-3)])
+            reg = mean_w * (1.0 - f) / f
+            reg[:tau_shells_unregularised] = 0.0
+        else:
+            reg = min_weight * mean_w
+        floor = reg[np.minimum(shells, nshell - 1)]
+        denom = w + floor
+        good = keep & (denom > 1e-12 * max(mean_w.max(), 1e-30))
+        f3 = np.zeros_like(data[k])
+        f3[good] = data[k][good] / denom[good]
+        out[k] = _half_grid_to_map(f3, box)
+        if symmetry is not None and symmetry.order > 1:
+            out[k] = symmetrize_map(out[k], symmetry.matrices)
+    return out
+
+
+def _half_grid_to_map(f3, box):
+    npad = f3.shape[0]
+    big = np.fft.irfftn(np.fft.ifftshift(f3, axes=(0, 1)), s=(npad,) * 3)
+    big = np.fft.fftshift(big)
+    lo = npad // 2 - box // 2
+    vol = big[lo:lo + box, lo:lo + box, lo:lo + box]
+    # trilinear gridding attenuates the map by sinc^2(x/Np) per axis: undo it
+    x = np.arange(box) - box // 2
+    s = np.sinc(x / npad) ** 2
+    return vol / (s[:, None, None] * s[None, :, None] * s[None, None, :])
+
+
+def symmetrize_map(vol, matrices):
+    """Average of the map over a point group: V(r) <- mean_g V(R_g r) (rotation about the centre)."""
+    n = vol.shape[0]
+    c = np.arange(n) - n // 2
+    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
+    pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()])          # (x, y, z) column vectors
+    acc = np.zeros(vol.size)
+    for r in matrices:
+        q = r @ pts
+        coords = np.stack([q[2], q[1], q[0]]) + n // 2            # back to (z, y, x) indices
+        acc += ndimage.map_coordinates(vol, coords, order=1, mode="constant")
+    return (acc / len(matrices)).reshape(vol.shape).astype(vol.dtype)
+
+
+def fsc(map1, map2):
+    """Fourier shell correlation of two maps, one value per shell 0..N/2."""
+    f1 = np.fft.rfftn(np.asarray(map1, np.float64))
+    f2 = np.fft.rfftn(np.asarray(map2, np.float64))
+    n = map1.shape[0]
+    ky = np.fft.fftfreq(n, 1.0 / n)
+    kx = np.arange(n // 2 + 1)
+    r = np.sqrt(ky[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    sh = np.rint(r).astype(np.int64).ravel()
+    nshell = n // 2 + 1
+    num = np.bincount(sh, (f1 * np.conj(f2)).real.ravel(), minlength=nshell)[:nshell]
+    d1 = np.bincount(sh, (np.abs(f1) ** 2).ravel(), minlength=nshell)[:nshell]
+    d2 = np.bincount(sh, (np.abs(f2) ** 2).ravel(), minlength=nshell)[:nshell]
+    return num / np.sqrt(np.maximum(d1 * d2, 1e-300))
+
+
+def resolution_shell(curve, threshold=0.143):
+    """Last shell before the curve first drops below threshold (0 if it never reaches it)."""
+    below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]
+    return int(below[0]) if below.size else len(curve) - 1
+
+
+def lowpass(vol, cutoff, falloff=0.05):
+    """Low-pass a map with a raised-cosine edge: cutoff and falloff as fractions of the sampling
+    frequency (0.5 = Nyquist)."""
+    n = vol.shape[0]
+    f = np.fft.rfftn(vol)
+    ky = np.fft.fftfreq(n)
+    kx = np.fft.rfftfreq(n)
+    r = np.sqrt(ky[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    t = np.clip((r - cutoff) / max(falloff, 1e-6), 0.0, 1.0)
+    filt = 0.5 * (1.0 + np.cos(np.pi * t))
+    return np.fft.irfftn(f * filt, s=vol.shape).astype(vol.dtype)
+
+
+def soft_sphere_mask(box, radius, edge=5.0, ndim=3):
+    """1 inside `radius` pixels of the centre, raised-cosine fall to 0 over `edge` pixels."""
+    c = np.arange(box) - box // 2
+    grids = np.meshgrid(*([c] * ndim), indexing="ij")
+    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    t = np.clip((r - radius) / max(edge, 1e-6), 0.0, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)
+
+
+def soften_mask(mask, edge=3.0, threshold=0.5):
+    """A binary-ised mask given a raised-cosine edge of `edge` pixels (via a distance transform)."""
+    binary = np.asarray(mask) > threshold
+    if not binary.any():
+        return np.zeros(binary.shape, np.float32)
+    dist = ndimage.distance_transform_edt(~binary)
+    t = np.clip(dist / max(edge, 1e-6), 0.0, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)
