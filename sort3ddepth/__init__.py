@@ -8,7 +8,7 @@ then is pwem imported.
 """
 __version__ = "0.1.0"
 _logo = "sort3ddepth_logo.png"
-_references = ["Huang2019sort3d"]
+_references = ["Huang2019sort3d", "Moriya2017", "Scheres2012relion"]
 
 
 def __getattr__(name):

@@ -1,0 +1,215 @@
+"""`sort3d-depth`: the command line of SPHIRE's sp_sort3d_depth.py (same option names and
+defaults), plus --seed. Runs under `mpirun -np N sort3d-depth ...` or as one process.
+
+Every input problem ends with one line "sort3d-depth: error: ..." naming the option or file,
+exit status 2, and no result files.
+"""
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="sort3d-depth",
+        description="Reproducible 3D clustering (SORT3D_DEPTH) of particles whose orientations "
+                    "and CTF are known; the orientations are not changed.")
+    a = p.add_argument
+    a("--refinement_dir", default="", help="meridien 3D refinement directory (meridien mode)")
+    a("--instack", default="", help="input particles: a RELION STAR file (stack mode)")
+    a("--output_dir", default="", help="output directory (default sort3d_DATE_TIME)")
+    a("--niter_for_sorting", type=int, default=-1,
+      help="meridien iteration to import (-1: the best one); meridien mode only")
+    a("--nxinit", type=int, default=-1, help="sorting image size (-1: chosen from the FSC)")
+    a("--mask3D", default="", help="3D mask used in the comparison")
+    a("--focus", default="", help="binary 3D mask for focused clustering")
+    a("--radius", type=int, default=-1, help="particle radius in pixels (-1: box/2 - 2)")
+    a("--sym", default="c1", help="point-group symmetry (c<n>, d<n>, t, o, i)")
+    a("--img_per_grp", type=int, default=-1,
+      help="expected group size; default -1 = search mode (the number of groups is found)")
+    a("--nstep", type=int, default=5, help="steps to decrease the minimum group size")
+    a("--memory_per_node", type=float, default=-1.0, help="memory per node in GB")
+    a("--overhead", type=float, default=5.0, help="overhead memory per node in GB")
+    a("--depth_order", type=int, default=2,
+      help="2^depth_order initial independent MGSK-means boxes")
+    a("--orientation_groups", type=int, default=20,
+      help="orientation groups per asymmetric unit")
+    a("--not_include_unaccounted", action="store_true",
+      help="do not output the unaccounted images as a last cluster")
+    a("--nsmear", type=float, default=-1, help="smears per particle (meridien mode; -1 = all)")
+    a("--notapplybckgnoise", action="store_true", help="turn off background-noise weighting")
+    a("--check_smearing", action="store_true", help="log the smearing of the refinement")
+    a("--num_core_set", type=int, default=-1,
+      help="reconstruct the unaccounted core set only with at least this many images")
+    a("--compute_on_the_fly", action="store_true", help="compute smeared slices on the fly")
+    a("--use_umat", action="store_true", help="fuzzy membership in the maps")
+    a("--not_freeze_groups", action="store_true",
+      help="remove small groups during within-box comparison (general mode)")
+    a("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
+    return p
+
+
+class UserError(Exception):
+    pass
+
+
+def _read_map(path, option, box):
+    import mrcfile
+    try:
+        with mrcfile.open(path, permissive=False) as m:
+            vol = np.asarray(m.data, np.float64)
+    except FileNotFoundError:
+        raise UserError(f"{option} {path}: file not found")
+    except Exception as e:   # unreadable / not MRC
+        raise UserError(f"{option} {path}: cannot read it as an MRC map ({e})")
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise UserError(f"{option} {path}: not a cubic 3D map (shape {vol.shape})")
+    if vol.shape[0] != box:
+        raise UserError(f"{option} {path}: map box {vol.shape[0]} differs from the image box {box}")
+    if not np.isfinite(vol).all():
+        raise UserError(f"{option} {path}: map contains NaN or Inf values")
+    return vol
+
+
+def validate(args, n_particles=None, box=None):
+    """Checks that need no data (n_particles None) or the particle count and box."""
+    from .symmetry import parse_symmetry
+    if bool(args.instack) == bool(args.refinement_dir):
+        raise UserError("give exactly one of --instack (stack mode) and --refinement_dir "
+                        "(meridien mode)")
+    if args.refinement_dir:
+        raise UserError("--refinement_dir: meridien iteration mode is not available in this "
+                        "version yet; export the particles to a RELION STAR file and use --instack")
+    try:
+        parse_symmetry(args.sym)
+    except ValueError as e:
+        raise UserError(f"--sym: {e}")
+    if args.depth_order < 1:
+        raise UserError(f"--depth_order {args.depth_order}: must be at least 1")
+    if args.nstep < 1:
+        raise UserError(f"--nstep {args.nstep}: must be at least 1")
+    if args.orientation_groups < 1:
+        raise UserError(f"--orientation_groups {args.orientation_groups}: must be at least 1")
+    if args.img_per_grp != -1 and args.img_per_grp <= 1:
+        raise UserError(f"--img_per_grp {args.img_per_grp}: must be > 1 (or -1 for search mode)")
+    if n_particles is not None:
+        if n_particles < 2:
+            raise UserError(f"--instack {args.instack}: {n_particles} particle(s); need more")
+        if args.img_per_grp > 1:
+            if args.img_per_grp > n_particles:
+                raise UserError(f"--img_per_grp {args.img_per_grp} is larger than the number of "
+                                f"particles ({n_particles})")
+            k = n_particles // args.img_per_grp
+            if k < 2:
+                raise UserError(f"--img_per_grp {args.img_per_grp}: gives {k} group for "
+                                f"{n_particles} particles; need at least 2")
+            if k >= 30:
+                raise UserError(f"--img_per_grp {args.img_per_grp} is too small: {k} groups "
+                                f"(at most 29)")
+        if args.radius >= box // 2 or (args.radius > 0 and 2 * args.radius + 2 > box):
+            raise UserError(f"--radius {args.radius}: must be smaller than half the box "
+                            f"({box} px images: at most {(box - 2) // 2})")
+        if args.nxinit > box:
+            raise UserError(f"--nxinit {args.nxinit}: larger than the image size {box}")
+
+
+def _versions():
+    import numba
+    import scipy
+    from .. import __version__
+    return (f"sort3ddepth {__version__}, python {platform.python_version()}, numpy "
+            f"{np.__version__}, scipy {scipy.__version__}, numba {numba.__version__}")
+
+
+def _set_threads(comm):
+    """Share the node's cores among the ranks on it (MPICH sets MPI_LOCALNRANKS)."""
+    import numba
+    local = int(os.environ.get("MPI_LOCALNRANKS", comm.size))
+    n = max(1, (os.cpu_count() or 1) // max(local, 1))
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _prepare_output(path, comm):
+    out = Path(path or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: exists and is not a directory")
+    if (out / "summary.json").exists() or (out / "log.txt").exists():
+        raise UserError(f"--output_dir {out}: already holds a sorting run; choose another folder")
+    problem = None
+    if comm.is_root:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            problem = f"--output_dir {out}: not writable ({e.strerror})"
+    problem = comm.bcast(problem)     # every rank stops together, none waits forever
+    if problem:
+        raise UserError(problem)
+    return out
+
+
+def run(argv=None, comm=None):
+    from .output import Log
+    from .parallel import world
+    from .particles import ParticleDataError
+    from .preprocess import SortingInputError
+    args = build_parser().parse_args(argv)
+    comm = comm or world()
+    log = None
+    try:
+        validate(args)
+        out = _prepare_output(args.output_dir, comm)
+        if args.seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 31)) if comm.is_root else None
+            args.seed = comm.bcast(seed)
+        log = Log(out / "log.txt" if comm.is_root else None, enabled=comm.is_root)
+        cmd = " ".join(shlex.quote(a) for a in (["sort3d-depth"] + list(
+            sys.argv[1:] if argv is None else argv)))
+        if comm.is_root:
+            with open(out / "command.txt", "a") as f:
+                f.write(cmd + "\n")
+        log(f"command: {cmd}")
+        log(f"seed {args.seed}; {comm.size} MPI rank(s); {_versions()}")
+        _set_threads(comm)
+        from .star_io import read_star
+        particles = read_star(args.instack)
+        validate(args, len(particles), particles.box)
+        args.mask_map = _read_map(args.mask3D, "--mask3D", particles.box) if args.mask3D else None
+        args.focus_map = _read_map(args.focus, "--focus", particles.box) if args.focus else None
+        args.apply_noise = not args.notapplybckgnoise
+        args.include_unaccounted = not args.not_include_unaccounted
+        from .sorter import run_sorting
+        run_sorting(particles, args, comm, out, log)
+        return 0
+    except (UserError, ParticleDataError, SortingInputError) as e:
+        if comm.is_root:
+            print(f"sort3d-depth: error: {e}", file=sys.stderr, flush=True)
+            if log is not None:
+                log(f"ERROR: {e}")
+        return 2
+    except Exception:
+        msg = traceback.format_exc()
+        print(f"sort3d-depth: internal error on rank {comm.rank}:\n{msg}", file=sys.stderr,
+              flush=True)
+        if log is not None and comm.is_root:
+            log(f"internal error on rank {comm.rank}:\n{msg}")
+        if comm.size > 1:
+            comm.abort(1)
+        return 1
+
+
+def main():
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

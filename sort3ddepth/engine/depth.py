@@ -1,0 +1,283 @@
+"""Reproducibility by depth: boxes of paired MGSK-means runs, layers of boxes, generations.
+
+generation -> layers -> boxes -> runs -> box iterations -> one MGSK-means pair.
+* A box iteration runs two independent MGSK-means from two starting assignments and keeps the
+  members both runs agree on (two-way comparison, Hungarian matching). Until the reproducibility
+  stops rising, the next iteration restarts from those stable groups after swapping a few members
+  with the unaccounted pool ("swap and refill").
+* Layer 0 holds 2^depth_order boxes started independently; boxes (0,1), (2,3), ... are compared
+  pairwise, and a matched group is kept only if its Jaccard index beats the one expected between
+  random partitions of the same sizes by a stated margin. Each pair's result starts a box of the
+  next layer; the last pair gives the generation's clusters.
+* Unaccounted images go on to the next generation.
+All random choices come from the one generator in the context, drawn on every rank in the same
+order (the data they depend on are identical on every rank), so results do not depend on the
+number of ranks.
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .comparison import (rand_index, random_reproducibility, split_two_classes,
+                         two_way_comparison)
+from .mgskmeans import interleaved_schedule, mgsk_pair, min_size_schedule
+
+BOX_NITER = 5              # box iterations per run (+1 per K reset)
+MAX_RUNS = 3               # runs per box (each on the previous run's unaccounted pool)
+JACCARD_MARGIN_STD = 2.0   # between-box acceptance: Jaccard > random mean + this * random std
+MIN_CLUSTER_SIZE = 20      # never report smaller clusters
+
+
+@dataclass
+class SortContext:
+    data: object                 # preprocess.SortingData
+    maps: object                 # mgskmeans.ClusterMaps
+    rng: np.random.Generator
+    log: object
+    search: bool                 # search mode (img_per_grp not given)
+    frozen: bool                 # freeze mode (img_per_grp given, groups not unfrozen)
+    img_per_grp: int             # user value, or the working size in search mode
+    nstep: int
+    depth_order: int
+    init_k: int = 7
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Partition:
+    """Stable clusters (sorted global indices) and the unaccounted pool."""
+    clusters: list
+    pool: np.ndarray
+    rand_index: float = 0.0
+    stats: list = field(default_factory=list)
+
+    @property
+    def n_accounted(self):
+        return int(sum(len(c) for c in self.clusters))
+
+    def labels(self, subset):
+        """Labels over `subset`: cluster index, the pool as the last label."""
+        lab = np.full(len(subset), len(self.clusters), np.int64)
+        for k, c in enumerate(self.clusters):
+            lab[np.searchsorted(subset, c)] = k
+        return lab
+
+
+def size_bounds(n, k):
+    """Minimum-group-size range for K groups of n images: [n/(3K), 0.9 n/K] (SPHIRE's bounds
+    when the FSC-derived gap is large, which is the usual case)."""
+    g = n / k
+    return max(int(g / 3), 1), max(int(0.9 * g), 1)
+
+
+def random_equal_assignment(n, k, rng):
+    lab = np.arange(n) % k
+    return lab[rng.permutation(n)]
+
+
+def swap_and_refill(n, clusters, pool, k, swap_ratio, rng):
+    """Starting labels over positions 0..n-1 from stable groups (position arrays) and the pool:
+    a fraction of each group is swapped with pool members, missing groups are seeded from the
+    pool, then the pool is dealt preferring the emptier groups."""
+    labels = np.full(n, -1, np.int64)
+    pool = list(np.asarray(pool, np.int64))
+    groups = [np.asarray(c, np.int64) for c in clusters[:k]]
+    avg = n / k
+    for j, g in enumerate(groups):
+        n_swap = int(round(swap_ratio * len(g)))
+        if n_swap and len(pool) >= n_swap:
+            out = rng.choice(g, n_swap, replace=False)
+            keep = np.setdiff1d(g, out)
+            take = rng.choice(len(pool), n_swap, replace=False)
+            incoming = np.asarray(pool)[take]
+            pool = list(np.delete(np.asarray(pool), take)) + list(out)
+            g = np.concatenate([keep, incoming])
+        labels[g] = j
+    pool = np.asarray(pool, np.int64)
+    pool = pool[rng.permutation(pool.size)]
+    sizes = np.bincount(labels[labels >= 0], minlength=k).astype(float)
+    # seed the groups that do not exist yet
+    for j in range(len(groups), k):
+        m = min(int(avg / 2), pool.size)
+        labels[pool[:m]] = j
+        sizes[j] = m
+        pool = pool[m:]
+    # the rest: each image to a random group, weighted towards the emptier groups
+    for chunk in np.array_split(pool, max(1, int(np.ceil(pool.size / max(avg / 4, 1))))):
+        if chunk.size == 0:
+            continue
+        p = np.maximum(1.0 - sizes / avg, 0.05)
+        p /= p.sum()
+        lab = rng.choice(k, chunk.size, p=p)
+        labels[chunk] = lab
+        sizes += np.bincount(lab, minlength=k)
+    return labels
+
+
+def within_box_accept(result, frozen, low, iteration):
+    """Which matched stable groups a box keeps. Freeze mode keeps all; otherwise, from the second
+    iteration on, a group must be in the large size class (or reproduce >= 50 %), exceed 1.25x the
+    low size bound, be more than a third of the largest and above the sizes' std."""
+    sizes = result.sizes.astype(float)
+    n = len(sizes)
+    if n == 0:
+        return np.zeros(0, bool)
+    if frozen or iteration < 1 or n <= 2:
+        return sizes > 0
+    is_large, small_c, large_c = split_two_classes(sizes)
+    ratio = 100.0 * small_c / max(large_c, 1.0)
+    all_but_one_small = (~is_large).sum() >= n - 1
+    ok = (is_large | (ratio >= 50.0) | all_but_one_small)
+    ok &= sizes > 1.25 * low
+    ok &= sizes / sizes.max() > 1.0 / 3.0
+    ok &= sizes > sizes.std()
+    return ok if ok.any() else sizes > 0
+
+
+def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
+    """One box: runs of box iterations on `subset` (sorted global indices) with K groups.
+
+    start: None (random starts) or a Partition to start from (layers > 0)."""
+    n = len(subset)
+    rng, log = ctx.rng, ctx.log
+    clusters_all, pool = [], np.arange(n)
+    rand_last = []
+    first_start = start
+    for run in range(MAX_RUNS):
+        sub = subset[pool]
+        nr = len(sub)
+        if run > 0:
+            k = nr // max(ctx.img_per_grp, 1)
+            if k < 2:
+                break
+        low, high = size_bounds(nr, k)
+        if ctx.frozen:
+            sched = [[int((low + high) / 2)], [int((low + high) / 2)]]
+        else:
+            nstep = max(ctx.nstep, 5) if allow_k_reset else min(max(ctx.nstep, 3), 5)
+            sched = [min_size_schedule(high, low, nstep), interleaved_schedule(high, low, nstep)]
+        if run == 0 and first_start is not None:
+            pos = [np.searchsorted(sub, c) for c in first_start.clusters]
+            pool_pos = np.searchsorted(sub, first_start.pool)
+            inits = [swap_and_refill(nr, pos, pool_pos, k, 0.05, rng) for _ in range(2)]
+        else:
+            inits = [random_equal_assignment(nr, k, rng) for _ in range(2)]
+        box_niter, prev_repro, accepted, unacc = BOX_NITER, None, [], np.arange(nr)
+        it = 0
+        while it < box_niter:
+            t0 = time.time()
+            (la, lb), niters = mgsk_pair(ctx.maps, sub, k, inits, sched, ctx.frozen, ctx.search,
+                                         ctx.data.orientation_groups, rng, log=None)
+            res = two_way_comparison(la, lb)
+            ok = within_box_accept(res, ctx.frozen, low, it)
+            accepted = [p.members for p, good in zip(res.pairs, ok) if good]
+            acc = np.concatenate(accepted) if accepted else np.zeros(0, np.int64)
+            unacc = np.setdiff1d(np.arange(nr), acc)
+            ri = rand_index(la, lb)
+            repro = res.reproducibility
+            log(f"{tag}run {run} iteration {it}: K={k}, MGSK-means iterations {niters}, "
+                f"reproducibility {repro:.1f} %, rand index {ri:.3f}, kept "
+                f"{len(accepted)}/{len(res.pairs)} groups "
+                f"({', '.join(str(len(a)) for a in accepted)}), unaccounted {len(unacc)} "
+                f"[{time.time() - t0:.1f} s]")
+            converged = it >= 1 and (prev_repro is not None and repro - prev_repro < 1.0
+                                     or repro > 90.0 or (not ctx.frozen and ri > 0.9))
+            converged = converged or (it >= 1 and min(niters) <= 3)
+            # search / general mode: fewer reproducible groups than K -> reset K
+            if allow_k_reset and run == 0 and not ctx.frozen and 2 <= len(accepted) < k:
+                gsize = len(acc) / len(accepted)
+                extra = int(max(len(unacc) - 0.01 * nr, 0) // gsize)
+                new_k = len(accepted) + extra if len(accepted) + extra < k else len(accepted)
+                if new_k != k:
+                    log(f"{tag}K reset from {k} to {new_k}")
+                    k = new_k
+                    low, high = size_bounds(nr, k)
+                    nstep = max(ctx.nstep, 5)
+                    sched = [min_size_schedule(high, low, nstep),
+                             interleaved_schedule(high, low, nstep)]
+                    box_niter += 1
+                    converged = False
+            prev_repro = repro
+            rand_last.append(ri)
+            it += 1
+            if converged or it >= box_niter:
+                break
+            swap = 0.10 if allow_k_reset else 0.05
+            inits = [swap_and_refill(nr, accepted, unacc, k, swap, rng) for _ in range(2)]
+        found = [sub[a] for a in accepted if len(a) >= MIN_CLUSTER_SIZE]
+        clusters_all += found
+        pool = pool[unacc] if found else pool
+        if not found or len(pool) < 2 * MIN_CLUSTER_SIZE:
+            break
+    clusters_all.sort(key=len, reverse=True)
+    result = Partition([np.sort(c) for c in clusters_all],
+                       np.setdiff1d(subset, np.concatenate(clusters_all) if clusters_all else []),
+                       float(np.mean(rand_last)) if rand_last else 0.0)
+    log(f"{tag}done: {len(result.clusters)} clusters "
+        f"({', '.join(str(len(c)) for c in result.clusters)}), unaccounted {len(result.pool)}")
+    return result
+
+
+def between_boxes(ctx, subset, a, b, n_allowed, tag=""):
+    """Two-way comparison of two boxes' partitions (their pools included as a group, but never
+    accepted): a matched group is kept when its Jaccard index beats random partitions of the same
+    sizes by JACCARD_MARGIN_STD standard deviations and it is not tiny next to the largest."""
+    la, lb = a.labels(subset), b.labels(subset)
+    res = two_way_comparison(la, lb)
+    ri = rand_index(la, lb)
+    sizes_a = np.bincount(la, minlength=len(a.clusters) + 1)
+    sizes_b = np.bincount(lb, minlength=len(b.clusters) + 1)
+    mean, std = random_reproducibility(sizes_a, sizes_b, ctx.rng)
+    kept, stats = [], []
+    real = [(p, j) for j, p in enumerate(res.pairs)
+            if p.group_a < len(a.clusters) and p.group_b < len(b.clusters)]
+    largest = max((p.size for p, _ in real), default=0)
+    for p, j in real:
+        m = mean[j] if j < len(mean) else 0.0
+        s = std[j] if j < len(std) else 0.0
+        good = p.jaccard > m + JACCARD_MARGIN_STD * s and largest / max(p.size, 1) < 3.0 \
+            and p.size >= MIN_CLUSTER_SIZE
+        ctx.log(f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
+                f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> {'kept' if good else 'rejected'}")
+        if good:
+            kept.append(subset[p.members])
+            stats.append({"jaccard": float(p.jaccard), "random_mean": float(m),
+                          "random_std": float(s)})
+    order = np.argsort([-len(c) for c in kept], kind="stable")
+    kept = [np.sort(kept[i]) for i in order]
+    stats = [stats[i] for i in order]
+    if len(kept) > n_allowed >= 2:
+        ctx.log(f"{tag}{len(kept)} groups for at most {n_allowed}: the smallest is dropped")
+        kept, stats = kept[:-1], stats[:-1]
+    acc = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    ctx.log(f"{tag}between-box comparison: rand index {ri:.3f}, kept {len(kept)} groups "
+            f"({', '.join(str(len(c)) for c in kept)}), unaccounted {len(subset) - len(acc)}")
+    return Partition(kept, np.setdiff1d(subset, acc), ri, stats)
+
+
+def run_generation(ctx, gen, subset, k):
+    """All layers of one generation on `subset`; returns the generation's Partition."""
+    log = ctx.log
+    n_boxes = 2 ** ctx.depth_order
+    n_allowed = max(len(subset) // max(ctx.img_per_grp, 1), 2)
+    starts = [None] * n_boxes
+    layer = 0
+    while True:
+        results = []
+        for ibox, start in enumerate(starts):
+            tag = f"gen {gen} layer {layer} box {ibox}: "
+            kb = k if start is None else max(len(start.clusters), 2)
+            results.append(run_box(ctx, subset, kb, start, tag,
+                                   allow_k_reset=(not ctx.frozen and ibox == 0)))
+        pairs = []
+        for i in range(0, len(results), 2):
+            pairs.append(between_boxes(ctx, subset, results[i], results[i + 1], n_allowed,
+                                       f"gen {gen} layer {layer} boxes {i},{i + 1}: "))
+        good = [p for p in pairs if len(p.clusters) >= 2]
+        if len(pairs) == 1 or len(good) < len(pairs):
+            # last layer, or a pair found fewer than two groups: the generation ends here
+            best = max(pairs, key=lambda p: (len(p.clusters) >= 2, p.n_accounted))
+            return best
+        starts = good
+        layer += 1

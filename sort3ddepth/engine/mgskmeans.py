@@ -1,0 +1,231 @@
+"""MGSK-means: K-means with a minimum group size over images vs CTF-projected cluster maps.
+
+One iteration: reconstruct the K maps from the current members (Wiener-regularised with the FSC
+expected for a group of this size), normalise each map inside the 3D mask, score images against
+the CTF-multiplied projection of every map at the image's own orientation (SPHIRE's "cross"
+score <X, CTF P_k> / |CTF P_k|), then reassign under the minimum group size, per orientation
+group. The run returns its BEST assignment (lowest change), not the last one.
+
+Self-bias: a map built from an image's own noise attracts that image back (at realistic SNR and
+group sizes the effect outweighs the structural signal, and K-means freezes at its random start).
+So the data are split into two fixed random halves and the iterations alternate: maps from the
+members of one half re-assign the images of the other half. An image is never scored against a
+map that contains it, and the labels keep one meaning in both halves.
+
+The two independent runs of a box iteration step in lockstep: their 2K maps share one
+back-projection pass and one distance pass (the per-pixel rotation and CTF work is shared).
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import fourier
+from .assignment import constrained_assignment
+from .comparison import split_two_classes
+from .preprocess import scaled_fsc
+from .reconstruction import reconstruct
+
+MAX_ITER = 15
+STOP_CHANGE = 10.0        # % of images changing group below which a run may stop
+MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to be kept
+
+
+class ClusterMaps:
+    """Builds cluster maps from memberships and scores images against them, over MPI ranks."""
+
+    def __init__(self, data, comm, symmetry=None, pad=2):
+        self.d = data
+        self.comm = comm
+        self.sym = symmetry
+        self.pad = pad
+        inside = data.mask3d > 0.5
+        self._inside = inside if inside.any() else np.ones_like(inside)
+
+    def build(self, subset, memberships, group_size, half=None):
+        """Maps (K, nx, nx, nx) from (n_subset, K) insertion weights (rows in subset order),
+        using only the members in random half `half` (None: all members)."""
+        d = self.d
+        loc = d.local(subset)
+        a, _ = np.searchsorted(subset, [d.lo, d.hi])
+        memb = np.ascontiguousarray(memberships[a:a + len(loc)], np.float64)
+        n_used = len(subset)
+        if half is not None:
+            memb = memb * (d.half[d.lo + loc] == half)[:, None]
+            n_used = int(np.sum(d.half[subset] == half))
+        nx = d.nx
+        g = max(int(group_size * n_used / max(len(subset), 1)), 1)
+        f = scaled_fsc(d.fsc_full[:nx // 2 + 1], d.n_total, g)
+        below = np.nonzero(f[1:] < 0.01)[0]
+        rmax = min(nx // 2 - 1, int(below[0]) + 1 if below.size else nx // 2 - 1)
+        data, w = fourier.backproject(d.rec_f, d.rots[loc], memb, d.ctf_coefs, pad=self.pad,
+                                      rmax=rmax, shell_weights=d.shell_weights, image_index=loc)
+        self.comm.allreduce_sum(data)
+        self.comm.allreduce_sum(w)
+        return reconstruct(data, w, nx, fsc=f, rmax=rmax, symmetry=self.sym)
+
+    def comparison_volumes(self, maps):
+        """Each map normalised inside the mask (mean 0, std 1) and multiplied by it."""
+        out = np.empty_like(maps)
+        for k, m in enumerate(maps):
+            vals = m[self._inside]
+            sd = vals.std()
+            out[k] = 0.0 if sd <= 0 else (m - vals.mean()) / sd * self.d.mask3d
+        return fourier.volumes_to_fourier(out, pad=self.pad)
+
+    def scores(self, maps, subset, half=None):
+        """Cross scores of the images of `subset` in random half `half` (None: all) against the
+        K maps, on every rank: (n_selected, K), rows in subset order."""
+        d = self.d
+        loc = d.local(subset)
+        if half is not None:
+            loc = loc[d.half[d.lo + loc] == half]
+        fv = self.comparison_volumes(maps)
+        cross, pp, _ = fourier.distance_terms(fv, d.rots[loc], d.comp_f[loc], d.ctf_coefs[loc],
+                                              rmin=1.0, shell_weights=d.shell_weights)
+        n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
+        return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)
+
+
+def merge_small_orientation_groups(og, k, rng):
+    """Orientation groups holding fewer than K*20 images are dissolved at random into the kept
+    ones (SPHIRE), so the per-group quota stays meaningful."""
+    labels, counts = np.unique(og, return_counts=True)
+    keep = labels[counts >= k * MIN_PER_ORIENTATION]
+    if keep.size == 0:
+        return np.zeros_like(og)
+    out = og.copy()
+    lost = ~np.isin(og, keep)
+    out[lost] = keep[rng.integers(0, keep.size, lost.sum())]
+    return out
+
+
+def min_size_schedule(high, low, nstep):
+    """high -> low in nstep entries; each entry the midpoint of the previous one and low."""
+    if nstep <= 1:
+        return [int(high)]
+    if nstep == 2:
+        return [int(high), int(low)]
+    if nstep == 3:
+        return [int(high), int((high + low) / 2), int(low)]
+    out = [float(high)]
+    for _ in range(nstep - 1):
+        out.append((out[-1] + low) / 2)
+    return [int(v) for v in out]
+
+
+def interleaved_schedule(high, low, nstep):
+    """The second run of a pair walks the midpoints of an (nstep+1)-entry schedule, so the two
+    independent runs do not step through the same sizes."""
+    s = min_size_schedule(high, low, nstep + 1)
+    return [int((a + b) / 2) for a, b in zip(s[:-1], s[1:])]
+
+
+def cap_oversized(labels, k, rng):
+    """Search mode: strip members beyond a size cutoff from oversized groups and deal them
+    round-robin to all groups (the original's "AI"), so one map cannot swallow the data."""
+    sizes = np.bincount(labels, minlength=k).astype(float)
+    if k < 2 or sizes.sum() == 0:
+        return labels
+    is_large, small_c, large_c = split_two_classes(sizes)
+    avg = sizes.mean()
+    if k == 2:
+        cutoff = (small_c + large_c) / 2 if small_c / max(large_c, 1) < 0.33 else 2 * avg
+    elif is_large.sum() == 1:
+        cutoff = small_c
+    elif small_c / max(large_c, 1) > 0.33:
+        big = sizes[is_large]
+        cv = big.std() / max(big.mean(), 1)
+        cutoff = large_c + (1 if cv > 0.5 else 2) * big.std()
+    else:
+        cutoff = 2 * avg
+    cutoff = max(int(cutoff), 1)
+    out = labels.copy()
+    excess = []
+    for g in np.nonzero(sizes > cutoff)[0]:
+        members = np.nonzero(out == g)[0]
+        excess.append(rng.choice(members, members.size - cutoff, replace=False))
+    if excess:
+        ex = np.sort(np.concatenate(excess))
+        ex = ex[rng.permutation(ex.size)]
+        out[ex] = np.arange(ex.size) % k
+    return out
+
+
+@dataclass
+class RunState:
+    labels: np.ndarray
+    schedule: list
+    frozen: bool
+    search: bool
+    step: int = 0
+    best_labels: np.ndarray = None
+    best_change: float = 100.0
+    changes: list = field(default_factory=list)
+    done: bool = False
+    n_iter: int = 0
+    stepped_last: bool = False
+
+    @property
+    def min_size(self):
+        return self.schedule[min(self.step, len(self.schedule) - 1)]
+
+
+def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orientation, rng,
+              log=None, tag=""):
+    """Two independent MGSK-means runs on `subset` (sorted global indices) in lockstep.
+
+    inits: two (n,) starting labels; schedules: two lists of minimum sizes. Each iteration is a
+    sweep of two half-steps (half 1 re-assigned from half-0 maps, then half 0 from half-1 maps).
+    Returns the two best assignments and the sweep counts."""
+    n = len(subset)
+    og = merge_small_orientation_groups(orientation[subset], k, rng)
+    halves = maps_builder.d.half[subset]
+    rows_of = [np.nonzero(halves == h)[0] for h in (0, 1)]
+    runs = [RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
+            for init, sch in zip(inits, schedules)]
+    max_iter = MAX_ITER
+    it = 0
+    while it < max_iter and not all(r.done for r in runs):
+        active = [r for r in runs if not r.done]
+        start_labels = [r.labels.copy() for r in active]
+        for h in (1, 0):            # re-assign half h from maps of the other half
+            rows = rows_of[h]
+            if rows.size == 0:
+                continue
+            memb = np.zeros((n, k * len(active)))
+            for j, r in enumerate(active):
+                memb[np.arange(n), j * k + r.labels] = 1.0
+            maps = maps_builder.build(subset, memb, n / k, half=1 - h)
+            scores = maps_builder.scores(maps, subset, half=h)
+            for j, r in enumerate(active):
+                s = scores[:, j * k:(j + 1) * k]
+                new = constrained_assignment(s, r.min_size * rows.size / n, rng, og[rows])
+                if r.search:
+                    new = cap_oversized(new, k, rng)
+                r.labels[rows] = new
+        for r, old in zip(active, start_labels):
+            change = 100.0 * np.mean(r.labels != old)
+            r.changes.append(change)
+            r.n_iter += 1
+            if change < r.best_change or r.best_labels is None:
+                r.best_change, r.best_labels = change, r.labels.copy()
+            # unfrozen: walk the minimum size down once the assignment settles (< 50 % change)
+            at_last = r.step >= len(r.schedule) - 1
+            if not r.frozen and not at_last and change < 50.0 and not r.stepped_last:
+                r.step += 1
+                r.stepped_last = True
+                max_iter += 1
+            else:
+                r.stepped_last = False
+            at_last = r.step >= len(r.schedule) - 1
+            if change < STOP_CHANGE and (r.frozen or at_last):
+                r.done = True
+            elif len(r.changes) >= 4 and 100.0 not in r.changes[-3:] \
+                    and np.std(r.changes[-3:]) < (2.0 if r.frozen else 1.0):
+                r.done = True
+        if log:
+            log(f"{tag}MGSK-means iteration {it}: change % "
+                + ", ".join(f"{r.changes[-1]:.1f}" for r in runs if r.changes)
+                + "; min size " + ", ".join(str(r.min_size) for r in runs))
+        it += 1
+    return [r.best_labels for r in runs], [r.n_iter for r in runs]

@@ -1,0 +1,229 @@
+"""Particles -> the data MGSK-means works on: Fourier images at the sorting size, and the rest.
+
+Two image sets are kept per particle, as in SPHIRE: the *comparison* images (normalised, centred
+exactly, soft-masked at the particle radius, optionally multiplied by the projected focus mask) and
+the *reconstruction* images (normalised and centred, unmasked). Both are Fourier-cropped to the
+sorting size nxinit, which comes from the data's own FSC scaled to the expected group size.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import fourier
+from .ctf import ctf_coefficients
+from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
+
+
+class SortingInputError(ValueError):
+    """Bad option values or files; the message names the option/file."""
+
+
+@dataclass
+class SortingData:
+    n_total: int                 # particles in the input
+    box: int                     # original image size
+    pixel_size: float            # Å / px of the original images
+    nx: int                      # sorting image size (nxinit)
+    lo: int                      # this rank owns particles lo:hi
+    hi: int
+    comp_f: np.ndarray           # (n_local, nx, nx//2+1) complex64
+    rec_f: np.ndarray            # (n_local, nx, nx//2+1) complex64
+    rots: np.ndarray             # (n_local, 3, 3)
+    ctf_coefs: np.ndarray        # (n_local, 6) at nx
+    shell_weights: np.ndarray    # (1, nshell) background-noise weights (ones when off)
+    mask3d: np.ndarray           # (nx, nx, nx) comparison mask
+    fsc_full: np.ndarray         # global FSC of all data (full-data curve), per shell of `box`
+    radius: float                # particle radius in original pixels
+    orientation_groups: np.ndarray  # (n_total,) orientation-group label of every particle
+    half: np.ndarray             # (n_total,) 0/1 random half of every particle
+
+    @property
+    def pixel_size_sort(self):
+        return self.pixel_size * self.box / self.nx
+
+    def local(self, subset):
+        """Positions (into this rank's arrays) of the sorted global indices in `subset`."""
+        subset = np.asarray(subset)
+        a, b = np.searchsorted(subset, [self.lo, self.hi])
+        return subset[a:b] - self.lo
+
+
+def scaled_fsc(fsc_full, n_full, n_group):
+    """FSC expected for a group of n_group images from the full-data FSC of n_full images
+    (SNR proportional to the number of images): f / (f (1 - s) + s), s = n_full / n_group."""
+    f = np.clip(np.asarray(fsc_full, np.float64), 0.0, 0.999999)
+    s = n_full / max(n_group, 1)
+    return f / (f * (1.0 - s) + s)
+
+
+def good_fft_size(n):
+    """Smallest even number >= n whose prime factors are 2, 3 and 5 only."""
+    n = int(np.ceil(n))
+    n += n % 2
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 2
+
+
+def sorting_size(fsc_full, n_full, n_group, box):
+    """SPHIRE's rule: nxinit = 2 (r + max(0.03 box, 5)), r = FSC-0.143 shell of a group."""
+    r = resolution_shell(scaled_fsc(fsc_full, n_full, n_group), 0.143)
+    nx = good_fft_size(min(2 * (r + max(int(0.03 * box), 5)), box))
+    return min(nx, box - box % 2), r
+
+
+def normalise_images(images, radius):
+    """Zero mean and unit std inside the particle circle, per image (SPHIRE's normalisation)."""
+    box = images.shape[-1]
+    c = np.arange(box) - box // 2
+    inside = (c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2
+    vals = images[:, inside]
+    mean = vals.mean(axis=1)
+    std = vals.std(axis=1)
+    std[std <= 0] = 1.0
+    return ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+def noise_shell_weights(images, radius, nx, box):
+    """Inverse background power per frequency shell at the sorting size, from the image area
+    outside the particle circle (1 everywhere when that area is too small to measure)."""
+    nshell = nx // 2 + 2
+    if radius >= box / 2 - 3 or images.shape[0] == 0:
+        return None
+    c = np.arange(box) - box // 2
+    outside = ((c[:, None] ** 2 + c[None, :] ** 2) > (radius + 2) ** 2).astype(np.float32)
+    sel = images[: min(len(images), 2000)] * outside
+    f = np.abs(np.fft.rfft2(sel)) ** 2
+    f = f.mean(axis=0) / outside.mean()
+    ky, kx = fourier.frequency_grid(box)
+    shell = np.rint(np.sqrt(kx ** 2 + ky ** 2)).astype(int)
+    power = np.bincount(shell.ravel(), f.ravel())[:nshell] / np.maximum(
+        np.bincount(shell.ravel())[:nshell], 1)
+    return power, np.bincount(shell.ravel())[:nshell]
+
+
+def _local_noise_power(images, radius, nx, box):
+    out = noise_shell_weights(images, radius, nx, box)
+    nshell = nx // 2 + 2
+    if out is None:
+        return np.zeros(nshell), np.zeros(nshell)
+    power, counts = out
+    p = np.zeros(nshell)
+    c = np.zeros(nshell)
+    p[:power.size] = power * len(images)
+    c[:power.size] = len(images)
+    return p, c
+
+
+def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print):
+    """Full-data FSC of the whole input from two random halves (reconstructed at a reduced
+    size for speed; shells are in units of the original box). f_full = 2 f / (1 + f)."""
+    box = particles.box
+    fsc_box = fsc_box or min(box - box % 2, 96)
+    sl = comm.local_slice(len(particles))
+    idx = np.arange(len(particles))[sl]
+    imgs = particles.load_images(idx)
+    radius = box // 2 - 2
+    f = fourier.images_to_fourier(normalise_images(imgs, radius))
+    f = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), fsc_box)
+    coefs = ctf_coefficients(particles.ctf.subset(idx), fsc_box, particles.pixel_size * box / fsc_box)
+    memb = np.zeros((len(idx), 2))
+    memb[np.arange(len(idx)), rng_halves[idx]] = 1.0
+    data, w = fourier.backproject(f, particles.rotations[idx], memb, coefs, pad=2)
+    comm.allreduce_sum(data)
+    comm.allreduce_sum(w)
+    halves = reconstruct(data, w, fsc_box)
+    mask = soft_sphere_mask(fsc_box, fsc_box // 2 - 3, edge=3)
+    curve = fsc(halves[0] * mask, halves[1] * mask)
+    curve = np.clip(curve, -1, 1)
+    full = 2 * curve / (1 + np.maximum(curve, 0) + 1e-12)
+    full[0] = 1.0
+    # extend to the shells of the original box (beyond the measured range: no signal)
+    out = np.zeros(box // 2 + 1)
+    m = min(out.size, full.size)
+    out[:m] = np.maximum(full[:m], 0.0)
+    return out
+
+
+def project_focus(focus_f, rots, nx):
+    """Binary 2D masks: the focus mask projected at each orientation, thresholded at one voxel."""
+    proj = fourier.fourier_to_images(fourier.project(focus_f, rots)[:, 0], nx)
+    return (proj >= 1.0).astype(np.float32)
+
+
+def prepare(particles, comm, opts, rng, log=print):
+    """Build this rank's SortingData for the whole input (stack mode)."""
+    from .symmetry import parse_symmetry
+    n, box = len(particles), particles.box
+    radius = float(opts.radius) if opts.radius and opts.radius > 0 else box // 2 - 2
+    if 2 * radius + 2 > box:
+        raise SortingInputError(f"--radius {opts.radius} is too large for {box} px images "
+                                f"(need 2*radius + 2 <= {box})")
+    halves = rng.integers(0, 2, n)
+    fsc_full = global_fsc(particles, comm, halves, log=log)
+    k_guess = opts.k_initial
+    if opts.nxinit and opts.nxinit > 0:
+        if opts.nxinit > box:
+            raise SortingInputError(f"--nxinit {opts.nxinit} is larger than the image size {box}")
+        nx = int(opts.nxinit) - int(opts.nxinit) % 2
+        r143 = resolution_shell(scaled_fsc(fsc_full, n, n // k_guess), 0.143)
+    else:
+        nx, r143 = sorting_size(fsc_full, n, n // k_guess, box)
+    log(f"global FSC 0.143 at shell {resolution_shell(fsc_full, 0.143)} "
+        f"({box * particles.pixel_size / max(resolution_shell(fsc_full, 0.143), 1):.1f} Å); "
+        f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
+
+    sl = comm.local_slice(n)
+    idx = np.arange(n)[sl]
+    imgs = normalise_images(particles.load_images(idx), radius)
+    p_loc, c_loc = _local_noise_power(imgs, radius, nx, box)
+    f = fourier.images_to_fourier(imgs)
+    del imgs
+    f = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), nx)
+    rec_f = f
+    r_nx = radius * nx / box
+    circle = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx), ndim=2)
+    real = fourier.fourier_to_images(f, nx) * circle
+    rots = particles.rotations[idx]
+    if opts.focus_map is not None:
+        focus = fourier.resize_volume(opts.focus_map, nx)
+        real *= project_focus(fourier.volumes_to_fourier(focus, pad=2), rots, nx)
+    comp_f = fourier.images_to_fourier(real)
+    del real
+
+    # background noise weights, one row for the stack (SPHIRE has one per particle group)
+    p_all = comm.allreduce_sum(p_loc)
+    c_all = comm.allreduce_sum(c_loc)
+    shell_w = np.ones((1, nx // 2 + 2))
+    if opts.apply_noise and c_all.max() > 0:
+        power = p_all / np.maximum(c_all, 1)
+        # the box is cropped to nx: shell k of nx is shell k of the original grid
+        valid = power[1:] > 0
+        if valid.any():
+            w = np.zeros_like(power)
+            w[1:][valid] = 1.0 / power[1:][valid]
+            w[0] = w[1]
+            w /= np.mean(w[1:nx // 2])
+            shell_w[0] = w
+            log("background-noise weighting on (inverse power per shell, outside the radius)")
+    coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
+
+    if opts.mask_map is not None:
+        mask = np.clip(fourier.resize_volume(opts.mask_map, nx), 0.0, 1.0).astype(np.float32)
+    else:
+        mask = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx))
+
+    sym = parse_symmetry(opts.sym)
+    from .symmetry import effective_orientation_groups
+    n_og = effective_orientation_groups(opts.orientation_groups, sym.order)
+    centres = sym.orientation_group_centres(n_og)
+    dirs = particles.rotations[:, 2, :]
+    og = sym.assign_orientation_groups(dirs, centres)
+    return SortingData(n, box, particles.pixel_size, nx, sl.start, sl.stop, comp_f, rec_f, rots,
+                       coefs, shell_w, mask, fsc_full, radius, np.asarray(og, np.int64),
+                       halves.astype(np.int64))

@@ -1,0 +1,215 @@
+"""The sorting driver: generations of depth clustering, then final maps, ANOVA and the summary.
+
+Output layout (names as in SPHIRE's document, maps as MRC):
+  log.txt, command.txt, summary.json (written last: its presence means the run finished)
+  Cluster_###.txt / vol_cluster###.mrc   final clusters over all generations (0-based indices);
+                                         with unaccounted included (default) the last one is the
+                                         final unaccounted set (flagged in summary.json)
+  Core_set.txt / volume_core.mrc         unaccounted images of the last generation
+  generation_###/Cluster_###.txt, Core_set.txt, vol_cluster###.mrc, anova.txt
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import anova, fourier, output
+from .ctf import ctf_coefficients
+from .depth import MIN_CLUSTER_SIZE, SortContext, run_generation
+from .mgskmeans import ClusterMaps
+from .preprocess import normalise_images, prepare
+from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
+from .symmetry import parse_symmetry
+
+INIT_K_STACK = 7        # search mode starts with 7 groups in stack mode (SPHIRE)
+MIN_NEXT_GENERATION = 100
+
+
+def _group_size_settings(opts, n):
+    search = opts.img_per_grp <= 1
+    if search:
+        return True, INIT_K_STACK, max(n // INIT_K_STACK, 1)
+    return False, n // opts.img_per_grp, opts.img_per_grp
+
+
+def final_maps(particles, clusters, comm, rng, sym, log):
+    """Full-size maps of each index set: exact shifts, CTF, Wiener-filtered with the set's own
+    half-map FSC. Returns maps and the FSC-0.143 resolution (Å) of each set."""
+    box, apix = particles.box, particles.pixel_size
+    pad = 2 if box <= 160 else 1
+    sl = comm.local_slice(len(particles))
+    idx = np.arange(len(particles))[sl]
+    maps, res = [], []
+    halves = rng.integers(0, 2, len(particles))
+    radius = box // 2 - 2
+    mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
+    for start in range(0, len(clusters), 4):
+        batch = clusters[start:start + 4]
+        lab = np.full(len(particles), -1)
+        for j, c in enumerate(batch):
+            lab[c] = j
+        sel = idx[lab[idx] >= 0]
+        memb = np.zeros((len(sel), 2 * len(batch)))
+        memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
+        f = fourier.images_to_fourier(normalise_images(particles.load_images(sel), radius))
+        f = fourier.shift_images(f, particles.shifts[sel])
+        coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
+        data, w = fourier.backproject(f, particles.rotations[sel], memb, coefs, pad=pad)
+        comm.allreduce_sum(data)
+        comm.allreduce_sum(w)
+        for j in range(len(batch)):
+            h = reconstruct(data[2 * j:2 * j + 2], w[2 * j:2 * j + 2], box, symmetry=sym)
+            curve = fsc(h[0] * mask, h[1] * mask)
+            full = np.clip(2 * curve / (1 + np.abs(curve)), 0.0, 0.999)
+            shell = resolution_shell(curve, 0.143)
+            res.append(box * apix / max(shell, 1))
+            m = reconstruct(data[2 * j] + data[2 * j + 1], w[2 * j] + w[2 * j + 1], box,
+                            fsc=full, symmetry=sym)[0]
+            maps.append(m * soft_sphere_mask(box, box // 2 - 2, edge=2))
+    return maps, res
+
+
+def _anova_lines(particles, clusters, names):
+    """ANOVA of defocus (one value per cluster and defocus, as SPHIRE) and norm."""
+    lines, tables = [], {}
+    if len(clusters) < 2:
+        return ["ANOVA analysis is skipped: fewer than two clusters"], tables
+    clusters = clusters[:30]
+    lab = np.full(len(particles), -1)
+    for k, c in enumerate(clusters):
+        lab[c] = k
+    defocus = 0.5 * (particles.ctf.defocus_u + particles.ctf.defocus_v)
+    variables = {"defocus": anova.unique_per_cluster(defocus, lab)}
+    if particles.norm is not None and np.ptp(particles.norm) > 0:
+        variables["norm"] = {k: particles.norm[lab == k] for k in range(len(clusters))}
+    for var, groups in variables.items():
+        res = anova.one_way_anova({names[k]: v for k, v in groups.items()})
+        lines += anova.format_anova(var, res)
+        tables[var] = {"F": res.F, "p": res.p,
+                       "groups": [{"name": g.name, "n": g.n, "mean": g.mean, "std": g.std}
+                                  for g in res.groups],
+                       "pairs": [{"a": p.a, "b": p.b, "F": p.F, "p": p.p} for p in res.pairs]}
+    return lines, tables
+
+
+def run_sorting(particles, opts, comm, out_dir, log):
+    """Sort `particles` (stack mode); writes the outputs in out_dir (rank 0) and returns the
+    summary dict."""
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(opts.seed)
+    n = len(particles)
+    search, k0, work = _group_size_settings(opts, n)
+    opts.k_initial = k0
+    sym = parse_symmetry(opts.sym)
+    log(f"{n} particles of {particles.box} px at {particles.pixel_size:.3f} Å/px; symmetry "
+        f"{sym.symbol}; {'search mode (initial K %d)' % k0 if search else 'K = %d' % k0}; "
+        f"depth order {opts.depth_order} ({2 ** opts.depth_order} boxes in layer 0)")
+    t = time.time()
+    data = prepare(particles, comm, opts, rng, log=log)
+    log(f"pre-processing done in {time.time() - t:.1f} s "
+        f"({len(np.unique(data.orientation_groups))} orientation groups)")
+    maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
+    frozen = (not search) and not opts.not_freeze_groups
+    ctx = SortContext(data, maps, rng, log, search, frozen, work, opts.nstep, opts.depth_order,
+                      init_k=k0)
+    subset = np.arange(n)
+    generations, final_clusters, final_stats, gen_of = [], [], [], []
+    gen, k = 0, k0
+    while True:
+        t = time.time()
+        log(f"generation {gen}: {len(subset)} images, K = {k}")
+        part = run_generation(ctx, gen, subset, k)
+        stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
+        pairs = list(zip(part.clusters, stats))
+        if pairs:   # SPHIRE's post-filter: clusters < 1/3 of the largest go back to the pool
+            big = max(len(c) for c, _ in pairs)
+            pairs = [(c, st) for c, st in pairs if big / len(c) < 3]
+        clusters = [c for c, _ in pairs]
+        stats = [st for _, st in pairs]
+        pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
+        if gen == 0 and len(clusters) < 2:
+            log("no reproducible structural groups were found: the data set is reported as one "
+                "homogeneous cluster")
+            clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
+        generations.append({"generation": gen, "n_images": int(len(subset)),
+                            "clusters": [c for c in clusters], "unaccounted": pool,
+                            "stats": stats, "seconds": time.time() - t})
+        final_clusters += clusters
+        final_stats += stats
+        gen_of += [gen] * len(clusters)
+        log(f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "
+            f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(pool)}")
+        if not clusters:
+            break
+        k = int(round(len(pool) / work))
+        if k < 2 or len(pool) < max(MIN_NEXT_GENERATION, 2 * MIN_CLUSTER_SIZE):
+            break
+        subset, gen = pool, gen + 1
+    unaccounted = generations[-1]["unaccounted"]
+
+    # final maps and outputs
+    t = time.time()
+    sets = list(final_clusters)
+    core_ok = len(unaccounted) > 0 and len(unaccounted) >= (
+        opts.num_core_set if opts.num_core_set > 0 else max(100, MIN_CLUSTER_SIZE))
+    if core_ok:
+        sets.append(unaccounted)
+    vols, res = final_maps(particles, sets, comm, np.random.default_rng(opts.seed + 1),
+                           sym if sym.order > 1 else None, log)
+    log(f"final maps done in {time.time() - t:.1f} s")
+    names = [f"Cluster_{i:03d}" for i in range(len(final_clusters))]
+    anova_lines, anova_tables = _anova_lines(particles, final_clusters, names)
+    for line in anova_lines:
+        log(line)
+    summary = {
+        "n_particles": n, "box": particles.box, "pixel_size": particles.pixel_size,
+        "sorting_size": data.nx, "seed": opts.seed, "mode": "search" if search else (
+            "freeze" if frozen else "general"),
+        "generations": [{"generation": g["generation"], "n_images": g["n_images"],
+                         "cluster_sizes": [len(c) for c in g["clusters"]],
+                         "n_unaccounted": len(g["unaccounted"]), "stats": g["stats"],
+                         "seconds": round(g["seconds"], 1)} for g in generations],
+        "clusters": [], "anova": anova_tables, "wall_seconds": None,
+    }
+    if comm.is_root:
+        apix = particles.pixel_size
+        for gi, g in enumerate(generations):
+            gdir = out_dir / f"generation_{gi:03d}"
+            for j, c in enumerate(g["clusters"]):
+                output.write_selection(gdir / f"Cluster_{j:03d}.txt", c)
+            if opts.include_unaccounted and len(g["unaccounted"]):
+                output.write_selection(gdir / f"Cluster_{len(g['clusters']):03d}.txt",
+                                       g["unaccounted"])
+            output.write_selection(gdir / "Core_set.txt", g["unaccounted"])
+        for i, c in enumerate(final_clusters):
+            output.write_selection(out_dir / f"Cluster_{i:03d}.txt", c)
+            output.write_map(out_dir / f"vol_cluster{i:03d}.mrc", vols[i], apix)
+            summary["clusters"].append({
+                "id": i, "file": f"Cluster_{i:03d}.txt", "map": f"vol_cluster{i:03d}.mrc",
+                "size": int(len(c)), "generation": gen_of[i], "unaccounted": False,
+                "resolution_A": round(float(res[i]), 2), **final_stats[i]})
+        nf = len(final_clusters)
+        if opts.include_unaccounted and len(unaccounted):
+            output.write_selection(out_dir / f"Cluster_{nf:03d}.txt", unaccounted)
+            entry = {"id": nf, "file": f"Cluster_{nf:03d}.txt", "size": int(len(unaccounted)),
+                     "generation": generations[-1]["generation"], "unaccounted": True}
+            if core_ok:
+                entry["map"] = "volume_core.mrc"
+                entry["resolution_A"] = round(float(res[-1]), 2)
+            summary["clusters"].append(entry)
+        output.write_selection(out_dir / "Core_set.txt", unaccounted)
+        if core_ok:
+            output.write_map(out_dir / "volume_core.mrc", vols[-1], apix)
+        output.write_text(out_dir / "anova.txt", "\n".join(anova_lines) + "\n")
+        acc = sum(len(c) for c in final_clusters)
+        log(f"{'cluster':>8} {'size':>7} {'generation':>10} {'resolution':>10}")
+        for c in summary["clusters"]:
+            log(f"{c['id']:>8} {c['size']:>7} {c['generation']:>10} "
+                f"{(str(c.get('resolution_A', '-')) + ' Å'):>10}"
+                f"{'   unaccounted' if c['unaccounted'] else ''}")
+        log(f"total {n}, accounted {acc}, unaccounted {n - acc}")
+        summary["wall_seconds"] = round(time.time() - t_start, 1)
+        output.write_json(out_dir / "summary.json", summary)
+    return summary
+
