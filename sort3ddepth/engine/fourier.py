@@ -14,12 +14,12 @@ Layout conventions (one place, used everywhere):
   is the full-plane sum.
 
 All kernels are numba ``parallel=True``; per-particle work goes to one thread, so sums for one
-particle never depend on the number of threads. Back-projection accumulates in float64 per
-thread and adds the copies at the end (the order of additions differs with the thread count only
-at the 1e-16 level).
+particle never depend on the number of threads. Back-projection deals the maps to threads, so a
+map is always summed in entry order (float64): the result does not depend on the thread count.
 """
 import numba
 import numpy as np
+import scipy.fft
 from numba import njit, prange
 
 from .ctf import ctf_value
@@ -62,7 +62,7 @@ def volumes_to_fourier(vols, pad=2, gridding_correction=True):
     for i in range(k):
         big = np.zeros((npad, npad, npad))
         big[lo:lo + n, lo:lo + n, lo:lo + n] = vols[i] / corr if corr is not None else vols[i]
-        f = np.fft.rfftn(np.fft.ifftshift(big))
+        f = scipy.fft.rfftn(np.fft.ifftshift(big), workers=-1)
         out[..., i] = np.fft.fftshift(f, axes=(0, 1))
     return FourierVolumes(out, n, npad / n)
 
@@ -280,17 +280,17 @@ def _scatter(data, wts, px, py, pz, vr, vi, w, ks, ms):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, ptr, mk, mw, shell_w, groups, pad,
-                        piy, pix, pkx, pky, pshell, pherm, bounds, data, wts):
+def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, tptr, erow, eptr, mk, mw, shell_w,
+                        groups, pad, piy, pix, pkx, pky, pshell, pherm, data, wts):
+    """Thread t handles the (entry, map) pairs of the maps it owns, entries in order: threads
+    never write the same map, and every map is summed in the same order whatever the thread
+    count (bit-identical results)."""
     npix = piy.shape[0]
-    for t in prange(bounds.shape[0] - 1):
-        dt = data[t]
-        wt = wts[t]
-        for e in range(bounds[t], bounds[t + 1]):
-            if ptr[e + 1] == ptr[e]:
-                continue
-            ks = mk[ptr[e]:ptr[e + 1]]
-            ms = mw[ptr[e]:ptr[e + 1]]
+    for t in prange(tptr.shape[0] - 1):
+        for q in range(tptr[t], tptr[t + 1]):
+            e = erow[q]
+            ks = mk[eptr[q]:eptr[q + 1]]
+            ms = mw[eptr[q]:eptr[q + 1]]
             i = img_index[e]
             r = rots[e]
             g = groups[i]
@@ -308,10 +308,10 @@ def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, ptr, mk, mw, shel
                 py = (r[0, 1] * kx + r[1, 1] * ky) * pad
                 pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
                 if px > -1.0:
-                    _scatter(dt, wt, px, py, pz, vr, vi, w, ks, ms)
+                    _scatter(data, wts, px, py, pz, vr, vi, w, ks, ms)
                 # a half-plane sample stands for its mirror -q too (columns 0 < kx < N/2)
                 if pherm[j] == 2.0 and px < 1.0:
-                    _scatter(dt, wt, -px, -py, -pz, vr, -vi, w, ks, ms)
+                    _scatter(data, wts, -px, -py, -pz, vr, -vi, w, ks, ms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,20 +408,25 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     npad = int(round(pad * box))
     npad += npad % 2
     k = memb.shape[1]
-    # sparse rows of the membership: a hard assignment writes one map per sample, not K
+    # the (entry, map) pairs with a non-zero weight, dealt to threads by map (k mod T), then
+    # grouped by entry in entry order
+    nt = max(1, min(n_threads or numba.get_num_threads(), k))
     rows, cols = np.nonzero(memb)
-    ptr = np.searchsorted(rows, np.arange(m + 1)).astype(np.int64)
+    owner = cols % nt
+    order = np.lexsort((cols, rows, owner))
+    rows, cols, owner = rows[order], cols[order], owner[order]
+    new_group = np.r_[True, (rows[1:] != rows[:-1]) | (owner[1:] != owner[:-1])] if rows.size \
+        else np.zeros(0, bool)
+    starts = np.nonzero(new_group)[0]
+    erow = rows[starts].astype(np.int64)
+    eptr = np.r_[starts, rows.size].astype(np.int64)
+    tptr = np.searchsorted(owner[starts], np.arange(nt + 1)).astype(np.int64)
     mk = cols.astype(np.int64)
     mw = memb[rows, cols]
-    nt = n_threads or numba.get_num_threads()
-    nt = max(1, min(nt, m))
-    bounds = np.linspace(0, m, nt + 1).astype(np.int64)
-    shape = (nt, k, npad, npad, npad // 2 + 1)
+    shape = (k, npad, npad, npad // 2 + 1)
     data = np.zeros(shape, np.complex128)
     wts = np.zeros(shape, np.float64)
     table = pixel_table(box, 0.0, rmax)
-    _backproject_kernel(imgs, idx, rots, coefs, use_ctf, ptr, mk, mw, sw, g, float(npad / box),
-                        *table, bounds, data, wts)
-    if nt == 1:
-        return data[0], wts[0]
-    return data.sum(axis=0), wts.sum(axis=0)
+    _backproject_kernel(imgs, idx, rots, coefs, use_ctf, tptr, erow, eptr, mk, mw, sw, g,
+                        float(npad / box), *table, data, wts)
+    return data, wts

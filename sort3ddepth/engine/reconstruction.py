@@ -4,7 +4,10 @@ The regularised (Wiener-like) division follows the sorting practice of SPHIRE: t
 shell is taken from an FSC as FSC/(1-FSC), so the reconstruction adds mean_weight*(1-FSC)/FSC
 to the CTF^2 weights of that shell; shells past the resolution limit are zeroed.
 """
+from functools import lru_cache
+
 import numpy as np
+import scipy.fft
 from scipy import ndimage
 
 
@@ -21,6 +24,14 @@ def radial_index(shape_or_box, half=True):
         c = np.arange(n) - n // 2
         r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
     return np.rint(r).astype(np.int64)
+
+
+@lru_cache(maxsize=8)
+def _box_shells(npad, box):
+    """Box-grid shell index of every voxel of the padded half grid (cached: same every call)."""
+    shells = np.rint(radial_index(npad, half=True) * (box / npad)).astype(np.int64)
+    shells.setflags(write=False)
+    return shells
 
 
 def _radial_mean(values, shells, nshell):
@@ -42,9 +53,7 @@ def reconstruct(data, weights, box, fsc=None, rmax=None, min_weight=1e-3, symmet
     if data.ndim == 3:
         data, weights = data[None], weights[None]
     npad = data.shape[1]
-    pad = npad / box
-    shells_pad = radial_index(npad, half=True)
-    shells = np.rint(shells_pad / pad).astype(np.int64)        # box-grid shell of each voxel
+    shells = _box_shells(npad, box)                           # box-grid shell of each voxel
     nshell = box // 2 + 1
     limit = box // 2 - 1 if rmax is None else min(rmax, box // 2 - 1)
     keep = shells <= limit
@@ -73,7 +82,7 @@ def reconstruct(data, weights, box, fsc=None, rmax=None, min_weight=1e-3, symmet
 
 def _half_grid_to_map(f3, box):
     npad = f3.shape[0]
-    big = np.fft.irfftn(np.fft.ifftshift(f3, axes=(0, 1)), s=(npad,) * 3)
+    big = scipy.fft.irfftn(np.fft.ifftshift(f3, axes=(0, 1)), s=(npad,) * 3, workers=-1)
     big = np.fft.fftshift(big)
     lo = npad // 2 - box // 2
     vol = big[lo:lo + box, lo:lo + box, lo:lo + box]

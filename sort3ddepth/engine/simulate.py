@@ -47,21 +47,27 @@ def make_conformations(vol, n_classes, rng, radius=None):
     idx = np.argwhere(inside)[:, ::-1] - box // 2          # (x, y, z) of protein voxels
     dist = np.linalg.norm(idx, axis=1)
     protein_level = vol[inside].mean()
+    # every change stays inside the particle radius (box/2 - 2, the default mask): a change the
+    # mask hides cannot be sorted
+    limit = box / 2 - 2 - radius - 2
     maps, used = [vol.copy()], []
     for k in range(1, n_classes):
-        # pick a well separated site: peripheral protein voxel far from the sites used so far
-        cand = idx[dist > np.percentile(dist, 60)]
+        add = k % 2 == 0
+        # pick a well separated peripheral protein site (an added density goes just outside it)
+        reach = limit - radius if add else limit
+        cand = idx[(dist > 0.5 * reach) & (dist < reach)]
+        if len(cand) == 0:
+            cand = idx[dist < reach] if (dist < reach).any() else idx
         for _ in range(200):
             site = cand[rng.integers(len(cand))].astype(np.float64)
             if all(np.linalg.norm(site - u) > 2.2 * radius for u in used):
                 break
         used.append(site)
-        ball = _ball(box, site, radius)
-        if k % 2 == 1:
-            maps.append(vol * (1.0 - ball))
-        else:
+        if add:
             outward = site * (1.0 + radius / max(np.linalg.norm(site), 1.0))
             maps.append(vol + protein_level * _ball(box, outward, radius))
+        else:
+            maps.append(vol * (1.0 - _ball(box, site, radius)))
     return np.stack(maps)
 
 

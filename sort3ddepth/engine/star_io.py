@@ -530,7 +530,8 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
     micrograph = (np.array(parts.cols['rlnMicrographName'], dtype=str)
                   if 'rlnMicrographName' in parts.cols else None)
     norm = parts.floats('rlnNormCorrection') if 'rlnNormCorrection' in parts.cols else None
-    class_label = parts.ints('rlnClassNumber') if 'rlnClassNumber' in parts.cols else None
+    # RELION numbers classes from 1; class_label is 0-based
+    class_label = parts.ints('rlnClassNumber') - 1 if 'rlnClassNumber' in parts.cols else None
     half_set = None
     if 'rlnRandomSubset' in parts.cols:
         sub = parts.ints('rlnRandomSubset')
@@ -820,7 +821,7 @@ def write_star(particles, star_path, stack_path=None, style='3.1', extra_columns
         cols['rlnNormCorrection'] = _fmt_column(np.asarray(particles.norm, float), n,
                                                 'rlnNormCorrection')
     if particles.class_label is not None:
-        cols['rlnClassNumber'] = _fmt_column(np.asarray(particles.class_label).astype(np.int64), n,
+        cols['rlnClassNumber'] = _fmt_column(np.asarray(particles.class_label).astype(np.int64) + 1, n,
                                              'rlnClassNumber')
     if particles.half_set is not None:
         cols['rlnRandomSubset'] = _fmt_column(np.asarray(particles.half_set).astype(np.int64) + 1, n,

@@ -44,7 +44,7 @@ def make_particles(n=20, box=32, seed=0, pixel_size=1.37, two_voltages=False):
                     rng.uniform(0, 90, n), rng.uniform(-50, 50, n))
     return ParticleSet(images, angles, shifts, ctf, pixel_size,
                        micrograph=np.array(['Micrographs/m%03d.mrc' % (i // 5) for i in range(n)]),
-                       norm=rng.uniform(0.5, 1.5, n), class_label=rng.integers(1, 4, n),
+                       norm=rng.uniform(0.5, 1.5, n), class_label=rng.integers(0, 3, n),
                        group=rng.integers(0, 3, n), half_set=rng.integers(0, 2, n))
 
 
@@ -284,7 +284,7 @@ def test_handwritten_relion31(tmp_path):
     np.testing.assert_allclose(p.shifts, [[2.0, -1.0]] * 3, rtol=1e-12)
     np.testing.assert_array_equal(p.ctf.voltage, [200, 300, 200])
     np.testing.assert_array_equal(p.ctf.amplitude_contrast, [0.07, 0.1, 0.07])
-    np.testing.assert_array_equal(p.class_label, [1, 2, 3])
+    np.testing.assert_array_equal(p.class_label, [0, 1, 2])     # RELION 1-based -> 0-based
     np.testing.assert_array_equal(p.half_set, [0, 1, 0])
     np.testing.assert_array_equal(p.group, [2, 2, 2])
     np.testing.assert_array_equal(p.ctf.bfactor, [10, 10, 10])
