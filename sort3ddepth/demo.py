@@ -2,16 +2,19 @@
 
 Steps (each prints a progress line):
 1. simulate a heterogeneous data set from the shipped 70S ribosome map: ``n_classes``
-   conformations, ``n_per_class`` particles each, 64 px at 5 Å/px, CTF, shifts, SNR 0.1;
+   conformations (domains removed or added), ``n_per_class`` particles each, 64 px at 5 Å/px,
+   astigmatic CTF, shifts, white noise at SNR 0.5;
 2. write it as ``particles.star`` + ``particles.mrcs`` (RELION 3.1 style) and the true maps as
    ``true_class###.mrc`` under the output folder;
-3. reconstruct one map per class (:func:`reconstruct_classes`) and write ``vol_class###.mrc``;
-4. print a table: class, particles, FSC against the true map at 0.5 and 0.143 (Å).
-
-For now step 3 uses the TRUE labels (a check of the data and the reconstruction path). It is a
-separate function so that it can be replaced by the sorter run on ``particles.star``.
+3. sort it: ``mpirun -np 2 sort3d-depth --instack particles.star --output_dir sort3d`` (search
+   mode: the number of groups is found by the program), with the MPICH mpirun next to Python;
+4. print the table of the user document: group, particles, % true members (and the true class it
+   matches, and the FSC of its map against that true map).
 """
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,11 +24,11 @@ import numpy as np
 
 from .engine.reconstruction import fsc, resolution_shell
 from .engine.simulate import (DEMO_PIXEL_SIZE, load_demo_map, make_conformations,
-                              reconstruct_particles, simulate_particles)
+                              simulate_particles)
 from .engine.star_io import write_star
 
 BOX = 64
-SNR = 0.1
+SNR = 0.5
 
 
 def _progress(msg, t0):
@@ -43,7 +46,7 @@ def simulate_dataset(output_dir, seed, n_per_class, n_classes):
     (ParticleSet, true maps (K, N, N, N), star path)."""
     rng = np.random.default_rng(seed)
     vol = load_demo_map(BOX)
-    maps = make_conformations(vol, n_classes, rng)
+    maps = make_conformations(vol, n_classes, rng, radius=BOX / 8)
     particles = simulate_particles(maps, n_per_class, DEMO_PIXEL_SIZE, rng, snr=SNR)
     star, _ = write_star(particles, Path(output_dir) / "particles.star")
     for k, m in enumerate(maps):
@@ -51,12 +54,39 @@ def simulate_dataset(output_dir, seed, n_per_class, n_classes):
     return particles, maps, star
 
 
-def reconstruct_classes(particles):
-    """One map per class and the label of every particle (-1 = unassigned).
+def sort_particles(star, out_dir, seed, nproc=2, img_per_grp=None):
+    """Run sort3d-depth on the STAR file (under the venv's MPICH mpirun when nproc > 1)."""
+    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli", "--instack", str(star),
+           "--output_dir", str(out_dir), "--seed", str(seed)]
+    if img_per_grp:
+        cmd += ["--img_per_grp", str(img_per_grp)]
+    mpirun = Path(sys.executable).parent / "mpirun"
+    if nproc > 1 and mpirun.exists():
+        cmd = [str(mpirun), "-np", str(nproc)] + cmd
+    print("  " + " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    res = subprocess.run(cmd, stdin=subprocess.DEVNULL, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"sort3d-depth failed (exit {res.returncode}); see {out_dir}/log.txt")
+    return json.loads((Path(out_dir) / "summary.json").read_text())
 
-    Placeholder: uses the simulation's true labels; the sorter run replaces this step."""
-    labels = np.asarray(particles.class_label)
-    return reconstruct_particles(particles, labels=labels), labels
+
+def cluster_rows(summary, out_dir, truth, true_maps, pixel_size):
+    """Per output cluster: size, majority true class, % true members, FSC of its map."""
+    rows = []
+    for c in summary["clusters"]:
+        idx = np.loadtxt(Path(out_dir) / c["file"], dtype=int, ndmin=1)
+        counts = np.bincount(truth[idx], minlength=len(true_maps))
+        best = int(np.argmax(counts))
+        row = {"group": c["id"], "particles": len(idx), "true_class": best + 1,
+               "pct_true": 100.0 * counts[best] / max(len(idx), 1),
+               "unaccounted": c["unaccounted"], "fsc_0.143": float("nan")}
+        if c.get("map"):
+            m = mrcfile.read(Path(out_dir) / c["map"])
+            row["fsc_0.143"] = resolution_angstrom(fsc(m, true_maps[best]), 0.143, m.shape[0],
+                                                   pixel_size)
+        rows.append(row)
+    return rows
 
 
 def resolution_angstrom(curve, threshold, box, pixel_size):
@@ -65,29 +95,21 @@ def resolution_angstrom(curve, threshold, box, pixel_size):
     return float("inf") if shell <= 0 else box * pixel_size / shell
 
 
-def class_table(maps, true_maps, labels, pixel_size):
-    """Rows (class, particles, FSC0.5 Å, FSC0.143 Å) of every reconstructed map against the true
-    map it matches best (by FSC area), so that the rows stay meaningful for sorted classes too."""
-    rows = []
-    for k, m in enumerate(maps):
-        curves = [fsc(m, t) for t in true_maps]
-        best = int(np.argmax([c[1:].sum() for c in curves]))
-        c = curves[best]
-        rows.append({"class": k + 1, "true_class": best + 1, "particles": int(np.sum(labels == k)),
-                     "fsc_0.5": resolution_angstrom(c, 0.5, m.shape[0], pixel_size),
-                     "fsc_0.143": resolution_angstrom(c, 0.143, m.shape[0], pixel_size)})
-    return rows
-
-
-def format_table(rows):
-    lines = [f"{'class':>5} {'true':>5} {'particles':>9} {'FSC 0.5 (Å)':>12} {'FSC 0.143 (Å)':>14}"]
+def format_table(rows, n_total):
+    lines = [f"{'group':>5} {'particles':>9} {'% of true':>10} {'true class':>10} "
+             f"{'FSC 0.143 vs true (Å)':>22}"]
+    acc = 0
     for r in rows:
-        lines.append(f"{r['class']:>5} {r['true_class']:>5} {r['particles']:>9} "
-                     f"{r['fsc_0.5']:>12.1f} {r['fsc_0.143']:>14.1f}")
+        tag = "   (unaccounted)" if r["unaccounted"] else ""
+        acc += 0 if r["unaccounted"] else r["particles"]
+        lines.append(f"{r['group'] + 1:>5} {r['particles']:>9} {r['pct_true']:>9.1f}% "
+                     f"{r['true_class']:>10} {r['fsc_0.143']:>22.1f}{tag}")
+    lines.append(f"accounted {acc} of {n_total} ({100.0 * acc / max(n_total, 1):.1f} %)")
     return "\n".join(lines)
 
 
-def run_demo(output_dir="demo_output", seed=1, n_per_class=1000, n_classes=3):
+def run_demo(output_dir="demo_output", seed=1, n_per_class=1000, n_classes=3, nproc=2,
+             img_per_grp=None):
     """Run the whole demo; returns the table rows (list of dicts)."""
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -96,13 +118,17 @@ def run_demo(output_dir="demo_output", seed=1, n_per_class=1000, n_classes=3):
               f"{DEMO_PIXEL_SIZE} Å/px from the 70S ribosome map (seed {seed}, SNR {SNR})", t0)
     particles, true_maps, star = simulate_dataset(out, seed, n_per_class, n_classes)
     _progress(f"wrote {star} and its .mrcs stack ({len(particles)} particles)", t0)
-    _progress("reconstructing one map per class (true labels)", t0)
-    maps, labels = reconstruct_classes(particles)
-    for k, m in enumerate(maps):
-        _write_map(out / f"vol_class{k + 1:03d}.mrc", m, particles.pixel_size)
-    _progress(f"wrote {len(maps)} maps vol_class###.mrc to {out}", t0)
-    rows = class_table(maps, true_maps, labels, particles.pixel_size)
-    print(format_table(rows), flush=True)
+    sort_dir = out / "sort3d"
+    if sort_dir.exists():
+        import shutil
+        shutil.rmtree(sort_dir)
+    _progress(f"sorting with {nproc} MPI rank(s) "
+              f"({'search mode' if not img_per_grp else f'img_per_grp {img_per_grp}'})", t0)
+    summary = sort_particles(star, sort_dir, seed, nproc, img_per_grp)
+    rows = cluster_rows(summary, sort_dir, np.asarray(particles.class_label), true_maps,
+                        particles.pixel_size)
+    _progress(f"sorting done: results in {sort_dir}", t0)
+    print(format_table(rows, len(particles)), flush=True)
     _progress("done", t0)
     return rows
 
@@ -113,10 +139,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulation (default 1)")
     p.add_argument("--n_per_class", type=int, default=1000, help="particles per class (default 1000)")
     p.add_argument("--n_classes", type=int, default=3, help="number of conformations (default 3)")
+    p.add_argument("--np", dest="nproc", type=int, default=2, help="MPI ranks (default 2)")
+    p.add_argument("--img_per_grp", type=int, default=None,
+                   help="group size for the sorter (default: search mode)")
     a = p.parse_args(argv)
     if a.n_per_class < 1 or a.n_classes < 1:
         p.error("--n_per_class and --n_classes must be >= 1")
-    run_demo(a.output_dir, a.seed, a.n_per_class, a.n_classes)
+    run_demo(a.output_dir, a.seed, a.n_per_class, a.n_classes, a.nproc, a.img_per_grp)
     return 0
 
 

@@ -26,6 +26,8 @@ from .mgskmeans import interleaved_schedule, mgsk_pair, min_size_schedule
 BOX_NITER = 5              # box iterations per run (+1 per K reset)
 MAX_RUNS = 3               # runs per box (each on the previous run's unaccounted pool)
 JACCARD_MARGIN_STD = 2.0   # between-box acceptance: Jaccard > random mean + this * random std
+JACCARD_FLOOR = 50.0       # ... and at least this % (ours: SPHIRE's 0-2 std margin alone let
+                           # half-merged groups of a stuck box through, measured in the tests)
 MIN_CLUSTER_SIZE = 20      # never report smaller clusters
 
 
@@ -41,6 +43,7 @@ class SortContext:
     nstep: int
     depth_order: int
     init_k: int = 7
+    use_umat: bool = False
     timings: dict = field(default_factory=dict)
 
 
@@ -51,6 +54,7 @@ class Partition:
     pool: np.ndarray
     rand_index: float = 0.0
     stats: list = field(default_factory=list)
+    k_found: int = 0             # K of a box's first run at its end (for box learning)
 
     @property
     def n_accounted(self):
@@ -116,15 +120,20 @@ def swap_and_refill(n, clusters, pool, k, swap_ratio, rng):
 
 
 def within_box_accept(result, frozen, low, iteration):
-    """Which matched stable groups a box keeps. Freeze mode keeps all; otherwise, from the second
-    iteration on, a group must be in the large size class (or reproduce >= 50 %), exceed 1.25x the
-    low size bound, be more than a third of the largest and above the sizes' std."""
+    """Which matched stable groups a box keeps. Freeze mode keeps all. Otherwise a group must
+    reproduce with a Jaccard index >= JACCARD_FLOOR (ours: a split of one real group has an
+    arbitrary border, so two independent runs disagree on it), and from the second iteration on
+    (SPHIRE) be in the large size class (or the classes be close), exceed 1.25x the low size
+    bound, be more than a third of the largest and above the sizes' std."""
     sizes = result.sizes.astype(float)
     n = len(sizes)
     if n == 0:
         return np.zeros(0, bool)
-    if frozen or iteration < 1 or n <= 2:
+    if frozen:
         return sizes > 0
+    reproducible = result.jaccard >= JACCARD_FLOOR
+    if iteration < 1 or n <= 2:
+        return reproducible if reproducible.any() else sizes > 0
     is_large, small_c, large_c = split_two_classes(sizes)
     ratio = 100.0 * small_c / max(large_c, 1.0)
     all_but_one_small = (~is_large).sum() >= n - 1
@@ -132,6 +141,7 @@ def within_box_accept(result, frozen, low, iteration):
     ok &= sizes > 1.25 * low
     ok &= sizes / sizes.max() > 1.0 / 3.0
     ok &= sizes > sizes.std()
+    ok &= reproducible
     return ok if ok.any() else sizes > 0
 
 
@@ -143,12 +153,14 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
     rng, log = ctx.rng, ctx.log
     clusters_all, pool = [], np.arange(n)
     rand_last = []
+    group_size, k_found = ctx.img_per_grp, k
     first_start = start
-    for run in range(MAX_RUNS):
+    # search mode: one run per box (the leftovers go to the next generation)
+    for run in range(1 if ctx.search else MAX_RUNS):
         sub = subset[pool]
         nr = len(sub)
         if run > 0:
-            k = nr // max(ctx.img_per_grp, 1)
+            k = nr // max(group_size, 1)
             if k < 2:
                 break
         low, high = size_bounds(nr, k)
@@ -164,11 +176,13 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
         else:
             inits = [random_equal_assignment(nr, k, rng) for _ in range(2)]
         box_niter, prev_repro, accepted, unacc = BOX_NITER, None, [], np.arange(nr)
+        last_ri = 0.0
         it = 0
         while it < box_niter:
             t0 = time.time()
             (la, lb), niters = mgsk_pair(ctx.maps, sub, k, inits, sched, ctx.frozen, ctx.search,
-                                         ctx.data.orientation_groups, rng, log=None)
+                                         ctx.data.orientation_groups, rng, log=None,
+                                         use_umat=ctx.use_umat)
             res = two_way_comparison(la, lb)
             ok = within_box_accept(res, ctx.frozen, low, it)
             accepted = [p.members for p, good in zip(res.pairs, ok) if good]
@@ -184,28 +198,46 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
             converged = it >= 1 and (prev_repro is not None and repro - prev_repro < 1.0
                                      or repro > 90.0 or (not ctx.frozen and ri > 0.9))
             converged = converged or (it >= 1 and min(niters) <= 3)
-            # search / general mode: fewer reproducible groups than K -> reset K
-            if allow_k_reset and run == 0 and not ctx.frozen and 2 <= len(accepted) < k:
-                gsize = len(acc) / len(accepted)
-                extra = int(max(len(unacc) - 0.01 * nr, 0) // gsize)
-                new_k = len(accepted) + extra if len(accepted) + extra < k else len(accepted)
-                if new_k != k:
-                    log(f"{tag}K reset from {k} to {new_k}")
-                    k = new_k
-                    low, high = size_bounds(nr, k)
-                    nstep = max(ctx.nstep, 5)
-                    sched = [min_size_schedule(high, low, nstep),
-                             interleaved_schedule(high, low, nstep)]
-                    box_niter += 1
-                    converged = False
+            # search / general mode: fewer reproducible groups than K -> lower K. When K is
+            # above the true number, every over-split group yields >= 2 pieces that two
+            # independent runs cut differently (not reproducible), so the true number is at
+            # most (K + reproducible) / 2: halve the gap, never below it.
+            n_repro = int(np.sum(res.jaccard >= JACCARD_FLOOR))
+            # (at K = 2 both halves of a real split reproduce: one alone means no structure)
+            new_k = int(np.ceil((k + n_repro) / 2)) if k > 2 else n_repro
+            if allow_k_reset and run == 0 and not ctx.frozen and new_k < k:
+                if new_k < 2:
+                    log(f"{tag}no reproducible groups at K = {k}: none in this box")
+                    accepted, unacc = [], np.arange(nr)
+                    break
+                log(f"{tag}{n_repro} of {k} groups reproducible: K reset from {k} to {new_k}")
+                k = new_k
+                low, high = size_bounds(nr, k)
+                nstep = max(ctx.nstep, 5)
+                sched = [min_size_schedule(high, low, nstep),
+                         interleaved_schedule(high, low, nstep)]
+                box_niter += 1
+                converged = False
+                # restart from random: stable sets of the wrong K only bias the next try
+                prev_repro = None
+                it += 1
+                if it >= box_niter:
+                    break
+                inits = [random_equal_assignment(nr, k, rng) for _ in range(2)]
+                continue
             prev_repro = repro
-            rand_last.append(ri)
+            last_ri = ri
             it += 1
             if converged or it >= box_niter:
                 break
             swap = 0.10 if allow_k_reset else 0.05
             inits = [swap_and_refill(nr, accepted, unacc, k, swap, rng) for _ in range(2)]
+        rand_last.append(last_ri)       # the box's rand index: mean of each run's last one
         found = [sub[a] for a in accepted if len(a) >= MIN_CLUSTER_SIZE]
+        if run == 0:
+            k_found = k
+            if ctx.search and found:    # later runs look for groups of the size found here
+                group_size = int(np.mean([len(f) for f in found]))
         clusters_all += found
         pool = pool[unacc] if found else pool
         if not found or len(pool) < 2 * MIN_CLUSTER_SIZE:
@@ -213,7 +245,7 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
     clusters_all.sort(key=len, reverse=True)
     result = Partition([np.sort(c) for c in clusters_all],
                        np.setdiff1d(subset, np.concatenate(clusters_all) if clusters_all else []),
-                       float(np.mean(rand_last)) if rand_last else 0.0)
+                       float(np.mean(rand_last)) if rand_last else 0.0, k_found=k_found)
     log(f"{tag}done: {len(result.clusters)} clusters "
         f"({', '.join(str(len(c)) for c in result.clusters)}), unaccounted {len(result.pool)}")
     return result
@@ -236,8 +268,8 @@ def between_boxes(ctx, subset, a, b, n_allowed, tag=""):
     for p, j in real:
         m = mean[j] if j < len(mean) else 0.0
         s = std[j] if j < len(std) else 0.0
-        good = p.jaccard > m + JACCARD_MARGIN_STD * s and largest / max(p.size, 1) < 3.0 \
-            and p.size >= MIN_CLUSTER_SIZE
+        good = p.jaccard > max(m + JACCARD_MARGIN_STD * s, JACCARD_FLOOR) \
+            and largest / max(p.size, 1) < 3.0 and p.size >= MIN_CLUSTER_SIZE
         ctx.log(f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
                 f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> {'kept' if good else 'rejected'}")
         if good:
@@ -265,11 +297,26 @@ def run_generation(ctx, gen, subset, k):
     layer = 0
     while True:
         results = []
+        k_layer = k
         for ibox, start in enumerate(starts):
             tag = f"gen {gen} layer {layer} box {ibox}: "
-            kb = k if start is None else max(len(start.clusters), 2)
-            results.append(run_box(ctx, subset, kb, start, tag,
-                                   allow_k_reset=(not ctx.frozen and ibox == 0)))
+            # layers > 0: K from the incoming partition (search mode) or the user's group size
+            # (missing groups are seeded from the pool by swap and refill)
+            if start is None:
+                kb = k_layer
+            elif ctx.search:
+                kb = max(len(start.clusters), 2)
+            else:
+                kb = max(len(start.clusters), k, 2)
+            res = run_box(ctx, subset, kb, start, tag,
+                          allow_k_reset=(not ctx.frozen and start is None))
+            results.append(res)
+            # box learning (unfrozen modes): the next boxes of the layer take the K that this
+            # box found when its two runs agreed well (rand index > 0.85)
+            if not ctx.frozen and start is None and res.rand_index > 0.85 \
+                    and res.k_found >= 2 and res.k_found != k_layer:
+                k_layer = res.k_found
+                log(f"{tag}box learning: the next boxes start with K = {k_layer}")
         pairs = []
         for i in range(0, len(results), 2):
             pairs.append(between_boxes(ctx, subset, results[i], results[i + 1], n_allowed,

@@ -42,27 +42,46 @@ class ClusterMaps:
         inside = data.mask3d > 0.5
         self._inside = inside if inside.any() else np.ones_like(inside)
 
-    def build(self, subset, memberships, group_size, half=None):
-        """Maps (K, nx, nx, nx) from (n_subset, K) insertion weights (rows in subset order),
-        using only the members in random half `half` (None: all members)."""
+    def resolution_limit(self, group_size):
+        """Shell (sorting grid) where the FSC expected for `group_size` images vanishes: maps
+        are zero beyond it, so nothing past it needs inserting."""
+        nx = self.d.nx
+        f = scaled_fsc(self.d.fsc_full[:nx // 2 + 1], self.d.n_total, max(int(group_size), 1))
+        below = np.nonzero(f[1:] < 0.01)[0]
+        return min(nx // 2 - 1, int(below[0]) + 1 if below.size else nx // 2 - 1)
+
+    def accumulate(self, subset, memberships, half=None, rmax=None):
+        """Fourier sums (data, weights) of the K maps from (n_subset, K) insertion weights (rows
+        in subset order; only images of random half `half` unless None), summed over ranks.
+        Linear in the weights: a change of labels can be applied as a difference."""
         d = self.d
         loc = d.local(subset)
         a, _ = np.searchsorted(subset, [d.lo, d.hi])
-        memb = np.ascontiguousarray(memberships[a:a + len(loc)], np.float64)
-        n_used = len(subset)
+        memb = memberships[a:a + len(loc)]
         if half is not None:
             memb = memb * (d.half[d.lo + loc] == half)[:, None]
-            n_used = int(np.sum(d.half[subset] == half))
-        nx = d.nx
-        g = max(int(group_size * n_used / max(len(subset), 1)), 1)
-        f = scaled_fsc(d.fsc_full[:nx // 2 + 1], d.n_total, g)
-        below = np.nonzero(f[1:] < 0.01)[0]
-        rmax = min(nx // 2 - 1, int(below[0]) + 1 if below.size else nx // 2 - 1)
-        data, w = fourier.backproject(d.rec_f, d.rots[loc], memb, d.ctf_coefs, pad=self.pad,
-                                      rmax=rmax, shell_weights=d.shell_weights, image_index=loc)
+        used = np.nonzero(np.any(memb != 0, axis=1))[0]
+        data, w = fourier.backproject(d.rec_f, d.rots[loc[used]],
+                                      np.ascontiguousarray(memb[used], np.float64), d.ctf_coefs,
+                                      pad=self.pad, rmax=rmax, shell_weights=d.shell_weights,
+                                      image_index=loc[used])
         self.comm.allreduce_sum(data)
         self.comm.allreduce_sum(w)
-        return reconstruct(data, w, nx, fsc=f, rmax=rmax, symmetry=self.sym)
+        return data, w
+
+    def maps_from(self, data, w, group_size):
+        """Maps (K, nx, nx, nx) from Fourier sums, Wiener-regularised with the FSC expected for
+        groups of `group_size` images and limited where that FSC vanishes."""
+        nx = self.d.nx
+        f = scaled_fsc(self.d.fsc_full[:nx // 2 + 1], self.d.n_total, max(int(group_size), 1))
+        return reconstruct(data, w, nx, fsc=f, rmax=self.resolution_limit(group_size),
+                           symmetry=self.sym)
+
+    def build(self, subset, memberships, group_size, half=None):
+        """Maps (K, nx, nx, nx) from the members of `subset` (in random half `half`)."""
+        data, w = self.accumulate(subset, memberships, half)
+        n_used = len(subset) if half is None else int(np.sum(self.d.half[subset] == half))
+        return self.maps_from(data, w, group_size * n_used / max(len(subset), 1))
 
     def comparison_volumes(self, maps):
         """Each map normalised inside the mask (mean 0, std 1) and multiplied by it."""
@@ -165,14 +184,33 @@ class RunState:
     done: bool = False
     n_iter: int = 0
     stepped_last: bool = False
+    umat: np.ndarray = None      # (n, K) fuzzy memberships (rows of unit L2 norm)
 
     @property
     def min_size(self):
         return self.schedule[min(self.step, len(self.schedule) - 1)]
 
 
+def rank_memberships(scores):
+    """Fuzzy memberships from scores: the group ranked j-th (0 = best) gets K - j, and the row
+    is scaled to unit L2 norm (SPHIRE's use_umat, m = 1)."""
+    k = scores.shape[1]
+    ranks = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)
+    u = (k - ranks).astype(np.float64)
+    return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
+def mix_memberships(u, labels, change_fraction, size_ratio):
+    """After re-assignment: shrink the fuzzy part by c = change^2 * (current / first minimum
+    size), add 1 to the assigned group and renormalise; as the changes vanish U tends to
+    one-hot."""
+    out = u * (change_fraction ** 2 * size_ratio)
+    out[np.arange(len(labels)), labels] += 1.0
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
 def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orientation, rng,
-              log=None, tag=""):
+              log=None, tag="", use_umat=False):
     """Two independent MGSK-means runs on `subset` (sorted global indices) in lockstep.
 
     inits: two (n,) starting labels; schedules: two lists of minimum sizes. Each iteration is a
@@ -184,8 +222,15 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
     rows_of = [np.nonzero(halves == h)[0] for h in (0, 1)]
     runs = [RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
             for init, sch in zip(inits, schedules)]
+    for r in runs:
+        r.umat = np.eye(k)[r.labels] if use_umat else None
     max_iter = MAX_ITER
     it = 0
+    # Fourier sums per half for the 2K maps of both runs, updated by the label changes only
+    sums = [None, None]
+    used = [np.zeros((n, 2 * k)), np.zeros((n, 2 * k))]
+    group_half = [(n / k) * rows_of[h].size / n for h in (0, 1)]
+    rmax = max(maps_builder.resolution_limit(g) for g in group_half)
     while it < max_iter and not all(r.done for r in runs):
         active = [r for r in runs if not r.done]
         start_labels = [r.labels.copy() for r in active]
@@ -193,10 +238,25 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
             rows = rows_of[h]
             if rows.size == 0:
                 continue
-            memb = np.zeros((n, k * len(active)))
-            for j, r in enumerate(active):
-                memb[np.arange(n), j * k + r.labels] = 1.0
-            maps = maps_builder.build(subset, memb, n / k, half=1 - h)
+            src = 1 - h
+            memb = np.zeros((n, 2 * k))
+            for j, r in enumerate(runs):
+                if use_umat:     # every image goes into every map with its fuzzy weight
+                    memb[:, j * k:(j + 1) * k] = r.umat
+                else:
+                    memb[np.arange(n), j * k + r.labels] = 1.0
+            memb[halves != src] = 0.0
+            delta = memb - used[src]
+            if sums[src] is None:
+                sums[src] = maps_builder.accumulate(subset, delta, rmax=rmax)
+            elif np.any(delta):
+                dd, dw = maps_builder.accumulate(subset, delta, rmax=rmax)
+                sums[src][0].__iadd__(dd)
+                sums[src][1].__iadd__(dw)
+            used[src] = memb
+            cols = np.concatenate([np.arange(j * k, (j + 1) * k)
+                                   for j, r in enumerate(runs) if not r.done])
+            maps = maps_builder.maps_from(sums[src][0][cols], sums[src][1][cols], group_half[src])
             scores = maps_builder.scores(maps, subset, half=h)
             for j, r in enumerate(active):
                 # relative preference: raw scores mostly measure how much signal an image has
@@ -207,6 +267,10 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
                 new = constrained_assignment(s, r.min_size * rows.size / n, rng, og[rows])
                 if r.search:
                     new = cap_oversized(new, k, rng)
+                if use_umat:
+                    frac = float(np.mean(new != r.labels[rows]))
+                    r.umat[rows] = mix_memberships(rank_memberships(s), new, frac,
+                                                   r.min_size / max(r.schedule[0], 1))
                 r.labels[rows] = new
         for r, old in zip(active, start_labels):
             change = 100.0 * np.mean(r.labels != old)

@@ -3,6 +3,7 @@
 Output layout (names as in SPHIRE's document, maps as MRC):
   log.txt, command.txt, summary.json (written last: its presence means the run finished)
   Cluster_###.txt / vol_cluster###.mrc   final clusters over all generations (0-based indices);
+  Cluster_###.star                       the input STAR's rows of each cluster (for RELION);
                                          with unaccounted included (default) the last one is the
                                          final unaccounted set (flagged in summary.json)
   Core_set.txt / volume_core.mrc         unaccounted images of the last generation
@@ -19,6 +20,7 @@ from .depth import MIN_CLUSTER_SIZE, SortContext, run_generation
 from .mgskmeans import ClusterMaps
 from .preprocess import normalise_images, prepare
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
+from .star_io import write_star_rows
 from .symmetry import parse_symmetry
 
 INIT_K_STACK = 7        # search mode starts with 7 groups in stack mode (SPHIRE)
@@ -112,7 +114,7 @@ def run_sorting(particles, opts, comm, out_dir, log):
     maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
     frozen = (not search) and not opts.not_freeze_groups
     ctx = SortContext(data, maps, rng, log, search, frozen, work, opts.nstep, opts.depth_order,
-                      init_k=k0)
+                      init_k=k0, use_umat=bool(opts.use_umat))
     subset = np.arange(n)
     generations, final_clusters, final_stats, gen_of = [], [], [], []
     gen, k = 0, k0
@@ -182,8 +184,11 @@ def run_sorting(particles, opts, comm, out_dir, log):
                 output.write_selection(gdir / f"Cluster_{len(g['clusters']):03d}.txt",
                                        g["unaccounted"])
             output.write_selection(gdir / "Core_set.txt", g["unaccounted"])
+        export = particles.source.get("particles_table") is not None
         for i, c in enumerate(final_clusters):
             output.write_selection(out_dir / f"Cluster_{i:03d}.txt", c)
+            if export:   # the input STAR's rows of this cluster, for relion_refine
+                write_star_rows(particles, c, out_dir / f"Cluster_{i:03d}.star", class_number=i + 1)
             output.write_map(out_dir / f"vol_cluster{i:03d}.mrc", vols[i], apix)
             summary["clusters"].append({
                 "id": i, "file": f"Cluster_{i:03d}.txt", "map": f"vol_cluster{i:03d}.mrc",
@@ -192,6 +197,9 @@ def run_sorting(particles, opts, comm, out_dir, log):
         nf = len(final_clusters)
         if opts.include_unaccounted and len(unaccounted):
             output.write_selection(out_dir / f"Cluster_{nf:03d}.txt", unaccounted)
+            if export:
+                write_star_rows(particles, unaccounted, out_dir / f"Cluster_{nf:03d}.star",
+                                class_number=nf + 1)
             entry = {"id": nf, "file": f"Cluster_{nf:03d}.txt", "size": int(len(unaccounted)),
                      "generation": generations[-1]["generation"], "unaccounted": True}
             if core_ok:

@@ -851,3 +851,31 @@ def write_star(particles, star_path, stack_path=None, style='3.1', extra_columns
             else:
                 particles_table.writeStar(f, tableName='')
     return star, stack
+
+
+def write_star_rows(particles, indices, star_path, class_number=None):
+    """Write the input STAR's own rows of the selected particles (every original column and
+    value untouched, the optics table kept), so RELION can refine one cluster directly; image
+    names stay as in the input, so the file works from wherever the input STAR worked.
+    ``class_number`` is added as rlnClassNumber (1-based) when the input has no such column."""
+    src = particles.source
+    table = src.get('particles_table')
+    if table is None:
+        raise ValueError('these particles were not read from a STAR file: no rows to export')
+    names = list(table.getColumnNames())
+    add_class = class_number is not None and 'rlnClassNumber' not in names
+    out = Table(columns=names + (['rlnClassNumber'] if add_class else []))
+    rows = table._rows
+    for i in np.asarray(indices, np.int64):
+        values = tuple(rows[i])
+        out.addRow(*(values + ((str(int(class_number)),) if add_class else ())))
+    optics = src.get('optics')
+    with _atomic_target(os.path.abspath(os.fspath(star_path))) as tmp:
+        with open(tmp, 'w') as f:
+            if optics is not None:
+                f.write('# version 30001\n')
+                optics.writeStar(f, tableName='optics')
+                f.write('\n# version 30001\n')
+                out.writeStar(f, tableName=src.get('table_name') or 'particles')
+            else:
+                out.writeStar(f, tableName=src.get('table_name') or '')

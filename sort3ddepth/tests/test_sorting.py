@@ -1,0 +1,144 @@
+"""The sorter end to end on simulated data: purity against the truth, search mode, a homogeneous
+set, 1 vs 2 MPI ranks, and the exact content of the output files."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from sort3ddepth.engine.output import read_selection
+from sort3ddepth.engine.star_io import read_star
+from sort3ddepth.tests.sorting_data import make_star
+
+N_PER_CLASS = 600
+
+
+def sort3d(args, cwd, nproc=1):
+    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli"] + [str(a) for a in args]
+    if nproc > 1:
+        cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("three")
+    star, truth = make_star(folder, n_per_class=N_PER_CLASS, n_classes=3, snr=3.0)
+    return folder, star, truth
+
+
+@pytest.fixture(scope="module")
+def freeze_run(three_classes):
+    folder, star, _ = three_classes
+    sort3d(["--instack", star, "--output_dir", folder / "freeze", "--img_per_grp", N_PER_CLASS,
+            "--seed", 5], folder)
+    return folder / "freeze"
+
+
+def clusters_of(out):
+    summary = json.loads((out / "summary.json").read_text())
+    real = [c for c in summary["clusters"] if not c["unaccounted"]]
+    return summary, real
+
+
+def purity_table(out, truth):
+    summary, real = clusters_of(out)
+    rows = []
+    for c in real:
+        idx = read_selection(out / c["file"])
+        counts = np.bincount(truth[idx], minlength=truth.max() + 1)
+        rows.append((len(idx), counts.max() / len(idx), int(np.argmax(counts))))
+    return rows
+
+
+def test_given_group_size_gives_pure_clusters(freeze_run, three_classes):
+    truth = three_classes[2]
+    rows = purity_table(freeze_run, truth)
+    assert len(rows) == 3, rows
+    assert all(p >= 0.95 for _, p, _ in rows), rows
+    assert sorted(k for _, _, k in rows) == [0, 1, 2], rows      # one cluster per conformation
+    assert sum(n for n, _, _ in rows) >= 0.8 * len(truth), rows
+
+
+def test_output_files(freeze_run, three_classes):
+    folder, star, truth = three_classes
+    summary, real = clusters_of(freeze_run)
+    n = len(truth)
+    seen = []
+    for c in summary["clusters"]:
+        text = (freeze_run / c["file"]).read_text()
+        idx = np.array([int(t) for t in text.splitlines()])      # one 0-based index a line
+        assert text.endswith("\n") and np.all(np.diff(idx) > 0) and idx.min() >= 0
+        assert len(idx) == c["size"]
+        seen.append(idx)
+    allidx = np.concatenate(seen)
+    assert len(allidx) == n and len(np.unique(allidx)) == n      # a partition of the input
+    # the unaccounted set is the last cluster and equals Core_set.txt
+    assert summary["clusters"][-1]["unaccounted"]
+    np.testing.assert_array_equal(read_selection(freeze_run / "Core_set.txt"), seen[-1])
+    # maps: one per real cluster, MRC with the pixel size set
+    for c in real:
+        with mrcfile.open(freeze_run / c["map"]) as m:
+            assert m.data.shape == (48, 48, 48)
+            assert float(m.voxel_size.x) == pytest.approx(summary["pixel_size"], rel=1e-4)
+            assert np.isfinite(m.data).all() and m.data.std() > 0
+        assert 0 < c["resolution_A"] < 100
+    # per-generation results with the trash-bin cluster last
+    gen = freeze_run / "generation_000"
+    gen_files = sorted(gen.glob("Cluster_*.txt"))
+    assert len(gen_files) == len(summary["generations"][0]["cluster_sizes"]) + 1
+    # the log: command line, seed, versions, progress with timings, ANOVA of defocus
+    log = (freeze_run / "log.txt").read_text()
+    assert "command: sort3d-depth --instack" in log and "seed 5;" in log and "numba" in log
+    assert "MGSK-means iterations" in log and "reproducibility" in log
+    assert "ANOVA of defocus" in log
+    assert summary["anova"]["defocus"]["p"] >= 0.0
+    # Cluster_###.star: the input STAR's own rows (all columns untouched) + rlnClassNumber
+    inp = read_star(star, check_finite=False)
+    for c in real:
+        sub = read_star(freeze_run / c["file"].replace(".txt", ".star"), check_finite=False)
+        idx = read_selection(freeze_run / c["file"])
+        np.testing.assert_array_equal(sub.angles, inp.angles[idx])
+        np.testing.assert_array_equal(sub.ctf.defocus_u, inp.ctf.defocus_u[idx])
+        assert sub.source["columns"][:len(inp.source["columns"])] == inp.source["columns"]
+        np.testing.assert_array_equal(sub.load_images(), inp.load_images(idx))
+
+
+def test_two_ranks_give_identical_clusters(freeze_run, three_classes):
+    folder, star, _ = three_classes
+    out = folder / "freeze_np2"
+    sort3d(["--instack", star, "--output_dir", out, "--img_per_grp", N_PER_CLASS, "--seed", 5,
+            "--not_include_unaccounted"], folder, nproc=2)
+    _, real1 = clusters_of(freeze_run)
+    _, real2 = clusters_of(out)
+    assert len(real1) == len(real2)
+    for a, b in zip(real1, real2):
+        assert (freeze_run / a["file"]).read_bytes() == (out / b["file"]).read_bytes()
+    # --not_include_unaccounted: no trash-bin cluster file
+    assert not (out / f"Cluster_{len(real2):03d}.txt").exists()
+    assert "2 MPI rank(s)" in (out / "log.txt").read_text()
+
+
+def test_search_mode_finds_the_number_of_groups(three_classes):
+    folder, star, truth = three_classes
+    out = folder / "search"
+    sort3d(["--instack", star, "--output_dir", out, "--depth_order", 1, "--seed", 2], folder)
+    rows = purity_table(out, truth)
+    assert len(rows) == 3, rows
+    assert all(p >= 0.9 for _, p, _ in rows), rows
+    assert json.loads((out / "summary.json").read_text())["mode"] == "search"
+
+
+def test_homogeneous_data_give_one_cluster(tmp_path):
+    star, truth = make_star(tmp_path, n_per_class=900, n_classes=1, snr=3.0)
+    out = tmp_path / "homog"
+    sort3d(["--instack", star, "--output_dir", out, "--depth_order", 1, "--seed", 3], tmp_path)
+    summary, real = clusters_of(out)
+    assert len(real) == 1, [c["size"] for c in summary["clusters"]]
