@@ -298,6 +298,7 @@ def run_generation(ctx, gen, subset, k):
     while True:
         results = []
         k_layer = k
+        learned = False
         for ibox, start in enumerate(starts):
             tag = f"gen {gen} layer {layer} box {ibox}: "
             # layers > 0: K from the incoming partition (search mode) or the user's group size
@@ -308,15 +309,19 @@ def run_generation(ctx, gen, subset, k):
                 kb = max(len(start.clusters), 2)
             else:
                 kb = max(len(start.clusters), k, 2)
+            # K may be lowered in layer-0 boxes until one box has validated a K (then the
+            # others inherit it: an unlucky random start must not undo a validated K)
             res = run_box(ctx, subset, kb, start, tag,
-                          allow_k_reset=(not ctx.frozen and start is None))
+                          allow_k_reset=(not ctx.frozen and start is None and not learned))
             results.append(res)
             # box learning (unfrozen modes): the next boxes of the layer take the K that this
             # box found when its two runs agreed well (rand index > 0.85)
             if not ctx.frozen and start is None and res.rand_index > 0.85 \
-                    and res.k_found >= 2 and res.k_found != k_layer:
-                k_layer = res.k_found
-                log(f"{tag}box learning: the next boxes start with K = {k_layer}")
+                    and res.k_found >= 2 and len(res.clusters) >= res.k_found:
+                learned = True
+                if res.k_found != k_layer:
+                    k_layer = res.k_found
+                    log(f"{tag}box learning: the next boxes start with K = {k_layer}")
         pairs = []
         for i in range(0, len(results), 2):
             pairs.append(between_boxes(ctx, subset, results[i], results[i + 1], n_allowed,

@@ -283,7 +283,6 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
             if not r.frozen and not at_last and change < 50.0 and not r.stepped_last:
                 r.step += 1
                 r.stepped_last = True
-                max_iter += 1
             else:
                 r.stepped_last = False
             at_last = r.step >= len(r.schedule) - 1

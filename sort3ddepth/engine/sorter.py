@@ -7,7 +7,8 @@ Output layout (names as in SPHIRE's document, maps as MRC):
                                          with unaccounted included (default) the last one is the
                                          final unaccounted set (flagged in summary.json)
   Core_set.txt / volume_core.mrc         unaccounted images of the last generation
-  generation_###/Cluster_###.txt, Core_set.txt, vol_cluster###.mrc, anova.txt
+  generation_###/Cluster_###.txt, Core_set.txt, vol_cluster###.mrc, anova.txt (the clusters
+                                         found in that generation)
 """
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ def run_sorting(particles, opts, comm, out_dir, log):
         clusters = [c for c, _ in pairs]
         stats = [st for _, st in pairs]
         pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
-        if gen == 0 and len(clusters) < 2:
+        if gen == 0 and not clusters:
             log("no reproducible structural groups were found: the data set is reported as one "
                 "homogeneous cluster")
             clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
@@ -176,10 +177,16 @@ def run_sorting(particles, opts, comm, out_dir, log):
     }
     if comm.is_root:
         apix = particles.pixel_size
+        first = 0       # index of the generation's first cluster among the final ones
         for gi, g in enumerate(generations):
             gdir = out_dir / f"generation_{gi:03d}"
             for j, c in enumerate(g["clusters"]):
                 output.write_selection(gdir / f"Cluster_{j:03d}.txt", c)
+                output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[first + j], apix)
+            lines, _ = _anova_lines(particles, list(g["clusters"]),
+                                    [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))])
+            output.write_text(gdir / "anova.txt", "\n".join(lines) + "\n")
+            first += len(g["clusters"])
             if opts.include_unaccounted and len(g["unaccounted"]):
                 output.write_selection(gdir / f"Cluster_{len(g['clusters']):03d}.txt",
                                        g["unaccounted"])

@@ -93,7 +93,10 @@ def test_output_files(freeze_run, three_classes):
     # per-generation results with the trash-bin cluster last
     gen = freeze_run / "generation_000"
     gen_files = sorted(gen.glob("Cluster_*.txt"))
-    assert len(gen_files) == len(summary["generations"][0]["cluster_sizes"]) + 1
+    n_gen = len(summary["generations"][0]["cluster_sizes"])
+    assert len(gen_files) == n_gen + 1
+    assert len(list(gen.glob("vol_cluster*.mrc"))) == n_gen
+    assert "ANOVA of defocus" in (gen / "anova.txt").read_text()
     # the log: command line, seed, versions, progress with timings, ANOVA of defocus
     log = (freeze_run / "log.txt").read_text()
     assert "command: sort3d-depth --instack" in log and "seed 5;" in log and "numba" in log
