@@ -137,21 +137,24 @@ def _set_threads(comm):
 
 
 def _prepare_output(path, comm):
-    out = Path(path or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out}: exists and is not a directory")
-    if (out / "summary.json").exists() or (out / "log.txt").exists():
-        raise UserError(f"--output_dir {out}: already holds a sorting run; choose another folder")
+    # only the root looks at the folder (and names it); the verdict is broadcast, so a late rank
+    # never finds the log the root just wrote and quits while the root waits in a collective
+    out = Path(comm.bcast(path or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S")))
     problem = None
     if comm.is_root:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            problem = f"--output_dir {out}: not writable ({e.strerror})"
-    problem = comm.bcast(problem)     # every rank stops together, none waits forever
+        if out.exists() and not out.is_dir():
+            problem = f"--output_dir {out}: exists and is not a directory"
+        elif (out / "summary.json").exists() or (out / "log.txt").exists():
+            problem = f"--output_dir {out}: already holds a sorting run; choose another folder"
+        else:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".write_test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                problem = f"--output_dir {out}: not writable ({e.strerror})"
+    problem = comm.bcast(problem)
     if problem:
         raise UserError(problem)
     return out

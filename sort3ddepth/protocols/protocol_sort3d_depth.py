@@ -1,0 +1,512 @@
+"""ProtSort3DDepth: SORT3D_DEPTH reproducible 3D clustering as a Scipion protocol.
+
+Steps (each one skipped on "Continue" when it already finished with the same arguments, and
+each one also skips its own work when its results are already on disk):
+  1. convertInputStep: the (enabled) input particles -> extra/particles.star + particles.mrcs
+     (RELION 3.1 conventions, see sort3ddepth.convert) and extra/particle_ids.txt (their object
+     ids in STAR row order, to map the engine's 0-based indices back to particles).
+  2. runSortStep: `python -m sort3ddepth.engine.cli ...` through runJob with numberOfMpi, so the
+     plugin's MPICH mpirun (or hosts.conf / the queue template) launches it; output in
+     extra/sort3d/ (summary.json, written last, marks a finished engine run).
+  3. createOutputStep: outputClasses (SetOfClasses3D) and outputVolumes (SetOfVolumes).
+"""
+import json
+import os
+import shlex
+import shutil
+
+from pyworkflow.object import Boolean, Float, Integer
+from pyworkflow.protocol import params
+from pyworkflow.protocol.constants import LEVEL_ADVANCED
+import pyworkflow.utils as pwutils
+
+from pwem.constants import ALIGN_PROJ
+from pwem.objects import SetOfClasses3D, SetOfVolumes, Volume
+from pwem.protocols import ProtClassify3D
+
+from .. import convert
+
+INPUT_PARTICLES = 0
+INPUT_MERIDIEN = 1
+
+#: extra attributes stored on every particle of the output classes
+ATTR_CLUSTER = "_sort3d_cluster"
+ATTR_GENERATION = "_sort3d_generation"
+
+MERIDIEN_NOT_AVAILABLE = (
+    "Meridien refinement input is not available in this version of sort3ddepth yet. Import the "
+    "refined particles (3D alignment and CTF) as a SetOfParticles, e.g. from a RELION STAR file, "
+    "and choose 'particles' as input.")
+
+
+class ProtSort3DDepth(ProtClassify3D):
+    """Reproducible 3D clustering (SORT3D_DEPTH) of particles whose 3D orientations and CTF are
+    known; the orientations are not changed. Independent runs of K-means with a minimum group
+    size (MGSK-means) are compared two by two and only the reproduced groups are kept, generation
+    after generation; the particles that are never reproduced form the unaccounted set (the last
+    class). After SPHIRE's sp_sort3d_depth.py."""
+
+    _label = "sort3d depth"
+    _possibleOutputs = {"outputClasses": SetOfClasses3D, "outputVolumes": SetOfVolumes}
+
+    # -------------------------------------------------------------------------------- form
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputType", params.EnumParam, default=INPUT_PARTICLES,
+                      choices=["particles", "meridien refinement"],
+                      display=params.EnumParam.DISPLAY_HLIST, label="Input from",
+                      help="*particles*: a set of particles with 3D alignment (projection "
+                           "alignment, e.g. from a 3D refinement) and CTF; sorting from a stack "
+                           "uses only the orientation parameters, which is useful for data "
+                           "refined, say, with RELION.\n"
+                           "*meridien refinement*: a completed meridien 3D refinement folder "
+                           "(uses all meridien information, i.e. smear, normalisations and "
+                           "such). Not available in this version yet.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj and hasCTF", important=True,
+                      condition="inputType == %d" % INPUT_PARTICLES,
+                      label="Input images stack",
+                      help="Particles to sort, with 3D alignment (ALIGN_PROJ) and CTF. They are "
+                           "written once as a RELION STAR file with one MRC stack (disabled "
+                           "particles are left out). Sorting switches to stack mode.")
+        form.addParam("refinementDir", params.PathParam,
+                      condition="inputType == %d" % INPUT_MERIDIEN,
+                      label="Meridien refinement directory",
+                      help="A string denotes meridien 3D refinement directory. Sorting switches "
+                           "to meridien iteration mode when specified. (Not available in this "
+                           "version yet.)")
+        form.addParam("niterForSorting", params.IntParam, default=-1,
+                      condition="inputType == %d" % INPUT_MERIDIEN,
+                      label="Iteration ID of 3D refinement for importing data",
+                      help="By default, the program uses the iteration at which refinement "
+                           "achieved the best resolution. Option is valid only for meridien "
+                           "iteration mode.")
+        form.addParam("nxinit", params.IntParam, default=-1,
+                      condition="inputType == %d" % INPUT_PARTICLES,
+                      label="Initial image size",
+                      help="Image size used for MGSKmeans in case of starting sorting from a "
+                           "data stack. By default (-1), the program determines window size. "
+                           "Option is valid only for stack mode.")
+        form.addParam("mask3D", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
+                      label="3D mask",
+                      help="The global 3D mask for clustering (a mask of the particles' box "
+                           "size). Imported from 3D refinement unless user wishes a different "
+                           "one in meridien iteration mode. Default: none (a soft sphere of the "
+                           "particle radius).")
+        form.addParam("focus", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
+                      label="Focus 3D mask",
+                      help="A binary 3D mask for focused clustering (same box size as the "
+                           "particles). Default: none.")
+        form.addParam("radius", params.IntParam, default=-1,
+                      label="Estimated particle radius [Pixels]",
+                      help="An integer value that is smaller than half of the box size. "
+                           "Imported from refinement unless user wishes a different one in "
+                           "meridien iteration mode. -1: half the box size minus 2.")
+        form.addParam("symmetry", params.StringParam, default="c1",
+                      label="Point-group symmetry",
+                      help="Point group symmetry of the macromolecular structure (c<n>, d<n>, "
+                           "t, o, i). Imported from refinement unless the user wishes a "
+                           "different one in meridien iteration mode. Require specification in "
+                           "stack mode.")
+        form.addParam("imgPerGrp", params.IntParam, default=-1,
+                      label="Number of images per group",
+                      help="User expected group size in integer. By default (-1) sorting is set "
+                           "on search mode (the number of groups is found). The only sorting "
+                           "parameter the user has to determine.")
+        form.addParam("memoryPerNode", params.FloatParam, default=-1.0,
+                      label="Memory per node [GB]",
+                      help="User provided information about memory per node in GB (NOT per "
+                           "CPU). It will be used to evaluate the number of CPUs per node from "
+                           "user-provided MPI setting. By default (-1), it uses 2GB * (number of "
+                           "CPUs per node).")
+        form.addParam("overhead", params.FloatParam, default=5.0,
+                      label="Overhead memory per node [GB]",
+                      help="User provided information about overhead memory usage per node in "
+                           "GB (NOT per CPU). By default, it is estimated as 5.0 GB per node.")
+
+        form.addSection(label="Advanced")
+        form.addParam("depthOrder", params.IntParam, default=2, validators=[params.GE(1)],
+                      expertLevel=LEVEL_ADVANCED, label="Depth order",
+                      help="An integer value defines the number of initial independent "
+                           "MGSKmeans runs (2^depth_order). The default value of 2 is a good "
+                           "choice.")
+        form.addParam("nsmear", params.FloatParam, default=-1.0,
+                      condition="inputType == %d" % INPUT_MERIDIEN,
+                      expertLevel=LEVEL_ADVANCED, label="Number of smears for sorting",
+                      help="Fill it with 1 if user does not want to use all smears (-1: all). "
+                           "Meridien mode only.")
+        form.addParam("orientationGroups", params.IntParam, default=20,
+                      validators=[params.GE(1)], expertLevel=LEVEL_ADVANCED,
+                      label="Number of orientation groups",
+                      help="Number of orientation groups in an asymmetric unit. The data "
+                           "orientation parameters are cast into them, to prevent sorting by "
+                           "angle (e.g. top views in one group and side views in another).")
+        form.addParam("doUnaccounted", params.BooleanParam, default=True,
+                      expertLevel=LEVEL_ADVANCED, label="Do unaccounted reconstruction",
+                      help="Yes (default): the unaccounted images are output as the last "
+                           "cluster (and its map reconstructed) in each generation and in the "
+                           "final result; here it becomes the last class, labelled "
+                           "'unaccounted'. No: do not reconstruct unaccounted elements "
+                           "(command line: --not_include_unaccounted; question reversed).")
+        form.addParam("useBackgroundNoise", params.BooleanParam, default=True,
+                      expertLevel=LEVEL_ADVANCED, label="Use background noise",
+                      help="Yes (default): weight the data by the background noise power "
+                           "spectrum. No: turn off background noise weighting (command line: "
+                           "--notapplybckgnoise; question reversed).")
+        form.addParam("checkSmearing", params.BooleanParam, default=False,
+                      condition="inputType == %d" % INPUT_MERIDIEN,
+                      expertLevel=LEVEL_ADVANCED, label="Check smearing",
+                      help="Print out the average smearing of all iterations of the meridien "
+                           "refinement. By default, the program will not print.")
+        form.addParam("numCoreSet", params.IntParam, default=-1,
+                      expertLevel=LEVEL_ADVANCED, label="Number of core set images",
+                      help="Map will not be reconstructed if the number of core set images is "
+                           "less than this number. By default (-1), the program will choose the "
+                           "maximum number between minimum group size and 100.")
+        form.addParam("computeOnTheFly", params.BooleanParam, default=False,
+                      condition="inputType == %d" % INPUT_MERIDIEN,
+                      expertLevel=LEVEL_ADVANCED, label="Compute on the fly",
+                      help="Controls the number of pre-calculated smearing images to avoid "
+                           "memory overflow. By default, the program calculates smearing images "
+                           "for 3D reconstruction prior to constrained K-means.")
+        form.addParam("nstep", params.IntParam, default=5, validators=[params.GE(1)],
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Number of steps to decrease minimum group size",
+                      help="Controls group size constrained K-means clustering: the minimum "
+                           "group size is decreased in this many steps, which selects out faked "
+                           "groups when the initial number of groups is set too large. "
+                           "Default 5.")
+        form.addParam("freezeGroups", params.BooleanParam, default=True,
+                      expertLevel=LEVEL_ADVANCED, label="Freeze groups",
+                      help="Yes (default): freezing groups means not removing small groups "
+                           "during within-box comparison. No: remove small groups during within "
+                           "box comparison, the strategy before v1.2 (command line: "
+                           "--not_freeze_groups; question reversed). Used when the number of "
+                           "images per group is given (not in search mode).")
+        form.addParam("useUmat", params.BooleanParam, default=False,
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Use fuzzy membership of particle images in making maps",
+                      help="Apply fuzzy group membership to control sorting stability: it "
+                           "stabilises sorting and helps to select out true groups, at a cost "
+                           "in time. By default, it is false.")
+        form.addParam("seed", params.IntParam, default=-1, expertLevel=LEVEL_ADVANCED,
+                      label="Random seed",
+                      help="Seed of every random choice (results do not depend on the number of "
+                           "MPI processes for a given seed). -1: drawn at random and written to "
+                           "the log.")
+
+        form.addParallelSection(threads=0, mpi=2)
+
+    # -------------------------------------------------------------------------------- paths
+    def _getSortDir(self, *p):
+        return self._getExtraPath("sort3d", *p)
+
+    def _getStar(self):
+        return self._getExtraPath("particles.star")
+
+    def _getStack(self):
+        return self._getExtraPath("particles.mrcs")
+
+    def _getIdsFile(self):
+        return self._getExtraPath("particle_ids.txt")
+
+    def _getConvertRecord(self):
+        return self._getExtraPath("convert_done.json")
+
+    def _getEngineRecord(self):
+        return self._getExtraPath("engine_args.txt")
+
+    def _getSummaryFile(self):
+        return self._getSortDir("summary.json")
+
+    # -------------------------------------------------------------------------------- steps
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, self._inputSignature())
+        self._insertFunctionStep(self.runSortStep, self._engineArguments(),
+                                 self._inputSignature())
+        self._insertFunctionStep(self.createOutputStep)
+
+    def _inputSignature(self):
+        """What identifies the converted input (a change re-runs the conversion)."""
+        parts = self.inputParticles.get()
+        return "%s:%s:%d" % (self.inputParticles.getUniqueId(), parts.getFileName(),
+                             parts.getSize())
+
+    def _maskFile(self, pointer):
+        obj = pointer.get() if pointer.hasValue() else None
+        if obj is None:
+            return None
+        return os.path.abspath(convert.clean_filename(obj.getFileName()))
+
+    def _engineArguments(self):
+        """The engine's command-line options (after `-m sort3ddepth.engine.cli`), one string."""
+        args = ["--instack", self._getStar(), "--output_dir", self._getSortDir(),
+                "--radius", self.radius.get(), "--sym", self.symmetry.get().strip().lower(),
+                "--img_per_grp", self.imgPerGrp.get(), "--nstep", self.nstep.get(),
+                "--memory_per_node", self.memoryPerNode.get(), "--overhead", self.overhead.get(),
+                "--depth_order", self.depthOrder.get(),
+                "--orientation_groups", self.orientationGroups.get(),
+                "--num_core_set", self.numCoreSet.get(), "--nxinit", self.nxinit.get()]
+        for option, pointer in (("--mask3D", self.mask3D), ("--focus", self.focus)):
+            fn = self._maskFile(pointer)
+            if fn:
+                args += [option, fn]
+        if not self.doUnaccounted:
+            args.append("--not_include_unaccounted")
+        if not self.useBackgroundNoise:
+            args.append("--notapplybckgnoise")
+        if not self.freezeGroups:
+            args.append("--not_freeze_groups")
+        if self.useUmat:
+            args.append("--use_umat")
+        if self.seed.get() is not None and self.seed.get() >= 0:
+            args += ["--seed", self.seed.get()]
+        return " ".join(shlex.quote(str(a)) for a in args)
+
+    def convertInputStep(self, signature):
+        record = self._getConvertRecord()
+        if os.path.exists(record) and all(os.path.exists(f) for f in (
+                self._getStar(), self._getStack(), self._getIdsFile())):
+            with open(record) as f:
+                done = json.load(f)
+            if done.get("signature") == signature:
+                self.info("Input already converted (%d particles in %s): skipping the "
+                          "conversion." % (done["n"], self._getStar()))
+                return
+        pwutils.cleanPath(record)
+        n = convert.write_set_as_star(self.inputParticles.get(), self._getStar(),
+                                      self._getIdsFile(), stack_path=self._getStack())
+        with open(record + ".tmp", "w") as f:
+            json.dump({"signature": signature, "n": n}, f)
+        os.replace(record + ".tmp", record)
+        self.info("Wrote %d particles to %s" % (n, self._getStar()))
+
+    def runSortStep(self, arguments, signature):
+        out = self._getSortDir()
+        record = self._getEngineRecord()
+        what = arguments + "\n" + signature + "\n"
+        if os.path.exists(self._getSummaryFile()) and os.path.exists(record):
+            with open(record) as f:
+                if f.read() == what:
+                    self.info("The sorting has finished before (%s exists): skipping it."
+                              % self._getSummaryFile())
+                    return
+        if os.path.exists(out):
+            # an interrupted run (or one with other options): the engine refuses to write into
+            # a folder that holds a run, and its partial files must not be mixed with new ones
+            self.info("Removing the unfinished sorting output %s" % out)
+            shutil.rmtree(out)
+        with open(record, "w") as f:
+            f.write(what)
+        plugin = self.getClassPackage().Plugin
+        python = plugin.getEngineCommand()[0]
+        engine_args = " ".join(shlex.quote(a) for a in plugin.getEngineCommand()[1:])
+        self.runJob(python, engine_args + " " + arguments,
+                    numberOfMpi=max(1, self.numberOfMpi.get()), env=plugin.getEnviron())
+        if not os.path.exists(self._getSummaryFile()):
+            raise RuntimeError("The sorting ended without writing %s; see %s"
+                               % (self._getSummaryFile(), self._getSortDir("log.txt")))
+
+    def _readSummary(self):
+        with open(self._getSummaryFile()) as f:
+            return json.load(f)
+
+    def createOutputStep(self):
+        summary = self._readSummary()
+        ids = convert.read_ids(self._getIdsFile())
+        sampling = self.inputParticles.get().getSamplingRate()
+        membership = {}                              # particle objId -> (cluster id, generation)
+        clusters = {}                                # class id -> cluster entry
+        for c in summary["clusters"]:
+            with open(self._getSortDir(c["file"])) as f:
+                rows = [int(t) for t in f.read().split()]
+            for r in rows:
+                membership[int(ids[r])] = (int(c["id"]), int(c["generation"]))
+            clusters[int(c["id"]) + 1] = c
+
+        def mapFile(c):
+            return self._getSortDir(c["map"]) if c.get("map") else None
+
+        def updateItem(item, row):
+            cid, gen = membership.get(item.getObjId(), (-1, -1))
+            item.setClassId(cid + 1)                 # 0: in no cluster, not classified
+            setattr(item, ATTR_CLUSTER, Integer(cid))
+            setattr(item, ATTR_GENERATION, Integer(gen))
+
+        def updateClass(cls):
+            c = clusters[cls.getObjId()]
+            rep = cls.getRepresentative()
+            fn = mapFile(c)
+            if fn:
+                rep.setLocation(fn)
+            rep.setSamplingRate(sampling)
+            cls.setSamplingRate(sampling)
+            unaccounted = bool(c.get("unaccounted", False))
+            cls.setObjLabel("unaccounted" if unaccounted else "cluster %03d" % c["id"])
+            cls._sort3d_unaccounted = Boolean(unaccounted)
+            cls._sort3d_generation = Integer(int(c["generation"]))
+            cls._sort3d_resolution = Float(float(c.get("resolution_A", 0.0) or 0.0))
+
+        classes = self._createSetOfClasses3D(self.inputParticles)
+        classes.classifyItems(updateItemCallback=updateItem, updateClassCallback=updateClass)
+
+        volumes = self._createSetOfVolumes()
+        volumes.setSamplingRate(sampling)
+        for cid in sorted(clusters):
+            c = clusters[cid]
+            fn = mapFile(c)
+            if not fn:
+                continue
+            vol = Volume()
+            vol.setObjId(cid)
+            vol.setLocation(fn)
+            vol.setSamplingRate(sampling)
+            vol.setObjLabel("unaccounted" if c.get("unaccounted") else "cluster %03d" % c["id"])
+            volumes.append(vol)
+
+        self._defineOutputs(outputClasses=classes, outputVolumes=volumes)
+        self._defineSourceRelation(self.inputParticles, classes)
+        self._defineSourceRelation(self.inputParticles, volumes)
+
+    # -------------------------------------------------------------------------------- info
+    def _validate(self):
+        errors = []
+        if self.inputType == INPUT_MERIDIEN:
+            folder = self.refinementDir.get()
+            if not folder:
+                errors.append("Meridien refinement directory: no folder given.")
+            elif not os.path.isdir(folder):
+                errors.append("Meridien refinement directory %s does not exist." % folder)
+            errors.append(MERIDIEN_NOT_AVAILABLE)
+            return errors
+
+        parts = self.inputParticles.get()
+        if parts is None:
+            return errors                        # the framework reports the empty input
+        if parts.getAlignment() != ALIGN_PROJ:
+            errors.append("The input particles have no 3D alignment (their alignment is '%s'). "
+                          "sort3d depth keeps the orientations of a 3D refinement: give "
+                          "particles with projection alignment (ALIGN_PROJ), e.g. the output "
+                          "of a 3D auto-refine." % parts.getAlignment())
+        if not parts.hasCTF():
+            errors.append("The input particles have no CTF. Estimate the CTF of their "
+                          "micrographs (or import the particles with their CTF) first.")
+        n = parts.getSize()
+        box = parts.getXDim() or 0
+        radius = self.radius.get()
+        if box and radius is not None and radius > 0 and (
+                radius >= box // 2 or 2 * radius + 2 > box):
+            errors.append("Estimated particle radius %d px is too large for %d px images: it "
+                          "must be smaller than half the box (at most %d px)."
+                          % (radius, box, (box - 2) // 2))
+        if box and self.nxinit.get() is not None and self.nxinit.get() > box:
+            errors.append("Initial image size %d is larger than the images (%d px)."
+                          % (self.nxinit.get(), box))
+        grp = self.imgPerGrp.get()
+        if grp is not None and grp != -1:
+            if grp <= 1:
+                errors.append("Number of images per group must be larger than 1 (or -1 for "
+                              "search mode).")
+            elif grp > n:
+                errors.append("Number of images per group (%d) is larger than the number of "
+                              "input particles (%d)." % (grp, n))
+            elif n // grp < 2:
+                errors.append("Number of images per group (%d) gives fewer than 2 groups for "
+                              "%d particles: use at most %d, or -1 for search mode."
+                              % (grp, n, n // 2))
+            elif n // grp >= 30:
+                errors.append("Number of images per group (%d) is too small for %d particles: "
+                              "%d groups (at most 29)." % (grp, n, n // grp))
+        try:
+            from ..engine.symmetry import parse_symmetry
+            parse_symmetry(self.symmetry.get().strip().lower())
+        except ValueError as e:
+            errors.append("Point-group symmetry '%s': %s" % (self.symmetry.get(), e))
+        try:
+            bad = convert.unsupported_files(parts.getUniqueValues("_filename"))
+        except Exception:
+            bad = []
+        if bad:
+            errors.append("The particle images must be MRC files (.mrc/.mrcs); these are not: "
+                          "%s. Convert them first (e.g. with a 'convert' or 'extract' protocol)."
+                          % ", ".join(bad[:5]))
+        for label, pointer in (("3D mask", self.mask3D), ("Focus 3D mask", self.focus)):
+            mask = pointer.get() if pointer.hasValue() else None
+            if mask is None:
+                continue
+            fn = mask.getFileName()
+            if not convert.is_mrc_file(fn):
+                errors.append("%s %s is not an MRC file." % (label, fn))
+                continue
+            dims = mask.getDim()
+            if box and dims and tuple(dims) != (box, box, box):
+                errors.append("%s %s has dimensions %s; the particles are %d px (it must be "
+                              "%d x %d x %d)." % (label, fn, "x".join(map(str, dims)), box,
+                                                  box, box, box))
+        return errors
+
+    def _warnings(self):
+        warnings = []
+        if self.inputType != INPUT_PARTICLES:
+            return warnings
+        if (self.numberOfMpi.get() or 1) < 2:
+            warnings.append("The sorting will run as a single process; use several MPI "
+                            "processes to make it faster.")
+        parts = self.inputParticles.get()
+        if parts is not None and self.imgPerGrp.get() == -1:
+            warnings.append("Number of images per group is -1: search mode finds the number "
+                            "of groups itself and takes longer; set the expected group size if "
+                            "you know it.")
+        if parts is not None and parts.getSize() < 1000:
+            warnings.append("Only %d particles: the groups found from so few images may not be "
+                            "reliable." % parts.getSize())
+        return warnings
+
+    def _summary(self):
+        summary = []
+        if self.inputType == INPUT_MERIDIEN:
+            return ["Meridien input (not available in this version)."]
+        if os.path.exists(self._getSummaryFile()):
+            s = self._readSummary()
+            regular = [c for c in s["clusters"] if not c.get("unaccounted")]
+            unacc = [c for c in s["clusters"] if c.get("unaccounted")]
+            summary.append("%d particles sorted in %s mode (%d generation(s)): %d stable "
+                           "cluster(s) of sizes %s." % (
+                               s["n_particles"], s.get("mode", "?"), len(s["generations"]),
+                               len(regular), ", ".join(str(c["size"]) for c in regular)))
+            if unacc:
+                summary.append("Unaccounted particles (last class): %d." % unacc[0]["size"])
+            else:
+                accounted = sum(c["size"] for c in regular)
+                summary.append("Unaccounted particles (not output): %d."
+                               % (s["n_particles"] - accounted))
+            res = [c.get("resolution_A") for c in regular if c.get("resolution_A")]
+            if res:
+                summary.append("Map resolutions (FSC 0.143): %s A."
+                               % ", ".join("%.1f" % r for r in res))
+        elif self.inputParticles.get() is not None:
+            summary.append("Input: %d particles; %s." % (
+                self.inputParticles.get().getSize(),
+                "search mode" if self.imgPerGrp.get() == -1 else
+                "%d images per group" % self.imgPerGrp.get()))
+            summary.append("Output not ready yet.")
+        return summary
+
+    def _methods(self):
+        if not os.path.exists(self._getSummaryFile()):
+            return []
+        s = self._readSummary()
+        regular = [c for c in s["clusters"] if not c.get("unaccounted")]
+        text = ("%d particles were sorted by reproducible 3D clustering without re-alignment "
+                "(SORT3D_DEPTH [Huang2019sort3d] of SPHIRE [Moriya2017], re-implemented in "
+                "sort3ddepth) with symmetry %s, %s, depth order %d and %d orientation groups. "
+                "%d stable cluster(s) were found (sizes %s)." % (
+                    s["n_particles"], self.symmetry.get(),
+                    "search mode" if self.imgPerGrp.get() == -1 else
+                    "%d images per group" % self.imgPerGrp.get(),
+                    self.depthOrder.get(), self.orientationGroups.get(), len(regular),
+                    ", ".join(str(c["size"]) for c in regular)))
+        return [text]
+
+    def _citations(self):
+        return ["Huang2019sort3d", "Moriya2017"]

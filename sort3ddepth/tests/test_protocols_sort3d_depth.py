@@ -1,0 +1,554 @@
+"""The Scipion protocol ProtSort3DDepth, run by pyworkflow under plain pytest (the repository's
+root conftest.py sets the Scipion environment).
+
+- TestSort3DDepthRun: a simulated set of 3 conformations x 400 particles (48 px) is written as a
+  RELION STAR file, turned into a Scipion SetOfParticles (ALIGN_PROJ + CTF), imported with
+  ProtImportParticles, sorted with 2 MPI ranks, and the outputs are checked (class count, sizes,
+  purity against the true labels, extra attributes, volumes); then the run is "continued" after
+  an interruption and must not redo the conversion or the sorting.
+- TestSort3DDepthValidate: one readable _validate message per bad input.
+- TestSort3DDepthForm: the form opens in a real Tk window under Xvfb (skipped, with the reason,
+  when Xvfb is not installed) and shows the reversed flags as positive questions.
+"""
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import mrcfile
+import numpy as np
+from pyworkflow.tests import BaseTest, setupTestProject
+
+from sort3ddepth import convert
+from sort3ddepth.engine import fourier
+from sort3ddepth.engine.simulate import load_demo_map, make_conformations, simulate_particles
+from sort3ddepth.engine.star_io import write_star
+
+BOX = 48
+N_PER_CLASS = 400
+PIXEL_SIZE = 5.0 * 64 / BOX
+
+
+def _data_folder(tag):
+    root = os.environ.get("SCIPION_TESTS_OUTPUT") or os.environ.get("TMPDIR", "/tmp")
+    folder = os.path.join(root, "sort3ddepth_%s_%s" % (tag, uuid.uuid4().hex[:8]))
+    os.makedirs(folder)
+    return folder
+
+
+def _simulated_set(folder, n_per_class=N_PER_CLASS, seed=2):
+    """particles.star + .mrcs of 3 conformations and the matching Scipion sqlite set; every
+    particle keeps its true class (1-based) as _rlnClassNumber."""
+    rng = np.random.default_rng(seed)
+    vol = fourier.resize_volume(load_demo_map(64), BOX)
+    maps = make_conformations(vol, 3, rng, radius=8)
+    ps = simulate_particles(maps, n_per_class, PIXEL_SIZE, rng, snr=2.0)
+    star, _ = write_star(ps, os.path.join(folder, "particles.star"))
+    sqlite = convert.star_to_scipion(star, os.path.join(folder, "particles.sqlite"))
+    return sqlite, ps
+
+
+def _sphere_mask(path, box, radius):
+    c = np.arange(box) - box // 2
+    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
+    r = np.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
+    mask = np.clip((radius + 2 - r) / 4.0, 0.0, 1.0).astype(np.float32)
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(mask)
+        m.voxel_size = PIXEL_SIZE
+    return path
+
+
+def _import_particles(test, sqlite, label):
+    from pwem.protocols import ProtImportParticles
+    prot = test.newProtocol(ProtImportParticles, objLabel=label,
+                            importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+                            sqliteFile=sqlite, samplingRate=PIXEL_SIZE, voltage=300.0,
+                            sphericalAberration=2.7, amplitudeContrast=0.1, magnification=10000)
+    test.launchProtocol(prot)
+    return prot
+
+
+def _import_mask(test, path, label):
+    from pwem.protocols import ProtImportMask
+    prot = test.newProtocol(ProtImportMask, objLabel=label, maskPath=path,
+                            samplingRate=PIXEL_SIZE)
+    test.launchProtocol(prot)
+    return prot
+
+
+# s; a sorting run of the test set takes ~30 s on 2 busy cores
+SORT_TIMEOUT = float(os.environ.get("SORT3DDEPTH_TEST_SORT_TIMEOUT", 300))
+
+
+def _launch_with_timeout(test, prot, timeout=SORT_TIMEOUT):
+    """Launch and wait like BaseTest.launchProtocol, but stop the run (its whole process tree:
+    mpirun and the engine ranks) and fail instead of waiting forever if it hangs."""
+    test.proj.launchProtocol(prot, wait=False)
+    t0 = time.time()
+    while True:
+        time.sleep(1.0)
+        test.proj._updateProtocol(prot)
+        if not prot.isActive():
+            break
+        if time.time() - t0 > timeout:
+            test.proj.stopProtocol(prot)
+            test.printLastLogLines(prot)
+            raise AssertionError("%s did not finish in %.0f s and was stopped; see %s"
+                                 % (prot.getRunName(), timeout, prot.getLogPaths()[0]))
+    if not prot.isFinished():
+        test.printLastLogLines(prot)
+        raise AssertionError("%s ended with status %s: %s" % (
+            prot.getRunName(), prot.getStatus(), prot.getErrorMessage()))
+    return prot
+
+
+class TestSort3DDepthRun(BaseTest):
+    """End to end: import -> sort (2 MPI ranks) -> outputs; then continue after an interruption."""
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        cls.folder = _data_folder("run")
+        cls.sqlite, cls.truth = _simulated_set(cls.folder)
+        cls.protImport = _import_particles(cls, cls.sqlite, "simulated particles")
+        cls.protMask = _import_mask(cls, _sphere_mask(os.path.join(cls.folder, "mask.mrc"),
+                                                      BOX, 20), "sphere mask")
+        cls.protSort = None
+        cls.sortError = None
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    @classmethod
+    def _sorted(cls):
+        """The finished sorting run (launched by the first test that needs it)."""
+        if cls.sortError:
+            raise AssertionError("the sorting run failed before: %s" % cls.sortError)
+        if cls.protSort is None:
+            from sort3ddepth.protocols import ProtSort3DDepth
+            prot = cls.newProtocol(ProtSort3DDepth, objLabel="sort3d depth 2 mpi",
+                                   imgPerGrp=N_PER_CLASS, depthOrder=1, seed=1, numberOfMpi=2)
+            prot.inputParticles.set(cls.protImport)
+            prot.inputParticles.setExtended("outputParticles")
+            prot.mask3D.set(cls.protMask)
+            prot.mask3D.setExtended("outputMask")
+            t0 = time.time()
+            try:
+                _launch_with_timeout(cls, prot)
+            except AssertionError as e:
+                cls.sortError = str(e)          # the later tests fail at once, not re-run it
+                raise
+            print("sort3d depth protocol run: %.1f s" % (time.time() - t0))
+            cls.protSort = prot
+        return cls.protSort
+
+    def test_imported_input(self):
+        parts = self.protImport.outputParticles
+        self.assertEqual(parts.getSize(), 3 * N_PER_CLASS)
+        self.assertTrue(parts.hasCTF())
+        self.assertTrue(parts.hasAlignmentProj())
+        self.assertEqual(parts.getXDim(), BOX)
+
+    def test_run_and_outputs(self):
+        prot = self._sorted()
+        inputParts = self.protImport.outputParticles
+        n = inputParts.getSize()
+
+        # the engine ran under mpirun with 2 ranks
+        with open(prot._getExtraPath("sort3d", "log.txt")) as f:
+            log = f.read()
+        self.assertIn("2 MPI rank(s)", log)
+        with open(prot._getExtraPath("sort3d", "summary.json")) as f:
+            summary = json.load(f)
+        self.assertIn("mask3D", open(prot._getExtraPath("sort3d", "command.txt")).read())
+
+        classes = prot.outputClasses
+        self.assertEqual(classes.getSize(), len(summary["clusters"]))
+        self.assertGreaterEqual(classes.getSize(), 3)  # >= 2 clusters + the unaccounted set
+        sizes = {cls.getObjId(): cls.getSize() for cls in classes}
+        self.assertEqual(sum(sizes.values()), n, "class sizes must add up to the input")
+        for c in summary["clusters"]:
+            self.assertEqual(sizes[c["id"] + 1], c["size"])
+
+        # the unaccounted set is the last class, labelled so
+        last_id = max(sizes)
+        seen_ids = set()
+        purities, majority = [], []
+        for cls in classes.iterItems(orderBy="id"):
+            cid = cls.getObjId()
+            entry = summary["clusters"][cid - 1]
+            unaccounted = cid == last_id
+            self.assertEqual(bool(cls._sort3d_unaccounted.get()), unaccounted)
+            self.assertEqual(cls.getObjLabel(),
+                             "unaccounted" if unaccounted else "cluster %03d" % (cid - 1))
+            self.assertEqual(cls._sort3d_generation.get(), entry["generation"])
+            rep = cls.getRepresentative()
+            if entry.get("map"):
+                self.assertTrue(os.path.exists(rep.getFileName()), rep.getFileName())
+                self.assertAlmostEqual(rep.getSamplingRate(), PIXEL_SIZE, places=4)
+            true = []
+            for p in cls.iterItems():
+                self.assertEqual(p._sort3d_cluster.get(), cid - 1)
+                self.assertEqual(p._sort3d_generation.get(), entry["generation"])
+                self.assertTrue(p.hasCTF() and p.hasTransform())
+                true.append(p._rlnClassNumber.get())
+                seen_ids.add(p.getObjId())
+            counts = np.bincount(true, minlength=4)[1:]
+            if not unaccounted:
+                purities.append(counts.max() / counts.sum())
+                majority.append(int(counts.argmax()))
+                print("class %d: %d particles, true classes %s" % (cid, cls.getSize(), counts))
+        self.assertEqual(len(seen_ids), n)
+        self.assertTrue(summary["clusters"][-1]["unaccounted"])
+
+        # purity against the true labels: a wrong angle/origin convention gives mixed clusters
+        pure = {m for m, p in zip(majority, purities) if p >= 0.9}
+        self.assertGreaterEqual(len(pure), 2, "purities %s, majorities %s"
+                                % (purities, majority))
+        self.assertGreaterEqual(np.mean(purities), 0.85)
+
+        # volumes: one per map, sampling rate and size set
+        vols = prot.outputVolumes
+        n_maps = sum(1 for c in summary["clusters"] if c.get("map"))
+        self.assertEqual(vols.getSize(), n_maps)
+        self.assertAlmostEqual(vols.getSamplingRate(), PIXEL_SIZE, places=4)
+        for v in vols:
+            self.assertAlmostEqual(v.getSamplingRate(), PIXEL_SIZE, places=4)
+            self.assertEqual(tuple(v.getDim()), (BOX, BOX, BOX))
+            with mrcfile.open(v.getFileName(), permissive=True) as m:
+                self.assertAlmostEqual(float(m.voxel_size.x), PIXEL_SIZE, places=3)
+                self.assertEqual(m.data.shape, (BOX, BOX, BOX))
+
+        # info functions
+        self.assertTrue(any("stable cluster" in s for s in prot.summary()))
+        self.assertTrue(prot.methods())
+        self.assertEqual(set(prot.getCitations()), {"Huang2019sort3d", "Moriya2017"})
+
+    def _continue(self, prot, unfinished):
+        """Mark the given steps unfinished (as an interruption leaves them) and continue."""
+        from pyworkflow.protocol.constants import MODE_RESUME, STATUS_FAILED
+        from pyworkflow.protocol.protocol import StepSet
+        steps = StepSet(filename=prot.getStepsFile())
+        marked = [step.clone() for step in steps if step.funcName.get() in unfinished]
+        self.assertEqual(len(marked), len(unfinished))
+        for step in marked:            # not while iterating: an update ends the iteration
+            step.setStatus(STATUS_FAILED)
+            steps.update(step)
+        steps.write()
+        steps.close()
+        with open(prot.getLogPaths()[0]) as f:
+            offset = len(f.read())
+        prot.runMode.set(MODE_RESUME)
+        t0 = time.time()
+        _launch_with_timeout(self, prot)
+        self.assertTrue(prot.isFinished())
+        with open(prot.getLogPaths()[0]) as f:
+            log = f.read()[offset:]
+        return prot, log, time.time() - t0
+
+    def test_zz_a_continue_skips_finished_work(self):
+        """Continue after an interruption that left every step unfinished but the results of
+        the conversion and the sorting on disk: neither is redone."""
+        prot = self._sorted()
+        summary_file = prot._getExtraPath("sort3d", "summary.json")
+        star = prot._getExtraPath("particles.star")
+        before = (os.path.getmtime(summary_file), os.path.getmtime(star))
+        prot, log, elapsed = self._continue(
+            prot, ("convertInputStep", "runSortStep", "createOutputStep"))
+        self.assertIn("Input already converted", log)
+        self.assertIn("The sorting has finished before", log)
+        self.assertNotIn("Running command", log)
+        self.assertEqual(before, (os.path.getmtime(summary_file), os.path.getmtime(star)))
+        with open(summary_file) as f:
+            self.assertEqual(prot.outputClasses.getSize(), len(json.load(f)["clusters"]))
+        print("continue without work took %.1f s" % elapsed)
+
+    def test_zz_b_continue_after_interrupted_sorting(self):
+        """The sorting was killed half-way (its folder has log.txt but no summary.json): continue
+        keeps the converted input, clears the partial folder and sorts again."""
+        prot = self._sorted()
+        sort_dir = prot._getExtraPath("sort3d")
+        star = prot._getExtraPath("particles.star")
+        star_time = os.path.getmtime(star)
+        os.remove(os.path.join(sort_dir, "summary.json"))
+        for fn in os.listdir(sort_dir):
+            if fn.startswith("vol_cluster"):
+                os.remove(os.path.join(sort_dir, fn))
+        prot, log, elapsed = self._continue(prot, ("runSortStep", "createOutputStep"))
+        self.assertIn("Removing the unfinished sorting output", log)
+        self.assertIn("Running command", log)
+        self.assertEqual(star_time, os.path.getmtime(star))
+        with open(os.path.join(sort_dir, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(prot.outputClasses.getSize(), len(summary["clusters"]))
+        self.assertEqual(sum(c.getSize() for c in prot.outputClasses), 3 * N_PER_CLASS)
+        print("continue with a new sorting took %.1f s" % elapsed)
+
+
+class TestSort3DDepthValidate(BaseTest):
+    """Each bad input gives a readable message before anything runs."""
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        cls.folder = _data_folder("validate")
+        cls.sqlite, _ = _simulated_set(cls.folder, n_per_class=20)
+        cls.protImport = _import_particles(cls, cls.sqlite, "small set")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    def _prot(self, parts=None, **kwargs):
+        from sort3ddepth.protocols import ProtSort3DDepth
+        prot = self.newProtocol(ProtSort3DDepth, **kwargs)
+        if parts is None:
+            prot.inputParticles.set(self.protImport)
+            prot.inputParticles.setExtended("outputParticles")
+        else:
+            prot.inputParticles.set(parts)
+        return prot
+
+    def _modified_set(self, name, alignment=None, ctf=True):
+        """A copy of the small set without alignment and/or CTF (a set object, not imported)."""
+        from pwem.constants import ALIGN_NONE
+        from pwem.objects import SetOfParticles
+        fn = os.path.join(self.folder, name + ".sqlite")
+        shutil.copy(self.sqlite, fn)
+        parts = SetOfParticles(filename=fn)
+        parts.loadAllProperties()
+        if alignment is not None:
+            parts.setAlignment(ALIGN_NONE)
+        if not ctf:
+            parts.setHasCTF(False)
+        parts.write()
+        return parts
+
+    def test_good_input_is_valid(self):
+        self.assertEqual(self._prot(imgPerGrp=20).validate(), [])
+
+    def test_no_alignment(self):
+        errors = self._prot(self._modified_set("noalign", alignment="none"), imgPerGrp=20
+                            ).validate()
+        self.assertTrue(any("no 3D alignment" in e for e in errors), errors)
+
+    def test_no_ctf(self):
+        errors = self._prot(self._modified_set("noctf", ctf=False), imgPerGrp=20).validate()
+        self.assertTrue(any("have no CTF" in e for e in errors), errors)
+        self.assertFalse(any("3D alignment" in e for e in errors), errors)
+
+    def test_radius_too_large(self):
+        errors = self._prot(radius=BOX // 2).validate()
+        self.assertIn("Estimated particle radius 24 px is too large for 48 px images: it must be "
+                      "smaller than half the box (at most 23 px).", errors)
+        self.assertEqual(self._prot(radius=BOX // 2 - 1).validate(), [])
+
+    def test_group_size_larger_than_the_set(self):
+        errors = self._prot(imgPerGrp=100).validate()
+        self.assertIn("Number of images per group (100) is larger than the number of input "
+                      "particles (60).", errors)
+        errors = self._prot(imgPerGrp=40).validate()
+        self.assertTrue(any("fewer than 2 groups" in e for e in errors), errors)
+
+    def test_bad_symmetry(self):
+        errors = self._prot(symmetry="x7").validate()
+        self.assertTrue(any(e.startswith("Point-group symmetry 'x7'") for e in errors), errors)
+
+    def test_meridien_folder_missing(self):
+        from sort3ddepth.protocols.protocol_sort3d_depth import (INPUT_MERIDIEN,
+                                                                 MERIDIEN_NOT_AVAILABLE)
+        missing = os.path.join(self.folder, "no_such_meridien_run")
+        errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir=missing).validate()
+        self.assertIn("Meridien refinement directory %s does not exist." % missing, errors)
+        self.assertIn(MERIDIEN_NOT_AVAILABLE, errors)
+        errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="").validate()
+        self.assertIn("Meridien refinement directory: no folder given.", errors)
+
+    def test_meridien_not_available(self):
+        from sort3ddepth.protocols.protocol_sort3d_depth import (INPUT_MERIDIEN,
+                                                                 MERIDIEN_NOT_AVAILABLE)
+        errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder).validate()
+        self.assertEqual(errors, [MERIDIEN_NOT_AVAILABLE])
+        self.assertIn("not available in this version", MERIDIEN_NOT_AVAILABLE)
+
+    def test_mask_of_another_size(self):
+        protMask = _import_mask(self, _sphere_mask(os.path.join(self.folder, "m32.mrc"), 32, 10),
+                                "32 px mask")
+        prot = self._prot(imgPerGrp=20)
+        prot.focus.set(protMask)
+        prot.focus.setExtended("outputMask")
+        errors = prot.validate()
+        self.assertTrue(any(e.startswith("Focus 3D mask") and "32x32x32" in e
+                            and "must be 48 x 48 x 48" in e for e in errors), errors)
+
+    def test_warnings(self):
+        text = " ".join(self._prot(imgPerGrp=-1, numberOfMpi=1).warnings())
+        self.assertIn("single process", text)
+        self.assertIn("search mode", text)
+        self.assertIn("Only 60 particles", text)
+
+    def test_engine_arguments(self):
+        """Reversed questions become the engine's --not_... flags."""
+        prot = self._prot(imgPerGrp=20, doUnaccounted=False, useBackgroundNoise=False,
+                          freezeGroups=False, useUmat=True, seed=7)
+        args = prot._engineArguments().split()
+        for flag in ("--not_include_unaccounted", "--notapplybckgnoise", "--not_freeze_groups",
+                     "--use_umat"):
+            self.assertIn(flag, args)
+        self.assertEqual(args[args.index("--seed") + 1], "7")
+        args = self._prot(imgPerGrp=20)._engineArguments().split()
+        for flag in ("--not_include_unaccounted", "--notapplybckgnoise", "--not_freeze_groups",
+                     "--use_umat", "--seed", "--mask3D", "--focus"):
+            self.assertNotIn(flag, args)
+        # every option is one the engine's command line knows
+        from sort3ddepth.engine.cli import build_parser
+        known = {s for a in build_parser()._actions for s in a.option_strings}
+        self.assertTrue({a for a in args if a.startswith("--")} <= known)
+
+
+class TestSort3DDepthForm(BaseTest):
+    """The protocol form in a real Tk window on a virtual X display."""
+
+    DISPLAY = ":97"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.xvfb = None
+        if shutil.which("Xvfb") is None:
+            return
+        setupTestProject(cls)
+        cls.xvfb = subprocess.Popen(["Xvfb", cls.DISPLAY, "-screen", "0", "1280x1024x24",
+                                     "-nolisten", "tcp"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        cls.old_display = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = cls.DISPLAY
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.xvfb is not None:
+            cls.xvfb.terminate()
+            cls.xvfb.wait(10)
+            if cls.old_display is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = cls.old_display
+
+    def setUp(self):
+        if self.xvfb is None:
+            self.skipTest("Xvfb is not installed (apt-get install xvfb): the GUI form test "
+                          "needs a virtual X display")
+        if self.xvfb.poll() is not None:
+            self.skipTest("Xvfb did not start on display %s" % self.DISPLAY)
+
+    def _open_form(self, prot):
+        import pyworkflow.gui.project  # noqa: F401  (import before gui.form: circular imports)
+        from pyworkflow.gui.form import FormWindow
+        w = FormWindow("Protocol Run: ProtSort3DDepth", prot, lambda *a: None)
+        w.adjustSize()
+        w.root.deiconify()
+        t0 = time.time()
+        while time.time() - t0 < 0.8:
+            w.root.update()
+            time.sleep(0.02)
+        return w
+
+    def test_form_opens_with_positive_questions(self):
+        from pyworkflow.protocol.constants import LEVEL_ADVANCED
+        from sort3ddepth.protocols import ProtSort3DDepth
+        from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
+        prot = self.newProtocol(ProtSort3DDepth)
+        prot.expertLevel.set(LEVEL_ADVANCED)
+        w = self._open_form(prot)
+        try:
+            widgets = w.widgetDict
+
+            def label(name):
+                return widgets[name].label.cget("text")
+
+            def shown(name):
+                return widgets[name].label.winfo_manager() == "grid"
+
+            expected = {"doUnaccounted": "Do unaccounted reconstruction",
+                        "useBackgroundNoise": "Use background noise",
+                        "freezeGroups": "Freeze groups"}
+            for name, text in expected.items():
+                self.assertEqual(label(name), text)
+                self.assertTrue(shown(name), name)
+                # asked in the positive: 'Yes' by default
+                self.assertTrue(getattr(prot, name).get())
+            all_labels = " ".join(label(n) for n in widgets if hasattr(widgets[n], "label"))
+            self.assertNotIn("not_", all_labels)
+            # the input chooser shows only what applies
+            self.assertTrue(shown("inputParticles"))
+            self.assertFalse(shown("refinementDir"))
+            self.assertFalse(shown("nsmear"))
+            self.assertTrue(shown("mask3D") and shown("focus"))
+            self.assertIn("numberOfMpi", widgets)
+            widgets["inputType"].set(INPUT_MERIDIEN)
+            w.root.update()
+            self.assertTrue(shown("refinementDir"))
+            self.assertFalse(shown("inputParticles"))
+            self.assertFalse(shown("nxinit"))
+            w.root.update()
+            self.assertTrue(w.root.winfo_viewable())
+            self.assertGreater(w.root.winfo_width(), 300)
+        finally:
+            w.root.destroy()
+
+
+def test_protocol_in_the_gui_tree():
+    """protocols.conf puts the protocol under Protocols SPA > 3D > Classify."""
+    import pwem
+    import pyworkflow
+    import pyworkflow.gui.project  # noqa: F401  (import order of pyworkflow.gui)
+    from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
+    trees = ProtocolTreeConfig.load(pyworkflow.Config.getDomain(),
+                                    os.path.join(os.path.dirname(pwem.__file__),
+                                                 "protocols.conf"))
+    found = []
+    for section in trees["Protocols SPA"].childs:
+        for group in section.childs:
+            for item in group.childs:
+                if str(item.value) == "ProtSort3DDepth":
+                    found.append((str(section.text), str(group.text)))
+    assert found == [("3D", "Classify")]
+
+
+def test_batch_script_example():
+    """examples/batch_sort3d_depth.py (README): project, import from STAR, MPI run, sizes."""
+    import re
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                          "batch_sort3d_depth.py")
+    name = "batch_%s" % uuid.uuid4().hex[:8]
+    import psutil
+    proc = subprocess.Popen([sys.executable, script, "--demo", "--n_per_class", "250",
+                             "--img_per_grp", "250", "--depth_order", "1", "--seed", "1",
+                             "--mpi", "2", "--project", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate(timeout=SORT_TIMEOUT + 60)
+    except subprocess.TimeoutExpired:
+        # the whole tree: the script, the protocol run, mpirun and the engine ranks
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate()
+        raise AssertionError("the batch script did not finish in %.0f s: %s"
+                             % (SORT_TIMEOUT + 60, out[-2000:]))
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "sorted in" in out and "with 2 MPI processes" in out, out
+    sizes = [int(m.group(1)) for m in re.finditer(r"^\d+\s+(?:cluster \d+|unaccounted)\s+(\d+)",
+                                                  out, re.M)]
+    assert len(sizes) >= 2, out
+    assert sum(sizes) == 750, out
+    assert "total 750 of 750 particles in %d classes" % len(sizes) in out, out
