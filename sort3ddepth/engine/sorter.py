@@ -37,12 +37,13 @@ def _group_size_settings(opts, n):
 
 def final_maps(particles, clusters, comm, rng, sym, log):
     """Full-size maps of each index set: exact shifts, CTF, Wiener-filtered with the set's own
-    half-map FSC. Returns maps and the FSC-0.143 resolution (Å) of each set."""
+    half-map FSC. Returns maps, the FSC-0.143 resolution (Å) and the half-map FSC curve of each
+    set."""
     box, apix = particles.box, particles.pixel_size
     pad = 2 if box <= 160 else 1
     sl = comm.local_slice(len(particles))
     idx = np.arange(len(particles))[sl]
-    maps, res = [], []
+    maps, res, curves = [], [], []
     halves = rng.integers(0, 2, len(particles))
     radius = box // 2 - 2
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
@@ -66,10 +67,25 @@ def final_maps(particles, clusters, comm, rng, sym, log):
             full = np.clip(2 * curve / (1 + np.abs(curve)), 0.0, 0.999)
             shell = resolution_shell(curve, 0.143)
             res.append(box * apix / max(shell, 1))
+            curves.append(curve)
             m = reconstruct(data[2 * j] + data[2 * j + 1], w[2 * j] + w[2 * j + 1], box,
                             fsc=full, symmetry=sym)[0]
             maps.append(m * soft_sphere_mask(box, box // 2 - 2, edge=2))
-    return maps, res
+    return maps, res, curves
+
+
+def _box_stats(x):
+    """Five-number summary (Tukey whiskers at 1.5 IQR) for box plots drawn from the summary."""
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    inside = x[(x >= lo) & (x <= hi)]
+    return {"whislo": float(inside.min()), "q1": float(q1), "med": float(med),
+            "q3": float(q3), "whishi": float(inside.max()), "mean": float(x.mean()),
+            "min": float(x.min()), "max": float(x.max())}
 
 
 def _anova_lines(particles, clusters, names):
@@ -86,10 +102,12 @@ def _anova_lines(particles, clusters, names):
     if particles.norm is not None and np.ptp(particles.norm) > 0:
         variables["norm"] = {k: particles.norm[lab == k] for k in range(len(clusters))}
     for var, groups in variables.items():
-        res = anova.one_way_anova({names[k]: v for k, v in groups.items()})
+        named = {names[k]: v for k, v in groups.items()}
+        res = anova.one_way_anova(named)
         lines += anova.format_anova(var, res)
-        tables[var] = {"F": res.F, "p": res.p,
-                       "groups": [{"name": g.name, "n": g.n, "mean": g.mean, "std": g.std}
+        tables[var] = {"F": res.F, "p": res.p, "reason": res.reason,
+                       "groups": [{"name": g.name, "n": g.n, "mean": g.mean, "std": g.std,
+                                   "box": _box_stats(named[g.name])}
                                   for g in res.groups],
                        "pairs": [{"a": p.a, "b": p.b, "F": p.F, "p": p.p} for p in res.pairs]}
     return lines, tables
@@ -158,7 +176,7 @@ def run_sorting(particles, opts, comm, out_dir, log):
         opts.num_core_set if opts.num_core_set > 0 else max(100, MIN_CLUSTER_SIZE))
     if core_ok:
         sets.append(unaccounted)
-    vols, res = final_maps(particles, sets, comm, np.random.default_rng(opts.seed + 1),
+    vols, res, curves = final_maps(particles, sets, comm, np.random.default_rng(opts.seed + 1),
                            sym if sym.order > 1 else None, log)
     log(f"final maps done in {time.time() - t:.1f} s")
     names = [f"Cluster_{i:03d}" for i in range(len(final_clusters))]
@@ -169,28 +187,35 @@ def run_sorting(particles, opts, comm, out_dir, log):
         "n_particles": n, "box": particles.box, "pixel_size": particles.pixel_size,
         "sorting_size": data.nx, "seed": opts.seed, "mode": "search" if search else (
             "freeze" if frozen else "general"),
-        "generations": [{"generation": g["generation"], "n_images": g["n_images"],
-                         "cluster_sizes": [len(c) for c in g["clusters"]],
-                         "n_unaccounted": len(g["unaccounted"]), "stats": g["stats"],
-                         "seconds": round(g["seconds"], 1)} for g in generations],
+        "generations": [],
         "clusters": [], "anova": anova_tables, "wall_seconds": None,
+        # FSC curves: shell i (0..box/2) is at spatial frequency i / (box * pixel_size) 1/Å
     }
     if comm.is_root:
         apix = particles.pixel_size
         first = 0       # index of the generation's first cluster among the final ones
         for gi, g in enumerate(generations):
             gdir = out_dir / f"generation_{gi:03d}"
+            entries = []
             for j, c in enumerate(g["clusters"]):
                 output.write_selection(gdir / f"Cluster_{j:03d}.txt", c)
                 output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[first + j], apix)
-            lines, _ = _anova_lines(particles, list(g["clusters"]),
-                                    [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))])
+                entries.append({"file": f"{gdir.name}/Cluster_{j:03d}.txt",
+                                "map": f"{gdir.name}/vol_cluster{j:03d}.mrc", "size": int(len(c)),
+                                "final_id": first + j, **g["stats"][j]})
+            lines, tables = _anova_lines(particles, list(g["clusters"]),
+                                         [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))])
             output.write_text(gdir / "anova.txt", "\n".join(lines) + "\n")
             first += len(g["clusters"])
             if opts.include_unaccounted and len(g["unaccounted"]):
                 output.write_selection(gdir / f"Cluster_{len(g['clusters']):03d}.txt",
                                        g["unaccounted"])
             output.write_selection(gdir / "Core_set.txt", g["unaccounted"])
+            summary["generations"].append({
+                "generation": g["generation"], "n_images": g["n_images"],
+                "cluster_sizes": [len(c) for c in g["clusters"]], "clusters": entries,
+                "n_unaccounted": len(g["unaccounted"]), "core_set": f"{gdir.name}/Core_set.txt",
+                "stats": g["stats"], "anova": tables, "seconds": round(g["seconds"], 1)})
         export = particles.source.get("particles_table") is not None
         for i, c in enumerate(final_clusters):
             output.write_selection(out_dir / f"Cluster_{i:03d}.txt", c)
@@ -200,7 +225,8 @@ def run_sorting(particles, opts, comm, out_dir, log):
             summary["clusters"].append({
                 "id": i, "file": f"Cluster_{i:03d}.txt", "map": f"vol_cluster{i:03d}.mrc",
                 "size": int(len(c)), "generation": gen_of[i], "unaccounted": False,
-                "resolution_A": round(float(res[i]), 2), **final_stats[i]})
+                "resolution_A": round(float(res[i]), 2),
+                "fsc": [round(float(v), 4) for v in curves[i]], **final_stats[i]})
         nf = len(final_clusters)
         if opts.include_unaccounted and len(unaccounted):
             output.write_selection(out_dir / f"Cluster_{nf:03d}.txt", unaccounted)
@@ -212,6 +238,7 @@ def run_sorting(particles, opts, comm, out_dir, log):
             if core_ok:
                 entry["map"] = "volume_core.mrc"
                 entry["resolution_A"] = round(float(res[-1]), 2)
+                entry["fsc"] = [round(float(v), 4) for v in curves[-1]]
             summary["clusters"].append(entry)
         output.write_selection(out_dir / "Core_set.txt", unaccounted)
         if core_ok:
