@@ -1,0 +1,834 @@
+"""Read a finished SPHIRE meridien 3D refinement folder (``--refinement_dir``).
+
+What is read (``R`` = the refinement folder, ``s`` = the chosen iteration, ``###`` = 3 digits)
+-----------------------------------------------------------------------------------------------
+* Iteration choice: ``niter_for_sorting=-1`` scans ``R/main000, main001, ...`` as long as both the
+  folder and its ``Tracker_###.json`` exist, reads the LAST one and sorts at its
+  ``constants.best`` (the iteration with the best resolution); a value >= 1 is used as is.
+* ``R/main s/Tracker_s.json``: ``constants.nnxo``, ``constants.pixel_size``, ``constants.radius``,
+  ``delta`` (angular step, degrees), ``avgvaradj`` (average norm per half set) are required;
+  ``constants.stack``, ``constants.sym``/``constants.symmetry`` (default c1),
+  ``constants.mask3D``, ``nxinit``, ``ts``, ``xr``, ``bestres`` are optional.
+* ``R/main000/indexes_000.txt``: the particle ids, one a line. A particle id is the 0-based
+  position of the particle in the particle stack. The ids need not be 0..N-1 nor sorted.
+* ``R/main s/params_s.txt``: one row per particle, row k belongs to particle ``indexes[k]``
+  (meridien writes indexes 0..N-1, so this is also "ordered by particle id"), 8 columns
+  ``phi theta psi sx sy prob norm*qt norm``; column 7 (0-based) is the particle's norm.
+* ``R/main (s-1)/params_(s-1).txt``: the previous iteration's shifts (columns 3, 4), the origin of
+  meridien's smear shift grid (rounded, see below).
+* ``R/main000/chunk_0_000.txt``, ``chunk_1_000.txt``: the particle ids of the two half sets;
+  ``particle_groups_0.txt``, ``particle_groups_1.txt``: the particle (noise) group of each particle
+  of that chunk, in chunk order.
+* ``R/main s/driver_s.txt``: the refinement FSC per Fourier shell (first column).
+* Background noise: EMAN2's ``bckgnoise.hdf`` cannot be read here (no EMAN2/HDF5 in the engine).
+  We read ``bckgnoise.mrc`` (a 2D image: x = radial Fourier index, y = particle group) or
+  ``bckgnoise.txt`` (one row per particle group) from ``R/main s/``, or from the newest earlier
+  iteration that has one, as SPHIRE does. Convert with e.g.
+  ``e2proc2d.py main###/bckgnoise.hdf main###/bckgnoise.mrc``. Negative values are set to 0.
+* Smears: ``R/main s/refang.txt`` (``phi theta psi0`` per direction index), ``rshifts.txt``
+  (``sx sy`` in original pixels per shift index) and the per-meridien-rank JSON files
+  ``R/main s/oldparamstructure/oldparamstructure_<chunk>_<rank:03d>_<s:03d>.json`` (ranks probed
+  from 000 until a file is missing; their lists concatenated in rank order cover the chunk list
+  in order). Each JSON entry is ``[local_index, [..], [[hash, prob], ...]]`` with
+  ``hash = iang*10**8 + ipsi*1000 + ishift``.
+
+The particle images and the CTF
+-------------------------------
+SPHIRE keeps images and CTF in an EMAN2 stack (``bdb:`` or ``.hdf``) named by
+``constants.stack``. We read neither, so we need a RELION STAR file with the same particles in the
+same order (STAR row p = particle id p) carrying the images (MRC stacks) and the CTF. It is found
+by the first rule that gives an existing file:
+
+1. the ``stack`` argument (the user's ``--instack`` given with ``--refinement_dir``);
+2. ``constants.stack`` itself when it names a ``.star`` file;
+3. ``constants.stack`` with its extension replaced by ``.star`` (``bdb:DIR#NAME`` and
+   ``bdb:DIR/NAME`` become ``DIR/NAME.star``; ``X.hdf``/``X.mrcs``/``X.mrc`` become ``X.star``);
+4. ``R/particles.star``.
+
+Relative paths are tried from the parent of ``R`` (as SPHIRE does), then ``R``, then the working
+directory. An MRC stack alone carries no CTF, so it is not enough. The STAR's own angles and
+shifts are ignored: meridien's parameters replace them.
+
+Conventions (proved in tests/test_meridien.py)
+----------------------------------------------
+* Euler angles: SPHIRE's ``(phi, theta, psi)`` are SPIDER ZYZ angles (EMAN2
+  ``Transform({"type": "spider"})``), whose rotation matrix
+  ``R = Rz(psi) Ry(theta) Rz(phi)`` (frame rotations, the SPIDER manual's matrix) is exactly our
+  RELION matrix of geometry.euler_to_matrix with ``rot = phi, tilt = theta, psi = psi``. The angles
+  are therefore copied unchanged into ``ParticleSet.angles``; no transformation is needed.
+* Shifts: SPHIRE's ``(sx, sy)`` = ``(-tx, -ty)`` of the EMAN2 transform is the shift that
+  re-centres the particle (the image is centred by shifting it by ``+(sx, sy)``), which is the
+  sense of RELION's ``rlnOriginX/Y``: ``ParticleSet.shifts = (sx, sy)`` in pixels, same sign.
+* A smear entry ``(hash, prob)`` of a particle means: direction ``refang[iang]`` with in-plane
+  angle ``psi0 + ipsi*delta`` and the re-centring shift
+  ``round(previous shift) + rshifts[ishift]`` (pixels of the original images; meridien first
+  cyclically shifts each image by its previous shifts rounded half away from zero, then by the
+  grid shift), weighted by ``prob`` (renormalised to sum to 1 per particle).
+
+Every missing or malformed file raises ``ParticleDataError`` naming the file (and line/key).
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mrcfile
+import numpy as np
+
+from .geometry import euler_to_matrix
+from .particles import ParticleDataError, ParticleSet
+
+__all__ = ['MeridienRefinement', 'SmearSet', 'read_meridien', 'read_smears', 'choose_iteration',
+           'smearing_statistics', 'check_smearing', 'hash_smear', 'unhash_smear',
+           'round_half_away']
+
+HASH_ANGLE = 100000000
+HASH_PSI = 1000
+
+
+def hash_smear(iang, ipsi, ishift):
+    """meridien's orientation hash ``iang*10**8 + ipsi*1000 + ishift`` (ints or int arrays)."""
+    return (np.asarray(iang, np.int64) * HASH_ANGLE + np.asarray(ipsi, np.int64) * HASH_PSI
+            + np.asarray(ishift, np.int64))
+
+
+def unhash_smear(h):
+    """(iang, ipsi, ishift) from meridien hashes."""
+    h = np.asarray(h, np.int64)
+    return h // HASH_ANGLE, (h // HASH_PSI) % (HASH_ANGLE // HASH_PSI), h % HASH_PSI
+
+
+def round_half_away(x):
+    """Round half away from zero (Python 2 ``round``, used by meridien for the integer pre-shift)."""
+    x = np.asarray(x, np.float64)
+    return np.trunc(x + np.copysign(0.5, x))
+
+
+def _err(path, msg):
+    return ParticleDataError(' '.join(('%s: %s' % (path, msg)).split()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Smear entries
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class SmearSet:
+    """Smear entries of N particles as flat arrays, the entries of one particle contiguous.
+
+    Entries of particle i are ``offsets[i]:offsets[i+1]``, sorted by decreasing weight; ``parent``
+    repeats i over them. ``rotation`` (E, 3, 3) RELION-convention matrices, ``shift`` (E, 2) the
+    total re-centring shift in pixels of the original images (RELION origin sense),
+    ``weight`` (E,) probabilities summing to 1 per particle, ``iang``/``ipsi``/``ishift`` the
+    meridien indices (entries with the same particle, iang and ipsi share one orientation).
+    """
+    offsets: np.ndarray
+    parent: np.ndarray
+    rotation: np.ndarray
+    shift: np.ndarray
+    weight: np.ndarray
+    iang: np.ndarray
+    ipsi: np.ndarray
+    ishift: np.ndarray
+
+    @property
+    def n_particles(self):
+        return len(self.offsets) - 1
+
+    @property
+    def n_entries(self):
+        return len(self.parent)
+
+    def counts(self):
+        """(N,) number of entries per particle."""
+        return np.diff(self.offsets)
+
+    def n_orientations(self):
+        """(N,) number of distinct (direction, in-plane angle) orientations per particle."""
+        key = self.iang * (HASH_ANGLE // HASH_PSI) + self.ipsi
+        both = np.unique(np.stack([self.parent, key], 1), axis=0)
+        return np.bincount(both[:, 0], minlength=self.n_particles)
+
+    def _take(self, idx, offsets):
+        idx = np.asarray(idx, np.int64)
+        return SmearSet(offsets, self.parent[idx], self.rotation[idx], self.shift[idx],
+                        self.weight[idx], self.iang[idx], self.ipsi[idx], self.ishift[idx])
+
+    def truncate(self, nsmear):
+        """Keep the ``nsmear`` most probable entries of each particle (weights renormalised to
+        sum to 1); ``nsmear = -1`` (or any value <= 0 other than 0) keeps all. 0 is an error."""
+        nsmear = int(nsmear)
+        if nsmear == 0:
+            raise ValueError('nsmear must be -1 (all) or >= 1, got 0')
+        if nsmear < 0:
+            return self
+        cnt = np.minimum(self.counts(), nsmear)
+        rank = np.arange(self.n_entries) - np.repeat(self.offsets[:-1], self.counts())
+        keep = np.flatnonzero(rank < nsmear)
+        offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
+        out = self._take(keep, offsets)
+        total = np.add.reduceat(out.weight, offsets[:-1]) if out.n_entries else np.zeros(0)
+        out.weight = out.weight / np.repeat(total, cnt)
+        return out
+
+    def subset(self, idx):
+        """The smears of the selected particles (in that order), parents renumbered 0..len-1."""
+        idx = np.asarray(idx, np.int64)
+        cnt = self.counts()[idx]
+        offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
+        take = (np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+                if len(idx) else np.zeros(0, np.int64))
+        out = self._take(take, offsets)
+        out.parent = np.repeat(np.arange(len(idx), dtype=np.int64), cnt)
+        return out
+
+    @classmethod
+    def single(cls, rotations, shifts):
+        """One entry of weight 1 per particle (stack mode, or ``--nsmear 1`` without smears)."""
+        n = len(rotations)
+        z = np.zeros(n, np.int64)
+        return cls(np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64),
+                   np.asarray(rotations, np.float64), np.asarray(shifts, np.float64),
+                   np.ones(n), z, z.copy(), z.copy())
+
+
+def smearing_statistics(smears, image_size):
+    """What ``--check_smearing`` logs for one iteration: entries per particle and the memory that
+    precomputing one smeared slice per entry would take at ``image_size`` (complex64 half grid,
+    ``image_size * (image_size//2 + 1) * 8`` bytes each). ``orientations`` counts distinct
+    (direction, in-plane angle) per particle (slices if the shifts of one orientation are summed
+    first, as SPHIRE does); ``orientation_bytes`` is the memory for those."""
+    size = int(image_size)
+    per = size * (size // 2 + 1) * np.dtype(np.complex64).itemsize
+    counts = smears.counts()
+    orient = smears.n_orientations()
+    n = max(1, smears.n_particles)
+    return {'n_particles': smears.n_particles, 'n_entries': int(smears.n_entries),
+            'mean_per_particle': float(counts.sum() / n),
+            'max_per_particle': int(counts.max()) if len(counts) else 0,
+            'mean_orientations': float(orient.sum() / n),
+            'image_size': size, 'bytes': int(smears.n_entries) * per,
+            'orientation_bytes': int(orient.sum()) * per}
+
+
+# ------------------------------------------------------------------------------------------------
+# Small readers
+# ------------------------------------------------------------------------------------------------
+
+def _need(path, what):
+    if not os.path.isfile(path):
+        raise _err(path, 'missing %s' % what)
+    return path
+
+
+def _read_rows(path, what, min_cols=1, max_cols=None):
+    """Numeric rows of a whitespace-separated text file as a list of float lists (blank lines
+    skipped), each with at least ``min_cols`` values; errors name the file and the line."""
+    _need(path, what)
+    rows = []
+    try:
+        with open(path, 'r', encoding='utf-8', errors='replace') as f:
+            for lineno, line in enumerate(f, 1):
+                words = line.split()
+                if not words:
+                    continue
+                if len(words) < min_cols or (max_cols is not None and len(words) > max_cols):
+                    want = ('%d' % min_cols if max_cols == min_cols else
+                            'at least %d' % min_cols if max_cols is None else
+                            '%d to %d' % (min_cols, max_cols))
+                    raise _err(path, 'line %d has %d values, expected %s (%s)'
+                               % (lineno, len(words), want, what))
+                try:
+                    vals = [float(w) for w in words]
+                except ValueError:
+                    bad = next(w for w in words if not _is_float(w))
+                    raise _err(path, 'non-numeric value %r on line %d (%s)' % (bad, lineno, what)) \
+                        from None
+                if not all(np.isfinite(vals)):
+                    raise _err(path, 'non-finite value on line %d (%s)' % (lineno, what))
+                rows.append(vals)
+    except OSError as e:
+        raise _err(path, 'cannot read %s (%s)' % (what, e.strerror)) from None
+    if not rows:
+        raise _err(path, 'empty file (%s)' % what)
+    return rows
+
+
+def _is_float(w):
+    try:
+        float(w)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_matrix(path, what, ncols):
+    rows = _read_rows(path, what, ncols)
+    return np.array([r[:ncols] for r in rows], np.float64)
+
+
+def _read_ints(path, what, minimum=0):
+    """One integer per line (the first column); errors name the file and the line."""
+    rows = _read_rows(path, what, 1, 1)
+    vals = np.array([r[0] for r in rows], np.float64)
+    bad = (vals != np.round(vals)) | (vals < minimum)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise _err(path, 'value %r on data line %d is not an integer >= %d (%s)'
+                   % (rows[k][0], k + 1, minimum, what))
+    return vals.astype(np.int64)
+
+
+def _read_json(path, what):
+    _need(path, what)
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            return json.load(f)
+    except ValueError as e:
+        raise _err(path, 'malformed JSON (%s): %s' % (what, e)) from None
+    except OSError as e:
+        raise _err(path, 'cannot read %s (%s)' % (what, e.strerror)) from None
+
+
+def _main_dir(folder, it):
+    return os.path.join(folder, 'main%03d' % it)
+
+
+def _tracker_path(folder, it):
+    return os.path.join(_main_dir(folder, it), 'Tracker_%03d.json' % it)
+
+
+def _key(tracker, path, dotted, kind=float, required=True, default=None):
+    """tracker['a']['b'] for 'a.b' converted with ``kind``; errors name the json and the key."""
+    cur = tracker
+    for part in dotted.split('.'):
+        if not isinstance(cur, dict) or part not in cur:
+            if required:
+                raise _err(path, 'missing key %s' % dotted)
+            return default
+        cur = cur[part]
+    if cur is None and not required:
+        return default
+    try:
+        if kind is float:
+            v = float(cur)
+            if not np.isfinite(v):
+                raise ValueError
+            return v
+        if kind is int:
+            if isinstance(cur, bool) or float(cur) != int(float(cur)):
+                raise ValueError
+            return int(float(cur))
+        if kind is str:
+            if not isinstance(cur, str):
+                raise ValueError
+            return cur
+        return kind(cur)
+    except (TypeError, ValueError):
+        raise _err(path, 'bad value %r for key %s' % (cur, dotted)) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Iteration choice
+# ------------------------------------------------------------------------------------------------
+
+def _last_iteration(folder):
+    """The last k such that main000..main k all exist with their Tracker json (-1 if none)."""
+    last = -1
+    while (os.path.isdir(_main_dir(folder, last + 1))
+           and os.path.isfile(_tracker_path(folder, last + 1))):
+        last += 1
+    return last
+
+
+def choose_iteration(folder, niter_for_sorting=-1):
+    """(iteration to sort at, last iteration found). See the module docstring."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise _err(folder, 'meridien refinement folder does not exist')
+    last = _last_iteration(folder)
+    if last < 0:
+        raise _err(_tracker_path(folder, 0), 'missing meridien Tracker json: no main000/'
+                   'Tracker_000.json in the refinement folder')
+    it = int(niter_for_sorting)
+    if it == -1:
+        path = _tracker_path(folder, last)
+        tracker = _read_json(path, 'meridien Tracker json')
+        it = _key(tracker, path, 'constants.best', int)
+        if it < 1:
+            raise _err(path, 'constants.best is %d: the refinement has no finished iteration '
+                             'to sort at' % it)
+        if it > last:
+            raise _err(path, 'constants.best is %d but the last iteration present is main%03d'
+                       % (it, last))
+    elif it < 1:
+        raise ValueError('niter_for_sorting must be -1 (best) or >= 1, got %d' % it)
+    _need(_tracker_path(folder, it), 'meridien Tracker json of iteration %d' % it)
+    return it, last
+
+
+# ------------------------------------------------------------------------------------------------
+# The refinement
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class MeridienRefinement:
+    """Everything sorting needs from one meridien iteration (arrays follow ``particles`` rows,
+    i.e. the order of indexes_000.txt)."""
+    folder: str
+    iteration: int
+    last_iteration: int
+    tracker_path: str
+    tracker: dict
+    particles: ParticleSet          # angles, shifts, norm, group, half_set from meridien
+    particle_ids: np.ndarray        # (N,) ids from indexes_000.txt (= STAR rows of the stack)
+    params: np.ndarray              # (N, ncols) raw params_s.txt rows
+    previous_shifts: np.ndarray     # (N, 2) params_(s-1) shifts, pixels
+    avgnorm: np.ndarray             # (2,) avgvaradj: average norm per half set
+    fsc: np.ndarray                 # driver FSC per shell
+    bckgnoise: Optional[np.ndarray]  # (n_groups, n_radial) inverse noise power, or None
+    bckgnoise_path: Optional[str]
+    refang: np.ndarray              # (A, 3)
+    rshifts: np.ndarray             # (S, 2)
+    smears: SmearSet
+    smear_counts: np.ndarray        # (N,) entries per particle before any nsmear truncation
+    radius: int                     # pixels at nnxo (user's value if given)
+    symmetry: str
+    mask3d: Optional[str]
+    pixel_size: float
+    nnxo: int
+    nxinit: int
+    delta: float
+    ts: Optional[float] = None
+    xr: Optional[float] = None
+    bestres: Optional[float] = None
+    stack_path: str = ''
+    info: dict = field(default_factory=dict)
+
+    @property
+    def integer_shifts(self):
+        """(N, 2) the previous shifts rounded half away from zero (meridien's cyclic pre-shift)."""
+        return round_half_away(self.previous_shifts)
+
+    @property
+    def norm_factors(self):
+        """(N,) avgnorm[half set] / norm: meridien's per-image scale (comparison images and
+        smeared insertions)."""
+        p = self.particles
+        return self.avgnorm[p.half_set] / p.norm
+
+    def fsc_index(self, level):
+        """First shell index with FSC < level, minus 1 (SPHIRE's fsc05/fsc143)."""
+        below = np.flatnonzero(self.fsc < level)
+        return int(below[0]) - 1 if len(below) else len(self.fsc) - 1
+
+
+def _resolve(path, bases):
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return path if os.path.isfile(path) else None
+    for b in bases:
+        cand = os.path.normpath(os.path.join(b, path))
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def _star_candidates(stack):
+    """STAR names derived from SPHIRE's constants.stack (rules 2 and 3 of the module doc)."""
+    if not stack:
+        return []
+    if stack.lower().endswith('.star'):
+        return [stack]
+    s = stack
+    if s.startswith('bdb:'):
+        s = s[4:]
+        if '#' in s:
+            d, name = s.rsplit('#', 1)
+            s = os.path.join(d, name)
+        return [s + '.star']
+    root, ext = os.path.splitext(s)
+    return [root + '.star'] if ext else [s + '.star']
+
+
+def _find_star(folder, tracker, tracker_path, stack):
+    bases = [os.path.dirname(folder), folder, os.getcwd()]
+    if stack is not None:
+        found = _resolve(os.fspath(stack), bases)
+        if found is None:
+            raise _err(os.fspath(stack), 'particle STAR file given for the meridien refinement '
+                                        'does not exist')
+        return found
+    raw = _key(tracker, tracker_path, 'constants.stack', str, required=False, default='')
+    tried = []
+    for cand in _star_candidates(raw) + ['particles.star']:
+        if cand == 'particles.star':
+            found = _resolve(os.path.join(folder, cand), [])
+            tried.append(os.path.join(folder, cand))
+        else:
+            found = _resolve(cand, bases)
+            tried.append(cand)
+        if found is not None:
+            return found
+    raise _err(tracker_path, 'constants.stack is %r, which cannot be read here (EMAN2 bdb/hdf '
+                             'stacks are not supported) and no RELION STAR file with the same '
+                             'particles was found (tried %s, relative to %s); export the stack to '
+                             'a STAR + MRC stack (particle id p = STAR row p, with CTF) and give it '
+                             'with --instack' % (raw, ', '.join(tried), ', '.join(bases)))
+
+
+def _read_bckgnoise(folder, it):
+    """Background noise of iteration ``it`` or the newest earlier one: (array, path) or (None, [])."""
+    hdf = []
+    for k in range(it, -1, -1):
+        d = _main_dir(folder, k)
+        mrc_path = os.path.join(d, 'bckgnoise.mrc')
+        txt_path = os.path.join(d, 'bckgnoise.txt')
+        if os.path.isfile(mrc_path):
+            try:
+                with mrcfile.open(mrc_path, mode='r', permissive=False) as m:
+                    a = np.array(m.data, np.float64)
+            except Exception as e:
+                raise _err(mrc_path, 'cannot read background noise image: %s' % e) from None
+            if a.ndim == 3 and a.shape[0] == 1:
+                a = a[0]
+            if a.ndim != 2:
+                raise _err(mrc_path, 'background noise must be a 2D image (x = radial index, '
+                                     'y = particle group), got shape %s' % (a.shape,))
+            if not np.isfinite(a).all():
+                raise _err(mrc_path, 'non-finite background noise values')
+            return np.maximum(a, 0.0), mrc_path
+        if os.path.isfile(txt_path):
+            rows = _read_rows(txt_path, 'background noise, one row per particle group')
+            if len({len(r) for r in rows}) != 1:
+                raise _err(txt_path, 'rows of different lengths (background noise)')
+            return np.maximum(np.array(rows, np.float64), 0.0), txt_path
+        if os.path.isfile(os.path.join(d, 'bckgnoise.hdf')):
+            hdf.append(os.path.join(d, 'bckgnoise.hdf'))
+    return None, hdf
+
+
+def _read_chunks(folder):
+    d0 = _main_dir(folder, 0)
+    chunks, groups = [], []
+    for c in (0, 1):
+        cp = os.path.join(d0, 'chunk_%d_000.txt' % c)
+        gp = os.path.join(d0, 'particle_groups_%d.txt' % c)
+        ids = _read_ints(cp, 'particle ids of half set %d' % c)
+        grp = _read_ints(gp, 'particle group of each particle of chunk %d' % c)
+        if len(grp) != len(ids):
+            raise _err(gp, '%d particle groups for the %d particles of %s'
+                       % (len(grp), len(ids), cp))
+        chunks.append((cp, ids))
+        groups.append(grp)
+    return chunks, groups
+
+
+def _smear_files(folder, it, chunk):
+    d = os.path.join(_main_dir(folder, it), 'oldparamstructure')
+    files = []
+    while True:
+        p = os.path.join(d, 'oldparamstructure_%d_%03d_%03d.json' % (chunk, len(files), it))
+        if not os.path.isfile(p):
+            break
+        files.append(p)
+    if not files:
+        raise _err(os.path.join(d, 'oldparamstructure_%d_000_%03d.json' % (chunk, it)),
+                   'missing meridien smear file (oldparamstructure) of chunk %d' % chunk)
+    return files
+
+
+def _parse_smear_file(path, n_refang, n_rshifts):
+    data = _read_json(path, 'meridien smear file')
+    if not isinstance(data, list):
+        raise _err(path, 'expected a JSON list of particle entries')
+    out = []
+    for j, entry in enumerate(data):
+        where = 'entry %d' % j
+        if not (isinstance(entry, list) and len(entry) >= 3 and isinstance(entry[2], list)):
+            raise _err(path, '%s is not [local_index, [...], [[hash, prob], ...]]' % where)
+        if entry[0] != j:
+            raise _err(path, '%s has local index %r, expected %d (entries out of order?)'
+                       % (where, entry[0], j))
+        pairs = entry[2]
+        if not pairs:
+            raise _err(path, '%s has no smear pairs' % where)
+        try:
+            arr = np.array(pairs, np.float64)
+        except (TypeError, ValueError):
+            raise _err(path, '%s: smear pairs are not [hash, prob] numbers' % where) from None
+        if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
+            raise _err(path, '%s: smear pairs are not [hash, prob] numbers' % where)
+        h = arr[:, 0]
+        if (h != np.round(h)).any() or (h < 0).any():
+            bad = h[(h != np.round(h)) | (h < 0)][0]
+            raise _err(path, '%s: hash %r is not a non-negative integer' % (where, bad))
+        h = h.astype(np.int64)
+        prob = arr[:, 1]
+        if (prob < 0).any() or prob.sum() <= 0:
+            raise _err(path, '%s: probabilities must be >= 0 with a positive sum' % where)
+        iang, ipsi, ishift = unhash_smear(h)
+        if iang.max() >= n_refang:
+            raise _err(path, '%s: hash %d refers to direction %d but refang.txt has %d'
+                       % (where, h[np.argmax(iang)], iang.max(), n_refang))
+        if ishift.max() >= n_rshifts:
+            raise _err(path, '%s: hash %d refers to shift %d but rshifts.txt has %d'
+                       % (where, h[np.argmax(ishift)], ishift.max(), n_rshifts))
+        out.append((iang, ipsi, ishift, prob))
+    return out
+
+
+def read_smears(folder, iteration, chunks=None, particle_ids=None, previous_shifts=None,
+                delta=None, refang=None, rshifts=None):
+    """The smear entries of one iteration as a SmearSet in ``particle_ids`` order.
+
+    Defaults are read from the folder (chunk files, indexes_000.txt, params of iteration-1, the
+    Tracker's delta, refang.txt, rshifts.txt); read_meridien passes what it has already read.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    it = int(iteration)
+    d = _main_dir(folder, it)
+    if chunks is None:
+        chunks = _read_chunks(folder)[0]
+    if particle_ids is None:
+        particle_ids = _read_ints(os.path.join(_main_dir(folder, 0), 'indexes_000.txt'),
+                                  'particle ids')
+    if delta is None:
+        tp = _tracker_path(folder, it)
+        delta = _key(_read_json(tp, 'meridien Tracker json'), tp, 'delta')
+    if refang is None:
+        refang = _read_matrix(os.path.join(d, 'refang.txt'), 'reference directions phi theta psi', 3)
+    if rshifts is None:
+        rshifts = _read_matrix(os.path.join(d, 'rshifts.txt'), 'shift grid sx sy', 2)
+    if previous_shifts is None:
+        pp = os.path.join(_main_dir(folder, it - 1), 'params_%03d.txt' % (it - 1))
+        previous_shifts = _read_matrix(pp, 'previous parameters phi theta psi sx sy', 5)[:, 3:5]
+        if len(previous_shifts) != len(particle_ids):
+            raise _err(pp, '%d rows for %d particles' % (len(previous_shifts), len(particle_ids)))
+    pos = {int(p): k for k, p in enumerate(particle_ids)}
+    n = len(particle_ids)
+    per_particle = [None] * n
+    for c, (cpath, ids) in enumerate(chunks):
+        files = _smear_files(folder, it, c)
+        entries = []
+        for f in files:
+            entries.extend(_parse_smear_file(f, len(refang), len(rshifts)))
+        if len(entries) != len(ids):
+            raise _err(files[-1], 'the smear files of chunk %d (%s) hold %d particles but %s '
+                                  'lists %d' % (c, ', '.join(os.path.basename(f) for f in files),
+                                                len(entries), cpath, len(ids)))
+        for pid, e in zip(ids.tolist(), entries):
+            per_particle[pos[pid]] = e
+    counts = np.array([len(e[0]) for e in per_particle], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    iang = np.concatenate([e[0] for e in per_particle])
+    ipsi = np.concatenate([e[1] for e in per_particle])
+    ishift = np.concatenate([e[2] for e in per_particle])
+    prob = np.concatenate([e[3] for e in per_particle])
+    parent = np.repeat(np.arange(n, dtype=np.int64), counts)
+    # sort each particle's entries by decreasing probability (stable: file order on ties)
+    order = np.lexsort((np.arange(len(prob)), -prob, parent))
+    iang, ipsi, ishift, prob = iang[order], ipsi[order], ishift[order], prob[order]
+    prob = prob / np.repeat(np.add.reduceat(prob, offsets[:-1]), counts)
+    psi = np.mod(refang[iang, 2] + ipsi * float(delta), 360.0)
+    rot = euler_to_matrix(refang[iang, 0], refang[iang, 1], psi)
+    shift = round_half_away(np.asarray(previous_shifts, np.float64))[parent] + rshifts[ishift]
+    return SmearSet(offsets, parent, rot, shift, prob, iang, ipsi, ishift)
+
+
+def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=None, mask3d=None,
+                  nsmear=-1, require_bckgnoise=True, check_finite=True):
+    """Read a meridien refinement folder into a MeridienRefinement (see the module docstring).
+
+    ``radius`` (pixels; None or < 1 = take the refinement's), ``sym`` (None or 'c1' = take the
+    refinement's), ``mask3d`` (None or '' = take the refinement's) are the user's options, which
+    override the Tracker. ``nsmear`` truncates the smears (-1 = all); ``smear_counts`` keeps the
+    untruncated counts. ``require_bckgnoise=False`` (``--notapplybckgnoise``) tolerates a
+    missing background-noise file.
+    """
+    from .star_io import read_star
+    folder = os.path.abspath(os.fspath(folder))
+    it, last = choose_iteration(folder, niter_for_sorting)
+    tpath = _tracker_path(folder, it)
+    tracker = _read_json(tpath, 'meridien Tracker json')
+    if not isinstance(tracker, dict):
+        raise _err(tpath, 'expected a JSON object')
+    nnxo = _key(tracker, tpath, 'constants.nnxo', int)
+    pixel_size = _key(tracker, tpath, 'constants.pixel_size')
+    delta = _key(tracker, tpath, 'delta')
+    if nnxo < 4 or pixel_size <= 0 or delta <= 0:
+        raise _err(tpath, 'constants.nnxo, constants.pixel_size and delta must be positive '
+                          '(got %r, %r, %r)' % (nnxo, pixel_size, delta))
+    avg = tracker.get('avgvaradj')
+    try:
+        avgnorm = np.array(avg, np.float64).reshape(-1)
+        if avgnorm.shape != (2,) or not np.all(avgnorm > 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _err(tpath, 'missing or bad key avgvaradj (expected 2 positive numbers, got %r)'
+                   % (avg,)) from None
+    t_radius = _key(tracker, tpath, 'constants.radius', int)
+    t_sym = _key(tracker, tpath, 'constants.sym', str, required=False)
+    if t_sym is None:
+        t_sym = _key(tracker, tpath, 'constants.symmetry', str, required=False, default='c1')
+    t_mask = _key(tracker, tpath, 'constants.mask3D', str, required=False, default=None)
+    nxinit = _key(tracker, tpath, 'nxinit', int, required=False, default=nnxo)
+    ts = _key(tracker, tpath, 'ts', required=False)
+    xr = _key(tracker, tpath, 'xr', required=False)
+    bestres = _key(tracker, tpath, 'bestres', required=False)
+
+    radius_out = int(radius) if radius is not None and int(radius) >= 1 else t_radius
+    if not 1 <= radius_out <= nnxo // 2:
+        raise _err(tpath, 'radius %d outside 1..%d (constants.radius or the user radius)'
+                   % (radius_out, nnxo // 2))
+    sym_out = sym if sym and str(sym).lower() != 'c1' else (t_sym or 'c1')
+    if mask3d:
+        mask_out = os.fspath(mask3d)
+    elif t_mask:
+        mask_out = _resolve(t_mask, [os.path.dirname(folder), folder])
+        if mask_out is None and t_mask.lower().endswith('.hdf'):
+            mask_out = _resolve(os.path.splitext(t_mask)[0] + '.mrc',
+                                [os.path.dirname(folder), folder])
+        if mask_out is None:
+            raise _err(tpath, 'constants.mask3D %r not found relative to %s (an EMAN2 .hdf mask '
+                              'needs an .mrc copy next to it)' % (t_mask, os.path.dirname(folder)))
+    else:
+        mask_out = None
+
+    # -- particle ids, half sets, groups ---------------------------------------------------------
+    ipath = os.path.join(_main_dir(folder, 0), 'indexes_000.txt')
+    ids = _read_ints(ipath, 'particle ids')
+    uniq, cnt = np.unique(ids, return_counts=True)
+    if (cnt > 1).any():
+        raise _err(ipath, 'particle id %d is listed %d times' % (uniq[cnt > 1][0], cnt[cnt > 1][0]))
+    n = len(ids)
+    pos = {int(p): k for k, p in enumerate(ids)}
+    chunks, groups = _read_chunks(folder)
+    half = np.full(n, -1, np.int64)
+    group = np.full(n, -1, np.int64)
+    for c, ((cpath, cids), grp) in enumerate(zip(chunks, groups)):
+        for j, p in enumerate(cids.tolist()):
+            k = pos.get(p)
+            if k is None:
+                raise _err(cpath, 'particle id %d on data line %d is not in %s' % (p, j + 1, ipath))
+            if half[k] >= 0:
+                raise _err(cpath, 'particle id %d on data line %d is already in %s'
+                           % (p, j + 1, chunks[half[k]][0] if half[k] != c else cpath))
+            half[k] = c
+            group[k] = grp[j]
+    if (half < 0).any():
+        k = int(np.argmax(half < 0))
+        raise _err(ipath, 'particle id %d is in neither %s nor %s'
+                   % (ids[k], chunks[0][0], chunks[1][0]))
+
+    # -- parameters --------------------------------------------------------------------------------
+    ppath = os.path.join(_main_dir(folder, it), 'params_%03d.txt' % it)
+    params = _read_matrix(ppath, 'parameters phi theta psi sx sy prob norm*qt norm', 8)
+    if len(params) != n:
+        raise _err(ppath, '%d parameter rows for the %d particles of %s' % (len(params), n, ipath))
+    norm = params[:, 7]
+    if (norm <= 0).any():
+        k = int(np.argmax(norm <= 0))
+        raise _err(ppath, 'norm (column 8) %r <= 0 on data line %d' % (norm[k], k + 1))
+    prev_path = os.path.join(_main_dir(folder, it - 1), 'params_%03d.txt' % (it - 1))
+    prev = _read_matrix(prev_path, 'previous parameters phi theta psi sx sy', 5)
+    if len(prev) != n:
+        raise _err(prev_path, '%d parameter rows for the %d particles of %s' % (len(prev), n, ipath))
+    previous_shifts = prev[:, 3:5].copy()
+
+    # -- FSC, background noise ---------------------------------------------------------------------
+    dpath = os.path.join(_main_dir(folder, it), 'driver_%03d.txt' % it)
+    fsc = _read_matrix(dpath, 'driver FSC per shell', 1)[:, 0]
+    bck, bpath = _read_bckgnoise(folder, it)
+    if bck is None:
+        if require_bckgnoise:
+            d = _main_dir(folder, it)
+            if bpath:
+                raise _err(bpath[0], 'EMAN2 HDF background noise cannot be read here; convert it '
+                                     'to bckgnoise.mrc in the same folder (e.g. e2proc2d.py '
+                                     'bckgnoise.hdf bckgnoise.mrc) or run with --notapplybckgnoise')
+            raise _err(os.path.join(d, 'bckgnoise.mrc'), 'missing background noise (no '
+                       'bckgnoise.mrc or bckgnoise.txt in main%03d or an earlier iteration); run '
+                       'with --notapplybckgnoise to sort without it' % it)
+        bpath = None
+    elif group.max() >= bck.shape[0]:
+        k = int(np.argmax(group >= bck.shape[0]))
+        raise _err(bpath, 'has %d particle group rows but particle id %d is in group %d'
+                   % (bck.shape[0], ids[k], group[k]))
+
+    # -- smears ------------------------------------------------------------------------------------
+    d = _main_dir(folder, it)
+    refang = _read_matrix(os.path.join(d, 'refang.txt'), 'reference directions phi theta psi', 3)
+    rshifts = _read_matrix(os.path.join(d, 'rshifts.txt'), 'shift grid sx sy', 2)
+    smears = read_smears(folder, it, chunks, ids, previous_shifts, delta, refang, rshifts)
+    counts = smears.counts()
+    smears = smears.truncate(nsmear)
+
+    # -- images and CTF ----------------------------------------------------------------------------
+    star = _find_star(folder, tracker, tpath, stack)
+    full = read_star(star, require_angles=False, require_ctf=True, check_finite=check_finite)
+    if ids.max() >= len(full):
+        raise _err(ipath, 'particle id %d but the particle STAR file %s has only %d particles'
+                   % (ids.max(), star, len(full)))
+    if full.box != nnxo:
+        raise _err(star, 'images are %d pixels but the refinement (%s constants.nnxo) has %d'
+                   % (full.box, tpath, nnxo))
+    if abs(full.pixel_size - pixel_size) > 1e-3 * pixel_size:
+        raise _err(star, 'pixel size %.6g Å but the refinement (%s constants.pixel_size) has %.6g'
+                   % (full.pixel_size, tpath, pixel_size))
+    parts = full.subset(ids)
+    parts.angles = params[:, 0:3].copy()
+    parts.shifts = params[:, 3:5].copy()
+    parts.norm = norm.copy()
+    parts.group = group
+    parts.half_set = half
+    source = dict(full.source)
+    source.pop('subset', None)
+    table = source.get('particles_table')
+    if table is not None:
+        source['particles_table'] = _subset_table(table, ids)
+    source.update({'meridien_dir': folder, 'meridien_iteration': it, 'particle_ids': ids})
+    parts.source = source
+
+    return MeridienRefinement(
+        folder=folder, iteration=it, last_iteration=last, tracker_path=tpath, tracker=tracker,
+        particles=parts, particle_ids=ids, params=params, previous_shifts=previous_shifts,
+        avgnorm=avgnorm, fsc=fsc, bckgnoise=bck, bckgnoise_path=bpath, refang=refang,
+        rshifts=rshifts, smears=smears, smear_counts=counts, radius=radius_out,
+        symmetry=str(sym_out), mask3d=mask_out, pixel_size=float(pixel_size), nnxo=nnxo,
+        nxinit=nxinit, delta=delta, ts=ts, xr=xr, bestres=bestres, stack_path=star,
+        info={'star_source': full.source.get('star_path')})
+
+
+def _subset_table(table, ids):
+    """An emtable Table holding the given rows of ``table`` (STAR rows of the meridien ids), so
+    that star_io.write_star_rows indices are positions in the meridien ParticleSet."""
+    from emtable import Table
+    out = Table(columns=list(table.getColumnNames()))
+    rows = table._rows
+    for i in np.asarray(ids, np.int64).tolist():
+        out.addRow(*tuple(rows[i]))
+    return out
+
+
+def check_smearing(folder, image_size, first=2, nsmear=-1):
+    """``--check_smearing``: for every iteration from ``first`` to the last one with a Tracker
+    json that has smear files, a dict of smearing_statistics plus 'iteration'. Iterations whose
+    smear files are absent are skipped; malformed ones raise ParticleDataError."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise _err(folder, 'meridien refinement folder does not exist')
+    last = _last_iteration(folder)
+    chunks = _read_chunks(folder)[0]
+    ids = _read_ints(os.path.join(_main_dir(folder, 0), 'indexes_000.txt'), 'particle ids')
+    rows = []
+    for it in range(max(1, int(first)), last + 1):
+        d = os.path.join(_main_dir(folder, it), 'oldparamstructure')
+        if not os.path.isfile(os.path.join(d, 'oldparamstructure_0_000_%03d.json' % it)):
+            continue
+        sm = read_smears(folder, it, chunks, ids).truncate(nsmear)
+        row = smearing_statistics(sm, image_size)
+        row['iteration'] = it
+        rows.append(row)
+    return rows
+
