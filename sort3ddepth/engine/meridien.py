@@ -176,8 +176,8 @@ class SmearSet:
         idx = np.asarray(idx, np.int64)
         cnt = self.counts()[idx]
         offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
-        take = (np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
-                if len(idx) else np.zeros(0, np.int64))
+        take = (np.repeat(self.offsets[idx] - offsets[:-1], cnt)
+                + np.arange(offsets[-1], dtype=np.int64))
         out = self._take(take, offsets)
         out.parent = np.repeat(np.arange(len(idx), dtype=np.int64), cnt)
         return out
