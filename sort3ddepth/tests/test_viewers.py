@@ -1,0 +1,351 @@
+"""The viewer: figures of sort3ddepth.viewers.plots and the Scipion Sort3DDepthViewer.
+
+- Plain functions on a hand-made summary with two generations, a flagged nuisance variable, a
+  NaN F test and a missing map: what each figure draws (boxes, bar segments, arrows, slice
+  panels, FSC lines) is counted through the artists' gids.
+- TestSort3DDepthViewer: one small ProtSort3DDepth run (the simulated set of the protocol tests,
+  2 MPI ranks); every entry of the viewer's _getVisualizeDict returns its views without showing
+  them, the plots are saved as PNG offscreen and checked against the run's summary.json.
+"""
+import json
+import math
+import os
+import time
+
+import mrcfile
+import numpy as np
+import pytest
+from pyworkflow.tests import BaseTest, setupTestProject
+
+from sort3ddepth.viewers import plots
+
+BOX = 16
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _gids(fig, prefix):
+    """gids of the artists of a figure that start with prefix (one per drawn item)."""
+    return [a.get_gid() for a in fig.findobj(lambda a: (a.get_gid() or "").startswith(prefix))]
+
+
+def _texts(fig):
+    return " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+
+
+def _write_map(path, seed):
+    rng = np.random.default_rng(seed)
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(rng.normal(size=(BOX, BOX, BOX)).astype(np.float32))
+        m.voxel_size = 4.0
+
+
+def _box(mean):
+    return {"whislo": mean - 3, "q1": mean - 1, "med": mean, "q3": mean + 1,
+            "whishi": mean + 3, "mean": mean, "min": mean - 5, "max": mean + 3}
+
+
+def _table(names, F, p, pairs):
+    return {"F": F, "p": p, "reason": None if math.isfinite(F) else "constant values",
+            "groups": [{"name": n, "n": 10 + i, "mean": 100.0 * i, "std": 1.0,
+                        "box": _box(100.0 * i)} for i, n in enumerate(names)],
+            "pairs": [{"a": a, "b": b, "F": 30.0, "p": pp} for a, b, pp in pairs]}
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """An output folder: generation 0 gave 2 clusters, generation 1 gave 1; the unaccounted
+    set has no map; defocus differs (Cluster_002 vs the others), norm has no F test."""
+    out = tmp_path / "out"
+    (out / "generation_000").mkdir(parents=True)
+    (out / "generation_001").mkdir()
+    for i in range(3):
+        _write_map(out / ("vol_cluster%03d.mrc" % i), i)
+    for g, j in ((0, 0), (0, 1), (1, 0)):
+        _write_map(out / ("generation_%03d" % g) / ("vol_cluster%03d.mrc" % j), 10 + j)
+    names = ["Cluster_000", "Cluster_001", "Cluster_002"]
+    gen_entry = lambda g, j, fid, size, jac: {  # noqa: E731
+        "file": "generation_%03d/Cluster_%03d.txt" % (g, j),
+        "map": "generation_%03d/vol_cluster%03d.mrc" % (g, j), "size": size, "final_id": fid,
+        "jaccard": jac, "random_mean": 30.0, "random_std": 4.0}
+    summary = {
+        "n_particles": 1000, "box": BOX, "pixel_size": 4.0,
+        "generations": [
+            {"generation": 0, "n_images": 1000, "cluster_sizes": [400, 300],
+             "clusters": [gen_entry(0, 0, 0, 400, 97.0), gen_entry(0, 1, 1, 300, 88.0)],
+             "n_unaccounted": 300,
+             "anova": {"defocus": _table(names[:2], 1.0, 0.4, [("Cluster_000", "Cluster_001",
+                                                                  0.4)])}},
+            {"generation": 1, "n_images": 300, "cluster_sizes": [250],
+             "clusters": [gen_entry(1, 0, 2, 250, 70.0)], "n_unaccounted": 50, "anova": {}}],
+        "clusters": [
+            {"id": 0, "file": "Cluster_000.txt", "map": "vol_cluster000.mrc", "size": 400,
+             "generation": 0, "unaccounted": False, "resolution_A": 12.0,
+             "fsc": [1.0, 0.9, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]},
+            {"id": 1, "file": "Cluster_001.txt", "map": "vol_cluster001.mrc", "size": 300,
+             "generation": 0, "unaccounted": False, "resolution_A": 14.0,
+             "fsc": [1.0, 0.8, 0.4, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]},
+            {"id": 2, "file": "Cluster_002.txt", "map": "vol_cluster002.mrc", "size": 250,
+             "generation": 1, "unaccounted": False},            # an older run: no FSC
+            {"id": 3, "file": "Cluster_003.txt", "size": 50, "generation": 1,
+             "unaccounted": True}],
+        "anova": {
+            "defocus": _table(names, 25.0, 1e-6, [("Cluster_000", "Cluster_001", 0.3),
+                                                  ("Cluster_000", "Cluster_002", 1e-5),
+                                                  ("Cluster_001", "Cluster_002", 1e-7)]),
+            "norm": _table(names, float("nan"), float("nan"), [])},
+    }
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f)
+    return str(out)
+
+
+# ------------------------------------------------------------------------------------ plots
+def test_anova_boxes_and_flag(synthetic):
+    s = plots.load_summary(synthetic)
+    fig = plots.plot_anova(s)
+    assert len(fig.axes) == 2
+    boxes = _gids(fig, "box:")
+    assert sorted(boxes) == sorted(["box:Cluster_%03d" % i for i in range(3)] * 2)
+    # defocus is flagged, with the two significant pairs named; norm is not
+    assert _gids(fig, "flag:") == ["flag:defocus"]
+    text = _texts(fig)
+    assert "Cluster_001 vs Cluster_002" in text and "Cluster_000 vs Cluster_002" in text
+    assert "Cluster_000 vs Cluster_001" not in text
+    assert "no F test (constant values)" in text
+    assert "p = 1e-06" in text
+    # the differing cluster is named first (it is in both significant pairs)
+    assert plots.flagged_clusters(s["anova"]["defocus"])[0] == "Cluster_002"
+    # one variable, one generation
+    fig = plots.plot_anova(s, ["norm"])
+    assert len(_gids(fig, "box:")) == 3 and not _gids(fig, "flag:")
+    fig = plots.plot_anova(s, generation=0)
+    assert sorted(_gids(fig, "box:")) == ["box:Cluster_000", "box:Cluster_001"]
+    assert "No ANOVA" in _texts(plots.plot_anova(s, generation=1))
+
+
+def test_anova_text(synthetic):
+    s = plots.load_summary(synthetic)
+    lines = plots.anova_text_lines(s)
+    head = [ln for ln in lines if ln.startswith("ANOVA of")]
+    assert len(head) == 2 and "<-- the clusters differ in defocus" in head[0]
+    assert "F = n/a, p = n/a" in head[1]
+    rows = [ln.split() for ln in lines if ln.strip().startswith("Cluster_") and " vs " not in ln]
+    assert [r[:2] for r in rows[:3]] == [["Cluster_000", "10"], ["Cluster_001", "11"],
+                                         ["Cluster_002", "12"]]
+    assert sum("<-- differ" in ln for ln in lines) == 2
+    fig = plots.plot_anova_table(s)
+    # 3 cluster rows per variable and the 3 defocus pairs, one text line each
+    assert sum(1 for t in fig.texts if "Cluster_" in t.get_text()) == 9
+    red = [t.get_text() for t in fig.texts if t.get_color() == plots.FLAG_COLOR]
+    assert len(red) == 3 and red[0].startswith("ANOVA of defocus")
+
+
+def test_generation_figures(synthetic):
+    s = plots.load_summary(synthetic)
+    fig = plots.plot_generation_sizes(s)
+    bars = _gids(fig, "bar:")
+    # clusters + unaccounted per generation
+    assert sorted(bars) == ["bar:0:Cluster_000", "bar:0:Cluster_001", "bar:0:unaccounted",
+                            "bar:1:Cluster_000", "bar:1:unaccounted"]
+    heights = {p.get_gid(): p.get_height() for p in fig.axes[0].patches}
+    assert heights["bar:1:Cluster_000"] == 250 and heights["bar:0:unaccounted"] == 300
+    fig = plots.plot_reproducibility(s)
+    assert len(_gids(fig, "repro:")) == 3 and len(set(_gids(fig, "random:"))) == 3
+    bar = fig.findobj(lambda a: a.get_gid() == "repro:0:Cluster_001")[0]
+    assert bar.get_height() == 88.0
+    # the random band is mean +- 2 std
+    from matplotlib.collections import LineCollection
+    band = fig.findobj(lambda a: isinstance(a, LineCollection)
+                       and a.get_gid() == "random:1:Cluster_000")[0]
+    assert sorted(band.get_segments()[0][:, 1]) == [22.0, 38.0]
+    fig = plots.plot_generation_tree(s)
+    edges = sorted(_gids(fig, "edge:"))
+    assert edges == ["edge:gen0:Cluster_000", "edge:gen0:Cluster_001", "edge:gen0:gen1",
+                     "edge:gen1:Cluster_002", "edge:gen1:unaccounted"]
+
+
+def test_map_slices_and_fsc(synthetic):
+    s = plots.load_summary(synthetic)
+    fig = plots.plot_map_slices(s, synthetic)
+    # 3 final maps and 3 generation maps (the unaccounted set has none), 3 planes each
+    slices = _gids(fig, "slice:")
+    assert len(slices) == 3 * 6
+    assert len([g for g in slices if g.startswith("slice:final:")]) == 9
+    img = fig.findobj(lambda a: a.get_gid() == "slice:final:Cluster_001:xz")[0]
+    with mrcfile.open(os.path.join(synthetic, "vol_cluster001.mrc")) as m:
+        np.testing.assert_array_equal(img.get_array(), m.data[:, BOX // 2, :])
+    fig = plots.plot_map_slices(s, synthetic, generation=1, with_generations=False)
+    assert len(_gids(fig, "slice:")) == 3
+    fig = plots.plot_fsc(s)
+    lines = {ln.get_gid(): ln for ln in fig.axes[0].lines if (ln.get_gid() or "").startswith(
+        "fsc:")}
+    assert set(lines) == {"fsc:Cluster_000", "fsc:Cluster_001"}
+    x = lines["fsc:Cluster_000"].get_xdata()
+    assert x[1] == pytest.approx(1 / (BOX * 4.0))
+    assert _gids(fig, "fsc-threshold")
+    assert "Cluster_000: 12.0 Å" in _texts(fig)
+
+
+def test_missing_fields(tmp_path):
+    """A one-cluster run of an older engine: no ANOVA, no stats, no maps on disk."""
+    s = {"n_particles": 100, "generations": [{"generation": 0, "n_images": 100,
+                                              "cluster_sizes": [100], "n_unaccounted": 0}],
+         "clusters": [{"id": 0, "file": "Cluster_000.txt", "size": 100, "generation": 0,
+                       "unaccounted": False}]}
+    assert "no anova" in _texts(plots.plot_anova(s)).lower()
+    assert _gids(plots.plot_generation_sizes(s), "bar:") == ["bar:0:Cluster_000"]
+    assert not _gids(plots.plot_reproducibility(s), "repro:")
+    assert _gids(plots.plot_generation_tree(s), "edge:") == ["edge:gen0:Cluster_000"]
+    assert not _gids(plots.plot_map_slices(s, str(tmp_path)), "slice:")
+    assert not _gids(plots.plot_fsc(s), "fsc:")
+
+
+def test_command_line(synthetic, tmp_path, capsys):
+    plots.main([synthetic, str(tmp_path / "png")])
+    written = capsys.readouterr().out.split()
+    assert sorted(os.path.basename(p) for p in written) == sorted(plots.FIGURES)
+    for p in written:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ Scipion
+class TestSort3DDepthViewer(BaseTest):
+    """The viewer on a real protocol run."""
+
+    @classmethod
+    def setUpClass(cls):
+        from sort3ddepth.protocols import ProtSort3DDepth
+        from sort3ddepth.tests.test_protocols_sort3d_depth import (
+            N_PER_CLASS, _data_folder, _import_particles, _launch_with_timeout,
+            _simulated_set)
+        setupTestProject(cls)
+        cls.folder = _data_folder("viewer")
+        cls.pngs = os.path.join(cls.folder, "png")
+        os.makedirs(cls.pngs)
+        sqlite, _ = _simulated_set(cls.folder)
+        protImport = _import_particles(cls, sqlite, "simulated particles")
+        prot = cls.newProtocol(ProtSort3DDepth, objLabel="sort3d depth for the viewer",
+                               imgPerGrp=N_PER_CLASS, depthOrder=1, seed=1, numberOfMpi=2)
+        prot.inputParticles.set(protImport)
+        prot.inputParticles.setExtended("outputParticles")
+        t0 = time.time()
+        _launch_with_timeout(cls, prot)
+        print("sort3d depth run for the viewer: %.1f s" % (time.time() - t0))
+        cls.prot = prot
+        with open(prot._getSortDir("summary.json")) as f:
+            cls.summary = json.load(f)
+
+    def _viewer(self):
+        from sort3ddepth.viewers import Sort3DDepthViewer
+        v = Sort3DDepthViewer(project=self.proj, protocol=self.prot)
+        v.setProtocol(self.prot)
+        return v
+
+    def _plot(self, viewer, name):
+        """The figure behind one eye button, saved as a PNG (never shown)."""
+        from pwem.viewers.plotter import EmPlotter
+        t0 = time.time()
+        views = viewer._getVisualizeDict()[name](name)
+        self.assertLess(time.time() - t0, 30, "%s took too long (blocked?)" % name)
+        self.assertEqual(len(views), 1, views)
+        self.assertIsInstance(views[0], EmPlotter)
+        png = os.path.join(self.pngs, name + ".png")
+        views[0].savefig(png)
+        self.assertGreater(os.path.getsize(png), 5000)
+        fig = views[0].getFigure()
+        views[0].close()
+        return fig
+
+    def test_viewer_is_found_for_the_protocol(self):
+        from pyworkflow import Config
+        from pyworkflow.viewer import DESKTOP_TKINTER
+        names = [v.__name__ for v in Config.getDomain().findViewers(self.prot,
+                                                                    DESKTOP_TKINTER)]
+        self.assertIn("Sort3DDepthViewer", names)
+
+    def test_form(self):
+        v = self._viewer()
+        n_gen = len(self.summary["generations"])
+        self.assertEqual(v.getParam("anovaClusters").choices,
+                         ["final clusters"] + ["generation %d" % g for g in range(n_gen)])
+        self.assertEqual(v.getParam("anovaVariable").choices,
+                         ["all"] + list(self.summary["anova"]))
+        self.assertEqual(set(v._getVisualizeDict()),
+                         {"showAnovaPlots", "showAnovaTables", "showGenerationSizes",
+                          "showReproducibility", "showGenerationTree", "showMapSlices",
+                          "showFsc", "showMapsExternal", "showClasses"})
+
+    def test_plots_match_the_run(self):
+        s = self.summary
+        regular = [c for c in s["clusters"] if not c.get("unaccounted")]
+        self.assertGreaterEqual(len(regular), 2)
+        v = self._viewer()
+
+        fig = self._plot(v, "showAnovaPlots")
+        self.assertEqual(len(fig.axes), len(s["anova"]))
+        # one box per cluster and variable
+        self.assertEqual(len(_gids(fig, "box:")), len(s["anova"]) * len(regular))
+        v.anovaVariable.set(1)          # the first variable only
+        fig = self._plot(v, "showAnovaPlots")
+        self.assertEqual(sorted(_gids(fig, "box:")),
+                         sorted("box:" + plots.cluster_label(c) for c in regular))
+
+        fig = self._plot(v, "showGenerationSizes")
+        expected = sum(len(g["clusters"]) + (1 if g["n_unaccounted"] else 0)
+                       for g in s["generations"])
+        self.assertEqual(len(_gids(fig, "bar:")), expected)
+        total = sum(p.get_height() for p in fig.axes[0].patches
+                    if (p.get_gid() or "").startswith("bar:0:"))
+        self.assertEqual(total, s["generations"][0]["n_images"])
+
+        fig = self._plot(v, "showReproducibility")
+        self.assertEqual(len(_gids(fig, "repro:")),
+                         sum(1 for g in s["generations"] for e in g["clusters"]
+                             if e.get("jaccard") is not None))
+
+        fig = self._plot(v, "showGenerationTree")
+        # one arrow into every final cluster, one from each generation to the next
+        self.assertEqual(sorted(_gids(fig, "edge:")), sorted(
+            ["edge:gen%d:%s" % (len(s["generations"]) - 1 if c["unaccounted"]
+                                else c["generation"], plots.cluster_label(c))
+             for c in s["clusters"]]
+            + ["edge:gen%d:gen%d" % (g, g + 1) for g in range(len(s["generations"]) - 1)]))
+
+        fig = self._plot(v, "showMapSlices")
+        finals = [c for c in s["clusters"] if c.get("map")]
+        gen_maps = [e for g in s["generations"] for e in g["clusters"] if e.get("map")]
+        self.assertEqual(len(_gids(fig, "slice:")), 3 * (len(finals) + len(gen_maps)))
+        v.withGenerationMaps.set(False)
+        fig = self._plot(v, "showMapSlices")
+        self.assertEqual(len(_gids(fig, "slice:")), 3 * len(finals))
+
+        fig = self._plot(v, "showFsc")
+        self.assertEqual(len(_gids(fig, "fsc:")), sum(1 for c in s["clusters"] if c.get("fsc")))
+
+    def test_anova_text_view(self):
+        from pyworkflow.viewer import TextView
+        v = self._viewer()
+        views = v._getVisualizeDict()["showAnovaTables"]("showAnovaTables")
+        self.assertEqual(len(views), 1)
+        self.assertIsInstance(views[0], TextView)
+        with open(views[0].getFileList()[0]) as f:
+            text = f.read()
+        for var, t in self.summary["anova"].items():
+            self.assertIn("ANOVA of %s (final clusters)" % var, text)
+            for g in t["groups"]:
+                self.assertIn(g["name"], text)
+            self.assertEqual(text.count(" vs "), sum(len(t["pairs"]) for t in
+                                                     self.summary["anova"].values()))
+
+    def test_maps_and_classes_open_in_scipion_viewers(self):
+        from pyworkflow.viewer import MessageView, View
+        v = self._viewer()
+        for name in ("showMapsExternal", "showClasses"):
+            views = v._getVisualizeDict()[name](name)
+            self.assertTrue(views, name)
+            for view in views:
+                self.assertIsInstance(view, View)
+                self.assertNotIsInstance(view, MessageView,
+                                         "%s: %s" % (name, getattr(view, "_msg", "")))
+            print(name, [type(x).__name__ for x in views])
