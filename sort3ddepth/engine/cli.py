@@ -53,6 +53,8 @@ def build_parser():
     a("--not_freeze_groups", action="store_true",
       help="remove small groups during within-box comparison (general mode)")
     a("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
+    a("--force", action="store_true",
+      help="discard the results of an earlier run in --output_dir instead of resuming it")
     return p
 
 
@@ -95,6 +97,8 @@ def validate(args, n_particles=None, box=None):
         raise UserError(f"--depth_order {args.depth_order}: must be at least 1")
     if args.nstep < 1:
         raise UserError(f"--nstep {args.nstep}: must be at least 1")
+    if args.overhead < 0:
+        raise UserError(f"--overhead {args.overhead}: must be >= 0 GB")
     if args.orientation_groups < 1:
         raise UserError(f"--orientation_groups {args.orientation_groups}: must be at least 1")
     if args.img_per_grp != -1 and args.img_per_grp <= 1:
@@ -136,78 +140,184 @@ def _set_threads(comm):
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def _prepare_output(path, comm):
-    # only the root looks at the folder (and names it); the verdict is broadcast, so a late rank
-    # never finds the log the root just wrote and quits while the root waits in a collective
-    out = Path(comm.bcast(path or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S")))
-    problem = None
+OPTIONS_FILE = "run_options.json"   # the options of the run in a folder (and its seed)
+RESULT_FILES = ("summary.json", "Core_set.txt", "volume_core.mrc", "anova.txt", "Cluster_*.txt",
+                "Cluster_*.star", "vol_cluster*.mrc", "generation_*", "checkpoints", OPTIONS_FILE)
+# options that may differ between a run and its resumption
+_NOT_COMPARED = {"output_dir", "seed", "force"}
+
+
+def _options_record(args):
+    names = vars(build_parser().parse_args([]))
+    rec = {k: getattr(args, k) for k in names if k not in _NOT_COMPARED}
+    for k in ("instack", "refinement_dir", "mask3D", "focus"):
+        if rec.get(k):
+            rec[k] = os.path.abspath(rec[k])
+    return rec
+
+
+def _remove_results(out):
+    """--force: delete what an earlier run wrote (only the engine's own result names)."""
+    import shutil
+    for pattern in RESULT_FILES:
+        for p in out.glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _prepare_output(args, comm):
+    """Create or check the output folder (root decides, the verdict is broadcast, so a late rank
+    never finds the log the root just wrote). Returns (folder, state) with state "new",
+    "resume" (same options as the earlier run there) or "finished" (that run had ended)."""
+    import json
+    out = Path(comm.bcast(args.output_dir or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S")))
+    problem, state, seed = None, "new", None
     if comm.is_root:
+        options = out / OPTIONS_FILE
         if out.exists() and not out.is_dir():
             problem = f"--output_dir {out}: exists and is not a directory"
-        elif (out / "summary.json").exists() or (out / "log.txt").exists():
+        elif options.exists() and not args.force:
+            try:
+                old = json.loads(options.read_text())
+            except ValueError:
+                old = None
+            if old is None:
+                problem = f"--output_dir {out}: {OPTIONS_FILE} is unreadable; use --force to start again"
+            else:
+                now = _options_record(args)
+                then = dict(old["options"], seed=old["seed"])
+                now["seed"] = then["seed"] if args.seed is None else args.seed
+                diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+                if diff:
+                    problem = (f"--output_dir {out} holds a run made with other options ("
+                               + ", ".join(f"--{k} {then.get(k)!r} there, {now.get(k)!r} here"
+                                           for k in diff[:3])
+                               + "); choose another folder, or add --force to discard that run")
+                else:
+                    seed = old["seed"]
+                    state = "finished" if (out / "summary.json").exists() else "resume"
+        elif (out / "summary.json").exists() and not args.force:
             problem = f"--output_dir {out}: already holds a sorting run; choose another folder"
-        else:
+        if problem is None:
             try:
                 out.mkdir(parents=True, exist_ok=True)
+                if args.force:
+                    _remove_results(out)
                 probe = out / ".write_test"
                 probe.write_text("")
                 probe.unlink()
             except OSError as e:
                 problem = f"--output_dir {out}: not writable ({e.strerror})"
-    problem = comm.bcast(problem)
+    problem, state, seed = comm.bcast((problem, state, seed))
     if problem:
         raise UserError(problem)
-    return out
+    if seed is not None:
+        args.seed = seed
+    return out, state
+
+
+def _write_options(out, args):
+    from .output import write_json
+    write_json(out / OPTIONS_FILE, {"options": _options_record(args), "seed": args.seed})
+
+
+def _report_error(msg, out, who=""):
+    """An error on one rank: say it on stderr and in log.txt (any rank may append there)."""
+    print(f"sort3d-depth: error{who}: {msg}", file=sys.stderr, flush=True)
+    if out is not None:
+        try:
+            with open(Path(out) / "log.txt", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR{who}: {msg}\n")
+        except OSError:
+            pass
 
 
 def run(argv=None, comm=None):
+    """Three phases. 1: checks every rank makes identically (the root reports, all return).
+    2: reading the input on every rank; the ranks compare outcomes, so an error on any of them
+    ends all of them cleanly. 3: the sorting itself; an exception on any rank is reported with
+    that rank's message and ends the whole job at once (MPI abort), never a hang."""
+    from .checkpoint import Checkpoints
     from .output import Log
     from .parallel import world
     from .particles import ParticleDataError
     from .preprocess import SortingInputError
     args = build_parser().parse_args(argv)
     comm = comm or world()
-    log = None
+    expected = (UserError, ParticleDataError, SortingInputError)
+    # phase 1
     try:
         validate(args)
-        out = _prepare_output(args.output_dir, comm)
+        out, state = _prepare_output(args, comm)
+    except UserError as e:
+        if comm.is_root:
+            print(f"sort3d-depth: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    log = Log(out / "log.txt" if comm.is_root else None, enabled=comm.is_root)
+    cmd = " ".join(shlex.quote(a) for a in (["sort3d-depth"] + list(
+        sys.argv[1:] if argv is None else argv)))
+    if state == "finished":
+        log(f"command: {cmd}")
+        log("this run has already finished (summary.json is there): nothing to do")
+        return 0
+    # phase 2
+    error = None
+    try:
         if args.seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 31)) if comm.is_root else None
             args.seed = comm.bcast(seed)
-        log = Log(out / "log.txt" if comm.is_root else None, enabled=comm.is_root)
-        cmd = " ".join(shlex.quote(a) for a in (["sort3d-depth"] + list(
-            sys.argv[1:] if argv is None else argv)))
         if comm.is_root:
             with open(out / "command.txt", "a") as f:
                 f.write(cmd + "\n")
         log(f"command: {cmd}")
         log(f"seed {args.seed}; {comm.size} MPI rank(s); {_versions()}")
+        if state == "resume":
+            log("resuming the run in this folder: finished units are loaded, unfinished ones are "
+                "done again")
         _set_threads(comm)
         from .star_io import read_star
         particles = read_star(args.instack)
         validate(args, len(particles), particles.box)
+        from .memory import check as memory_check
+        problem = memory_check(len(particles), particles.box, comm.size, args.memory_per_node,
+                               args.overhead, args.nxinit, log)
+        if problem:
+            raise UserError(problem)
         args.mask_map = _read_map(args.mask3D, "--mask3D", particles.box) if args.mask3D else None
         args.focus_map = _read_map(args.focus, "--focus", particles.box) if args.focus else None
         args.apply_noise = not args.notapplybckgnoise
         args.include_unaccounted = not args.not_include_unaccounted
-        from .sorter import run_sorting
-        run_sorting(particles, args, comm, out, log)
-        return 0
-    except (UserError, ParticleDataError, SortingInputError) as e:
-        if comm.is_root:
-            print(f"sort3d-depth: error: {e}", file=sys.stderr, flush=True)
-            if log is not None:
-                log(f"ERROR: {e}")
-        return 2
+    except expected as e:
+        error = str(e)
     except Exception:
-        msg = traceback.format_exc()
-        print(f"sort3d-depth: internal error on rank {comm.rank}:\n{msg}", file=sys.stderr,
-              flush=True)
-        if log is not None and comm.is_root:
-            log(f"internal error on rank {comm.rank}:\n{msg}")
-        if comm.size > 1:
-            comm.abort(1)
-        return 1
+        error = "internal error:\n" + traceback.format_exc()
+    errors = comm.allgather(error)
+    failed = [(r, m) for r, m in enumerate(errors) if m is not None]
+    if failed:
+        if comm.is_root:
+            rank, msg = failed[0]
+            same = len(failed) == comm.size and all(m == msg for _, m in failed)
+            _report_error(msg, out, "" if same else f" (MPI rank {rank})")
+        return 2 if all(not m.startswith("internal error") for _, m in failed) else 1
+    # phase 3
+    try:
+        if comm.is_root and state == "new":
+            _write_options(out, args)
+        from .sorter import run_sorting
+        run_sorting(particles, args, comm, out, log, Checkpoints(out, comm, log))
+        return 0
+    except expected as e:
+        msg, code = str(e), 2
+    except OSError as e:       # disk full, quota, folder removed under the run, lost stack
+        where = f" ({e.filename})" if e.filename else ""
+        what = "writing the results in" if not e.filename or str(out) in str(e.filename) \
+            else "reading the input for"
+        msg, code = f"I/O error {what} {out}: {e.strerror or e}{where}", 1
+    except Exception:
+        msg, code = "internal error:\n" + traceback.format_exc(), 1
+    _report_error(msg, out, f" (MPI rank {comm.rank})" if comm.size > 1 else "")
+    if comm.size > 1:
+        comm.abort(code)
+    return code
 
 
 def main():

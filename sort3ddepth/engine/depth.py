@@ -45,6 +45,7 @@ class SortContext:
     init_k: int = 7
     use_umat: bool = False
     timings: dict = field(default_factory=dict)
+    checkpoints: object = None   # checkpoint.Checkpoints (resume), or None
 
 
 @dataclass
@@ -145,10 +146,20 @@ def within_box_accept(result, frozen, low, iteration):
     return ok if ok.any() else sizes > 0
 
 
-def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
+def _load(ctx, key):
+    return ctx.checkpoints.load(key, ctx.rng) if ctx.checkpoints and key else None
+
+
+def _save(ctx, key, **payload):
+    if ctx.checkpoints and key:
+        ctx.checkpoints.save(key, ctx.rng, **payload)
+
+
+def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None):
     """One box: runs of box iterations on `subset` (sorted global indices) with K groups.
 
-    start: None (random starts) or a Partition to start from (layers > 0)."""
+    start: None (random starts) or a Partition to start from (layers > 0). key: checkpoint name
+    of the box (each finished run is saved under key/run#)."""
     n = len(subset)
     rng, log = ctx.rng, ctx.log
     clusters_all, pool = [], np.arange(n)
@@ -157,6 +168,13 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
     first_start = start
     # search mode: one run per box (the leftovers go to the next generation)
     for run in range(1 if ctx.search else MAX_RUNS):
+        done = _load(ctx, key and f"{key}/run{run}")
+        if done is not None:
+            clusters_all, pool, rand_last = done["clusters"], done["pool"], done["rand"]
+            group_size, k_found = done["group_size"], done["k_found"]
+            if done["stop"]:
+                break
+            continue
         sub = subset[pool]
         nr = len(sub)
         if run > 0:
@@ -240,7 +258,10 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False):
                 group_size = int(np.mean([len(f) for f in found]))
         clusters_all += found
         pool = pool[unacc] if found else pool
-        if not found or len(pool) < 2 * MIN_CLUSTER_SIZE:
+        stop = not found or len(pool) < 2 * MIN_CLUSTER_SIZE
+        _save(ctx, key and f"{key}/run{run}", clusters=clusters_all, pool=pool, rand=rand_last,
+              group_size=group_size, k_found=k_found, stop=stop)
+        if stop:
             break
     clusters_all.sort(key=len, reverse=True)
     result = Partition([np.sort(c) for c in clusters_all],
@@ -311,8 +332,13 @@ def run_generation(ctx, gen, subset, k):
                 kb = max(len(start.clusters), k, 2)
             # K may be lowered in layer-0 boxes until one box has validated a K (then the
             # others inherit it: an unlucky random start must not undo a validated K)
-            res = run_box(ctx, subset, kb, start, tag,
-                          allow_k_reset=(not ctx.frozen and start is None and not learned))
+            key = f"gen{gen:03d}/layer{layer}/box{ibox}"
+            res = _load(ctx, key)
+            res = res["partition"] if res is not None else None
+            if res is None:
+                res = run_box(ctx, subset, kb, start, tag, key=key,
+                              allow_k_reset=(not ctx.frozen and start is None and not learned))
+                _save(ctx, key, partition=res)
             results.append(res)
             # box learning (unfrozen modes): the next boxes of the layer take the K that this
             # box found when its two runs agreed well (rand index > 0.85)

@@ -10,7 +10,8 @@ import mrcfile
 import numpy as np
 
 
-def _atomic(path, writer, suffix=""):
+def atomic_write(path, writer, suffix=""):
+    """writer(tmp_name) fills a temporary file next to `path`, which then replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=suffix + ".tmp", dir=path.parent)
@@ -30,7 +31,7 @@ def write_text(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    _atomic(path, w)
+    atomic_write(path, w)
 
 
 def write_selection(path, indices):
@@ -48,7 +49,7 @@ def write_map(path, vol, pixel_size):
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(np.asarray(vol, np.float32))
             m.voxel_size = float(pixel_size)
-    _atomic(path, w, ".mrc")
+    atomic_write(path, w, ".mrc")
 
 
 def write_json(path, obj):

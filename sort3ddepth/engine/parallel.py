@@ -53,6 +53,12 @@ class Comm:
         assert out.shape[0] == n_total
         return out
 
+    def allgather(self, obj):
+        """One picklable object per rank -> the list of all of them, on every rank."""
+        if self._c is None or self.size == 1:
+            return [obj]
+        return self._c.allgather(obj)
+
     def bcast(self, obj):
         if self._c is None or self.size == 1:
             return obj
@@ -67,6 +73,13 @@ class Comm:
         if self._c is not None and self.size > 1:
             self._c.Abort(code)
         sys.exit(code)
+
+
+def fault_point(name, comm):
+    """Test hook: raise on the rank and at the point named by SORT3DDEPTH_FAULT="rank:name", to
+    prove that an error on one rank ends the whole job (see tests/test_reliability.py)."""
+    if os.environ.get("SORT3DDEPTH_FAULT") == f"{comm.rank}:{name}":
+        raise RuntimeError(f"fault injected at {name} (SORT3DDEPTH_FAULT)")
 
 
 def world():

@@ -19,6 +19,7 @@ from . import anova, fourier, output
 from .ctf import ctf_coefficients
 from .depth import MIN_CLUSTER_SIZE, SortContext, run_generation
 from .mgskmeans import ClusterMaps
+from .parallel import fault_point
 from .preprocess import normalise_images, prepare
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
@@ -113,9 +114,9 @@ def _anova_lines(particles, clusters, names):
     return lines, tables
 
 
-def run_sorting(particles, opts, comm, out_dir, log):
+def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     """Sort `particles` (stack mode); writes the outputs in out_dir (rank 0) and returns the
-    summary dict."""
+    summary dict. checkpoints: checkpoint.Checkpoints to resume from and save to, or None."""
     t_start = time.time()
     out_dir = Path(out_dir)
     rng = np.random.default_rng(opts.seed)
@@ -133,14 +134,21 @@ def run_sorting(particles, opts, comm, out_dir, log):
     maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
     frozen = (not search) and not opts.not_freeze_groups
     ctx = SortContext(data, maps, rng, log, search, frozen, work, opts.nstep, opts.depth_order,
-                      init_k=k0, use_umat=bool(opts.use_umat))
+                      init_k=k0, use_umat=bool(opts.use_umat), checkpoints=checkpoints)
     subset = np.arange(n)
     generations, final_clusters, final_stats, gen_of = [], [], [], []
     gen, k = 0, k0
     while True:
         t = time.time()
         log(f"generation {gen}: {len(subset)} images, K = {k}")
-        part = run_generation(ctx, gen, subset, k)
+        fault_point(f"generation{gen}", comm)
+        done = checkpoints.load(f"gen{gen:03d}", rng) if checkpoints else None
+        if done is not None:
+            part = done["partition"]
+        else:
+            part = run_generation(ctx, gen, subset, k)
+            if checkpoints:
+                checkpoints.save(f"gen{gen:03d}", rng, partition=part)
         stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
         pairs = list(zip(part.clusters, stats))
         if pairs:   # SPHIRE's post-filter: clusters < 1/3 of the largest go back to the pool
