@@ -285,16 +285,20 @@ class ProtSort3DDepth(ProtClassify3D):
         out = self._getSortDir()
         record = self._getEngineRecord()
         what = arguments + "\n" + signature + "\n"
-        if os.path.exists(self._getSummaryFile()) and os.path.exists(record):
+        same = False
+        if os.path.exists(record):
             with open(record) as f:
-                if f.read() == what:
-                    self.info("The sorting has finished before (%s exists): skipping it."
-                              % self._getSummaryFile())
-                    return
-        if os.path.exists(out):
-            # an interrupted run (or one with other options): the engine refuses to write into
-            # a folder that holds a run, and its partial files must not be mixed with new ones
-            self.info("Removing the unfinished sorting output %s" % out)
+                same = f.read() == what
+        if same and os.path.exists(self._getSummaryFile()):
+            self.info("The sorting has finished before (%s exists): skipping it."
+                      % self._getSummaryFile())
+            return
+        if same and os.path.exists(out):
+            # the engine resumes its own interrupted run (same options, same input)
+            self.info("Resuming the interrupted sorting in %s" % out)
+        elif os.path.exists(out):
+            # a run with other options or input: its files must not be mixed with new ones
+            self.info("Removing the earlier sorting output %s (other options or input)" % out)
             shutil.rmtree(out)
         with open(record, "w") as f:
             f.write(what)

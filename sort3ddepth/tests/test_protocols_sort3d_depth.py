@@ -269,7 +269,7 @@ class TestSort3DDepthRun(BaseTest):
 
     def test_zz_b_continue_after_interrupted_sorting(self):
         """The sorting was killed half-way (its folder has log.txt but no summary.json): continue
-        keeps the converted input, clears the partial folder and sorts again."""
+        keeps the converted input and the engine resumes its run (finished units loaded)."""
         prot = self._sorted()
         sort_dir = prot._getExtraPath("sort3d")
         star = prot._getExtraPath("particles.star")
@@ -279,7 +279,9 @@ class TestSort3DDepthRun(BaseTest):
             if fn.startswith("vol_cluster"):
                 os.remove(os.path.join(sort_dir, fn))
         prot, log, elapsed = self._continue(prot, ("runSortStep", "createOutputStep"))
-        self.assertIn("Removing the unfinished sorting output", log)
+        self.assertIn("Resuming the interrupted sorting", log)
+        with open(os.path.join(sort_dir, "log.txt")) as f:
+            self.assertIn("resume: gen000 loaded from an earlier run", f.read())
         self.assertIn("Running command", log)
         self.assertEqual(star_time, os.path.getmtime(star))
         with open(os.path.join(sort_dir, "summary.json")) as f:
