@@ -10,6 +10,8 @@
 import json
 import math
 import os
+import shutil
+import subprocess
 import time
 
 import mrcfile
@@ -236,9 +238,21 @@ class TestSort3DDepthViewer(BaseTest):
         with open(prot._getSortDir("summary.json")) as f:
             cls.summary = json.load(f)
 
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    def _viewerClass(self):
+        """The viewer as Scipion finds it for the protocol (plugin discovery)."""
+        from pyworkflow import Config
+        from pyworkflow.viewer import DESKTOP_TKINTER
+        found = [v for v in Config.getDomain().findViewers(self.prot, DESKTOP_TKINTER)
+                 if v.__name__ == "Sort3DDepthViewer"]
+        self.assertEqual(len(found), 1)
+        return found[0]
+
     def _viewer(self):
-        from sort3ddepth.viewers import Sort3DDepthViewer
-        v = Sort3DDepthViewer(project=self.proj, protocol=self.prot)
+        v = self._viewerClass()(project=self.proj, protocol=self.prot)
         v.setProtocol(self.prot)
         return v
 
@@ -258,11 +272,8 @@ class TestSort3DDepthViewer(BaseTest):
         return fig
 
     def test_viewer_is_found_for_the_protocol(self):
-        from pyworkflow import Config
-        from pyworkflow.viewer import DESKTOP_TKINTER
-        names = [v.__name__ for v in Config.getDomain().findViewers(self.prot,
-                                                                    DESKTOP_TKINTER)]
-        self.assertIn("Sort3DDepthViewer", names)
+        cls = self._viewerClass()
+        self.assertEqual(cls.getClassLabel(), "sort3ddepth - viewer sort3d depth")
 
     def test_form(self):
         v = self._viewer()
@@ -349,3 +360,67 @@ class TestSort3DDepthViewer(BaseTest):
                 self.assertNotIsInstance(view, MessageView,
                                          "%s: %s" % (name, getattr(view, "_msg", "")))
             print(name, [type(x).__name__ for x in views])
+
+    def test_zz_form_and_plot_window_under_xvfb(self):
+        """visualize() opens the form (its mainloop is ended from inside); an eye button's plot
+        opens in a Tk window without blocking."""
+        if shutil.which("Xvfb") is None:
+            self.skipTest("Xvfb is not installed (apt-get install xvfb)")
+        display = ":96"
+        xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "1280x1024x24", "-nolisten",
+                                 "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        old_display = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = display
+        import pyworkflow.gui.project  # noqa: F401  (import before gui.form: circular imports)
+        from matplotlib import pyplot as plt
+        from pyworkflow.gui.form import FormWindow
+        from pyworkflow.gui.plotter import Plotter
+        seen = {}
+        original_show = FormWindow.show
+
+        def show(window, *args, **kwargs):
+            def check():
+                try:
+                    root = window.root
+                    root.update()
+                    seen["viewable"] = root.winfo_viewable()
+                    before = set(plt.get_fignums())
+                    t0 = time.time()
+                    viewer._visualizeParam("showFsc")        # what the eye button calls
+                    seen["plot_seconds"] = time.time() - t0
+                    new = set(plt.get_fignums()) - before
+                    seen["new_figures"] = len(new)
+                    for num in new:
+                        fig = plt.figure(num)
+                        root.update()
+                        seen["fsc_lines"] = len(_gids(fig, "fsc:"))
+                        seen["window"] = fig.canvas.get_tk_widget().winfo_ismapped()
+                        plt.close(fig)
+                finally:
+                    window.root.quit()
+            window.root.after(1000, check)
+            window.root.after(30000, window.root.quit)      # never hang the test session
+            original_show(window, *args, **kwargs)
+
+        time.sleep(1.0)
+        try:
+            Plotter.setBackend("TkAgg")
+            FormWindow.show = show
+            viewer = self._viewerClass()(project=self.proj, protocol=self.prot)
+            viewer.visualize(self.prot)
+            viewer.formWindow.root.destroy()
+        finally:
+            FormWindow.show = original_show
+            Plotter.setBackend("Agg")
+            xvfb.terminate()
+            xvfb.wait(10)
+            if old_display is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = old_display
+        self.assertTrue(seen.get("viewable"), seen)
+        self.assertEqual(seen.get("new_figures"), 1, seen)
+        self.assertTrue(seen.get("window"), seen)
+        self.assertEqual(seen.get("fsc_lines"),
+                         sum(1 for c in self.summary["clusters"] if c.get("fsc")))
+        self.assertLess(seen["plot_seconds"], 10)
