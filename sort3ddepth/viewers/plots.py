@@ -218,7 +218,8 @@ def anova_text_lines(summary, generation=None, alpha=ALPHA):
         lines.append("ANOVA of %s (%s): F = %s, p = %s%s" % (
             var, _where(generation), _fmt(t.get("F"), ".4g"), _fmt(t.get("p"), ".4g"),
             ("   <-- the clusters differ in %s (p < %g)" % (var, alpha)) if flag else
-            ("   (%s)" % t["reason"] if t.get("reason") else "   (no significant difference)")))
+            ("   (%s)" % t["reason"] if t.get("reason") else
+             "   (not significant at p < %g)" % alpha)))
         lines.append("  %-14s %7s %14s %14s" % ("cluster", "N", "mean", "std"))
         for g in t.get("groups") or []:
             lines.append("  %-14s %7s %14s %14s" % (g["name"], g.get("n", "?"),
