@@ -274,8 +274,9 @@ def run(argv=None, comm=None):
             log("resuming the run in this folder: finished units are loaded, unfinished ones are "
                 "done again")
         _set_threads(comm)
-        from .star_io import read_star
+        from .star_io import check_unique_images, read_star
         particles = read_star(args.instack)
+        check_unique_images(particles)
         validate(args, len(particles), particles.box)
         from .memory import check as memory_check
         problem = memory_check(len(particles), particles.box, comm.size, args.memory_per_node,

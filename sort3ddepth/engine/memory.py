@@ -5,16 +5,16 @@ The estimate is per rank: a fixed part (Python, numpy, numba's compiled kernels)
 the rank at their peak during pre-processing (the float images, their Fourier transforms and the
 two Fourier image sets kept for sorting), and the cluster-map accumulators (data and weights on
 the padded Fourier grid for up to MAX_MAPS maps, plus the copies the incremental updates keep).
-The constants were fitted to measured peaks (bench/README.md): 17,280 images of 64 px on 2 ranks
-peaked at 2.0 GB per rank, 1,800 of 48 px on 1 rank at 0.9 GB.
+The estimate errs on the safe side: measured peaks were 2.0 GB per rank for 17,280 images of
+64 px on 2 ranks (estimate 2.5 GB) and 0.39 GB for 750 images of 40 px on 1 rank (estimate 0.5).
 """
 import os
 
 GB = 1024 ** 3
-BASE_BYTES = 0.55 * GB        # interpreter, libraries, compiled kernels
+BASE_BYTES = 0.35 * GB        # interpreter, libraries, compiled kernels
 BYTES_PER_PIXEL = 40          # per local image pixel at the pre-processing peak
 MAX_MAPS = 14                 # 7 groups x 2 half-set maps in search mode
-MAP_COPIES = 3                # accumulators + built maps + incremental sums
+MAP_COPIES = 2                # accumulators + built maps
 
 
 def ranks_per_node(comm_size):

@@ -879,3 +879,23 @@ def write_star_rows(particles, indices, star_path, class_number=None):
                 out.writeStar(f, tableName=src.get('table_name') or 'particles')
             else:
                 out.writeStar(f, tableName=src.get('table_name') or '')
+
+
+def check_unique_images(particles):
+    """Each image once, for sorting: a particle listed twice (merged or symmetry-expanded STAR
+    files) would count twice in every map and could sit in two clusters. Raises
+    ParticleDataError naming the image and both particle rows (1-based)."""
+    st = particles.images
+    if not isinstance(st, ImageStack) or len(particles) < 2:
+        return
+    fi = np.asarray(st.file_index, np.int64)
+    ii = np.asarray(st.image_index, np.int64)
+    key = fi * (int(ii.max()) + 1) + ii
+    order = np.argsort(key, kind='stable')
+    same = np.nonzero(key[order][1:] == key[order][:-1])[0]
+    if same.size:
+        i, j = sorted((int(order[same[0]]), int(order[same[0] + 1])))
+        star = particles.source.get('star_path', 'the input')
+        raise _err(star, 'duplicate particle: image %d of %s is listed at particle rows %d and %d '
+                         '(each particle must appear once: merged or symmetry-expanded STAR file?)'
+                   % (ii[i] + 1, st.files[fi[i]], i + 1, j + 1))
