@@ -252,20 +252,26 @@ def _distance_kernel(vol, rots, imgs, coefs, use_ctf, shell_w, groups, pad,
 
 
 @njit(inline="always", fastmath=True)
-def _scatter(data, wts, px, py, pz, vr, vi, w, ks, ms):
-    """Adjoint of the trilinear gather for one sample: add value*(trilinear weight)*m and
-    weight likewise into maps ks[j] with insertion weights ms[j]; corners on the missing half
-    (x < 0) are dropped (the caller also scatters the Hermitian mirror when it reaches x = 0)."""
+def _scatter(data, wts, px, py, pz, vr, vi, w, k, m, zlo, zhi):
+    """Adjoint of the trilinear gather for one sample: add (value, weight) * trilinear weight * m
+    into map k of data and wts, only at the corners whose z lies in
+    [zlo, zhi) (the caller's slab); corners on the missing half (x < 0) are dropped (the caller
+    also scatters the Hermitian mirror when it reaches x = 0)."""
     nz, ny, nxh = data.shape[1], data.shape[2], data.shape[3]
     c = ny // 2
     y = py + c
     z = pz + c
     x0, y0, z0 = int(np.floor(px)), int(np.floor(y)), int(np.floor(z))
+    if z0 + 1 < zlo or z0 >= zhi:
+        return
     if x0 + 1 < 0 or x0 >= nxh - 1 or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
         return
     fx, fy, fz = px - x0, y - y0, z - z0
     for dz in range(2):
-        wz = fz if dz else 1.0 - fz
+        zi = z0 + dz
+        if zi < zlo or zi >= zhi:
+            continue
+        wz = (fz if dz else 1.0 - fz) * m
         for dy in range(2):
             wzy = wz * (fy if dy else 1.0 - fy)
             for dx in range(2):
@@ -273,45 +279,56 @@ def _scatter(data, wts, px, py, pz, vr, vi, w, ks, ms):
                 if xi < 0:
                     continue
                 t = wzy * (fx if dx else 1.0 - fx)
-                for j in range(ks.shape[0]):
-                    tm = t * ms[j]
-                    data[ks[j], z0 + dz, y0 + dy, xi] += complex(tm * vr, tm * vi)
-                    wts[ks[j], z0 + dz, y0 + dy, xi] += tm * w
+                data[k, zi, y0 + dy, xi] += complex(t * vr, t * vi)
+                wts[k, zi, y0 + dy, xi] += t * w
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, tptr, erow, eptr, mk, mw, shell_w,
+def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, mptr, ment, mwt, n_slabs, shell_w,
                         groups, pad, piy, pix, pkx, pky, pshell, pherm, data, wts):
-    """Thread t handles the (entry, map) pairs of the maps it owns, entries in order: threads
-    never write the same map, and every map is summed in the same order whatever the thread
-    count (bit-identical results)."""
+    """One task per (map, z-slab): it runs through the map's entries in entry order and adds only
+    into its slab. Tasks never write the same voxel and every voxel is summed in entry order
+    whatever the thread count (bit-identical results); slabs also balance the threads when there
+    are few maps and keep each task's writes in a cache-friendlier part of the grid (measured:
+    17,280 images of 64 px into 5 maps at pad 2 on 2 threads: 3.4 s with one task per map,
+    1.4 s with 4 slabs per map)."""
     npix = piy.shape[0]
-    for t in prange(tptr.shape[0] - 1):
-        for q in range(tptr[t], tptr[t + 1]):
-            e = erow[q]
-            ks = mk[eptr[q]:eptr[q + 1]]
-            ms = mw[eptr[q]:eptr[q + 1]]
+    nz = data.shape[1]
+    c = nz // 2
+    for task in prange((mptr.shape[0] - 1) * n_slabs):
+        k = task // n_slabs
+        s = task % n_slabs
+        zlo = (nz * s) // n_slabs
+        zhi = (nz * (s + 1)) // n_slabs
+        for q in range(mptr[k], mptr[k + 1]):
+            e = ment[q]
+            m = mwt[q]
             i = img_index[e]
             r = rots[e]
             g = groups[i]
             for j in range(npix):
+                kx = pkx[j]
+                ky = pky[j]
+                pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
+                # neither the sample nor its mirror reaches this slab: skip it
+                za = pz + c
+                zb = c - pz
+                if (za + 1.0 < zlo or za >= zhi) and (zb + 1.0 < zlo or zb >= zhi):
+                    continue
                 nw = shell_w[g, pshell[j]]
                 if nw == 0.0:
                     continue
-                kx = pkx[j]
-                ky = pky[j]
                 ctf = ctf_value(coefs[i], kx, ky) if use_ctf else 1.0
                 x = imgs[i, piy[j], pix[j]]
                 vr, vi = x.real * ctf * nw, x.imag * ctf * nw
                 w = ctf * ctf * nw
                 px = (r[0, 0] * kx + r[1, 0] * ky) * pad
                 py = (r[0, 1] * kx + r[1, 1] * ky) * pad
-                pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
                 if px > -1.0:
-                    _scatter(data, wts, px, py, pz, vr, vi, w, ks, ms)
+                    _scatter(data, wts, px, py, pz, vr, vi, w, k, m, zlo, zhi)
                 # a half-plane sample stands for its mirror -q too (columns 0 < kx < N/2)
                 if pherm[j] == 2.0 and px < 1.0:
-                    _scatter(data, wts, -px, -py, -pz, vr, -vi, w, ks, ms)
+                    _scatter(data, wts, -px, -py, -pz, vr, -vi, w, k, m, zlo, zhi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,25 +425,17 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     npad = int(round(pad * box))
     npad += npad % 2
     k = memb.shape[1]
-    # the (entry, map) pairs with a non-zero weight, dealt to threads by map (k mod T), then
-    # grouped by entry in entry order
-    nt = max(1, min(n_threads or numba.get_num_threads(), k))
-    rows, cols = np.nonzero(memb)
-    owner = cols % nt
-    order = np.lexsort((cols, rows, owner))
-    rows, cols, owner = rows[order], cols[order], owner[order]
-    new_group = np.r_[True, (rows[1:] != rows[:-1]) | (owner[1:] != owner[:-1])] if rows.size \
-        else np.zeros(0, bool)
-    starts = np.nonzero(new_group)[0]
-    erow = rows[starts].astype(np.int64)
-    eptr = np.r_[starts, rows.size].astype(np.int64)
-    tptr = np.searchsorted(owner[starts], np.arange(nt + 1)).astype(np.int64)
-    mk = cols.astype(np.int64)
-    mw = memb[rows, cols]
+    # the (entry, map) pairs with a non-zero weight, grouped by map, entries in order
+    cols, rows = np.nonzero(memb.T)
+    mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
+    ment = rows.astype(np.int64)
+    mwt = memb[rows, cols]
+    nt = max(1, n_threads or numba.get_num_threads())
+    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
     shape = (k, npad, npad, npad // 2 + 1)
     data = np.zeros(shape, np.complex128)
     wts = np.zeros(shape, np.float64)
     table = pixel_table(box, 0.0, rmax)
-    _backproject_kernel(imgs, idx, rots, coefs, use_ctf, tptr, erow, eptr, mk, mw, sw, g,
+    _backproject_kernel(imgs, idx, rots, coefs, use_ctf, mptr, ment, mwt, n_slabs, sw, g,
                         float(npad / box), *table, data, wts)
     return data, wts
