@@ -11,7 +11,8 @@ Orientation of each group (matching RELION where RELION has a single default):
 
 * ``c<n>``: n-fold axis along z (as RELION).
 * ``d<n>``: c<n> plus a 2-fold axis along x (as RELION).
-* ``t``: 2-fold axes along x, y and z, 3-fold axes along the body diagonals (+-1, +-1, +-1).
+* ``t``: RELION's setting: a 3-fold axis along z and a 2-fold axis along (0, sqrt(2/3), sqrt(1/3))
+  (checked against relion_reconstruct --sym T).
   NOTE: RELION's ``T`` instead puts a 3-fold axis on z; maps refined in RELION with T need
   rotating before their asymmetric units agree with this one.
 * ``o``: 4-fold axes along x, y and z, 3-folds along the body diagonals (as RELION).
@@ -96,8 +97,10 @@ def _group_matrices(symbol):
         flip_x = np.diag([1.0, -1.0, -1.0])  # 2-fold about x
         return np.concatenate([cn, cn @ flip_x])
     if kind == "t":
-        gens = [np.diag([1.0, -1.0, -1.0]), np.diag([-1.0, -1.0, 1.0]),
-                axis_angle_matrix((1, 1, 1), 2 * np.pi / 3)]
+        # RELION's orientation (checked against relion_reconstruct --sym T): a 3-fold on z and a
+        # 2-fold in the y-z plane at the tetrahedral angle from z, (0, sqrt(2/3), sqrt(1/3))
+        gens = [axis_angle_matrix((0, 0, 1), 2 * np.pi / 3),
+                axis_angle_matrix((0.0, np.sqrt(2.0 / 3.0), np.sqrt(1.0 / 3.0)), np.pi)]
         return _close_group(gens, 12)
     if kind == "o":
         gens = [axis_angle_matrix((0, 0, 1), np.pi / 2),

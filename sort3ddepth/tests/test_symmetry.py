@@ -59,12 +59,14 @@ def test_axes_of_cyclic_and_dihedral():
 
 
 def test_axes_of_tetrahedral_and_octahedral():
+    # RELION's T (relion_reconstruct --sym T, see test_relion_conventions): a 3-fold on z, a
+    # 2-fold at the tetrahedral angle from z in the y-z plane, and its images under the 3-fold
     t = parse_symmetry("t")
-    for axis in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
-        assert has_operator(t, axis, 2)
-        assert not has_operator(t, axis, 4)
-    for axis in [(1, 1, 1), (-1, 1, 1), (1, -1, 1), (1, 1, -1)]:
-        assert has_operator(t, axis, 3)
+    assert has_operator(t, (0, 0, 1), 3) and not has_operator(t, (0, 0, 1), 2)
+    s, c = np.sqrt(2.0 / 3.0), np.sqrt(1.0 / 3.0)
+    for a in (0.0, 2 * np.pi / 3, 4 * np.pi / 3):
+        assert has_operator(t, (-s * np.sin(a), s * np.cos(a), c), 2)
+    assert not has_operator(t, (1, 0, 0), 2)
     o = parse_symmetry("o")
     for axis in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
         assert has_operator(o, axis, 4)
