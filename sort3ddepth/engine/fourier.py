@@ -53,18 +53,31 @@ def volumes_to_fourier(vols, pad=2, gridding_correction=True):
     k, n = vols.shape[0], vols.shape[-1]
     npad = int(round(pad * n))
     npad += npad % 2
-    lo = npad // 2 - n // 2
     out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
     corr = None
     if gridding_correction:
         s = _sinc2_profile(n, npad)
         corr = s[:, None, None] * s[None, :, None] * s[None, None, :]
+    # the map's centre goes to voxel 0 of the padded cube (what ifftshift of a centred, zero-
+    # padded cube gives) by placing it at wrapped indices: no padded float64 copies, and a
+    # single-precision FFT (the result is stored as complex64 anyway)
+    wrap = (np.arange(n) - n // 2) % npad
+    big = np.zeros((npad, npad, npad), np.float32)
     for i in range(k):
-        big = np.zeros((npad, npad, npad))
-        big[lo:lo + n, lo:lo + n, lo:lo + n] = vols[i] / corr if corr is not None else vols[i]
-        f = scipy.fft.rfftn(np.fft.ifftshift(big), workers=-1)
-        out[..., i] = np.fft.fftshift(f, axes=(0, 1))
+        big[np.ix_(wrap, wrap, wrap)] = vols[i] / corr if corr is not None else vols[i]
+        f = scipy.fft.rfftn(big, workers=-1)
+        _fftshift_yz_into(f, out[..., i])
     return FourierVolumes(out, n, npad / n)
+
+
+def _fftshift_yz_into(f, out):
+    """out = fftshift(f, axes=(0, 1)), written block by block (no temporary copy)."""
+    h0, h1 = f.shape[0] // 2, f.shape[1] // 2
+    a0, a1 = f.shape[0] - h0, f.shape[1] - h1
+    out[:h0, :h1] = f[a0:, a1:]
+    out[:h0, h1:] = f[a0:, :a1]
+    out[h0:, :h1] = f[:a0, a1:]
+    out[h0:, h1:] = f[:a0, :a1]
 
 
 def images_to_fourier(images):

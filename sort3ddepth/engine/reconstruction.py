@@ -81,11 +81,19 @@ def reconstruct(data, weights, box, fsc=None, rmax=None, min_weight=1e-3, symmet
 
 
 def _half_grid_to_map(f3, box):
+    """Centred half grid (Np, Np, Np//2+1) -> the centred box^3 map, gridding-corrected.
+    Single-precision inverse FFT of the un-shifted grid; only the box^3 centre is read out of
+    the padded result (at wrapped indices), so no full-size shifted copies are made."""
     npad = f3.shape[0]
-    big = scipy.fft.irfftn(np.fft.ifftshift(f3, axes=(0, 1)), s=(npad,) * 3, workers=-1)
-    big = np.fft.fftshift(big)
-    lo = npad // 2 - box // 2
-    vol = big[lo:lo + box, lo:lo + box, lo:lo + box]
+    h = npad // 2
+    g = np.empty(f3.shape, np.complex64)      # ifftshift over z and y, block by block
+    g[:npad - h, :npad - h] = f3[h:, h:]
+    g[:npad - h, npad - h:] = f3[h:, :h]
+    g[npad - h:, :npad - h] = f3[:h, h:]
+    g[npad - h:, npad - h:] = f3[:h, :h]
+    big = scipy.fft.irfftn(g, s=(npad,) * 3, workers=-1)
+    wrap = (np.arange(box) - box // 2) % npad
+    vol = big[np.ix_(wrap, wrap, wrap)].astype(np.float64)
     # trilinear gridding attenuates the map by sinc^2(x/Np) per axis: undo it
     x = np.arange(box) - box // 2
     s = np.sinc(x / npad) ** 2
