@@ -22,9 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sort3ddepth.engine.output import read_selection  # noqa: E402
-from sort3ddepth.engine.simulate import (DEMO_PIXEL_SIZE, load_demo_map,  # noqa: E402
-                                         make_conformations, simulate_particles)
-from sort3ddepth.engine.star_io import write_star  # noqa: E402
+from simdata import simulated_star  # noqa: E402  (bench/simdata.py)
 
 
 def main():
@@ -39,21 +37,7 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
     out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    star = out / "particles.star"
-    truth_file = out / "truth.npy"
-    key = f"{a.n_classes}x{a.n_per_class}_snr{a.snr}_seed{a.seed}"
-    if not star.exists() or not (out / "dataset.txt").exists() or \
-            (out / "dataset.txt").read_text() != key:
-        t = time.time()
-        rng = np.random.default_rng(a.seed)
-        maps = make_conformations(load_demo_map(64), a.n_classes, rng, radius=8.0)
-        ps = simulate_particles(maps, a.n_per_class, DEMO_PIXEL_SIZE, rng, snr=a.snr)
-        write_star(ps, star)
-        np.save(truth_file, ps.class_label)
-        (out / "dataset.txt").write_text(key)
-        print(f"simulated {len(ps)} particles in {time.time() - t:.0f} s", flush=True)
-    truth = np.load(truth_file)
+    star, truth = simulated_star(out, a.n_classes, a.n_per_class, a.snr, a.seed)
     run = out / ("search" if not a.img_per_grp else f"k{a.img_per_grp}")
     if run.exists():
         import shutil
