@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sort3ddepth  # noqa: E402
 from sort3ddepth.engine.comparison import adjusted_rand_index  # noqa: E402
 from sort3ddepth.engine.output import read_selection  # noqa: E402
 from simdata import MAP_BOX, simulated_star  # noqa: E402  (bench/simdata.py)
@@ -207,7 +208,7 @@ def main():
     out = Path(a.output_dir).resolve()
     load0 = os.getloadavg()
     log(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} "
-        f"({os.cpu_count()} cores)")
+        f"({os.cpu_count()} cores); sort3ddepth from {Path(sort3ddepth.__file__).parent}")
     star, truth = simulated_star(out, a.groups, a.n_per_group, a.snr, a.seed, box=a.box, log=log)
     n = len(truth)
     cols, rows = _star_loop(star, "optics")
