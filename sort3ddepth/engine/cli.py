@@ -83,12 +83,19 @@ def _read_map(path, option, box):
 def validate(args, n_particles=None, box=None):
     """Checks that need no data (n_particles None) or the particle count and box."""
     from .symmetry import parse_symmetry
-    if bool(args.instack) == bool(args.refinement_dir):
-        raise UserError("give exactly one of --instack (stack mode) and --refinement_dir "
-                        "(meridien mode)")
+    if not args.instack and not args.refinement_dir:
+        raise UserError("give --instack (stack mode) or --refinement_dir (meridien mode; "
+                        "--instack may then name the RELION STAR file holding its images and CTF)")
     if args.refinement_dir:
-        raise UserError("--refinement_dir: meridien iteration mode is not available in this "
-                        "version yet; export the particles to a RELION STAR file and use --instack")
+        if not os.path.isdir(args.refinement_dir):
+            raise UserError(f"--refinement_dir {args.refinement_dir}: meridien refinement folder "
+                            f"does not exist")
+        if args.niter_for_sorting != -1 and args.niter_for_sorting < 1:
+            raise UserError(f"--niter_for_sorting {args.niter_for_sorting}: must be -1 (the best "
+                            f"iteration) or >= 1")
+        if args.nsmear != -1 and (args.nsmear < 1 or args.nsmear != int(args.nsmear)):
+            raise UserError(f"--nsmear {args.nsmear:g}: must be -1 (all smears) or a whole "
+                            f"number >= 1")
     try:
         parse_symmetry(args.sym)
     except ValueError as e:
@@ -105,7 +112,9 @@ def validate(args, n_particles=None, box=None):
         raise UserError(f"--img_per_grp {args.img_per_grp}: must be > 1 (or -1 for search mode)")
     if n_particles is not None:
         if n_particles < 2:
-            raise UserError(f"--instack {args.instack}: {n_particles} particle(s); need more")
+            what = (f"--refinement_dir {args.refinement_dir}" if args.refinement_dir
+                    else f"--instack {args.instack}")
+            raise UserError(f"{what}: {n_particles} particle(s); need more")
         if args.img_per_grp > 1:
             if args.img_per_grp > n_particles:
                 raise UserError(f"--img_per_grp {args.img_per_grp} is larger than the number of "
@@ -122,6 +131,43 @@ def validate(args, n_particles=None, box=None):
                             f"({box} px images: at most {(box - 2) // 2})")
         if args.nxinit > box:
             raise UserError(f"--nxinit {args.nxinit}: larger than the image size {box}")
+
+
+def _read_meridien_input(args, comm, log):
+    """Meridien mode, phase 2: read the refinement (errors name the bad file), check the options
+    against it, the memory (stack-mode estimate plus the precomputed smeared slices, see
+    smearing.memory_plan) and set args.meridien and args.smear_precompute. Returns the
+    particles."""
+    from .meridien import read_meridien
+    from .memory import check as memory_check
+    from .preprocess import choose_sorting_size, meridien_fsc
+    from .smearing import memory_plan
+    from .sorter import _group_size_settings
+    ref = read_meridien(args.refinement_dir, args.niter_for_sorting,
+                        stack=args.instack or None, radius=args.radius, sym=args.sym,
+                        mask3d=args.mask3D or None, nsmear=int(args.nsmear),
+                        require_bckgnoise=not args.notapplybckgnoise)
+    particles = ref.particles
+    n, box = len(particles), particles.box
+    validate(args, n, box)
+    log(f"meridien refinement {ref.folder}: iteration {ref.iteration}, {n} particles, "
+        f"symmetry {ref.symmetry}, radius {ref.radius} px, mask {ref.mask3d or 'none'}, "
+        f"images and CTF from {ref.stack_path}")
+    problem = memory_check(n, box, comm.size, args.memory_per_node, args.overhead, args.nxinit,
+                           log)
+    if problem:
+        raise UserError(problem)
+    k_guess = _group_size_settings(args, n)[1]
+    nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, args.nxinit)[0]
+    n_pre, problem, lines = memory_plan(ref.smears, n, box, nx, comm.size, args.memory_per_node,
+                                        args.overhead, args.compute_on_the_fly)
+    for line in lines:
+        log(line)
+    if problem:
+        raise UserError(problem)
+    args.meridien = ref
+    args.smear_precompute = n_pre
+    return particles
 
 
 def _versions():
@@ -274,16 +320,22 @@ def run(argv=None, comm=None):
             log("resuming the run in this folder: finished units are loaded, unfinished ones are "
                 "done again")
         _set_threads(comm)
-        from .star_io import check_unique_images, read_star
-        particles = read_star(args.instack)
-        check_unique_images(particles)
-        validate(args, len(particles), particles.box)
         from .memory import check as memory_check
-        problem = memory_check(len(particles), particles.box, comm.size, args.memory_per_node,
-                               args.overhead, args.nxinit, log)
-        if problem:
-            raise UserError(problem)
-        args.mask_map = _read_map(args.mask3D, "--mask3D", particles.box) if args.mask3D else None
+        args.meridien = None
+        if args.refinement_dir:
+            particles = _read_meridien_input(args, comm, log)
+            mask3d = args.meridien.mask3d
+        else:
+            from .star_io import check_unique_images, read_star
+            particles = read_star(args.instack)
+            check_unique_images(particles)
+            validate(args, len(particles), particles.box)
+            problem = memory_check(len(particles), particles.box, comm.size,
+                                   args.memory_per_node, args.overhead, args.nxinit, log)
+            if problem:
+                raise UserError(problem)
+            mask3d = args.mask3D
+        args.mask_map = _read_map(mask3d, "--mask3D", particles.box) if mask3d else None
         args.focus_map = _read_map(args.focus, "--focus", particles.box) if args.focus else None
         args.apply_noise = not args.notapplybckgnoise
         args.include_unaccounted = not args.not_include_unaccounted

@@ -61,10 +61,16 @@ class ClusterMaps:
         if half is not None:
             memb = memb * (d.half[d.lo + loc] == half)[:, None]
         used = np.nonzero(np.any(memb != 0, axis=1))[0]
-        data, w = fourier.backproject(d.rec_f, d.rots[loc[used]],
-                                      np.ascontiguousarray(memb[used], np.float64), d.ctf_coefs,
-                                      pad=self.pad, rmax=rmax, shell_weights=d.shell_weights,
-                                      image_index=loc[used])
+        if d.smears is not None:     # meridien: every smear entry of a member is one slice
+            npad = int(round(self.pad * d.nx))
+            npad += npad % 2
+            data, w = d.smears.backproject(loc[used], memb[used], memb.shape[1], npad, rmax,
+                                           d.shell_weights)
+        else:
+            data, w = fourier.backproject(d.rec_f, d.rots[loc[used]],
+                                          np.ascontiguousarray(memb[used], np.float64),
+                                          d.ctf_coefs, pad=self.pad, rmax=rmax,
+                                          shell_weights=d.shell_weights, image_index=loc[used])
         self.comm.allreduce_sum(data)
         self.comm.allreduce_sum(w)
         return data, w
@@ -100,8 +106,10 @@ class ClusterMaps:
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = self.comparison_volumes(maps)
+        groups = None if d.groups is None else d.groups[loc]
         cross, pp, _ = fourier.distance_terms(fv, d.rots[loc], d.comp_f[loc], d.ctf_coefs[loc],
-                                              rmin=1.0, shell_weights=d.shell_weights)
+                                              rmin=1.0, shell_weights=d.shell_weights,
+                                              groups=groups)
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)
 

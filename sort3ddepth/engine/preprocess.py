@@ -6,6 +6,7 @@ the *reconstruction* images (normalised and centred, unmasked). Both are Fourier
 sorting size nxinit, which comes from the data's own FSC scaled to the expected group size.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -35,7 +36,11 @@ class SortingData:
     fsc_full: np.ndarray         # global FSC of all data (full-data curve), per shell of `box`
     radius: float                # particle radius in original pixels
     orientation_groups: np.ndarray  # (n_total,) orientation-group label of every particle
-    half: np.ndarray             # (n_total,) 0/1 random half of every particle
+    half: np.ndarray             # (n_total,) 0/1 random half of every particle (meridien mode:
+                                 # meridien's own half sets)
+    groups: Optional[np.ndarray] = None   # (n_local,) particle (noise) group = shell_weights row
+    smears: Optional[object] = None       # smearing.LocalSmears (meridien mode); rec_f then
+                                          # holds the UNSHIFTED images the slices are made from
 
     @property
     def pixel_size_sort(self):
@@ -75,6 +80,27 @@ def sorting_size(fsc_full, n_full, n_group, box):
     r = resolution_shell(scaled_fsc(fsc_full, n_full, n_group), 0.143)
     nx = good_fft_size(min(2 * (r + max(int(0.03 * box), 5)), box))
     return min(nx, box - box % 2), r
+
+
+def choose_sorting_size(fsc_full, n, k_guess, box, nxinit=-1):
+    """(nx, expected FSC-0.143 shell of a group of n/k_guess): the user's --nxinit (made even)
+    when given, else SPHIRE's rule (sorting_size)."""
+    if nxinit and nxinit > 0:
+        if nxinit > box:
+            raise SortingInputError(f"--nxinit {nxinit} is larger than the image size {box}")
+        return (int(nxinit) - int(nxinit) % 2,
+                resolution_shell(scaled_fsc(fsc_full, n, n // k_guess), 0.143))
+    return sorting_size(fsc_full, n, n // k_guess, box)
+
+
+def meridien_fsc(fsc, box):
+    """meridien's driver FSC (a full-data curve, used as is, as SPHIRE does) on the shells
+    0..box/2 of the original box (missing shells: 0)."""
+    out = np.zeros(box // 2 + 1)
+    f = np.asarray(fsc, np.float64)[:out.size]
+    out[:f.size] = np.clip(f, 0.0, 1.0)
+    out[0] = 1.0
+    return out
 
 
 def normalise_images(images, radius):
@@ -158,7 +184,6 @@ def project_focus(focus_f, rots, nx):
 
 def prepare(particles, comm, opts, rng, log=print):
     """Build this rank's SortingData for the whole input (stack mode)."""
-    from .symmetry import parse_symmetry
     n, box = len(particles), particles.box
     radius = float(opts.radius) if opts.radius and opts.radius > 0 else box // 2 - 2
     if 2 * radius + 2 > box:
@@ -167,13 +192,7 @@ def prepare(particles, comm, opts, rng, log=print):
     halves = rng.integers(0, 2, n)
     fsc_full = global_fsc(particles, comm, halves, log=log)
     k_guess = opts.k_initial
-    if opts.nxinit and opts.nxinit > 0:
-        if opts.nxinit > box:
-            raise SortingInputError(f"--nxinit {opts.nxinit} is larger than the image size {box}")
-        nx = int(opts.nxinit) - int(opts.nxinit) % 2
-        r143 = resolution_shell(scaled_fsc(fsc_full, n, n // k_guess), 0.143)
-    else:
-        nx, r143 = sorting_size(fsc_full, n, n // k_guess, box)
+    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, opts.nxinit)
     log(f"global FSC 0.143 at shell {resolution_shell(fsc_full, 0.143)} "
         f"({box * particles.pixel_size / max(resolution_shell(fsc_full, 0.143), 1):.1f} Å); "
         f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
@@ -187,14 +206,8 @@ def prepare(particles, comm, opts, rng, log=print):
     f = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), nx)
     rec_f = f
     r_nx = radius * nx / box
-    circle = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx), ndim=2)
-    real = fourier.fourier_to_images(f, nx) * circle
     rots = particles.rotations[idx]
-    if opts.focus_map is not None:
-        focus = fourier.resize_volume(opts.focus_map, nx)
-        real *= project_focus(fourier.volumes_to_fourier(focus, pad=2), rots, nx)
-    comp_f = fourier.images_to_fourier(real)
-    del real
+    comp_f = comparison_images(f, rots, r_nx, opts.focus_map)
 
     # background noise weights, one row for the stack (SPHIRE has one per particle group)
     p_all = comm.allreduce_sum(p_loc)
@@ -213,17 +226,116 @@ def prepare(particles, comm, opts, rng, log=print):
             log("background-noise weighting on (inverse power per shell, outside the radius)")
     coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
 
-    if opts.mask_map is not None:
-        mask = np.clip(fourier.resize_volume(opts.mask_map, nx), 0.0, 1.0).astype(np.float32)
-    else:
-        mask = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx))
-
-    sym = parse_symmetry(opts.sym)
-    from .symmetry import effective_orientation_groups
-    n_og = effective_orientation_groups(opts.orientation_groups, sym.order)
-    centres = sym.orientation_group_centres(n_og)
-    dirs = particles.rotations[:, 2, :]
-    og = sym.assign_orientation_groups(dirs, centres)
+    mask = comparison_mask(opts.mask_map, nx, r_nx)
+    og = orientation_groups(particles.rotations, opts.sym, opts.orientation_groups)
     return SortingData(n, box, particles.pixel_size, nx, sl.start, sl.stop, comp_f, rec_f, rots,
                        coefs, shell_w, mask, fsc_full, radius, np.asarray(og, np.int64),
                        halves.astype(np.int64))
+
+
+def comparison_images(f, rots, r_nx, focus_map=None):
+    """Comparison images from centred Fourier images at the sorting size: soft circle at the
+    particle radius (r_nx, sorting pixels), times the projected focus mask when given."""
+    nx = f.shape[1]
+    circle = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx), ndim=2)
+    real = fourier.fourier_to_images(f, nx) * circle
+    if focus_map is not None:
+        focus = fourier.resize_volume(focus_map, nx)
+        real *= project_focus(fourier.volumes_to_fourier(focus, pad=2), rots, nx)
+    return fourier.images_to_fourier(real)
+
+
+def comparison_mask(mask_map, nx, r_nx):
+    """The 3D mask the maps are normalised in: the user's (or the refinement's) map resized to
+    nx, else a soft sphere at the particle radius."""
+    if mask_map is not None:
+        return np.clip(fourier.resize_volume(mask_map, nx), 0.0, 1.0).astype(np.float32)
+    return soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx))
+
+
+def orientation_groups(rotations, sym_name, n_groups):
+    """Orientation-group label of every particle (its viewing direction's nearest group centre
+    in the asymmetric unit)."""
+    from .symmetry import effective_orientation_groups, parse_symmetry
+    sym = parse_symmetry(sym_name)
+    n_og = effective_orientation_groups(n_groups, sym.order)
+    centres = sym.orientation_group_centres(n_og)
+    return sym.assign_orientation_groups(rotations[:, 2, :], centres)
+
+
+def meridien_noise_weights(bckgnoise, n_cols, apply_noise):
+    """(n_groups, n_cols) background-noise weights per particle group and Fourier shell: the
+    first n_cols columns of meridien's bckgnoise (shell k of a Fourier-cropped image is shell k
+    of the original grid); one row of ones when weighting is off or there is no file."""
+    if not apply_noise or bckgnoise is None:
+        return np.ones((1, n_cols))
+    b = np.asarray(bckgnoise, np.float64)[:, :n_cols]
+    out = np.zeros((b.shape[0], n_cols))
+    out[:, :b.shape[1]] = np.maximum(b, 0.0)
+    return out
+
+
+def prepare_meridien(ref, comm, opts, log=print):
+    """This rank's SortingData from a meridien.MeridienRefinement (meridien mode).
+
+    * global FSC: the refinement's driver FSC (no half-set reconstruction of our own);
+    * halves: meridien's own half sets (the two halves were refined independently, so maps of
+      one half never saw the other half's images; they are what the alternating MGSK-means
+      needs, and the norm factors are per half set);
+    * comparison images: exact current shifts, normalised inside the radius, times the norm
+      factor avgnorm[half set] / norm, soft circle, focus;
+    * reconstruction: one slice per smear entry from the normalised, unshifted image
+      (smearing.LocalSmears), precomputed up to opts.smear_precompute entries per rank;
+    * noise: the particle group's bckgnoise row weights the score and both data and weights of
+      the reconstructions (unless --notapplybckgnoise)."""
+    from .smearing import LocalSmears
+    particles = ref.particles
+    n, box = len(particles), particles.box
+    radius = float(ref.radius)
+    if 2 * radius + 2 > box:
+        raise SortingInputError(f"--radius {radius:g} is too large for {box} px images "
+                                f"(need 2*radius + 2 <= {box})")
+    fsc_full = meridien_fsc(ref.fsc, box)
+    k_guess = opts.k_initial
+    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, opts.nxinit)
+    r_all = resolution_shell(fsc_full, 0.143)
+    log(f"meridien iteration {ref.iteration} of {ref.folder} (last {ref.last_iteration}); "
+        f"refinement FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
+        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
+    sl = comm.local_slice(n)
+    idx = np.arange(n)[sl]
+    norm_factors = ref.norm_factors
+    imgs = normalise_images(particles.load_images(idx), radius)
+    f = fourier.images_to_fourier(imgs)
+    del imgs
+    base = fourier.crop_fourier_images(f, nx)
+    comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), nx)
+    del f
+    comp *= norm_factors[idx].astype(np.float32)[:, None, None]
+    rots = particles.rotations[idx]
+    r_nx = radius * nx / box
+    comp_f = comparison_images(comp, rots, r_nx, opts.focus_map)
+    del comp
+    shell_w = meridien_noise_weights(ref.bckgnoise, nx // 2 + 2, opts.apply_noise)
+    noise = bool(opts.apply_noise) and ref.bckgnoise is not None
+    if noise:
+        log(f"background-noise weighting on: {ref.bckgnoise.shape[0]} particle group(s) from "
+            f"{ref.bckgnoise_path}")
+        groups = np.asarray(particles.group[idx], np.int64)
+    else:
+        log("background-noise weighting off")
+        groups = np.zeros(len(idx), np.int64)
+    coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
+    smears = LocalSmears.build(ref.smears.subset(idx), base, box, norm_factors[idx], coefs,
+                               groups, getattr(opts, "smear_precompute", None))
+    counts = comm.allgather((smears.n_precomputed, smears.n_entries))
+    done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    log(f"smeared slices: {done} of {total} precomputed"
+        + (f" ({', '.join(f'{a}/{b}' for a, b in counts)} per rank)" if comm.size > 1 else "")
+        + ("" if done == total else "; the rest are built on the fly in every reconstruction"))
+    mask = comparison_mask(opts.mask_map, nx, r_nx)
+    og = orientation_groups(particles.rotations, ref.symmetry, opts.orientation_groups)
+    half = np.asarray(particles.half_set, np.int64)
+    return SortingData(n, box, particles.pixel_size, nx, sl.start, sl.stop, comp_f, base, rots,
+                       coefs, shell_w, mask, fsc_full, radius, np.asarray(og, np.int64), half,
+                       groups=groups, smears=smears)

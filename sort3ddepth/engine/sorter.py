@@ -20,7 +20,9 @@ from .ctf import ctf_coefficients
 from .depth import MIN_CLUSTER_SIZE, SortContext, run_generation
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
-from .preprocess import normalise_images, prepare
+from .meridien import check_smearing
+from .preprocess import meridien_noise_weights, normalise_images, prepare, prepare_meridien
+from .smearing import LocalSmears
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
@@ -36,16 +38,27 @@ def _group_size_settings(opts, n):
     return False, n // opts.img_per_grp, opts.img_per_grp
 
 
-def final_maps(particles, clusters, comm, rng, sym, log):
+def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_noise=True):
     """Full-size maps of each index set: exact shifts, CTF, Wiener-filtered with the set's own
     half-map FSC. Returns maps, the FSC-0.143 resolution (Å) and the half-map FSC curve of each
-    set."""
+    set.
+
+    Meridien mode (``meridien`` a MeridienRefinement): the half-map FSC uses meridien's half sets,
+    and every particle is inserted through its smear entries (as the sorting maps, with the norm
+    factors and, unless turned off, the background-noise rows in data and weights alike), the
+    slices built on the fly batch by batch."""
     box, apix = particles.box, particles.pixel_size
     pad = 2 if box <= 160 else 1
     sl = comm.local_slice(len(particles))
     idx = np.arange(len(particles))[sl]
     maps, res, curves = [], [], []
-    halves = rng.integers(0, 2, len(particles))
+    if meridien is None:
+        halves = rng.integers(0, 2, len(particles))
+    else:
+        halves = np.asarray(particles.half_set, np.int64)
+        noise = apply_noise and meridien.bckgnoise is not None
+        shell_w = meridien_noise_weights(meridien.bckgnoise, box // 2 + 2, noise)
+        norm_factors = meridien.norm_factors
     radius = box // 2 - 2
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
     for start in range(0, len(clusters), 4):
@@ -57,9 +70,18 @@ def final_maps(particles, clusters, comm, rng, sym, log):
         memb = np.zeros((len(sel), 2 * len(batch)))
         memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
         f = fourier.images_to_fourier(normalise_images(particles.load_images(sel), radius))
-        f = fourier.shift_images(f, particles.shifts[sel])
         coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
-        data, w = fourier.backproject(f, particles.rotations[sel], memb, coefs, pad=pad)
+        if meridien is None:
+            f = fourier.shift_images(f, particles.shifts[sel])
+            data, w = fourier.backproject(f, particles.rotations[sel], memb, coefs, pad=pad)
+        else:
+            groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
+            sm = LocalSmears.build(meridien.smears.subset(sel), f, box, norm_factors[sel], coefs,
+                                   groups, n_precompute=0)
+            npad = int(round(pad * box))
+            npad += npad % 2
+            data, w = sm.backproject(np.arange(len(sel)), memb, memb.shape[1], npad, None,
+                                     shell_w)
         comm.allreduce_sum(data)
         comm.allreduce_sum(w)
         for j in range(len(batch)):
@@ -89,8 +111,9 @@ def _box_stats(x):
             "min": float(x.min()), "max": float(x.max())}
 
 
-def _anova_lines(particles, clusters, names):
-    """ANOVA of defocus (one value per cluster and defocus, as SPHIRE) and norm."""
+def _anova_lines(particles, clusters, names, smear_counts=None):
+    """ANOVA of defocus (one value per cluster and defocus, as SPHIRE), smearing (meridien mode:
+    the number of smear entries of each particle, before any --nsmear) and norm."""
     lines, tables = [], {}
     if len(clusters) < 2:
         return ["ANOVA analysis is skipped: fewer than two clusters"], tables
@@ -100,6 +123,9 @@ def _anova_lines(particles, clusters, names):
         lab[c] = k
     defocus = 0.5 * (particles.ctf.defocus_u + particles.ctf.defocus_v)
     variables = {"defocus": anova.unique_per_cluster(defocus, lab)}
+    if smear_counts is not None:
+        counts = np.asarray(smear_counts, np.float64)
+        variables["smearing"] = {k: counts[lab == k] for k in range(len(clusters))}
     if particles.norm is not None and np.ptp(particles.norm) > 0:
         variables["norm"] = {k: particles.norm[lab == k] for k in range(len(clusters))}
     for var, groups in variables.items():
@@ -114,21 +140,42 @@ def _anova_lines(particles, clusters, names):
     return lines, tables
 
 
+def _log_check_smearing(ref, nx, log):
+    """--check_smearing: the smearing of every meridien iteration and the memory its slices
+    would take at the sorting size (informational; SPHIRE's smearing_all.txt rows)."""
+    log(f"check_smearing: {'iteration':>9} {'smears/particle':>15} {'orientations':>12} "
+        f"{'max':>5} {'GB at %d px' % nx:>12}")
+    for r in check_smearing(ref.folder, nx):
+        log(f"check_smearing: {r['iteration']:>9} {r['mean_per_particle']:>15.2f} "
+            f"{r['mean_orientations']:>12.2f} {r['max_per_particle']:>5} "
+            f"{r['bytes'] / 1024 ** 3:>12.3f}")
+
+
 def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
-    """Sort `particles` (stack mode); writes the outputs in out_dir (rank 0) and returns the
-    summary dict. checkpoints: checkpoint.Checkpoints to resume from and save to, or None."""
+    """Sort `particles`; writes the outputs in out_dir (rank 0) and returns the summary dict.
+    checkpoints: checkpoint.Checkpoints to resume from and save to, or None.
+
+    Meridien mode: ``opts.meridien`` is the MeridienRefinement and ``particles`` its particles;
+    its symmetry and radius (the user's when given) are used, the sorting maps are smeared, and
+    the cluster files hold meridien particle ids."""
     t_start = time.time()
     out_dir = Path(out_dir)
     rng = np.random.default_rng(opts.seed)
+    ref = getattr(opts, "meridien", None)
     n = len(particles)
     search, k0, work = _group_size_settings(opts, n)
     opts.k_initial = k0
-    sym = parse_symmetry(opts.sym)
+    sym = parse_symmetry(ref.symmetry if ref is not None else opts.sym)
     log(f"{n} particles of {particles.box} px at {particles.pixel_size:.3f} Å/px; symmetry "
         f"{sym.symbol}; {'search mode (initial K %d)' % k0 if search else 'K = %d' % k0}; "
         f"depth order {opts.depth_order} ({2 ** opts.depth_order} boxes in layer 0)")
     t = time.time()
-    data = prepare(particles, comm, opts, rng, log=log)
+    if ref is not None:
+        data = prepare_meridien(ref, comm, opts, log=log)
+        if opts.check_smearing and comm.is_root:
+            _log_check_smearing(ref, data.nx, log)
+    else:
+        data = prepare(particles, comm, opts, rng, log=log)
     log(f"pre-processing done in {time.time() - t:.1f} s "
         f"({len(np.unique(data.orientation_groups))} orientation groups)")
     maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
@@ -185,10 +232,14 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     if core_ok:
         sets.append(unaccounted)
     vols, res, curves = final_maps(particles, sets, comm, np.random.default_rng(opts.seed + 1),
-                           sym if sym.order > 1 else None, log)
+                                   sym if sym.order > 1 else None, log, meridien=ref,
+                                   apply_noise=opts.apply_noise)
     log(f"final maps done in {time.time() - t:.1f} s")
     names = [f"Cluster_{i:03d}" for i in range(len(final_clusters))]
-    anova_lines, anova_tables = _anova_lines(particles, final_clusters, names)
+    smear_counts = None if ref is None else ref.smear_counts
+    anova_lines, anova_tables = _anova_lines(particles, final_clusters, names, smear_counts)
+    # what a cluster file lists: STAR rows, or meridien particle ids (as SPHIRE writes them)
+    ids = (np.arange(n) if ref is None else np.asarray(ref.particle_ids, np.int64))
     for line in anova_lines:
         log(line)
     summary = {
@@ -197,6 +248,9 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
             "freeze" if frozen else "general"),
         "generations": [],
         "clusters": [], "anova": anova_tables, "wall_seconds": None,
+        "input": "meridien" if ref is not None else "stack",
+        "cluster_file_ids": ("meridien particle ids (main000/indexes_000.txt)" if ref is not None
+                             else "0-based particle indices (input STAR row order)"),
         # FSC curves: shell i (0..box/2) is at spatial frequency i / (box * pixel_size) 1/Å
     }
     if comm.is_root:
@@ -206,19 +260,20 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
             gdir = out_dir / f"generation_{gi:03d}"
             entries = []
             for j, c in enumerate(g["clusters"]):
-                output.write_selection(gdir / f"Cluster_{j:03d}.txt", c)
+                output.write_selection(gdir / f"Cluster_{j:03d}.txt", ids[c])
                 output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[first + j], apix)
                 entries.append({"file": f"{gdir.name}/Cluster_{j:03d}.txt",
                                 "map": f"{gdir.name}/vol_cluster{j:03d}.mrc", "size": int(len(c)),
                                 "final_id": first + j, **g["stats"][j]})
             lines, tables = _anova_lines(particles, list(g["clusters"]),
-                                         [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))])
+                                         [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))],
+                                         smear_counts)
             output.write_text(gdir / "anova.txt", "\n".join(lines) + "\n")
             first += len(g["clusters"])
             if opts.include_unaccounted and len(g["unaccounted"]):
                 output.write_selection(gdir / f"Cluster_{len(g['clusters']):03d}.txt",
-                                       g["unaccounted"])
-            output.write_selection(gdir / "Core_set.txt", g["unaccounted"])
+                                       ids[g["unaccounted"]])
+            output.write_selection(gdir / "Core_set.txt", ids[g["unaccounted"]])
             summary["generations"].append({
                 "generation": g["generation"], "n_images": g["n_images"],
                 "cluster_sizes": [len(c) for c in g["clusters"]], "clusters": entries,
@@ -226,7 +281,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
                 "stats": g["stats"], "anova": tables, "seconds": round(g["seconds"], 1)})
         export = particles.source.get("particles_table") is not None
         for i, c in enumerate(final_clusters):
-            output.write_selection(out_dir / f"Cluster_{i:03d}.txt", c)
+            output.write_selection(out_dir / f"Cluster_{i:03d}.txt", ids[c])
             if export:   # the input STAR's rows of this cluster, for relion_refine
                 write_star_rows(particles, c, out_dir / f"Cluster_{i:03d}.star", class_number=i + 1)
             output.write_map(out_dir / f"vol_cluster{i:03d}.mrc", vols[i], apix)
@@ -237,7 +292,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
                 "fsc": [round(float(v), 4) for v in curves[i]], **final_stats[i]})
         nf = len(final_clusters)
         if opts.include_unaccounted and len(unaccounted):
-            output.write_selection(out_dir / f"Cluster_{nf:03d}.txt", unaccounted)
+            output.write_selection(out_dir / f"Cluster_{nf:03d}.txt", ids[unaccounted])
             if export:
                 write_star_rows(particles, unaccounted, out_dir / f"Cluster_{nf:03d}.star",
                                 class_number=nf + 1)
@@ -248,7 +303,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
                 entry["resolution_A"] = round(float(res[-1]), 2)
                 entry["fsc"] = [round(float(v), 4) for v in curves[-1]]
             summary["clusters"].append(entry)
-        output.write_selection(out_dir / "Core_set.txt", unaccounted)
+        output.write_selection(out_dir / "Core_set.txt", ids[unaccounted])
         if core_ok:
             output.write_map(out_dir / "volume_core.mrc", vols[-1], apix)
         output.write_text(out_dir / "anova.txt", "\n".join(anova_lines) + "\n")

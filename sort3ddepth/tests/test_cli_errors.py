@@ -56,7 +56,8 @@ CASES = [
     (["--mask3D", "{d}/notamap.mrc"], "notamap.mrc"),
     (["--mask3D", "{d}/mask40.mrc"], "mask40.mrc"),
     (["--focus", "{d}/mask40.mrc"], "--focus"),
-    (["--refinement_dir", "{d}"], "--refinement_dir"),
+    (["--refinement_dir", "{d}"], "Tracker_000.json"),      # not a meridien folder
+    (["--refinement_dir", "{d}/nothing"], "--refinement_dir"),
 ]
 
 
@@ -74,11 +75,11 @@ def test_bad_option_gives_one_clear_line(small_star, tmp_path, extra, expected):
     assert not list(out.glob("Cluster_*.txt")) and not (out / "summary.json").exists()
 
 
-def test_neither_or_both_inputs(small_star, tmp_path):
-    folder, star = small_star
-    for args in ([], ["--instack", str(star), "--refinement_dir", str(folder)]):
-        res = _run(args + ["--output_dir", str(tmp_path / "o")], tmp_path)
-        assert res.returncode == 2 and "exactly one of --instack" in res.stderr
+def test_no_input(small_star, tmp_path):
+    # (--instack with --refinement_dir names the meridien particles' STAR file: see
+    # test_meridien_sorting.py)
+    res = _run(["--output_dir", str(tmp_path / "o")], tmp_path)
+    assert res.returncode == 2 and "give --instack (stack mode) or --refinement_dir" in res.stderr
 
 
 def test_missing_star_and_output_dir_is_a_file(small_star, tmp_path):
