@@ -198,8 +198,9 @@ def memory_plan(smears, n_particles, box, nx, comm_size, memory_per_node, overhe
     given = memory_per_node > 0
     total = memory_per_node * GB if given else physical_memory()
     mean = smears.n_entries / max(n_particles, 1)
-    lines = [f"smearing: {smears.n_entries} smear entries ({mean:.2f} per particle); precomputing their {nx} px slices takes {smear / GB:.2f} GB on "
-             f"this node ({local} rank(s)) on top of an estimated {base / GB:.2f} GB"]
+    lines = [f"smearing: {smears.n_entries} smear entries ({mean:.2f} per particle); "
+             f"precomputing their {nx} px slices takes {smear / GB:.2f} GB on this node "
+             f"({local} rank(s)) on top of an estimated {base / GB:.2f} GB"]
     if total is None:
         return None, None, lines + ["memory unknown: every smeared slice is precomputed"]
     avail = total - overhead * GB

@@ -33,10 +33,8 @@ INPUT_MERIDIEN = 1
 ATTR_CLUSTER = "_sort3d_cluster"
 ATTR_GENERATION = "_sort3d_generation"
 
-MERIDIEN_NOT_AVAILABLE = (
-    "Meridien refinement input is not available in this version of sort3ddepth yet. Import the "
-    "refined particles (3D alignment and CTF) as a SetOfParticles, e.g. from a RELION STAR file, "
-    "and choose 'particles' as input.")
+#: what a meridien refinement folder must hold for the form's check (the engine checks the rest)
+MERIDIEN_TRACKER = os.path.join("main000", "Tracker_000.json")
 
 
 class ProtSort3DDepth(ProtClassify3D):
@@ -61,7 +59,11 @@ class ProtSort3DDepth(ProtClassify3D):
                            "refined, say, with RELION.\n"
                            "*meridien refinement*: a completed meridien 3D refinement folder "
                            "(uses all meridien information, i.e. smear, normalisations and "
-                           "such). Not available in this version yet.")
+                           "such). SPHIRE's EMAN2 stack cannot be read: a RELION STAR file with the "
+                           "same particles (row p = particle id p, images and CTF) must be named by "
+                           "the refinement or lie in the folder as particles.star. Outputs: the "
+                           "cluster maps (SetOfVolumes) and the engine's Cluster_###.txt files of "
+                           "meridien particle ids.")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
                       pointerCondition="hasAlignmentProj and hasCTF", important=True,
                       condition="inputType == %d" % INPUT_PARTICLES,
@@ -73,8 +75,7 @@ class ProtSort3DDepth(ProtClassify3D):
                       condition="inputType == %d" % INPUT_MERIDIEN,
                       label="Meridien refinement directory",
                       help="A string denotes meridien 3D refinement directory. Sorting switches "
-                           "to meridien iteration mode when specified. (Not available in this "
-                           "version yet.)")
+                           "to meridien iteration mode when specified.")
         form.addParam("niterForSorting", params.IntParam, default=-1,
                       condition="inputType == %d" % INPUT_MERIDIEN,
                       label="Iteration ID of 3D refinement for importing data",
@@ -220,14 +221,20 @@ class ProtSort3DDepth(ProtClassify3D):
         return self._getSortDir("summary.json")
 
     # -------------------------------------------------------------------------------- steps
+    def _isMeridien(self):
+        return self.inputType == INPUT_MERIDIEN
+
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, self._inputSignature())
+        if not self._isMeridien():
+            self._insertFunctionStep(self.convertInputStep, self._inputSignature())
         self._insertFunctionStep(self.runSortStep, self._engineArguments(),
                                  self._inputSignature())
         self._insertFunctionStep(self.createOutputStep)
 
     def _inputSignature(self):
         """What identifies the converted input (a change re-runs the conversion)."""
+        if self._isMeridien():
+            return "meridien:%s" % os.path.abspath(self.refinementDir.get())
         parts = self.inputParticles.get()
         return "%s:%s:%d" % (self.inputParticles.getUniqueId(), parts.getFileName(),
                              parts.getSize())
@@ -240,13 +247,23 @@ class ProtSort3DDepth(ProtClassify3D):
 
     def _engineArguments(self):
         """The engine's command-line options (after `-m sort3ddepth.engine.cli`), one string."""
-        args = ["--instack", self._getStar(), "--output_dir", self._getSortDir(),
-                "--radius", self.radius.get(), "--sym", self.symmetry.get().strip().lower(),
-                "--img_per_grp", self.imgPerGrp.get(), "--nstep", self.nstep.get(),
-                "--memory_per_node", self.memoryPerNode.get(), "--overhead", self.overhead.get(),
-                "--depth_order", self.depthOrder.get(),
-                "--orientation_groups", self.orientationGroups.get(),
-                "--num_core_set", self.numCoreSet.get(), "--nxinit", self.nxinit.get()]
+        if self._isMeridien():
+            args = ["--refinement_dir", os.path.abspath(self.refinementDir.get()),
+                    "--niter_for_sorting", self.niterForSorting.get(),
+                    "--nsmear", self.nsmear.get()]
+            if self.checkSmearing:
+                args.append("--check_smearing")
+            if self.computeOnTheFly:
+                args.append("--compute_on_the_fly")
+        else:
+            args = ["--instack", self._getStar(), "--nxinit", self.nxinit.get()]
+        args += ["--output_dir", self._getSortDir(),
+                 "--radius", self.radius.get(), "--sym", self.symmetry.get().strip().lower(),
+                 "--img_per_grp", self.imgPerGrp.get(), "--nstep", self.nstep.get(),
+                 "--memory_per_node", self.memoryPerNode.get(), "--overhead", self.overhead.get(),
+                 "--depth_order", self.depthOrder.get(),
+                 "--orientation_groups", self.orientationGroups.get(),
+                 "--num_core_set", self.numCoreSet.get()]
         for option, pointer in (("--mask3D", self.mask3D), ("--focus", self.focus)):
             fn = self._maskFile(pointer)
             if fn:
@@ -315,8 +332,27 @@ class ProtSort3DDepth(ProtClassify3D):
         with open(self._getSummaryFile()) as f:
             return json.load(f)
 
+    def _createMeridienOutputs(self, summary):
+        """Meridien input has no Scipion particle set to classify: register the maps; the
+        members are in the engine's Cluster_###.txt files (meridien particle ids)."""
+        sampling = float(summary["pixel_size"])
+        volumes = self._createSetOfVolumes()
+        volumes.setSamplingRate(sampling)
+        for c in summary["clusters"]:
+            if not c.get("map"):
+                continue
+            vol = Volume()
+            vol.setObjId(int(c["id"]) + 1)
+            vol.setLocation(self._getSortDir(c["map"]))
+            vol.setSamplingRate(sampling)
+            vol.setObjLabel("unaccounted" if c.get("unaccounted") else "cluster %03d" % c["id"])
+            volumes.append(vol)
+        self._defineOutputs(outputVolumes=volumes)
+
     def createOutputStep(self):
         summary = self._readSummary()
+        if self._isMeridien():
+            return self._createMeridienOutputs(summary)
         ids = convert.read_ids(self._getIdsFile())
         sampling = self.inputParticles.get().getSamplingRate()
         membership = {}                              # particle objId -> (cluster id, generation)
@@ -381,7 +417,14 @@ class ProtSort3DDepth(ProtClassify3D):
                 errors.append("Meridien refinement directory: no folder given.")
             elif not os.path.isdir(folder):
                 errors.append("Meridien refinement directory %s does not exist." % folder)
-            errors.append(MERIDIEN_NOT_AVAILABLE)
+            elif not os.path.isfile(os.path.join(folder, MERIDIEN_TRACKER)):
+                errors.append("Meridien refinement directory %s has no %s: it is not a meridien "
+                              "refinement folder." % (folder, MERIDIEN_TRACKER))
+            try:
+                from ..engine.symmetry import parse_symmetry
+                parse_symmetry(self.symmetry.get().strip().lower())
+            except ValueError as e:
+                errors.append("Point-group symmetry '%s': %s" % (self.symmetry.get(), e))
             return errors
 
         parts = self.inputParticles.get()
@@ -468,8 +511,6 @@ class ProtSort3DDepth(ProtClassify3D):
 
     def _summary(self):
         summary = []
-        if self.inputType == INPUT_MERIDIEN:
-            return ["Meridien input (not available in this version)."]
         if os.path.exists(self._getSummaryFile()):
             s = self._readSummary()
             regular = [c for c in s["clusters"] if not c.get("unaccounted")]
@@ -488,6 +529,9 @@ class ProtSort3DDepth(ProtClassify3D):
             if res:
                 summary.append("Map resolutions (FSC 0.143): %s A."
                                % ", ".join("%.1f" % r for r in res))
+        elif self._isMeridien():
+            summary.append("Input: meridien refinement %s; output not ready yet."
+                           % self.refinementDir.get())
         elif self.inputParticles.get() is not None:
             summary.append("Input: %d particles; %s." % (
                 self.inputParticles.get().getSize(),

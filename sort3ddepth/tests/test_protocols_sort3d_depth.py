@@ -361,21 +361,29 @@ class TestSort3DDepthValidate(BaseTest):
         self.assertTrue(any(e.startswith("Point-group symmetry 'x7'") for e in errors), errors)
 
     def test_meridien_folder_missing(self):
-        from sort3ddepth.protocols.protocol_sort3d_depth import (INPUT_MERIDIEN,
-                                                                 MERIDIEN_NOT_AVAILABLE)
+        from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
         missing = os.path.join(self.folder, "no_such_meridien_run")
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir=missing).validate()
-        self.assertIn("Meridien refinement directory %s does not exist." % missing, errors)
-        self.assertIn(MERIDIEN_NOT_AVAILABLE, errors)
+        self.assertEqual(["Meridien refinement directory %s does not exist." % missing], errors)
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="").validate()
         self.assertIn("Meridien refinement directory: no folder given.", errors)
 
-    def test_meridien_not_available(self):
-        from sort3ddepth.protocols.protocol_sort3d_depth import (INPUT_MERIDIEN,
-                                                                 MERIDIEN_NOT_AVAILABLE)
+    def test_meridien_folder_check_and_engine_arguments(self):
+        from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder).validate()
-        self.assertEqual(errors, [MERIDIEN_NOT_AVAILABLE])
-        self.assertIn("not available in this version", MERIDIEN_NOT_AVAILABLE)
+        self.assertTrue(len(errors) == 1 and "main000/Tracker_000.json" in errors[0], errors)
+        refine = os.path.join(self.folder, "Refine3D_fake")
+        os.makedirs(os.path.join(refine, "main000"), exist_ok=True)
+        open(os.path.join(refine, "main000", "Tracker_000.json"), "w").close()
+        prot = self._prot(inputType=INPUT_MERIDIEN, refinementDir=refine)
+        self.assertEqual(prot.validate(), [])
+        prot.nsmear.set(1)
+        prot.computeOnTheFly.set(True)
+        args = prot._engineArguments().split()
+        self.assertEqual(args[:2], ["--refinement_dir", refine])
+        for a in ("--niter_for_sorting", "--nsmear", "--compute_on_the_fly", "--output_dir"):
+            self.assertIn(a, args)
+        self.assertNotIn("--instack", args)
 
     def test_mask_of_another_size(self):
         protMask = _import_mask(self, _sphere_mask(os.path.join(self.folder, "m32.mrc"), 32, 10),
