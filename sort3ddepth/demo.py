@@ -10,6 +10,11 @@ Steps (each prints a progress line):
    mode: the number of groups is found by the program), with the MPICH mpirun next to Python;
 4. print the table of the user document: group, particles, % true members (and the true class it
    matches, and the FSC of its map against that true map).
+
+With ``--meridien`` the same particles are also written as a meridien refinement folder
+(``Refine3D/``: params, smear entries around the true poses, chunks, Tracker, FSC; see
+engine/meridien_writer.py) and sorted from it with ``--refinement_dir`` (meridien mode); the
+cluster files then hold meridien particle ids, here 0..N-1.
 """
 import argparse
 import json
@@ -54,9 +59,25 @@ def simulate_dataset(output_dir, seed, n_per_class, n_classes):
     return particles, maps, star
 
 
-def sort_particles(star, out_dir, seed, nproc=2, img_per_grp=None):
-    """Run sort3d-depth on the STAR file (under the venv's MPICH mpirun when nproc > 1)."""
-    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli", "--instack", str(star),
+def write_meridien_folder(particles, folder, seed):
+    """The particles as a meridien refinement folder (smear entries around the true poses), with
+    the data's own FSC between random halves and flat background noise."""
+    from .engine.meridien_writer import write_meridien
+    from .engine.parallel import Comm
+    from .engine.preprocess import global_fsc
+    rng = np.random.default_rng(seed)
+    curve = global_fsc(particles, Comm(), rng.integers(0, 2, len(particles)), log=lambda m: None)
+    write_meridien(folder, particles, seed=seed, fsc=curve,
+                   bckgnoise=np.ones((1, particles.box)))
+    return folder
+
+
+def sort_particles(star, out_dir, seed, nproc=2, img_per_grp=None, refinement_dir=None):
+    """Run sort3d-depth on the STAR file, or on a meridien folder (under the venv's MPICH
+    mpirun when nproc > 1)."""
+    source = ["--refinement_dir", str(refinement_dir)] if refinement_dir else \
+        ["--instack", str(star)]
+    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli"] + source + [
            "--output_dir", str(out_dir), "--seed", str(seed)]
     if img_per_grp:
         cmd += ["--img_per_grp", str(img_per_grp)]
@@ -109,7 +130,7 @@ def format_table(rows, n_total):
 
 
 def run_demo(output_dir="demo_output", seed=1, n_per_class=1000, n_classes=3, nproc=2,
-             img_per_grp=None):
+             img_per_grp=None, meridien=False):
     """Run the whole demo; returns the table rows (list of dicts)."""
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -118,13 +139,17 @@ def run_demo(output_dir="demo_output", seed=1, n_per_class=1000, n_classes=3, np
               f"{DEMO_PIXEL_SIZE} Å/px from the 70S ribosome map (seed {seed}, SNR {SNR})", t0)
     particles, true_maps, star = simulate_dataset(out, seed, n_per_class, n_classes)
     _progress(f"wrote {star} and its .mrcs stack ({len(particles)} particles)", t0)
-    sort_dir = out / "sort3d"
+    refinement = None
+    if meridien:
+        refinement = write_meridien_folder(particles, out / "Refine3D", seed)
+        _progress(f"wrote the meridien refinement folder {refinement}", t0)
+    sort_dir = out / ("sort3d_meridien" if meridien else "sort3d")
     if sort_dir.exists():
         import shutil
         shutil.rmtree(sort_dir)
     _progress(f"sorting with {nproc} MPI rank(s) "
               f"({'search mode' if not img_per_grp else f'img_per_grp {img_per_grp}'})", t0)
-    summary = sort_particles(star, sort_dir, seed, nproc, img_per_grp)
+    summary = sort_particles(star, sort_dir, seed, nproc, img_per_grp, refinement)
     rows = cluster_rows(summary, sort_dir, np.asarray(particles.class_label), true_maps,
                         particles.pixel_size)
     _progress(f"sorting done: results in {sort_dir}", t0)
@@ -142,10 +167,13 @@ def main(argv=None):
     p.add_argument("--np", dest="nproc", type=int, default=2, help="MPI ranks (default 2)")
     p.add_argument("--img_per_grp", type=int, default=None,
                    help="group size for the sorter (default: search mode)")
+    p.add_argument("--meridien", action="store_true",
+                   help="also write a meridien refinement folder and sort from it (meridien mode)")
     a = p.parse_args(argv)
     if a.n_per_class < 1 or a.n_classes < 1:
         p.error("--n_per_class and --n_classes must be >= 1")
-    run_demo(a.output_dir, a.seed, a.n_per_class, a.n_classes, a.nproc, a.img_per_grp)
+    run_demo(a.output_dir, a.seed, a.n_per_class, a.n_classes, a.nproc, a.img_per_grp,
+             a.meridien)
     return 0
 
 
