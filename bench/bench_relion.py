@@ -188,10 +188,10 @@ def figures(labels, truth):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n_per_group", type=int, default=1000, help="particles per conformation")
+    p.add_argument("--n_per_group", type=int, default=1200, help="particles per conformation")
     p.add_argument("--groups", type=int, default=4, help="conformations (true groups)")
     p.add_argument("--box", type=int, default=MAP_BOX, help="image size in pixels")
-    p.add_argument("--snr", type=float, default=0.3)
+    p.add_argument("--snr", type=float, default=0.5)
     p.add_argument("--cores", type=int, default=2,
                    help="cores for each program: MPI ranks of ours, --j threads of RELION")
     p.add_argument("--output_dir", default="bench_output/relion")
