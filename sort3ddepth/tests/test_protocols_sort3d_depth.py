@@ -423,37 +423,29 @@ class TestSort3DDepthValidate(BaseTest):
 class TestSort3DDepthForm(BaseTest):
     """The protocol form in a real Tk window on a virtual X display."""
 
-    DISPLAY = ":97"
-
     @classmethod
     def setUpClass(cls):
-        cls.xvfb = None
-        if shutil.which("Xvfb") is None:
+        from sort3ddepth.tests.xdisplay import xvfb_display
+        cls.display = xvfb_display()
+        if cls.display is None:
             return
         setupTestProject(cls)
-        cls.xvfb = subprocess.Popen(["Xvfb", cls.DISPLAY, "-screen", "0", "1280x1024x24",
-                                     "-nolisten", "tcp"], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
         cls.old_display = os.environ.get("DISPLAY")
-        os.environ["DISPLAY"] = cls.DISPLAY
+        os.environ["DISPLAY"] = cls.display
 
     @classmethod
     def tearDownClass(cls):
-        if cls.xvfb is not None:
-            cls.xvfb.terminate()
-            cls.xvfb.wait(10)
+        # the shared X server stays up (see tests/xdisplay.py); only DISPLAY is restored
+        if cls.display is not None:
             if cls.old_display is None:
                 os.environ.pop("DISPLAY", None)
             else:
                 os.environ["DISPLAY"] = cls.old_display
 
     def setUp(self):
-        if self.xvfb is None:
-            self.skipTest("Xvfb is not installed (apt-get install xvfb): the GUI form test "
-                          "needs a virtual X display")
-        if self.xvfb.poll() is not None:
-            self.skipTest("Xvfb did not start on display %s" % self.DISPLAY)
+        if self.display is None:
+            self.skipTest("Xvfb is not installed or did not start (apt-get install xvfb): the "
+                          "GUI form test needs a virtual X display")
 
     def _open_form(self, prot):
         import pyworkflow.gui.project  # noqa: F401  (import before gui.form: circular imports)

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import time
 
 import mrcfile
@@ -364,11 +363,10 @@ class TestSort3DDepthViewer(BaseTest):
     def test_zz_form_and_plot_window_under_xvfb(self):
         """visualize() opens the form (its mainloop is ended from inside); an eye button's plot
         opens in a Tk window without blocking."""
-        if shutil.which("Xvfb") is None:
-            self.skipTest("Xvfb is not installed (apt-get install xvfb)")
-        display = ":96"
-        xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "1280x1024x24", "-nolisten",
-                                 "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from sort3ddepth.tests.xdisplay import xvfb_display
+        display = xvfb_display()
+        if display is None:
+            self.skipTest("Xvfb is not installed or did not start (apt-get install xvfb)")
         old_display = os.environ.get("DISPLAY")
         os.environ["DISPLAY"] = display
         import pyworkflow.gui.project  # noqa: F401  (import before gui.form: circular imports)
@@ -402,7 +400,6 @@ class TestSort3DDepthViewer(BaseTest):
             window.root.after(30000, window.root.quit)      # never hang the test session
             original_show(window, *args, **kwargs)
 
-        time.sleep(1.0)
         try:
             Plotter.setBackend("TkAgg")
             FormWindow.show = show
@@ -412,8 +409,7 @@ class TestSort3DDepthViewer(BaseTest):
         finally:
             FormWindow.show = original_show
             Plotter.setBackend("Agg")
-            xvfb.terminate()
-            xvfb.wait(10)
+            # the shared X server stays up (see tests/xdisplay.py)
             if old_display is None:
                 os.environ.pop("DISPLAY", None)
             else:
