@@ -369,6 +369,9 @@ def run(argv=None, comm=None):
         msg, code = "internal error:\n" + traceback.format_exc(), 1
     _report_error(msg, out, f" (MPI rank {comm.rank})" if comm.size > 1 else "")
     if comm.size > 1:
+        # give the launcher a moment to forward this rank's stderr: an immediate abort can tear
+        # down the I/O forwarding first (seen with MPICH's mpirun: the message was lost)
+        time.sleep(1.0)
         comm.abort(code)
     return code
 
