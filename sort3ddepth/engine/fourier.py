@@ -422,7 +422,7 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     member_weights: (m, K) insertion weight of entry e into map k (one-hot for a hard assignment,
     fuzzy memberships, or smear probabilities). Entry e uses image ``image_index[e]`` (default e)
     and rotation ``rotations[e]``. Returns (data (K, Np, Np, Np//2+1) complex128,
-    weights (K, Np, Np, Np//2+1) float64) on the half grid of ``volumes_to_fourier``."""
+    weights (K, Np, Np, Np//2+1) float32) on the half grid of ``volumes_to_fourier``."""
     imgs = np.ascontiguousarray(images_f, np.complex64)
     box = imgs.shape[1]
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
@@ -447,7 +447,7 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     n_slabs = int(min(16, max(4, -(-2 * nt // k))))
     shape = (k, npad, npad, npad // 2 + 1)
     data = np.zeros(shape, np.complex128)
-    wts = np.zeros(shape, np.float64)
+    wts = np.zeros(shape, np.float32)   # sums of positive terms: float32 is ample and saves 1/6 of the accumulators
     table = pixel_table(box, 0.0, rmax)
     _backproject_kernel(imgs, idx, rots, coefs, use_ctf, mptr, ment, mwt, n_slabs, sw, g,
                         float(npad / box), *table, data, wts)

@@ -146,7 +146,7 @@ class LocalSmears:
         (sorted), particle i weighted by memberships[row of i]."""
         shape = (n_maps, npad, npad, npad // 2 + 1)
         data = np.zeros(shape, np.complex128)
-        wts = np.zeros(shape, np.float64)
+        wts = np.zeros(shape, np.float32)
         if len(positions) == 0:
             return data, wts
         ent, row = self.entries_of(positions)
