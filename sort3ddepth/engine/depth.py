@@ -315,6 +315,45 @@ def between_boxes(ctx, subset, a, b, n_allowed, tag=""):
     return Partition(kept, np.setdiff1d(subset, acc), ri, stats)
 
 
+def confirm_members(ctx, subset, part, tag):
+    """Send back to the pool the members whose best map is another cluster's.
+
+    MGSK-means fills every group to the minimum size in every orientation group, so images of a
+    group that is short in some orientation are forced into another; both runs force the same
+    images, so the two-way comparison keeps them. One free (unconstrained) assignment against
+    the stable clusters' maps finds them: each image is scored against maps built from the
+    other random half. Measured on 3 x 600 images at SNR 3: purity 95-97 % -> 99-100 % for
+    93.8 -> 89.7 % accounted; on 4 x 1,200 at SNR 0.5: ARI of the accounted 0.880 -> 0.920."""
+    if len(part.clusters) < 2:
+        return part
+    members = np.concatenate(part.clusters)
+    order = np.argsort(members, kind="stable")
+    members = members[order]
+    labels = np.concatenate([np.full(len(c), j) for j, c in enumerate(part.clusters)])[order]
+    k = len(part.clusters)
+    memb = np.eye(k)[labels]
+    half = ctx.data.half[members]
+    keep = np.ones(len(members), bool)
+    for h in (0, 1):
+        rows = np.nonzero(half == h)[0]
+        if rows.size == 0:
+            continue
+        maps = ctx.maps.build(members, memb * (half == 1 - h)[:, None], len(members) / k)
+        best = ctx.maps.scores(maps, members, half=h).argmax(axis=1)
+        keep[rows] = best == labels[rows]
+    clusters, stats = [], []
+    for j, c in enumerate(part.clusters):
+        kept = members[keep & (labels == j)]
+        if len(kept) >= MIN_CLUSTER_SIZE:
+            clusters.append(kept)
+            stats.append(part.stats[j] if j < len(part.stats) else {})
+    acc = np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
+    ctx.log(f"{tag}member check: {len(members) - len(acc)} of {len(members)} members prefer "
+            f"another cluster's map and go back to the pool; clusters "
+            f"({', '.join(str(len(c)) for c in clusters)})")
+    return Partition(clusters, np.setdiff1d(subset, acc), part.rand_index, stats, part.k_found)
+
+
 def run_generation(ctx, gen, subset, k):
     """All layers of one generation on `subset`; returns the generation's Partition."""
     log = ctx.log
@@ -362,6 +401,6 @@ def run_generation(ctx, gen, subset, k):
         if len(pairs) == 1 or len(good) < len(pairs):
             # last layer, or a pair found fewer than two groups: the generation ends here
             best = max(pairs, key=lambda p: (len(p.clusters) >= 2, p.n_accounted))
-            return best
+            return confirm_members(ctx, subset, best, f"gen {gen}: ")
         starts = good
         layer += 1

@@ -4,7 +4,9 @@ One iteration: reconstruct the K maps from the current members (Wiener-regularis
 expected for a group of this size), normalise each map inside the 3D mask, score images against
 the CTF-multiplied projection of every map at the image's own orientation (SPHIRE's "cross"
 score <X, CTF P_k> / |CTF P_k|), then reassign under the minimum group size, per orientation
-group. The run returns its BEST assignment (lowest change), not the last one.
+group. The run returns its BEST assignment (lowest change), not the last one. At its first plateau
+a run goes on damped (each wanted move made with probability 1/2): alternating halves can trap
+a run in a cycle where the same images flip every sweep, and damping breaks it.
 
 Self-bias: a map built from an image's own noise attracts that image back (at realistic SNR and
 group sizes the effect outweighs the structural signal, and K-means freezes at its random start).
@@ -179,6 +181,14 @@ def cap_oversized(labels, k, rng):
     return out
 
 
+def _plateau(r):
+    """The change has stopped falling: 3 sweeps (since damping began, if damped) of small
+    spread, the last not below the first."""
+    last = r.changes[-3:]
+    return (len(r.changes) >= max(4, r.damped_at + 3) and 100.0 not in last
+            and np.std(last) < (2.0 if r.frozen else 1.0) and last[-1] > last[0] - 0.5)
+
+
 @dataclass
 class RunState:
     labels: np.ndarray
@@ -193,6 +203,9 @@ class RunState:
     n_iter: int = 0
     stepped_last: bool = False
     umat: np.ndarray = None      # (n, K) fuzzy memberships (rows of unit L2 norm)
+    damped: bool = False         # after a first plateau: each wanted move is made with p = 1/2
+    damped_at: int = 0           # sweeps done when damping began
+    wanted: int = 0              # images that wanted to move in the current sweep
 
     @property
     def min_size(self):
@@ -241,7 +254,6 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
     rmax = max(maps_builder.resolution_limit(g) for g in group_half)
     while it < max_iter and not all(r.done for r in runs):
         active = [r for r in runs if not r.done]
-        start_labels = [r.labels.copy() for r in active]
         for h in (1, 0):            # re-assign half h from maps of the other half
             rows = rows_of[h]
             if rows.size == 0:
@@ -275,13 +287,22 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
                 new = constrained_assignment(s, r.min_size * rows.size / n, rng, og[rows])
                 if r.search:
                     new = cap_oversized(new, k, rng)
+                old = r.labels[rows]
+                moved = np.nonzero(new != old)[0]
+                r.wanted += moved.size
+                if r.damped:     # break a cycle: only a random half of the moves is made
+                    stay = moved[rng.random(moved.size) < 0.5]
+                    new[stay] = old[stay]
                 if use_umat:
-                    frac = float(np.mean(new != r.labels[rows]))
+                    frac = float(np.mean(new != old))
                     r.umat[rows] = mix_memberships(rank_memberships(s), new, frac,
                                                    r.min_size / max(r.schedule[0], 1))
                 r.labels[rows] = new
-        for r, old in zip(active, start_labels):
-            change = 100.0 * np.mean(r.labels != old)
+        for r in active:
+            # the change is what the images WANTED: damping halves the moves, not the measure,
+            # so a damped sweep cannot pass for a settled one (stop rule, best labels)
+            change = 100.0 * r.wanted / max(n, 1)
+            r.wanted = 0
             r.changes.append(change)
             r.n_iter += 1
             if change < r.best_change or r.best_labels is None:
@@ -296,10 +317,13 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
             at_last = r.step >= len(r.schedule) - 1
             if change < STOP_CHANGE and (r.frozen or at_last):
                 r.done = True
-            elif len(r.changes) >= 4 and 100.0 not in r.changes[-3:] \
-                    and np.std(r.changes[-3:]) < (2.0 if r.frozen else 1.0) \
-                    and r.changes[-1] > r.changes[-3] - 0.5:
-                r.done = True      # a plateau: small spread and no longer falling
+            elif _plateau(r):
+                if r.damped:
+                    r.done = True      # a second plateau, damped: a genuine optimum
+                else:
+                    # a first plateau is often a cycle (the same images flip every sweep under
+                    # alternating halves); damped moves let the run leave it
+                    r.damped, r.damped_at = True, r.n_iter
         if log:
             log(f"{tag}MGSK-means iteration {it}: change % "
                 + ", ".join(f"{r.changes[-1]:.1f}" for r in runs if r.changes)

@@ -1,0 +1,112 @@
+"""MGSK-means run control (damping after a first plateau) and the member check that ends a
+generation (members whose best map is another cluster's go back to the pool)."""
+import types
+
+import numpy as np
+import pytest
+
+from sort3ddepth.engine.cli import build_parser
+from sort3ddepth.engine.depth import Partition, confirm_members
+from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
+from sort3ddepth.engine.parallel import Comm
+from sort3ddepth.engine.preprocess import prepare
+from sort3ddepth.engine.star_io import read_star
+from sort3ddepth.tests.sorting_data import make_star
+
+
+class CyclingMaps:
+    """A stand-in for ClusterMaps whose "maps" are the label snapshot of the other half, and
+    whose scores make a fixed share of the images chase their partner's label + 1 (K = 3): those
+    images never settle, so every sweep has the same change, the pattern of a cycle."""
+
+    def __init__(self, n, n_cyclers, seed=0):
+        rng = np.random.default_rng(seed)
+        self.d = types.SimpleNamespace(half=np.arange(n) % 2)
+        self.partner = np.arange(n) ^ 1                  # image 2j <-> 2j+1, other half
+        self.cycler = np.zeros(n, bool)
+        self.cycler[rng.choice(n // 2, n_cyclers // 2, replace=False) * 2] = True
+        self.cycler[self.partner[self.cycler]] = True
+        self.home = rng.integers(0, 3, n)                # where the other images want to be
+
+    def resolution_limit(self, group_size):
+        return 10
+
+    def accumulate(self, subset, memberships, rmax=None):
+        m = np.asarray(memberships, np.float64).T.copy()    # (2K, n): who is in which map
+        return m, m.copy()
+
+    def maps_from(self, data, w, group_size):
+        return data.copy()
+
+    def scores(self, maps, subset, half):
+        rows = np.nonzero(self.d.half[subset] == half)[0]
+        n_maps = maps.shape[0]
+        out = np.zeros((rows.size, n_maps))
+        for run in range(n_maps // 3):
+            lab_other = maps[3 * run:3 * run + 3].argmax(axis=0)     # labels of the other half
+            want = np.where(self.cycler[rows], (lab_other[self.partner[rows]] + 1) % 3,
+                            self.home[rows])
+            out[np.arange(rows.size), 3 * run + want] = 1.0
+        return out
+
+
+def test_a_cycling_run_is_damped_then_stops_and_reports_what_images_wanted():
+    n, n_cyclers = 600, 120
+    maps = CyclingMaps(n, n_cyclers)
+    rng = np.random.default_rng(3)
+    init = maps.home.copy()
+    init[maps.cycler] = rng.integers(0, 3, n_cyclers)
+    log = []
+    best, n_iter = mgsk_pair(maps, np.arange(n), 3, [init, init.copy()], [[0], [0]], True,
+                             False, np.zeros(n, np.int64), rng, log=log.append)
+    changes = [float(line.split("change % ")[1].split(",")[0]) for line in log]
+    # the cyclers keep moving: without damping the run would stop at its first plateau (4
+    # sweeps); damping needs 3 more sweeps for its own plateau, then stops before MAX_ITER
+    assert 7 <= n_iter[0] < MAX_ITER, (n_iter, changes)
+    # the change is what the images wanted (about the cyclers' share, 20 %), damped or not:
+    # a damped sweep makes about half the moves but must not report half the change
+    assert all(abs(c - 100.0 * n_cyclers / n) < 10.0 for c in changes[1:]), changes
+    # the other images sit where they want to be
+    assert np.array_equal(best[0][~maps.cycler], maps.home[~maps.cycler])
+
+
+@pytest.fixture(scope="module")
+def three_groups(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("member_check")
+    star, truth = make_star(folder, n_per_class=300, n_classes=3, snr=3.0, seed=4)
+    opts = build_parser().parse_args(["--instack", str(star), "--output_dir", str(folder)])
+    opts.k_initial, opts.mask_map, opts.focus_map, opts.apply_noise = 3, None, None, True
+    rng = np.random.default_rng(0)
+    data = prepare(read_star(star), Comm(), opts, rng, log=lambda *a: None)
+    return data, truth
+
+
+def test_member_check_sends_misassigned_members_to_the_pool(three_groups):
+    data, truth = three_groups
+    n = len(truth)
+    rng = np.random.default_rng(1)
+    labels = truth.copy()
+    wrong = rng.random(n) < 0.1                          # 10 % forced into another group
+    labels[wrong] = (truth[wrong] + rng.integers(1, 3, wrong.sum())) % 3
+    subset = np.arange(n)
+    part = Partition([subset[labels == j] for j in range(3)], np.zeros(0, np.int64), 0.9,
+                     [{"jaccard": float(j)} for j in range(3)])
+    logged = []
+    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=logged.append)
+    out = confirm_members(ctx, subset, part, "test: ")
+    kept = np.concatenate(out.clusters)
+    assert np.array_equal(np.sort(np.concatenate([kept, out.pool])), subset)
+    removed = np.setdiff1d(subset, kept)
+    assert np.mean(np.isin(np.nonzero(wrong)[0], removed)) >= 0.9       # most misfits leave
+    assert np.mean(np.isin(np.nonzero(~wrong)[0], removed)) <= 0.05     # few good members do
+    for j, c in enumerate(out.clusters):
+        assert np.mean(truth[c] == j) >= 0.98
+    assert [s["jaccard"] for s in out.stats] == [0.0, 1.0, 2.0]        # stats stay aligned
+    assert "member check" in logged[0] and f"{len(removed)} of {n}" in logged[0]
+
+
+def test_member_check_leaves_a_single_cluster_alone(three_groups):
+    data, truth = three_groups
+    part = Partition([np.arange(len(truth))], np.zeros(0, np.int64), 1.0, [{}])
+    ctx = types.SimpleNamespace(data=data, maps=None, log=print)
+    assert confirm_members(ctx, np.arange(len(truth)), part, "") is part
