@@ -35,10 +35,10 @@ class CyclingMaps:
         m = np.asarray(memberships, np.float64).T.copy()    # (2K, n): who is in which map
         return m, m.copy()
 
-    def maps_from(self, data, w, group_size):
+    def fourier_maps(self, data, w, group_size):
         return data.copy()
 
-    def scores(self, maps, subset, half):
+    def scores(self, maps, subset, half, rmax=None):
         rows = np.nonzero(self.d.half[subset] == half)[0]
         n_maps = maps.shape[0]
         out = np.zeros((rows.size, n_maps))
