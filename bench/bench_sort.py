@@ -22,19 +22,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sort3ddepth.engine.output import read_selection  # noqa: E402
-from simdata import simulated_star  # noqa: E402  (bench/simdata.py)
+from simdata import add_ribosome_set_options, simulated_star  # noqa: E402  (bench/simdata.py)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", default="bench_output/sort")
-    p.add_argument("--n_per_class", type=int, default=3456)
-    p.add_argument("--n_classes", type=int, default=5)
-    p.add_argument("--snr", type=float, default=0.2)
+    add_ribosome_set_options(p)
     p.add_argument("--np", dest="nproc", type=int, default=2)
     p.add_argument("--img_per_grp", type=int, default=None)
     p.add_argument("--depth_order", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
     out = Path(a.output_dir)
     star, truth = simulated_star(out, a.n_classes, a.n_per_class, a.snr, a.seed)

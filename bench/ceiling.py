@@ -26,16 +26,12 @@ from sort3ddepth.engine.parallel import world  # noqa: E402
 from sort3ddepth.engine.preprocess import prepare  # noqa: E402
 from sort3ddepth.engine.simulate import make_conformations  # noqa: E402
 from sort3ddepth.engine.star_io import read_star  # noqa: E402
-from simdata import MAP_BOX, demo_map, simulated_star  # noqa: E402
+from simdata import MAP_BOX, add_ribosome_set_options, demo_map, simulated_star  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", default="bench_output/sort")
-    p.add_argument("--n_per_class", type=int, default=3456)
-    p.add_argument("--n_classes", type=int, default=5)
-    p.add_argument("--snr", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=1)
+    add_ribosome_set_options(p)
     a = p.parse_args()
     t0 = time.time()
     star, truth = simulated_star(a.output_dir, a.n_classes, a.n_per_class, a.snr, a.seed)

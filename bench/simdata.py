@@ -59,3 +59,12 @@ def simulated_star(out, n_classes, n_per_class, snr, seed, box=MAP_BOX,
         log(f"simulated {len(ps)} particles ({n_classes} x {n_per_class}, {box} px, "
             f"{pixel_size:g} Å/px, SNR {snr}) in {time.time() - t:.0f} s")
     return star, np.load(truth_file)
+
+
+def add_ribosome_set_options(parser):
+    """The options of the user document's simulated ribosome set (bench_sort.py, ceiling.py)."""
+    parser.add_argument("--output_dir", default="bench_output/sort")
+    parser.add_argument("--n_per_class", type=int, default=3456)
+    parser.add_argument("--n_classes", type=int, default=5)
+    parser.add_argument("--snr", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=1)
