@@ -118,9 +118,9 @@ class ClusterMaps:
     def scores(self, maps, subset, half=None, rmax=None):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
-        in subset order. rmax: the shell the maps
-        were limited to (maps_from): pixels beyond it hold only the mask's leakage, and skipping
-        them saves a third of the pass at typical group sizes."""
+        in subset order. rmax: the shell the maps were limited to (maps_from): pixels beyond it
+        hold only the mask's leakage. Measured at 60 px: rmax 25 instead of 29 makes the pass
+        1.55x faster; where the limit is Nyquist (bench_sort) it saves nothing."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
