@@ -29,6 +29,7 @@ JACCARD_MARGIN_STD = 2.0   # between-box acceptance: Jaccard > random mean + thi
 JACCARD_FLOOR = 50.0       # ... and at least this % (ours: SPHIRE's 0-2 std margin alone let
                            # half-merged groups of a stuck box through, measured in the tests)
 MIN_CLUSTER_SIZE = 20      # never report smaller clusters
+COARSE_MIN_SHELL = 12      # exploratory runs never score at a lower resolution limit than this
 
 
 @dataclass
@@ -120,6 +121,15 @@ def swap_and_refill(n, clusters, pool, k, swap_ratio, rng):
     return labels
 
 
+def coarse_rmax(ctx, n, k):
+    """Resolution limit (shell) of exploratory runs from random labels: half the limit of a
+    group of n / K images, not below COARSE_MIN_SHELL. Measured on the bench_sort set (64 px,
+    limit ~30, SNR 0.5): the noise-free true maps classify 98.9 % of images at shell 31 and at
+    shell 16 (98.8 % at 12, 98.2 % at 8); SNR 0.2: 93.3 % at 31, 93.2 % at 16."""
+    full = ctx.maps.resolution_limit(n / k / 2)
+    return max(full // 2, min(full, COARSE_MIN_SHELL))
+
+
 def within_box_accept(result, frozen, low, iteration):
     """Which matched stable groups a box keeps. Freeze mode keeps all. Otherwise a group must
     reproduce with a Jaccard index >= JACCARD_FLOOR (ours: a split of one real group has an
@@ -155,59 +165,100 @@ def _save(ctx, key, **payload):
         ctx.checkpoints.save(key, ctx.rng, **payload)
 
 
-def _split_largest(ctx, sub, groups, pool, k):
-    """Starting labels over positions of `sub` for K + 1 groups: the largest stable group cut in
-    two by a K = 2 pair of MGSK-means runs (run a's cut for init a, run b's for init b), the other
-    groups kept, the pool dealt at random."""
-    big = int(np.argmax([len(g) for g in groups]))
-    members = groups[big]
-    low, high = size_bounds(len(members), 2)
-    sched = [min_size_schedule(high, low, 5), interleaved_schedule(high, low, 5)]
-    starts = [random_equal_assignment(len(members), 2, ctx.rng) for _ in range(2)]
-    cuts, _ = mgsk_pair(ctx.maps, sub[members], 2, starts, sched, False, True,
-                        ctx.data.orientation_groups, ctx.rng)
-    inits = []
-    for cut in cuts:
-        lab = np.full(len(sub), -1, np.int64)
-        for j, g in enumerate(groups):
+def _cut(ctx, sub, members, q):
+    """Two independent cuts of `members` (positions in `sub`) into q groups: a pair of
+    MGSK-means runs from independent random starts, at the coarse resolution limit. Returns
+    run a's and run b's labels (0..q-1 over `members`)."""
+    starts = [random_equal_assignment(len(members), q, ctx.rng) for _ in range(2)]
+    low, high = size_bounds(len(members), q)
+    cuts, _ = mgsk_pair(ctx.maps, sub[members], q, starts,
+                        [min_size_schedule(high, low, 5), interleaved_schedule(high, low, 5)],
+                        False, True, ctx.data.orientation_groups, ctx.rng,
+                        rmax_cap=coarse_rmax(ctx, len(members), q))
+    return cuts
+
+
+def rebuild_starts(ctx, sub, groups, pool, k):
+    """Two starting labelings over positions of `sub` for K groups that keep the reproducible
+    `groups` and build the missing ones from independent information: the pool, when it can
+    hold two or more of them, is cut by a pair of runs (run a's cut for start a, run b's for
+    start b); a pool that holds one is that group in start a and dealt at random in start b;
+    the largest groups are cut in two for the rest (a merge is the largest group); images left
+    over are dealt at random. Returns None when no group could be built.
+
+    The new groups come from two runs that started from independent random labels, so their
+    agreement after the K pair is evidence, as in any box iteration; a start that made the pool
+    one group in BOTH runs was not: two runs started from the same labels stay near them, and
+    homogeneous data gave "reproducible" clusters (session 6)."""
+    groups = sorted((np.asarray(g, np.int64) for g in groups), key=len, reverse=True)[:k]
+    pool = np.asarray(pool, np.int64)
+    missing = k - len(groups)
+    mean = len(sub) / k
+    q_pool = min(missing, int(round(len(pool) / mean)))
+    starts = [np.full(len(sub), -1, np.int64) for _ in range(2)]
+    for j, g in enumerate(groups):
+        for lab in starts:
             lab[g] = j
-        lab[members[cut == 1]] = k
-        lab[pool] = ctx.rng.integers(0, k + 1, len(pool))
-        inits.append(lab)
-    return inits
+    nxt = len(groups)
+    if q_pool >= 2 and len(pool) >= q_pool * 2 * MIN_CLUSTER_SIZE:
+        for lab, cut in zip(starts, _cut(ctx, sub, pool, q_pool)):
+            lab[pool] = nxt + cut
+        nxt += q_pool
+    elif q_pool == 1 and len(pool) >= MIN_CLUSTER_SIZE:
+        starts[0][pool] = nxt        # start b deals the pool at random: it must find the
+        nxt += 1                     # group on its own for the two runs to agree on it
+    for g in groups[:k - nxt]:
+        if len(g) < 4 * MIN_CLUSTER_SIZE:
+            break
+        for lab, cut in zip(starts, _cut(ctx, sub, g, 2)):
+            lab[g[cut == 1]] = nxt
+        nxt += 1
+    if nxt == len(groups):
+        return None
+    for lab in starts:
+        rest = np.nonzero(lab < 0)[0]
+        lab[rest] = ctx.rng.integers(0, k, rest.size)
+    return starts
 
 
-def probe_higher_k(ctx, sub, accepted, unacc, k, k_failed, tag):
-    """Search mode, after a box kept K groups, all reproducible, where a higher K was tried (and
-    lowered, or learned from another box): try K + 1 from the largest group cut in two, up to
-    k_failed. Random starts at the true K tend to land both runs in the same wrong optimum (one
-    group cut in two, two others merged: the merge reproduces, the halves do not), and the
-    halving of K can undershoot; a start with the other groups in place does not. Measured on
-    4 x 1,200 particles at SNR 0.5 (bench_relion): K lowered 7 -> 5 -> 4 -> 3; the probe from
-    K = 3 found 4 of 4 groups reproducible (93 %).
-    Returns (accepted, unaccounted, K, rand index) of the highest K whose groups all reproduce
-    (rand index None when no probe succeeded)."""
+def probe_k(ctx, sub, accepted, unacc, k, k_max, tag):
+    """Search mode, a box that kept fewer reproducible groups than its K (or all of them, after
+    K was lowered from k_max): try K groups again (then K + 1, up to k_max) from a start that
+    keeps the reproducible groups and cuts the missing ones from the pool and the largest
+    groups (rebuild_starts). Random starts at the true K tend to land both runs in the same
+    wrong optimum (one group cut in two, two others merged: the merge reproduces, the halves do
+    not), and the halving of K can undershoot; a start with the other groups in place does not.
+    Measured on 4 x 1,200 particles at SNR 0.5 (bench_relion): K lowered 7 -> 5 -> 4 -> 3; the
+    probe from K = 3 found 4 of 4 groups reproducible (93 %).
+    Returns (accepted, unaccounted, K, rand index) after the last probe that added groups (rand
+    index None when none did)."""
     ri_kept = None
-    while k + 1 <= k_failed and len(accepted) == k:
+    for _ in range(3):
+        target = k if len(accepted) < k else len(accepted) + 1
+        if target > k_max:
+            break
         t0 = time.time()
-        inits = _split_largest(ctx, sub, accepted, unacc, k)
-        low, high = size_bounds(len(sub), k + 1)
+        inits = rebuild_starts(ctx, sub, accepted, unacc, target)
+        if inits is None:
+            break
+        low, high = size_bounds(len(sub), target)
         sched = [min_size_schedule(high, low, 3), interleaved_schedule(high, low, 3)]
-        (la, lb), niters = mgsk_pair(ctx.maps, sub, k + 1, inits, sched, False, True,
+        (la, lb), niters = mgsk_pair(ctx.maps, sub, target, inits, sched, False, True,
                                      ctx.data.orientation_groups, ctx.rng)
         res = two_way_comparison(la, lb)
         ok = within_box_accept(res, False, low, 1)
         n_repro = int(np.sum(ok))
-        ctx.log(f"{tag}probe K = {k + 1} (largest group cut in two): MGSK-means iterations "
-                f"{niters}, {n_repro} of {k + 1} groups reproducible, reproducibility "
-                f"{res.reproducibility:.1f} % [{time.time() - t0:.1f} s]")
-        if n_repro < k + 1:
+        ctx.log(f"{tag}probe K = {target} ({len(accepted)} groups kept, the rest cut from the "
+                f"pool and the largest groups): MGSK-means iterations {niters}, {n_repro} of "
+                f"{target} groups reproducible, reproducibility {res.reproducibility:.1f} % "
+                f"[{time.time() - t0:.1f} s]")
+        if n_repro <= len(accepted):
             break
         accepted = [p.members for p, good in zip(res.pairs, ok) if good]
         unacc = np.setdiff1d(np.arange(len(sub)), np.concatenate(accepted))
-        k, ri_kept = k + 1, rand_index(la, lb)
-        ctx.log(f"{tag}K raised to {k}")
-    return accepted, unacc, k, ri_kept
+        k, ri_kept = max(k, len(accepted)), rand_index(la, lb)
+        ctx.log(f"{tag}{len(accepted)} groups kept")
+    return accepted, unacc, len(accepted), ri_kept
 
 
 def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None):
@@ -254,15 +305,21 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None):
             inits = [swap_and_refill(nr, pos, pool_pos, k, 0.05, rng) for _ in range(2)]
         else:
             inits = [random_equal_assignment(nr, k, rng) for _ in range(2)]
+        from_random = run > 0 or first_start is None
         box_niter, prev_repro, accepted, unacc = BOX_NITER, None, [], np.arange(nr)
         last_ri = 0.0
         k_failed = None                  # lowest K found to have too few reproducible groups
+        probed = False
         it = 0
         while it < box_niter:
             t0 = time.time()
+            # a run from random labels explores at half the resolution limit (3-4x cheaper
+            # sweeps: bench_sort K = 7 iteration 82 -> 33 s); every box ends on a
+            # full-resolution iteration
+            coarse = coarse_rmax(ctx, nr, k) if from_random else None
             (la, lb), niters = mgsk_pair(ctx.maps, sub, k, inits, sched, ctx.frozen, ctx.search,
                                          ctx.data.orientation_groups, rng, log=None,
-                                         use_umat=ctx.use_umat)
+                                         use_umat=ctx.use_umat, rmax_cap=coarse)
             res = two_way_comparison(la, lb)
             ok = within_box_accept(res, ctx.frozen, low, it)
             accepted = [p.members for p, good in zip(res.pairs, ok) if good]
@@ -278,6 +335,10 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None):
             converged = it >= 1 and (prev_repro is not None and repro - prev_repro < 1.0
                                      or repro > 90.0 or (not ctx.frozen and ri > 0.9))
             converged = converged or (it >= 1 and min(niters) <= 3)
+            # a box started from a previous layer's stable groups that kept all of them at once:
+            # another iteration changes little (bench_sort, layer 1: 94.5 -> 94.9 %, 45 s)
+            converged = converged or (it == 0 and run == 0 and first_start is not None
+                                      and repro > 90.0 and len(accepted) == k)
             # search / general mode: fewer reproducible groups than K -> lower K. When K is
             # above the true number, every over-split group yields >= 2 pieces that two
             # independent runs cut differently (not reproducible), so the true number is at
@@ -292,6 +353,19 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None):
                     break
                 log(f"{tag}{n_repro} of {k} groups reproducible: K reset from {k} to {new_k}")
                 k_failed = k if k_failed is None else min(k_failed, k)
+                if ctx.search and run == 0:
+                    # the groups that passed every test at the failed K are kept and the
+                    # missing ones cut from the pool (a random restart at the lower K tends to
+                    # merge two groups and cut another in two again)
+                    kept = [p.members for p, good in
+                            zip(res.pairs, within_box_accept(res, False, low, 1)) if good]
+                    if len(kept) >= 2:
+                        rest = np.setdiff1d(np.arange(nr), np.concatenate(kept))
+                        got = probe_k(ctx, sub, kept, rest, new_k, k_failed, tag)
+                        if got[3] is not None:
+                            accepted, unacc, k, last_ri = got
+                            probed = True
+                            break
                 k = new_k
                 low, high = size_bounds(nr, k)
                 nstep = max(ctx.nstep, 5)
@@ -305,20 +379,23 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None):
                 if it >= box_niter:
                     break
                 inits = [random_equal_assignment(nr, k, rng) for _ in range(2)]
+                from_random = True
                 continue
             prev_repro = repro
             last_ri = ri
             it += 1
             if converged or it >= box_niter:
                 break
+            if ctx.search and run == 0 and 2 <= len(accepted) < k:
+                break      # missing groups: rebuilt from the pool and cuts (probe_k below)
             swap = 0.10 if allow_k_reset else 0.05
             inits = [swap_and_refill(nr, accepted, unacc, k, swap, rng) for _ in range(2)]
-        # search mode, a box that kept fewer groups than the K it tried (lowered K, or fewer
-        # reproducible groups than the learned K): cut groups in two
-        target = k_failed if k_failed is not None else k
-        if ctx.search and run == 0 and 2 <= len(accepted) < target:
-            accepted, unacc, k_probe, ri = probe_higher_k(ctx, sub, accepted, unacc,
-                                                          len(accepted), target, tag)
+            from_random = False
+        # search mode, a box that kept fewer groups than the K it tried (or all of them after
+        # lowering K): rebuild the missing groups, or try one more
+        k_max = max(k, k_failed or k)
+        if ctx.search and run == 0 and not probed and 2 <= len(accepted) < k_max:
+            accepted, unacc, k_probe, ri = probe_k(ctx, sub, accepted, unacc, k, k_max, tag)
             k = k_probe if allow_k_reset else k      # a learned K stays the box's K
             last_ri = last_ri if ri is None else ri
         rand_last.append(last_ri)       # the box's rand index: mean of each run's last one

@@ -250,11 +250,12 @@ def mix_memberships(u, labels, change_fraction, size_ratio):
 
 
 def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orientation, rng,
-              log=None, tag="", use_umat=False):
+              log=None, tag="", use_umat=False, rmax_cap=None):
     """Two independent MGSK-means runs on `subset` (sorted global indices) in lockstep.
 
     inits: two (n,) starting labels; schedules: two lists of minimum sizes. Each iteration is a
     sweep of two half-steps (half 1 re-assigned from half-0 maps, then half 0 from half-1 maps).
+    rmax_cap: a lower resolution limit (shell) for maps and scores, for coarse exploratory runs.
     Returns the two best assignments and the sweep counts."""
     n = len(subset)
     og = merge_small_orientation_groups(orientation[subset], k, rng)
@@ -271,6 +272,7 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
     used = [np.zeros((n, 2 * k)), np.zeros((n, 2 * k))]
     group_half = [(n / k) * rows_of[h].size / n for h in (0, 1)]
     rmax = max(maps_builder.resolution_limit(g) for g in group_half)
+    rmax = rmax if rmax_cap is None else min(rmax, int(rmax_cap))
     while it < max_iter and not all(r.done for r in runs):
         active = [r for r in runs if not r.done]
         for h in (1, 0):            # re-assign half h from maps of the other half
@@ -300,7 +302,8 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
             maps = maps_builder.fourier_maps(sums[src][0][cols], sums[src][1][cols],
                                              group_half[src])
             scores = maps_builder.scores(maps, subset, half=h,
-                                         rmax=maps_builder.resolution_limit(group_half[src]))
+                                         rmax=min(rmax, maps_builder.resolution_limit(
+                                             group_half[src])))
             for j, r in enumerate(active):
                 # relative preference: raw scores mostly measure how much signal an image has
                 # (the same for every map); the draft must rank images by how much they prefer

@@ -1,12 +1,13 @@
-"""MGSK-means run control (damping after a first plateau) and the member check that ends a
-generation (members whose best map is another cluster's go back to the pool)."""
+"""MGSK-means run control (damping after a first plateau), the member check that ends a
+generation (members whose best map is another cluster's go back to the pool), and the starts
+that rebuild missing groups from independent cuts (rebuild_starts)."""
 import types
 
 import numpy as np
 import pytest
 
 from sort3ddepth.engine.cli import build_parser
-from sort3ddepth.engine.depth import Partition, confirm_members
+from sort3ddepth.engine.depth import Partition, confirm_members, rebuild_starts
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.preprocess import prepare
@@ -110,3 +111,54 @@ def test_member_check_leaves_a_single_cluster_alone(three_groups):
     part = Partition([np.arange(len(truth))], np.zeros(0, np.int64), 1.0, [{}])
     ctx = types.SimpleNamespace(data=data, maps=None, log=print)
     assert confirm_members(ctx, np.arange(len(truth)), part, "") is part
+
+
+def _agreement(labels, truth):
+    """Share of images whose label is the majority label of their true group."""
+    return sum(np.bincount(labels[truth == g]).max() for g in np.unique(truth)) / len(truth)
+
+
+def _cut_ctx(data, seed):
+    return types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()),
+                                 rng=np.random.default_rng(seed))
+
+
+def test_rebuild_cuts_a_merged_group_and_keeps_the_others(three_groups):
+    data, truth = three_groups
+    merged = np.nonzero(truth > 0)[0]                    # groups 1 and 2 merged: the largest
+    starts = rebuild_starts(_cut_ctx(data, 2), np.arange(len(truth)),
+                            [np.nonzero(truth == 0)[0], merged], np.zeros(0, int), 3)
+    for lab in starts:
+        assert lab.min() >= 0 and lab.max() == 2
+        assert len(np.unique(lab[truth == 0])) == 1     # the kept group stays whole
+    # the cut separates groups 1 and 2 (a random cut agrees ~0.67 with the truth; one run of a
+    # K = 2 pair may stop in a poorer optimum)
+    agree = [_agreement(lab, truth) for lab in starts]
+    assert min(agree) >= 0.75 and np.mean(agree) >= 0.85, agree
+
+
+def test_rebuild_cuts_a_pool_that_holds_two_groups(three_groups):
+    data, truth = three_groups
+    starts = rebuild_starts(_cut_ctx(data, 3), np.arange(len(truth)),
+                            [np.nonzero(truth == 0)[0]], np.nonzero(truth > 0)[0], 3)
+    agree = [_agreement(lab, truth) for lab in starts]
+    assert min(agree) >= 0.75 and np.mean(agree) >= 0.85, agree
+
+
+def test_rebuild_makes_a_one_group_pool_a_group_in_one_start_only(three_groups):
+    """Both starts holding the pool as a group would make it "reproduce" whatever it holds."""
+    data, truth = three_groups
+    ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(5))
+    kept = [np.nonzero(truth == g)[0] for g in (0, 1)]
+    a, b = rebuild_starts(ctx, np.arange(len(truth)), kept, np.nonzero(truth == 2)[0], 3)
+    assert _agreement(a, truth) == 1.0                   # no cut needed (maps=None)
+    assert _agreement(b[truth < 2], truth[truth < 2]) == 1.0
+    shares = np.bincount(b[truth == 2], minlength=3) / np.sum(truth == 2)
+    assert shares.max() < 0.45, shares                  # dealt at random over the 3 groups
+
+
+def test_rebuild_gives_up_when_no_group_can_be_built(three_groups):
+    data, truth = three_groups
+    ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(6))
+    small = [np.arange(30), np.arange(30, 60)]           # too small to cut, no pool
+    assert rebuild_starts(ctx, np.arange(60), small, np.zeros(0, int), 3) is None
