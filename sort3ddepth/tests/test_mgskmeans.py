@@ -1,5 +1,5 @@
 """MGSK-means run control (damping after a first plateau), the member check that ends a
-generation (members whose best map is another cluster's go back to the pool), and the starts
+generation (every image to its best cluster when the odds are clear), and the starts
 that rebuild missing groups from independent cuts (rebuild_starts)."""
 import types
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sort3ddepth.engine.cli import build_parser
-from sort3ddepth.engine.depth import Partition, confirm_members, rebuild_starts
+from sort3ddepth.engine.depth import Partition, assign_members, rebuild_starts
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.preprocess import prepare
@@ -82,35 +82,59 @@ def three_groups(tmp_path_factory):
     return data, truth
 
 
-def test_member_check_sends_misassigned_members_to_the_pool(three_groups):
+def test_member_check_sends_misfits_to_the_pool_and_takes_clear_pool_images(three_groups):
     data, truth = three_groups
     n = len(truth)
     rng = np.random.default_rng(1)
     labels = truth.copy()
     wrong = rng.random(n) < 0.1                          # 10 % forced into another group
     labels[wrong] = (truth[wrong] + rng.integers(1, 3, wrong.sum())) % 3
+    pooled = rng.random(n) < 0.2                         # 20 % left in the pool
     subset = np.arange(n)
-    part = Partition([subset[labels == j] for j in range(3)], np.zeros(0, np.int64), 0.9,
+    part = Partition([subset[(labels == j) & ~pooled] for j in range(3)], subset[pooled], 0.9,
                      [{"jaccard": float(j)} for j in range(3)])
     logged = []
     ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=logged.append)
-    out = confirm_members(ctx, subset, part, "test: ")
+    out = assign_members(ctx, subset, part, "test: ")
     kept = np.concatenate(out.clusters)
     assert np.array_equal(np.sort(np.concatenate([kept, out.pool])), subset)
-    removed = np.setdiff1d(subset, kept)
-    assert np.mean(np.isin(np.nonzero(wrong)[0], removed)) >= 0.9       # most misfits leave
-    assert np.mean(np.isin(np.nonzero(~wrong)[0], removed)) <= 0.05     # few good members do
+    final = out.labels(subset)                           # 3 = the pool
     for j, c in enumerate(out.clusters):
         assert np.mean(truth[c] == j) >= 0.98
-    assert [s["jaccard"] for s in out.stats] == [0.0, 1.0, 2.0]        # stats stay aligned
-    assert "member check" in logged[0] and f"{len(removed)} of {n}" in logged[0]
+    misfit, good = wrong & ~pooled, ~wrong & ~pooled
+    assert np.mean(final[misfit] == 3) >= 0.9                        # most misfits leave
+    assert np.mean(final[good] == truth[good]) >= 0.93               # few good members do
+    joined = pooled & (final < 3)
+    assert joined.sum() >= 0.3 * pooled.sum()                        # clear pool images join
+    assert np.mean(final[joined] == truth[joined]) >= 0.98           # ... their own cluster
+    assert [s["jaccard"] for s in out.stats] == [0.0, 1.0, 2.0]      # stats stay aligned
+    left = int(np.sum(~pooled & (final == 3)))
+    assert "member check" in logged[0] and f"{left} of {int((~pooled).sum())}" in logged[0]
+    assert f"{int(joined.sum())} of {int(pooled.sum())} pool images join" in logged[0]
+
+
+def test_member_check_is_sure_of_nothing_in_random_clusters(tmp_path):
+    """Homogeneous data cut at random, half of it in the pool: the clusters' maps differ only by
+    noise, so the score differences of both sides centre on 0 and no pool image reaches the
+    odds."""
+    star, _ = make_star(tmp_path, n_per_class=600, n_classes=1, snr=3.0, seed=8)
+    opts = build_parser().parse_args(["--instack", str(star), "--output_dir", str(tmp_path)])
+    opts.k_initial, opts.mask_map, opts.focus_map, opts.apply_noise = 2, None, None, True
+    data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
+    rng = np.random.default_rng(2)
+    subset = np.arange(600)
+    lab = rng.permutation(600) % 3                       # 2 = the pool
+    part = Partition([subset[lab == 0], subset[lab == 1]], subset[lab == 2], 0.5, [{}, {}])
+    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=print)
+    out = assign_members(ctx, subset, part, "")
+    assert np.sum(np.isin(subset[lab == 2], out.pool)) >= 0.95 * np.sum(lab == 2)
 
 
 def test_member_check_leaves_a_single_cluster_alone(three_groups):
     data, truth = three_groups
     part = Partition([np.arange(len(truth))], np.zeros(0, np.int64), 1.0, [{}])
     ctx = types.SimpleNamespace(data=data, maps=None, log=print)
-    assert confirm_members(ctx, np.arange(len(truth)), part, "") is part
+    assert assign_members(ctx, np.arange(len(truth)), part, "") is part
 
 
 def _agreement(labels, truth):
