@@ -30,6 +30,7 @@ JACCARD_FLOOR = 50.0       # ... and at least this % (ours: SPHIRE's 0-2 std mar
                            # half-merged groups of a stuck box through, measured in the tests)
 MIN_CLUSTER_SIZE = 20      # never report smaller clusters
 COARSE_MIN_SHELL = 12      # exploratory runs never score at a lower resolution limit than this
+MERGED_SIZE = 1.25         # rebuild_starts: a group this many times the mean size is a merge
 POOL_ODDS = 99.0           # final assignment: a pool image joins its best cluster when the odds
                            # of its best map over the second are at least this (assign_members)
 
@@ -182,40 +183,39 @@ def _cut(ctx, sub, members, q):
 
 def rebuild_starts(ctx, sub, groups, pool, k):
     """Two starting labelings over positions of `sub` for K groups that keep the reproducible
-    `groups` and build the missing ones from independent information: the pool, when it can
-    hold two or more of them, is cut by a pair of runs (run a's cut for start a, run b's for
-    start b); a pool that holds one is that group in start a and dealt at random in start b;
-    the largest groups are cut in two for the rest (a merge is the largest group); images left
-    over are dealt at random. Returns None when no group could be built.
+    `groups` and build the missing ones from independent information. Groups larger than
+    MERGED_SIZE x n / K are taken for merges and join the pool; the pool is then cut into the
+    missing groups by a pair of runs from random labels (run a's cut for start a, run b's for
+    start b); a pool that is one missing group is that group in start a and dealt at random in
+    start b; when the pool is too small for a group, the largest group is cut in two (a hidden
+    group for K + 1). Images left over are dealt at random. Returns None when no group could be
+    built.
 
-    The new groups come from two runs that started from independent random labels, so their
-    agreement after the K pair is evidence, as in any box iteration; a start that made the pool
-    one group in BOTH runs was not: two runs started from the same labels stay near them, and
-    homogeneous data gave "reproducible" clusters (session 6)."""
-    groups = sorted((np.asarray(g, np.int64) for g in groups), key=len, reverse=True)[:k]
-    pool = np.asarray(pool, np.int64)
-    missing = k - len(groups)
+    The new groups' two starts come from independent runs, so their agreement after the K pair
+    is evidence, as in any box iteration; a start that made the pool one group in BOTH runs was
+    not: two runs started from the same labels stay near them, and homogeneous data gave
+    "reproducible" clusters (session 6)."""
     mean = len(sub) / k
-    q_pool = min(missing, int(round(len(pool) / mean)))
+    groups = sorted((np.asarray(g, np.int64) for g in groups), key=len, reverse=True)
+    merged = [g for g in groups if len(g) > MERGED_SIZE * mean]
+    groups = [g for g in groups if len(g) <= MERGED_SIZE * mean][:k]
+    pool = np.sort(np.concatenate([np.asarray(pool, np.int64)] + merged))
     starts = [np.full(len(sub), -1, np.int64) for _ in range(2)]
     for j, g in enumerate(groups):
         for lab in starts:
             lab[g] = j
-    nxt = len(groups)
-    if q_pool >= 2 and len(pool) >= q_pool * 2 * MIN_CLUSTER_SIZE:
-        for lab, cut in zip(starts, _cut(ctx, sub, pool, q_pool)):
-            lab[pool] = nxt + cut
-        nxt += q_pool
-    elif q_pool == 1 and len(pool) >= MIN_CLUSTER_SIZE:
-        starts[0][pool] = nxt        # start b deals the pool at random: it must find the
-        nxt += 1                     # group on its own for the two runs to agree on it
-    for g in groups[:k - nxt]:
-        if len(g) < 4 * MIN_CLUSTER_SIZE:
-            break
-        for lab, cut in zip(starts, _cut(ctx, sub, g, 2)):
-            lab[g[cut == 1]] = nxt
-        nxt += 1
-    if nxt == len(groups):
+    q = k - len(groups)
+    if q >= 2 and len(pool) >= q * 2 * MIN_CLUSTER_SIZE:
+        for lab, cut in zip(starts, _cut(ctx, sub, pool, q)):
+            lab[pool] = len(groups) + cut
+    elif q == 1 and len(pool) >= mean / 2:
+        starts[0][pool] = len(groups)    # start b deals the pool at random: it must find the
+                                         # group on its own for the two runs to agree on it
+    elif q == 1 and groups and len(groups[0]) >= 4 * MIN_CLUSTER_SIZE:
+        big = groups[0]
+        for lab, cut in zip(starts, _cut(ctx, sub, big, 2)):
+            lab[big[cut == 1]] = len(groups)
+    else:
         return None
     for lab in starts:
         rest = np.nonzero(lab < 0)[0]
