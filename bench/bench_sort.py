@@ -5,6 +5,7 @@ map (domains removed / added), astigmatic CTF, shifts, white noise; sorted by
 ``mpirun -np 2 sort3d-depth`` on this machine. Prints, per output group: particles, % true members
 and the true group; the accounted fraction, the number of groups found, wall time and peak memory
 (largest resident set of one rank). The original took 19 min on 32 CPUs with 97-99 % true members.
+Default SNR 0.5 (`--snr 0.2` gives the harder set measured before session 7).
 
     .venv/bin/python bench/bench_sort.py                  # search mode (groups found by the program)
     .venv/bin/python bench/bench_sort.py --img_per_grp 3456

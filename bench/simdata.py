@@ -66,5 +66,7 @@ def add_ribosome_set_options(parser):
     parser.add_argument("--output_dir", default="bench_output/sort")
     parser.add_argument("--n_per_class", type=int, default=3456)
     parser.add_argument("--n_classes", type=int, default=5)
-    parser.add_argument("--snr", type=float, default=0.2)
+    # SNR 0.5: the difficulty of the user document's result (97-99 % true members); at 0.2 even
+    # the noise-free true maps put only 84.5 % of one group's images nearest it (ceiling.py)
+    parser.add_argument("--snr", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
