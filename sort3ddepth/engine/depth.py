@@ -305,6 +305,11 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None, c
             sched = [[high], [high]]
         else:
             nstep = max(ctx.nstep, 5) if allow_k_reset else min(max(ctx.nstep, 3), 5)
+            if run == 0 and first_start is not None:
+                # started from a previous layer's stable groups: the walk down to the low bound
+                # needs no long descent (a run steps every other sweep, so 5 steps meant >= 7
+                # sweeps of a full-resolution box even when nothing moved)
+                nstep = min(nstep, 3)
             sched = [min_size_schedule(high, low, nstep), interleaved_schedule(high, low, nstep)]
         if run == 0 and first_start is not None:
             pos = [np.searchsorted(sub, c) for c in first_start.clusters]
