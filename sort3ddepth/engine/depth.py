@@ -325,9 +325,13 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None, c
         it = 0
         while it < box_niter:
             t0 = time.time()
-            # a run from random labels explores at half the resolution limit (3-4x cheaper
-            # sweeps: bench_sort K = 7 iteration 82 -> 33 s)
-            rmax_cap = coarse_rmax(ctx, nr, k) if from_random or coarse else None
+            # search mode: a run from random labels explores at half the resolution limit (3-4x
+            # cheaper sweeps: bench_sort K = 7 iteration 82 -> 33 s). Not with K given: on the
+            # RELION side-by-side set (4 x 1,200, SNR 0.5, --img_per_grp 1200) two of four
+            # layer-0 boxes stuck at 61 % / 89 % reproducibility at the coarse limit and 2 of 4
+            # groups were found (ARI 0.360; 4 of 4, ARI 0.780 at full resolution)
+            rmax_cap = coarse_rmax(ctx, nr, k) if ctx.search and (from_random or coarse) \
+                else None
             (la, lb), niters = mgsk_pair(ctx.maps, sub, k, inits, sched, ctx.frozen, ctx.search,
                                          ctx.data.orientation_groups, rng, log=None,
                                          use_umat=ctx.use_umat, rmax_cap=rmax_cap)
@@ -487,7 +491,8 @@ def assign_members(ctx, subset, part, tag):
     """The generation's final assignment: every image of `subset` (members and pool) is scored
     against maps built from the other random half of each stable cluster's members. A member
     stays when its best map is its own cluster's, else it goes to the pool; a pool image joins
-    its best cluster when the odds of that map over the second best are >= POOL_ODDS.
+    its best cluster when the odds of that map over the second best are >= POOL_ODDS, unless
+    the pool is as large as the smallest cluster (it may hold a group of its own).
 
     Why members are checked: MGSK-means fills every group to the minimum size in every
     orientation group, so images of a group that is short in some orientation are forced into
@@ -524,8 +529,11 @@ def assign_members(ctx, subset, part, tag):
     v = 0.5 * (var[best, second] + var[second, best])
     log_odds = (m_b + m_s) * (2.0 * d + m_s - m_b) / (2.0 * v)
     member = labels < k
+    # a pool that could hold a group of the size found may be a group no cluster stands for
+    # (the odds only compare the clusters there are): it goes on to the next generation whole
+    pool_joins = len(subset) - n_members < min(len(c) for c in part.clusters)
     new = np.where(member, np.where(best == labels, labels, k),
-                   np.where(log_odds >= np.log(POOL_ODDS), best, k))
+                   np.where(pool_joins & (log_odds >= np.log(POOL_ODDS)), best, k))
     clusters, stats = [], []
     for j in range(k):
         c = subset[new == j]
@@ -536,8 +544,11 @@ def assign_members(ctx, subset, part, tag):
     left = int(np.sum(member & (new == k)))
     joined = int(np.sum(~member & (new < k)))
     ctx.log(f"{tag}member check: {left} of {n_members} members prefer another cluster's map "
-            f"and go back to the pool; {joined} of {len(subset) - n_members} pool images join "
-            f"their best cluster (odds >= {POOL_ODDS:g}); clusters "
+            f"and go back to the pool; "
+            + (f"{joined} of {len(subset) - n_members} pool images join their best cluster "
+               f"(odds >= {POOL_ODDS:g}); " if pool_joins else
+               f"the pool ({len(subset) - n_members}) could hold a group and stays whole; ")
+            + f"clusters "
             f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(subset) - len(acc)}")
     return Partition(clusters, np.setdiff1d(subset, acc), part.rand_index, stats, part.k_found)
 

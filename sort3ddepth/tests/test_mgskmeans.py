@@ -123,11 +123,26 @@ def test_member_check_is_sure_of_nothing_in_random_clusters(tmp_path):
     data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
     rng = np.random.default_rng(2)
     subset = np.arange(600)
-    lab = rng.permutation(600) % 3                       # 2 = the pool
+    lab = rng.permutation(600) % 5 // 2                  # 2 = the pool (120 images)
     part = Partition([subset[lab == 0], subset[lab == 1]], subset[lab == 2], 0.5, [{}, {}])
-    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=print)
+    logged = []
+    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=logged.append)
     out = assign_members(ctx, subset, part, "")
+    assert "pool images join" in logged[0]
     assert np.sum(np.isin(subset[lab == 2], out.pool)) >= 0.95 * np.sum(lab == 2)
+
+
+def test_member_check_keeps_a_pool_that_could_be_a_group(three_groups):
+    """Two clusters and a third group in the pool: the odds compare only the two clusters there
+    are, so the pool is left whole for the next generation."""
+    data, truth = three_groups
+    subset = np.arange(len(truth))
+    part = Partition([subset[truth == 0], subset[truth == 1]], subset[truth == 2], 0.9, [{}, {}])
+    logged = []
+    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=logged.append)
+    out = assign_members(ctx, subset, part, "")
+    assert np.array_equal(np.intersect1d(out.pool, subset[truth == 2]), subset[truth == 2])
+    assert "could hold a group" in logged[0]
 
 
 def test_member_check_leaves_a_single_cluster_alone(three_groups):
