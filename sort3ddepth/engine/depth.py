@@ -368,7 +368,7 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None, c
                     break
                 log(f"{tag}{n_repro} of {k} groups reproducible: K reset from {k} to {new_k}")
                 k_failed = k if k_failed is None else min(k_failed, k)
-                if ctx.search and run == 0:
+                if ctx.search:
                     # the groups that passed every test at the failed K are kept and the
                     # missing ones cut from the pool (a random restart at the lower K tends to
                     # merge two groups and cut another in two again)
@@ -388,7 +388,8 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None, c
                          interleaved_schedule(high, low, nstep)]
                 box_niter += 1
                 converged = False
-                # restart from random: stable sets of the wrong K only bias the next try
+                # no rebuild (fewer than 2 sure groups, or it failed): restart from random;
+                # stable sets of the wrong K in both starts would only bias the next try
                 prev_repro = None
                 it += 1
                 if it >= box_niter:
