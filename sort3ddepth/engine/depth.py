@@ -80,6 +80,13 @@ def size_bounds(n, k):
     return max(int(g / 3), 1), max(int(0.9 * g), 1)
 
 
+def pair_schedules(n, k, nstep):
+    """The two runs' minimum-size schedules for K groups of n images: one walks down from the
+    high bound, the other interleaves (so the runs do not step through the same sizes)."""
+    low, high = size_bounds(n, k)
+    return [min_size_schedule(high, low, nstep), interleaved_schedule(high, low, nstep)]
+
+
 def random_equal_assignment(n, k, rng):
     lab = np.arange(n) % k
     return lab[rng.permutation(n)]
@@ -173,9 +180,7 @@ def _cut(ctx, sub, members, q):
     MGSK-means runs from independent random starts, at the coarse resolution limit. Returns
     run a's and run b's labels (0..q-1 over `members`)."""
     starts = [random_equal_assignment(len(members), q, ctx.rng) for _ in range(2)]
-    low, high = size_bounds(len(members), q)
-    cuts, _ = mgsk_pair(ctx.maps, sub[members], q, starts,
-                        [min_size_schedule(high, low, 5), interleaved_schedule(high, low, 5)],
+    cuts, _ = mgsk_pair(ctx.maps, sub[members], q, starts, pair_schedules(len(members), q, 5),
                         False, True, ctx.data.orientation_groups, ctx.rng,
                         rmax_cap=coarse_rmax(ctx, len(members), q))
     return cuts
@@ -193,8 +198,8 @@ def rebuild_starts(ctx, sub, groups, pool, k):
 
     The new groups' two starts come from independent runs, so their agreement after the K pair
     is evidence, as in any box iteration; a start that made the pool one group in BOTH runs was
-    not: two runs started from the same labels stay near them, and homogeneous data gave
-    "reproducible" clusters (session 6)."""
+    not: two runs started from the same labels stay near them, and homogeneous data (900
+    images of one map) gave "clusters" at 100 % reproducibility that way."""
     mean = len(sub) / k
     groups = sorted((np.asarray(g, np.int64) for g in groups), key=len, reverse=True)
     merged = [g for g in groups if len(g) > MERGED_SIZE * mean]
@@ -244,9 +249,9 @@ def probe_k(ctx, sub, accepted, unacc, k, k_max, tag, coarse=False):
         inits = rebuild_starts(ctx, sub, accepted, unacc, target)
         if inits is None:
             break
-        low, high = size_bounds(len(sub), target)
-        sched = [min_size_schedule(high, low, 3), interleaved_schedule(high, low, 3)]
-        (la, lb), niters = mgsk_pair(ctx.maps, sub, target, inits, sched, False, True,
+        low, _ = size_bounds(len(sub), target)
+        (la, lb), niters = mgsk_pair(ctx.maps, sub, target, inits,
+                                     pair_schedules(len(sub), target, 3), False, True,
                                      ctx.data.orientation_groups, ctx.rng,
                                      rmax_cap=coarse_rmax(ctx, len(sub), target) if coarse
                                      else None)
@@ -310,7 +315,7 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None, c
                 # needs no long descent (a run steps every other sweep, so 5 steps meant >= 7
                 # sweeps of a full-resolution box even when nothing moved)
                 nstep = min(nstep, 3)
-            sched = [min_size_schedule(high, low, nstep), interleaved_schedule(high, low, nstep)]
+            sched = pair_schedules(nr, k, nstep)
         if run == 0 and first_start is not None:
             pos = [np.searchsorted(sub, c) for c in first_start.clusters]
             pool_pos = np.searchsorted(sub, first_start.pool)
@@ -382,10 +387,8 @@ def run_box(ctx, subset, k, start=None, tag="", allow_k_reset=False, key=None, c
                             probed = True
                             break
                 k = new_k
-                low, high = size_bounds(nr, k)
-                nstep = max(ctx.nstep, 5)
-                sched = [min_size_schedule(high, low, nstep),
-                         interleaved_schedule(high, low, nstep)]
+                low, _ = size_bounds(nr, k)
+                sched = pair_schedules(nr, k, max(ctx.nstep, 5))
                 box_niter += 1
                 converged = False
                 # no rebuild (fewer than 2 sure groups, or it failed): restart from random;
