@@ -429,14 +429,16 @@ def squared_distances(fvols, rotations, images_f, **kw):
 
 
 def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax=None,
-                shell_weights=None, groups=None, image_index=None, n_threads=None):
+                shell_weights=None, groups=None, image_index=None, n_threads=None, grid=None):
     """Insert images (times CTF times shell weight) into K Fourier accumulators, with the CTF^2
     times shell weight in K weight accumulators (the adjoint of ``project``).
 
     member_weights: (m, K) insertion weight of entry e into map k (one-hot for a hard assignment,
     fuzzy memberships, or smear probabilities). Entry e uses image ``image_index[e]`` (default e)
     and rotation ``rotations[e]``. Returns (data (K, Np, Np, Np//2+1) complex128,
-    weights (K, Np, Np, Np//2+1) float32) on the half grid of ``volumes_to_fourier``."""
+    weights (K, Np, Np, Np//2+1) float32) on the half grid of ``volumes_to_fourier``.
+    grid: a smaller Np (same frequency spacing, the central part of the grid) for maps limited
+    to rmax < grid / (2 pad) - 1 (coarse runs); samples beyond it are dropped."""
     imgs = np.ascontiguousarray(images_f, np.complex64)
     box = imgs.shape[1]
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
@@ -451,6 +453,8 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
     npad = int(round(pad * box))
     npad += npad % 2
+    scale = npad / box
+    npad = npad if grid is None else int(grid)
     k = memb.shape[1]
     # the (entry, map) pairs with a non-zero weight, grouped by map, entries in order
     cols, rows = np.nonzero(memb.T)
@@ -464,5 +468,5 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     wts = np.zeros(shape, np.float32)   # sums of positive terms: float32 is ample and saves 1/6 of the accumulators
     table = pixel_table(box, 0.0, rmax)
     _backproject_kernel(imgs, idx, rots, coefs, use_ctf, mptr, ment, mwt, n_slabs, sw, g,
-                        float(npad / box), *table, data, wts)
+                        float(scale), *table, data, wts)
     return data, wts

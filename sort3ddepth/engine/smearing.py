@@ -65,9 +65,10 @@ def shifted_slices(base, parent, shift):
     return out
 
 
-def _insert_into(data, wts, imgs, img_index, rots, memb, coefs, shell_w, groups, rmax):
+def _insert_into(data, wts, imgs, img_index, rots, memb, coefs, shell_w, groups, rmax, scale):
     """Add the back-projection of entries (rows of memb) into the accumulators data/wts
-    (K, Np, Np, Np//2+1), exactly as fourier.backproject builds them (same kernel, same order)."""
+    (K, Np, Np, Np//2+1), exactly as fourier.backproject builds them (same kernel, same order);
+    scale: padded-grid units per image frequency (Np / box unless the grid is cropped)."""
     k = memb.shape[1]
     box = imgs.shape[1]
     cols, rows = np.nonzero(memb.T)
@@ -82,7 +83,7 @@ def _insert_into(data, wts, imgs, img_index, rots, memb, coefs, shell_w, groups,
     fourier._backproject_kernel(np.ascontiguousarray(imgs, np.complex64),
                                 np.ascontiguousarray(img_index, np.int64),
                                 np.ascontiguousarray(rots, np.float64), coefs_c, use_ctf, mptr,
-                                ment, mwt, n_slabs, sw, g, float(data.shape[1] / box), *table,
+                                ment, mwt, n_slabs, sw, g, float(scale), *table,
                                 data, wts)
 
 
@@ -140,10 +141,13 @@ class LocalSmears:
         return ent, np.repeat(np.arange(len(positions)), cnt)
 
     def backproject(self, positions, memberships, n_maps, npad, rmax, shell_w,
-                    chunk=CHUNK_ENTRIES):
+                    chunk=CHUNK_ENTRIES, grid=None):
         """Fourier sums (data, weights) of ``n_maps`` maps on the padded grid of ``npad``
         (as fourier.backproject) from the entries of the particles at local ``positions``
-        (sorted), particle i weighted by memberships[row of i]."""
+        (sorted), particle i weighted by memberships[row of i]. grid: a smaller grid with the
+        same spacing (fourier.backproject)."""
+        scale = npad / self.base.shape[1]
+        npad = npad if grid is None else int(grid)
         shape = (n_maps, npad, npad, npad // 2 + 1)
         data = np.zeros(shape, np.complex128)
         wts = np.zeros(shape, np.float32)
@@ -155,12 +159,12 @@ class LocalSmears:
         j = int(np.searchsorted(ent, self.n_precomputed))
         if j:
             _insert_into(data, wts, self.slices, ent[:j], self.rotation[ent[:j]], memb[:j],
-                         self.coefs, shell_w, self.groups, rmax)
+                         self.coefs, shell_w, self.groups, rmax, scale)
         for a in range(j, len(ent), chunk):
             e = ent[a:a + chunk]
             imgs = shifted_slices(self.base, self.parent[e], self.shift[e])
             _insert_into(data, wts, imgs, np.arange(len(e)), self.rotation[e], memb[a:a + chunk],
-                         self.coefs[e], shell_w, self.groups[e], rmax)
+                         self.coefs[e], shell_w, self.groups[e], rmax, scale)
         return data, wts
 
 

@@ -201,3 +201,26 @@ def test_rebuild_gives_up_when_no_group_can_be_built(three_groups):
     ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(6))
     small = [np.arange(30), np.arange(30, 60)]           # too small to cut, no pool
     assert rebuild_starts(ctx, np.arange(60), small, np.zeros(0, int), 3) is None
+
+
+def test_coarse_maps_on_a_smaller_grid_score_as_on_the_full_grid(three_groups):
+    """at_limit(r): maps limited to shell r are reconstructed and compared on the smallest grid
+    with the same Fourier spacing; the scores must be those of the full grid at that limit."""
+    data, truth = three_groups
+    n = len(truth)
+    full = ClusterMaps(data, Comm())
+    rmax = data.nx // 4 - 1
+    coarse = full.at_limit(rmax)
+    assert coarse.grid < data.nx and full.at_limit(data.nx // 2 - 1) is full
+    memb = np.eye(3)[truth] * (data.half == 0)[:, None]
+    subset = np.arange(n)
+    out = []
+    for b in (full, coarse):
+        d, w = b.accumulate(subset, memb, rmax=rmax)
+        assert d.shape[1] == 2 * b.grid
+        fv = b.fourier_maps(d, w, n / 3 / 2)
+        out.append(b.scores(fv, subset, half=1, rmax=rmax))
+    rel = [s - s.mean(axis=1, keepdims=True) for s in out]
+    assert np.corrcoef(rel[0].ravel(), rel[1].ravel())[0, 1] > 0.995
+    assert np.mean(out[0].argmax(1) == out[1].argmax(1)) >= 0.98
+    assert np.mean(out[1].argmax(1) == truth[data.half == 1]) >= 0.95
