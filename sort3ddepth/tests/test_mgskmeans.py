@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from sort3ddepth.engine.cli import build_parser
-from sort3ddepth.engine.depth import Partition, assign_members, rebuild_starts
+from sort3ddepth.engine.comparison import two_way_comparison
+from sort3ddepth.engine.depth import (Partition, assign_members, fragments, rebuild_starts,
+                                     sure_groups, within_box_accept)
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.preprocess import prepare
@@ -224,3 +226,27 @@ def test_coarse_maps_on_a_smaller_grid_score_as_on_the_full_grid(three_groups):
     assert np.corrcoef(rel[0].ravel(), rel[1].ravel())[0, 1] > 0.995
     assert np.mean(out[0].argmax(1) == out[1].argmax(1)) >= 0.98
     assert np.mean(out[1].argmax(1) == truth[data.half == 1]) >= 0.95
+
+
+def test_sure_groups_are_only_those_that_reproduce():
+    """within_box_accept keeps everything when nothing passes (the original's fallback); the
+    search-mode decisions built on "kept" groups must not: two unrelated partitions have no sure
+    group, two that agree on three groups and scatter the rest have exactly those three."""
+    rng = np.random.default_rng(0)
+    n = 2100
+    res = two_way_comparison(rng.integers(0, 7, n), rng.integers(0, 7, n))
+    assert within_box_accept(res, False, 50, 1).all()
+    assert not sure_groups(res, 50).any()
+    a = np.repeat(np.arange(6), n // 6)
+    b = a.copy()
+    rest = a >= 3                                        # groups 3-5: cut differently
+    b[rest] = 3 + rng.integers(0, 3, rest.sum())
+    res = two_way_comparison(a, b)
+    sure = sure_groups(res, 50)
+    assert sorted(len(p.members) for p, ok in zip(res.pairs, sure) if ok) == [n // 6] * 3
+
+
+def test_fragments_are_small_next_to_the_median_kept_group():
+    assert list(fragments([572, 551, 273])) == [False, False, True]
+    assert list(fragments([3419, 3381, 3310, 1763])) == [False, False, False, True]
+    assert not fragments([3400, 3300, 3200, 3100, 3000]).any()
