@@ -140,21 +140,27 @@ class ClusterMaps:
         self.comm.allreduce_sum(out)
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
-    def scores(self, maps, subset, half=None, rmax=None):
+    def scores(self, maps, subset, half=None, rmax=None, shell_factors=None):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
         in subset order. rmax: the shell the maps were limited to (maps_from): pixels beyond it
         hold only the mask's leakage. Measured at 60 px: rmax 25 instead of 29 makes the pass
-        1.55x faster; where the limit is Nyquist (bench_sort) it saves nothing."""
+        1.55x faster; where the limit is Nyquist (bench_sort) it saves nothing.
+        shell_factors: (nshell,) extra weight per frequency shell (discriminative weights)."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = maps if isinstance(maps, fourier.FourierVolumes) else self.comparison_volumes(maps)
         groups = None if d.groups is None else d.groups[loc]
+        sw = d.shell_weights
+        if shell_factors is not None:
+            f = np.zeros(sw.shape[1])
+            m = min(f.size, len(shell_factors))
+            f[:m] = shell_factors[:m]
+            sw = sw * f[None, :]
         cross, pp, _ = fourier.distance_terms(fv, d.rots[loc], d.comp_f[loc], d.ctf_coefs[loc],
-                                              rmin=1.0, rmax=rmax,
-                                              shell_weights=d.shell_weights,
+                                              rmin=1.0, rmax=rmax, shell_weights=sw,
                                               groups=groups)
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)
