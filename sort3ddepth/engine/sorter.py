@@ -193,7 +193,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
         if done is not None:
             part = done["partition"]
         else:
-            part = run_generation(ctx, gen, subset, k)
+            part = run_generation(ctx, gen, subset, k, final_clusters)
             if checkpoints:
                 checkpoints.save(f"gen{gen:03d}", rng, partition=part)
         stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
