@@ -559,6 +559,37 @@ def _pair_models(scores, labels, k):
     return mean, var
 
 
+def _member_odds(ctx, everyone, groups):
+    """Scores every image of `everyone` (sorted) against maps of `groups` built from the other
+    random half's members, shells weighted by difference_weights; returns (labels: group index
+    or len(groups) for the pool, best group, log odds of the best over the second best, the
+    shell weights). The odds come from _pair_models, learned from the groups' members."""
+    m = len(groups)
+    labels = np.full(len(everyone), m, np.int64)             # pool = m
+    for j, c in enumerate(groups):
+        labels[np.searchsorted(everyone, c)] = j
+    n_all = int(np.sum(labels < m))
+    half = ctx.data.half[everyone]
+    # maps from each random half's members; images are scored against the other half's maps,
+    # with shells weighted by how reliably the two halves agree on the clusters' differences
+    maps = [ctx.maps.build(everyone, np.eye(m + 1)[labels][:, :m] * (half == h)[:, None],
+                           n_all / m / 2) for h in (0, 1)]
+    weights = difference_weights(maps[0], maps[1], ctx.data.mask3d)
+    scores = np.zeros((len(everyone), m))
+    for h in (0, 1):
+        rows = np.nonzero(half == h)[0]
+        if rows.size:
+            scores[rows] = ctx.maps.scores(maps[1 - h], everyone, half=h, shell_factors=weights)
+    mean, var = _pair_models(scores, labels, m)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    best, second = order[:, 0], order[:, 1]
+    rows = np.arange(len(everyone))
+    d = scores[rows, best] - scores[rows, second]
+    m_b, m_s = mean[best, second], mean[second, best]
+    v = 0.5 * (var[best, second] + var[second, best])
+    return labels, best, (m_b + m_s) * (2.0 * d + m_s - m_b) / (2.0 * v), weights
+
+
 def assign_members(ctx, subset, part, tag, earlier=()):
     """The generation's final assignment: every image of `subset` (members and pool) is scored
     against maps built from the other random half of each stable cluster's members, with the
@@ -592,34 +623,11 @@ def assign_members(ctx, subset, part, tag, earlier=()):
         return part
     # the clusters of earlier generations are candidates too: leftovers of their groups must
     # not stay in this generation's clusters because the odds compared only these
-    groups = list(part.clusters) + earlier
-    m = len(groups)
     everyone = np.union1d(subset, np.concatenate(earlier)) if earlier else subset
-    labels = np.full(len(everyone), m, np.int64)             # pool = m
-    for j, c in enumerate(groups):
-        labels[np.searchsorted(everyone, c)] = j
-    n_all = int(np.sum(labels < m))
-    half = ctx.data.half[everyone]
-    # maps from each random half's members; images are scored against the other half's maps,
-    # with shells weighted by how reliably the two halves agree on the clusters' differences
-    maps = [ctx.maps.build(everyone, np.eye(m + 1)[labels][:, :m] * (half == h)[:, None],
-                           n_all / m / 2) for h in (0, 1)]
-    weights = difference_weights(maps[0], maps[1], ctx.data.mask3d)
-    scores = np.zeros((len(everyone), m))
-    for h in (0, 1):
-        rows = np.nonzero(half == h)[0]
-        if rows.size:
-            scores[rows] = ctx.maps.scores(maps[1 - h], everyone, half=h, shell_factors=weights)
-    mean, var = _pair_models(scores, labels, m)
+    labels, best, log_odds, weights = _member_odds(ctx, everyone, list(part.clusters) + earlier)
     mine = np.searchsorted(everyone, subset)                  # this generation's images
-    scores, labels = scores[mine], labels[mine]
+    labels, best, log_odds = labels[mine], best[mine], log_odds[mine]
     n_members = int(np.sum(labels < k))
-    order = np.argsort(-scores, axis=1, kind="stable")
-    best, second = order[:, 0], order[:, 1]
-    d = scores[np.arange(len(subset)), best] - scores[np.arange(len(subset)), second]
-    m_b, m_s = mean[best, second], mean[second, best]
-    v = 0.5 * (var[best, second] + var[second, best])
-    log_odds = (m_b + m_s) * (2.0 * d + m_s - m_b) / (2.0 * v)
     member = labels < k
     # a pool that could hold a group of the size found may be a group no cluster stands for
     # (the odds only compare the clusters there are): it goes on to the next generation whole
@@ -648,6 +656,39 @@ def assign_members(ctx, subset, part, tag, earlier=()):
             f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(subset) - len(acc)}")
     return Partition(clusters, np.setdiff1d(subset, acc), part.rand_index, stats, part.k_found)
 
+
+def recheck_members(ctx, clusters, pool):
+    """The run's last word on membership, as assign_members decides it but over the clusters of
+    all generations at once: a generation's check saw the clusters of earlier generations, not
+    those found later, so images of a later group could stay in an earlier cluster. Members stay
+    where their own cluster's map is the best with odds >= MEMBER_ODDS; `pool` images (the
+    unaccounted ones) join their best cluster at odds >= POOL_ODDS when the pool is smaller than
+    every cluster. Returns (clusters in the same order, which may shrink below MIN_CLUSTER_SIZE:
+    the caller decides; the new pool).
+
+    Measured on bench_sort --seed 2 (5 x 3,456, SNR 0.5; generation 0 kept 3 clusters,
+    generation 1 two): 99.9/98.6/98.5/99.4/100 % true members, 91.4 % accounted -> 100/99.7/
+    99.6/99.5/100 %, 90.8 % (members only: 88.7 %); on the default set 99.3-100 % either way."""
+    k = len(clusters)
+    pool = np.asarray(pool, np.int64)
+    if k < 2:
+        return list(clusters), pool
+    everyone = np.union1d(np.concatenate(clusters), pool)
+    labels, best, log_odds, _ = _member_odds(ctx, everyone, list(clusters))
+    member = labels < k
+    pool_joins = len(pool) < min(len(c) for c in clusters)
+    keep = np.where(member, (best == labels) & (log_odds >= np.log(MEMBER_ODDS)),
+                    pool_joins & (log_odds >= np.log(POOL_ODDS)))
+    out = [everyone[keep & (best == j)] for j in range(k)]
+    left = int(np.sum(member & ~keep))
+    joined = int(np.sum(~member & keep))
+    ctx.log(f"final member check over the {k} clusters of all generations: {left} of "
+            f"{int(np.sum(member))} members prefer another cluster's map or are not sure of "
+            f"their own (odds < {MEMBER_ODDS:g}) and become unaccounted; "
+            + (f"{joined} of {len(pool)} unaccounted images join their best cluster "
+               f"(odds >= {POOL_ODDS:g}); " if pool_joins else "")
+            + f"clusters ({', '.join(str(len(c)) for c in out)})")
+    return out, everyone[~keep]
 
 def run_generation(ctx, gen, subset, k, earlier=()):
     """All layers of one generation on `subset`; returns the generation's Partition.

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import anova, fourier, output
 from .ctf import ctf_coefficients
-from .depth import MIN_CLUSTER_SIZE, SortContext, run_generation
+from .depth import MIN_CLUSTER_SIZE, SortContext, recheck_members, run_generation
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
 from .meridien import check_smearing
@@ -223,6 +223,20 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
             break
         subset, gen = pool, gen + 1
     unaccounted = generations[-1]["unaccounted"]
+    # which final cluster each generation's cluster became (None: emptied by the final check)
+    final_id = list(range(len(final_clusters)))
+    if len(set(gen_of)) > 1:
+        t = time.time()
+        checked, unaccounted = recheck_members(ctx, final_clusters, unaccounted)
+        kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
+        if len(kept) < len(checked):
+            unaccounted = np.union1d(unaccounted, np.concatenate(
+                [c for i, c in enumerate(checked) if i not in kept]))
+        final_id = [kept.index(i) if i in kept else None for i in range(len(checked))]
+        final_clusters = [checked[i] for i in kept]
+        final_stats = [final_stats[i] for i in kept]
+        gen_of = [gen_of[i] for i in kept]
+        log(f"final member check done in {time.time() - t:.1f} s")
 
     # final maps and outputs
     t = time.time()
@@ -260,11 +274,15 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
             gdir = out_dir / f"generation_{gi:03d}"
             entries = []
             for j, c in enumerate(g["clusters"]):
+                # the generation's map is that of the final cluster it became
+                fid = final_id[first + j]
                 output.write_selection(gdir / f"Cluster_{j:03d}.txt", ids[c])
-                output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[first + j], apix)
-                entries.append({"file": f"{gdir.name}/Cluster_{j:03d}.txt",
-                                "map": f"{gdir.name}/vol_cluster{j:03d}.mrc", "size": int(len(c)),
-                                "final_id": first + j, **g["stats"][j]})
+                entry = {"file": f"{gdir.name}/Cluster_{j:03d}.txt", "size": int(len(c)),
+                         "final_id": fid, **g["stats"][j]}
+                if fid is not None:
+                    output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[fid], apix)
+                    entry["map"] = f"{gdir.name}/vol_cluster{j:03d}.mrc"
+                entries.append(entry)
             lines, tables = _anova_lines(particles, list(g["clusters"]),
                                          [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))],
                                          smear_counts)

@@ -9,7 +9,7 @@ import pytest
 from sort3ddepth.engine.cli import build_parser
 from sort3ddepth.engine.comparison import two_way_comparison
 from sort3ddepth.engine.depth import (Partition, assign_members, fragments, rebuild_starts,
-                                     sure_groups, within_box_accept)
+                                     recheck_members, sure_groups, within_box_accept)
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.preprocess import prepare
@@ -152,6 +152,33 @@ def test_member_check_leaves_a_single_cluster_alone(three_groups):
     part = Partition([np.arange(len(truth))], np.zeros(0, np.int64), 1.0, [{}])
     ctx = types.SimpleNamespace(data=data, maps=None, log=print)
     assert assign_members(ctx, np.arange(len(truth)), part, "") is part
+
+
+def test_final_member_check_takes_a_later_group_out_of_an_earlier_cluster(three_groups):
+    """An earlier generation's cluster holds a fifth of a group found only later (its check
+    could not compare with a map it did not have): checked over all clusters, those images
+    leave, the clusters keep their order, and clear unaccounted images join their own."""
+    data, truth = three_groups
+    n = len(truth)
+    rng = np.random.default_rng(5)
+    everyone = np.arange(n)
+    stray = (truth == 2) & (rng.random(n) < 0.2)          # group 2 images in cluster 0
+    unacc = ~stray & (rng.random(n) < 0.1)
+    clusters = [everyone[((truth == 0) | stray) & ~unacc], everyone[(truth == 1) & ~unacc],
+                everyone[(truth == 2) & ~stray & ~unacc]]
+    logged = []
+    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=logged.append)
+    out, pool = recheck_members(ctx, clusters, everyone[unacc])
+    assert np.array_equal(np.sort(np.concatenate(out + [pool])), everyone)
+    for j, c in enumerate(out):
+        assert np.mean(truth[c] == j) >= 0.98, (j, np.bincount(truth[c]))
+    assert np.mean(np.isin(everyone[stray], out[0])) <= 0.1          # the strays leave
+    joined = np.isin(everyone[unacc], np.concatenate(out))
+    assert joined.sum() >= 0.3 * unacc.sum()
+    assert "final member check over the 3 clusters" in logged[0]
+    assert f"{int(joined.sum())} of {int(unacc.sum())} unaccounted images join" in logged[0]
+    single, same = recheck_members(ctx, clusters[:1], everyone[unacc])
+    assert single[0] is clusters[0] and np.array_equal(same, everyone[unacc])
 
 
 def _agreement(labels, truth):

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 
+import matplotlib
 import mrcfile
 import numpy as np
 import pytest
@@ -163,6 +164,24 @@ def test_generation_figures(synthetic):
     edges = sorted(_gids(fig, "edge:"))
     assert edges == ["edge:gen0:Cluster_000", "edge:gen0:Cluster_001", "edge:gen0:gen1",
                      "edge:gen1:Cluster_002", "edge:gen1:unaccounted"]
+
+
+def test_a_generation_cluster_the_final_check_emptied(synthetic):
+    """final_id None (the run's final member check left it below the minimum size): no map, no
+    final cluster; the figures say so instead of failing."""
+    s = plots.load_summary(synthetic)
+    s["generations"][1]["clusters"].append({"file": "generation_001/Cluster_001.txt",
+                                            "size": 60, "final_id": None, "jaccard": 55.0})
+    fig = plots.plot_generation_sizes(s)
+    assert "bar:1:Cluster_001" in _gids(fig, "bar:")
+    assert "Cluster_001 -> none: 60" in _texts(fig)
+    fig = plots.plot_reproducibility(s)
+    assert "gen 1\nCluster_001\n-> none" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    bar = fig.findobj(lambda a: a.get_gid() == "repro:1:Cluster_001")[0]
+    assert bar.get_facecolor()[:3] == pytest.approx(
+        matplotlib.colors.to_rgb(plots.UNACCOUNTED_COLOR))
+    assert len(_gids(plots.plot_generation_tree(s), "edge:")) == 5
+    assert len(_gids(plots.plot_map_slices(s, synthetic), "slice:")) == 3 * 6
 
 
 def test_map_slices_and_fsc(synthetic):

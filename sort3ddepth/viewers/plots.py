@@ -56,6 +56,11 @@ def cluster_label(c):
     return "Cluster_%03d" % int(c["id"])
 
 
+def _final_label(final_id):
+    """'-> 3', or '-> none' for a generation cluster the final member check emptied."""
+    return "-> none" if final_id is None else "-> %d" % int(final_id)
+
+
 def cluster_color(final_id, unaccounted=False):
     """One colour per final cluster, the same in every figure."""
     if unaccounted or final_id is None:
@@ -263,7 +268,8 @@ def plot_generation_sizes(summary, fig=None):
     for g, gen in enumerate(gens):
         n = gen.get("n_images") or 1
         segments = [(e["name"], int(e.get("size", 0)), cluster_color(e["final_id"]),
-                     "%s -> %d: %d" % (e["name"], e["final_id"], int(e.get("size", 0))))
+                     "%s %s: %d" % (e["name"], _final_label(e["final_id"]),
+                                           int(e.get("size", 0))))
                     for e in generation_clusters(summary, g)]
         unacc = int(gen.get("n_unaccounted", 0) or 0)
         if unacc:
@@ -316,7 +322,7 @@ def plot_reproducibility(summary, fig=None):
         ax.text(x - 0.1, e["jaccard"] + 1, "%.0f%%" % e["jaccard"], ha="center",
                 va="bottom", fontsize=7)
     ax.axhline(JACCARD_FLOOR, ls="--", color="0.5", lw=0.8, label="floor %g %%" % JACCARD_FLOOR)
-    ax.set_xticks(range(len(rows)), ["gen %d\n%s\n-> %d" % (g, e["name"], e["final_id"])
+    ax.set_xticks(range(len(rows)), ["gen %d\n%s\n%s" % (g, e["name"], _final_label(e["final_id"]))
                                      for g, e in rows], fontsize=8)
     ax.set_ylim(0, 110)
     ax.set_ylabel("reproducibility (Jaccard, %)")
