@@ -43,6 +43,14 @@ def _sinc2_profile(box, npad):
     return np.sinc(x / npad) ** 2
 
 
+def padded_size(n, pad):
+    """The padded box for an n-voxel box at padding factor `pad`: round(pad * n), made even so
+    that the half-complex grid has a centre at npad // 2 (every reconstruction and projection
+    agrees on this size)."""
+    npad = int(round(pad * n))
+    return npad + npad % 2
+
+
 def volumes_to_fourier(vols, pad=2, gridding_correction=True):
     """Prepare maps (N,N,N) or (K,N,N,N) for projection. Trilinear interpolation in Fourier space
     multiplies the projection by sinc^2(x/Np) per axis; dividing the map by it beforehand cancels
@@ -51,8 +59,7 @@ def volumes_to_fourier(vols, pad=2, gridding_correction=True):
     if vols.ndim == 3:
         vols = vols[None]
     k, n = vols.shape[0], vols.shape[-1]
-    npad = int(round(pad * n))
-    npad += npad % 2
+    npad = padded_size(n, pad)
     out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
     corr = None
     if gridding_correction:
@@ -451,8 +458,7 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     idx = np.arange(m) if image_index is None else np.ascontiguousarray(image_index, np.int64)
     coefs, use_ctf = _coefs(ctf_coefs, imgs.shape[0])
     sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
-    npad = int(round(pad * box))
-    npad += npad % 2
+    npad = padded_size(box, pad)
     scale = npad / box
     npad = npad if grid is None else int(grid)
     k = memb.shape[1]

@@ -51,8 +51,7 @@ class ClusterMaps:
         self._coarse = {}
 
     def _npad(self, n):
-        npad = int(round(self.pad * n))
-        return npad + npad % 2
+        return fourier.padded_size(n, self.pad)
 
     def at_limit(self, rmax):
         """The maps builder for maps limited to shell `rmax`: the same Fourier spacing on the

@@ -78,9 +78,8 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
             groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
             sm = LocalSmears.build(meridien.smears.subset(sel), f, box, norm_factors[sel], coefs,
                                    groups, n_precompute=0)
-            npad = int(round(pad * box))
-            npad += npad % 2
-            data, w = sm.backproject(np.arange(len(sel)), memb, memb.shape[1], npad, None,
+            data, w = sm.backproject(np.arange(len(sel)), memb, memb.shape[1],
+                                     fourier.padded_size(box, pad), None,
                                      shell_w)
         comm.allreduce_sum(data)
         comm.allreduce_sum(w)
