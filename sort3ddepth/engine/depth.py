@@ -590,6 +590,15 @@ def _member_odds(ctx, everyone, groups):
     return labels, best, (m_b + m_s) * (2.0 * d + m_s - m_b) / (2.0 * v), weights
 
 
+def _member_decision(labels, best, log_odds, k, pool_joins):
+    """New label of each image (k: unaccounted): a member (label < k) stays when its own cluster
+    is its best at odds >= MEMBER_ODDS; a pool image joins its best cluster at odds >=
+    POOL_ODDS when `pool_joins`."""
+    return np.where(labels < k,
+                    np.where((best == labels) & (log_odds >= np.log(MEMBER_ODDS)), labels, k),
+                    np.where(pool_joins & (best < k) & (log_odds >= np.log(POOL_ODDS)), best, k))
+
+
 def assign_members(ctx, subset, part, tag, earlier=()):
     """The generation's final assignment: every image of `subset` (members and pool) is scored
     against maps built from the other random half of each stable cluster's members, with the
@@ -632,9 +641,7 @@ def assign_members(ctx, subset, part, tag, earlier=()):
     # a pool that could hold a group of the size found may be a group no cluster stands for
     # (the odds only compare the clusters there are): it goes on to the next generation whole
     pool_joins = len(subset) - n_members < min(len(c) for c in part.clusters)
-    new = np.where(member, np.where((best == labels) & (log_odds >= np.log(MEMBER_ODDS)),
-                                    labels, k),
-                   np.where(pool_joins & (best < k) & (log_odds >= np.log(POOL_ODDS)), best, k))
+    new = _member_decision(labels, best, log_odds, k, pool_joins)
     clusters, stats = [], []
     for j in range(k):
         c = subset[new == j]
@@ -677,18 +684,17 @@ def recheck_members(ctx, clusters, pool):
     labels, best, log_odds, _ = _member_odds(ctx, everyone, list(clusters))
     member = labels < k
     pool_joins = len(pool) < min(len(c) for c in clusters)
-    keep = np.where(member, (best == labels) & (log_odds >= np.log(MEMBER_ODDS)),
-                    pool_joins & (log_odds >= np.log(POOL_ODDS)))
-    out = [everyone[keep & (best == j)] for j in range(k)]
-    left = int(np.sum(member & ~keep))
-    joined = int(np.sum(~member & keep))
+    new = _member_decision(labels, best, log_odds, k, pool_joins)
+    out = [everyone[new == j] for j in range(k)]
+    left = int(np.sum(member & (new == k)))
+    joined = int(np.sum(~member & (new < k)))
     ctx.log(f"final member check over the {k} clusters of all generations: {left} of "
             f"{int(np.sum(member))} members prefer another cluster's map or are not sure of "
             f"their own (odds < {MEMBER_ODDS:g}) and become unaccounted; "
             + (f"{joined} of {len(pool)} unaccounted images join their best cluster "
                f"(odds >= {POOL_ODDS:g}); " if pool_joins else "")
             + f"clusters ({', '.join(str(len(c)) for c in out)})")
-    return out, everyone[~keep]
+    return out, everyone[new == k]
 
 def run_generation(ctx, gen, subset, k, earlier=()):
     """All layers of one generation on `subset`; returns the generation's Partition.
