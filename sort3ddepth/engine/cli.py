@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .membership import DEFAULT_MIN_PURITY
+
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -52,6 +54,10 @@ def build_parser():
     a("--use_umat", action="store_true", help="fuzzy membership in the maps")
     a("--not_freeze_groups", action="store_true",
       help="remove small groups during within-box comparison (general mode)")
+    a("--min_purity", type=float, default=DEFAULT_MIN_PURITY,
+      help="estimated purity target per cluster (0.5-1): members enter a cluster in decreasing "
+           "posterior while the mean posterior of its members stays at or above this; the rest "
+           "is unaccounted (not in SPHIRE)")
     a("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
     a("--force", action="store_true",
       help="discard the results of an earlier run in --output_dir instead of resuming it")
@@ -108,6 +114,8 @@ def validate(args, n_particles=None, box=None):
         raise UserError(f"--overhead {args.overhead}: must be >= 0 GB")
     if args.orientation_groups < 1:
         raise UserError(f"--orientation_groups {args.orientation_groups}: must be at least 1")
+    if not 0.5 <= args.min_purity <= 1.0:
+        raise UserError(f"--min_purity {args.min_purity:g}: must be between 0.5 and 1")
     if args.img_per_grp != -1 and args.img_per_grp <= 1:
         raise UserError(f"--img_per_grp {args.img_per_grp}: must be > 1 (or -1 for search mode)")
     if n_particles is not None:

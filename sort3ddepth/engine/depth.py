@@ -21,8 +21,9 @@ import numpy as np
 
 from .comparison import (rand_index, random_reproducibility, split_two_classes,
                          two_way_comparison)
+from .membership import DEFAULT_MIN_PURITY, decide
 from .mgskmeans import interleaved_schedule, mgsk_pair, min_size_schedule
-from .reconstruction import difference_weights, resolution_shell
+from .reconstruction import resolution_shell
 
 BOX_NITER = 5              # box iterations per run (+1 per K reset)
 MAX_RUNS = 3               # runs per box (each on the previous run's unaccounted pool)
@@ -34,10 +35,6 @@ COARSE_MIN_SHELL = 12      # exploratory runs never score at a lower resolution 
 MERGED_SIZE = 1.25         # rebuild_starts: a group this many times the mean size is a merge
 FRAGMENT_SIZE = 0.75       # a kept group below this times the median kept size is a fragment
 SETTLE_GROWTH = 1.25       # settle_groups: whole groups may grow this much, no more
-MEMBER_ODDS = 19.0         # final assignment: a member stays when the odds of its own cluster
-                           # over the second best are at least this (posterior 95 %)
-POOL_ODDS = 99.0           # final assignment: a pool image joins its best cluster when the odds
-                           # of its best map over the second are at least this (assign_members)
 
 
 @dataclass
@@ -55,6 +52,7 @@ class SortContext:
     use_umat: bool = False
     timings: dict = field(default_factory=dict)
     checkpoints: object = None   # checkpoint.Checkpoints (resume), or None
+    min_purity: float = DEFAULT_MIN_PURITY   # membership: estimated purity target per cluster
 
 
 @dataclass
@@ -545,156 +543,98 @@ def between_boxes(ctx, subset, a, b, n_allowed, tag=""):
     return Partition(kept, np.setdiff1d(subset, acc), ri, stats)
 
 
-def _pair_models(scores, labels, k):
-    """Per ordered pair (i, j): median and squared robust std (MAD) of s_i - s_j over the
-    members of cluster i (all of them: members selected by their scores would truncate it)."""
-    mean, var = np.zeros((k, k)), np.ones((k, k))
-    for i in range(k):
-        rows = labels == i
-        for j in range(k):
-            if j != i and rows.any():
-                d = scores[rows, i] - scores[rows, j]
-                mean[i, j] = np.median(d)
-                var[i, j] = max((1.4826 * np.median(np.abs(d - mean[i, j]))) ** 2, 1e-12)
-    return mean, var
-
-
-def _member_odds(ctx, everyone, groups):
-    """Scores every image of `everyone` (sorted) against maps of `groups` built from the other
-    random half's members, shells weighted by difference_weights; returns (labels: group index
-    or len(groups) for the pool, best group, log odds of the best over the second best, the
-    shell weights). The odds come from _pair_models, learned from the groups' members."""
-    m = len(groups)
-    labels = np.full(len(everyone), m, np.int64)             # pool = m
-    for j, c in enumerate(groups):
-        labels[np.searchsorted(everyone, c)] = j
-    n_all = int(np.sum(labels < m))
-    half = ctx.data.half[everyone]
-    # maps from each random half's members; images are scored against the other half's maps,
-    # with shells weighted by how reliably the two halves agree on the clusters' differences
-    maps = [ctx.maps.build(everyone, np.eye(m + 1)[labels][:, :m] * (half == h)[:, None],
-                           n_all / m / 2) for h in (0, 1)]
-    weights = difference_weights(maps[0], maps[1], ctx.data.mask3d)
-    scores = np.zeros((len(everyone), m))
-    for h in (0, 1):
-        rows = np.nonzero(half == h)[0]
-        if rows.size:
-            scores[rows] = ctx.maps.scores(maps[1 - h], everyone, half=h, shell_factors=weights)
-    mean, var = _pair_models(scores, labels, m)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    best, second = order[:, 0], order[:, 1]
-    rows = np.arange(len(everyone))
-    d = scores[rows, best] - scores[rows, second]
-    m_b, m_s = mean[best, second], mean[second, best]
-    v = 0.5 * (var[best, second] + var[second, best])
-    return labels, best, (m_b + m_s) * (2.0 * d + m_s - m_b) / (2.0 * v), weights
-
-
-def _member_decision(labels, best, log_odds, k, pool_joins):
-    """New label of each image (k: unaccounted): a member (label < k) stays when its own cluster
-    is its best at odds >= MEMBER_ODDS; a pool image joins its best cluster at odds >=
-    POOL_ODDS when `pool_joins`."""
-    return np.where(labels < k,
-                    np.where((best == labels) & (log_odds >= np.log(MEMBER_ODDS)), labels, k),
-                    np.where(pool_joins & (best < k) & (log_odds >= np.log(POOL_ODDS)), best, k))
-
-
 def assign_members(ctx, subset, part, tag, earlier=()):
-    """The generation's final assignment: every image of `subset` (members and pool) is scored
-    against maps built from the other random half of each stable cluster's members, with the
-    shells weighted by how reliably the halves agree on the clusters' differences
-    (reconstruction.difference_weights). A member stays when its best map is its own cluster's
-    with odds over the second best >= MEMBER_ODDS, else it goes to the pool; a pool image joins
-    its best cluster when the odds are >= POOL_ODDS, unless the pool is as large as the smallest
-    cluster (it may hold a group of its own). `earlier`: the clusters of earlier generations,
-    scored as candidates too (a member nearest one of them goes to the pool; measured on
-    bench_sort --seed 2: generation 1 split 7,606 leftovers into 4,151 + 3,455 and, compared with
-    each other only, kept a 3,978-image cluster 81.0 % true).
-
-    Measured on bench_sort (5 x 3,456, SNR 0.5), from the run's final clusters: without the
-    weights, members kept when best: 94.5-100 % true members, 93.5 % accounted (odds >= 19:
-    96.9-100 %, 90.1 %); with them, best: 97.8-100 %, 94.7 %; odds >= 19: 99.0-100 %, 93.5 %.
+    """The generation's member check (membership.decide): every image of `subset` and of the
+    clusters of earlier generations is scored against cross-validated maps of all these clusters;
+    a member of this generation's clusters stays where the posterior places it at the purity
+    target, else it goes to the pool; pool images join their most probable cluster the same way,
+    unless the pool is as large as the smallest cluster (it may hold a group of its own, for the
+    next generation). Images placed in an earlier generation's cluster go to the pool here (the
+    final assignment decides them). Each kept cluster's stats get its estimated purity and its
+    size as reproduced (before the check: the size the SPHIRE post-filter compares).
 
     Why members are checked: MGSK-means fills every group to the minimum size in every
-    orientation group, so images of a group that is short in some orientation are forced into
-    another, and both runs force the same images: the two-way comparison keeps them (3 x 600 at
-    SNR 3: purity 95-97 % -> 98-100 %). Why the pool is looked at: it holds images whose two
-    runs disagreed although one map fits them clearly. The odds come from a two-Gaussian model
-    (shared variance) of the score difference s_best - s_second, learned from the members
-    (cluster i's members give the distribution for "belongs to i", cluster j's for "belongs to
-    j"); where clusters are not distinct (homogeneous data split at random) both centre on 0
-    and no image is sure. Measured on bench_sort (5 x 3,456, SNR 0.5), maps from the run's
-    clusters: members only, 88.4 % accounted, 93.4-100 % true members per cluster; with pool
-    images at odds >= 99, 92.9 %, 94.2-100 % (both without the weights)."""
+    orientation group, so images of a group short in some orientation are forced into another,
+    and both runs force the same images: the two-way comparison keeps them. Why the pool is
+    looked at: it holds images whose two runs disagreed although one map fits them clearly."""
     k = len(part.clusters)
     earlier = [np.asarray(c, np.int64) for c in earlier]
     if k < 1 or k + len(earlier) < 2:
         return part
-    # the clusters of earlier generations are candidates too: leftovers of their groups must
-    # not stay in this generation's clusters because the odds compared only these
     everyone = np.union1d(subset, np.concatenate(earlier)) if earlier else subset
-    labels, best, log_odds, weights = _member_odds(ctx, everyone, list(part.clusters) + earlier)
-    mine = np.searchsorted(everyone, subset)                  # this generation's images
-    labels, best, log_odds = labels[mine], best[mine], log_odds[mine]
-    n_members = int(np.sum(labels < k))
-    member = labels < k
-    # a pool that could hold a group of the size found may be a group no cluster stands for
-    # (the odds only compare the clusters there are): it goes on to the next generation whole
+    n_members = int(sum(len(c) for c in part.clusters))
     pool_joins = len(subset) - n_members < min(len(c) for c in part.clusters)
-    new = _member_decision(labels, best, log_odds, k, pool_joins)
+    mine = np.isin(everyone, subset)
+    labels, memb, weights = decide(ctx.maps, ctx.data, everyone, list(part.clusters) + earlier,
+                                   mine, pool_joins, ctx.min_purity, MIN_CLUSTER_SIZE)
+    new = np.where(memb.labels < k, memb.labels, k)[mine]
+    labels = labels[mine]
     clusters, stats = [], []
     for j in range(k):
         c = subset[new == j]
         if len(c) >= MIN_CLUSTER_SIZE:
             clusters.append(c)
-            stats.append(part.stats[j] if j < len(part.stats) else {})
+            old = part.stats[j] if j < len(part.stats) else {}
+            stats.append({**old, "reproduced_size": old.get("reproduced_size",
+                                                            len(part.clusters[j])),
+                          "estimated_purity": round(float(memb.estimated_purity[j]), 4)})
     acc = np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
+    member = labels < k
     left = int(np.sum(member & (new == k)))
     joined = int(np.sum(~member & (new < k)))
     sure = [resolution_shell(np.sqrt(weights), t) for t in (0.5, 0.143)]
+    est = ", ".join(f"{100 * memb.estimated_purity[j]:.1f}" for j in range(k)
+                    if np.isfinite(memb.estimated_purity[j]))
     ctx.log(f"{tag}member check: the clusters' half maps differ reliably to shell {sure[0]} "
-            f"(difference FSC 0.5; 0.143 at {sure[1]}); {left} of {n_members} members prefer "
-            f"another cluster's map or are not sure of their own (odds < {MEMBER_ODDS:g}) and "
-            f"go back to the pool; "
-            + (f"{joined} of {len(subset) - n_members} pool images join their best cluster "
-               f"(odds >= {POOL_ODDS:g}); " if pool_joins else
+            f"(difference FSC 0.5; 0.143 at {sure[1]}); {left} of {n_members} members are "
+            f"more probably in another cluster or beyond the purity target "
+            f"({100 * ctx.min_purity:g} %) and go back to the pool; "
+            + (f"{joined} of {len(subset) - n_members} pool images join a cluster; "
+               if pool_joins else
                f"the pool ({len(subset) - n_members}) could hold a group and stays whole; ")
-            + f"clusters "
-            f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(subset) - len(acc)}")
+            + f"clusters ({', '.join(str(len(c)) for c in clusters)}) at estimated purity "
+              f"({est}) %, unaccounted {len(subset) - len(acc)}"
+            + _below_target_note(memb, range(k)))
     return Partition(clusters, np.setdiff1d(subset, acc), part.rand_index, stats, part.k_found)
 
 
-def recheck_members(ctx, clusters, pool):
-    """The run's last word on membership, as assign_members decides it but over the clusters of
-    all generations at once: a generation's check saw the clusters of earlier generations, not
-    those found later, so images of a later group could stay in an earlier cluster. Members stay
-    where their own cluster's map is the best with odds >= MEMBER_ODDS; `pool` images (the
-    unaccounted ones) join their best cluster at odds >= POOL_ODDS when the pool is smaller than
-    every cluster. Returns (clusters in the same order, which may shrink below MIN_CLUSTER_SIZE:
-    the caller decides; the new pool).
+def _below_target_note(memb, which):
+    low = [str(j) for j in which if memb.below_target[j]]
+    return ("" if not low else f"; cluster(s) {', '.join(low)} cannot reach the purity target "
+            f"with enough images and keep the images they more likely hold than not")
 
-    Measured on bench_sort --seed 2 (5 x 3,456, SNR 0.5; generation 0 kept 3 clusters,
-    generation 1 two): 99.9/98.6/98.5/99.4/100 % true members, 91.4 % accounted -> 100/99.7/
-    99.6/99.5/100 %, 90.8 % (members only: 88.7 %); on the default set 99.3-100 % either way."""
-    k = len(clusters)
+
+def final_assignment(ctx, clusters, pool, pool_searched=False):
+    """The run's last word on membership, over the clusters of all generations at once (a
+    generation's check saw the clusters of earlier generations, not those found later): every
+    image gets a posterior over all clusters (membership.decide) and joins its most probable
+    cluster within the purity target. Unaccounted images (`pool`) join when fewer than the
+    smallest cluster, or when `pool_searched` (a last generation found no reproducible group
+    in them); else they may be a state no cluster stands for, whose images would join the
+    nearest clusters at a high posterior. Returns (clusters in the same order, which
+    may shrink below MIN_CLUSTER_SIZE: the caller decides; the new pool; the Membership over
+    every image in sorted index order)."""
     pool = np.asarray(pool, np.int64)
-    if k < 2:
-        return list(clusters), pool
+    k = len(clusters)
     everyone = np.union1d(np.concatenate(clusters), pool)
-    labels, best, log_odds, _ = _member_odds(ctx, everyone, list(clusters))
+    joins = bool(pool_searched) or len(pool) < min(len(c) for c in clusters)
+    labels, memb, _ = decide(ctx.maps, ctx.data, everyone, list(clusters),
+                             np.ones(len(everyone), bool), joins, ctx.min_purity,
+                             MIN_CLUSTER_SIZE)
+    out = [everyone[memb.labels == j] for j in range(k)]
     member = labels < k
-    pool_joins = len(pool) < min(len(c) for c in clusters)
-    new = _member_decision(labels, best, log_odds, k, pool_joins)
-    out = [everyone[new == j] for j in range(k)]
-    left = int(np.sum(member & (new == k)))
-    joined = int(np.sum(~member & (new < k)))
-    ctx.log(f"final member check over the {k} clusters of all generations: {left} of "
-            f"{int(np.sum(member))} members prefer another cluster's map or are not sure of "
-            f"their own (odds < {MEMBER_ODDS:g}) and become unaccounted; "
-            + (f"{joined} of {len(pool)} unaccounted images join their best cluster "
-               f"(odds >= {POOL_ODDS:g}); " if pool_joins else "")
-            + f"clusters ({', '.join(str(len(c)) for c in out)})")
-    return out, everyone[new == k]
+    left = int(np.sum(member & (memb.labels == k)))
+    joined = int(np.sum(~member & (memb.labels < k)))
+    ctx.log(f"final assignment over the {k} clusters of all generations (purity target "
+            f"{100 * ctx.min_purity:g} %): {left} of {int(np.sum(member))} members become "
+            f"unaccounted; "
+            + (f"{joined} of {len(pool)} unaccounted images join a cluster; " if joins else
+               f"the {len(pool)} unaccounted images could hold a group and stay unaccounted; ")
+            + f"clusters ({', '.join(str(len(c)) for c in out)}) at estimated purity ("
+            + ", ".join(f"{100 * p:.1f}" for p in memb.estimated_purity if np.isfinite(p))
+            + ") %" + _below_target_note(memb, range(k)))
+    return out, everyone[memb.labels == k], memb
+
 
 def run_generation(ctx, gen, subset, k, earlier=()):
     """All layers of one generation on `subset`; returns the generation's Partition.
@@ -749,10 +689,6 @@ def run_generation(ctx, gen, subset, k, earlier=()):
         if len(pairs) == 1 or len(good) < len(pairs):
             # last layer, or a pair found fewer than two groups: the generation ends here
             best = max(pairs, key=lambda p: (len(p.clusters) >= 2, p.n_accounted))
-            # twice: the second check scores against maps of the purer clusters of the first
-            # (bench_sort: 99.3-100 % true members, 90.5 % accounted after one; 99.0-100 %,
-            # 94.8 % after two)
-            part = assign_members(ctx, subset, best, f"gen {gen}: ", earlier)
-            return assign_members(ctx, subset, part, f"gen {gen}: ", earlier)
+            return assign_members(ctx, subset, best, f"gen {gen}: ", earlier)
         starts = good
         layer += 1

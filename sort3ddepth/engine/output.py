@@ -52,6 +52,13 @@ def write_map(path, vol, pixel_size):
     atomic_write(path, w, ".mrc")
 
 
+def write_npy(path, array):
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    atomic_write(path, w, ".npy")
+
+
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
 

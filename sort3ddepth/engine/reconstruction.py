@@ -148,6 +148,29 @@ def difference_weights(maps_a, maps_b, mask):
     return np.clip(np.mean(curves, axis=0), 0.0, 1.0) ** 2
 
 
+def difference_mask(maps_a, maps_b, inside, sigma=1.0, threshold=2.0, grow=2, edge=1.0):
+    """Where the K maps reproducibly differ: the covariance, voxel by voxel, of the maps'
+    deviations from their mean between two independent sets of maps (the random halves),
+    smoothed by a Gaussian of `sigma` voxels, above `threshold` times its noise level (robust
+    std over the voxels outside `inside`, the particle's mask, or over all voxels when that
+    outside is small), grown by `grow` voxels and given a soft edge. Structural states usually
+    differ in a part of the particle; outside it the maps' differences are only noise, which
+    scoring would add to every image's margin. Returns a (N, N, N) mask in [0, 1], all ones
+    when no voxel passes (no reproducible difference: nothing to focus on)."""
+    from scipy import ndimage
+    a = maps_a - maps_a.mean(axis=0)
+    b = maps_b - maps_b.mean(axis=0)
+    cov = ndimage.gaussian_filter((a * b).sum(axis=0).astype(np.float64), sigma)
+    outside = ~np.asarray(inside, bool)
+    ref = cov[outside] if outside.sum() >= 0.05 * cov.size else cov.ravel()
+    noise = 1.4826 * np.median(np.abs(ref - np.median(ref)))
+    hot = cov > np.median(ref) + threshold * max(noise, 1e-30)
+    if not hot.any():
+        return np.ones_like(cov, dtype=np.float32)
+    grown = ndimage.binary_dilation(hot, iterations=grow).astype(np.float64)
+    return np.clip(ndimage.gaussian_filter(grown, edge), 0.0, 1.0).astype(np.float32)
+
+
 def resolution_shell(curve, threshold=0.143):
     """Last shell before the curve first drops below threshold (0 if it never reaches it)."""
     below = np.nonzero(np.asarray(curve)[1:] < threshold)[0]

@@ -17,7 +17,8 @@ import numpy as np
 
 from . import anova, fourier, output
 from .ctf import ctf_coefficients
-from .depth import MIN_CLUSTER_SIZE, SortContext, recheck_members, run_generation
+from .depth import MIN_CLUSTER_SIZE, SortContext, final_assignment, run_generation
+from .membership import purity_curve
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
 from .meridien import check_smearing
@@ -150,6 +151,30 @@ def _log_check_smearing(ref, nx, log):
             f"{r['bytes'] / 1024 ** 3:>12.3f}")
 
 
+def _write_membership(out_dir, particles, memb, n_clusters, export, summary):
+    """Every particle's answer: posteriors.npy (n, clusters) in input order, all_particles.star
+    (every input row with rlnClassNumber = its most probable cluster, 1-based, and
+    rlnMaxValueProbDistribution = that posterior) and the purity-vs-accounted curve."""
+    n = len(particles)
+    if n_clusters == 0:
+        return
+    post = np.ones((n, 1)) if memb is None else memb.posterior
+    assert post.shape == (n, n_clusters), (post.shape, n, n_clusters)
+    output.write_npy(out_dir / "posteriors.npy", post.astype(np.float32))
+    best = np.argmax(post, axis=1)
+    if export:
+        write_star_rows(particles, np.arange(n), out_dir / "all_particles.star",
+                        columns={"rlnClassNumber": best + 1,
+                                 "rlnMaxValueProbDistribution": post[np.arange(n), best]})
+        summary["all_particles"] = "all_particles.star"
+    t, acc, pur = purity_curve(post)
+    summary["posteriors"] = "posteriors.npy"
+    summary["purity_curve"] = {"threshold": [round(float(v), 3) for v in t],
+                               "accounted": [round(float(v), 4) for v in acc],
+                               "estimated_purity": [None if not np.isfinite(v) else
+                                                    round(float(v), 4) for v in pur]}
+
+
 def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     """Sort `particles`; writes the outputs in out_dir (rank 0) and returns the summary dict.
     checkpoints: checkpoint.Checkpoints to resume from and save to, or None.
@@ -180,7 +205,8 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
     frozen = (not search) and not opts.not_freeze_groups
     ctx = SortContext(data, maps, rng, log, search, frozen, work, opts.nstep, opts.depth_order,
-                      init_k=k0, use_umat=bool(opts.use_umat), checkpoints=checkpoints)
+                      init_k=k0, use_umat=bool(opts.use_umat), checkpoints=checkpoints,
+                      min_purity=opts.min_purity)
     subset = np.arange(n)
     generations, final_clusters, final_stats, gen_of = [], [], [], []
     gen, k = 0, k0
@@ -198,8 +224,9 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
         stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
         pairs = list(zip(part.clusters, stats))
         if pairs:   # SPHIRE's post-filter: clusters < 1/3 of the largest go back to the pool
-            big = max(len(c) for c, _ in pairs)
-            pairs = [(c, st) for c, st in pairs if big / len(c) < 3]
+            # (sizes as reproduced: the member check keeps an unsure group's surest images)
+            size = [st.get("reproduced_size", len(c)) for c, st in pairs]
+            pairs = [p for p, s in zip(pairs, size) if max(size) / s < 3]
         clusters = [c for c, _ in pairs]
         stats = [st for _, st in pairs]
         pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
@@ -224,18 +251,24 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     unaccounted = generations[-1]["unaccounted"]
     # which final cluster each generation's cluster became (None: emptied by the final check)
     final_id = list(range(len(final_clusters)))
-    if len(set(gen_of)) > 1:
+    memb = None
+    if len(final_clusters) >= 2:
         t = time.time()
-        checked, unaccounted = recheck_members(ctx, final_clusters, unaccounted)
+        checked, unaccounted, memb = final_assignment(
+            ctx, final_clusters, unaccounted, pool_searched=not generations[-1]["clusters"])
         kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
         if len(kept) < len(checked):
             unaccounted = np.union1d(unaccounted, np.concatenate(
                 [c for i, c in enumerate(checked) if i not in kept]))
         final_id = [kept.index(i) if i in kept else None for i in range(len(checked))]
         final_clusters = [checked[i] for i in kept]
-        final_stats = [final_stats[i] for i in kept]
+        final_stats = [{**final_stats[i],
+                        "estimated_purity": round(float(memb.estimated_purity[i]), 4)}
+                       for i in kept]
         gen_of = [gen_of[i] for i in kept]
-        log(f"final member check done in {time.time() - t:.1f} s")
+        post = memb.posterior[:, kept]          # a dropped cluster's share to the others
+        memb.posterior = post / np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
+        log(f"final assignment done in {time.time() - t:.1f} s")
 
     # final maps and outputs
     t = time.time()
@@ -262,6 +295,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
         "generations": [],
         "clusters": [], "anova": anova_tables, "wall_seconds": None,
         "input": "meridien" if ref is not None else "stack",
+        "min_purity": opts.min_purity,
         "cluster_file_ids": ("meridien particle ids (main000/indexes_000.txt)" if ref is not None
                              else "0-based particle indices (input STAR row order)"),
         # FSC curves: shell i (0..box/2) is at spatial frequency i / (box * pixel_size) 1/Å
@@ -324,6 +358,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
         if core_ok:
             output.write_map(out_dir / "volume_core.mrc", vols[-1], apix)
         output.write_text(out_dir / "anova.txt", "\n".join(anova_lines) + "\n")
+        _write_membership(out_dir, particles, memb, len(final_clusters), export, summary)
         acc = sum(len(c) for c in final_clusters)
         log(f"{'cluster':>8} {'size':>7} {'generation':>10} {'resolution':>10}")
         for c in summary["clusters"]:

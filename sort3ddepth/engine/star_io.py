@@ -853,22 +853,31 @@ def write_star(particles, star_path, stack_path=None, style='3.1', extra_columns
     return star, stack
 
 
-def write_star_rows(particles, indices, star_path, class_number=None):
+def write_star_rows(particles, indices, star_path, class_number=None, columns=None):
     """Write the input STAR's own rows of the selected particles (every original column and
     value untouched, the optics table kept), so RELION can refine one cluster directly; image
     names stay as in the input, so the file works from wherever the input STAR worked.
-    ``class_number`` is added as rlnClassNumber (1-based) when the input has no such column."""
+    ``class_number`` is added as rlnClassNumber (1-based) when the input has no such column.
+    ``columns``: {label: one value per selected particle}, set in every row (a column of the
+    input with that label is replaced, else appended)."""
     src = particles.source
     table = src.get('particles_table')
     if table is None:
         raise ValueError('these particles were not read from a STAR file: no rows to export')
     names = list(table.getColumnNames())
-    add_class = class_number is not None and 'rlnClassNumber' not in names
-    out = Table(columns=names + (['rlnClassNumber'] if add_class else []))
+    columns = dict(columns or {})
+    if class_number is not None and 'rlnClassNumber' not in names:
+        columns.setdefault('rlnClassNumber', np.full(len(indices), int(class_number)))
+    added = [c for c in columns if c not in names]
+    out = Table(columns=names + added)
+    where = {c: names.index(c) for c in columns if c in names}
+    text = {c: [_star_value(v) for v in vals] for c, vals in columns.items()}
     rows = table._rows
-    for i in np.asarray(indices, np.int64):
-        values = tuple(rows[i])
-        out.addRow(*(values + ((str(int(class_number)),) if add_class else ())))
+    for r, i in enumerate(np.asarray(indices, np.int64)):
+        values = list(rows[i])
+        for c, pos in where.items():
+            values[pos] = text[c][r]
+        out.addRow(*(values + [text[c][r] for c in added]))
     optics = src.get('optics')
     with _atomic_target(os.path.abspath(os.fspath(star_path))) as tmp:
         with open(tmp, 'w') as f:
@@ -879,6 +888,13 @@ def write_star_rows(particles, indices, star_path, class_number=None):
                 out.writeStar(f, tableName=src.get('table_name') or 'particles')
             else:
                 out.writeStar(f, tableName=src.get('table_name') or '')
+
+
+def _star_value(v):
+    """A STAR field for a number: integers as such, floats with 6 significant digits."""
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    return f"{float(v):.6g}"
 
 
 def check_unique_images(particles):

@@ -8,7 +8,9 @@ each one also skips its own work when its results are already on disk):
   2. runSortStep: `python -m sort3ddepth.engine.cli ...` through runJob with numberOfMpi, so the
      plugin's MPICH mpirun (or hosts.conf / the queue template) launches it; output in
      extra/sort3d/ (summary.json, written last, marks a finished engine run).
-  3. createOutputStep: outputClasses (SetOfClasses3D) and outputVolumes (SetOfVolumes).
+  3. createOutputStep: outputClasses (SetOfClasses3D) and outputVolumes (SetOfVolumes). Every
+     particle of outputClasses carries its posterior (ATTR_POSTERIOR, from posteriors.npy) and
+     every class / volume its estimated purity (ATTR_PURITY, from summary.json).
 """
 import json
 import os
@@ -32,6 +34,17 @@ INPUT_MERIDIEN = 1
 #: extra attributes stored on every particle of the output classes
 ATTR_CLUSTER = "_sort3d_cluster"
 ATTR_GENERATION = "_sort3d_generation"
+#: the particle's posterior probability of the class it is in (for the unaccounted class: of its
+#: most probable cluster), from the engine's posteriors.npy. The name RELION's classifications
+#: use in Scipion (the relion plugin stores rlnMaxValueProbDistribution under it), so that
+#: exports to RELION carry it, as the engine's all_particles.star does.
+ATTR_POSTERIOR = "_rlnMaxValueProbDistribution"
+#: a class's (and its volume's) estimated purity: the mean posterior of its members; none for the
+#: unaccounted class and for runs of an engine without posteriors
+ATTR_PURITY = "_sort3d_estimatedPurity"
+#: the form's default of minPurity (the engine's membership.DEFAULT_MIN_PURITY; a test checks
+#: they agree; not imported here so that plugin discovery does not import the engine)
+DEFAULT_MIN_PURITY = 0.98
 
 #: what a meridien refinement folder must hold for the form's check (the engine checks the rest)
 MERIDIEN_TRACKER = os.path.join("main000", "Tracker_000.json")
@@ -114,6 +127,19 @@ class ProtSort3DDepth(ProtClassify3D):
                       help="User expected group size in integer. By default (-1) sorting is set "
                            "on search mode (the number of groups is found). The only sorting "
                            "parameter the user has to determine.")
+        form.addParam("minPurity", params.FloatParam, default=DEFAULT_MIN_PURITY,
+                      label="Purity target per cluster",
+                      help="Estimated purity each output cluster must keep (0.5-1). Every "
+                           "particle gets a posterior probability over the final clusters; a "
+                           "cluster takes its particles in decreasing posterior while the mean "
+                           "posterior of its members (its estimated purity) stays at or above "
+                           "this target, and the rest go to the unaccounted set. Higher: purer "
+                           "clusters, fewer particles kept; lower: more particles, more of them "
+                           "wrongly assigned. The posterior of every particle is stored anyway "
+                           "(attribute %s of the particles of the output classes), and the "
+                           "viewer shows purity against the fraction of particles kept, so a "
+                           "different trade-off can be chosen afterwards without sorting again."
+                           % ATTR_POSTERIOR)
         form.addParam("memoryPerNode", params.FloatParam, default=-1.0,
                       label="Memory per node [GB]",
                       help="User provided information about memory per node in GB (NOT per "
@@ -263,7 +289,8 @@ class ProtSort3DDepth(ProtClassify3D):
                  "--memory_per_node", self.memoryPerNode.get(), "--overhead", self.overhead.get(),
                  "--depth_order", self.depthOrder.get(),
                  "--orientation_groups", self.orientationGroups.get(),
-                 "--num_core_set", self.numCoreSet.get()]
+                 "--num_core_set", self.numCoreSet.get(),
+                 "--min_purity", self.minPurity.get()]
         for option, pointer in (("--mask3D", self.mask3D), ("--focus", self.focus)):
             fn = self._maskFile(pointer)
             if fn:
@@ -332,9 +359,33 @@ class ProtSort3DDepth(ProtClassify3D):
         with open(self._getSummaryFile()) as f:
             return json.load(f)
 
+    def _readPosteriors(self, summary, n_rows):
+        """posteriors.npy (n_rows, final clusters) of the run, or None when the engine wrote none
+        (older engine) or it does not match the summary (then a warning in the log)."""
+        name = summary.get("posteriors")
+        if not name:
+            return None
+        fn = self._getSortDir(name)
+        n_regular = sum(1 for c in summary.get("clusters") or [] if not c.get("unaccounted"))
+        try:
+            import numpy as np
+            post = np.load(fn)
+        except (OSError, ValueError) as e:
+            self.warning("Cannot read the posteriors %s (%s): the particles get no %s."
+                         % (fn, e, ATTR_POSTERIOR))
+            return None
+        if post.ndim != 2 or post.shape != (n_rows, n_regular):
+            self.warning("The posteriors %s have shape %s, not (%d particles, %d clusters): the "
+                         "particles get no %s." % (fn, post.shape, n_rows, n_regular,
+                                                   ATTR_POSTERIOR))
+            return None
+        return post
+
     def _createMeridienOutputs(self, summary):
-        """Meridien input has no Scipion particle set to classify: register the maps; the
-        members are in the engine's Cluster_###.txt files (meridien particle ids)."""
+        """Meridien input has no Scipion particle set to classify: register the maps (with
+        their clusters' estimated purity); the members are in the engine's Cluster_###.txt files
+        (meridien particle ids) and their posteriors in posteriors.npy (rows in the same
+        order)."""
         sampling = float(summary["pixel_size"])
         volumes = self._createSetOfVolumes()
         volumes.setSamplingRate(sampling)
@@ -346,6 +397,7 @@ class ProtSort3DDepth(ProtClassify3D):
             vol.setLocation(self._getSortDir(c["map"]))
             vol.setSamplingRate(sampling)
             vol.setObjLabel("unaccounted" if c.get("unaccounted") else "cluster %03d" % c["id"])
+            setattr(vol, ATTR_PURITY, Float(c.get("estimated_purity")))
             volumes.append(vol)
         self._defineOutputs(outputVolumes=volumes)
 
@@ -363,6 +415,16 @@ class ProtSort3DDepth(ProtClassify3D):
             for r in rows:
                 membership[int(ids[r])] = (int(c["id"]), int(c["generation"]))
             clusters[int(c["id"]) + 1] = c
+        rowOf = {int(objId): r for r, objId in enumerate(ids)}
+        post = self._readPosteriors(summary, len(ids))
+
+        def posterior(objId, cid):
+            """Its posterior of cluster cid (0-based); of its most probable cluster when cid is
+            the unaccounted set (or none); None when unknown."""
+            r = rowOf.get(objId)
+            if r is None:
+                return None
+            return float(post[r, cid] if 0 <= cid < post.shape[1] else post[r].max())
 
         def mapFile(c):
             return self._getSortDir(c["map"]) if c.get("map") else None
@@ -372,6 +434,8 @@ class ProtSort3DDepth(ProtClassify3D):
             item.setClassId(cid + 1)                 # 0: in no cluster, not classified
             setattr(item, ATTR_CLUSTER, Integer(cid))
             setattr(item, ATTR_GENERATION, Integer(gen))
+            if post is not None:       # all particles or none: a set's items share attributes
+                setattr(item, ATTR_POSTERIOR, Float(posterior(item.getObjId(), cid)))
 
         def updateClass(cls):
             c = clusters[cls.getObjId()]
@@ -386,6 +450,7 @@ class ProtSort3DDepth(ProtClassify3D):
             cls._sort3d_unaccounted = Boolean(unaccounted)
             cls._sort3d_generation = Integer(int(c["generation"]))
             cls._sort3d_resolution = Float(float(c.get("resolution_A", 0.0) or 0.0))
+            setattr(cls, ATTR_PURITY, Float(c.get("estimated_purity")))
 
         classes = self._createSetOfClasses3D(self.inputParticles)
         classes.classifyItems(updateItemCallback=updateItem, updateClassCallback=updateClass)
@@ -402,6 +467,7 @@ class ProtSort3DDepth(ProtClassify3D):
             vol.setLocation(fn)
             vol.setSamplingRate(sampling)
             vol.setObjLabel("unaccounted" if c.get("unaccounted") else "cluster %03d" % c["id"])
+            setattr(vol, ATTR_PURITY, Float(c.get("estimated_purity")))
             volumes.append(vol)
 
         self._defineOutputs(outputClasses=classes, outputVolumes=volumes)
@@ -411,6 +477,10 @@ class ProtSort3DDepth(ProtClassify3D):
     # -------------------------------------------------------------------------------- info
     def _validate(self):
         errors = []
+        purity = self.minPurity.get()
+        if purity is None or not 0.5 <= purity <= 1.0:
+            errors.append("Purity target per cluster (minPurity) %s: it must be between 0.5 and "
+                          "1." % ("is empty" if purity is None else "%g" % purity))
         if self.inputType == INPUT_MERIDIEN:
             folder = self.refinementDir.get()
             if not folder:
@@ -529,6 +599,11 @@ class ProtSort3DDepth(ProtClassify3D):
             if res:
                 summary.append("Map resolutions (FSC 0.143): %s A."
                                % ", ".join("%.1f" % r for r in res))
+            purity = [c.get("estimated_purity") for c in regular]
+            if s.get("min_purity") is not None or any(p is not None for p in purity):
+                summary.append("Estimated purity per cluster (target %s): %s." % (
+                    "-" if s.get("min_purity") is None else "%g" % s["min_purity"],
+                    ", ".join("-" if p is None else "%.3f" % p for p in purity) or "-"))
         elif self._isMeridien():
             summary.append("Input: meridien refinement %s; output not ready yet."
                            % self.refinementDir.get())

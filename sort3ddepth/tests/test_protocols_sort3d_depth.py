@@ -4,7 +4,8 @@ root conftest.py sets the Scipion environment).
 - TestSort3DDepthRun: a simulated set of 3 conformations x 400 particles (48 px) is written as a
   RELION STAR file, turned into a Scipion SetOfParticles (ALIGN_PROJ + CTF), imported with
   ProtImportParticles, sorted with 2 MPI ranks, and the outputs are checked (class count, sizes,
-  purity against the true labels, extra attributes, volumes); then the run is "continued" after
+  purity against the true labels, extra attributes incl. each particle's posterior and each
+  class's estimated purity, volumes); then the run is "continued" after
   an interruption and must not redo the conversion or the sorting.
 - TestSort3DDepthValidate: one readable _validate message per bad input.
 - TestSort3DDepthForm: the form opens in a real Tk window under Xvfb (skipped, with the reason,
@@ -25,6 +26,7 @@ from sort3ddepth import convert
 from sort3ddepth.engine import fourier
 from sort3ddepth.engine.simulate import load_demo_map, make_conformations, simulate_particles
 from sort3ddepth.engine.star_io import write_star
+from sort3ddepth.protocols.protocol_sort3d_depth import ATTR_POSTERIOR, ATTR_PURITY
 
 BOX = 48
 N_PER_CLASS = 400
@@ -168,20 +170,31 @@ class TestSort3DDepthRun(BaseTest):
 
         classes = prot.outputClasses
         self.assertEqual(classes.getSize(), len(summary["clusters"]))
-        self.assertGreaterEqual(classes.getSize(), 3)  # >= 2 clusters + the unaccounted set
+        self.assertGreaterEqual(classes.getSize(), 2)  # >= 2 clusters (+ the unaccounted set)
         sizes = {cls.getObjId(): cls.getSize() for cls in classes}
         self.assertEqual(sum(sizes.values()), n, "class sizes must add up to the input")
         for c in summary["clusters"]:
             self.assertEqual(sizes[c["id"] + 1], c["size"])
 
-        # the unaccounted set is the last class, labelled so
+        # every particle's posterior over the final clusters, rows in STAR row order
+        post = np.load(prot._getExtraPath("sort3d", summary["posteriors"]))
+        n_regular = sum(1 for c in summary["clusters"] if not c["unaccounted"])
+        self.assertEqual(post.shape, (n, n_regular))
+        rows = {int(i): r for r, i in enumerate(convert.read_ids(prot._getExtraPath(
+            "particle_ids.txt")))}
+        posteriors = {}
+
+        # the unaccounted set (when the engine left particles unaccounted) is the last class,
+        # labelled so
         last_id = max(sizes)
+        unaccounted_ids = [c["id"] + 1 for c in summary["clusters"] if c["unaccounted"]]
+        self.assertIn(unaccounted_ids, ([], [last_id]))
         seen_ids = set()
         purities, majority = [], []
         for cls in classes.iterItems(orderBy="id"):
             cid = cls.getObjId()
             entry = summary["clusters"][cid - 1]
-            unaccounted = cid == last_id
+            unaccounted = cid in unaccounted_ids
             self.assertEqual(bool(cls._sort3d_unaccounted.get()), unaccounted)
             self.assertEqual(cls.getObjLabel(),
                              "unaccounted" if unaccounted else "cluster %03d" % (cid - 1))
@@ -190,8 +203,23 @@ class TestSort3DDepthRun(BaseTest):
             if entry.get("map"):
                 self.assertTrue(os.path.exists(rep.getFileName()), rep.getFileName())
                 self.assertAlmostEqual(rep.getSamplingRate(), PIXEL_SIZE, places=4)
+            # the class's estimated purity is the summary's (none for the unaccounted set)
+            purity = getattr(cls, ATTR_PURITY).get()
+            if unaccounted:
+                self.assertIsNone(purity)
+            else:
+                self.assertIsNotNone(entry.get("estimated_purity"), entry)
+                self.assertEqual(purity, entry["estimated_purity"])
+                self.assertTrue(0.0 <= purity <= 1.0, purity)
             true = []
             for p in cls.iterItems():
+                # its posterior of this class (unaccounted: of its most probable cluster)
+                r = rows[p.getObjId()]
+                value = getattr(p, ATTR_POSTERIOR).get()
+                self.assertTrue(0.0 <= value <= 1.0, value)
+                self.assertAlmostEqual(value, float(post[r, cid - 1] if not unaccounted
+                                                     else post[r].max()), places=6)
+                posteriors.setdefault(cid, []).append(value)
                 self.assertEqual(p._sort3d_cluster.get(), cid - 1)
                 self.assertEqual(p._sort3d_generation.get(), entry["generation"])
                 self.assertTrue(p.hasCTF() and p.hasTransform())
@@ -203,7 +231,10 @@ class TestSort3DDepthRun(BaseTest):
                 majority.append(int(counts.argmax()))
                 print("class %d: %d particles, true classes %s" % (cid, cls.getSize(), counts))
         self.assertEqual(len(seen_ids), n)
-        self.assertTrue(summary["clusters"][-1]["unaccounted"])
+        for cid, values in sorted(posteriors.items()):      # for the log: the engine's figures
+            print("class %d: estimated purity %s, member posteriors mean %.4f min %.4f"
+                  % (cid, getattr(classes[cid], ATTR_PURITY).get(), np.mean(values),
+                     np.min(values)))
 
         # purity against the true labels: a wrong angle/origin convention gives mixed clusters
         pure = {m for m, p in zip(majority, purities) if p >= 0.9}
@@ -223,8 +254,16 @@ class TestSort3DDepthRun(BaseTest):
                 self.assertAlmostEqual(float(m.voxel_size.x), PIXEL_SIZE, places=3)
                 self.assertEqual(m.data.shape, (BOX, BOX, BOX))
 
+        for v in vols:
+            entry = summary["clusters"][v.getObjId() - 1]
+            self.assertEqual(getattr(v, ATTR_PURITY).get(), entry.get("estimated_purity"))
+
         # info functions
         self.assertTrue(any("stable cluster" in s for s in prot.summary()))
+        self.assertIn("Estimated purity per cluster (target %g): %s." % (
+            summary["min_purity"], ", ".join("%.3f" % c["estimated_purity"]
+                                             for c in summary["clusters"]
+                                             if not c["unaccounted"])), prot.summary())
         self.assertTrue(prot.methods())
         self.assertEqual(set(prot.getCitations()), {"Huang2019sort3d", "Moriya2017"})
 
@@ -385,6 +424,78 @@ class TestSort3DDepthValidate(BaseTest):
             self.assertIn(a, args)
         self.assertNotIn("--instack", args)
 
+    def _outputs_of(self, summary, posteriors=None):
+        """createOutputStep on a hand-made engine folder (no engine run): the small set in three
+        classes of 20 STAR rows, the last one the unaccounted set; returns the output classes
+        read back from their sqlite file."""
+        from pwem.objects import SetOfClasses3D
+        prot = self._prot(imgPerGrp=20)
+        self.proj.saveProtocol(prot)
+        os.makedirs(prot._getSortDir())
+        ids = [p.getObjId() for p in self.protImport.outputParticles]
+        self.assertEqual(len(ids), 60)
+        with open(prot._getIdsFile(), "w") as f:
+            f.write("\n".join(str(i) for i in ids) + "\n")
+        for c in summary["clusters"]:
+            with open(prot._getSortDir(c["file"]), "w") as f:
+                f.write("\n".join(str(r) for r in range(20 * c["id"], 20 * c["id"] + 20)))
+        if posteriors is not None:
+            np.save(prot._getSortDir("posteriors.npy"), posteriors)
+        with open(prot._getSummaryFile(), "w") as f:
+            json.dump(summary, f)
+        prot.createOutputStep()
+        classes = SetOfClasses3D(filename=prot.outputClasses.getFileName())
+        return classes, {i: r for r, i in enumerate(ids)}, prot
+
+    def _fake_summary(self, **extra):
+        entry = lambda i, **kw: dict({"id": i, "file": "Cluster_%03d.txt" % i,  # noqa: E731
+                                      "size": 20, "generation": 0, "unaccounted": False}, **kw)
+        return dict({"n_particles": 60, "pixel_size": PIXEL_SIZE, "generations": [{}],
+                     "clusters": [entry(0, **extra.pop("c0", {})), entry(1, **extra.pop("c1", {})),
+                                  entry(2, unaccounted=True)]}, **extra)
+
+    def test_outputs_carry_posteriors_and_purity(self):
+        """Each particle of outputClasses carries its posterior of its class (posteriors.npy
+        row = its STAR row), the unaccounted ones that of their most probable cluster; each class
+        the estimated purity of summary.json; the protocol's summary names them."""
+        rng = np.random.default_rng(3)
+        post = rng.dirichlet([1.0, 1.0], size=60).astype(np.float32)
+        summary = self._fake_summary(c0={"estimated_purity": 0.97},
+                                     c1={"estimated_purity": 0.9512}, min_purity=0.95,
+                                     posteriors="posteriors.npy")
+        classes, row, prot = self._outputs_of(summary, post)
+        self.assertEqual(classes.getSize(), 3)
+        for cls in classes.iterItems(orderBy="id"):
+            k = cls.getObjId() - 1
+            self.assertEqual(getattr(cls, ATTR_PURITY).get(),
+                             summary["clusters"][k].get("estimated_purity"))
+            self.assertEqual(cls.getSize(), 20)
+            for p in cls.iterItems():
+                r = row[p.getObjId()]
+                self.assertEqual(r // 20, k)
+                expected = post[r, k] if k < 2 else post[r].max()
+                self.assertAlmostEqual(getattr(p, ATTR_POSTERIOR).get(), float(expected),
+                                       places=6)
+        self.assertIsNone(getattr(classes[3], ATTR_PURITY).get())
+        self.assertIn("Estimated purity per cluster (target 0.95): 0.970, 0.951.",
+                      prot.summary())
+
+    def test_outputs_of_an_older_engine(self):
+        """A summary without posteriors or purity (older engine): no posterior attribute, no
+        purity, no purity line in the summary; no error. A posteriors file of the wrong shape is
+        left out the same way (with a warning)."""
+        classes, _, prot = self._outputs_of(self._fake_summary())
+        self.assertEqual(sum(c.getSize() for c in classes), 60)
+        for cls in classes:
+            self.assertIsNone(getattr(cls, ATTR_PURITY).get())
+            for p in cls.iterItems():
+                self.assertFalse(hasattr(p, ATTR_POSTERIOR))
+                self.assertEqual(p._sort3d_cluster.get(), cls.getObjId() - 1)
+        self.assertFalse(any("purity" in line for line in prot.summary()), prot.summary())
+        classes, _, _ = self._outputs_of(self._fake_summary(posteriors="posteriors.npy"),
+                                         np.ones((60, 3), np.float32))
+        self.assertFalse(hasattr(next(iter(classes[1].iterItems())), ATTR_POSTERIOR))
+
     def test_mask_of_another_size(self):
         protMask = _import_mask(self, _sphere_mask(os.path.join(self.folder, "m32.mrc"), 32, 10),
                                 "32 px mask")
@@ -418,6 +529,38 @@ class TestSort3DDepthValidate(BaseTest):
         from sort3ddepth.engine.cli import build_parser
         known = {s for a in build_parser()._actions for s in a.option_strings}
         self.assertTrue({a for a in args if a.startswith("--")} <= known)
+
+    def test_min_purity(self):
+        """The form's purity target goes to the engine as --min_purity; its default is the
+        engine's; out of 0.5-1 it is refused by name."""
+        from sort3ddepth.engine.cli import build_parser
+        from sort3ddepth.engine.membership import DEFAULT_MIN_PURITY
+        from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
+        prot = self._prot(imgPerGrp=20)
+        self.assertEqual(prot.minPurity.get(), DEFAULT_MIN_PURITY)
+        args = prot._engineArguments().split()
+        self.assertEqual(args.count("--min_purity"), 1)
+        self.assertEqual(float(args[args.index("--min_purity") + 1]), DEFAULT_MIN_PURITY)
+        prot = self._prot(imgPerGrp=20, minPurity=0.9)
+        args = prot._engineArguments().split()
+        self.assertEqual(args[args.index("--min_purity") + 1], "0.9")
+        # the engine reads it back as given (parse the options the protocol builds)
+        parsed = build_parser().parse_args(args)
+        self.assertEqual(parsed.min_purity, 0.9)
+        for ok in (0.5, 0.9, 1.0):
+            self.assertEqual(self._prot(imgPerGrp=20, minPurity=ok).validate(), [], ok)
+        for bad in (0.4, 1.2):
+            self.assertEqual(self._prot(imgPerGrp=20, minPurity=bad).validate(),
+                             ["Purity target per cluster (minPurity) %g: it must be between 0.5 "
+                              "and 1." % bad])
+        # meridien input is checked too (before its own checks)
+        errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="", minPurity=0.2
+                            ).validate()
+        self.assertIn("Purity target per cluster (minPurity) 0.2: it must be between 0.5 and 1.",
+                      errors)
+        args = self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder, minPurity=0.75
+                          )._engineArguments().split()
+        self.assertEqual(args[args.index("--min_purity") + 1], "0.75")
 
 
 class TestSort3DDepthForm(BaseTest):

@@ -5,7 +5,8 @@
   panels, FSC lines) is counted through the artists' gids.
 - TestSort3DDepthViewer: one small ProtSort3DDepth run (the simulated set of the protocol tests,
   2 MPI ranks); every entry of the viewer's _getVisualizeDict returns its views without showing
-  them, the plots are saved as PNG offscreen and checked against the run's summary.json.
+  them, the plots are saved as PNG offscreen and checked against the run's summary.json
+  (the purity curve included).
 """
 import json
 import math
@@ -99,6 +100,26 @@ def synthetic(tmp_path):
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f)
     return str(out)
+
+
+def _with_purity(summary, seed=0):
+    """The summary of a newer engine: purity target, each cluster's estimated purity and the
+    purity-vs-accounted curve of 1000 particles' max posteriors (null purity where no particle
+    reaches the threshold), computed as the engine does."""
+    s = json.loads(json.dumps(summary))
+    best = np.concatenate([np.full(200, 0.9995),
+                           np.random.default_rng(seed).uniform(0.4, 0.999, 800)])
+    t = np.round(np.linspace(0.0, 1.0, 101), 3)
+    s["min_purity"] = 0.95
+    s["posteriors"] = "posteriors.npy"
+    s["purity_curve"] = {
+        "threshold": t.tolist(),
+        "accounted": [round(float(np.mean(best >= x)), 4) for x in t],
+        "estimated_purity": [round(float(best[best >= x].mean()), 4) if np.any(best >= x)
+                             else None for x in t]}
+    for c, purity in zip(s["clusters"], (0.99, 0.97, 0.96)):
+        c["estimated_purity"] = purity
+    return s
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -206,6 +227,61 @@ def test_map_slices_and_fsc(synthetic):
     assert "Cluster_000: 12.0 Å" in _texts(fig)
 
 
+def test_purity_curve(synthetic):
+    """The curve is the summary's arrays; the run's point is its clusters' share of the particles
+    at their size-weighted estimated purity; one bar per cluster at its estimated purity."""
+    s = _with_purity(plots.load_summary(synthetic))
+    curve = s["purity_curve"]
+    # the fixture has a threshold no particle reaches: a null purity, drawn as a gap
+    assert curve["estimated_purity"][-1] is None and curve["accounted"][-1] == 0.0
+    fig = plots.plot_purity_curve(s)
+    line = fig.findobj(lambda a: a.get_gid() == "purity-curve")
+    assert len(line) == 1
+    np.testing.assert_array_equal(line[0].get_xdata(), curve["accounted"])
+    np.testing.assert_array_equal(line[0].get_ydata(), [np.nan if v is None else v
+                                                        for v in curve["estimated_purity"]])
+    point = fig.findobj(lambda a: a.get_gid() == "purity-operating-point")[0]
+    assert point.get_xdata()[0] == pytest.approx((400 + 300 + 250) / 1000)
+    assert point.get_ydata()[0] == pytest.approx((400 * 0.99 + 300 * 0.97 + 250 * 0.96) / 950)
+    target = fig.findobj(lambda a: a.get_gid() == "purity-target")[0]
+    assert list(target.get_ydata()) == [0.95, 0.95]
+    bars = {p.get_gid(): p.get_height() for p in fig.findobj(
+        lambda a: (a.get_gid() or "").startswith("purity:"))}
+    assert bars == {"purity:Cluster_000": 0.99, "purity:Cluster_001": 0.97,
+                    "purity:Cluster_002": 0.96}             # none for the unaccounted set
+    mark = fig.findobj(lambda a: a.get_gid() == "purity-mark:0.9")[0]
+    i = curve["threshold"].index(0.9)
+    assert (mark.get_xdata()[0], mark.get_ydata()[0]) == (curve["accounted"][i],
+                                                          curve["estimated_purity"][i])
+    assert "this run: 95 % accounted, purity 0.976" in _texts(fig)
+    # the generation tree names each final cluster's estimated purity
+    text = _texts(plots.plot_generation_tree(s))
+    assert "Cluster_000\n400 particles, 12.0 Å, purity 0.990" in text
+    assert "purity 0.960" in text and text.count("purity 0.") == 3
+
+
+def test_purity_not_available(synthetic):
+    """An older summary (no purity keys) gives the one-line message, not an exception; a
+    summary with a curve but no per-cluster estimates still draws the curve."""
+    s = plots.load_summary(synthetic)
+    assert "purity_curve" not in s and "estimated_purity" not in s["clusters"][0]
+    assert plots.purity_curve(s) is None
+    fig = plots.plot_purity_curve(s)
+    assert _texts(fig).strip() == plots.NOT_AVAILABLE
+    assert not fig.findobj(lambda a: (a.get_gid() or "").startswith("purity"))
+    assert "purity" not in _texts(plots.plot_generation_tree(s))
+    assert plots.operating_point(s) == (pytest.approx(0.95), None)
+    s = _with_purity(s)
+    for c in s["clusters"]:
+        c.pop("estimated_purity", None)
+    del s["min_purity"]
+    fig = plots.plot_purity_curve(s)
+    assert len(fig.findobj(lambda a: a.get_gid() == "purity-curve")) == 1
+    assert not fig.findobj(lambda a: (a.get_gid() or "").startswith("purity:"))
+    assert not fig.findobj(lambda a: a.get_gid() == "purity-target")
+    assert "no estimated purity per cluster" in _texts(fig)
+
+
 def test_missing_fields(tmp_path):
     """A one-cluster run of an older engine: no ANOVA, no stats, no maps on disk."""
     s = {"n_particles": 100, "generations": [{"generation": 0, "n_images": 100,
@@ -218,6 +294,7 @@ def test_missing_fields(tmp_path):
     assert _gids(plots.plot_generation_tree(s), "edge:") == ["edge:gen0:Cluster_000"]
     assert not _gids(plots.plot_map_slices(s, str(tmp_path)), "slice:")
     assert not _gids(plots.plot_fsc(s), "fsc:")
+    assert plots.NOT_AVAILABLE in _texts(plots.plot_purity_curve(s))
 
 
 def test_command_line(synthetic, tmp_path, capsys):
@@ -303,7 +380,7 @@ class TestSort3DDepthViewer(BaseTest):
         self.assertEqual(set(v._getVisualizeDict()),
                          {"showAnovaPlots", "showAnovaTables", "showGenerationSizes",
                           "showReproducibility", "showGenerationTree", "showMapSlices",
-                          "showFsc", "showMapsExternal", "showClasses"})
+                          "showFsc", "showPurityCurve", "showMapsExternal", "showClasses"})
 
     def test_plots_match_the_run(self):
         s = self.summary
@@ -351,6 +428,22 @@ class TestSort3DDepthViewer(BaseTest):
 
         fig = self._plot(v, "showFsc")
         self.assertEqual(len(_gids(fig, "fsc:")), sum(1 for c in s["clusters"] if c.get("fsc")))
+
+        # the purity curve is the run's: its arrays, its point, one bar per cluster
+        fig = self._plot(v, "showPurityCurve")
+        curve = s["purity_curve"]
+        self.assertEqual(len(curve["threshold"]), 101)
+        line = fig.findobj(lambda a: a.get_gid() == "purity-curve")[0]
+        np.testing.assert_array_equal(line.get_xdata(), curve["accounted"])
+        np.testing.assert_array_equal(line.get_ydata(), [np.nan if y is None else y
+                                                         for y in curve["estimated_purity"]])
+        point = fig.findobj(lambda a: a.get_gid() == "purity-operating-point")[0]
+        self.assertAlmostEqual(point.get_xdata()[0],
+                               sum(c["size"] for c in regular) / s["n_particles"])
+        bars = {p.get_gid(): p.get_height() for p in fig.findobj(
+            lambda a: (a.get_gid() or "").startswith("purity:"))}
+        self.assertEqual(bars, {"purity:" + plots.cluster_label(c): c["estimated_purity"]
+                                for c in regular})
 
     def test_anova_text_view(self):
         from pyworkflow.viewer import TextView

@@ -8,7 +8,8 @@ command line and the tests, on a machine without a display.
     python -m sort3ddepth.viewers.plots OUTPUT_DIR PNG_DIR     # every figure as a PNG
 
 Artists that stand for a cluster carry a gid (``box:``, ``bar:``, ``repro:``, ``edge:``,
-``slice:``, ``fsc:``) so that what a figure shows can be checked without looking at pixels.
+``slice:``, ``fsc:``, ``purity:``) so that what a figure shows can be checked without looking at
+pixels.
 """
 import argparse
 import json
@@ -375,8 +376,10 @@ def plot_generation_tree(summary, fig=None):
                 % gen.get("n_unaccounted", "?"), fontsize=7, color="0.3", va="center")
     for i, c in enumerate(finals):
         res = c.get("resolution_A")
-        text = "%s\n%d particles%s" % (cluster_label(c), int(c.get("size", 0)),
-                                       (", %.1f Å" % res) if _finite(res) else "")
+        purity = c.get("estimated_purity")
+        text = "%s\n%d particles%s%s" % (cluster_label(c), int(c.get("size", 0)),
+                                         (", %.1f Å" % res) if _finite(res) else "",
+                                         (", purity %.3f" % purity) if _finite(purity) else "")
         node = _node(ax, (0.8, ys[i]), text, cluster_color(c.get("id"), c.get("unaccounted")),
                      "node:final%d" % i)
         g = len(gens) - 1 if c.get("unaccounted") else c.get("generation")
@@ -489,6 +492,114 @@ def plot_fsc(summary, fig=None):
     return fig
 
 
+# ------------------------------------------------------------------------------------ purity
+#: thresholds on the posterior marked along the purity curve
+CURVE_MARKS = (0.5, 0.8, 0.9, 0.95, 0.99)
+NOT_AVAILABLE = ("Estimated purity not available: this summary has no purity curve (a run of an "
+                 "older engine, or no clusters).")
+
+
+def purity_curve(summary):
+    """(thresholds, accounted fraction, estimated purity) arrays of summary["purity_curve"]
+    (a purity the engine left null is nan), or None when the summary has none."""
+    curve = summary.get("purity_curve")
+    if not curve or not curve.get("accounted"):
+        return None
+
+    def arr(key):
+        return np.array([np.nan if v is None else v for v in curve.get(key) or []], float)
+
+    acc, pur = arr("accounted"), arr("estimated_purity")
+    thr = arr("threshold")
+    if len(pur) != len(acc):
+        return None
+    if len(thr) != len(acc):
+        thr = np.full(len(acc), np.nan)
+    return thr, acc, pur
+
+
+def operating_point(summary):
+    """(accounted fraction, estimated purity) of the run's own clusters: their total size over
+    all particles, and the size-weighted mean of their estimated purities (None when a cluster
+    has none)."""
+    regular = [c for c in final_clusters(summary) if not c.get("unaccounted")]
+    n = summary.get("n_particles")
+    if not regular or not _finite(n) or n <= 0:
+        return None, None
+    sizes = np.array([int(c.get("size", 0)) for c in regular], float)
+    accounted = float(sizes.sum() / n)
+    purities = [c.get("estimated_purity") for c in regular]
+    if sizes.sum() <= 0 or not all(_finite(p) for p in purities):
+        return accounted, None
+    return accounted, float(np.dot(sizes, purities) / sizes.sum())
+
+
+def plot_purity_curve(summary, fig=None):
+    """The trade-off between the particles kept and their purity: for each threshold on the
+    posterior, the fraction of particles whose most probable cluster reaches it (x) against the
+    mean posterior of those (estimated purity, y); the run's own clusters (at its purity target)
+    as a point; beside it each cluster's estimated purity."""
+    fig = _new_figure(fig, (10.0, 4.4))
+    curve = purity_curve(summary)
+    if curve is None:
+        return _empty(fig, NOT_AVAILABLE)
+    thr, acc, pur = curve
+    target = summary.get("min_purity")
+    target = target if _finite(target) else None
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+
+    ax.plot(acc, pur, "-", color="black", lw=1.5, gid="purity-curve",
+            label="all particles, most probable cluster")
+    for t in CURVE_MARKS:
+        i = int(np.argmin(np.abs(thr - t))) if np.any(np.isfinite(thr)) else None
+        if i is None or abs(thr[i] - t) > 1e-6 or not np.isfinite(pur[i]):
+            continue
+        ax.plot(acc[i], pur[i], "o", color="0.4", ms=3, gid="purity-mark:%g" % t)
+        ax.annotate("p ≥ %g" % t, (acc[i], pur[i]), textcoords="offset points",
+                    xytext=(-4, -10), ha="right", fontsize=7, color="0.3")
+    if target is not None:
+        ax.axhline(target, ls="--", color=FLAG_COLOR, lw=0.8, gid="purity-target",
+                   label="purity target %g" % target)
+    x, y = operating_point(summary)
+    if x is not None:
+        ax.plot(x, y if y is not None else (target if target is not None else np.nan), "*",
+                color=FLAG_COLOR, ms=13, gid="purity-operating-point", zorder=4,
+                label="this run: %.0f %% accounted%s" % (
+                    100 * x, ", purity %.3f" % y if y is not None else ""))
+    ax.set_xlabel("fraction of particles accounted")
+    ax.set_ylabel("estimated purity (mean posterior)")
+    ax.set_xlim(0, 1.02)
+    low = np.nanmin(np.concatenate([pur, [target if target is not None else 1.0]])) \
+        if np.any(np.isfinite(pur)) else 0.5
+    ax.set_ylim(max(0.0, min(low, 0.9) - 0.03), 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Purity vs particles accounted", fontsize=10)
+
+    regular = [c for c in final_clusters(summary) if not c.get("unaccounted")]
+    rows = [c for c in regular if _finite(c.get("estimated_purity"))]
+    if not rows:
+        bx.set_axis_off()
+        bx.text(0.5, 0.5, "no estimated purity per cluster", ha="center", va="center",
+                transform=bx.transAxes)
+    else:
+        for i, c in enumerate(rows):
+            bx.bar(i, c["estimated_purity"], width=0.6, color=cluster_color(c.get("id")),
+                   edgecolor="black", lw=0.5, gid="purity:%s" % cluster_label(c))
+            bx.text(i, c["estimated_purity"], "%.3f\nn=%d" % (c["estimated_purity"],
+                                                             int(c.get("size", 0))),
+                    ha="center", va="bottom", fontsize=7)
+        if target is not None:
+            bx.axhline(target, ls="--", color=FLAG_COLOR, lw=0.8)
+        bx.set_xticks(range(len(rows)), [cluster_label(c) for c in rows], fontsize=8)
+        values = [c["estimated_purity"] for c in rows] + ([target] if target else [])
+        bx.set_ylim(max(0.0, min(min(values), 0.9) - 0.05), 1.035)
+        bx.set_ylabel("estimated purity")
+        bx.grid(axis="y", alpha=0.3)
+    bx.set_title("Estimated purity per cluster", fontsize=10)
+    return fig
+
+
 # ------------------------------------------------------------------------------------ command line
 #: file name -> figure function; what `python -m sort3ddepth.viewers.plots` writes
 FIGURES = {
@@ -499,6 +610,7 @@ FIGURES = {
     "generation_tree.png": lambda s, d: plot_generation_tree(s),
     "map_slices.png": lambda s, d: plot_map_slices(s, d),
     "fsc.png": lambda s, d: plot_fsc(s),
+    "purity_curve.png": lambda s, d: plot_purity_curve(s),
 }
 
 

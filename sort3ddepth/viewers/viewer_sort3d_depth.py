@@ -16,6 +16,7 @@ from pwem.viewers import EmProtocolViewer
 from pwem.viewers.plotter import EmPlotter
 
 from ..protocols import ProtSort3DDepth
+from ..protocols.protocol_sort3d_depth import ATTR_POSTERIOR
 from . import plots
 
 ALL = "all"
@@ -24,7 +25,8 @@ ALL = "all"
 class Sort3DDepthViewer(EmProtocolViewer):
     """Decide whether a cluster is a structural state or sorted by a nuisance (defocus, norm,
     smear): ANOVA box plots and tables, cluster sizes and reproducibility per generation, the
-    generation tree, central slices and FSC of the cluster maps, and the output classes."""
+    generation tree, central slices and FSC of the cluster maps, the estimated purity of the
+    clusters against the particles they keep, and the output classes."""
 
     _label = "viewer sort3d depth"
     _targets = [ProtSort3DDepth]
@@ -100,6 +102,18 @@ class Sort3DDepthViewer(EmProtocolViewer):
                       help="outputVolumes in the viewer Scipion is configured with for volumes "
                            "(e.g. ChimeraX).")
 
+        form.addSection(label="Purity")
+        form.addParam("showPurityCurve", params.LabelParam,
+                      label="Estimated purity vs particles accounted",
+                      help="Every particle has a posterior probability over the final clusters. "
+                           "The curve: for each threshold on it, the fraction of particles whose "
+                           "most probable cluster reaches it (x) and their mean posterior, the "
+                           "estimated purity (y); a stricter threshold keeps fewer, purer "
+                           "particles. The star is this run (its purity target is the dashed "
+                           "line); the bars give each cluster's estimated purity. The posteriors "
+                           "are stored on the particles of the output classes (%s), so another "
+                           "point of the curve can be selected from them." % ATTR_POSTERIOR)
+
         form.addSection(label="Classes")
         form.addParam("showClasses", params.LabelParam, label="Open the output classes",
                       help="outputClasses (SetOfClasses3D) in Scipion's standard set viewer.")
@@ -112,6 +126,7 @@ class Sort3DDepthViewer(EmProtocolViewer):
                 "showGenerationTree": self._showGenerationTree,
                 "showMapSlices": self._showMapSlices,
                 "showFsc": self._showFsc,
+                "showPurityCurve": self._showPurityCurve,
                 "showMapsExternal": self._showMapsExternal,
                 "showClasses": self._showClasses}
 
@@ -184,6 +199,10 @@ class Sort3DDepthViewer(EmProtocolViewer):
     def _showFsc(self, paramName=None):
         return self._plotView(lambda s, fig: plots.plot_fsc(s, fig=fig),
                               "sort3d depth: FSC")
+
+    def _showPurityCurve(self, paramName=None):
+        return self._plotView(lambda s, fig: plots.plot_purity_curve(s, fig=fig),
+                              "sort3d depth: estimated purity")
 
     def _output(self, name):
         obj = getattr(self.protocol, name, None)

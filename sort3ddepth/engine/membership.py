@@ -1,0 +1,203 @@
+"""Which particles belong to which cluster: a calibrated posterior over the clusters' maps.
+
+Which groups exist is decided by reproducibility (depth.py); this module decides their members.
+* Scores: every image against maps built from the members of each cluster in the OTHER
+  cross-validation folds (an image never scores against a map it helped build), kept only
+  where the clusters' half maps differ reproducibly (reconstruction.difference_mask), shells
+  weighted by how reliably the halves agree on the clusters' differences
+  (reconstruction.difference_weights).
+* Model: an image's score vector (one score per cluster) follows a mixture of Gaussians, one
+  component per cluster, all sharing one covariance (the scores of one image against all maps
+  share its noise, defocus and orientation), fitted by EM to the scored images, started from
+  the clusters' labels. The posterior of cluster k is that component's responsibility: a
+  density model of the scores as they are, so that "80 % sure" means about 80 of 100 such
+  images are right, whatever the score's own scale. It compares only the clusters there are:
+  images of a state that no cluster stands for would join the nearest ones at a high
+  posterior, so images in no cluster join only when they are too few to be a group.
+* Selection: a cluster takes the images whose most probable cluster it is, in decreasing
+  posterior, while the mean posterior of those taken (its estimated purity) stays at or above
+  the purity target. A cluster whose images are all unsure keeps those it more likely holds than
+  not (posterior >= 1/2): a group that independent runs reproduced is never dropped whole
+  because single images cannot tell it from a close neighbour.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .reconstruction import difference_mask, difference_weights
+
+DEFAULT_MIN_PURITY = 0.98  # --min_purity: members enter a cluster while its estimated purity
+                           # stays at or above this
+CV_FOLDS = 4               # cross-validation folds of the membership maps, two per random half
+                           # (a map from 3/4 of the data instead of a half: less noise)
+EM_MAX_ITER = 200          # EM iterations at most (converges in tens on benchmark sets)
+EM_TOL = 1e-7              # ... stop when no responsibility moves more than this
+COVARIANCE_RIDGE = 1e-6    # relative ridge on every covariance: scores against near-equal
+                           # maps are collinear and the covariance would not invert
+MIN_WEIGHT = 1e-6          # a component's mixing weight never falls below this
+UNSURE_FLOOR = 0.5         # a cluster below the purity target even for its surest images keeps
+                           # those it more likely holds than not
+
+
+@dataclass
+class Membership:
+    """posterior (n, m) over the m clusters for the n scored images; labels (n,) the decision
+    (cluster index, m = unaccounted); estimated_purity (m,) the mean posterior of each cluster's
+    members (nan for an empty cluster); below_target (m,) the clusters that kept images under
+    the UNSURE_FLOOR rule."""
+    posterior: np.ndarray
+    labels: np.ndarray
+    estimated_purity: np.ndarray
+    below_target: np.ndarray
+
+
+def folds(data, everyone):
+    """Cross-validation fold (0..3) of each image: two folds per random half, split by a fixed
+    bit of its index (so folds never mix the halves and never depend on the ranks)."""
+    idx = np.asarray(everyone, np.int64)
+    bit = ((idx * 2654435761) >> 11) & 1
+    return 2 * np.asarray(data.half[idx], np.int64) + bit
+
+
+def cluster_scores(maps, data, everyone, weights):
+    """Cross-validated scores (n, m) of every image of `everyone` (sorted global indices)
+    against m clusters, and the shell weights. weights (n, m): each image's share in each
+    cluster's maps (one-hot labels, or posteriors). An image is scored against maps built from
+    the images of the other folds (3/4 of the data), restricted to where the clusters'
+    half maps differ reproducibly (reconstruction.difference_mask) around their mean, shells
+    weighted by difference_weights. maps: mgskmeans.ClusterMaps; data: its SortingData."""
+    m = weights.shape[1]
+    fold = folds(data, everyone)
+    size = max(float(weights.sum()) / m, 1.0)
+    sums = [maps.accumulate(everyone, weights * (fold == f)[:, None]) for f in range(CV_FOLDS)]
+    total = [sum(s[i] for s in sums) for i in (0, 1)]
+    halves = [maps.maps_from(*[sum(s[i] for s in sums[h * CV_FOLDS // 2:(h + 1) * CV_FOLDS // 2])
+                               for i in (0, 1)], size / 2) for h in (0, 1)]
+    shells = difference_weights(halves[0], halves[1], data.mask3d)
+    focus = difference_mask(halves[0], halves[1], data.mask3d > 0.5)
+    scores = np.zeros((len(everyone), m))
+    for f in range(CV_FOLDS):
+        rows = np.nonzero(fold == f)[0]
+        if rows.size:
+            fmaps = maps.maps_from(total[0] - sums[f][0], total[1] - sums[f][1],
+                                   size * (CV_FOLDS - 1) / CV_FOLDS)
+            mean = fmaps.mean(axis=0)
+            fmaps = mean[None] + focus[None] * (fmaps - mean[None])
+            scores[rows] = maps.scores(fmaps, everyone[rows], shell_factors=shells)
+    return scores, shells
+
+
+def _weighted_cov(scores, w, mean):
+    """Covariance of the rows of `scores` about `mean` with weights w (sum 1), plus the ridge.
+    Sums in numpy's own order (einsum without BLAS), the same on every rank."""
+    d = scores - mean
+    cov = np.einsum("n,nd,ne->de", w, d, d)
+    return cov + COVARIANCE_RIDGE * max(np.trace(cov) / len(cov), 1e-300) * np.eye(len(cov))
+
+
+def _m_step(scores, resp):
+    """Mixing weights, means (m, d) and the covariance shared by all clusters from
+    responsibilities."""
+    nk = resp.sum(axis=0)
+    total = max(nk.sum(), 1e-300)
+    weight = np.maximum(nk / total, MIN_WEIGHT)
+    means = np.einsum("nk,nd->kd", resp, scores) / np.maximum(nk, 1e-300)[:, None]
+    cov = sum(nk[k] / total * _weighted_cov(scores, resp[:, k] / max(nk[k], 1e-300), means[k])
+              for k in range(resp.shape[1]))
+    return weight / weight.sum(), means, cov
+
+
+def _log_joint(scores, weight, means, cov):
+    """log pi_k + log N(s; mu_k, Sigma) up to the term shared by all components."""
+    lin = np.linalg.solve(cov, means.T).T                # (m, d): Sigma^-1 mu_k
+    return (scores @ lin.T - 0.5 * np.einsum("kd,kd->k", lin, means)[None, :]
+            + np.log(weight)[None, :])
+
+
+def _normalise(logp):
+    logp = logp - logp.max(axis=1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def fit_posteriors(scores, labels, fit_rows=None):
+    """Posterior (n, m) of each image over the m clusters from its score vector: the Gaussian
+    mixture with a shared covariance, started from `labels` (cluster index, m: none) and fitted
+    by EM on the rows `fit_rows` (bool mask; default all). One cluster: posterior 1."""
+    n, m = scores.shape
+    if m < 2:
+        return np.ones((n, m))
+    fit = np.ones(n, bool) if fit_rows is None else np.asarray(fit_rows, bool)
+    member = labels < m
+    resp = np.zeros((n, m))
+    resp[np.nonzero(member)[0], labels[member]] = 1.0
+    # images without a label start from the model of the labelled ones
+    first = _m_step(scores[member], resp[member])
+    resp[~member] = _normalise(_log_joint(scores[~member], *first))
+    for _ in range(EM_MAX_ITER):
+        new = _normalise(_log_joint(scores, *_m_step(scores[fit], resp[fit])))
+        moved = np.max(np.abs(new - resp)) if n else 0.0
+        resp = new
+        if moved < EM_TOL:
+            break
+    return resp
+
+
+def select_members(posterior, min_purity, candidates=None, min_size=1, own=None):
+    """The decision: each image goes to its most probable cluster if it is among that cluster's
+    surest images whose mean posterior stays >= min_purity, else to none (label m).
+    candidates: bool mask of the images that may be members (default all). own: each image's
+    cluster before (m: none; default none). A cluster whose target prefix holds fewer than
+    min_size images keeps instead its own former members that it more likely holds than not
+    (posterior >= UNSURE_FLOOR), flagged in below_target. Returns a Membership."""
+    n, m = posterior.shape
+    cand = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
+    own = np.full(n, m, np.int64) if own is None else np.asarray(own, np.int64)
+    best = np.argmax(posterior, axis=1) if m else np.zeros(n, np.int64)
+    labels = np.full(n, m, np.int64)
+    purity = np.full(m, np.nan)
+    below = np.zeros(m, bool)
+    for k in range(m):
+        rows = np.nonzero(cand & (best == k))[0]
+        p = posterior[rows, k]
+        order = np.argsort(-p, kind="stable")
+        running = np.cumsum(p[order]) / np.arange(1, len(order) + 1)
+        chosen = rows[order[:int(np.sum(running >= min_purity))]]   # the mean falls: a prefix
+        if len(chosen) < min_size:
+            chosen = rows[(own[rows] == k) & (p >= UNSURE_FLOOR)]
+            below[k] = len(chosen) >= min_size
+        labels[chosen] = k
+        if len(chosen):
+            purity[k] = float(posterior[chosen, k].mean())
+    return Membership(posterior, labels, purity, below)
+
+
+def purity_curve(posterior, points=101):
+    """The trade-off the user slides along: for thresholds t on the posterior, the fraction of
+    images accounted (most probable cluster, posterior >= t) and the estimated purity of what is
+    accounted. Returns (thresholds, accounted fraction, estimated purity) of length `points`."""
+    n, m = posterior.shape
+    t = np.linspace(0.0, 1.0, points)
+    if n == 0 or m == 0:
+        return t, np.zeros(points), np.full(points, np.nan)
+    p = posterior.max(axis=1)
+    acc = np.array([np.mean(p >= x) for x in t])
+    pur = np.array([p[p >= x].mean() if np.any(p >= x) else np.nan for x in t])
+    return t, acc, pur
+
+
+def decide(maps, data, everyone, groups, open_rows, pool_joins, min_purity, min_size):
+    """Members of `groups` (sorted global indices, all within the sorted `everyone`) by the
+    posterior model. open_rows: bool mask over `everyone` of the images this decision may
+    place (the others are scored and shape the model only). pool_joins: images in no group may
+    join one and shape the model; when False they may hold a group no cluster stands for, so
+    they neither join nor shape it. Returns (labels before: group index or len(groups) for
+    none, Membership, shell weights)."""
+    m = len(groups)
+    labels = np.full(len(everyone), m, np.int64)
+    for j, c in enumerate(groups):
+        labels[np.searchsorted(everyone, c)] = j
+    scores, shells = cluster_scores(maps, data, everyone, np.eye(m + 1)[labels][:, :m])
+    post = fit_posteriors(scores, labels, None if pool_joins else labels < m)
+    cand = np.asarray(open_rows, bool) & ((labels < m) | bool(pool_joins))
+    return labels, select_members(post, min_purity, cand, min_size, own=labels), shells
