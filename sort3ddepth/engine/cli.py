@@ -344,7 +344,12 @@ def run(argv=None, comm=None):
             particles = _read_meridien_input(args, comm, log)
             mask3d = args.meridien.mask3d
         else:
+            from .eman2_hdf import is_hdf5
             from .star_io import check_unique_images, read_star
+            if args.instack.startswith("bdb:") or is_hdf5(args.instack):
+                raise UserError(f"--instack {args.instack}: stack mode reads a RELION STAR file "
+                                f"(orientations and CTF); an EMAN2 .hdf stack is read only with "
+                                f"--refinement_dir (meridien mode), a bdb: stack not at all")
             particles = read_star(args.instack)
             check_unique_images(particles)
             validate(args, len(particles), particles.box)
