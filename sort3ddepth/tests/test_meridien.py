@@ -634,3 +634,17 @@ def test_missing_folder(tmp_path):
     (tmp_path / 'R' / 'main000').mkdir(parents=True)
     with pytest.raises(ParticleDataError, match='Tracker_000.json'):
         read_meridien(tmp_path / 'R')
+
+
+def test_hdf_mask_named_by_the_tracker(simulated, tmp_path):
+    """constants.mask3D naming an EMAN2 .hdf mask (relative to the folder's parent) is used as
+    it is: no .mrc copy needed; the CLI's map reader reads it."""
+    from sort3ddepth.engine.cli import _read_map
+    c = np.arange(BOX) - BOX // 2
+    mask = (c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
+            <= 10 ** 2).astype(np.float32)
+    info = write_meridien(tmp_path / 'Refine3D', simulated, seed=2, mask3d=mask)
+    assert info['mask3d'] == os.path.join('Refine3D', 'mask3d.hdf')
+    ref = read_meridien(tmp_path / 'Refine3D')
+    assert ref.mask3d == str(tmp_path / 'Refine3D' / 'mask3d.hdf')
+    np.testing.assert_array_equal(_read_map(ref.mask3d, '--mask3D', BOX), mask)
