@@ -17,6 +17,7 @@ ENGINE_REQUIRES = [
     "mpich",          # brings the mpirun we launch (next to the venv's python)
     "mrcfile>=1.4",
     "emtable>=0.0.14",
+    "h5py>=3.0",      # EMAN2/SPHIRE .hdf files (HDF5): meridien stacks, bckgnoise, masks
 ]
 SCIPION_REQUIRES = ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]
 

@@ -25,7 +25,9 @@ def build_parser():
                     "and CTF are known; the orientations are not changed.")
     a = p.add_argument
     a("--refinement_dir", default="", help="meridien 3D refinement directory (meridien mode)")
-    a("--instack", default="", help="input particles: a RELION STAR file (stack mode)")
+    a("--instack", default="", help="input particles: a RELION STAR file (stack mode); with "
+      "--refinement_dir, optionally the refinement's particle stack (.hdf or STAR) when "
+      "constants.stack cannot be found")
     a("--output_dir", default="", help="output directory (default sort3d_DATE_TIME)")
     a("--niter_for_sorting", type=int, default=-1,
       help="meridien iteration to import (-1: the best one); meridien mode only")
@@ -45,7 +47,13 @@ def build_parser():
       help="orientation groups per asymmetric unit")
     a("--not_include_unaccounted", action="store_true",
       help="do not output the unaccounted images as a last cluster")
-    a("--nsmear", type=float, default=-1, help="smears per particle (meridien mode; -1 = all)")
+    a("--nsmear", type=float, default=-1,
+      help="smears per particle (meridien mode; -1 = all). n >= 1 keeps each particle's n most "
+           "probable entries, rescaled to its stored total, in the sorting AND the final maps "
+           "(SPHIRE 1.4.2: any n > 0 = the best entry only, unrescaled, final maps only)")
+    a("--shift_rounding", choices=("even", "away"), default="even",
+      help="meridien mode: rounding of the previous shifts to meridien's integer pre-shift: "
+           "even = Python 3 round (SPHIRE >= 1.4, default), away = Python 2 (SPHIRE <= 1.3)")
     a("--notapplybckgnoise", action="store_true", help="turn off background-noise weighting")
     a("--check_smearing", action="store_true", help="log the smearing of the refinement")
     a("--num_core_set", type=int, default=-1,
@@ -69,14 +77,23 @@ class UserError(Exception):
 
 
 def _read_map(path, option, box):
+    """A cubic map from an MRC file or an EMAN2/SPHIRE .hdf (HDF5) file."""
     import mrcfile
-    try:
-        with mrcfile.open(path, permissive=False) as m:
-            vol = np.asarray(m.data, np.float64)
-    except FileNotFoundError:
+    from .eman2_hdf import is_hdf5, read_image
+    from .particles import ParticleDataError
+    if not os.path.isfile(path):
         raise UserError(f"{option} {path}: file not found")
-    except Exception as e:   # unreadable / not MRC
-        raise UserError(f"{option} {path}: cannot read it as an MRC map ({e})")
+    if is_hdf5(path):
+        try:
+            vol = read_image(path, 0, "3D map")
+        except ParticleDataError as e:
+            raise UserError(f"{option} {e}")
+    else:
+        try:
+            with mrcfile.open(path, permissive=False) as m:
+                vol = np.asarray(m.data, np.float64)
+        except Exception as e:   # unreadable / not MRC
+            raise UserError(f"{option} {path}: cannot read it as an MRC map or EMAN2 .hdf ({e})")
     if vol.ndim != 3 or len(set(vol.shape)) != 1:
         raise UserError(f"{option} {path}: not a cubic 3D map (shape {vol.shape})")
     if vol.shape[0] != box:
@@ -91,7 +108,7 @@ def validate(args, n_particles=None, box=None):
     from .symmetry import parse_symmetry
     if not args.instack and not args.refinement_dir:
         raise UserError("give --instack (stack mode) or --refinement_dir (meridien mode; "
-                        "--instack may then name the RELION STAR file holding its images and CTF)")
+                        "--instack may then name the particle stack, .hdf or STAR)")
     if args.refinement_dir:
         if not os.path.isdir(args.refinement_dir):
             raise UserError(f"--refinement_dir {args.refinement_dir}: meridien refinement folder "
@@ -154,7 +171,8 @@ def _read_meridien_input(args, comm, log):
     ref = read_meridien(args.refinement_dir, args.niter_for_sorting,
                         stack=args.instack or None, radius=args.radius, sym=args.sym,
                         mask3d=args.mask3D or None, nsmear=int(args.nsmear),
-                        require_bckgnoise=not args.notapplybckgnoise)
+                        require_bckgnoise=not args.notapplybckgnoise,
+                        shift_rounding=getattr(args, "shift_rounding", "even"))
     particles = ref.particles
     n, box = len(particles), particles.box
     validate(args, n, box)
@@ -334,7 +352,12 @@ def run(argv=None, comm=None):
             particles = _read_meridien_input(args, comm, log)
             mask3d = args.meridien.mask3d
         else:
+            from .eman2_hdf import is_hdf5
             from .star_io import check_unique_images, read_star
+            if args.instack.startswith("bdb:") or is_hdf5(args.instack):
+                raise UserError(f"--instack {args.instack}: stack mode reads a RELION STAR file "
+                                f"(orientations and CTF); an EMAN2 .hdf stack is read only with "
+                                f"--refinement_dir (meridien mode), a bdb: stack not at all")
             particles = read_star(args.instack)
             check_unique_images(particles)
             validate(args, len(particles), particles.box)

@@ -15,39 +15,47 @@ What is read (``R`` = the refinement folder, ``s`` = the chosen iteration, ``###
   (meridien writes indexes 0..N-1, so this is also "ordered by particle id"), 8 columns
   ``phi theta psi sx sy prob norm*qt norm``; column 7 (0-based) is the particle's norm.
 * ``R/main (s-1)/params_(s-1).txt``: the previous iteration's shifts (columns 3, 4), the origin of
-  meridien's smear shift grid (rounded, see below).
-* ``R/main000/chunk_0_000.txt``, ``chunk_1_000.txt``: the particle ids of the two half sets;
-  ``particle_groups_0.txt``, ``particle_groups_1.txt``: the particle (noise) group of each particle
-  of that chunk, in chunk order.
+  meridien's smear shift grid (rounded, see below). ``params_000.txt`` has 7 columns
+  (``phi theta psi sx sy 0.0 1.0``); only the first 5 are read.
+* ``R/main000/chunk_0_000.txt``, ``chunk_1_000.txt``: the particle ids of the two half sets, in
+  meridien's order (micrograph group by group, not sorted; the two halves hold different
+  groups); ``particle_groups_0.txt``, ``particle_groups_1.txt``: the particle (noise) group of
+  each particle of that chunk, in chunk order.
 * ``R/main s/driver_s.txt``: the refinement FSC per Fourier shell (first column).
-* Background noise: EMAN2's ``bckgnoise.hdf`` cannot be read here (no EMAN2/HDF5 in the engine).
-  We read ``bckgnoise.mrc`` (a 2D image: x = radial Fourier index, y = particle group) or
-  ``bckgnoise.txt`` (one row per particle group) from ``R/main s/``, or from the newest earlier
-  iteration that has one, as SPHIRE does. Convert with e.g.
-  ``e2proc2d.py main###/bckgnoise.hdf main###/bckgnoise.mrc``. Negative values are set to 0.
+* Background noise: ``R/main s/bckgnoise.hdf`` as meridien writes it (EMAN2 HDF5, read with
+  h5py: a 2D image, x = radial Fourier index, y = particle group), or the newest earlier
+  iteration that has one, as SPHIRE does (``bckgnoise.mrc`` or ``bckgnoise.txt``, one row per
+  group, are accepted too). Negative values are set to 0.
 * Smears: ``R/main s/refang.txt`` (``phi theta psi0`` per direction index), ``rshifts.txt``
   (``sx sy`` in original pixels per shift index) and the per-meridien-rank JSON files
   ``R/main s/oldparamstructure/oldparamstructure_<chunk>_<rank:03d>_<s:03d>.json`` (ranks probed
   from 000 until a file is missing; their lists concatenated in rank order cover the chunk list
-  in order). Each JSON entry is ``[local_index, [..], [[hash, prob], ...]]`` with
-  ``hash = iang*10**8 + ipsi*1000 + ishift``.
+  in order, whatever the block sizes). Each JSON entry is ``[local_index, [..], [[hash, prob],
+  ...]]`` with ``hash = iang*10**8 + ipsi*1000 + ishift``. The probabilities are used AS
+  STORED, as SPHIRE does: meridien normalised them over all its candidates and kept the best
+  ones up to a cumulative ``ccfpercentage`` (default 99.9 %), so a particle's stored sum is just
+  below 1 (a sum above 1 is refused).
 
 The particle images and the CTF
 -------------------------------
-SPHIRE keeps images and CTF in an EMAN2 stack (``bdb:`` or ``.hdf``) named by
-``constants.stack``. We read neither, so we need a RELION STAR file with the same particles in the
-same order (STAR row p = particle id p) carrying the images (MRC stacks) and the CTF. It is found
-by the first rule that gives an existing file:
+SPHIRE keeps images and CTF in an EMAN2 stack named by ``constants.stack``. An ``.hdf`` stack is
+read directly (eman2_hdf.read_particles: images under ``/MDF/images/<i>/image``, the CTF from the
+``EMAN.ctf`` header string, converted to RELION's convention as SPHIRE's sp_sphire2relion.py
+does). A ``bdb:`` database cannot be read without EMAN2: convert it once with
+``e2proc2d.py bdb:DIR#NAME DIR/NAME.hdf``, or export a RELION STAR file with the same particles
+in the same order (STAR row p = particle id p) and the CTF. The stack is the first of:
 
-1. the ``stack`` argument (the user's ``--instack`` given with ``--refinement_dir``);
-2. ``constants.stack`` itself when it names a ``.star`` file;
-3. ``constants.stack`` with its extension replaced by ``.star`` (``bdb:DIR#NAME`` and
-   ``bdb:DIR/NAME`` become ``DIR/NAME.star``; ``X.hdf``/``X.mrcs``/``X.mrc`` become ``X.star``);
+1. the ``stack`` argument (the user's ``--instack`` given with ``--refinement_dir``: .hdf or
+   .star);
+2. ``constants.stack`` itself when it names an ``.hdf`` or ``.star`` file;
+3. for ``bdb:DIR#NAME`` (or ``bdb:DIR/NAME``): ``DIR/NAME.hdf``, then ``DIR/NAME.star``; for
+   ``X.hdf``/``X.mrcs``/...: ``X.star``;
 4. ``R/particles.star``.
 
 Relative paths are tried from the parent of ``R`` (as SPHIRE does), then ``R``, then the working
-directory. An MRC stack alone carries no CTF, so it is not enough. The STAR's own angles and
-shifts are ignored: meridien's parameters replace them.
+directory. An MRC stack alone carries no CTF, so it is not enough. The stack's own angles and
+shifts are ignored: meridien's parameters replace them. ``constants.mask3D`` may be an ``.hdf``
+(read with h5py) or an MRC file.
 
 Conventions (proved in tests/test_meridien.py)
 ----------------------------------------------
@@ -61,9 +69,18 @@ Conventions (proved in tests/test_meridien.py)
   sense of RELION's ``rlnOriginX/Y``: ``ParticleSet.shifts = (sx, sy)`` in pixels, same sign.
 * A smear entry ``(hash, prob)`` of a particle means: direction ``refang[iang]`` with in-plane
   angle ``psi0 + ipsi*delta`` and the re-centring shift
-  ``round(previous shift) + rshifts[ishift]`` (pixels of the original images; meridien first
-  cyclically shifts each image by its previous shifts rounded half away from zero, then by the
-  grid shift), weighted by ``prob`` (renormalised to sum to 1 per particle).
+  ``round(previous shift) + rshifts[ishift]`` (pixels of the original images: meridien first
+  cyclically shifts each image by ``int(round(previous shift))``, then by the grid shift),
+  weighted by ``prob`` as stored. ``round`` is Python's: SPHIRE 1.4.x runs on Python 3, whose
+  ``round`` goes half to EVEN (``shift_rounding='even'``, the default); SPHIRE 1.3 and earlier
+  (Python 2, sparx's sxmeridien) round half away from zero (``shift_rounding='away'``,
+  ``--shift_rounding away``). A folder does not record the SPHIRE version, so this is the
+  user's choice; at ``--shake 0`` with a 1-pixel shift step every previous shift is an exact
+  half, and the wrong rule puts about half the smear shifts one pixel off.
+* Images are normalised with the pixels OUTSIDE the particle radius (SPHIRE's
+  ``infomask(img, circle, False)``), which is what meridien's ``norm``/``avgvaradj`` refer to;
+  the norm factor of particle i is ``avgvaradj[half set of i] / norm_i``
+  (MeridienRefinement.norm_factors; preprocess.prepare_meridien).
 
 Every missing or malformed file raises ``ParticleDataError`` naming the file (and line/key).
 """
@@ -80,7 +97,7 @@ from .particles import ParticleDataError, ParticleSet
 
 __all__ = ['MeridienRefinement', 'SmearSet', 'read_meridien', 'read_smears', 'choose_iteration',
            'smearing_statistics', 'check_smearing', 'hash_smear', 'unhash_smear',
-           'round_half_away']
+           'round_half_away', 'round_half_even', 'integer_preshift']
 
 HASH_ANGLE = 100000000
 HASH_PSI = 1000
@@ -99,9 +116,28 @@ def unhash_smear(h):
 
 
 def round_half_away(x):
-    """Round half away from zero (Python 2 ``round``, used by meridien for the integer pre-shift)."""
+    """Round half away from zero: Python 2's ``round`` (SPHIRE <= 1.3, the sparx line)."""
     x = np.asarray(x, np.float64)
     return np.trunc(x + np.copysign(0.5, x))
+
+
+def round_half_even(x):
+    """Round half to even: Python 3's ``round`` (SPHIRE >= 1.4, incl. 1.4.2)."""
+    return np.rint(np.asarray(x, np.float64))
+
+
+SHIFT_ROUNDING = {'even': round_half_even, 'away': round_half_away}
+
+
+def integer_preshift(shifts, rounding='even'):
+    """The integer cyclic pre-shift meridien and sort3d_depth apply before the smear shifts:
+    ``int(round(s))`` of the previous iteration's shifts. ``rounding='even'`` is Python 3
+    (SPHIRE 1.4.x, the default), ``'away'`` Python 2 (SPHIRE 1.3 and earlier, sparx's
+    sxmeridien)."""
+    if rounding not in SHIFT_ROUNDING:
+        raise ValueError("shift rounding must be 'even' (SPHIRE >= 1.4, Python 3) or 'away' "
+                         "(SPHIRE <= 1.3, Python 2), got %r" % (rounding,))
+    return SHIFT_ROUNDING[rounding](shifts)
 
 
 def _err(path, msg):
@@ -119,7 +155,9 @@ class SmearSet:
     Entries of particle i are ``offsets[i]:offsets[i+1]``, sorted by decreasing weight; ``parent``
     repeats i over them. ``rotation`` (E, 3, 3) RELION-convention matrices, ``shift`` (E, 2) the
     total re-centring shift in pixels of the original images (RELION origin sense),
-    ``weight`` (E,) probabilities summing to 1 per particle, ``iang``/``ipsi``/``ishift`` the
+    ``weight`` (E,) the probabilities as meridien stored them (their sum per particle is just
+    above meridien's ``ccfpercentage``, below 1; SPHIRE uses them as they are),
+    ``iang``/``ipsi``/``ishift`` the
     meridien indices (entries with the same particle, iang and ipsi share one orientation).
     """
     offsets: np.ndarray
@@ -155,8 +193,14 @@ class SmearSet:
                         self.weight[idx], self.iang[idx], self.ipsi[idx], self.ishift[idx])
 
     def truncate(self, nsmear):
-        """Keep the ``nsmear`` most probable entries of each particle (weights renormalised to
-        sum to 1); ``nsmear = -1`` (or any value <= 0 other than 0) keeps all. 0 is an error."""
+        """Keep the ``nsmear`` most probable entries of each particle; ``nsmear = -1`` (or any
+        value <= 0 other than 0) keeps all. 0 is an error.
+
+        The kept weights are rescaled so that each particle keeps its stored total weight (the
+        truncation only moves weight onto the best entries). This is OUR ``--nsmear``, a
+        deliberate difference from SPHIRE 1.4.2, where ``nsmear > 0`` means "the best entry only,
+        with its stored probability, not rescaled" and acts only in the final maps (and the
+        image-size FSC), never in the sorting iterations (README, deliberate differences)."""
         nsmear = int(nsmear)
         if nsmear == 0:
             raise ValueError('nsmear must be -1 (all) or >= 1, got 0')
@@ -167,8 +211,10 @@ class SmearSet:
         keep = np.flatnonzero(rank < nsmear)
         offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
         out = self._take(keep, offsets)
-        total = np.add.reduceat(out.weight, offsets[:-1]) if out.n_entries else np.zeros(0)
-        out.weight = out.weight / np.repeat(total, cnt)
+        if out.n_entries:
+            stored = np.add.reduceat(self.weight, self.offsets[:-1])
+            kept = np.add.reduceat(out.weight, offsets[:-1])
+            out.weight = out.weight * np.repeat(stored / kept, cnt)
         return out
 
     def subset(self, idx):
@@ -404,11 +450,13 @@ class MeridienRefinement:
     bestres: Optional[float] = None
     stack_path: str = ''
     info: dict = field(default_factory=dict)
+    shift_rounding: str = 'even'
 
     @property
     def integer_shifts(self):
-        """(N, 2) the previous shifts rounded half away from zero (meridien's cyclic pre-shift)."""
-        return round_half_away(self.previous_shifts)
+        """(N, 2) the previous shifts rounded by ``shift_rounding`` (meridien's cyclic
+        pre-shift, see integer_preshift)."""
+        return integer_preshift(self.previous_shifts, self.shift_rounding)
 
     @property
     def norm_factors(self):
@@ -434,34 +482,39 @@ def _resolve(path, bases):
     return None
 
 
-def _star_candidates(stack):
-    """STAR names derived from SPHIRE's constants.stack (rules 2 and 3 of the module doc)."""
+def _stack_candidates(stack):
+    """Files that may hold SPHIRE's constants.stack (rules 2 and 3 of the module docstring):
+    the stack itself when it is a file name, then its STAR export."""
     if not stack:
         return []
-    if stack.lower().endswith('.star'):
-        return [stack]
     s = stack
     if s.startswith('bdb:'):
         s = s[4:]
         if '#' in s:
             d, name = s.rsplit('#', 1)
             s = os.path.join(d, name)
-        return [s + '.star']
+        return [s + '.hdf', s + '.star']
     root, ext = os.path.splitext(s)
+    if ext.lower() in ('.hdf', '.star'):
+        return [s] + ([root + '.star'] if ext.lower() == '.hdf' else [])
     return [root + '.star'] if ext else [s + '.star']
 
 
-def _find_star(folder, tracker, tracker_path, stack):
+def _find_stack(folder, tracker, tracker_path, stack):
+    """The particle stack (.hdf or .star) to read; see the module docstring."""
+    from .eman2_hdf import BDB_HELP
     bases = [os.path.dirname(folder), folder, os.getcwd()]
     if stack is not None:
-        found = _resolve(os.fspath(stack), bases)
+        stack = os.fspath(stack)
+        if stack.startswith('bdb:'):
+            raise _err(stack, BDB_HELP)
+        found = _resolve(stack, bases)
         if found is None:
-            raise _err(os.fspath(stack), 'particle STAR file given for the meridien refinement '
-                                        'does not exist')
+            raise _err(stack, 'particle stack given for the meridien refinement does not exist')
         return found
     raw = _key(tracker, tracker_path, 'constants.stack', str, required=False, default='')
     tried = []
-    for cand in _star_candidates(raw) + ['particles.star']:
+    for cand in _stack_candidates(raw) + ['particles.star']:
         if cand == 'particles.star':
             found = _resolve(os.path.join(folder, cand), [])
             tried.append(os.path.join(folder, cand))
@@ -470,20 +523,42 @@ def _find_star(folder, tracker, tracker_path, stack):
             tried.append(cand)
         if found is not None:
             return found
-    raise _err(tracker_path, 'constants.stack is %r, which cannot be read here (EMAN2 bdb/hdf '
-                             'stacks are not supported) and no RELION STAR file with the same '
-                             'particles was found (tried %s, relative to %s); export the stack to '
-                             'a STAR + MRC stack (particle id p = STAR row p, with CTF) and give it '
-                             'with --instack' % (raw, ', '.join(tried), ', '.join(bases)))
+    if raw.startswith('bdb:'):
+        raise _err(tracker_path, 'constants.stack is %r: %s (or give a STAR export with '
+                                 '--instack; tried %s relative to %s)'
+                   % (raw, BDB_HELP, ', '.join(tried), ', '.join(bases)))
+    raise _err(tracker_path, 'constants.stack is %r, which was not found (tried %s, relative to '
+                             '%s); give the particle stack (.hdf, or a STAR file with the same '
+                             'particles in the same order and their CTF) with --instack'
+               % (raw, ', '.join(tried), ', '.join(bases)))
+
+
+def _read_stack(path, check_finite=True):
+    """A particle stack as a ParticleSet: EMAN2 .hdf (HDF5) or RELION STAR."""
+    from .eman2_hdf import is_hdf5, read_particles
+    from .star_io import read_star
+    if path.lower().endswith('.hdf') or is_hdf5(path):
+        return read_particles(path)
+    return read_star(path, require_angles=False, require_ctf=True, check_finite=check_finite)
 
 
 def _read_bckgnoise(folder, it):
-    """Background noise of iteration ``it`` or the newest earlier one: (array, path) or (None, [])."""
-    hdf = []
+    """Background noise of iteration ``it`` or the newest earlier one: (array, path) or
+    (None, None). Per iteration folder, ``bckgnoise.hdf`` (what meridien writes: an EMAN2 2D
+    image, x = radial Fourier index, y = particle group) is read first, then ``bckgnoise.mrc``
+    (the same image as MRC) or ``bckgnoise.txt`` (one row per particle group)."""
+    from .eman2_hdf import read_image
     for k in range(it, -1, -1):
         d = _main_dir(folder, k)
+        hdf_path = os.path.join(d, 'bckgnoise.hdf')
         mrc_path = os.path.join(d, 'bckgnoise.mrc')
         txt_path = os.path.join(d, 'bckgnoise.txt')
+        if os.path.isfile(hdf_path):
+            a = read_image(hdf_path, 0, 'background noise image')
+            if a.ndim != 2:
+                raise _err(hdf_path, 'background noise must be a 2D image (x = radial index, '
+                                     'y = particle group), got shape %s' % (a.shape,))
+            return np.maximum(a, 0.0), hdf_path
         if os.path.isfile(mrc_path):
             try:
                 with mrcfile.open(mrc_path, mode='r', permissive=False) as m:
@@ -503,9 +578,7 @@ def _read_bckgnoise(folder, it):
             if len({len(r) for r in rows}) != 1:
                 raise _err(txt_path, 'rows of different lengths (background noise)')
             return np.maximum(np.array(rows, np.float64), 0.0), txt_path
-        if os.path.isfile(os.path.join(d, 'bckgnoise.hdf')):
-            hdf.append(os.path.join(d, 'bckgnoise.hdf'))
-    return None, hdf
+    return None, None
 
 
 def _read_chunks(folder):
@@ -565,8 +638,9 @@ def _parse_smear_file(path, n_refang, n_rshifts):
             raise _err(path, '%s: hash %r is not a non-negative integer' % (where, bad))
         h = h.astype(np.int64)
         prob = arr[:, 1]
-        if (prob < 0).any() or prob.sum() <= 0:
-            raise _err(path, '%s: probabilities must be >= 0 with a positive sum' % where)
+        if (prob < 0).any() or prob.sum() <= 0 or prob.sum() > 1 + 1e-4:
+            raise _err(path, '%s: probabilities must be >= 0 with a sum in (0, 1], got sum %.6g'
+                       % (where, prob.sum()))
         iang, ipsi, ishift = unhash_smear(h)
         if iang.max() >= n_refang:
             raise _err(path, '%s: hash %d refers to direction %d but refang.txt has %d'
@@ -579,12 +653,14 @@ def _parse_smear_file(path, n_refang, n_rshifts):
 
 
 def read_smears(folder, iteration, chunks=None, particle_ids=None, previous_shifts=None,
-                delta=None, refang=None, rshifts=None):
+                delta=None, refang=None, rshifts=None, shift_rounding='even'):
     """The smear entries of one iteration as a SmearSet in ``particle_ids`` order.
 
     Defaults are read from the folder (chunk files, indexes_000.txt, params of iteration-1, the
     Tracker's delta, refang.txt, rshifts.txt); read_meridien passes what it has already read.
+    Probabilities are kept as stored; ``shift_rounding`` see integer_preshift.
     """
+    integer_preshift(0.0, shift_rounding)          # checks the rule before reading anything
     folder = os.path.abspath(os.fspath(folder))
     it = int(iteration)
     d = _main_dir(folder, it)
@@ -629,25 +705,26 @@ def read_smears(folder, iteration, chunks=None, particle_ids=None, previous_shif
     # sort each particle's entries by decreasing probability (stable: file order on ties)
     order = np.lexsort((np.arange(len(prob)), -prob, parent))
     iang, ipsi, ishift, prob = iang[order], ipsi[order], ishift[order], prob[order]
-    prob = prob / np.repeat(np.add.reduceat(prob, offsets[:-1]), counts)
     psi = np.mod(refang[iang, 2] + ipsi * float(delta), 360.0)
     rot = euler_to_matrix(refang[iang, 0], refang[iang, 1], psi)
-    shift = round_half_away(np.asarray(previous_shifts, np.float64))[parent] + rshifts[ishift]
+    shift = (integer_preshift(np.asarray(previous_shifts, np.float64), shift_rounding)[parent]
+             + rshifts[ishift])
     return SmearSet(offsets, parent, rot, shift, prob, iang, ipsi, ishift)
 
 
 def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=None, mask3d=None,
-                  nsmear=-1, require_bckgnoise=True, check_finite=True):
+                  nsmear=-1, require_bckgnoise=True, check_finite=True, shift_rounding='even'):
     """Read a meridien refinement folder into a MeridienRefinement (see the module docstring).
 
     ``radius`` (pixels; None or < 1 = take the refinement's), ``sym`` (None or 'c1' = take the
     refinement's), ``mask3d`` (None or '' = take the refinement's) are the user's options, which
     override the Tracker. ``nsmear`` truncates the smears (-1 = all); ``smear_counts`` keeps the
     untruncated counts. ``require_bckgnoise=False`` (``--notapplybckgnoise``) tolerates a
-    missing background-noise file.
+    missing background-noise file. ``shift_rounding``: 'even' (SPHIRE >= 1.4, default) or
+    'away' (SPHIRE <= 1.3), see integer_preshift.
     """
-    from .star_io import read_star
     folder = os.path.abspath(os.fspath(folder))
+    integer_preshift(0.0, shift_rounding)
     it, last = choose_iteration(folder, niter_for_sorting)
     tpath = _tracker_path(folder, it)
     tracker = _read_json(tpath, 'meridien Tracker json')
@@ -686,12 +763,9 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
         mask_out = os.fspath(mask3d)
     elif t_mask:
         mask_out = _resolve(t_mask, [os.path.dirname(folder), folder])
-        if mask_out is None and t_mask.lower().endswith('.hdf'):
-            mask_out = _resolve(os.path.splitext(t_mask)[0] + '.mrc',
-                                [os.path.dirname(folder), folder])
         if mask_out is None:
-            raise _err(tpath, 'constants.mask3D %r not found relative to %s (an EMAN2 .hdf mask '
-                              'needs an .mrc copy next to it)' % (t_mask, os.path.dirname(folder)))
+            raise _err(tpath, 'constants.mask3D %r not found relative to %s or %s'
+                       % (t_mask, os.path.dirname(folder), folder))
     else:
         mask_out = None
 
@@ -743,14 +817,9 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
     if bck is None:
         if require_bckgnoise:
             d = _main_dir(folder, it)
-            if bpath:
-                raise _err(bpath[0], 'EMAN2 HDF background noise cannot be read here; convert it '
-                                     'to bckgnoise.mrc in the same folder (e.g. e2proc2d.py '
-                                     'bckgnoise.hdf bckgnoise.mrc) or run with --notapplybckgnoise')
-            raise _err(os.path.join(d, 'bckgnoise.mrc'), 'missing background noise (no '
-                       'bckgnoise.mrc or bckgnoise.txt in main%03d or an earlier iteration); run '
+            raise _err(os.path.join(d, 'bckgnoise.hdf'), 'missing background noise (no '
+                       'bckgnoise.hdf, .mrc or .txt in main%03d or an earlier iteration); run '
                        'with --notapplybckgnoise to sort without it' % it)
-        bpath = None
     elif group.max() >= bck.shape[0]:
         k = int(np.argmax(group >= bck.shape[0]))
         raise _err(bpath, 'has %d particle group rows but particle id %d is in group %d'
@@ -760,15 +829,16 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
     d = _main_dir(folder, it)
     refang = _read_matrix(os.path.join(d, 'refang.txt'), 'reference directions phi theta psi', 3)
     rshifts = _read_matrix(os.path.join(d, 'rshifts.txt'), 'shift grid sx sy', 2)
-    smears = read_smears(folder, it, chunks, ids, previous_shifts, delta, refang, rshifts)
+    smears = read_smears(folder, it, chunks, ids, previous_shifts, delta, refang, rshifts,
+                         shift_rounding)
     counts = smears.counts()
     smears = smears.truncate(nsmear)
 
     # -- images and CTF ----------------------------------------------------------------------------
-    star = _find_star(folder, tracker, tpath, stack)
-    full = read_star(star, require_angles=False, require_ctf=True, check_finite=check_finite)
+    star = _find_stack(folder, tracker, tpath, stack)
+    full = _read_stack(star, check_finite)
     if ids.max() >= len(full):
-        raise _err(ipath, 'particle id %d but the particle STAR file %s has only %d particles'
+        raise _err(ipath, 'particle id %d but the particle stack %s has only %d particles'
                    % (ids.max(), star, len(full)))
     if full.box != nnxo:
         raise _err(star, 'images are %d pixels but the refinement (%s constants.nnxo) has %d'
@@ -797,7 +867,7 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
         rshifts=rshifts, smears=smears, smear_counts=counts, radius=radius_out,
         symmetry=str(sym_out), mask3d=mask_out, pixel_size=float(pixel_size), nnxo=nnxo,
         nxinit=nxinit, delta=delta, ts=ts, xr=xr, bestres=bestres, stack_path=star,
-        info={'star_source': full.source.get('star_path')})
+        info={'star_source': full.source.get('star_path')}, shift_rounding=shift_rounding)
 
 
 def _subset_table(table, ids):

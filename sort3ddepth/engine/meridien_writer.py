@@ -1,19 +1,36 @@
-"""Write a simulated data set as a SPHIRE meridien refinement folder (for tests and the demo).
+"""Write a simulated data set as a SPHIRE meridien refinement folder (tests and the demo).
 
-The layout is the one meridien.read_meridien reads (see its module docstring): ``main000`` holds
-the particle ids, half sets and particle groups, every later ``main###`` a Tracker json, params,
-driver FSC, background noise (as ``bckgnoise.mrc``, our stand-in for EMAN2's bckgnoise.hdf),
-refang/rshifts and the per-rank oldparamstructure smear files. The images and the CTF go to a
-RELION STAR + MRC stack ``<folder>/particles.star`` whose row p is particle id p; the Tracker's
-``constants.stack`` names it relative to the folder's parent.
+The folder follows SPHIRE 1.4's sp_meridien.py in every point sorting reads (read from its
+source; see meridien.py's module docstring for what each file means):
+
+* ``main000``: ``indexes_000.txt`` (the particle ids), the half sets ``chunk_0_000.txt`` /
+  ``chunk_1_000.txt`` and ``particle_groups_0/1.txt``. meridien splits the micrograph GROUPS
+  into two halves (a random half of the group ids each), and a chunk lists its groups in
+  ascending group order, the particles of a group by ascending id: the chunk lists are in
+  group order, not sorted, and the two halves hold different groups. Group ids are numbered
+  by each group's smallest particle id. ``params_000.txt`` has meridien's 7 columns
+  ``phi theta psi sx sy 0.0 1.0``.
+* every later ``main###``: ``Tracker_###.json`` (``constants.symmetry``, not ``sym``;
+  ``constants.stack``, ``radius``, ``nnxo``, ``pixel_size``, ``mask3D``, ``best``, ``delta``,
+  ``ts``, ``xr``, ``nxinit``, ``avgvaradj`` ...), ``params_###.txt`` (8 columns, the norm last),
+  ``driver_###.txt``, ``bckgnoise.hdf`` (an EMAN2-style HDF5 image: x = radial index,
+  y = particle group), ``refang.txt``, ``rshifts.txt`` (meridien's half-step shift grid in its
+  order, sphire_shift_grid) and ``oldparamstructure/oldparamstructure_<chunk>_<rank>_<it>.json``
+  for the rank blocks of SPHIRE's MPI_start_end (mpi_blocks), entries
+  ``[local index, [0.0], [[hash, prob], ...]]`` whose probabilities are cut the way meridien
+  cuts them: normalised over all candidates, kept up to the first entry whose cumulative sum
+  exceeds ``ccfpercentage``, so they sum to a value in (ccfpercentage, 1].
+* the particles: an EMAN2-style ``particles.hdf`` stack (eman2_hdf.write_images) with the CTF
+  as an EMAN2Ctf string in each image header (or a RELION STAR + MRC stack with
+  ``stack_format='star'``); ``constants.stack`` names it relative to the folder's parent.
 
 Smears are realistic in shape: every particle gets between ``smear[0]`` and ``smear[1]``
 entries, combinations of its own reference direction and ``n_neighbours`` nearby ones, in-plane
-indices psi0+{-1,0,+1}·delta, and shift-grid points around its best one; probabilities sum to 1
-and the true pose has the highest one. The true pose is exact in direction and in-plane angle
-(each particle's direction is one of the refang rows, psi0 = psi mod delta); its shift is the
-grid point nearest to the true shift: ``round(previous shift) + rshifts[ishift]`` differs from
-the true shift by at most ts/2 per axis (ts = the grid step, default 0.25 px).
+indices psi0+{-1,0,+1}*delta, and shift-grid points around its best one; the true pose has the
+highest probability. The true pose is exact in direction and in-plane angle (each particle's
+direction is one of the refang rows, psi0 = psi mod delta); its shift is the grid point nearest
+to the true shift: ``round(previous shift) + rshifts[ishift]`` differs from the true shift by at
+most ts/2 per axis (round = Python 3's half-to-even unless ``shift_rounding='away'``).
 """
 import json
 import os
@@ -21,20 +38,10 @@ import os
 import mrcfile
 import numpy as np
 
-from .meridien import hash_smear, round_half_away
+from .meridien import hash_smear, integer_preshift
 from .star_io import write_star
 
-__all__ = ['write_meridien', 'shift_grid']
-
-
-def shift_grid(ts, xr):
-    """meridien-like shift grid: a square lattice of step ts offset by half a step, the points
-    within radius xr + ts, (S, 2) in pixels."""
-    m = int(np.ceil((xr + ts) / ts)) + 1
-    c = (np.arange(-m, m) + 0.5) * ts
-    gx, gy = np.meshgrid(c, c, indexing='xy')
-    pts = np.stack([gx.ravel(), gy.ravel()], 1)
-    return pts[np.hypot(pts[:, 0], pts[:, 1]) <= xr + ts + 1e-9]
+__all__ = ['write_meridien', 'sphire_shift_grid', 'mpi_blocks']
 
 
 def _fmt_rows(path, rows, fmt='  %14.6f'):
@@ -92,9 +99,11 @@ def _default_fsc(nnxo):
     return 1.0 / (1.0 + np.exp((k - 0.3 * nnxo) / (0.03 * nnxo)))
 
 
-def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbours):
+def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbours,
+                ccfpercentage=0.999, shift_rounding='even'):
     """refang rows and per-particle (hashes, probs) for one iteration. The first entry of every
-    particle is its true pose (highest probability)."""
+    particle is its true pose (highest probability); probabilities as meridien stores them
+    (sum in (ccfpercentage, 1], _cut_probabilities)."""
     n = len(angles)
     nb = int(n_neighbours)
     refang = np.empty((n, 1 + nb, 3))
@@ -107,14 +116,13 @@ def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbou
     ipsi_true = np.floor(psi / delta).astype(np.int64)
     refang[:, :, 2] = (psi - ipsi_true * delta)[:, None]
     npsi = int(np.ceil(360.0 / delta))
-    base = round_half_away(prev_shifts)
+    base = integer_preshift(prev_shifts, shift_rounding)
     want = shifts - base
     d2 = ((want[:, None, :] - grid[None, :, :]) ** 2).sum(-1)
     ishift_true = np.argmin(d2, axis=1)
     gd = np.hypot(*(grid[:, None, :] - grid[None, :, :]).transpose(2, 0, 1))
-    neighbours = [np.flatnonzero((gd[s] > 0) & (gd[s] < 1.6 * (grid[1, 0] - grid[0, 0])
-                                                 if len(grid) > 1 else False))
-                  for s in range(len(grid))]
+    step = gd[gd > 0].min() if len(grid) > 1 else 0.0
+    neighbours = [np.flatnonzero((gd[s] > 0) & (gd[s] < 1.6 * step)) for s in range(len(grid))]
     out = []
     for i in range(n):
         n_e = int(rng.integers(smear[0], smear[1] + 1))
@@ -132,7 +140,7 @@ def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbou
         w = rng.exponential(1.0, len(combos))
         w[0] = w.max() * 1.5 + 0.2
         order = np.concatenate([[0], 1 + np.argsort(-w[1:], kind='stable')])
-        w = w[order] / w.sum()
+        w = _cut_probabilities(w[order] / w.sum(), ccfpercentage, rng)
         combos = [combos[k] for k in order]
         c = np.array(combos, np.int64)
         h = hash_smear(i * (1 + nb) + c[:, 0], c[:, 1], c[:, 2])
@@ -140,23 +148,90 @@ def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbou
     return refang.reshape(-1, 3), out
 
 
-def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None, half_set=None,
-                   groups=None, smear=(3, 8), n_neighbours=2, delta=3.75, ts=0.25, xr=2.0,
-                   n_ranks=2, seed=0, radius=None, sym='c1', mask3d=None, tracker_stack=None,
-                   fsc=None, bckgnoise=True, prev_angle_sd=1.0, prev_shift_sd=0.3):
-    """Write ``particles`` (a simulated ParticleSet with the true poses) as a meridien folder.
+def sphire_shift_grid(ts, xr):
+    """meridien's fine shift grid (sp_meridien get_refangs_and_shifts, --shake 0): points
+    ((ix + 1/2) ts, (iy + 1/2) ts) for ix, iy in -k..k-1, k = ceil(xr / ts), within radius
+    xr + ts, x the outer loop (the order of rshifts.txt). (S, 2) pixels."""
+    k = int(np.ceil(xr / ts))
+    pts = [((ix + 0.5) * ts, (iy + 0.5) * ts) for ix in range(-k, k) for iy in range(-k, k)]
+    pts = np.array(pts, np.float64)
+    return pts[(pts ** 2).sum(1) <= (xr + ts) ** 2 + 1e-9]
+
+
+def mpi_blocks(n, n_ranks):
+    """SPHIRE's MPI_start_end: rank r holds [round(n r / P), round(n (r+1) / P)) with Python 3
+    round (half to even); returns the P (start, end) pairs."""
+    return [(int(round(n * r / n_ranks)), int(round(n * (r + 1) / n_ranks)))
+            for r in range(n_ranks)]
+
+
+def _sphire_groups(groups, ids):
+    """Renumber micrograph groups as meridien does: ordered by their smallest particle id."""
+    uniq = np.unique(groups)
+    first = np.array([ids[groups == g].min() for g in uniq])
+    new = np.empty(len(uniq), np.int64)
+    new[np.argsort(first, kind='stable')] = np.arange(len(uniq))
+    return new[np.searchsorted(uniq, groups)]
+
+
+def _sphire_chunks(groups, ids, rng):
+    """meridien's half sets (assign_particles_to_groups): the group ids are shuffled, the first
+    len//2 go to chunk 0, the rest to chunk 1 (each list of groups sorted); a chunk lists the
+    particle ids group by group (ids sorted inside a group). Returns (positions of chunk 0,
+    positions of chunk 1) into the particle arrays, in chunk order."""
+    n_groups = int(groups.max()) + 1
+    order = rng.permutation(n_groups)
+    halves = [np.sort(order[:n_groups // 2]), np.sort(order[n_groups // 2:])]
+    out = []
+    for gs in halves:
+        pos = []
+        for g in gs.tolist():
+            k = np.flatnonzero(groups == g)
+            pos.append(k[np.argsort(ids[k], kind='stable')])
+        out.append(np.concatenate(pos).astype(np.int64) if pos else np.zeros(0, np.int64))
+    return out
+
+
+def _cut_probabilities(w, ccfpercentage, rng):
+    """Stored smear probabilities: ``w`` (sorted decreasing, sum 1) scaled to a total T such that
+    the last entry is the one that makes the cumulative sum exceed ``ccfpercentage`` (meridien
+    normalises over every candidate and keeps the entries up to that crossing, so the stored
+    sum is in (ccfpercentage, 1])."""
+    hi = 1.0 if len(w) == 1 else min(1.0, ccfpercentage / (1.0 - w[-1]))
+    total = rng.uniform(ccfpercentage, hi) if hi > ccfpercentage else 1.0
+    return w * max(total, np.nextafter(ccfpercentage, 1.0))
+
+
+def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None, groups=None,
+                   smear=(3, 8), n_neighbours=2, delta=3.75, ts=0.25, xr=2.0, n_ranks=2, seed=0,
+                   radius=None, sym='c1', mask3d=None, tracker_stack=None, fsc=None,
+                   bckgnoise=True, prev_angle_sd=1.0, prev_shift_sd=0.3, ccfpercentage=0.999,
+                   stack_format='hdf', shift_rounding='even', previous_shift_step=None):
+    """Write ``particles`` (a simulated ParticleSet with the true poses) as a meridien folder in
+    SPHIRE 1.4's format (module docstring).
 
     ``iteration`` is the best iteration (its params hold the true angles and shifts; the other
     iterations' params are perturbed by ``prev_angle_sd`` degrees / ``prev_shift_sd`` pixels);
     ``last_iteration`` (default iteration + 1) the last one present, so -1 must pick ``iteration``
-    from the last Tracker's ``constants.best``. ``ids`` (default 0..N-1): the particle id of each
-    particle (distinct, >= 0, any order): indexes_000.txt lists them in the particles' order and
-    STAR row ids[k] holds particle k (rows no id names hold a copy of particle 0).
-    ``half_set``/``groups`` default to the particles' own, else a seeded random split / group 0.
-    ``tracker_stack`` is written as ``constants.stack`` (default the STAR relative to the
-    folder's parent). ``bckgnoise``: True = a per-group estimate from the images, an array =
-    that, False = no file. Returns a dict with the paths and the truth written.
-    """
+    from the last Tracker's ``constants.best``. ``ids`` (default 0..N-1, as meridien writes):
+    the particle id of each particle (distinct, >= 0, any order): indexes_000.txt lists them in
+    the particles' order and stack image ids[k] holds particle k (images no id names hold a copy
+    of particle 0). ``groups``: micrograph groups (default the particles' own, else their
+    micrographs, else 4 blocks of consecutive particles); at least 2 groups are needed, since
+    meridien splits the GROUPS into the two half sets (renumbered by smallest particle id, as
+    meridien does; the returned 'groups' and 'half_set' are the ones written).
+    ``stack_format``: 'hdf' (an EMAN2 .hdf stack with the CTF in each header, as SPHIRE keeps
+    it) or 'star' (a RELION STAR + MRC stack). ``tracker_stack`` is written as
+    ``constants.stack`` (default the stack relative to the folder's parent). ``mask3d``: a path
+    written as is, or a 3D array written as ``mask3d.hdf``. ``bckgnoise``: True = a per-group
+    estimate from the images, an array = that (one row is repeated for every group), False =
+    no file; written as ``bckgnoise.hdf``. ``ccfpercentage``: the stored probabilities of a
+    particle sum to a value in (ccfpercentage, 1]. ``shift_rounding``: the rounding of the
+    previous shifts used for the integer pre-shift (meridien.integer_preshift).
+    ``previous_shift_step``: when given, the previous iteration's shifts are put on the lattice
+    (k + 1/2) * step (step 1: exact halves, where the rounding rule matters for every particle).
+    Returns a dict with the paths and the truth written."""
+    from .eman2_hdf import format_ctf, relion_to_eman2_ctf, write_images
     folder = os.path.abspath(os.fspath(folder))
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -168,40 +243,60 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if ids.shape != (n,) or len(np.unique(ids)) != n or ids.min() < 0:
         raise ValueError('ids must be n distinct non-negative integers')
-    if half_set is None:
-        half_set = particles.half_set
-    if half_set is None:
-        half_set = np.zeros(n, np.int64)
-        half_set[rng.permutation(n)[: n - n // 2]] = 1
-    half_set = np.asarray(half_set, np.int64)
+    if groups is None and particles.group is not None and len(np.unique(particles.group)) > 1:
+        groups = particles.group
+    if groups is None and particles.micrograph is not None \
+            and len(np.unique(np.asarray(particles.micrograph, str))) > 1:
+        groups = np.unique(np.asarray(particles.micrograph, str), return_inverse=True)[1]
     if groups is None:
-        groups = particles.group if particles.group is not None else np.zeros(n, np.int64)
-    groups = np.asarray(groups, np.int64)
+        groups = np.arange(n) * 4 // max(n, 1)
+    groups = _sphire_groups(np.asarray(groups, np.int64), ids)
+    n_groups = int(groups.max()) + 1
+    if n_groups < 2:
+        raise ValueError('meridien splits micrograph groups into the half sets: need >= 2')
+    chunks = _sphire_chunks(groups, ids, rng)
+    half_set = np.zeros(n, np.int64)
+    half_set[chunks[1]] = 1
     nnxo = particles.box
     norm = (np.ones(n) if particles.norm is None else np.asarray(particles.norm, np.float64))
     true_angles = _sphire_angles(np.asarray(particles.angles, np.float64))
     true_shifts = np.asarray(particles.shifts, np.float64)
-    grid = shift_grid(ts, xr)
+    grid = sphire_shift_grid(ts, xr)
 
-    # -- images + CTF as a STAR file (row p = particle id p) ------------------------------------
+    # -- images + CTF (stack image p = particle id p) ---------------------------------------------
     rows = np.zeros(int(ids.max()) + 1, np.int64)
     rows[ids] = np.arange(n)
-    star_ps = particles.subset(rows)
-    star_path, stack_path = write_star(star_ps, os.path.join(folder, 'particles.star'))
+    stack_ps = particles.subset(rows)
+    if stack_format == 'hdf':
+        stack_path = os.path.join(folder, 'particles.hdf')
+        e2 = relion_to_eman2_ctf(stack_ps.ctf)
+        mics = (np.asarray(stack_ps.micrograph, str) if stack_ps.micrograph is not None
+                else np.array(['mic%04d' % g for g in groups[rows]]))
+        headers = [{'ctf': format_ctf(e2['defocus'][i], e2['dfdiff'][i], e2['dfang'][i],
+                                      e2['bfactor'][i], e2['ampcont'][i], e2['voltage'][i],
+                                      e2['cs'][i], particles.pixel_size),
+                    'apix_x': float(particles.pixel_size), 'apix_y': float(particles.pixel_size),
+                    'apix_z': float(particles.pixel_size), 'ptcl_source_image': str(mics[i])}
+                   for i in range(len(rows))]
+        write_images(stack_path, stack_ps.load_images(), headers)
+        star_path = None
+    elif stack_format == 'star':
+        star_path, stack_path = write_star(stack_ps, os.path.join(folder, 'particles.star'))
+    else:
+        raise ValueError("stack_format must be 'hdf' or 'star'")
     if tracker_stack is None:
-        tracker_stack = os.path.relpath(star_path, os.path.dirname(folder))
+        tracker_stack = os.path.relpath(star_path or stack_path, os.path.dirname(folder))
+    if mask3d is not None and not isinstance(mask3d, str):
+        write_images(os.path.join(folder, 'mask3d.hdf'), np.asarray(mask3d, np.float32), {})
+        mask3d = os.path.relpath(os.path.join(folder, 'mask3d.hdf'), os.path.dirname(folder))
 
     # -- main000 ------------------------------------------------------------------------------------
     d0 = os.path.join(folder, 'main000')
     os.makedirs(d0, exist_ok=True)
     _write_ints(os.path.join(d0, 'indexes_000.txt'), ids)
-    chunks = []
     for c in (0, 1):
-        k = np.flatnonzero(half_set == c)
-        k = k[np.argsort(ids[k], kind='stable')]          # meridien's chunk lists are sorted
-        chunks.append(k)
-        _write_ints(os.path.join(d0, 'chunk_%d_000.txt' % c), ids[k])
-        _write_ints(os.path.join(d0, 'particle_groups_%d.txt' % c), groups[k])
+        _write_ints(os.path.join(d0, 'chunk_%d_000.txt' % c), ids[chunks[c]])
+        _write_ints(os.path.join(d0, 'particle_groups_%d.txt' % c), groups[chunks[c]])
 
     # -- per-iteration params (true at the best iteration, perturbed elsewhere) ----------------------
     params = {}
@@ -212,13 +307,18 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
             sd = 1.0 + abs(it - s)
             params[it] = _perturb(true_angles, true_shifts, rng, prev_angle_sd * sd,
                                   prev_shift_sd)
-    n_groups = int(groups.max()) + 1
+    if previous_shift_step:
+        st = float(previous_shift_step)
+        a, sh = params[s - 1]
+        params[s - 1] = (a, (np.floor(sh / st) + 0.5) * st)
     if bckgnoise is True:
         bck = _bckgnoise(particles.images, groups, n_groups, nnxo)
     elif bckgnoise is False or bckgnoise is None:
         bck = None
     else:
-        bck = np.asarray(bckgnoise, np.float32)
+        bck = np.atleast_2d(np.asarray(bckgnoise, np.float32))
+        if bck.shape[0] == 1 and n_groups > 1:
+            bck = np.repeat(bck, n_groups, axis=0)
     fsc = _default_fsc(nnxo) if fsc is None else np.asarray(fsc, np.float64)
     avg = [float(norm[half_set == c].mean()) if (half_set == c).any() else 1.0 for c in (0, 1)]
     truth = {}
@@ -229,37 +329,40 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
         prob_best = np.ones(n)
         if it >= 1:
             refang, sm = _smears_for(ang, sh, params[it - 1][1], rng, delta, grid, smear,
-                                     n_neighbours)
+                                     n_neighbours, ccfpercentage, shift_rounding)
             prob_best = np.array([w[0] for _, w in sm])
             _fmt_rows(os.path.join(d, 'refang.txt'), refang)
             _fmt_rows(os.path.join(d, 'rshifts.txt'), grid)
             od = os.path.join(d, 'oldparamstructure')
             os.makedirs(od, exist_ok=True)
             for c, members in enumerate(chunks):
-                for r, block in enumerate(np.array_split(members, n_ranks)):
-                    entries = [[j, [0.0, 0.0], [[int(h), float(p)] for h, p in zip(*sm[k])]]
-                               for j, k in enumerate(block.tolist())]
+                for r, (a, b) in enumerate(mpi_blocks(len(members), n_ranks)):
+                    entries = [[j, [0.0], [[int(h), float(p)] for h, p in zip(*sm[k])]]
+                               for j, k in enumerate(members[a:b].tolist())]
                     with open(os.path.join(od, 'oldparamstructure_%d_%03d_%03d.json'
                                            % (c, r, it)), 'w') as f:
                         json.dump(entries, f)
             _fmt_rows(os.path.join(d, 'driver_%03d.txt' % it), fsc[:, None])
             if bck is not None:
-                with mrcfile.new(os.path.join(d, 'bckgnoise.mrc'), overwrite=True) as m:
-                    m.set_data(np.asarray(bck, np.float32))
+                write_images(os.path.join(d, 'bckgnoise.hdf'), np.asarray(bck, np.float32), {})
             if it == s:
                 truth['smears'] = sm
                 truth['refang'] = refang
-        table = np.column_stack([ang, sh, prob_best, norm, norm])
+        if it == 0:                   # meridien's params_000: phi theta psi sx sy 0.0 1.0
+            table = np.column_stack([ang, sh, np.zeros(n), np.ones(n)])
+        else:                         # phi theta psi sx sy prob norm*qt norm
+            table = np.column_stack([ang, sh, prob_best, norm, norm])
         _fmt_rows(os.path.join(d, 'params_%03d.txt' % it), table)
         tracker = {'constants': {'stack': tracker_stack, 'nnxo': nnxo,
                                  'pixel_size': float(particles.pixel_size),
                                  'radius': int(radius if radius else nnxo // 2 - 2),
-                                 'sym': sym, 'mask3D': mask3d, 'best': min(it, s)},
+                                 'symmetry': sym, 'mask3D': mask3d, 'best': min(it, s),
+                                 'ccfpercentage': ccfpercentage},
                    'delta': delta, 'ts': ts, 'xr': xr, 'nxinit': nnxo,
                    'bestres': int(0.3 * nnxo), 'avgvaradj': avg, 'mainiteration': it}
         with open(os.path.join(d, 'Tracker_%03d.json' % it), 'w') as f:
             json.dump(tracker, f, indent=1)
     return {'folder': folder, 'star': star_path, 'stack': stack_path, 'iteration': s,
             'last_iteration': last, 'ids': ids, 'half_set': half_set, 'groups': groups,
-            'rshifts': grid, 'previous_shifts': params[s - 1][1], 'bckgnoise': bck, 'fsc': fsc,
-            'avgvaradj': avg, **truth}
+            'chunks': chunks, 'rshifts': grid, 'previous_shifts': params[s - 1][1],
+            'bckgnoise': bck, 'fsc': fsc, 'avgvaradj': avg, 'mask3d': mask3d, **truth}

@@ -103,15 +103,28 @@ def meridien_fsc(fsc, box):
     return out
 
 
-def normalise_images(images, radius):
-    """Zero mean and unit std inside the particle circle, per image (SPHIRE's normalisation)."""
+def normalise_images(images, radius, background=False):
+    """Zero mean and unit std per image, measured on the pixels inside the particle circle
+    (``background=False``) or on the background, the pixels OUTSIDE it (``background=True``).
+
+    ``background=True`` is SPHIRE's normalisation (``Util.infomask(img, circle, False)``: mean
+    and sample std of the pixels outside a disc of ``radius``), the one meridien's ``norm`` and
+    ``avgvaradj`` were computed on, so meridien mode uses it (with the norm factors); RELION's
+    extraction also normalises by the background. The circle is the hard disc of pixels whose
+    distance from the centre (box//2, box//2) is <= radius. Stack mode's choice is the caller's.
+    With fewer than 2 background pixels the inside statistics are used."""
     box = images.shape[-1]
     c = np.arange(box) - box // 2
     inside = (c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2
-    vals = images[:, inside]
-    mean = vals.mean(axis=1)
-    std = vals.std(axis=1)
-    std[std <= 0] = 1.0
+    if background and (~inside).sum() >= 2:
+        vals = np.asarray(images[:, ~inside], np.float64)
+        mean = vals.mean(axis=1)
+        std = vals.std(axis=1, ddof=1)                 # SPHIRE's sample std (n - 1)
+    else:
+        vals = images[:, inside]
+        mean = vals.mean(axis=1)
+        std = vals.std(axis=1)
+    std[~(std > 0)] = 1.0
     return ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
 
 
@@ -282,8 +295,9 @@ def prepare_meridien(ref, comm, opts, log=print):
     * halves: meridien's own half sets (the two halves were refined independently, so maps of
       one half never saw the other half's images; they are what the alternating MGSK-means
       needs, and the norm factors are per half set);
-    * comparison images: exact current shifts, normalised inside the radius, times the norm
-      factor avgnorm[half set] / norm, soft circle, focus;
+    * comparison images: exact current shifts, normalised on the background (the pixels
+      outside the radius, as SPHIRE and meridien's norms), times the norm factor
+      avgnorm[half set] / norm, soft circle, focus;
     * reconstruction: one slice per smear entry from the normalised, unshifted image
       (smearing.LocalSmears), precomputed up to opts.smear_precompute entries per rank;
     * noise: the particle group's bckgnoise row weights the score and both data and weights of
@@ -305,7 +319,7 @@ def prepare_meridien(ref, comm, opts, log=print):
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     norm_factors = ref.norm_factors
-    imgs = normalise_images(particles.load_images(idx), radius)
+    imgs = normalise_images(particles.load_images(idx), radius, background=True)
     f = fourier.images_to_fourier(imgs)
     del imgs
     base = fourier.crop_fourier_images(f, nx)

@@ -60,7 +60,7 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         noise = apply_noise and meridien.bckgnoise is not None
         shell_w = meridien_noise_weights(meridien.bckgnoise, box // 2 + 2, noise)
         norm_factors = meridien.norm_factors
-    radius = box // 2 - 2
+    radius = box // 2 - 2 if meridien is None else meridien.radius
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
     for start in range(0, len(clusters), 4):
         batch = clusters[start:start + 4]
@@ -70,7 +70,8 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         sel = idx[lab[idx] >= 0]
         memb = np.zeros((len(sel), 2 * len(batch)))
         memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
-        f = fourier.images_to_fourier(normalise_images(particles.load_images(sel), radius))
+        f = fourier.images_to_fourier(normalise_images(particles.load_images(sel), radius,
+                                                       background=meridien is not None))
         coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
         if meridien is None:
             f = fourier.shift_images(f, particles.shifts[sel])

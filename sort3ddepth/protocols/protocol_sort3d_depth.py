@@ -72,9 +72,10 @@ class ProtSort3DDepth(ProtClassify3D):
                            "refined, say, with RELION.\n"
                            "*meridien refinement*: a completed meridien 3D refinement folder "
                            "(uses all meridien information, i.e. smear, normalisations and "
-                           "such). SPHIRE's EMAN2 stack cannot be read: a RELION STAR file with the "
-                           "same particles (row p = particle id p, images and CTF) must be named by "
-                           "the refinement or lie in the folder as particles.star. Outputs: the "
+                           "such). The folder is read as SPHIRE wrote it, with the particle "
+                           "stack it names (an EMAN2 .hdf stack is read directly; a bdb: stack "
+                           "must be converted once: e2proc2d.py bdb:DIR#NAME DIR/NAME.hdf). "
+                           "Outputs: the "
                            "cluster maps (SetOfVolumes) and the engine's Cluster_###.txt files of "
                            "meridien particle ids.")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
@@ -161,7 +162,10 @@ class ProtSort3DDepth(ProtClassify3D):
                       condition="inputType == %d" % INPUT_MERIDIEN,
                       expertLevel=LEVEL_ADVANCED, label="Number of smears for sorting",
                       help="Fill it with 1 if user does not want to use all smears (-1: all). "
-                           "Meridien mode only.")
+                           "Meridien mode only. n >= 1 keeps each particle's n most probable "
+                           "smear entries (rescaled to its stored total) in the sorting and in "
+                           "the final maps; SPHIRE 1.4.2 instead uses the best entry only, "
+                           "unrescaled, and only in the final maps.")
         form.addParam("orientationGroups", params.IntParam, default=20,
                       validators=[params.GE(1)], expertLevel=LEVEL_ADVANCED,
                       label="Number of orientation groups",

@@ -89,3 +89,18 @@ def test_missing_star_and_output_dir_is_a_file(small_star, tmp_path):
     (tmp_path / "afile").write_text("x")
     res = _run(["--instack", str(small_star[1]), "--output_dir", str(tmp_path / "afile")], tmp_path)
     assert res.returncode == 2 and "not a directory" in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["hdf", "bdb"])
+def test_eman2_stack_in_stack_mode_is_named(tmp_path, kind):
+    """An EMAN2 stack given to stack mode: one line saying where it is read (meridien mode)."""
+    from sort3ddepth.engine.eman2_hdf import write_images
+    if kind == "hdf":
+        stack = tmp_path / "particles.hdf"
+        write_images(stack, np.zeros((2, 8, 8), np.float32), [{}, {}])
+    else:
+        stack = "bdb:Particles#stack"
+    res = _run(["--instack", str(stack), "--output_dir", str(tmp_path / "o")], tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "stack mode reads a RELION STAR file" in lines[0] and "--refinement_dir" in lines[0]

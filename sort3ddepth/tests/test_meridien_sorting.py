@@ -1,7 +1,9 @@
 """Meridien mode end to end (--refinement_dir): a simulated 3-conformation set written as a
-meridien refinement folder (meridien_writer) is sorted into its conformations; smeared
-reconstructions, --nsmear, --compute_on_the_fly (same clusters as precomputing, also on 2 MPI
-ranks), the memory message, background-noise weights and bad folders."""
+meridien refinement folder in SPHIRE's real format (meridien_writer: EMAN2 .hdf stack with the
+CTF in the headers, bckgnoise.hdf, half sets by micrograph group, stored probabilities below 1)
+is sorted into its conformations with no file converted; smeared reconstructions, --nsmear,
+--compute_on_the_fly (same clusters as precomputing, also on 2 MPI ranks), the memory message,
+background normalisation with the norm factors, background-noise weights and bad folders."""
 import json
 import shutil
 import subprocess
@@ -24,16 +26,16 @@ from sort3ddepth.engine.reconstruction import fsc
 from sort3ddepth.engine.simulate import load_demo_map, make_conformations, simulate_particles
 from sort3ddepth.engine.smearing import entries_per_rank, shifted_slices, slice_bytes
 
-N_PER_CLASS, BOX, N_GROUPS = 400, 48, 3
+N_PER_CLASS, BOX, N_GROUPS = 400, 48, 6
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """3 conformations x 400 particles of 48 px (SNR 6, domains of radius box/6) as a meridien
-    folder whose particle ids are a shuffled subset with holes, 3 particle groups, norms around
-    1, the data's own FSC as the driver FSC, white-noise background (flat bckgnoise) and smears
-    of a converged refinement (delta 1.875 degrees, 2-5 entries per particle, the true pose the
-    most probable)."""
+    folder in SPHIRE's format whose particle ids are a shuffled subset with holes, 6 micrograph
+    groups (3 per half set), norms around 1, the data's own FSC as the driver FSC, white-noise
+    background (flat bckgnoise.hdf) and smears of a converged refinement (delta 1.875 degrees,
+    2-5 entries per particle, the true pose the most probable, sums cut at 99.9 %)."""
     folder = tmp_path_factory.mktemp("meridien_sort")
     rng = np.random.default_rng(11)
     vol = fourier.resize_volume(load_demo_map(64), BOX)
@@ -47,9 +49,11 @@ def dataset(tmp_path_factory):
     ids = rng.permutation(n + n // 4)[:n]
     info = write_meridien(folder / "Refine3D", ps, seed=11, fsc=curve, ids=ids, delta=1.875,
                           smear=(2, 5), bckgnoise=np.ones((N_GROUPS, BOX)))
+    assert not list((folder / "Refine3D").rglob("*.mrc*")) and not list(
+        (folder / "Refine3D").rglob("*.star"))                  # nothing converted
     truth = dict(zip(info["ids"].tolist(), ps.class_label.tolist()))
     return types.SimpleNamespace(folder=folder, refine=folder / "Refine3D", ps=ps, maps=maps,
-                                 ids=info["ids"], truth=truth)
+                                 ids=info["ids"], truth=truth, info=info)
 
 
 def sort3d(args, cwd, nproc=1, ok=True):
@@ -99,7 +103,8 @@ def test_sorting_from_meridien_folder_gives_pure_clusters(main_run, dataset):
     log = (main_run / "log.txt").read_text()
     n_entries = read_meridien(dataset.refine).smears.n_entries
     assert f"smeared slices: {n_entries} of {n_entries} precomputed" in log
-    assert "background-noise weighting on: 3 particle group(s)" in log
+    assert "background-noise weighting on: 6 particle group(s)" in log and "bckgnoise.hdf" in log
+    assert "particles.hdf" in log
     assert "check_smearing:         2" in log and "check_smearing:         3" in log
     for var in ("defocus", "smearing", "norm"):
         assert f"ANOVA of {var}" in log
@@ -284,3 +289,70 @@ def test_slices_do_not_depend_on_the_batch(dataset):
     assert np.array_equal(all_at_once, one_by_one)
     np.testing.assert_allclose(all_at_once, fourier.shift_images(base[parent], shift),
                                rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation: SPHIRE's background statistics, with meridien's norm factors
+# ---------------------------------------------------------------------------------------------
+
+def test_background_normalisation():
+    """normalise_images(background=True): mean 0 and sample std 1 of the pixels OUTSIDE the
+    radius (SPHIRE's infomask(img, circle, False)), whatever the particle inside; the inside
+    statistics (background=False) depend on the particle's own signal."""
+    from sort3ddepth.engine.preprocess import normalise_images
+    rng = np.random.default_rng(4)
+    box, radius = 32, 12
+    c = np.arange(box) - box // 2
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    inside = r2 <= radius ** 2
+    noise = rng.normal(3.0, 2.0, (box, box))
+    blob = np.exp(-r2 / 40.0) * (r2 <= 10 ** 2)          # the particle: inside the radius
+    imgs = np.stack([noise + 5 * blob, noise + 50 * blob]).astype(np.float32)
+    bg = normalise_images(imgs, radius, background=True)
+    out = bg[:, ~inside].astype(np.float64)
+    np.testing.assert_allclose(out.mean(1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(1, ddof=1), 1.0, rtol=1e-5)
+    # the same background gives the same normalised background, whatever the particle
+    np.testing.assert_allclose(bg[0][~inside], bg[1][~inside], atol=1e-4)
+    ins = normalise_images(imgs, radius)
+    np.testing.assert_allclose(ins[:, inside].mean(1), 0.0, atol=1e-5)
+    assert np.abs(ins[0][~inside] - ins[1][~inside]).max() > 0.5
+    # stack mode's default is unchanged (inside the circle)
+    np.testing.assert_array_equal(normalise_images(imgs, radius, background=False), ins)
+
+
+def test_meridien_mode_normalises_on_the_background_with_the_norm_factors(dataset, monkeypatch):
+    """The comparison images of meridien mode are the background-normalised images, centred,
+    times avgvaradj[half set] / norm (the scale meridien's norms refer to), soft-masked; the
+    smeared slices are made from the same background-normalised images; final maps too."""
+    from sort3ddepth.engine import preprocess, sorter
+    from sort3ddepth.engine.preprocess import comparison_images, normalise_images
+    ref = read_meridien(dataset.refine)
+    calls = []
+
+    def spy(images, radius, background=False):
+        calls.append((radius, background))
+        return normalise_images(images, radius, background=background)
+    monkeypatch.setattr(preprocess, "normalise_images", spy)
+    d = prepare_meridien(ref, Comm(), _opts(), log=lambda *a: None)
+    assert calls == [(ref.radius, True)]
+    p = ref.particles
+    sel = np.arange(6)
+    f = fourier.images_to_fourier(normalise_images(p.load_images(sel), ref.radius,
+                                                   background=True))
+    np.testing.assert_allclose(d.rec_f[sel], fourier.crop_fourier_images(f, d.nx),
+                               rtol=1e-5, atol=1e-5)
+    comp = fourier.crop_fourier_images(fourier.shift_images(f, p.shifts[sel]), d.nx)
+    comp *= ref.norm_factors[sel].astype(np.float32)[:, None, None]
+    want = comparison_images(comp, p.rotations[sel], ref.radius * d.nx / p.box)
+    np.testing.assert_allclose(d.comp_f[sel], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ref.norm_factors, np.asarray(dataset.info["avgvaradj"])[
+        dataset.info["half_set"]] / dataset.ps.norm, rtol=1e-5)
+    # final maps (sorter.final_maps): background normalisation at meridien's radius
+    calls.clear()
+    monkeypatch.setattr(sorter, "normalise_images", spy)
+    labels = dataset.ps.class_label
+    clusters = [np.flatnonzero(labels == 0)[:60], np.flatnonzero(labels == 1)[:60]]
+    sorter.final_maps(p, clusters, Comm(), np.random.default_rng(0), None, lambda *a: None,
+                      meridien=ref)
+    assert calls == [(ref.radius, True)]
