@@ -124,7 +124,9 @@ def format_table(rows, n_total):
         tag = "   (unaccounted)" if r["unaccounted"] else ""
         acc += 0 if r["unaccounted"] else r["particles"]
         lines.append(f"{r['group'] + 1:>5} {r['particles']:>9} {r['pct_true']:>9.1f}% "
-                     f"{r['true_class']:>10} {r['fsc_0.143']:>22.1f}{tag}")
+                     f"{r['true_class']:>10} "
+                     f"{'-' if r['fsc_0.143'] != r['fsc_0.143'] else format(r['fsc_0.143'], '.1f'):>22}"
+                     f"{tag}")
     lines.append(f"accounted {acc} of {n_total} ({100.0 * acc / max(n_total, 1):.1f} %)")
     return "\n".join(lines)
 
