@@ -160,9 +160,7 @@ def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print):
     coefs = ctf_coefficients(particles.ctf.subset(idx), fsc_box, particles.pixel_size * box / fsc_box)
     memb = np.zeros((len(idx), 2))
     memb[np.arange(len(idx)), rng_halves[idx]] = 1.0
-    data, w = fourier.backproject(f, particles.rotations[idx], memb, coefs, pad=2)
-    comm.allreduce_sum(data)
-    comm.allreduce_sum(w)
+    data, w = fourier.backproject(f, particles.rotations[idx], memb, coefs, pad=2, comm=comm)
     halves = reconstruct(data, w, fsc_box)
     mask = soft_sphere_mask(fsc_box, fsc_box // 2 - 3, edge=3)
     curve = fsc(halves[0] * mask, halves[1] * mask)
