@@ -453,15 +453,22 @@ class FixedPointSums:
             comm.allreduce_sum(self.data)
             comm.allreduce_sum(self.weights)
         acc, shape = self.data, self.weights.shape
-        inv_d, inv_w = 1.0 / self.data_scale, 1.0 / self.weight_scale
         flt = acc.view(np.float64)
         w = np.empty(shape, np.float32)
-        for k in range(shape[0]):
-            for z in range(shape[1]):        # plane by plane: small temporaries
-                flt[k, z] = acc[k, z] * inv_d
-                w[k, z] = self.weights[k, z] * inv_w
+        _from_fixed(acc.reshape(-1), flt.reshape(-1), 1.0 / self.data_scale,
+                    self.weights.reshape(-1), w.reshape(-1), 1.0 / self.weight_scale)
         self.weights = None
         return flt.view(np.complex128).reshape(shape), w
+
+
+@njit(parallel=True, cache=True)
+def _from_fixed(acc, flt, inv_d, wacc, w, inv_w):
+    """flt[i] = acc[i] / scale IN PLACE (flt is acc's memory seen as float64: each element is
+    read before it is written); w[i] = wacc[i] / weight scale as float32."""
+    for i in prange(acc.shape[0]):
+        flt[i] = acc[i] * inv_d
+    for i in prange(wacc.shape[0]):
+        w[i] = np.float32(wacc[i] * inv_w)
 
 
 # ----------------------------------------------------------------------------------------------
