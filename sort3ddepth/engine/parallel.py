@@ -38,7 +38,8 @@ def fixed_point_scale(bound, n_terms):
         raise ValueError(f"fixed-point sums: the terms are not finite (bound {bound})")
     if bound <= 0.0:
         return 1.0               # every term is 0
-    return float(np.ldexp(1.0, int(np.floor(FIXED_POINT_BITS - np.log2(n_terms * bound)))))
+    exponent = int(np.floor(FIXED_POINT_BITS - np.log2(n_terms * bound)))
+    return float(np.ldexp(1.0, min(exponent, 960)))   # terms below ~1e-270: no overflow of x * s
 
 
 def to_fixed(values, scale):
