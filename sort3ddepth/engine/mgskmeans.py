@@ -87,18 +87,16 @@ class ClusterMaps:
             memb = memb * (d.half[d.lo + loc] == half)[:, None]
         used = np.nonzero(np.any(memb != 0, axis=1))[0]
         grid = self._npad(self.grid)
+        # the sums over ranks are exact (fixed point): the same bits for any split over ranks,
+        # and a sum patched with label differences is what the patched-in sums add up to
         if d.smears is not None:     # meridien: every smear entry of a member is one slice
-            data, w = d.smears.backproject(loc[used], memb[used], memb.shape[1],
-                                           self._npad(d.nx), rmax, d.shell_weights, grid=grid)
-        else:
-            data, w = fourier.backproject(d.rec_f, d.rots[loc[used]],
-                                          np.ascontiguousarray(memb[used], np.float64),
-                                          d.ctf_coefs, pad=self.pad, rmax=rmax,
-                                          shell_weights=d.shell_weights, image_index=loc[used],
-                                          grid=grid)
-        self.comm.allreduce_sum(data)
-        self.comm.allreduce_sum(w)
-        return data, w
+            return d.smears.backproject(loc[used], memb[used], memb.shape[1], self._npad(d.nx),
+                                        rmax, d.shell_weights, grid=grid, comm=self.comm)
+        return fourier.backproject(d.rec_f, d.rots[loc[used]],
+                                   np.ascontiguousarray(memb[used], np.float64),
+                                   d.ctf_coefs, pad=self.pad, rmax=rmax,
+                                   shell_weights=d.shell_weights, image_index=loc[used],
+                                   grid=grid, comm=self.comm)
 
     def maps_from(self, data, w, group_size):
         """Maps (K, grid, grid, grid) from Fourier sums, Wiener-regularised with the FSC expected

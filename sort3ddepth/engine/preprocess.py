@@ -128,35 +128,33 @@ def normalise_images(images, radius, background=False):
     return ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
 
 
-def noise_shell_weights(images, radius, nx, box):
-    """Inverse background power per frequency shell at the sorting size, from the image area
-    outside the particle circle (1 everywhere when that area is too small to measure)."""
-    nshell = nx // 2 + 2
-    if radius >= box / 2 - 3 or images.shape[0] == 0:
+NOISE_SAMPLE = 2000     # about this many particles (every n // 2000-th) measure the noise power
+
+
+def noise_power_rows(images, radius, box, nshell):
+    """(n, nshell) background power per Fourier shell of each image (mean over the shell's
+    pixels), from the image area outside the particle circle; None when that area is too small
+    to measure (then no noise weighting). Each row depends on its own image only (the same bits
+    in any batch), so the rows can be summed exactly over ranks (Comm.exact_sum)."""
+    if radius >= box / 2 - 3:
         return None
     c = np.arange(box) - box // 2
     outside = ((c[:, None] ** 2 + c[None, :] ** 2) > (radius + 2) ** 2).astype(np.float32)
-    sel = images[: min(len(images), 2000)] * outside
-    f = np.abs(np.fft.rfft2(sel)) ** 2
-    f = f.mean(axis=0) / outside.mean()
     ky, kx = fourier.frequency_grid(box)
-    shell = np.rint(np.sqrt(kx ** 2 + ky ** 2)).astype(int)
-    power = np.bincount(shell.ravel(), f.ravel())[:nshell] / np.maximum(
-        np.bincount(shell.ravel())[:nshell], 1)
-    return power, np.bincount(shell.ravel())[:nshell]
-
-
-def _local_noise_power(images, radius, nx, box):
-    out = noise_shell_weights(images, radius, nx, box)
-    nshell = nx // 2 + 2
-    if out is None:
-        return np.zeros(nshell), np.zeros(nshell)
-    power, counts = out
-    p = np.zeros(nshell)
-    c = np.zeros(nshell)
-    p[:power.size] = power * len(images)
-    c[:power.size] = len(images)
-    return p, c
+    shell = np.rint(np.sqrt(kx ** 2 + ky ** 2)).astype(np.int64).ravel()
+    nb = int(shell.max()) + 1
+    counts = np.maximum(np.bincount(shell, minlength=nb), 1)
+    out = np.zeros((len(images), nshell))
+    for start in range(0, len(images), 256):
+        f = np.abs(np.fft.rfft2(images[start:start + 256] * outside)) ** 2 / outside.mean()
+        m = f.shape[0]
+        # per image and shell, the pixels are added in grid order (bincount): no batch effect
+        key = (np.arange(m)[:, None] * nb + shell[None, :]).ravel()
+        sums = np.bincount(key, f.reshape(m, -1).ravel(), minlength=m * nb).reshape(m, nb)
+        power = sums / counts
+        w = min(nshell, nb)
+        out[start:start + m, :w] = power[:, :w]
+    return out
 
 
 def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print):
@@ -173,9 +171,7 @@ def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print):
     coefs = ctf_coefficients(particles.ctf.subset(idx), fsc_box, particles.pixel_size * box / fsc_box)
     memb = np.zeros((len(idx), 2))
     memb[np.arange(len(idx)), rng_halves[idx]] = 1.0
-    data, w = fourier.backproject(f, particles.rotations[idx], memb, coefs, pad=2)
-    comm.allreduce_sum(data)
-    comm.allreduce_sum(w)
+    data, w = fourier.backproject(f, particles.rotations[idx], memb, coefs, pad=2, comm=comm)
     halves = reconstruct(data, w, fsc_box)
     mask = soft_sphere_mask(fsc_box, fsc_box // 2 - 3, edge=3)
     curve = fsc(halves[0] * mask, halves[1] * mask)
@@ -213,7 +209,11 @@ def prepare(particles, comm, opts, rng, log=print):
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     imgs = normalise_images(particles.load_images(idx), radius)
-    p_loc, c_loc = _local_noise_power(imgs, radius, nx, box)
+    # background noise power from a fixed set of particles (every stride-th index), summed
+    # exactly: the same weights for any split over ranks
+    stride = max(1, -(-n // NOISE_SAMPLE))
+    pick = np.nonzero(idx % stride == 0)[0]
+    noise_rows = noise_power_rows(imgs[pick], radius, box, nx // 2 + 2)
     f = fourier.images_to_fourier(imgs)
     del imgs
     f = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), nx)
@@ -223,11 +223,9 @@ def prepare(particles, comm, opts, rng, log=print):
     comp_f = comparison_images(f, rots, r_nx, opts.focus_map)
 
     # background noise weights, one row for the stack (SPHIRE has one per particle group)
-    p_all = comm.allreduce_sum(p_loc)
-    c_all = comm.allreduce_sum(c_loc)
     shell_w = np.ones((1, nx // 2 + 2))
-    if opts.apply_noise and c_all.max() > 0:
-        power = p_all / np.maximum(c_all, 1)
+    if opts.apply_noise and noise_rows is not None:
+        power = comm.exact_sum(noise_rows) / len(range(0, n, stride))
         # the box is cropped to nx: shell k of nx is shell k of the original grid
         valid = power[1:] > 0
         if valid.any():

@@ -12,11 +12,11 @@ budget: a rank precomputes the first ``n_precomputed`` of its entries and builds
 fly. Both paths give BIT-IDENTICAL sums (so identical clusters for a seed):
 * a slice is built by one numba kernel, entry by entry, from the same unshifted image and shift
   (no dependence on which batch it is built in), and
-* every voxel is summed in entry order whatever the chunking: the back-projection kernel of
-  fourier.py adds into the accumulators it is given, map by map in entry order, so one call over
-  all entries equals successive calls over consecutive chunks. (fourier.backproject allocates new
-  accumulators per call, so ``_insert_into`` below drives its kernel directly; fourier.py itself
-  is unchanged.)
+* the back-projection kernel of fourier.py adds into fixed-point accumulators
+  (fourier.FixedPointSums) it is given, so successive calls over consecutive chunks sum exactly
+  what one call over all entries would, and the sum over MPI ranks is exact as well.
+  (fourier.backproject allocates new accumulators per call, so ``_insert_into`` below drives its
+  kernel directly.)
 """
 from dataclasses import dataclass
 
@@ -65,10 +65,10 @@ def shifted_slices(base, parent, shift):
     return out
 
 
-def _insert_into(data, wts, imgs, img_index, rots, memb, coefs, shell_w, groups, rmax, scale):
-    """Add the back-projection of entries (rows of memb) into the accumulators data/wts
-    (K, Np, Np, Np//2+1), exactly as fourier.backproject builds them (same kernel, same order);
-    scale: padded-grid units per image frequency (Np / box unless the grid is cropped)."""
+def _insert_into(sums, imgs, img_index, rots, memb, coefs, shell_w, groups, rmax, scale):
+    """Add the back-projection of entries (rows of memb) into the fixed-point accumulators
+    ``sums`` (fourier.FixedPointSums of K maps), exactly as fourier.backproject builds them (same
+    kernel); scale: padded-grid units per image frequency (Np / box unless the grid is cropped)."""
     k = memb.shape[1]
     box = imgs.shape[1]
     cols, rows = np.nonzero(memb.T)
@@ -84,7 +84,7 @@ def _insert_into(data, wts, imgs, img_index, rots, memb, coefs, shell_w, groups,
                                 np.ascontiguousarray(img_index, np.int64),
                                 np.ascontiguousarray(rots, np.float64), coefs_c, use_ctf, mptr,
                                 ment, mwt, n_slabs, sw, g, float(scale), *table,
-                                data, wts)
+                                sums.data_scale, sums.weight_scale, sums.data, sums.weights)
 
 
 @dataclass
@@ -134,6 +134,8 @@ class LocalSmears:
     def entries_of(self, positions):
         """(entry indices, row of each entry in ``positions``) for sorted local positions."""
         positions = np.asarray(positions, np.int64)
+        if positions.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         cnt = self.offsets[positions + 1] - self.offsets[positions]
         start = np.concatenate([[0], np.cumsum(cnt)])[:-1]
         ent = np.repeat(self.offsets[positions] - start, cnt) + np.arange(cnt.sum(),
@@ -141,31 +143,44 @@ class LocalSmears:
         return ent, np.repeat(np.arange(len(positions)), cnt)
 
     def backproject(self, positions, memberships, n_maps, npad, rmax, shell_w,
-                    chunk=CHUNK_ENTRIES, grid=None):
+                    chunk=CHUNK_ENTRIES, grid=None, comm=None):
         """Fourier sums (data, weights) of ``n_maps`` maps on the padded grid of ``npad``
         (as fourier.backproject) from the entries of the particles at local ``positions``
         (sorted), particle i weighted by memberships[row of i]. grid: a smaller grid with the
-        same spacing (fourier.backproject)."""
+        same spacing (fourier.backproject). comm: sum over all ranks' particles, as
+        fourier.backproject (every rank must call, with or without positions)."""
         scale = npad / self.base.shape[1]
         npad = npad if grid is None else int(grid)
         shape = (n_maps, npad, npad, npad // 2 + 1)
-        data = np.zeros(shape, np.complex128)
-        wts = np.zeros(shape, np.float32)
-        if len(positions) == 0:
-            return data, wts
         ent, row = self.entries_of(positions)
-        memb = np.asarray(memberships, np.float64)[row] * self.weight[ent][:, None]
+        memb = np.asarray(memberships, np.float64).reshape(-1, n_maps)[row] \
+            * self.weight[ent][:, None]
+        # fixed-point bounds per (entry, map) pair: a slice is its base image times a unit
+        # phasor, so each part is at most sqrt(2) (plus rounding) times the base's largest part
+        e_of, m_of = np.nonzero(memb)
+        sw = np.atleast_2d(np.asarray(shell_w, np.float64)) if shell_w is not None \
+            else np.ones((1, 1))
+        sums = fourier.FixedPointSums.for_entries(
+            shape, 2.0 * self.base_max()[self.parent[ent[e_of]]], memb[e_of, m_of],
+            self.coefs[ent[e_of]], True, np.abs(sw).max(axis=1)[self.groups[ent[e_of]]],
+            scale, self.base.shape[1], comm)
         # precomputed entries first (a prefix: ent is increasing), then on-the-fly chunks
         j = int(np.searchsorted(ent, self.n_precomputed))
         if j:
-            _insert_into(data, wts, self.slices, ent[:j], self.rotation[ent[:j]], memb[:j],
+            _insert_into(sums, self.slices, ent[:j], self.rotation[ent[:j]], memb[:j],
                          self.coefs, shell_w, self.groups, rmax, scale)
         for a in range(j, len(ent), chunk):
             e = ent[a:a + chunk]
             imgs = shifted_slices(self.base, self.parent[e], self.shift[e])
-            _insert_into(data, wts, imgs, np.arange(len(e)), self.rotation[e], memb[a:a + chunk],
+            _insert_into(sums, imgs, np.arange(len(e)), self.rotation[e], memb[a:a + chunk],
                          self.coefs[e], shell_w, self.groups[e], rmax, scale)
-        return data, wts
+        return sums.finish(comm)
+
+    def base_max(self):
+        """(n_local,) largest real or imaginary part of each base image (computed once)."""
+        if getattr(self, "_base_max", None) is None:
+            self._base_max = fourier.component_max(self.base)
+        return self._base_max
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,16 +75,15 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
         if meridien is None:
             f = fourier.shift_images(f, particles.shifts[sel])
-            data, w = fourier.backproject(f, particles.rotations[sel], memb, coefs, pad=pad)
+            data, w = fourier.backproject(f, particles.rotations[sel], memb, coefs, pad=pad,
+                                          comm=comm)
         else:
             groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
             sm = LocalSmears.build(meridien.smears.subset(sel), f, box, norm_factors[sel], coefs,
                                    groups, n_precompute=0)
             data, w = sm.backproject(np.arange(len(sel)), memb, memb.shape[1],
                                      fourier.padded_size(box, pad), None,
-                                     shell_w)
-        comm.allreduce_sum(data)
-        comm.allreduce_sum(w)
+                                     shell_w, comm=comm)
         for j in range(len(batch)):
             h = reconstruct(data[2 * j:2 * j + 2], w[2 * j:2 * j + 2], box, symmetry=sym)
             curve = fsc(h[0] * mask, h[1] * mask)
