@@ -67,15 +67,6 @@ def reference(data):
     return out
 
 
-def test_three_ranks_give_identical_files(data, reference):
-    folder, star = data
-    out = folder / "np3"
-    res = run_engine(sort_args(star, out), folder, nproc=3)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "3 MPI rank(s)" in (out / "log.txt").read_text()
-    assert result_files(out) == result_files(reference)
-
-
 def _run_until(cmd, cwd, log, pattern, timeout=600):
     """Start the engine and SIGKILL it as soon as `pattern` appears in its new log lines.
     Returns True when it was killed (False: it ended first)."""
