@@ -4,7 +4,7 @@ defaults), plus --seed. Runs under `mpirun -np N sort3d-depth ...` or as one pro
 Every input problem ends with one line "sort3d-depth: error: ..." naming the option or file,
 exit status 2, and no result files.
 """
-import argparse
+import dataclasses
 import os
 import platform
 import shlex
@@ -15,61 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .membership import DEFAULT_MIN_PURITY
+from .options import DataSummary, SortOptions, build_parser, validate  # noqa: F401
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog="sort3d-depth",
-        description="Reproducible 3D clustering (SORT3D_DEPTH) of particles whose orientations "
-                    "and CTF are known; the orientations are not changed.")
-    a = p.add_argument
-    a("--refinement_dir", default="", help="meridien 3D refinement directory (meridien mode)")
-    a("--instack", default="", help="input particles: a RELION STAR file (stack mode); with "
-      "--refinement_dir, optionally the refinement's particle stack (.hdf or STAR) when "
-      "constants.stack cannot be found")
-    a("--output_dir", default="", help="output directory (default sort3d_DATE_TIME)")
-    a("--niter_for_sorting", type=int, default=-1,
-      help="meridien iteration to import (-1: the best one); meridien mode only")
-    a("--nxinit", type=int, default=-1, help="sorting image size (-1: chosen from the FSC)")
-    a("--mask3D", default="", help="3D mask used in the comparison")
-    a("--focus", default="", help="binary 3D mask for focused clustering")
-    a("--radius", type=int, default=-1, help="particle radius in pixels (-1: box/2 - 2)")
-    a("--sym", default="c1", help="point-group symmetry (c<n>, d<n>, t, o, i)")
-    a("--img_per_grp", type=int, default=-1,
-      help="expected group size; default -1 = search mode (the number of groups is found)")
-    a("--nstep", type=int, default=5, help="steps to decrease the minimum group size")
-    a("--memory_per_node", type=float, default=-1.0, help="memory per node in GB")
-    a("--overhead", type=float, default=5.0, help="overhead memory per node in GB")
-    a("--depth_order", type=int, default=2,
-      help="2^depth_order initial independent MGSK-means boxes")
-    a("--orientation_groups", type=int, default=20,
-      help="orientation groups per asymmetric unit")
-    a("--not_include_unaccounted", action="store_true",
-      help="do not output the unaccounted images as a last cluster")
-    a("--nsmear", type=float, default=-1,
-      help="smears per particle (meridien mode; -1 = all). n >= 1 keeps each particle's n most "
-           "probable entries, rescaled to its stored total, in the sorting AND the final maps "
-           "(SPHIRE 1.4.2: any n > 0 = the best entry only, unrescaled, final maps only)")
-    a("--shift_rounding", choices=("even", "away"), default="even",
-      help="meridien mode: rounding of the previous shifts to meridien's integer pre-shift: "
-           "even = Python 3 round (SPHIRE >= 1.4, default), away = Python 2 (SPHIRE <= 1.3)")
-    a("--notapplybckgnoise", action="store_true", help="turn off background-noise weighting")
-    a("--check_smearing", action="store_true", help="log the smearing of the refinement")
-    a("--num_core_set", type=int, default=-1,
-      help="reconstruct the unaccounted core set only with at least this many images")
-    a("--compute_on_the_fly", action="store_true", help="compute smeared slices on the fly")
-    a("--use_umat", action="store_true", help="fuzzy membership in the maps")
-    a("--not_freeze_groups", action="store_true",
-      help="remove small groups during within-box comparison (general mode)")
-    a("--min_purity", type=float, default=DEFAULT_MIN_PURITY,
-      help="estimated purity target per cluster (0.5-1): members enter a cluster in decreasing "
-           "posterior while the mean posterior of its members stays at or above this; the rest "
-           "is unaccounted (not in SPHIRE)")
-    a("--seed", type=int, default=None, help="random seed (default: drawn and logged)")
-    a("--force", action="store_true",
-      help="discard the results of an earlier run in --output_dir instead of resuming it")
-    return p
+def parse_options(argv=None):
+    """The command line (sys.argv without argv) as SortOptions."""
+    return SortOptions.from_argv(argv)
 
 
 class UserError(Exception):
@@ -103,97 +54,85 @@ def _read_map(path, option, box):
     return vol
 
 
-def validate(args, n_particles=None, box=None):
-    """Checks that need no data (n_particles None) or the particle count and box."""
-    from .symmetry import parse_symmetry
-    if not args.instack and not args.refinement_dir:
-        raise UserError("give --instack (stack mode) or --refinement_dir (meridien mode; "
-                        "--instack may then name the particle stack, .hdf or STAR)")
-    if args.refinement_dir:
-        if not os.path.isdir(args.refinement_dir):
-            raise UserError(f"--refinement_dir {args.refinement_dir}: meridien refinement folder "
-                            f"does not exist")
-        if args.niter_for_sorting != -1 and args.niter_for_sorting < 1:
-            raise UserError(f"--niter_for_sorting {args.niter_for_sorting}: must be -1 (the best "
-                            f"iteration) or >= 1")
-        if args.nsmear != -1 and (args.nsmear < 1 or args.nsmear != int(args.nsmear)):
-            raise UserError(f"--nsmear {args.nsmear:g}: must be -1 (all smears) or a whole "
-                            f"number >= 1")
-    try:
-        parse_symmetry(args.sym)
-    except ValueError as e:
-        raise UserError(f"--sym: {e}")
-    if args.depth_order < 1:
-        raise UserError(f"--depth_order {args.depth_order}: must be at least 1")
-    if args.nstep < 1:
-        raise UserError(f"--nstep {args.nstep}: must be at least 1")
-    if args.overhead < 0:
-        raise UserError(f"--overhead {args.overhead}: must be >= 0 GB")
-    if args.orientation_groups < 1:
-        raise UserError(f"--orientation_groups {args.orientation_groups}: must be at least 1")
-    if not 0.5 <= args.min_purity <= 1.0:
-        raise UserError(f"--min_purity {args.min_purity:g}: must be between 0.5 and 1")
-    if args.img_per_grp != -1 and args.img_per_grp <= 1:
-        raise UserError(f"--img_per_grp {args.img_per_grp}: must be > 1 (or -1 for search mode)")
-    if n_particles is not None:
-        if n_particles < 2:
-            what = (f"--refinement_dir {args.refinement_dir}" if args.refinement_dir
-                    else f"--instack {args.instack}")
-            raise UserError(f"{what}: {n_particles} particle(s); need more")
-        if args.img_per_grp > 1:
-            if args.img_per_grp > n_particles:
-                raise UserError(f"--img_per_grp {args.img_per_grp} is larger than the number of "
-                                f"particles ({n_particles})")
-            k = n_particles // args.img_per_grp
-            if k < 2:
-                raise UserError(f"--img_per_grp {args.img_per_grp}: gives {k} group for "
-                                f"{n_particles} particles; need at least 2")
-            if k >= 30:
-                raise UserError(f"--img_per_grp {args.img_per_grp} is too small: {k} groups "
-                                f"(at most 29)")
-        if args.radius >= box // 2 or (args.radius > 0 and 2 * args.radius + 2 > box):
-            raise UserError(f"--radius {args.radius}: must be smaller than half the box "
-                            f"({box} px images: at most {(box - 2) // 2})")
-        if args.nxinit > box:
-            raise UserError(f"--nxinit {args.nxinit}: larger than the image size {box}")
+def _check(options, data=None):
+    """UserError listing every problem of the options (validate), one line each."""
+    problems = validate(options, data)
+    if problems:
+        raise UserError("\n".join(problems))
 
 
-def _read_meridien_input(args, comm, log):
+def _read_meridien_input(options, comm, log):
     """Meridien mode, phase 2: read the refinement (errors name the bad file), check the options
-    against it, the memory (stack-mode estimate plus the precomputed smeared slices, see
-    smearing.memory_plan) and set args.meridien and args.smear_precompute. Returns the
-    particles."""
-    from .meridien import read_meridien
+    against it and the memory (stack-mode estimate plus the precomputed smeared slices, see
+    smearing.memory_plan). Returns (particles, refinement, smeared slices to precompute)."""
     from .memory import check as memory_check
+    from .meridien import read_meridien
     from .preprocess import choose_sorting_size, meridien_fsc
     from .smearing import memory_plan
-    from .sorter import _group_size_settings
-    ref = read_meridien(args.refinement_dir, args.niter_for_sorting,
-                        stack=args.instack or None, radius=args.radius, sym=args.sym,
-                        mask3d=args.mask3D or None, nsmear=int(args.nsmear),
-                        require_bckgnoise=not args.notapplybckgnoise,
-                        shift_rounding=getattr(args, "shift_rounding", "even"))
+
+    o = options
+    ref = read_meridien(o.refinement_dir, o.niter_for_sorting, stack=o.instack or None,
+                        radius=o.radius, sym=o.sym, mask3d=o.mask3D or None,
+                        nsmear=int(o.nsmear), require_bckgnoise=not o.notapplybckgnoise,
+                        shift_rounding=o.shift_rounding)
     particles = ref.particles
     n, box = len(particles), particles.box
-    validate(args, n, box)
+    _check(o, DataSummary(n, box))
     log(f"meridien refinement {ref.folder}: iteration {ref.iteration}, {n} particles, "
         f"symmetry {ref.symmetry}, radius {ref.radius} px, mask {ref.mask3d or 'none'}, "
         f"images and CTF from {ref.stack_path}")
-    problem = memory_check(n, box, comm.size, args.memory_per_node, args.overhead, args.nxinit,
-                           log)
+    problem = memory_check(n, box, comm.size, o.memory_per_node, o.overhead, o.nxinit, log)
     if problem:
         raise UserError(problem)
-    k_guess = _group_size_settings(args, n)[1]
-    nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, args.nxinit)[0]
-    n_pre, problem, lines = memory_plan(ref.smears, n, box, nx, comm.size, args.memory_per_node,
-                                        args.overhead, args.compute_on_the_fly)
+    k_guess = o.group_sizes(n)[1]
+    nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, o.nxinit)[0]
+    n_pre, problem, lines = memory_plan(ref.smears, n, box, nx, comm.size, o.memory_per_node,
+                                        o.overhead, o.compute_on_the_fly)
     for line in lines:
         log(line)
     if problem:
         raise UserError(problem)
-    args.meridien = ref
-    args.smear_precompute = n_pre
+    return particles, ref, n_pre
+
+
+def _read_stack_input(options, comm, log):
+    """Stack mode, phase 2: read the STAR file and its stacks, check the options against them
+    and the memory. Returns the particles."""
+    from .eman2_hdf import is_hdf5
+    from .memory import check as memory_check
+    from .star_io import check_unique_images, read_star
+
+    o = options
+    if o.instack.startswith("bdb:") or is_hdf5(o.instack):
+        raise UserError(f"--instack {o.instack}: stack mode reads a RELION STAR file "
+                        f"(orientations and CTF); an EMAN2 .hdf stack is read only with "
+                        f"--refinement_dir (meridien mode), a bdb: stack not at all")
+    particles = read_star(o.instack)
+    check_unique_images(particles)
+    _check(o, DataSummary(len(particles), particles.box))
+    problem = memory_check(len(particles), particles.box, comm.size, o.memory_per_node,
+                           o.overhead, o.nxinit, log)
+    if problem:
+        raise UserError(problem)
     return particles
+
+
+def _read_input(options, comm, log):
+    """Phase 2: the particles and the options completed with what the input gives (the
+    refinement, the masks, the initial number of groups)."""
+    ref, n_pre = None, None
+    if options.refinement_dir:
+        particles, ref, n_pre = _read_meridien_input(options, comm, log)
+        mask3d = ref.mask3d
+    else:
+        particles = _read_stack_input(options, comm, log)
+        mask3d = options.mask3D
+    box = particles.box
+    mask_map = _read_map(mask3d, "--mask3D", box) if mask3d else None
+    focus_map = _read_map(options.focus, "--focus", box) if options.focus else None
+    options = options.for_input(n_particles=len(particles), meridien=ref, mask_map=mask_map,
+                                focus_map=focus_map, smear_precompute=n_pre)
+    return particles, options
 
 
 def _versions():
@@ -212,20 +151,9 @@ def _set_threads(comm):
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-OPTIONS_FILE = "run_options.json"   # the options of the run in a folder (and its seed)
+OPTIONS_FILE = "run_options.json"  # the options of the run in a folder (and its seed)
 RESULT_FILES = ("summary.json", "Core_set.txt", "volume_core.mrc", "anova.txt", "Cluster_*.txt",
                 "Cluster_*.star", "vol_cluster*.mrc", "generation_*", "checkpoints", OPTIONS_FILE)
-# options that may differ between a run and its resumption
-_NOT_COMPARED = {"output_dir", "seed", "force"}
-
-
-def _options_record(args):
-    names = vars(build_parser().parse_args([]))
-    rec = {k: getattr(args, k) for k in names if k not in _NOT_COMPARED}
-    for k in ("instack", "refinement_dir", "mask3D", "focus"):
-        if rec.get(k):
-            rec[k] = os.path.abspath(rec[k])
-    return rec
 
 
 def _remove_results(out):
@@ -236,65 +164,81 @@ def _remove_results(out):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _prepare_output(args, comm):
-    """Create or check the output folder (root decides, the verdict is broadcast, so a late rank
-    never finds the log the root just wrote). Returns (folder, state) with state "new",
-    "resume" (same options as the earlier run there) or "finished" (that run had ended)."""
+def _earlier_run(out, options):
+    """What an earlier run in `out` means for this one: (problem, state, seed), state "new",
+    "resume" (same options) or "finished" (that run had ended); seed: that run's."""
     import json
-    out = Path(comm.bcast(args.output_dir or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S")))
+
+    options_file = out / OPTIONS_FILE
+    if out.exists() and not out.is_dir():
+        return f"--output_dir {out}: exists and is not a directory", "new", None
+    if options_file.exists() and not options.force:
+        try:
+            old = json.loads(options_file.read_text())
+        except ValueError:
+            return (f"--output_dir {out}: {OPTIONS_FILE} is unreadable; use --force to start "
+                    f"again"), "new", None
+        now = options.record()
+        then = dict(old["options"], seed=old["seed"])
+        now["seed"] = then["seed"] if options.seed is None else options.seed
+        diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if diff:
+            what = ", ".join(f"--{k} {then.get(k)!r} there, {now.get(k)!r} here"
+                             for k in diff[:3])
+            return (f"--output_dir {out} holds a run made with other options ({what}); choose "
+                    f"another folder, or add --force to discard that run"), "new", None
+        state = "finished" if (out / "summary.json").exists() else "resume"
+        return None, state, old["seed"]
+    if (out / "summary.json").exists() and not options.force:
+        return f"--output_dir {out}: already holds a sorting run; choose another folder", "new", None
+    return None, "new", None
+
+
+def _make_writable(out, force):
+    """Create the folder (--force: empty it of our results first); a problem or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if force:
+            _remove_results(out)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"--output_dir {out}: not writable ({e.strerror})"
+    return None
+
+
+def _prepare_output(options, comm):
+    """Create or check the output folder (root decides, the verdict is broadcast, so a late rank
+    never finds the log the root just wrote). Returns (folder, state, seed of the earlier run or
+    None), state as in _earlier_run."""
+    out = Path(comm.bcast(options.output_dir or time.strftime("sort3d_%d_%b_%Y_%H_%M_%S")))
     problem, state, seed = None, "new", None
     if comm.is_root:
-        options = out / OPTIONS_FILE
-        if out.exists() and not out.is_dir():
-            problem = f"--output_dir {out}: exists and is not a directory"
-        elif options.exists() and not args.force:
-            try:
-                old = json.loads(options.read_text())
-            except ValueError:
-                old = None
-            if old is None:
-                problem = f"--output_dir {out}: {OPTIONS_FILE} is unreadable; use --force to start again"
-            else:
-                now = _options_record(args)
-                then = dict(old["options"], seed=old["seed"])
-                now["seed"] = then["seed"] if args.seed is None else args.seed
-                diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
-                if diff:
-                    problem = (f"--output_dir {out} holds a run made with other options ("
-                               + ", ".join(f"--{k} {then.get(k)!r} there, {now.get(k)!r} here"
-                                           for k in diff[:3])
-                               + "); choose another folder, or add --force to discard that run")
-                else:
-                    seed = old["seed"]
-                    state = "finished" if (out / "summary.json").exists() else "resume"
-        elif (out / "summary.json").exists() and not args.force:
-            problem = f"--output_dir {out}: already holds a sorting run; choose another folder"
+        problem, state, seed = _earlier_run(out, options)
         if problem is None:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                if args.force:
-                    _remove_results(out)
-                probe = out / ".write_test"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                problem = f"--output_dir {out}: not writable ({e.strerror})"
+            problem = _make_writable(out, options.force)
     problem, state, seed = comm.bcast((problem, state, seed))
     if problem:
         raise UserError(problem)
-    if seed is not None:
-        args.seed = seed
-    return out, state
+    return out, state, seed
 
 
-def _write_options(out, args):
+def _write_options(out, options):
     from .output import write_json
-    write_json(out / OPTIONS_FILE, {"options": _options_record(args), "seed": args.seed})
+
+    write_json(out / OPTIONS_FILE, {"options": options.record(), "seed": options.seed})
+
+
+def _error_lines(msg, who=""):
+    """One "sort3d-depth: error: ..." line per problem (an internal error: one block)."""
+    lines = [msg] if msg.startswith("internal error") else msg.splitlines()
+    return [f"sort3d-depth: error{who}: {line}" for line in lines]
 
 
 def _report_error(msg, out, who=""):
     """An error on one rank: say it on stderr and in log.txt (any rank may append there)."""
-    print(f"sort3d-depth: error{who}: {msg}", file=sys.stderr, flush=True)
+    print("\n".join(_error_lines(msg, who)), file=sys.stderr, flush=True)
     if out is not None:
         try:
             with open(Path(out) / "log.txt", "a") as f:
@@ -303,98 +247,47 @@ def _report_error(msg, out, who=""):
             pass
 
 
-def run(argv=None, comm=None):
-    """Three phases. 1: checks every rank makes identically (the root reports, all return).
-    2: reading the input on every rank; the ranks compare outcomes, so an error on any of them
-    ends all of them cleanly. 3: the sorting itself; an exception on any rank is reported with
-    that rank's message and ends the whole job at once (MPI abort), never a hang."""
+def _draw_seed(options, earlier_seed, comm):
+    """The run's seed: --seed, else the earlier run's in this folder, else drawn on the root."""
+    if options.seed is not None:
+        return options.seed
+    if earlier_seed is not None:
+        return earlier_seed
+    seed = int(np.random.SeedSequence().entropy % (2**31)) if comm.is_root else None
+    return comm.bcast(seed)
+
+
+def _start(options, *, state, out, comm, log, cmd):
+    """Phase 2: log the command, read and check the input. Returns (particles, options)."""
+    if comm.is_root:
+        with open(out / "command.txt", "a") as f:
+            f.write(cmd + "\n")
+    log(f"command: {cmd}")
+    log(f"seed {options.seed}; {comm.size} MPI rank(s); {_versions()}")
+    if state == "resume":
+        log("resuming the run in this folder: finished units are loaded, unfinished ones are "
+            "done again")
+    _set_threads(comm)
+    return _read_input(options, comm, log)
+
+
+def _sort(particles, options, *, comm, out, log, state):
+    """Phase 3: the sorting; returns the exit status (an error ends every rank at once)."""
     from .checkpoint import Checkpoints
-    from .output import Log
-    from .parallel import world
-    from .particles import ParticleDataError
-    from .preprocess import SortingInputError
-    args = build_parser().parse_args(argv)
-    comm = comm or world()
-    expected = (UserError, ParticleDataError, SortingInputError)
-    # phase 1
-    try:
-        validate(args)
-        out, state = _prepare_output(args, comm)
-    except UserError as e:
-        if comm.is_root:
-            print(f"sort3d-depth: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    log = Log(out / "log.txt" if comm.is_root else None, enabled=comm.is_root)
-    cmd = " ".join(shlex.quote(a) for a in (["sort3d-depth"] + list(
-        sys.argv[1:] if argv is None else argv)))
-    if state == "finished":
-        log(f"command: {cmd}")
-        log("this run has already finished (summary.json is there): nothing to do")
-        return 0
-    # phase 2
-    error = None
-    try:
-        if args.seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2 ** 31)) if comm.is_root else None
-            args.seed = comm.bcast(seed)
-        if comm.is_root:
-            with open(out / "command.txt", "a") as f:
-                f.write(cmd + "\n")
-        log(f"command: {cmd}")
-        log(f"seed {args.seed}; {comm.size} MPI rank(s); {_versions()}")
-        if state == "resume":
-            log("resuming the run in this folder: finished units are loaded, unfinished ones are "
-                "done again")
-        _set_threads(comm)
-        from .memory import check as memory_check
-        args.meridien = None
-        if args.refinement_dir:
-            particles = _read_meridien_input(args, comm, log)
-            mask3d = args.meridien.mask3d
-        else:
-            from .eman2_hdf import is_hdf5
-            from .star_io import check_unique_images, read_star
-            if args.instack.startswith("bdb:") or is_hdf5(args.instack):
-                raise UserError(f"--instack {args.instack}: stack mode reads a RELION STAR file "
-                                f"(orientations and CTF); an EMAN2 .hdf stack is read only with "
-                                f"--refinement_dir (meridien mode), a bdb: stack not at all")
-            particles = read_star(args.instack)
-            check_unique_images(particles)
-            validate(args, len(particles), particles.box)
-            problem = memory_check(len(particles), particles.box, comm.size,
-                                   args.memory_per_node, args.overhead, args.nxinit, log)
-            if problem:
-                raise UserError(problem)
-            mask3d = args.mask3D
-        args.mask_map = _read_map(mask3d, "--mask3D", particles.box) if mask3d else None
-        args.focus_map = _read_map(args.focus, "--focus", particles.box) if args.focus else None
-        args.apply_noise = not args.notapplybckgnoise
-        args.include_unaccounted = not args.not_include_unaccounted
-    except expected as e:
-        error = str(e)
-    except Exception:
-        error = "internal error:\n" + traceback.format_exc()
-    errors = comm.allgather(error)
-    failed = [(r, m) for r, m in enumerate(errors) if m is not None]
-    if failed:
-        if comm.is_root:
-            rank, msg = failed[0]
-            same = len(failed) == comm.size and all(m == msg for _, m in failed)
-            _report_error(msg, out, "" if same else f" (MPI rank {rank})")
-        return 2 if all(not m.startswith("internal error") for _, m in failed) else 1
-    # phase 3
+    from .sorter import run_sorting
+
+    expected = _expected_errors()
     try:
         if comm.is_root and state == "new":
-            _write_options(out, args)
-        from .sorter import run_sorting
-        run_sorting(particles, args, comm, out, log, Checkpoints(out, comm, log))
+            _write_options(out, options)
+        run_sorting(particles, options, comm, out, log, Checkpoints(out, comm, log))
         return 0
     except expected as e:
         msg, code = str(e), 2
-    except OSError as e:       # disk full, quota, folder removed under the run, lost stack
+    except OSError as e:  # disk full, quota, folder removed under the run, lost stack
         where = f" ({e.filename})" if e.filename else ""
-        what = "writing the results in" if not e.filename or str(out) in str(e.filename) \
-            else "reading the input for"
+        writing = not e.filename or str(out) in str(e.filename)
+        what = "writing the results in" if writing else "reading the input for"
         msg, code = f"I/O error {what} {out}: {e.strerror or e}{where}", 1
     except Exception:
         msg, code = "internal error:\n" + traceback.format_exc(), 1
@@ -405,6 +298,56 @@ def run(argv=None, comm=None):
         time.sleep(1.0)
         comm.abort(code)
     return code
+
+
+def _expected_errors():
+    from .particles import ParticleDataError
+    from .preprocess import SortingInputError
+
+    return (UserError, ParticleDataError, SortingInputError)
+
+
+def run(argv=None, comm=None):
+    """Three phases. 1: checks every rank makes identically (the root reports, all return).
+    2: reading the input on every rank; the ranks compare outcomes, so an error on any of them
+    ends all of them cleanly. 3: the sorting itself; an exception on any rank is reported with
+    that rank's message and ends the whole job at once (MPI abort), never a hang."""
+    from .output import Log
+    from .parallel import world
+
+    expected = _expected_errors()
+    options = parse_options(argv)
+    comm = comm or world()
+    try:  # phase 1
+        _check(options)
+        out, state, earlier_seed = _prepare_output(options, comm)
+    except UserError as e:
+        if comm.is_root:
+            print("\n".join(_error_lines(str(e))), file=sys.stderr, flush=True)
+        return 2
+    log = Log(out / "log.txt" if comm.is_root else None, enabled=comm.is_root)
+    words = ["sort3d-depth"] + list(sys.argv[1:] if argv is None else argv)
+    cmd = " ".join(shlex.quote(a) for a in words)
+    if state == "finished":
+        log(f"command: {cmd}")
+        log("this run has already finished (summary.json is there): nothing to do")
+        return 0
+    error = None
+    try:  # phase 2
+        options = dataclasses.replace(options, seed=_draw_seed(options, earlier_seed, comm))
+        particles, options = _start(options, state=state, out=out, comm=comm, log=log, cmd=cmd)
+    except expected as e:
+        error = str(e)
+    except Exception:
+        error = "internal error:\n" + traceback.format_exc()
+    failed = [(r, m) for r, m in enumerate(comm.allgather(error)) if m is not None]
+    if failed:
+        if comm.is_root:
+            rank, msg = failed[0]
+            same = len(failed) == comm.size and all(m == msg for _, m in failed)
+            _report_error(msg, out, "" if same else f" (MPI rank {rank})")
+        return 2 if all(not m.startswith("internal error") for _, m in failed) else 1
+    return _sort(particles, options, comm=comm, out=out, log=log, state=state)  # phase 3
 
 
 def main():

@@ -10,12 +10,14 @@ Output layout (names as in SPHIRE's document, maps as MRC):
   generation_###/Cluster_###.txt, Core_set.txt, vol_cluster###.mrc, anova.txt (the clusters
                                          found in that generation)
 """
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import anova, fourier, output
+from . import anova, fourier, output, results
 from .ctf import ctf_coefficients
 from .depth import MIN_CLUSTER_SIZE, SortContext, final_assignment, run_generation
 from .membership import purity_curve
@@ -28,15 +30,7 @@ from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
 
-INIT_K_STACK = 7        # search mode starts with 7 groups in stack mode (SPHIRE)
 MIN_NEXT_GENERATION = 100
-
-
-def _group_size_settings(opts, n):
-    search = opts.img_per_grp <= 1
-    if search:
-        return True, INIT_K_STACK, max(n // INIT_K_STACK, 1)
-    return False, n // opts.img_per_grp, opts.img_per_grp
 
 
 def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_noise=True):
@@ -151,10 +145,11 @@ def _log_check_smearing(ref, nx, log):
             f"{r['bytes'] / 1024 ** 3:>12.3f}")
 
 
-def _write_membership(out_dir, particles, memb, n_clusters, export, summary):
+def _write_membership(out_dir, particles, *, memb, n_clusters, export, summary):
     """Every particle's answer: posteriors.npy (n, clusters) in input order, all_particles.star
     (every input row with rlnClassNumber = its most probable cluster, 1-based, and
-    rlnMaxValueProbDistribution = that posterior) and the purity-vs-accounted curve."""
+    rlnMaxValueProbDistribution = that posterior) and the purity-vs-accounted curve (set in the
+    summary)."""
     n = len(particles)
     if n_clusters == 0:
         return
@@ -166,113 +161,173 @@ def _write_membership(out_dir, particles, memb, n_clusters, export, summary):
         write_star_rows(particles, np.arange(n), out_dir / "all_particles.star",
                         columns={"rlnClassNumber": best + 1,
                                  "rlnMaxValueProbDistribution": post[np.arange(n), best]})
-        summary["all_particles"] = "all_particles.star"
+        summary.all_particles = "all_particles.star"
     t, acc, pur = purity_curve(post)
-    summary["posteriors"] = "posteriors.npy"
-    summary["purity_curve"] = {"threshold": [round(float(v), 3) for v in t],
-                               "accounted": [round(float(v), 4) for v in acc],
-                               "estimated_purity": [None if not np.isfinite(v) else
-                                                    round(float(v), 4) for v in pur]}
+    summary.posteriors = "posteriors.npy"
+    summary.purity_curve = results.PurityCurve(
+        threshold=[round(float(v), 3) for v in t],
+        accounted=[round(float(v), 4) for v in acc],
+        estimated_purity=[None if not np.isfinite(v) else round(float(v), 4) for v in pur])
+
+
+@dataclass
+class GenerationRun:
+    """What one generation found: its clusters (with their reproducibility figures) and the
+    images it left unaccounted (the next generation's input)."""
+
+    generation: int
+    n_images: int
+    clusters: list
+    unaccounted: np.ndarray
+    stats: list
+    seconds: float
+
+
+@dataclass
+class Found:
+    """The clusters of all generations (and, after the final assignment, the final ones):
+    final_id maps each generation cluster to its final cluster (None: emptied)."""
+
+    generations: list
+    clusters: list
+    stats: list
+    gen_of: list
+    unaccounted: np.ndarray = None
+    final_id: list = None
+    memb: object = None
 
 
 def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
-    """Sort `particles`; writes the outputs in out_dir (rank 0) and returns the summary dict.
+    """Sort `particles` with `opts` (options.SortOptions completed by for_input); writes the
+    outputs in out_dir (rank 0) and returns the results.Summary (rank 0; None elsewhere).
     checkpoints: checkpoint.Checkpoints to resume from and save to, or None.
 
     Meridien mode: ``opts.meridien`` is the MeridienRefinement and ``particles`` its particles;
     its symmetry and radius (the user's when given) are used, the sorting maps are smeared, and
     the cluster files hold meridien particle ids."""
     t_start = time.time()
-    out_dir = Path(out_dir)
     rng = np.random.default_rng(opts.seed)
-    ref = getattr(opts, "meridien", None)
-    n = len(particles)
-    search, k0, work = _group_size_settings(opts, n)
-    opts.k_initial = k0
+    ref = opts.meridien
+    search, k0, work = opts.group_sizes(len(particles))
+    assert opts.k_initial == k0, "options.for_input sets k_initial"
     sym = parse_symmetry(ref.symmetry if ref is not None else opts.sym)
-    log(f"{n} particles of {particles.box} px at {particles.pixel_size:.3f} Å/px; symmetry "
-        f"{sym.symbol}; {'search mode (initial K %d)' % k0 if search else 'K = %d' % k0}; "
+    log(f"{len(particles)} particles of {particles.box} px at {particles.pixel_size:.3f} Å/px; "
+        f"symmetry {sym.symbol}; {f'search mode (initial K {k0})' if search else f'K = {k0}'}; "
         f"depth order {opts.depth_order} ({2 ** opts.depth_order} boxes in layer 0)")
+    data = _preprocess(particles, opts, comm, rng, log)
+    maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
+    ctx = SortContext(data, maps, rng, log, search, opts.frozen, work, opts.nstep,
+                      opts.depth_order, init_k=k0, use_umat=bool(opts.use_umat),
+                      checkpoints=checkpoints, min_purity=opts.min_purity)
+    found = run_generations(ctx, n=len(particles), k0=k0, work=work, comm=comm,
+                            checkpoints=checkpoints)
+    found = assign_final(ctx, found)
+    summary = write_results(particles, opts, found, comm=comm, out_dir=Path(out_dir), log=log,
+                            sym=sym, sorting_size=data.nx)
+    if summary is not None:
+        summary.wall_seconds = round(time.time() - t_start, 1)
+        output.write_json(Path(out_dir) / results.SUMMARY_FILE, summary.to_dict())
+    return summary
+
+
+def _preprocess(particles, opts, comm, rng, log):
+    """The sorting-size data of every rank's particles (meridien mode: smeared)."""
     t = time.time()
-    if ref is not None:
-        data = prepare_meridien(ref, comm, opts, log=log)
+    if opts.meridien is not None:
+        data = prepare_meridien(opts.meridien, comm, opts, log=log)
         if opts.check_smearing and comm.is_root:
-            _log_check_smearing(ref, data.nx, log)
+            _log_check_smearing(opts.meridien, data.nx, log)
     else:
         data = prepare(particles, comm, opts, rng, log=log)
     log(f"pre-processing done in {time.time() - t:.1f} s "
         f"({len(np.unique(data.orientation_groups))} orientation groups)")
-    maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
-    frozen = (not search) and not opts.not_freeze_groups
-    ctx = SortContext(data, maps, rng, log, search, frozen, work, opts.nstep, opts.depth_order,
-                      init_k=k0, use_umat=bool(opts.use_umat), checkpoints=checkpoints,
-                      min_purity=opts.min_purity)
-    subset = np.arange(n)
-    generations, final_clusters, final_stats, gen_of = [], [], [], []
-    gen, k = 0, k0
+    return data
+
+
+def run_generations(ctx, *, n, k0, work, comm, checkpoints):
+    """Generation after generation on what the previous one left unaccounted, until one finds
+    nothing or too few images are left for another. Returns the Found clusters."""
+    found = Found(generations=[], clusters=[], stats=[], gen_of=[])
+    subset, gen, k = np.arange(n), 0, k0
     while True:
-        t = time.time()
-        log(f"generation {gen}: {len(subset)} images, K = {k}")
-        fault_point(f"generation{gen}", comm)
-        done = checkpoints.load(f"gen{gen:03d}", rng) if checkpoints else None
-        if done is not None:
-            part = done["partition"]
-        else:
-            part = run_generation(ctx, gen, subset, k, final_clusters)
-            if checkpoints:
-                checkpoints.save(f"gen{gen:03d}", rng, partition=part)
-        stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
-        pairs = list(zip(part.clusters, stats))
-        if pairs:   # SPHIRE's post-filter: clusters < 1/3 of the largest go back to the pool
-            # (sizes as reproduced: the member check keeps an unsure group's surest images)
-            size = [st.get("reproduced_size", len(c)) for c, st in pairs]
-            pairs = [p for p, s in zip(pairs, size) if max(size) / s < 3]
-        clusters = [c for c, _ in pairs]
-        stats = [st for _, st in pairs]
-        pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
-        if gen == 0 and not clusters:
-            log("no reproducible structural groups were found: the data set is reported as one "
-                "homogeneous cluster")
-            clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
-        generations.append({"generation": gen, "n_images": int(len(subset)),
-                            "clusters": [c for c in clusters], "unaccounted": pool,
-                            "stats": stats, "seconds": time.time() - t})
-        final_clusters += clusters
-        final_stats += stats
-        gen_of += [gen] * len(clusters)
-        log(f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "
-            f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(pool)}")
-        if not clusters:
+        run = _one_generation(ctx, gen, subset, k, found.clusters, comm=comm,
+                              checkpoints=checkpoints)
+        found.generations.append(run)
+        found.clusters += run.clusters
+        found.stats += run.stats
+        found.gen_of += [gen] * len(run.clusters)
+        pool = run.unaccounted
+        if not run.clusters:
             break
         k = int(round(len(pool) / work))
         if k < 2 or len(pool) < max(MIN_NEXT_GENERATION, 2 * MIN_CLUSTER_SIZE):
             break
         subset, gen = pool, gen + 1
-    unaccounted = generations[-1]["unaccounted"]
-    # which final cluster each generation's cluster became (None: emptied by the final check)
-    final_id = list(range(len(final_clusters)))
-    memb = None
-    if len(final_clusters) >= 2:
-        t = time.time()
-        checked, unaccounted, memb = final_assignment(
-            ctx, final_clusters, unaccounted, pool_searched=not generations[-1]["clusters"])
-        kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
-        if len(kept) < len(checked):
-            unaccounted = np.union1d(unaccounted, np.concatenate(
-                [c for i, c in enumerate(checked) if i not in kept]))
-        final_id = [kept.index(i) if i in kept else None for i in range(len(checked))]
-        final_clusters = [checked[i] for i in kept]
-        final_stats = [{**final_stats[i],
-                        "estimated_purity": round(float(memb.estimated_purity[i]), 4)}
-                       for i in kept]
-        gen_of = [gen_of[i] for i in kept]
-        post = memb.posterior[:, kept]          # a dropped cluster's share to the others
-        memb.posterior = post / np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
-        log(f"final assignment done in {time.time() - t:.1f} s")
+    found.unaccounted = found.generations[-1].unaccounted
+    found.final_id = list(range(len(found.clusters)))
+    return found
 
-    # final maps and outputs
+
+def _one_generation(ctx, gen, subset, k, earlier, *, comm, checkpoints):
+    """One generation on `subset` with K = k (loaded from its checkpoint when done before),
+    then SPHIRE's post-filter: clusters under a third of the largest go back to the pool."""
     t = time.time()
-    sets = list(final_clusters)
+    ctx.log(f"generation {gen}: {len(subset)} images, K = {k}")
+    fault_point(f"generation{gen}", comm)
+    done = checkpoints.load(f"gen{gen:03d}", ctx.rng) if checkpoints else None
+    if done is not None:
+        part = done["partition"]
+    else:
+        part = run_generation(ctx, gen, subset, k, earlier)
+        if checkpoints:
+            checkpoints.save(f"gen{gen:03d}", ctx.rng, partition=part)
+    stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
+    pairs = list(zip(part.clusters, stats))
+    if pairs:  # sizes as reproduced: the member check keeps an unsure group's surest images
+        size = [st.get("reproduced_size", len(c)) for c, st in pairs]
+        pairs = [p for p, s in zip(pairs, size) if max(size) / s < 3]
+    clusters = [c for c, _ in pairs]
+    stats = [st for _, st in pairs]
+    pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
+    if gen == 0 and not clusters:
+        ctx.log("no reproducible structural groups were found: the data set is reported as one "
+                "homogeneous cluster")
+        clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
+    ctx.log(f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "
+            f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(pool)}")
+    return GenerationRun(gen, int(len(subset)), clusters, pool, stats, time.time() - t)
+
+
+def assign_final(ctx, found):
+    """The final assignment over the clusters of all generations (membership posteriors); a
+    cluster it leaves below the minimum size goes to the unaccounted set (final_id None)."""
+    if len(found.clusters) < 2:
+        return found
+    t = time.time()
+    checked, unaccounted, memb = final_assignment(
+        ctx, found.clusters, found.unaccounted,
+        pool_searched=not found.generations[-1].clusters)
+    kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
+    if len(kept) < len(checked):
+        unaccounted = np.union1d(unaccounted, np.concatenate(
+            [c for i, c in enumerate(checked) if i not in kept]))
+    post = memb.posterior[:, kept]  # a dropped cluster's share to the others
+    memb.posterior = post / np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
+    ctx.log(f"final assignment done in {time.time() - t:.1f} s")
+    return dataclasses.replace(
+        found, clusters=[checked[i] for i in kept], unaccounted=unaccounted, memb=memb,
+        final_id=[kept.index(i) if i in kept else None for i in range(len(checked))],
+        gen_of=[found.gen_of[i] for i in kept],
+        stats=[{**found.stats[i], "estimated_purity": round(float(memb.estimated_purity[i]), 4)}
+               for i in kept])
+
+
+def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_size):
+    """Final maps (every rank), then (root) the cluster files, maps, ANOVA, membership and the
+    Summary (returned; None on the other ranks; summary.json is written by the caller)."""
+    t = time.time()
+    ref, unaccounted = opts.meridien, found.unaccounted
+    sets = list(found.clusters)
     core_ok = len(unaccounted) > 0 and len(unaccounted) >= (
         opts.num_core_set if opts.num_core_set > 0 else max(100, MIN_CLUSTER_SIZE))
     if core_ok:
@@ -281,92 +336,123 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
                                    sym if sym.order > 1 else None, log, meridien=ref,
                                    apply_noise=opts.apply_noise)
     log(f"final maps done in {time.time() - t:.1f} s")
-    names = [f"Cluster_{i:03d}" for i in range(len(final_clusters))]
+    names = [f"Cluster_{i:03d}" for i in range(len(found.clusters))]
     smear_counts = None if ref is None else ref.smear_counts
-    anova_lines, anova_tables = _anova_lines(particles, final_clusters, names, smear_counts)
-    # what a cluster file lists: STAR rows, or meridien particle ids (as SPHIRE writes them)
-    ids = (np.arange(n) if ref is None else np.asarray(ref.particle_ids, np.int64))
+    anova_lines, anova_tables = _anova_lines(particles, found.clusters, names, smear_counts)
     for line in anova_lines:
         log(line)
-    summary = {
-        "n_particles": n, "box": particles.box, "pixel_size": particles.pixel_size,
-        "sorting_size": data.nx, "seed": opts.seed, "mode": "search" if search else (
-            "freeze" if frozen else "general"),
-        "generations": [],
-        "clusters": [], "anova": anova_tables, "wall_seconds": None,
-        "input": "meridien" if ref is not None else "stack",
-        "min_purity": opts.min_purity,
-        "cluster_file_ids": ("meridien particle ids (main000/indexes_000.txt)" if ref is not None
-                             else "0-based particle indices (input STAR row order)"),
-        # FSC curves: shell i (0..box/2) is at spatial frequency i / (box * pixel_size) 1/Å
-    }
-    if comm.is_root:
-        apix = particles.pixel_size
-        first = 0       # index of the generation's first cluster among the final ones
-        for gi, g in enumerate(generations):
-            gdir = out_dir / f"generation_{gi:03d}"
-            entries = []
-            for j, c in enumerate(g["clusters"]):
-                # the generation's map is that of the final cluster it became
-                fid = final_id[first + j]
-                output.write_selection(gdir / f"Cluster_{j:03d}.txt", ids[c])
-                entry = {"file": f"{gdir.name}/Cluster_{j:03d}.txt", "size": int(len(c)),
-                         "final_id": fid, **g["stats"][j]}
-                if fid is not None:
-                    output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[fid], apix)
-                    entry["map"] = f"{gdir.name}/vol_cluster{j:03d}.mrc"
-                entries.append(entry)
-            lines, tables = _anova_lines(particles, list(g["clusters"]),
-                                         [f"Cluster_{j:03d}" for j in range(len(g["clusters"]))],
-                                         smear_counts)
-            output.write_text(gdir / "anova.txt", "\n".join(lines) + "\n")
-            first += len(g["clusters"])
-            if opts.include_unaccounted and len(g["unaccounted"]):
-                output.write_selection(gdir / f"Cluster_{len(g['clusters']):03d}.txt",
-                                       ids[g["unaccounted"]])
-            output.write_selection(gdir / "Core_set.txt", ids[g["unaccounted"]])
-            summary["generations"].append({
-                "generation": g["generation"], "n_images": g["n_images"],
-                "cluster_sizes": [len(c) for c in g["clusters"]], "clusters": entries,
-                "n_unaccounted": len(g["unaccounted"]), "core_set": f"{gdir.name}/Core_set.txt",
-                "stats": g["stats"], "anova": tables, "seconds": round(g["seconds"], 1)})
-        export = particles.source.get("particles_table") is not None
-        for i, c in enumerate(final_clusters):
-            output.write_selection(out_dir / f"Cluster_{i:03d}.txt", ids[c])
-            if export:   # the input STAR's rows of this cluster, for relion_refine
-                write_star_rows(particles, c, out_dir / f"Cluster_{i:03d}.star", class_number=i + 1)
-            output.write_map(out_dir / f"vol_cluster{i:03d}.mrc", vols[i], apix)
-            summary["clusters"].append({
-                "id": i, "file": f"Cluster_{i:03d}.txt", "map": f"vol_cluster{i:03d}.mrc",
-                "size": int(len(c)), "generation": gen_of[i], "unaccounted": False,
-                "resolution_A": round(float(res[i]), 2),
-                "fsc": [round(float(v), 4) for v in curves[i]], **final_stats[i]})
-        nf = len(final_clusters)
-        if opts.include_unaccounted and len(unaccounted):
-            output.write_selection(out_dir / f"Cluster_{nf:03d}.txt", ids[unaccounted])
-            if export:
-                write_star_rows(particles, unaccounted, out_dir / f"Cluster_{nf:03d}.star",
-                                class_number=nf + 1)
-            entry = {"id": nf, "file": f"Cluster_{nf:03d}.txt", "size": int(len(unaccounted)),
-                     "generation": generations[-1]["generation"], "unaccounted": True}
-            if core_ok:
-                entry["map"] = "volume_core.mrc"
-                entry["resolution_A"] = round(float(res[-1]), 2)
-                entry["fsc"] = [round(float(v), 4) for v in curves[-1]]
-            summary["clusters"].append(entry)
-        output.write_selection(out_dir / "Core_set.txt", ids[unaccounted])
-        if core_ok:
-            output.write_map(out_dir / "volume_core.mrc", vols[-1], apix)
-        output.write_text(out_dir / "anova.txt", "\n".join(anova_lines) + "\n")
-        _write_membership(out_dir, particles, memb, len(final_clusters), export, summary)
-        acc = sum(len(c) for c in final_clusters)
-        log(f"{'cluster':>8} {'size':>7} {'generation':>10} {'resolution':>10}")
-        for c in summary["clusters"]:
-            log(f"{c['id']:>8} {c['size']:>7} {c['generation']:>10} "
-                f"{(str(c.get('resolution_A', '-')) + ' Å'):>10}"
-                f"{'   unaccounted' if c['unaccounted'] else ''}")
-        log(f"total {n}, accounted {acc}, unaccounted {n - acc}")
-        summary["wall_seconds"] = round(time.time() - t_start, 1)
-        output.write_json(out_dir / "summary.json", summary)
+    if not comm.is_root:
+        return None
+    # what a cluster file lists: STAR rows, or meridien particle ids (as SPHIRE writes them)
+    ids = np.arange(len(particles)) if ref is None else np.asarray(ref.particle_ids, np.int64)
+    w = _Writer(out_dir, particles, ids, smear_counts, opts.include_unaccounted)
+    summary = results.Summary(
+        n_particles=len(particles), box=particles.box, pixel_size=particles.pixel_size,
+        sorting_size=sorting_size, seed=opts.seed, mode=opts.mode, anova=anova_tables,
+        input="meridien" if ref is not None else "stack", min_purity=opts.min_purity,
+        cluster_file_ids=("meridien particle ids (main000/indexes_000.txt)" if ref is not None
+                          else "0-based particle indices (input STAR row order)"),
+        generations=w.generations(found, vols), clusters=[])
+    summary.clusters = w.final_clusters(found, vols=vols, res=res, curves=curves,
+                                        core_ok=core_ok)
+    output.write_text(out_dir / "anova.txt", "\n".join(anova_lines) + "\n")
+    _write_membership(out_dir, particles, memb=found.memb, n_clusters=len(found.clusters),
+                      export=w.export, summary=summary)
+    _log_table(summary, log)
     return summary
 
+
+def _log_table(summary, log):
+    """The final clusters, one line each, and the accounted total."""
+    log(f"{'cluster':>8} {'size':>7} {'generation':>10} {'resolution':>10}")
+    for c in summary.clusters:
+        res = "-" if c.resolution_A is None else c.resolution_A
+        log(f"{c.id:>8} {c.size:>7} {c.generation:>10} {f'{res} Å':>10}"
+            f"{'   unaccounted' if c.unaccounted else ''}")
+    acc = sum(c.size for c in summary.regular)
+    log(f"total {summary.n_particles}, accounted {acc}, unaccounted {summary.n_particles - acc}")
+
+
+@dataclass
+class _Writer:
+    """Writes the cluster files and maps of the root rank and describes them for the summary."""
+
+    out_dir: Path
+    particles: object
+    ids: np.ndarray  # what a cluster file lists for each particle
+    smear_counts: object
+    include_unaccounted: bool
+
+    @property
+    def export(self):
+        """Whether the input STAR's rows can be written back (stack mode)."""
+        return self.particles.source.get("particles_table") is not None
+
+    def generations(self, found, vols):
+        """generation_###/: each generation's clusters, maps, ANOVA and core set."""
+        gens, first = [], 0  # first: index of the generation's first cluster among all found
+        for g in found.generations:
+            fids = found.final_id[first:first + len(g.clusters)]
+            gens.append(self._generation(g, fids, vols))
+            first += len(g.clusters)
+        return gens
+
+    def _generation(self, g, final_ids, vols):
+        gdir = self.out_dir / f"generation_{g.generation:03d}"
+        entries = []
+        for j, (c, fid) in enumerate(zip(g.clusters, final_ids)):
+            output.write_selection(gdir / f"Cluster_{j:03d}.txt", self.ids[c])
+            entry = results.GenerationCluster.from_dict(
+                {"file": f"{gdir.name}/Cluster_{j:03d}.txt", "size": int(len(c)),
+                 "final_id": fid, **g.stats[j]})
+            if fid is not None:  # the generation's map is that of the final cluster it became
+                output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[fid],
+                                 self.particles.pixel_size)
+                entry.map = f"{gdir.name}/vol_cluster{j:03d}.mrc"
+            entries.append(entry)
+        names = [f"Cluster_{j:03d}" for j in range(len(g.clusters))]
+        lines, tables = _anova_lines(self.particles, list(g.clusters), names, self.smear_counts)
+        output.write_text(gdir / "anova.txt", "\n".join(lines) + "\n")
+        if self.include_unaccounted and len(g.unaccounted):
+            output.write_selection(gdir / f"Cluster_{len(g.clusters):03d}.txt",
+                                   self.ids[g.unaccounted])
+        output.write_selection(gdir / "Core_set.txt", self.ids[g.unaccounted])
+        return results.Generation(
+            generation=g.generation, n_images=g.n_images,
+            cluster_sizes=[len(c) for c in g.clusters], clusters=entries,
+            n_unaccounted=len(g.unaccounted), core_set=f"{gdir.name}/Core_set.txt",
+            stats=g.stats, anova=tables, seconds=round(g.seconds, 1))
+
+    def final_clusters(self, found, *, vols, res, curves, core_ok):
+        """Cluster_###.txt/.star and vol_cluster###.mrc of each final cluster, then the
+        unaccounted set (last cluster file) and Core_set.txt / volume_core.mrc."""
+        out, apix, entries = self.out_dir, self.particles.pixel_size, []
+        for i, c in enumerate(found.clusters):
+            output.write_selection(out / f"Cluster_{i:03d}.txt", self.ids[c])
+            if self.export:  # the input STAR's rows of this cluster, for relion_refine
+                write_star_rows(self.particles, c, out / f"Cluster_{i:03d}.star",
+                                class_number=i + 1)
+            output.write_map(out / f"vol_cluster{i:03d}.mrc", vols[i], apix)
+            entries.append(results.Cluster.from_dict({
+                "id": i, "file": f"Cluster_{i:03d}.txt", "map": f"vol_cluster{i:03d}.mrc",
+                "size": int(len(c)), "generation": found.gen_of[i], "unaccounted": False,
+                "resolution_A": round(float(res[i]), 2),
+                "fsc": [round(float(v), 4) for v in curves[i]], **found.stats[i]}))
+        unacc, nf = found.unaccounted, len(found.clusters)
+        if self.include_unaccounted and len(unacc):
+            output.write_selection(out / f"Cluster_{nf:03d}.txt", self.ids[unacc])
+            if self.export:
+                write_star_rows(self.particles, unacc, out / f"Cluster_{nf:03d}.star",
+                                class_number=nf + 1)
+            entry = results.Cluster(id=nf, file=f"Cluster_{nf:03d}.txt", size=int(len(unacc)),
+                                    generation=found.generations[-1].generation,
+                                    unaccounted=True)
+            if core_ok:
+                entry.map = "volume_core.mrc"
+                entry.resolution_A = round(float(res[-1]), 2)
+                entry.fsc = [round(float(v), 4) for v in curves[-1]]
+            entries.append(entry)
+        output.write_selection(out / "Core_set.txt", self.ids[unacc])
+        if core_ok:
+            output.write_map(out / "volume_core.mrc", vols[-1], apix)
+        return entries

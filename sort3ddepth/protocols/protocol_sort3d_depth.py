@@ -27,6 +27,7 @@ from pwem.objects import SetOfClasses3D, SetOfVolumes, Volume
 from pwem.protocols import ProtClassify3D
 
 from .. import convert
+from ..engine.options import DEFAULT_MIN_PURITY, DataSummary, SortOptions, validate
 
 INPUT_PARTICLES = 0
 INPUT_MERIDIEN = 1
@@ -42,9 +43,28 @@ ATTR_POSTERIOR = "_rlnMaxValueProbDistribution"
 #: a class's (and its volume's) estimated purity: the mean posterior of its members; none for the
 #: unaccounted class and for runs of an engine without posteriors
 ATTR_PURITY = "_sort3d_estimatedPurity"
-#: the form's default of minPurity (the engine's membership.DEFAULT_MIN_PURITY; a test checks
-#: they agree; not imported here so that plugin discovery does not import the engine)
-DEFAULT_MIN_PURITY = 0.98
+#: form parameter -> (the engine's option, True when the form asks the reversed question)
+FORM_OPTIONS = {
+    "refinementDir": ("refinement_dir", False), "niterForSorting": ("niter_for_sorting", False),
+    "nxinit": ("nxinit", False), "radius": ("radius", False), "symmetry": ("sym", False),
+    "imgPerGrp": ("img_per_grp", False), "minPurity": ("min_purity", False),
+    "memoryPerNode": ("memory_per_node", False), "overhead": ("overhead", False),
+    "depthOrder": ("depth_order", False), "nsmear": ("nsmear", False),
+    "orientationGroups": ("orientation_groups", False), "doUnaccounted": (
+        "not_include_unaccounted", True), "useBackgroundNoise": ("notapplybckgnoise", True),
+    "checkSmearing": ("check_smearing", False), "numCoreSet": ("num_core_set", False),
+    "computeOnTheFly": ("compute_on_the_fly", False), "nstep": ("nstep", False),
+    "freezeGroups": ("not_freeze_groups", True), "useUmat": ("use_umat", False),
+    "seed": ("seed", False),
+}
+#: the engine's options in the order the protocol passes them (engine_args.txt)
+_MERIDIEN_ARGS = ["refinement_dir", "niter_for_sorting", "nsmear", "check_smearing",
+                  "compute_on_the_fly"]
+_STACK_ARGS = ["instack", "nxinit"]
+_COMMON_ARGS = ["output_dir", "radius", "sym", "img_per_grp", "nstep", "memory_per_node",
+                "overhead", "depth_order", "orientation_groups", "num_core_set", "min_purity",
+                "mask3D", "focus", "not_include_unaccounted", "notapplybckgnoise",
+                "not_freeze_groups", "use_umat", "seed"]
 
 #: what a meridien refinement folder must hold for the form's check (the engine checks the rest)
 MERIDIEN_TRACKER = os.path.join("main000", "Tracker_000.json")
@@ -275,41 +295,32 @@ class ProtSort3DDepth(ProtClassify3D):
             return None
         return os.path.abspath(convert.clean_filename(obj.getFileName()))
 
+    def _sortOptions(self):
+        """The engine's options from the form (an empty field: the engine's default; _validate
+        names it)."""
+        values = {}
+        for param, (option, reversed_question) in FORM_OPTIONS.items():
+            value = getattr(self, param).get()
+            if value is not None:
+                values[option] = (not value) if reversed_question else value
+        values["sym"] = values.get("sym", "c1").strip().lower()
+        if values.get("seed") is not None and values["seed"] < 0:
+            values["seed"] = None
+        if self._isMeridien():
+            values["refinement_dir"] = os.path.abspath(values.get("refinement_dir", ""))
+        else:
+            values.pop("refinement_dir", None)
+            values["instack"] = self._getStar()
+        values["output_dir"] = self._getSortDir()
+        values["mask3D"] = self._maskFile(self.mask3D) or ""
+        values["focus"] = self._maskFile(self.focus) or ""
+        return SortOptions(**values)
+
     def _engineArguments(self):
         """The engine's command-line options (after `-m sort3ddepth.engine.cli`), one string."""
-        if self._isMeridien():
-            args = ["--refinement_dir", os.path.abspath(self.refinementDir.get()),
-                    "--niter_for_sorting", self.niterForSorting.get(),
-                    "--nsmear", self.nsmear.get()]
-            if self.checkSmearing:
-                args.append("--check_smearing")
-            if self.computeOnTheFly:
-                args.append("--compute_on_the_fly")
-        else:
-            args = ["--instack", self._getStar(), "--nxinit", self.nxinit.get()]
-        args += ["--output_dir", self._getSortDir(),
-                 "--radius", self.radius.get(), "--sym", self.symmetry.get().strip().lower(),
-                 "--img_per_grp", self.imgPerGrp.get(), "--nstep", self.nstep.get(),
-                 "--memory_per_node", self.memoryPerNode.get(), "--overhead", self.overhead.get(),
-                 "--depth_order", self.depthOrder.get(),
-                 "--orientation_groups", self.orientationGroups.get(),
-                 "--num_core_set", self.numCoreSet.get(),
-                 "--min_purity", self.minPurity.get()]
-        for option, pointer in (("--mask3D", self.mask3D), ("--focus", self.focus)):
-            fn = self._maskFile(pointer)
-            if fn:
-                args += [option, fn]
-        if not self.doUnaccounted:
-            args.append("--not_include_unaccounted")
-        if not self.useBackgroundNoise:
-            args.append("--notapplybckgnoise")
-        if not self.freezeGroups:
-            args.append("--not_freeze_groups")
-        if self.useUmat:
-            args.append("--use_umat")
-        if self.seed.get() is not None and self.seed.get() >= 0:
-            args += ["--seed", self.seed.get()]
-        return " ".join(shlex.quote(str(a)) for a in args)
+        first = _MERIDIEN_ARGS if self._isMeridien() else _STACK_ARGS
+        args = self._sortOptions().to_argv(first + _COMMON_ARGS)
+        return " ".join(shlex.quote(a) for a in args)
 
     def convertInputStep(self, signature):
         record = self._getConvertRecord()
@@ -480,90 +491,79 @@ class ProtSort3DDepth(ProtClassify3D):
 
     # -------------------------------------------------------------------------------- info
     def _validate(self):
-        errors = []
-        purity = self.minPurity.get()
-        if purity is None or not 0.5 <= purity <= 1.0:
-            errors.append("Purity target per cluster (minPurity) %s: it must be between 0.5 and "
-                          "1." % ("is empty" if purity is None else "%g" % purity))
-        if self.inputType == INPUT_MERIDIEN:
-            folder = self.refinementDir.get()
-            if not folder:
-                errors.append("Meridien refinement directory: no folder given.")
-            elif not os.path.isdir(folder):
-                errors.append("Meridien refinement directory %s does not exist." % folder)
-            elif not os.path.isfile(os.path.join(folder, MERIDIEN_TRACKER)):
-                errors.append("Meridien refinement directory %s has no %s: it is not a meridien "
-                              "refinement folder." % (folder, MERIDIEN_TRACKER))
-            try:
-                from ..engine.symmetry import parse_symmetry
-                parse_symmetry(self.symmetry.get().strip().lower())
-            except ValueError as e:
-                errors.append("Point-group symmetry '%s': %s" % (self.symmetry.get(), e))
-            return errors
+        """The engine's rules (options.validate, named by the form's labels) and the checks of
+        the form's own objects: the input set or folder and the masks."""
+        errors = [f"{self._optionLabel(option)}: is empty." for param, (option, _)
+                  in FORM_OPTIONS.items() if getattr(self, param).get() is None
+                  and param not in ("refinementDir", "seed")]
+        data = None
+        if self._isMeridien():
+            errors += self._meridienFolderProblems()
+        elif self.inputParticles.get() is not None:
+            parts = self.inputParticles.get()
+            errors += self._particleProblems(parts)
+            if parts.getXDim():
+                data = DataSummary(parts.getSize(), parts.getXDim())
+        problems = validate(self._sortOptions(), data, name=self._optionLabel, check_input=False)
+        errors += [f"{p}." for p in problems]
+        if not self._isMeridien():
+            errors += self._maskProblems(data.box if data else 0)
+        return errors
 
-        parts = self.inputParticles.get()
-        if parts is None:
-            return errors                        # the framework reports the empty input
+    def _optionLabel(self, option):
+        """How the messages name an engine option: the form's label and parameter name."""
+        for param, (name, _) in FORM_OPTIONS.items():
+            if name == option:
+                return f"{self.getParam(param).label.get()} ({param})"
+        return f"--{option}"
+
+    def _meridienFolderProblems(self):
+        folder = self.refinementDir.get()
+        if not folder:
+            return ["Meridien refinement directory: no folder given."]
+        if not os.path.isdir(folder):
+            return [f"Meridien refinement directory {folder} does not exist."]
+        if not os.path.isfile(os.path.join(folder, MERIDIEN_TRACKER)):
+            return [f"Meridien refinement directory {folder} has no {MERIDIEN_TRACKER}: it is "
+                    f"not a meridien refinement folder."]
+        return []
+
+    def _particleProblems(self, parts):
+        """3D alignment, CTF and MRC image files."""
+        errors = []
         if parts.getAlignment() != ALIGN_PROJ:
-            errors.append("The input particles have no 3D alignment (their alignment is '%s'). "
-                          "sort3d depth keeps the orientations of a 3D refinement: give "
-                          "particles with projection alignment (ALIGN_PROJ), e.g. the output "
-                          "of a 3D auto-refine." % parts.getAlignment())
+            errors.append(f"The input particles have no 3D alignment (their alignment is "
+                          f"'{parts.getAlignment()}'). sort3d depth keeps the orientations of a "
+                          f"3D refinement: give particles with projection alignment "
+                          f"(ALIGN_PROJ), e.g. the output of a 3D auto-refine.")
         if not parts.hasCTF():
             errors.append("The input particles have no CTF. Estimate the CTF of their "
                           "micrographs (or import the particles with their CTF) first.")
-        n = parts.getSize()
-        box = parts.getXDim() or 0
-        radius = self.radius.get()
-        if box and radius is not None and radius > 0 and (
-                radius >= box // 2 or 2 * radius + 2 > box):
-            errors.append("Estimated particle radius %d px is too large for %d px images: it "
-                          "must be smaller than half the box (at most %d px)."
-                          % (radius, box, (box - 2) // 2))
-        if box and self.nxinit.get() is not None and self.nxinit.get() > box:
-            errors.append("Initial image size %d is larger than the images (%d px)."
-                          % (self.nxinit.get(), box))
-        grp = self.imgPerGrp.get()
-        if grp is not None and grp != -1:
-            if grp <= 1:
-                errors.append("Number of images per group must be larger than 1 (or -1 for "
-                              "search mode).")
-            elif grp > n:
-                errors.append("Number of images per group (%d) is larger than the number of "
-                              "input particles (%d)." % (grp, n))
-            elif n // grp < 2:
-                errors.append("Number of images per group (%d) gives fewer than 2 groups for "
-                              "%d particles: use at most %d, or -1 for search mode."
-                              % (grp, n, n // 2))
-            elif n // grp >= 30:
-                errors.append("Number of images per group (%d) is too small for %d particles: "
-                              "%d groups (at most 29)." % (grp, n, n // grp))
-        try:
-            from ..engine.symmetry import parse_symmetry
-            parse_symmetry(self.symmetry.get().strip().lower())
-        except ValueError as e:
-            errors.append("Point-group symmetry '%s': %s" % (self.symmetry.get(), e))
         try:
             bad = convert.unsupported_files(parts.getUniqueValues("_filename"))
         except Exception:
             bad = []
         if bad:
-            errors.append("The particle images must be MRC files (.mrc/.mrcs); these are not: "
-                          "%s. Convert them first (e.g. with a 'convert' or 'extract' protocol)."
-                          % ", ".join(bad[:5]))
+            errors.append(f"The particle images must be MRC files (.mrc/.mrcs); these are not: "
+                          f"{', '.join(bad[:5])}. Convert them first (e.g. with a 'convert' or "
+                          f"'extract' protocol).")
+        return errors
+
+    def _maskProblems(self, box):
+        """Each mask must be an MRC file of the particles' box."""
+        errors = []
         for label, pointer in (("3D mask", self.mask3D), ("Focus 3D mask", self.focus)):
             mask = pointer.get() if pointer.hasValue() else None
             if mask is None:
                 continue
             fn = mask.getFileName()
             if not convert.is_mrc_file(fn):
-                errors.append("%s %s is not an MRC file." % (label, fn))
+                errors.append(f"{label} {fn} is not an MRC file.")
                 continue
             dims = mask.getDim()
             if box and dims and tuple(dims) != (box, box, box):
-                errors.append("%s %s has dimensions %s; the particles are %d px (it must be "
-                              "%d x %d x %d)." % (label, fn, "x".join(map(str, dims)), box,
-                                                  box, box, box))
+                errors.append(f"{label} {fn} has dimensions {'x'.join(map(str, dims))}; the "
+                              f"particles are {box} px (it must be {box} x {box} x {box}).")
         return errors
 
     def _warnings(self):

@@ -384,20 +384,27 @@ class TestSort3DDepthValidate(BaseTest):
 
     def test_radius_too_large(self):
         errors = self._prot(radius=BOX // 2).validate()
-        self.assertIn("Estimated particle radius 24 px is too large for 48 px images: it must be "
-                      "smaller than half the box (at most 23 px).", errors)
+        self.assertEqual(["Estimated particle radius [Pixels] (radius) 24: must be smaller than "
+                          "half the box (48 px images: at most 23)."], errors)
         self.assertEqual(self._prot(radius=BOX // 2 - 1).validate(), [])
 
     def test_group_size_larger_than_the_set(self):
         errors = self._prot(imgPerGrp=100).validate()
-        self.assertIn("Number of images per group (100) is larger than the number of input "
-                      "particles (60).", errors)
+        self.assertEqual(["Number of images per group (imgPerGrp) 100: larger than the number "
+                          "of particles (60)."], errors)
         errors = self._prot(imgPerGrp=40).validate()
-        self.assertTrue(any("fewer than 2 groups" in e for e in errors), errors)
+        self.assertEqual(["Number of images per group (imgPerGrp) 40: gives 1 group for 60 "
+                          "particles; need at least 2 (use at most 30, or -1 for search mode)."],
+                         errors)
+        errors = self._prot(imgPerGrp=2).validate()
+        self.assertEqual(["Number of images per group (imgPerGrp) 2: too small, 30 groups for 60 "
+                          "particles (at most 29)."], errors)
 
     def test_bad_symmetry(self):
         errors = self._prot(symmetry="x7").validate()
-        self.assertTrue(any(e.startswith("Point-group symmetry 'x7'") for e in errors), errors)
+        self.assertEqual(len(errors), 1, errors)     # named once
+        self.assertTrue(errors[0].startswith("Point-group symmetry (symmetry) x7: unknown"),
+                        errors)
 
     def test_meridien_folder_missing(self):
         from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
@@ -551,12 +558,12 @@ class TestSort3DDepthValidate(BaseTest):
             self.assertEqual(self._prot(imgPerGrp=20, minPurity=ok).validate(), [], ok)
         for bad in (0.4, 1.2):
             self.assertEqual(self._prot(imgPerGrp=20, minPurity=bad).validate(),
-                             ["Purity target per cluster (minPurity) %g: it must be between 0.5 "
-                              "and 1." % bad])
+                             [f"Purity target per cluster (minPurity) {bad:g}: must be between "
+                              f"0.5 and 1."])
         # meridien input is checked too (before its own checks)
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="", minPurity=0.2
                             ).validate()
-        self.assertIn("Purity target per cluster (minPurity) 0.2: it must be between 0.5 and 1.",
+        self.assertIn("Purity target per cluster (minPurity) 0.2: must be between 0.5 and 1.",
                       errors)
         args = self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder, minPurity=0.75
                           )._engineArguments().split()
