@@ -28,6 +28,7 @@ from pwem.protocols import ProtClassify3D
 
 from .. import convert
 from ..engine.options import DEFAULT_MIN_PURITY, DataSummary, SortOptions, validate
+from ..engine.results import SummaryError, read_summary
 
 INPUT_PARTICLES = 0
 INPUT_MERIDIEN = 1
@@ -371,17 +372,16 @@ class ProtSort3DDepth(ProtClassify3D):
                                % (self._getSummaryFile(), self._getSortDir("log.txt")))
 
     def _readSummary(self):
-        with open(self._getSummaryFile()) as f:
-            return json.load(f)
+        """The engine's results.Summary; SummaryError (one line) for a file it cannot read."""
+        return read_summary(self._getSummaryFile())
 
     def _readPosteriors(self, summary, n_rows):
         """posteriors.npy (n_rows, final clusters) of the run, or None when the engine wrote none
         (older engine) or it does not match the summary (then a warning in the log)."""
-        name = summary.get("posteriors")
-        if not name:
+        if not summary.posteriors:
             return None
-        fn = self._getSortDir(name)
-        n_regular = sum(1 for c in summary.get("clusters") or [] if not c.get("unaccounted"))
+        fn = self._getSortDir(summary.posteriors)
+        n_regular = len(summary.regular)
         try:
             import numpy as np
             post = np.load(fn)
@@ -401,35 +401,41 @@ class ProtSort3DDepth(ProtClassify3D):
         their clusters' estimated purity); the members are in the engine's Cluster_###.txt files
         (meridien particle ids) and their posteriors in posteriors.npy (rows in the same
         order)."""
-        sampling = float(summary["pixel_size"])
+        sampling = float(summary.pixel_size)
         volumes = self._createSetOfVolumes()
         volumes.setSamplingRate(sampling)
-        for c in summary["clusters"]:
-            if not c.get("map"):
-                continue
-            vol = Volume()
-            vol.setObjId(int(c["id"]) + 1)
-            vol.setLocation(self._getSortDir(c["map"]))
-            vol.setSamplingRate(sampling)
-            vol.setObjLabel("unaccounted" if c.get("unaccounted") else "cluster %03d" % c["id"])
-            setattr(vol, ATTR_PURITY, Float(c.get("estimated_purity")))
-            volumes.append(vol)
+        for c in summary.clusters:
+            if c.map:
+                volumes.append(self._volume(c, int(c.id) + 1, sampling))
         self._defineOutputs(outputVolumes=volumes)
 
+    def _volume(self, c, objId, sampling):
+        """The Volume of a results.Cluster's map, labelled, with its estimated purity."""
+        vol = Volume()
+        vol.setObjId(objId)
+        vol.setLocation(self._getSortDir(c.map))
+        vol.setSamplingRate(sampling)
+        vol.setObjLabel(_classLabel(c))
+        setattr(vol, ATTR_PURITY, Float(c.estimated_purity))
+        return vol
+
     def createOutputStep(self):
-        summary = self._readSummary()
+        try:
+            summary = self._readSummary()
+        except SummaryError as e:
+            raise RuntimeError(f"Cannot register the outputs: {e}") from None
         if self._isMeridien():
             return self._createMeridienOutputs(summary)
         ids = convert.read_ids(self._getIdsFile())
         sampling = self.inputParticles.get().getSamplingRate()
         membership = {}                              # particle objId -> (cluster id, generation)
         clusters = {}                                # class id -> cluster entry
-        for c in summary["clusters"]:
-            with open(self._getSortDir(c["file"])) as f:
+        for c in summary.clusters:
+            with open(self._getSortDir(c.file)) as f:
                 rows = [int(t) for t in f.read().split()]
             for r in rows:
-                membership[int(ids[r])] = (int(c["id"]), int(c["generation"]))
-            clusters[int(c["id"]) + 1] = c
+                membership[int(ids[r])] = (int(c.id), int(c.generation))
+            clusters[int(c.id) + 1] = c
         rowOf = {int(objId): r for r, objId in enumerate(ids)}
         post = self._readPosteriors(summary, len(ids))
 
@@ -442,7 +448,7 @@ class ProtSort3DDepth(ProtClassify3D):
             return float(post[r, cid] if 0 <= cid < post.shape[1] else post[r].max())
 
         def mapFile(c):
-            return self._getSortDir(c["map"]) if c.get("map") else None
+            return self._getSortDir(c.map) if c.map else None
 
         def updateItem(item, row):
             cid, gen = membership.get(item.getObjId(), (-1, -1))
@@ -460,12 +466,11 @@ class ProtSort3DDepth(ProtClassify3D):
                 rep.setLocation(fn)
             rep.setSamplingRate(sampling)
             cls.setSamplingRate(sampling)
-            unaccounted = bool(c.get("unaccounted", False))
-            cls.setObjLabel("unaccounted" if unaccounted else "cluster %03d" % c["id"])
-            cls._sort3d_unaccounted = Boolean(unaccounted)
-            cls._sort3d_generation = Integer(int(c["generation"]))
-            cls._sort3d_resolution = Float(float(c.get("resolution_A", 0.0) or 0.0))
-            setattr(cls, ATTR_PURITY, Float(c.get("estimated_purity")))
+            cls.setObjLabel(_classLabel(c))
+            cls._sort3d_unaccounted = Boolean(bool(c.unaccounted))
+            cls._sort3d_generation = Integer(int(c.generation))
+            cls._sort3d_resolution = Float(float(c.resolution_A or 0.0))
+            setattr(cls, ATTR_PURITY, Float(c.estimated_purity))
 
         classes = self._createSetOfClasses3D(self.inputParticles)
         classes.classifyItems(updateItemCallback=updateItem, updateClassCallback=updateClass)
@@ -473,17 +478,8 @@ class ProtSort3DDepth(ProtClassify3D):
         volumes = self._createSetOfVolumes()
         volumes.setSamplingRate(sampling)
         for cid in sorted(clusters):
-            c = clusters[cid]
-            fn = mapFile(c)
-            if not fn:
-                continue
-            vol = Volume()
-            vol.setObjId(cid)
-            vol.setLocation(fn)
-            vol.setSamplingRate(sampling)
-            vol.setObjLabel("unaccounted" if c.get("unaccounted") else "cluster %03d" % c["id"])
-            setattr(vol, ATTR_PURITY, Float(c.get("estimated_purity")))
-            volumes.append(vol)
+            if clusters[cid].map:
+                volumes.append(self._volume(clusters[cid], cid, sampling))
 
         self._defineOutputs(outputClasses=classes, outputVolumes=volumes)
         self._defineSourceRelation(self.inputParticles, classes)
@@ -584,56 +580,63 @@ class ProtSort3DDepth(ProtClassify3D):
         return warnings
 
     def _summary(self):
-        summary = []
         if os.path.exists(self._getSummaryFile()):
-            s = self._readSummary()
-            regular = [c for c in s["clusters"] if not c.get("unaccounted")]
-            unacc = [c for c in s["clusters"] if c.get("unaccounted")]
-            summary.append("%d particles sorted in %s mode (%d generation(s)): %d stable "
-                           "cluster(s) of sizes %s." % (
-                               s["n_particles"], s.get("mode", "?"), len(s["generations"]),
-                               len(regular), ", ".join(str(c["size"]) for c in regular)))
-            if unacc:
-                summary.append("Unaccounted particles (last class): %d." % unacc[0]["size"])
-            else:
-                accounted = sum(c["size"] for c in regular)
-                summary.append("Unaccounted particles (not output): %d."
-                               % (s["n_particles"] - accounted))
-            res = [c.get("resolution_A") for c in regular if c.get("resolution_A")]
-            if res:
-                summary.append("Map resolutions (FSC 0.143): %s A."
-                               % ", ".join("%.1f" % r for r in res))
-            purity = [c.get("estimated_purity") for c in regular]
-            if s.get("min_purity") is not None or any(p is not None for p in purity):
-                summary.append("Estimated purity per cluster (target %s): %s." % (
-                    "-" if s.get("min_purity") is None else "%g" % s["min_purity"],
-                    ", ".join("-" if p is None else "%.3f" % p for p in purity) or "-"))
-        elif self._isMeridien():
-            summary.append("Input: meridien refinement %s; output not ready yet."
-                           % self.refinementDir.get())
-        elif self.inputParticles.get() is not None:
-            summary.append("Input: %d particles; %s." % (
-                self.inputParticles.get().getSize(),
-                "search mode" if self.imgPerGrp.get() == -1 else
-                "%d images per group" % self.imgPerGrp.get()))
-            summary.append("Output not ready yet.")
-        return summary
+            try:
+                return _summaryLines(self._readSummary())
+            except SummaryError as e:
+                return [f"Cannot read the results: {e}"]
+        if self._isMeridien():
+            return [f"Input: meridien refinement {self.refinementDir.get()}; output not ready "
+                    f"yet."]
+        if self.inputParticles.get() is not None:
+            grp = self.imgPerGrp.get()
+            mode = "search mode" if grp == -1 else f"{grp} images per group"
+            return [f"Input: {self.inputParticles.get().getSize()} particles; {mode}.",
+                    "Output not ready yet."]
+        return []
 
     def _methods(self):
         if not os.path.exists(self._getSummaryFile()):
             return []
-        s = self._readSummary()
-        regular = [c for c in s["clusters"] if not c.get("unaccounted")]
-        text = ("%d particles were sorted by reproducible 3D clustering without re-alignment "
-                "(SORT3D_DEPTH [Huang2019sort3d] of SPHIRE [Moriya2017], re-implemented in "
-                "sort3ddepth) with symmetry %s, %s, depth order %d and %d orientation groups. "
-                "%d stable cluster(s) were found (sizes %s)." % (
-                    s["n_particles"], self.symmetry.get(),
-                    "search mode" if self.imgPerGrp.get() == -1 else
-                    "%d images per group" % self.imgPerGrp.get(),
-                    self.depthOrder.get(), self.orientationGroups.get(), len(regular),
-                    ", ".join(str(c["size"]) for c in regular)))
-        return [text]
+        try:
+            s = self._readSummary()
+        except SummaryError as e:
+            return [f"Cannot read the results: {e}"]
+        grp = self.imgPerGrp.get()
+        mode = "search mode" if grp == -1 else f"{grp} images per group"
+        sizes = ", ".join(str(c.size) for c in s.regular)
+        return [f"{s.n_particles} particles were sorted by reproducible 3D clustering without "
+                f"re-alignment (SORT3D_DEPTH [Huang2019sort3d] of SPHIRE [Moriya2017], "
+                f"re-implemented in sort3ddepth) with symmetry {self.symmetry.get()}, {mode}, "
+                f"depth order {self.depthOrder.get()} and {self.orientationGroups.get()} "
+                f"orientation groups. {len(s.regular)} stable cluster(s) were found (sizes "
+                f"{sizes})."]
 
     def _citations(self):
         return ["Huang2019sort3d", "Moriya2017"]
+
+
+def _classLabel(c):
+    """The label of a results.Cluster's class and volume."""
+    return "unaccounted" if c.unaccounted else f"cluster {int(c.id):03d}"
+
+
+def _summaryLines(s):
+    """The protocol's summary of a finished run (a results.Summary)."""
+    sizes = ", ".join(str(c.size) for c in s.regular)
+    lines = [f"{s.n_particles} particles sorted in {s.mode or '?'} mode ({len(s.generations)} "
+             f"generation(s)): {len(s.regular)} stable cluster(s) of sizes {sizes}."]
+    if s.unaccounted is not None:
+        lines.append(f"Unaccounted particles (last class): {s.unaccounted.size}.")
+    else:
+        accounted = sum(c.size for c in s.regular)
+        lines.append(f"Unaccounted particles (not output): {s.n_particles - accounted}.")
+    res = [c.resolution_A for c in s.regular if c.resolution_A]
+    if res:
+        lines.append(f"Map resolutions (FSC 0.143): {', '.join(f'{r:.1f}' for r in res)} A.")
+    purity = [c.estimated_purity for c in s.regular]
+    if s.min_purity is not None or any(p is not None for p in purity):
+        target = "-" if s.min_purity is None else f"{s.min_purity:g}"
+        values = ", ".join("-" if p is None else f"{p:.3f}" for p in purity) or "-"
+        lines.append(f"Estimated purity per cluster (target {target}): {values}.")
+    return lines

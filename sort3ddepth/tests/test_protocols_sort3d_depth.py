@@ -20,6 +20,7 @@ import uuid
 
 import mrcfile
 import numpy as np
+import pytest
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from sort3ddepth import convert
@@ -107,6 +108,7 @@ def _launch_with_timeout(test, prot, timeout=SORT_TIMEOUT):
     return prot
 
 
+@pytest.mark.slow
 class TestSort3DDepthRun(BaseTest):
     """End to end: import -> sort (2 MPI ranks) -> outputs; then continue after an interruption."""
 
@@ -457,7 +459,8 @@ class TestSort3DDepthValidate(BaseTest):
     def _fake_summary(self, **extra):
         entry = lambda i, **kw: dict({"id": i, "file": "Cluster_%03d.txt" % i,  # noqa: E731
                                       "size": 20, "generation": 0, "unaccounted": False}, **kw)
-        return dict({"n_particles": 60, "pixel_size": PIXEL_SIZE, "generations": [{}],
+        return dict({"n_particles": 60, "pixel_size": PIXEL_SIZE,
+                     "generations": [{"generation": 0, "n_images": 60}],
                      "clusters": [entry(0, **extra.pop("c0", {})), entry(1, **extra.pop("c1", {})),
                                   entry(2, unaccounted=True)]}, **extra)
 
@@ -502,6 +505,29 @@ class TestSort3DDepthValidate(BaseTest):
         classes, _, _ = self._outputs_of(self._fake_summary(posteriors="posteriors.npy"),
                                          np.ones((60, 3), np.float32))
         self.assertFalse(hasattr(next(iter(classes[1].iterItems())), ATTR_POSTERIOR))
+
+    def test_unreadable_summary_gives_one_line(self):
+        """A summary of a newer schema, or one without a field the protocol needs: one line in
+        the protocol's summary and methods, and createOutputStep fails with that line."""
+        from sort3ddepth.engine.results import SCHEMA_VERSION
+        newer = self._fake_summary(schema_version=SCHEMA_VERSION + 1)
+        missing = self._fake_summary()
+        del missing["clusters"][1]["generation"]
+        for summary, words in ((newer, "newer sort3ddepth (schema_version %d"
+                                % (SCHEMA_VERSION + 1)),
+                               (missing, "clusters[1] has no field 'generation'")):
+            with self.assertRaises(RuntimeError) as e:
+                self._outputs_of(summary)
+            self.assertIn(words, str(e.exception))
+            self.assertEqual(len(str(e.exception).splitlines()), 1)
+            prot = self._prot(imgPerGrp=20)
+            os.makedirs(prot._getSortDir(), exist_ok=True)
+            with open(prot._getSummaryFile(), "w") as f:
+                json.dump(summary, f)
+            for lines in (prot.summary(), prot._methods()):
+                self.assertEqual(len(lines), 1, lines)
+                self.assertTrue(lines[0].startswith("Cannot read the results: ")
+                                and words in lines[0], lines)
 
     def test_mask_of_another_size(self):
         protMask = _import_mask(self, _sphere_mask(os.path.join(self.folder, "m32.mrc"), 32, 10),

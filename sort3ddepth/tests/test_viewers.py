@@ -11,6 +11,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from pyworkflow.tests import BaseTest, setupTestProject
 
+from sort3ddepth.engine.results import SCHEMA_VERSION, GenerationCluster
 from sort3ddepth.viewers import plots
 
 BOX = 16
@@ -106,7 +108,7 @@ def _with_purity(summary, seed=0):
     """The summary of a newer engine: purity target, each cluster's estimated purity and the
     purity-vs-accounted curve of 1000 particles' max posteriors (null purity where no particle
     reaches the threshold), computed as the engine does."""
-    s = json.loads(json.dumps(summary))
+    s = json.loads(json.dumps(plots.as_summary(summary).to_dict()))
     best = np.concatenate([np.full(200, 0.9995),
                            np.random.default_rng(seed).uniform(0.4, 0.999, 800)])
     t = np.round(np.linspace(0.0, 1.0, 101), 3)
@@ -137,7 +139,7 @@ def test_anova_boxes_and_flag(synthetic):
     assert "no F test (constant values)" in text
     assert "p = 1e-06" in text
     # the differing cluster is named first (it is in both significant pairs)
-    assert plots.flagged_clusters(s["anova"]["defocus"])[0] == "Cluster_002"
+    assert plots.flagged_clusters(s.anova["defocus"])[0] == "Cluster_002"
     # one variable, one generation
     fig = plots.plot_anova(s, ["norm"])
     assert len(_gids(fig, "box:")) == 3 and not _gids(fig, "flag:")
@@ -191,8 +193,8 @@ def test_a_generation_cluster_the_final_check_emptied(synthetic):
     """final_id None (the run's final member check left it below the minimum size): no map, no
     final cluster; the figures say so instead of failing."""
     s = plots.load_summary(synthetic)
-    s["generations"][1]["clusters"].append({"file": "generation_001/Cluster_001.txt",
-                                            "size": 60, "final_id": None, "jaccard": 55.0})
+    s.generations[1].clusters.append(GenerationCluster(
+        file="generation_001/Cluster_001.txt", size=60, final_id=None, jaccard=55.0))
     fig = plots.plot_generation_sizes(s)
     assert "bar:1:Cluster_001" in _gids(fig, "bar:")
     assert "Cluster_001 -> none: 60" in _texts(fig)
@@ -264,7 +266,8 @@ def test_purity_not_available(synthetic):
     """An older summary (no purity keys) gives the one-line message, not an exception; a
     summary with a curve but no per-cluster estimates still draws the curve."""
     s = plots.load_summary(synthetic)
-    assert "purity_curve" not in s and "estimated_purity" not in s["clusters"][0]
+    assert s.purity_curve is None and s.clusters[0].estimated_purity is None
+    assert "purity_curve" not in s.to_dict()
     assert plots.purity_curve(s) is None
     fig = plots.plot_purity_curve(s)
     assert _texts(fig).strip() == plots.NOT_AVAILABLE
@@ -297,6 +300,28 @@ def test_missing_fields(tmp_path):
     assert plots.NOT_AVAILABLE in _texts(plots.plot_purity_curve(s))
 
 
+def test_unreadable_summary_one_line(synthetic, tmp_path, capsys):
+    """A newer schema_version, or a cluster without its size: the command line says so in one
+    line (exit status 2), never a KeyError; the plot functions raise SummaryError."""
+    with open(os.path.join(synthetic, "summary.json")) as f:
+        good = json.load(f)
+    newer = dict(good, schema_version=SCHEMA_VERSION + 1)
+    missing = json.loads(json.dumps(good))
+    del missing["clusters"][2]["size"]
+    for s, words in ((newer, f"schema_version {SCHEMA_VERSION + 1}; this version reads up to "
+                             f"{SCHEMA_VERSION}"),
+                     (missing, "clusters[2] has no field 'size'")):
+        with open(os.path.join(synthetic, "summary.json"), "w") as f:
+            json.dump(s, f)
+        assert plots.main([synthetic, str(tmp_path / "png")]) == 2
+        out, err = capsys.readouterr()
+        lines = err.splitlines()
+        assert out == "" and len(lines) == 1 and words in lines[0], err
+        assert lines[0].startswith("python -m sort3ddepth.viewers.plots: error: ")
+        with pytest.raises(plots.SummaryError, match=re.escape(words)):
+            plots.plot_fsc(s)
+
+
 def test_command_line(synthetic, tmp_path, capsys):
     plots.main([synthetic, str(tmp_path / "png")])
     written = capsys.readouterr().out.split()
@@ -307,6 +332,7 @@ def test_command_line(synthetic, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ Scipion
+@pytest.mark.slow
 class TestSort3DDepthViewer(BaseTest):
     """The viewer on a real protocol run."""
 

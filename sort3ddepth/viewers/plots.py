@@ -1,7 +1,8 @@
 """Figures of a sort3d-depth run, drawn from its summary.json only (never from log text).
 
-Pure matplotlib (no pyplot state, no pyworkflow): every function takes the parsed summary dict
-(plus the output folder where maps are read) and returns a ``matplotlib.figure.Figure``, so the
+Pure matplotlib (no pyplot state, no pyworkflow): every function takes the run's summary, a
+``sort3ddepth.engine.results.Summary`` (or its JSON dict, read through the same schema), plus
+the output folder where maps are read, and returns a ``matplotlib.figure.Figure``, so the
 same code serves the Scipion viewer (which passes the figure of a pwem plotter as ``fig``), the
 command line and the tests, on a machine without a display.
 
@@ -12,12 +13,14 @@ Artists that stand for a cluster carry a gid (``box:``, ``bar:``, ``repro:``, ``
 pixels.
 """
 import argparse
-import json
 import math
 import os
+import sys
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from ..engine.results import SUMMARY_FILE, Summary, SummaryError, read_summary
 
 #: p value below which a nuisance variable is flagged (the clusters differ in it)
 ALPHA = 0.01
@@ -32,9 +35,14 @@ PLANES = ("xy", "xz", "yz")
 
 # ------------------------------------------------------------------------------------ reading
 def load_summary(out_dir):
-    """The summary dict of an engine output folder (summary.json is written last)."""
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        return json.load(f)
+    """The Summary of an engine output folder (summary.json is written last); SummaryError
+    (one line) when it cannot be read."""
+    return read_summary(os.path.join(out_dir, SUMMARY_FILE))
+
+
+def as_summary(summary):
+    """A Summary from a Summary or a summary.json dict (SummaryError when it is not one)."""
+    return summary if isinstance(summary, Summary) else Summary.from_dict(summary)
 
 
 def _finite(x):
@@ -46,15 +54,13 @@ def _fmt(x, spec=".3g"):
 
 
 def final_clusters(summary):
-    """Final clusters, the unaccounted set (when output) last."""
-    return list(summary.get("clusters") or [])
+    """Final clusters (results.Cluster), the unaccounted set (when output) last."""
+    return list(as_summary(summary).clusters)
 
 
 def cluster_label(c):
-    """Short name of a final cluster entry."""
-    if c.get("unaccounted"):
-        return "unaccounted"
-    return "Cluster_%03d" % int(c["id"])
+    """Short name of a final cluster."""
+    return c.label
 
 
 def _final_label(final_id):
@@ -71,30 +77,21 @@ def cluster_color(final_id, unaccounted=False):
 
 
 def generation_clusters(summary, g):
-    """Cluster entries of generation g, each with a final_id (older summaries: by order)."""
-    gens = summary.get("generations") or []
-    gen = gens[g]
-    entries = [dict(e) for e in gen.get("clusters") or []]
-    if not entries:      # older summaries: sizes and stats only
-        sizes = gen.get("cluster_sizes") or []
-        stats = list(gen.get("stats") or []) + [{}] * len(sizes)
-        entries = [dict(stats[j], size=s) for j, s in enumerate(sizes)]
-    first = sum(len(gens[k].get("clusters") or gens[k].get("cluster_sizes") or [])
-                for k in range(g))
-    for j, e in enumerate(entries):
-        e.setdefault("final_id", first + j)
-        e["name"] = "Cluster_%03d" % j
-    return entries
+    """[(name, results.GenerationCluster)] of generation g (the schema gives older summaries
+    their final_id by order)."""
+    gen = as_summary(summary).generations[g]
+    return [(f"Cluster_{j:03d}", e) for j, e in enumerate(gen.clusters)]
 
 
 def anova_tables(summary, generation=None):
     """{variable: table} of the final clusters (generation None) or of one generation."""
+    summary = as_summary(summary)
     if generation is None:
-        return dict(summary.get("anova") or {})
-    gens = summary.get("generations") or []
+        return dict(summary.anova or {})
+    gens = summary.generations
     if not 0 <= generation < len(gens):
         return {}
-    return dict(gens[generation].get("anova") or {})
+    return dict(gens[generation].anova or {})
 
 
 def significant_pairs(table, alpha=ALPHA):
@@ -260,19 +257,20 @@ def plot_anova_table(summary, generation=None, alpha=ALPHA, fig=None):
 # ------------------------------------------------------------------------------------ generations
 def plot_generation_sizes(summary, fig=None):
     """Stacked bars per generation: each cluster's size and the unaccounted images."""
-    gens = summary.get("generations") or []
+    summary = as_summary(summary)
+    gens = summary.generations or []
     fig = _new_figure(fig, (max(4.5, 1.8 + 1.5 * len(gens)), 4.5))
     if not gens:
         return _empty(fig, "No generation in this summary.")
     ax = fig.add_subplot(1, 1, 1)
     top = 0
     for g, gen in enumerate(gens):
-        n = gen.get("n_images") or 1
-        segments = [(e["name"], int(e.get("size", 0)), cluster_color(e["final_id"]),
-                     "%s %s: %d" % (e["name"], _final_label(e["final_id"]),
-                                           int(e.get("size", 0))))
-                    for e in generation_clusters(summary, g)]
-        unacc = int(gen.get("n_unaccounted", 0) or 0)
+        n = gen.n_images or 1
+        segments = [(name, int(e.size), cluster_color(e.final_id),
+                     "%s %s: %d" % (name, _final_label(e.final_id),
+                                           int(e.size)))
+                    for name, e in generation_clusters(summary, g)]
+        unacc = int(gen.n_unaccounted or 0)
         if unacc:
             segments.append(("unaccounted", unacc, UNACCOUNTED_COLOR, "unaccounted: %d" % unacc))
         bottom = 0
@@ -284,10 +282,10 @@ def plot_generation_sizes(summary, fig=None):
             else:
                 ax.text(g + 0.27, bottom + size / 2, text, ha="left", va="center", fontsize=7)
             bottom += size
-        ax.text(g, bottom, "%s images" % gen.get("n_images", bottom), ha="center",
+        ax.text(g, bottom, "%s images" % gen.n_images, ha="center",
                 va="bottom", fontsize=8)
         top = max(top, bottom)
-    ax.set_xticks(range(len(gens)), ["generation %d" % gen.get("generation", g)
+    ax.set_xticks(range(len(gens)), ["generation %d" % gen.generation
                                      for g, gen in enumerate(gens)])
     ax.set_ylim(0, top * 1.08 + 1)
     ax.set_ylabel("particles")
@@ -299,32 +297,33 @@ def plot_generation_sizes(summary, fig=None):
 def plot_reproducibility(summary, fig=None):
     """Jaccard reproducibility of each cluster of each generation against the random
     expectation (mean +- 2 std): a real cluster stands far above its random band."""
+    summary = as_summary(summary)
     rows = []
-    for g in range(len(summary.get("generations") or [])):
-        for e in generation_clusters(summary, g):
-            if _finite(e.get("jaccard")):
-                rows.append((g, e))
+    for g in range(len(summary.generations or [])):
+        for name, e in generation_clusters(summary, g):
+            if _finite(e.jaccard):
+                rows.append((g, name, e))
     fig = _new_figure(fig, (max(4.5, 1.5 + 0.8 * len(rows)), 4.5))
     if not rows:
         return _empty(fig, "No reproducibility figures in this summary (a single homogeneous "
                            "cluster, or an older run).")
     ax = fig.add_subplot(1, 1, 1)
-    for x, (g, e) in enumerate(rows):
+    for x, (g, name, e) in enumerate(rows):
         ok = True
-        if _finite(e.get("random_mean")):
-            std = e.get("random_std") if _finite(e.get("random_std")) else 0.0
-            ok = e["jaccard"] > e["random_mean"] + 2 * std
-            ax.errorbar(x + 0.18, e["random_mean"], yerr=2 * std, fmt="o", color="black",
-                        ms=4, capsize=4, gid="random:%d:%s" % (g, e["name"]),
+        if _finite(e.random_mean):
+            std = e.random_std if _finite(e.random_std) else 0.0
+            ok = e.jaccard > e.random_mean + 2 * std
+            ax.errorbar(x + 0.18, e.random_mean, yerr=2 * std, fmt="o", color="black",
+                        ms=4, capsize=4, gid="random:%d:%s" % (g, name),
                         label="random (mean ± 2 std)" if x == 0 else None)
-        ax.bar(x - 0.1, e["jaccard"], width=0.45, color=cluster_color(e["final_id"]),
+        ax.bar(x - 0.1, e.jaccard, width=0.45, color=cluster_color(e.final_id),
                edgecolor=FLAG_COLOR if not ok else "black", linewidth=2 if not ok else 0.5,
-               gid="repro:%d:%s" % (g, e["name"]), label="Jaccard" if x == 0 else None)
-        ax.text(x - 0.1, e["jaccard"] + 1, "%.0f%%" % e["jaccard"], ha="center",
+               gid="repro:%d:%s" % (g, name), label="Jaccard" if x == 0 else None)
+        ax.text(x - 0.1, e.jaccard + 1, "%.0f%%" % e.jaccard, ha="center",
                 va="bottom", fontsize=7)
     ax.axhline(JACCARD_FLOOR, ls="--", color="0.5", lw=0.8, label="floor %g %%" % JACCARD_FLOOR)
-    ax.set_xticks(range(len(rows)), ["gen %d\n%s\n%s" % (g, e["name"], _final_label(e["final_id"]))
-                                     for g, e in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), ["gen %d\n%s\n%s" % (g, name, _final_label(e.final_id))
+                                     for g, name, e in rows], fontsize=8)
     ax.set_ylim(0, 110)
     ax.set_ylabel("reproducibility (Jaccard, %)")
     ax.set_title("Reproducibility vs random expectation", fontsize=10)
@@ -348,7 +347,8 @@ def _edge(ax, source, target, gid):
 def plot_generation_tree(summary, fig=None):
     """Which generation produced which final cluster; each generation's unaccounted images
     feed the next generation, the last one's are the unaccounted set."""
-    gens = summary.get("generations") or []
+    summary = as_summary(summary)
+    gens = summary.generations or []
     finals = final_clusters(summary)
     fig = _new_figure(fig, (7.5, 1.0 + 0.7 * max(len(finals), len(gens), 2)))
     if not gens and not finals:
@@ -357,32 +357,32 @@ def plot_generation_tree(summary, fig=None):
     ax.set_axis_off()
     n = max(len(finals), 1)
     ys = {i: 1 - (i + 0.5) / n for i in range(len(finals))}
-    by_id = {int(c["id"]): i for i, c in enumerate(finals) if "id" in c}
+    by_id = {int(c.id): i for i, c in enumerate(finals)}
     gen_y = {}
     for g in range(len(gens)):
-        rows = [by_id[e["final_id"]] for e in generation_clusters(summary, g)
-                if e["final_id"] in by_id]
+        rows = [by_id[e.final_id] for name, e in generation_clusters(summary, g)
+                if e.final_id in by_id]
         rows += [i for i, c in enumerate(finals)
-                 if c.get("generation") == g and not c.get("unaccounted") and i not in rows]
+                 if c.generation == g and not c.unaccounted and i not in rows]
         gen_y[g] = float(np.mean([ys[i] for i in rows])) if rows else (
             gen_y.get(g - 1, 1.0) - 0.5 / n)
     gen_nodes = {}
     for g, gen in enumerate(gens):
         gen_nodes[g] = _node(ax, (0.15, gen_y[g]), "generation %d\n%s images" % (
-            gen.get("generation", g), gen.get("n_images", "?")), "#fcf3cf", "node:gen%d" % g)
+            gen.generation, gen.n_images), "#fcf3cf", "node:gen%d" % g)
     for g, gen in enumerate(gens[:-1]):
         _edge(ax, gen_nodes[g], gen_nodes[g + 1], "edge:gen%d:gen%d" % (g, g + 1))
         ax.text(0.17, (gen_y[g] + gen_y[g + 1]) / 2, "unaccounted %s"
-                % gen.get("n_unaccounted", "?"), fontsize=7, color="0.3", va="center")
+                % gen.n_unaccounted, fontsize=7, color="0.3", va="center")
     for i, c in enumerate(finals):
-        res = c.get("resolution_A")
-        purity = c.get("estimated_purity")
-        text = "%s\n%d particles%s%s" % (cluster_label(c), int(c.get("size", 0)),
+        res = c.resolution_A
+        purity = c.estimated_purity
+        text = "%s\n%d particles%s%s" % (cluster_label(c), int(c.size),
                                          (", %.1f Å" % res) if _finite(res) else "",
                                          (", purity %.3f" % purity) if _finite(purity) else "")
-        node = _node(ax, (0.8, ys[i]), text, cluster_color(c.get("id"), c.get("unaccounted")),
+        node = _node(ax, (0.8, ys[i]), text, cluster_color(c.id, c.unaccounted),
                      "node:final%d" % i)
-        g = len(gens) - 1 if c.get("unaccounted") else c.get("generation")
+        g = len(gens) - 1 if c.unaccounted else c.generation
         if g in gen_nodes:
             _edge(ax, gen_nodes[g], node, "edge:gen%d:%s" % (g, cluster_label(c)))
     ax.set_xlim(0, 1)
@@ -404,18 +404,19 @@ def central_slices(path):
 def map_rows(summary, out_dir, generation=None, with_generations=True):
     """[(label, final map path or None, generation map path or None)], one per final cluster
     with a map; generation=g keeps the clusters of generation g only."""
+    summary = as_summary(summary)
     gen_maps = {}
-    for g in range(len(summary.get("generations") or [])):
-        for e in generation_clusters(summary, g):
-            if e.get("map"):
-                gen_maps[e["final_id"]] = (g, e["name"], os.path.join(out_dir, e["map"]))
+    for g in range(len(summary.generations or [])):
+        for name, e in generation_clusters(summary, g):
+            if e.map:
+                gen_maps[e.final_id] = (g, name, os.path.join(out_dir, e.map))
     rows = []
     for c in final_clusters(summary):
-        if generation is not None and (c.get("unaccounted") or c.get("generation") != generation):
+        if generation is not None and (c.unaccounted or c.generation != generation):
             continue
-        final = os.path.join(out_dir, c["map"]) if c.get("map") else None
+        final = os.path.join(out_dir, c.map) if c.map else None
         final = final if final and os.path.exists(final) else None
-        gm = gen_maps.get(c.get("id")) if with_generations and not c.get("unaccounted") else None
+        gm = gen_maps.get(c.id) if with_generations and not c.unaccounted else None
         gpath = gm[2] if gm and os.path.exists(gm[2]) else None
         if final or gpath:
             label = cluster_label(c)
@@ -464,20 +465,21 @@ def plot_map_slices(summary, out_dir, generation=None, with_generations=True, fi
 
 def plot_fsc(summary, fig=None):
     """Half-map FSC of each cluster map against spatial frequency, with the 0.143 line."""
-    clusters = [c for c in final_clusters(summary) if c.get("fsc")]
+    summary = as_summary(summary)
+    clusters = [c for c in final_clusters(summary) if c.fsc]
     fig = _new_figure(fig, (6.5, 4.5))
     if not clusters:
         return _empty(fig, "No FSC curves in this summary (older run, or no maps).")
     ax = fig.add_subplot(1, 1, 1)
-    box, apix = summary.get("box"), summary.get("pixel_size")
+    box, apix = summary.box, summary.pixel_size
     scale = 1.0 / (box * apix) if _finite(box) and _finite(apix) and box * apix > 0 else None
     for c in clusters:
-        f = np.asarray(c["fsc"], float)
+        f = np.asarray(c.fsc, float)
         x = np.arange(len(f)) * (scale if scale else 1.0 / (2 * (len(f) - 1 or 1)))
-        res = c.get("resolution_A")
+        res = c.resolution_A
         label = "%s%s" % (cluster_label(c), (": %.1f Å" % res) if _finite(res) else "")
-        color = cluster_color(c.get("id"), c.get("unaccounted"))
-        ax.plot(x, f, color=color, lw=1.5, ls="--" if c.get("unaccounted") else "-",
+        color = cluster_color(c.id, c.unaccounted)
+        ax.plot(x, f, color=color, lw=1.5, ls="--" if c.unaccounted else "-",
                 label=label, gid="fsc:%s" % cluster_label(c))
         if _finite(res) and res > 0 and scale:
             ax.axvline(1.0 / res, color=color, lw=0.6, ls=":")
@@ -500,17 +502,18 @@ NOT_AVAILABLE = ("Estimated purity not available: this summary has no purity cur
 
 
 def purity_curve(summary):
-    """(thresholds, accounted fraction, estimated purity) arrays of summary["purity_curve"]
+    """(thresholds, accounted fraction, estimated purity) arrays of summary.purity_curve
     (a purity the engine left null is nan), or None when the summary has none."""
-    curve = summary.get("purity_curve")
-    if not curve or not curve.get("accounted"):
+    summary = as_summary(summary)
+    curve = summary.purity_curve
+    if not curve or not curve.accounted:
         return None
 
-    def arr(key):
-        return np.array([np.nan if v is None else v for v in curve.get(key) or []], float)
+    def arr(values):
+        return np.array([np.nan if v is None else v for v in values or []], float)
 
-    acc, pur = arr("accounted"), arr("estimated_purity")
-    thr = arr("threshold")
+    acc, pur = arr(curve.accounted), arr(curve.estimated_purity)
+    thr = arr(curve.threshold)
     if len(pur) != len(acc):
         return None
     if len(thr) != len(acc):
@@ -522,13 +525,14 @@ def operating_point(summary):
     """(accounted fraction, estimated purity) of the run's own clusters: their total size over
     all particles, and the size-weighted mean of their estimated purities (None when a cluster
     has none)."""
-    regular = [c for c in final_clusters(summary) if not c.get("unaccounted")]
-    n = summary.get("n_particles")
+    summary = as_summary(summary)
+    regular = [c for c in final_clusters(summary) if not c.unaccounted]
+    n = summary.n_particles
     if not regular or not _finite(n) or n <= 0:
         return None, None
-    sizes = np.array([int(c.get("size", 0)) for c in regular], float)
+    sizes = np.array([int(c.size) for c in regular], float)
     accounted = float(sizes.sum() / n)
-    purities = [c.get("estimated_purity") for c in regular]
+    purities = [c.estimated_purity for c in regular]
     if sizes.sum() <= 0 or not all(_finite(p) for p in purities):
         return accounted, None
     return accounted, float(np.dot(sizes, purities) / sizes.sum())
@@ -539,12 +543,13 @@ def plot_purity_curve(summary, fig=None):
     posterior, the fraction of particles whose most probable cluster reaches it (x) against the
     mean posterior of those (estimated purity, y); the run's own clusters (at its purity target)
     as a point; beside it each cluster's estimated purity."""
+    summary = as_summary(summary)
     fig = _new_figure(fig, (10.0, 4.4))
     curve = purity_curve(summary)
     if curve is None:
         return _empty(fig, NOT_AVAILABLE)
     thr, acc, pur = curve
-    target = summary.get("min_purity")
+    target = summary.min_purity
     target = target if _finite(target) else None
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
 
@@ -576,23 +581,23 @@ def plot_purity_curve(summary, fig=None):
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("Purity vs particles accounted", fontsize=10)
 
-    regular = [c for c in final_clusters(summary) if not c.get("unaccounted")]
-    rows = [c for c in regular if _finite(c.get("estimated_purity"))]
+    regular = [c for c in final_clusters(summary) if not c.unaccounted]
+    rows = [c for c in regular if _finite(c.estimated_purity)]
     if not rows:
         bx.set_axis_off()
         bx.text(0.5, 0.5, "no estimated purity per cluster", ha="center", va="center",
                 transform=bx.transAxes)
     else:
         for i, c in enumerate(rows):
-            bx.bar(i, c["estimated_purity"], width=0.6, color=cluster_color(c.get("id")),
+            bx.bar(i, c.estimated_purity, width=0.6, color=cluster_color(c.id),
                    edgecolor="black", lw=0.5, gid="purity:%s" % cluster_label(c))
-            bx.text(i, c["estimated_purity"], "%.3f\nn=%d" % (c["estimated_purity"],
-                                                             int(c.get("size", 0))),
+            bx.text(i, c.estimated_purity, "%.3f\nn=%d" % (c.estimated_purity,
+                                                             int(c.size)),
                     ha="center", va="bottom", fontsize=7)
         if target is not None:
             bx.axhline(target, ls="--", color=FLAG_COLOR, lw=0.8)
         bx.set_xticks(range(len(rows)), [cluster_label(c) for c in rows], fontsize=8)
-        values = [c["estimated_purity"] for c in rows] + ([target] if target else [])
+        values = [c.estimated_purity for c in rows] + ([target] if target else [])
         bx.set_ylim(max(0.0, min(min(values), 0.9) - 0.05), 1.035)
         bx.set_ylabel("estimated purity")
         bx.grid(axis="y", alpha=0.3)
@@ -634,9 +639,15 @@ def main(argv=None):
     parser.add_argument("png_dir", help="folder for the PNG files")
     parser.add_argument("--dpi", type=int, default=100)
     args = parser.parse_args(argv)
-    for path in write_all(args.output_dir, args.png_dir, args.dpi):
+    try:
+        written = write_all(args.output_dir, args.png_dir, args.dpi)
+    except (SummaryError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,6 @@ and the maps next to it; the figures are those of ``sort3ddepth.viewers.plots``,
 figure of a pwem plotter so that Scipion shows them in its usual plot windows. The maps and the
 classes open in whatever viewer Scipion is configured with for volumes and 3D classes.
 """
-import json
 import os
 
 import pyworkflow.utils as pwutils
@@ -17,6 +16,7 @@ from pwem.viewers.plotter import EmPlotter
 
 from ..protocols import ProtSort3DDepth
 from ..protocols.protocol_sort3d_depth import ATTR_POSTERIOR
+from ..engine.results import SummaryError
 from . import plots
 
 ALL = "all"
@@ -39,23 +39,30 @@ class Sort3DDepthViewer(EmProtocolViewer):
     def _outputDir(self):
         return self.protocol._getSortDir()
 
+    def _readSummary(self):
+        """(results.Summary or None, why not: one line)."""
+        if not os.path.exists(self._summaryFile()):
+            return None, (f"The sorting has not finished: {self._summaryFile()} does not exist "
+                          f"yet.")
+        try:
+            return plots.load_summary(self._outputDir()), None
+        except SummaryError as e:
+            return None, f"Cannot read the results: {e}"
+
     def _summary(self):
-        """The run's summary dict, or None before the sorting finished."""
-        fn = self._summaryFile()
-        if not os.path.exists(fn):
-            return None
-        with open(fn) as f:
-            return json.load(f)
+        """The run's results.Summary, or None (not finished, or unreadable)."""
+        return self._readSummary()[0]
 
     def _generationChoices(self, summary):
-        n = len((summary or {}).get("generations") or [])
-        return ["generation %d" % g for g in range(n)]
+        n = len(summary.generations) if summary is not None else 0
+        return [f"generation {g}" for g in range(n)]
 
     # -------------------------------------------------------------------------------- form
     def _defineParams(self, form):
         summary = self._summary()
         gens = self._generationChoices(summary)
-        variables = list(((summary or {}).get("anova") or {}).keys()) or ["defocus"]
+        variables = list(summary.anova or {}) if summary is not None else []
+        variables = variables or ["defocus"]
 
         form.addSection(label="ANOVA")
         form.addParam("anovaClusters", params.EnumParam, default=0,
@@ -142,8 +149,8 @@ class Sort3DDepthViewer(EmProtocolViewer):
 
     # -------------------------------------------------------------------------------- views
     def _notFinished(self):
-        return [self.errorMessage("The sorting has not finished: %s does not exist yet."
-                                  % self._summaryFile(), "No results")]
+        """The one line saying why there is nothing to show."""
+        return [self.errorMessage(self._readSummary()[1], "No results")]
 
     def _plotView(self, draw, title):
         """A pwem plotter whose figure is drawn by one of the plots functions."""

@@ -1,0 +1,93 @@
+"""The sorting driver (sorter.py): the generation loop and its post-filter on stored partitions
+(no sorting needed), and one small run end to end whose summary.json is read through the
+schema."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from sort3ddepth.engine import cli, sorter
+from sort3ddepth.engine.depth import Partition
+from sort3ddepth.engine.parallel import Comm
+from sort3ddepth.engine.results import SCHEMA_VERSION, read_summary
+from sort3ddepth.tests.sorting_data import make_star
+
+
+class StoredGenerations:
+    """Checkpoints that hold every generation's partition: the loop runs without sorting."""
+
+    def __init__(self, partitions):
+        self.partitions = partitions
+        self.loaded = []
+
+    def load(self, key, rng):
+        self.loaded.append(key)
+        return {"partition": self.partitions[key]}
+
+
+def _ctx():
+    return types.SimpleNamespace(rng=np.random.default_rng(0), log=lambda *a: None)
+
+
+def _part(clusters, stats=()):
+    clusters = [np.asarray(c, np.int64) for c in clusters]
+    return Partition(clusters, np.zeros(0, np.int64), 0.5, list(stats))
+
+
+def test_post_filter_uses_the_reproduced_size():
+    """A cluster under a third of the largest (as reproduced) goes back to the pool; one the
+    member check shrank but that was reproduced large enough stays."""
+    subset = np.arange(1000)
+    stored = StoredGenerations({"gen000": _part(
+        [range(0, 400), range(400, 500), range(500, 560)],
+        [{"jaccard": 90.0}, {"reproduced_size": 200}, {"jaccard": 70.0}])})
+    run = sorter._one_generation(_ctx(), 0, subset, 3, [], comm=Comm(), checkpoints=stored)
+    assert [len(c) for c in run.clusters] == [400, 100]
+    assert run.stats == [{"jaccard": 90.0}, {"reproduced_size": 200}]
+    np.testing.assert_array_equal(run.unaccounted, np.arange(500, 1000))
+    assert (run.generation, run.n_images) == (0, 1000)
+
+
+def test_nothing_reproduced_is_one_homogeneous_cluster():
+    stored = StoredGenerations({"gen000": _part([])})
+    run = sorter._one_generation(_ctx(), 0, np.arange(300), 3, [], comm=Comm(),
+                                 checkpoints=stored)
+    assert [len(c) for c in run.clusters] == [300] and run.stats == [{}]
+    assert len(run.unaccounted) == 0
+
+
+def test_generations_follow_the_pool_until_too_few_are_left():
+    """Generation 1 sorts what generation 0 left; it stops when K = pool / group size < 2."""
+    stored = StoredGenerations({
+        "gen000": _part([range(0, 300), range(300, 600)]),
+        "gen001": _part([range(600, 850)]),
+    })
+    found = sorter.run_generations(_ctx(), n=1000, k0=3, work=200, comm=Comm(),
+                                   checkpoints=stored)
+    assert stored.loaded == ["gen000", "gen001"]
+    assert [len(c) for c in found.clusters] == [300, 300, 250]
+    assert found.gen_of == [0, 0, 1] and found.final_id == [0, 1, 2]
+    np.testing.assert_array_equal(found.unaccounted, np.arange(850, 1000))
+    assert [g.n_images for g in found.generations] == [1000, 400]
+
+
+@pytest.mark.slow
+def test_small_run_writes_its_summary_through_the_schema(tmp_path):
+    """One process on 3 x 150 particles: summary.json carries schema_version, reads back into
+    the same dict, and agrees with the cluster files."""
+    star, _ = make_star(tmp_path, n_per_class=150, n_classes=3, box=32, snr=3.0)
+    out = tmp_path / "out"
+    code = cli.run(["--instack", str(star), "--output_dir", str(out), "--img_per_grp", "150",
+                    "--seed", "3", "--depth_order", "1"])
+    assert code == 0
+    s = read_summary(out / "summary.json")
+    assert s.schema_version == SCHEMA_VERSION
+    assert s.to_dict() == json.loads((out / "summary.json").read_text())
+    assert s.mode == "freeze" and s.seed == 3 and s.n_particles == 450
+    assert sum(c.size for c in s.clusters) == 450 and len(s.regular) >= 2
+    for c in s.clusters:
+        assert len((out / c.file).read_text().split()) == c.size
+    assert s.purity_curve is not None and len(s.purity_curve.accounted) > 0
+    assert all(c.estimated_purity is not None for c in s.regular)
