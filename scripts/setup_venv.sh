@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install the package into it
-# in editable mode with the test extras. Idempotent: when .venv/.sort3ddepth-installed is newer
+# in editable mode with the test extras (pytest, ruff). Idempotent: when .venv/.sort3ddepth-installed is newer
 # than setup.py, nothing is reinstalled.
 #
 # The interpreter must be CPython 3.9-3.12 WITH tkinter (Scipion's pwem imports tkinter while it

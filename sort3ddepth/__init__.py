@@ -6,7 +6,7 @@ import pyworkflow/pwem (which also writes folders at import time), so the Scipio
 class is looked up lazily: Scipion's ``registerPlugin`` asks for ``sort3ddepth.Plugin`` and only
 then is pwem imported.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 _logo = "sort3ddepth_logo.png"
 _references = ["Huang2019sort3d", "Moriya2017", "Scheres2012relion"]
 

@@ -12,6 +12,7 @@ Variables (an environment variable of the same name overrides the default):
   SORT3DDEPTH_MPIRUN  mpirun used for MPI runs; default: ``mpirun`` next to ``sys.executable``.
   SORT3DDEPTH_PYTHON  Python that runs the engine; default: ``sys.executable``.
 """
+
 import os
 import shlex
 import sys
@@ -24,7 +25,7 @@ from . import __version__
 
 SORT3DDEPTH_MPIRUN = "SORT3DDEPTH_MPIRUN"
 SORT3DDEPTH_PYTHON = "SORT3DDEPTH_PYTHON"
-PACKAGE = __name__.rpartition(".")[0]          # "sort3ddepth"
+PACKAGE = __name__.rpartition(".")[0]  # "sort3ddepth"
 ENGINE_MODULE = PACKAGE + ".engine.cli"
 
 
@@ -34,20 +35,26 @@ def _default_mpirun():
 
 
 class Plugin(pwem.Plugin):
-    _homeVar = ""              # nothing to install: the engine is this package
+    _homeVar = ""  # nothing to install: the engine is this package
     _pathVars = []
     _supportedVersions = [__version__]
     _url = "https://sphire.mpg.de"
 
     @classmethod
     def _defineVariables(cls):
-        cls._defineVar(SORT3DDEPTH_MPIRUN, _default_mpirun(),
-                       description="MPICH mpirun used to launch the sort3d-depth engine (the one "
-                                   "in the venv's bin folder; not a system OpenMPI mpirun)",
-                       var_type=VarTypes.PATH)
-        cls._defineVar(SORT3DDEPTH_PYTHON, sys.executable,
-                       description="Python interpreter that runs the sort3d-depth engine",
-                       var_type=VarTypes.PATH)
+        cls._defineVar(
+            SORT3DDEPTH_MPIRUN,
+            _default_mpirun(),
+            description="MPICH mpirun used to launch the sort3d-depth engine (the one "
+            "in the venv's bin folder; not a system OpenMPI mpirun)",
+            var_type=VarTypes.PATH,
+        )
+        cls._defineVar(
+            SORT3DDEPTH_PYTHON,
+            sys.executable,
+            description="Python interpreter that runs the sort3d-depth engine",
+            var_type=VarTypes.PATH,
+        )
 
     @classmethod
     def getMpirun(cls):
@@ -77,20 +84,23 @@ class Plugin(pwem.Plugin):
         if mpirun:
             # pyworkflow looks for PARALLEL_COMMAND_<plugin name upper> before hosts.conf
             env["PARALLEL_COMMAND_" + PACKAGE.upper()] = (
-                shlex.quote(mpirun) + " -np %(JOB_NODES)d %(COMMAND)s")
+                shlex.quote(mpirun) + " -np %(JOB_NODES)d %(COMMAND)s"
+            )
         return env
 
     @classmethod
     def defineBinaries(cls, env):
-        pass                   # pip-installed: nothing for `scipion installb` to do
+        pass  # pip-installed: nothing for `scipion installb` to do
 
     @classmethod
     def validateInstallation(cls):
         mpirun = cls.getMpirun()
         if not (os.path.isfile(mpirun) and os.access(mpirun, os.X_OK)):
-            return [f"{SORT3DDEPTH_MPIRUN}={mpirun} is not an executable file. Install the pip "
-                    f"package 'mpich' into Scipion's Python environment or set {SORT3DDEPTH_MPIRUN}"
-                    " to an MPICH mpirun compatible with its mpi4py."]
+            return [
+                f"{SORT3DDEPTH_MPIRUN}={mpirun} is not an executable file. Install the pip "
+                f"package 'mpich' into Scipion's Python environment or set {SORT3DDEPTH_MPIRUN}"
+                " to an MPICH mpirun compatible with its mpi4py."
+            ]
         return []
 
     # The class is defined in sort3ddepth.plugin, but Scipion names a plugin after its

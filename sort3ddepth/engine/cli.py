@@ -4,6 +4,7 @@ defaults), plus --seed. Runs under `mpirun -np N sort3d-depth ...` or as one pro
 Every input problem ends with one line "sort3d-depth: error: ..." naming the option or file,
 exit status 2, and no result files.
 """
+
 import dataclasses
 import os
 import platform
@@ -30,21 +31,25 @@ class UserError(Exception):
 def _read_map(path, option, box):
     """A cubic map from an MRC file or an EMAN2/SPHIRE .hdf (HDF5) file."""
     import mrcfile
+
     from .eman2_hdf import is_hdf5, read_image
     from .particles import ParticleDataError
+
     if not os.path.isfile(path):
         raise UserError(f"{option} {path}: file not found")
     if is_hdf5(path):
         try:
             vol = read_image(path, 0, "3D map")
         except ParticleDataError as e:
-            raise UserError(f"{option} {e}")
+            raise UserError(f"{option} {e}") from None
     else:
         try:
             with mrcfile.open(path, permissive=False) as m:
                 vol = np.asarray(m.data, np.float64)
-        except Exception as e:   # unreadable / not MRC
-            raise UserError(f"{option} {path}: cannot read it as an MRC map or EMAN2 .hdf ({e})")
+        except Exception as e:  # unreadable / not MRC
+            raise UserError(
+                f"{option} {path}: cannot read it as an MRC map or EMAN2 .hdf ({e})"
+            ) from None
     if vol.ndim != 3 or len(set(vol.shape)) != 1:
         raise UserError(f"{option} {path}: not a cubic 3D map (shape {vol.shape})")
     if vol.shape[0] != box:
@@ -71,23 +76,33 @@ def _read_meridien_input(options, comm, log):
     from .smearing import memory_plan
 
     o = options
-    ref = read_meridien(o.refinement_dir, o.niter_for_sorting, stack=o.instack or None,
-                        radius=o.radius, sym=o.sym, mask3d=o.mask3D or None,
-                        nsmear=int(o.nsmear), require_bckgnoise=not o.notapplybckgnoise,
-                        shift_rounding=o.shift_rounding)
+    ref = read_meridien(
+        o.refinement_dir,
+        o.niter_for_sorting,
+        stack=o.instack or None,
+        radius=o.radius,
+        sym=o.sym,
+        mask3d=o.mask3D or None,
+        nsmear=int(o.nsmear),
+        require_bckgnoise=not o.notapplybckgnoise,
+        shift_rounding=o.shift_rounding,
+    )
     particles = ref.particles
     n, box = len(particles), particles.box
     _check(o, DataSummary(n, box))
-    log(f"meridien refinement {ref.folder}: iteration {ref.iteration}, {n} particles, "
+    log(
+        f"meridien refinement {ref.folder}: iteration {ref.iteration}, {n} particles, "
         f"symmetry {ref.symmetry}, radius {ref.radius} px, mask {ref.mask3d or 'none'}, "
-        f"images and CTF from {ref.stack_path}")
+        f"images and CTF from {ref.stack_path}"
+    )
     problem = memory_check(n, box, comm.size, o.memory_per_node, o.overhead, o.nxinit, log)
     if problem:
         raise UserError(problem)
     k_guess = o.group_sizes(n)[1]
     nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, o.nxinit)[0]
-    n_pre, problem, lines = memory_plan(ref.smears, n, box, nx, comm.size, o.memory_per_node,
-                                        o.overhead, o.compute_on_the_fly)
+    n_pre, problem, lines = memory_plan(
+        ref.smears, n, box, nx, comm.size, o.memory_per_node, o.overhead, o.compute_on_the_fly
+    )
     for line in lines:
         log(line)
     if problem:
@@ -104,14 +119,17 @@ def _read_stack_input(options, comm, log):
 
     o = options
     if o.instack.startswith("bdb:") or is_hdf5(o.instack):
-        raise UserError(f"--instack {o.instack}: stack mode reads a RELION STAR file "
-                        f"(orientations and CTF); an EMAN2 .hdf stack is read only with "
-                        f"--refinement_dir (meridien mode), a bdb: stack not at all")
+        raise UserError(
+            f"--instack {o.instack}: stack mode reads a RELION STAR file "
+            f"(orientations and CTF); an EMAN2 .hdf stack is read only with "
+            f"--refinement_dir (meridien mode), a bdb: stack not at all"
+        )
     particles = read_star(o.instack)
     check_unique_images(particles)
     _check(o, DataSummary(len(particles), particles.box))
-    problem = memory_check(len(particles), particles.box, comm.size, o.memory_per_node,
-                           o.overhead, o.nxinit, log)
+    problem = memory_check(
+        len(particles), particles.box, comm.size, o.memory_per_node, o.overhead, o.nxinit, log
+    )
     if problem:
         raise UserError(problem)
     return particles
@@ -130,35 +148,56 @@ def _read_input(options, comm, log):
     box = particles.box
     mask_map = _read_map(mask3d, "--mask3D", box) if mask3d else None
     focus_map = _read_map(options.focus, "--focus", box) if options.focus else None
-    options = options.for_input(n_particles=len(particles), meridien=ref, mask_map=mask_map,
-                                focus_map=focus_map, smear_precompute=n_pre)
+    options = options.for_input(
+        n_particles=len(particles),
+        meridien=ref,
+        mask_map=mask_map,
+        focus_map=focus_map,
+        smear_precompute=n_pre,
+    )
     return particles, options
 
 
 def _versions():
     import numba
     import scipy
+
     from .. import __version__
-    return (f"sort3ddepth {__version__}, python {platform.python_version()}, numpy "
-            f"{np.__version__}, scipy {scipy.__version__}, numba {numba.__version__}")
+
+    return (
+        f"sort3ddepth {__version__}, python {platform.python_version()}, numpy "
+        f"{np.__version__}, scipy {scipy.__version__}, numba {numba.__version__}"
+    )
 
 
 def _set_threads(comm):
     """Share the node's cores among the ranks on it (MPICH sets MPI_LOCALNRANKS)."""
     import numba
+
     local = int(os.environ.get("MPI_LOCALNRANKS", comm.size))
     n = max(1, (os.cpu_count() or 1) // max(local, 1))
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 OPTIONS_FILE = "run_options.json"  # the options of the run in a folder (and its seed)
-RESULT_FILES = ("summary.json", "Core_set.txt", "volume_core.mrc", "anova.txt", "Cluster_*.txt",
-                "Cluster_*.star", "vol_cluster*.mrc", "generation_*", "checkpoints", OPTIONS_FILE)
+RESULT_FILES = (
+    "summary.json",
+    "Core_set.txt",
+    "volume_core.mrc",
+    "anova.txt",
+    "Cluster_*.txt",
+    "Cluster_*.star",
+    "vol_cluster*.mrc",
+    "generation_*",
+    "checkpoints",
+    OPTIONS_FILE,
+)
 
 
 def _remove_results(out):
     """--force: delete what an earlier run wrote (only the engine's own result names)."""
     import shutil
+
     for pattern in RESULT_FILES:
         for p in out.glob(pattern):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -176,21 +215,33 @@ def _earlier_run(out, options):
         try:
             old = json.loads(options_file.read_text())
         except ValueError:
-            return (f"--output_dir {out}: {OPTIONS_FILE} is unreadable; use --force to start "
-                    f"again"), "new", None
+            return (
+                (f"--output_dir {out}: {OPTIONS_FILE} is unreadable; use --force to start again"),
+                "new",
+                None,
+            )
         now = options.record()
         then = dict(old["options"], seed=old["seed"])
         now["seed"] = then["seed"] if options.seed is None else options.seed
         diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
         if diff:
-            what = ", ".join(f"--{k} {then.get(k)!r} there, {now.get(k)!r} here"
-                             for k in diff[:3])
-            return (f"--output_dir {out} holds a run made with other options ({what}); choose "
-                    f"another folder, or add --force to discard that run"), "new", None
+            what = ", ".join(f"--{k} {then.get(k)!r} there, {now.get(k)!r} here" for k in diff[:3])
+            return (
+                (
+                    f"--output_dir {out} holds a run made with other options ({what}); choose "
+                    f"another folder, or add --force to discard that run"
+                ),
+                "new",
+                None,
+            )
         state = "finished" if (out / "summary.json").exists() else "resume"
         return None, state, old["seed"]
     if (out / "summary.json").exists() and not options.force:
-        return f"--output_dir {out}: already holds a sorting run; choose another folder", "new", None
+        return (
+            f"--output_dir {out}: already holds a sorting run; choose another folder",
+            "new",
+            None,
+        )
     return None, "new", None
 
 
@@ -265,8 +316,10 @@ def _start(options, *, state, out, comm, log, cmd):
     log(f"command: {cmd}")
     log(f"seed {options.seed}; {comm.size} MPI rank(s); {_versions()}")
     if state == "resume":
-        log("resuming the run in this folder: finished units are loaded, unfinished ones are "
-            "done again")
+        log(
+            "resuming the run in this folder: finished units are loaded, unfinished ones are "
+            "done again"
+        )
     _set_threads(comm)
     return _read_input(options, comm, log)
 

@@ -131,8 +131,9 @@ class SortOptions:
         """From an argparse Namespace (or any object with the options' names)."""
         return cls(**{f.name: getattr(ns, f.name) for f in cls.option_fields()})
 
-    def for_input(self, *, n_particles, meridien=None, mask_map=None, focus_map=None,
-                  smear_precompute=None):
+    def for_input(
+        self, *, n_particles, meridien=None, mask_map=None, focus_map=None, smear_precompute=None
+    ):
         """A copy with the values derived from the input read (the only way they are set)."""
         return dataclasses.replace(
             self,
@@ -213,8 +214,9 @@ def build_parser():
             p.add_argument(f"--{f.name}", action="store_true", help=text)
         else:
             kind = meta["argtype"] or type(f.default)
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=text,
-                           choices=meta["choices"])
+            p.add_argument(
+                f"--{f.name}", type=kind, default=f.default, help=text, choices=meta["choices"]
+            )
     return p
 
 
@@ -255,8 +257,12 @@ def validate(options, data=None, *, name: Callable[[str], str] = _cli_name, chec
         parse_symmetry(o.sym)
     except ValueError as e:
         bad("sym", o.sym, str(e))
-    for option, low, unit in (("depth_order", 1, ""), ("nstep", 1, ""),
-                              ("orientation_groups", 1, ""), ("overhead", 0, " GB")):
+    for option, low, unit in (
+        ("depth_order", 1, ""),
+        ("nstep", 1, ""),
+        ("orientation_groups", 1, ""),
+        ("overhead", 0, " GB"),
+    ):
         if getattr(o, option) < low:
             bad(option, getattr(o, option), f"must be at least {low}{unit}")
     if not 0.5 <= o.min_purity <= 1.0:
@@ -294,8 +300,7 @@ def _data_problems(o, data, name):
         k = n // o.img_per_grp
         if o.img_per_grp > n:
             problems.append(
-                f"{name('img_per_grp')} {o.img_per_grp}: larger than the number of particles "
-                f"({n})"
+                f"{name('img_per_grp')} {o.img_per_grp}: larger than the number of particles ({n})"
             )
         elif k < 2:
             problems.append(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 #: the version of the layout below; a reader refuses a newer one
 SCHEMA_VERSION = 1
@@ -147,12 +146,15 @@ class Generation:
 
     @classmethod
     def from_dict(cls, d, what="generation"):
-        gen = _from_dict(cls, d, what, clusters=_list(f"{what} clusters",
-                                                      GenerationCluster.from_dict))
+        gen = _from_dict(
+            cls, d, what, clusters=_list(f"{what} clusters", GenerationCluster.from_dict)
+        )
         if "clusters" not in d:  # an older summary: sizes and stats only
             stats = list(gen.stats) + [{}] * len(gen.cluster_sizes)
-            gen.clusters = [GenerationCluster.from_dict(dict(stats[j], size=s))
-                            for j, s in enumerate(gen.cluster_sizes)]
+            gen.clusters = [
+                GenerationCluster.from_dict(dict(stats[j], size=s))
+                for j, s in enumerate(gen.cluster_sizes)
+            ]
         return gen
 
 
@@ -220,12 +222,16 @@ class Summary:
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise SummaryError(
                 f"written by a newer sort3ddepth (schema_version {version}; this version reads "
-                f"up to {SCHEMA_VERSION}): update sort3ddepth to read it")
+                f"up to {SCHEMA_VERSION}): update sort3ddepth to read it"
+            )
         s = _from_dict(
-            cls, d, "the summary",
+            cls,
+            d,
+            "the summary",
             generations=_list("generations", Generation.from_dict),
             clusters=_list("clusters", Cluster.from_dict),
-            purity_curve=lambda v: None if v is None else PurityCurve.from_dict(v))
+            purity_curve=lambda v: None if v is None else PurityCurve.from_dict(v),
+        )
         _order_final_ids(s, d)
         return s
 
@@ -235,7 +241,7 @@ def _order_final_ids(summary, d):
     order."""
     first = 0
     for g, gen in enumerate(summary.generations):
-        raw = (d["generations"][g].get("clusters") or [])
+        raw = d["generations"][g].get("clusters") or []
         for j, c in enumerate(gen.clusters):
             if j >= len(raw) or "final_id" not in raw[j]:
                 c.final_id = first + j

@@ -10,6 +10,7 @@ Output layout (names as in SPHIRE's document, maps as MRC):
   generation_###/Cluster_###.txt, Core_set.txt, vol_cluster###.mrc, anova.txt (the clusters
                                          found in that generation)
 """
+
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -21,12 +22,12 @@ from . import anova, fourier, output, results
 from .ctf import ctf_coefficients
 from .depth import MIN_CLUSTER_SIZE, SortContext, final_assignment, run_generation
 from .membership import purity_curve
+from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
-from .meridien import check_smearing
 from .preprocess import meridien_noise_weights, normalise_images, prepare, prepare_meridien
-from .smearing import LocalSmears
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
+from .smearing import LocalSmears
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
 
@@ -57,36 +58,52 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     radius = box // 2 - 2 if meridien is None else meridien.radius
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
     for start in range(0, len(clusters), 4):
-        batch = clusters[start:start + 4]
+        batch = clusters[start : start + 4]
         lab = np.full(len(particles), -1)
         for j, c in enumerate(batch):
             lab[c] = j
         sel = idx[lab[idx] >= 0]
         memb = np.zeros((len(sel), 2 * len(batch)))
         memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
-        f = fourier.images_to_fourier(normalise_images(particles.load_images(sel), radius,
-                                                       background=meridien is not None))
+        f = fourier.images_to_fourier(
+            normalise_images(particles.load_images(sel), radius, background=meridien is not None)
+        )
         coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
         if meridien is None:
             f = fourier.shift_images(f, particles.shifts[sel])
-            data, w = fourier.backproject(f, particles.rotations[sel], memb, coefs, pad=pad,
-                                          comm=comm)
+            data, w = fourier.backproject(
+                f, particles.rotations[sel], memb, coefs, pad=pad, comm=comm
+            )
         else:
             groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
-            sm = LocalSmears.build(meridien.smears.subset(sel), f, box, norm_factors[sel], coefs,
-                                   groups, n_precompute=0)
-            data, w = sm.backproject(np.arange(len(sel)), memb, memb.shape[1],
-                                     fourier.padded_size(box, pad), None,
-                                     shell_w, comm=comm)
+            sm = LocalSmears.build(
+                meridien.smears.subset(sel),
+                f,
+                box,
+                norm_factors[sel],
+                coefs,
+                groups,
+                n_precompute=0,
+            )
+            data, w = sm.backproject(
+                np.arange(len(sel)),
+                memb,
+                memb.shape[1],
+                fourier.padded_size(box, pad),
+                None,
+                shell_w,
+                comm=comm,
+            )
         for j in range(len(batch)):
-            h = reconstruct(data[2 * j:2 * j + 2], w[2 * j:2 * j + 2], box, symmetry=sym)
+            h = reconstruct(data[2 * j : 2 * j + 2], w[2 * j : 2 * j + 2], box, symmetry=sym)
             curve = fsc(h[0] * mask, h[1] * mask)
             full = np.clip(2 * curve / (1 + np.abs(curve)), 0.0, 0.999)
             shell = resolution_shell(curve, 0.143)
             res.append(box * apix / max(shell, 1))
             curves.append(curve)
-            m = reconstruct(data[2 * j] + data[2 * j + 1], w[2 * j] + w[2 * j + 1], box,
-                            fsc=full, symmetry=sym)[0]
+            m = reconstruct(
+                data[2 * j] + data[2 * j + 1], w[2 * j] + w[2 * j + 1], box, fsc=full, symmetry=sym
+            )[0]
             maps.append(m * soft_sphere_mask(box, box // 2 - 2, edge=2))
     return maps, res, curves
 
@@ -100,9 +117,16 @@ def _box_stats(x):
     q1, med, q3 = np.percentile(x, [25, 50, 75])
     lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
     inside = x[(x >= lo) & (x <= hi)]
-    return {"whislo": float(inside.min()), "q1": float(q1), "med": float(med),
-            "q3": float(q3), "whishi": float(inside.max()), "mean": float(x.mean()),
-            "min": float(x.min()), "max": float(x.max())}
+    return {
+        "whislo": float(inside.min()),
+        "q1": float(q1),
+        "med": float(med),
+        "q3": float(q3),
+        "whishi": float(inside.max()),
+        "mean": float(x.mean()),
+        "min": float(x.min()),
+        "max": float(x.max()),
+    }
 
 
 def _anova_lines(particles, clusters, names, smear_counts=None):
@@ -126,23 +150,38 @@ def _anova_lines(particles, clusters, names, smear_counts=None):
         named = {names[k]: v for k, v in groups.items()}
         res = anova.one_way_anova(named)
         lines += anova.format_anova(var, res)
-        tables[var] = {"F": res.F, "p": res.p, "reason": res.reason,
-                       "groups": [{"name": g.name, "n": g.n, "mean": g.mean, "std": g.std,
-                                   "box": _box_stats(named[g.name])}
-                                  for g in res.groups],
-                       "pairs": [{"a": p.a, "b": p.b, "F": p.F, "p": p.p} for p in res.pairs]}
+        tables[var] = {
+            "F": res.F,
+            "p": res.p,
+            "reason": res.reason,
+            "groups": [
+                {
+                    "name": g.name,
+                    "n": g.n,
+                    "mean": g.mean,
+                    "std": g.std,
+                    "box": _box_stats(named[g.name]),
+                }
+                for g in res.groups
+            ],
+            "pairs": [{"a": p.a, "b": p.b, "F": p.F, "p": p.p} for p in res.pairs],
+        }
     return lines, tables
 
 
 def _log_check_smearing(ref, nx, log):
     """--check_smearing: the smearing of every meridien iteration and the memory its slices
     would take at the sorting size (informational; SPHIRE's smearing_all.txt rows)."""
-    log(f"check_smearing: {'iteration':>9} {'smears/particle':>15} {'orientations':>12} "
-        f"{'max':>5} {'GB at %d px' % nx:>12}")
+    log(
+        f"check_smearing: {'iteration':>9} {'smears/particle':>15} {'orientations':>12} "
+        f"{'max':>5} {f'GB at {nx} px':>12}"
+    )
     for r in check_smearing(ref.folder, nx):
-        log(f"check_smearing: {r['iteration']:>9} {r['mean_per_particle']:>15.2f} "
+        log(
+            f"check_smearing: {r['iteration']:>9} {r['mean_per_particle']:>15.2f} "
             f"{r['mean_orientations']:>12.2f} {r['max_per_particle']:>5} "
-            f"{r['bytes'] / 1024 ** 3:>12.3f}")
+            f"{r['bytes'] / 1024**3:>12.3f}"
+        )
 
 
 def _write_membership(out_dir, particles, *, memb, n_clusters, export, summary):
@@ -158,16 +197,23 @@ def _write_membership(out_dir, particles, *, memb, n_clusters, export, summary):
     output.write_npy(out_dir / "posteriors.npy", post.astype(np.float32))
     best = np.argmax(post, axis=1)
     if export:
-        write_star_rows(particles, np.arange(n), out_dir / "all_particles.star",
-                        columns={"rlnClassNumber": best + 1,
-                                 "rlnMaxValueProbDistribution": post[np.arange(n), best]})
+        write_star_rows(
+            particles,
+            np.arange(n),
+            out_dir / "all_particles.star",
+            columns={
+                "rlnClassNumber": best + 1,
+                "rlnMaxValueProbDistribution": post[np.arange(n), best],
+            },
+        )
         summary.all_particles = "all_particles.star"
     t, acc, pur = purity_curve(post)
     summary.posteriors = "posteriors.npy"
     summary.purity_curve = results.PurityCurve(
         threshold=[round(float(v), 3) for v in t],
         accounted=[round(float(v), 4) for v in acc],
-        estimated_purity=[None if not np.isfinite(v) else round(float(v), 4) for v in pur])
+        estimated_purity=[None if not np.isfinite(v) else round(float(v), 4) for v in pur],
+    )
 
 
 @dataclass
@@ -211,19 +257,42 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     search, k0, work = opts.group_sizes(len(particles))
     assert opts.k_initial == k0, "options.for_input sets k_initial"
     sym = parse_symmetry(ref.symmetry if ref is not None else opts.sym)
-    log(f"{len(particles)} particles of {particles.box} px at {particles.pixel_size:.3f} Å/px; "
+    log(
+        f"{len(particles)} particles of {particles.box} px at {particles.pixel_size:.3f} Å/px; "
         f"symmetry {sym.symbol}; {f'search mode (initial K {k0})' if search else f'K = {k0}'}; "
-        f"depth order {opts.depth_order} ({2 ** opts.depth_order} boxes in layer 0)")
+        f"depth order {opts.depth_order} ({2**opts.depth_order} boxes in layer 0)"
+    )
     data = _preprocess(particles, opts, comm, rng, log)
     maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
-    ctx = SortContext(data, maps, rng, log, search, opts.frozen, work, opts.nstep,
-                      opts.depth_order, init_k=k0, use_umat=bool(opts.use_umat),
-                      checkpoints=checkpoints, min_purity=opts.min_purity)
-    found = run_generations(ctx, n=len(particles), k0=k0, work=work, comm=comm,
-                            checkpoints=checkpoints)
+    ctx = SortContext(
+        data,
+        maps,
+        rng,
+        log,
+        search,
+        opts.frozen,
+        work,
+        opts.nstep,
+        opts.depth_order,
+        init_k=k0,
+        use_umat=bool(opts.use_umat),
+        checkpoints=checkpoints,
+        min_purity=opts.min_purity,
+    )
+    found = run_generations(
+        ctx, n=len(particles), k0=k0, work=work, comm=comm, checkpoints=checkpoints
+    )
     found = assign_final(ctx, found)
-    summary = write_results(particles, opts, found, comm=comm, out_dir=Path(out_dir), log=log,
-                            sym=sym, sorting_size=data.nx)
+    summary = write_results(
+        particles,
+        opts,
+        found,
+        comm=comm,
+        out_dir=Path(out_dir),
+        log=log,
+        sym=sym,
+        sorting_size=data.nx,
+    )
     if summary is not None:
         summary.wall_seconds = round(time.time() - t_start, 1)
         output.write_json(Path(out_dir) / results.SUMMARY_FILE, summary.to_dict())
@@ -239,8 +308,10 @@ def _preprocess(particles, opts, comm, rng, log):
             _log_check_smearing(opts.meridien, data.nx, log)
     else:
         data = prepare(particles, comm, opts, rng, log=log)
-    log(f"pre-processing done in {time.time() - t:.1f} s "
-        f"({len(np.unique(data.orientation_groups))} orientation groups)")
+    log(
+        f"pre-processing done in {time.time() - t:.1f} s "
+        f"({len(np.unique(data.orientation_groups))} orientation groups)"
+    )
     return data
 
 
@@ -250,8 +321,9 @@ def run_generations(ctx, *, n, k0, work, comm, checkpoints):
     found = Found(generations=[], clusters=[], stats=[], gen_of=[])
     subset, gen, k = np.arange(n), 0, k0
     while True:
-        run = _one_generation(ctx, gen, subset, k, found.clusters, comm=comm,
-                              checkpoints=checkpoints)
+        run = _one_generation(
+            ctx, gen, subset, k, found.clusters, comm=comm, checkpoints=checkpoints
+        )
         found.generations.append(run)
         found.clusters += run.clusters
         found.stats += run.stats
@@ -290,11 +362,15 @@ def _one_generation(ctx, gen, subset, k, earlier, *, comm, checkpoints):
     stats = [st for _, st in pairs]
     pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
     if gen == 0 and not clusters:
-        ctx.log("no reproducible structural groups were found: the data set is reported as one "
-                "homogeneous cluster")
+        ctx.log(
+            "no reproducible structural groups were found: the data set is reported as one "
+            "homogeneous cluster"
+        )
         clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
-    ctx.log(f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "
-            f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(pool)}")
+    ctx.log(
+        f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "
+        f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(pool)}"
+    )
     return GenerationRun(gen, int(len(subset)), clusters, pool, stats, time.time() - t)
 
 
@@ -305,21 +381,28 @@ def assign_final(ctx, found):
         return found
     t = time.time()
     checked, unaccounted, memb = final_assignment(
-        ctx, found.clusters, found.unaccounted,
-        pool_searched=not found.generations[-1].clusters)
+        ctx, found.clusters, found.unaccounted, pool_searched=not found.generations[-1].clusters
+    )
     kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
     if len(kept) < len(checked):
-        unaccounted = np.union1d(unaccounted, np.concatenate(
-            [c for i, c in enumerate(checked) if i not in kept]))
+        unaccounted = np.union1d(
+            unaccounted, np.concatenate([c for i, c in enumerate(checked) if i not in kept])
+        )
     post = memb.posterior[:, kept]  # a dropped cluster's share to the others
     memb.posterior = post / np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
     ctx.log(f"final assignment done in {time.time() - t:.1f} s")
     return dataclasses.replace(
-        found, clusters=[checked[i] for i in kept], unaccounted=unaccounted, memb=memb,
+        found,
+        clusters=[checked[i] for i in kept],
+        unaccounted=unaccounted,
+        memb=memb,
         final_id=[kept.index(i) if i in kept else None for i in range(len(checked))],
         gen_of=[found.gen_of[i] for i in kept],
-        stats=[{**found.stats[i], "estimated_purity": round(float(memb.estimated_purity[i]), 4)}
-               for i in kept])
+        stats=[
+            {**found.stats[i], "estimated_purity": round(float(memb.estimated_purity[i]), 4)}
+            for i in kept
+        ],
+    )
 
 
 def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_size):
@@ -329,12 +412,20 @@ def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_si
     ref, unaccounted = opts.meridien, found.unaccounted
     sets = list(found.clusters)
     core_ok = len(unaccounted) > 0 and len(unaccounted) >= (
-        opts.num_core_set if opts.num_core_set > 0 else max(100, MIN_CLUSTER_SIZE))
+        opts.num_core_set if opts.num_core_set > 0 else max(100, MIN_CLUSTER_SIZE)
+    )
     if core_ok:
         sets.append(unaccounted)
-    vols, res, curves = final_maps(particles, sets, comm, np.random.default_rng(opts.seed + 1),
-                                   sym if sym.order > 1 else None, log, meridien=ref,
-                                   apply_noise=opts.apply_noise)
+    vols, res, curves = final_maps(
+        particles,
+        sets,
+        comm,
+        np.random.default_rng(opts.seed + 1),
+        sym if sym.order > 1 else None,
+        log,
+        meridien=ref,
+        apply_noise=opts.apply_noise,
+    )
     log(f"final maps done in {time.time() - t:.1f} s")
     names = [f"Cluster_{i:03d}" for i in range(len(found.clusters))]
     smear_counts = None if ref is None else ref.smear_counts
@@ -347,17 +438,33 @@ def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_si
     ids = np.arange(len(particles)) if ref is None else np.asarray(ref.particle_ids, np.int64)
     w = _Writer(out_dir, particles, ids, smear_counts, opts.include_unaccounted)
     summary = results.Summary(
-        n_particles=len(particles), box=particles.box, pixel_size=particles.pixel_size,
-        sorting_size=sorting_size, seed=opts.seed, mode=opts.mode, anova=anova_tables,
-        input="meridien" if ref is not None else "stack", min_purity=opts.min_purity,
-        cluster_file_ids=("meridien particle ids (main000/indexes_000.txt)" if ref is not None
-                          else "0-based particle indices (input STAR row order)"),
-        generations=w.generations(found, vols), clusters=[])
-    summary.clusters = w.final_clusters(found, vols=vols, res=res, curves=curves,
-                                        core_ok=core_ok)
+        n_particles=len(particles),
+        box=particles.box,
+        pixel_size=particles.pixel_size,
+        sorting_size=sorting_size,
+        seed=opts.seed,
+        mode=opts.mode,
+        anova=anova_tables,
+        input="meridien" if ref is not None else "stack",
+        min_purity=opts.min_purity,
+        cluster_file_ids=(
+            "meridien particle ids (main000/indexes_000.txt)"
+            if ref is not None
+            else "0-based particle indices (input STAR row order)"
+        ),
+        generations=w.generations(found, vols),
+        clusters=[],
+    )
+    summary.clusters = w.final_clusters(found, vols=vols, res=res, curves=curves, core_ok=core_ok)
     output.write_text(out_dir / "anova.txt", "\n".join(anova_lines) + "\n")
-    _write_membership(out_dir, particles, memb=found.memb, n_clusters=len(found.clusters),
-                      export=w.export, summary=summary)
+    _write_membership(
+        out_dir,
+        particles,
+        memb=found.memb,
+        n_clusters=len(found.clusters),
+        export=w.export,
+        summary=summary,
+    )
     _log_table(summary, log)
     return summary
 
@@ -367,8 +474,10 @@ def _log_table(summary, log):
     log(f"{'cluster':>8} {'size':>7} {'generation':>10} {'resolution':>10}")
     for c in summary.clusters:
         res = "-" if c.resolution_A is None else c.resolution_A
-        log(f"{c.id:>8} {c.size:>7} {c.generation:>10} {f'{res} Å':>10}"
-            f"{'   unaccounted' if c.unaccounted else ''}")
+        log(
+            f"{c.id:>8} {c.size:>7} {c.generation:>10} {f'{res} Å':>10}"
+            f"{'   unaccounted' if c.unaccounted else ''}"
+        )
     acc = sum(c.size for c in summary.regular)
     log(f"total {summary.n_particles}, accounted {acc}, unaccounted {summary.n_particles - acc}")
 
@@ -392,7 +501,7 @@ class _Writer:
         """generation_###/: each generation's clusters, maps, ANOVA and core set."""
         gens, first = [], 0  # first: index of the generation's first cluster among all found
         for g in found.generations:
-            fids = found.final_id[first:first + len(g.clusters)]
+            fids = found.final_id[first : first + len(g.clusters)]
             gens.append(self._generation(g, fids, vols))
             first += len(g.clusters)
         return gens
@@ -403,25 +512,38 @@ class _Writer:
         for j, (c, fid) in enumerate(zip(g.clusters, final_ids)):
             output.write_selection(gdir / f"Cluster_{j:03d}.txt", self.ids[c])
             entry = results.GenerationCluster.from_dict(
-                {"file": f"{gdir.name}/Cluster_{j:03d}.txt", "size": int(len(c)),
-                 "final_id": fid, **g.stats[j]})
+                {
+                    "file": f"{gdir.name}/Cluster_{j:03d}.txt",
+                    "size": int(len(c)),
+                    "final_id": fid,
+                    **g.stats[j],
+                }
+            )
             if fid is not None:  # the generation's map is that of the final cluster it became
-                output.write_map(gdir / f"vol_cluster{j:03d}.mrc", vols[fid],
-                                 self.particles.pixel_size)
+                output.write_map(
+                    gdir / f"vol_cluster{j:03d}.mrc", vols[fid], self.particles.pixel_size
+                )
                 entry.map = f"{gdir.name}/vol_cluster{j:03d}.mrc"
             entries.append(entry)
         names = [f"Cluster_{j:03d}" for j in range(len(g.clusters))]
         lines, tables = _anova_lines(self.particles, list(g.clusters), names, self.smear_counts)
         output.write_text(gdir / "anova.txt", "\n".join(lines) + "\n")
         if self.include_unaccounted and len(g.unaccounted):
-            output.write_selection(gdir / f"Cluster_{len(g.clusters):03d}.txt",
-                                   self.ids[g.unaccounted])
+            output.write_selection(
+                gdir / f"Cluster_{len(g.clusters):03d}.txt", self.ids[g.unaccounted]
+            )
         output.write_selection(gdir / "Core_set.txt", self.ids[g.unaccounted])
         return results.Generation(
-            generation=g.generation, n_images=g.n_images,
-            cluster_sizes=[len(c) for c in g.clusters], clusters=entries,
-            n_unaccounted=len(g.unaccounted), core_set=f"{gdir.name}/Core_set.txt",
-            stats=g.stats, anova=tables, seconds=round(g.seconds, 1))
+            generation=g.generation,
+            n_images=g.n_images,
+            cluster_sizes=[len(c) for c in g.clusters],
+            clusters=entries,
+            n_unaccounted=len(g.unaccounted),
+            core_set=f"{gdir.name}/Core_set.txt",
+            stats=g.stats,
+            anova=tables,
+            seconds=round(g.seconds, 1),
+        )
 
     def final_clusters(self, found, *, vols, res, curves, core_ok):
         """Cluster_###.txt/.star and vol_cluster###.mrc of each final cluster, then the
@@ -430,23 +552,39 @@ class _Writer:
         for i, c in enumerate(found.clusters):
             output.write_selection(out / f"Cluster_{i:03d}.txt", self.ids[c])
             if self.export:  # the input STAR's rows of this cluster, for relion_refine
-                write_star_rows(self.particles, c, out / f"Cluster_{i:03d}.star",
-                                class_number=i + 1)
+                write_star_rows(
+                    self.particles, c, out / f"Cluster_{i:03d}.star", class_number=i + 1
+                )
             output.write_map(out / f"vol_cluster{i:03d}.mrc", vols[i], apix)
-            entries.append(results.Cluster.from_dict({
-                "id": i, "file": f"Cluster_{i:03d}.txt", "map": f"vol_cluster{i:03d}.mrc",
-                "size": int(len(c)), "generation": found.gen_of[i], "unaccounted": False,
-                "resolution_A": round(float(res[i]), 2),
-                "fsc": [round(float(v), 4) for v in curves[i]], **found.stats[i]}))
+            entries.append(
+                results.Cluster.from_dict(
+                    {
+                        "id": i,
+                        "file": f"Cluster_{i:03d}.txt",
+                        "map": f"vol_cluster{i:03d}.mrc",
+                        "size": int(len(c)),
+                        "generation": found.gen_of[i],
+                        "unaccounted": False,
+                        "resolution_A": round(float(res[i]), 2),
+                        "fsc": [round(float(v), 4) for v in curves[i]],
+                        **found.stats[i],
+                    }
+                )
+            )
         unacc, nf = found.unaccounted, len(found.clusters)
         if self.include_unaccounted and len(unacc):
             output.write_selection(out / f"Cluster_{nf:03d}.txt", self.ids[unacc])
             if self.export:
-                write_star_rows(self.particles, unacc, out / f"Cluster_{nf:03d}.star",
-                                class_number=nf + 1)
-            entry = results.Cluster(id=nf, file=f"Cluster_{nf:03d}.txt", size=int(len(unacc)),
-                                    generation=found.generations[-1].generation,
-                                    unaccounted=True)
+                write_star_rows(
+                    self.particles, unacc, out / f"Cluster_{nf:03d}.star", class_number=nf + 1
+                )
+            entry = results.Cluster(
+                id=nf,
+                file=f"Cluster_{nf:03d}.txt",
+                size=int(len(unacc)),
+                generation=found.generations[-1].generation,
+                unaccounted=True,
+            )
             if core_ok:
                 entry.map = "volume_core.mrc"
                 entry.resolution_A = round(float(res[-1]), 2)

@@ -1,4 +1,5 @@
 """Bad options end with one clear line naming the option/file, exit status 2 and no results."""
+
 import subprocess
 import sys
 
@@ -10,12 +11,29 @@ from sort3ddepth.engine.cli import build_parser
 from sort3ddepth.engine.simulate import simulate_particles
 from sort3ddepth.engine.star_io import write_star
 
-SEED_OPTIONS = {   # option: default, from SPHIRE's sp_sort3d_depth document
-    "refinement_dir": "", "instack": "", "output_dir": "", "niter_for_sorting": -1, "nxinit": -1,
-    "mask3D": "", "focus": "", "radius": -1, "sym": "c1", "img_per_grp": -1, "nstep": 5,
-    "memory_per_node": -1.0, "overhead": 5.0, "depth_order": 2, "orientation_groups": 20,
-    "not_include_unaccounted": False, "nsmear": -1, "notapplybckgnoise": False,
-    "check_smearing": False, "num_core_set": -1, "compute_on_the_fly": False, "use_umat": False,
+SEED_OPTIONS = {  # option: default, from SPHIRE's sp_sort3d_depth document
+    "refinement_dir": "",
+    "instack": "",
+    "output_dir": "",
+    "niter_for_sorting": -1,
+    "nxinit": -1,
+    "mask3D": "",
+    "focus": "",
+    "radius": -1,
+    "sym": "c1",
+    "img_per_grp": -1,
+    "nstep": 5,
+    "memory_per_node": -1.0,
+    "overhead": 5.0,
+    "depth_order": 2,
+    "orientation_groups": 20,
+    "not_include_unaccounted": False,
+    "nsmear": -1,
+    "notapplybckgnoise": False,
+    "check_smearing": False,
+    "num_core_set": -1,
+    "compute_on_the_fly": False,
+    "use_umat": False,
     "not_freeze_groups": False,
 }
 
@@ -41,8 +59,14 @@ def small_star(tmp_path_factory):
 
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, "-m", "sort3ddepth.engine.cli"] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "sort3ddepth.engine.cli"] + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 CASES = [
@@ -56,7 +80,7 @@ CASES = [
     (["--mask3D", "{d}/notamap.mrc"], "notamap.mrc"),
     (["--mask3D", "{d}/mask40.mrc"], "mask40.mrc"),
     (["--focus", "{d}/mask40.mrc"], "--focus"),
-    (["--refinement_dir", "{d}"], "Tracker_000.json"),      # not a meridien folder
+    (["--refinement_dir", "{d}"], "Tracker_000.json"),  # not a meridien folder
     (["--refinement_dir", "{d}/nothing"], "--refinement_dir"),
 ]
 
@@ -83,8 +107,9 @@ def test_no_input(small_star, tmp_path):
 
 
 def test_missing_star_and_output_dir_is_a_file(small_star, tmp_path):
-    res = _run(["--instack", str(tmp_path / "nope.star"), "--output_dir", str(tmp_path / "o")],
-               tmp_path)
+    res = _run(
+        ["--instack", str(tmp_path / "nope.star"), "--output_dir", str(tmp_path / "o")], tmp_path
+    )
     assert res.returncode == 2 and "nope.star" in res.stderr and "Traceback" not in res.stderr
     (tmp_path / "afile").write_text("x")
     res = _run(["--instack", str(small_star[1]), "--output_dir", str(tmp_path / "afile")], tmp_path)
@@ -95,6 +120,7 @@ def test_missing_star_and_output_dir_is_a_file(small_star, tmp_path):
 def test_eman2_stack_in_stack_mode_is_named(tmp_path, kind):
     """An EMAN2 stack given to stack mode: one line saying where it is read (meridien mode)."""
     from sort3ddepth.engine.eman2_hdf import write_images
+
     if kind == "hdf":
         stack = tmp_path / "particles.hdf"
         write_images(stack, np.zeros((2, 8, 8), np.float32), [{}, {}])

@@ -11,6 +11,7 @@ root conftest.py sets the Scipion environment).
 - TestSort3DDepthForm: the form opens in a real Tk window under Xvfb (skipped, with the reason,
   when Xvfb is not installed) and shows the reversed flags as positive questions.
 """
+
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ PIXEL_SIZE = 5.0 * 64 / BOX
 
 def _data_folder(tag):
     root = os.environ.get("SCIPION_TESTS_OUTPUT") or os.environ.get("TMPDIR", "/tmp")
-    folder = os.path.join(root, "sort3ddepth_%s_%s" % (tag, uuid.uuid4().hex[:8]))
+    folder = os.path.join(root, f"sort3ddepth_{tag}_{uuid.uuid4().hex[:8]}")
     os.makedirs(folder)
     return folder
 
@@ -56,7 +57,7 @@ def _simulated_set(folder, n_per_class=N_PER_CLASS, seed=2):
 def _sphere_mask(path, box, radius):
     c = np.arange(box) - box // 2
     zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
-    r = np.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
+    r = np.sqrt(xx**2 + yy**2 + zz**2)
     mask = np.clip((radius + 2 - r) / 4.0, 0.0, 1.0).astype(np.float32)
     with mrcfile.new(path, overwrite=True) as m:
         m.set_data(mask)
@@ -66,18 +67,26 @@ def _sphere_mask(path, box, radius):
 
 def _import_particles(test, sqlite, label):
     from pwem.protocols import ProtImportParticles
-    prot = test.newProtocol(ProtImportParticles, objLabel=label,
-                            importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                            sqliteFile=sqlite, samplingRate=PIXEL_SIZE, voltage=300.0,
-                            sphericalAberration=2.7, amplitudeContrast=0.1, magnification=10000)
+
+    prot = test.newProtocol(
+        ProtImportParticles,
+        objLabel=label,
+        importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
+        sqliteFile=sqlite,
+        samplingRate=PIXEL_SIZE,
+        voltage=300.0,
+        sphericalAberration=2.7,
+        amplitudeContrast=0.1,
+        magnification=10000,
+    )
     test.launchProtocol(prot)
     return prot
 
 
 def _import_mask(test, path, label):
     from pwem.protocols import ProtImportMask
-    prot = test.newProtocol(ProtImportMask, objLabel=label, maskPath=path,
-                            samplingRate=PIXEL_SIZE)
+
+    prot = test.newProtocol(ProtImportMask, objLabel=label, maskPath=path, samplingRate=PIXEL_SIZE)
     test.launchProtocol(prot)
     return prot
 
@@ -99,12 +108,15 @@ def _launch_with_timeout(test, prot, timeout=SORT_TIMEOUT):
         if time.time() - t0 > timeout:
             test.proj.stopProtocol(prot)
             test.printLastLogLines(prot)
-            raise AssertionError("%s did not finish in %.0f s and was stopped; see %s"
-                                 % (prot.getRunName(), timeout, prot.getLogPaths()[0]))
+            raise AssertionError(
+                f"{prot.getRunName()} did not finish in {timeout:.0f} s and was stopped; see "
+                f"{prot.getLogPaths()[0]}"
+            )
     if not prot.isFinished():
         test.printLastLogLines(prot)
-        raise AssertionError("%s ended with status %s: %s" % (
-            prot.getRunName(), prot.getStatus(), prot.getErrorMessage()))
+        raise AssertionError(
+            f"{prot.getRunName()} ended with status {prot.getStatus()}: {prot.getErrorMessage()}"
+        )
     return prot
 
 
@@ -118,8 +130,9 @@ class TestSort3DDepthRun(BaseTest):
         cls.folder = _data_folder("run")
         cls.sqlite, cls.truth = _simulated_set(cls.folder)
         cls.protImport = _import_particles(cls, cls.sqlite, "simulated particles")
-        cls.protMask = _import_mask(cls, _sphere_mask(os.path.join(cls.folder, "mask.mrc"),
-                                                      BOX, 20), "sphere mask")
+        cls.protMask = _import_mask(
+            cls, _sphere_mask(os.path.join(cls.folder, "mask.mrc"), BOX, 20), "sphere mask"
+        )
         cls.protSort = None
         cls.sortError = None
 
@@ -131,11 +144,18 @@ class TestSort3DDepthRun(BaseTest):
     def _sorted(cls):
         """The finished sorting run (launched by the first test that needs it)."""
         if cls.sortError:
-            raise AssertionError("the sorting run failed before: %s" % cls.sortError)
+            raise AssertionError(f"the sorting run failed before: {cls.sortError}")
         if cls.protSort is None:
             from sort3ddepth.protocols import ProtSort3DDepth
-            prot = cls.newProtocol(ProtSort3DDepth, objLabel="sort3d depth 2 mpi",
-                                   imgPerGrp=N_PER_CLASS, depthOrder=1, seed=1, numberOfMpi=2)
+
+            prot = cls.newProtocol(
+                ProtSort3DDepth,
+                objLabel="sort3d depth 2 mpi",
+                imgPerGrp=N_PER_CLASS,
+                depthOrder=1,
+                seed=1,
+                numberOfMpi=2,
+            )
             prot.inputParticles.set(cls.protImport)
             prot.inputParticles.setExtended("outputParticles")
             prot.mask3D.set(cls.protMask)
@@ -144,9 +164,9 @@ class TestSort3DDepthRun(BaseTest):
             try:
                 _launch_with_timeout(cls, prot)
             except AssertionError as e:
-                cls.sortError = str(e)          # the later tests fail at once, not re-run it
+                cls.sortError = str(e)  # the later tests fail at once, not re-run it
                 raise
-            print("sort3d depth protocol run: %.1f s" % (time.time() - t0))
+            print(f"sort3d depth protocol run: {time.time() - t0:.1f} s")
             cls.protSort = prot
         return cls.protSort
 
@@ -182,8 +202,10 @@ class TestSort3DDepthRun(BaseTest):
         post = np.load(prot._getExtraPath("sort3d", summary["posteriors"]))
         n_regular = sum(1 for c in summary["clusters"] if not c["unaccounted"])
         self.assertEqual(post.shape, (n, n_regular))
-        rows = {int(i): r for r, i in enumerate(convert.read_ids(prot._getExtraPath(
-            "particle_ids.txt")))}
+        rows = {
+            int(i): r
+            for r, i in enumerate(convert.read_ids(prot._getExtraPath("particle_ids.txt")))
+        }
         posteriors = {}
 
         # the unaccounted set (when the engine left particles unaccounted) is the last class,
@@ -198,8 +220,9 @@ class TestSort3DDepthRun(BaseTest):
             entry = summary["clusters"][cid - 1]
             unaccounted = cid in unaccounted_ids
             self.assertEqual(bool(cls._sort3d_unaccounted.get()), unaccounted)
-            self.assertEqual(cls.getObjLabel(),
-                             "unaccounted" if unaccounted else "cluster %03d" % (cid - 1))
+            self.assertEqual(
+                cls.getObjLabel(), "unaccounted" if unaccounted else f"cluster {cid - 1:03d}"
+            )
             self.assertEqual(cls._sort3d_generation.get(), entry["generation"])
             rep = cls.getRepresentative()
             if entry.get("map"):
@@ -219,8 +242,9 @@ class TestSort3DDepthRun(BaseTest):
                 r = rows[p.getObjId()]
                 value = getattr(p, ATTR_POSTERIOR).get()
                 self.assertTrue(0.0 <= value <= 1.0, value)
-                self.assertAlmostEqual(value, float(post[r, cid - 1] if not unaccounted
-                                                     else post[r].max()), places=6)
+                self.assertAlmostEqual(
+                    value, float(post[r, cid - 1] if not unaccounted else post[r].max()), places=6
+                )
                 posteriors.setdefault(cid, []).append(value)
                 self.assertEqual(p._sort3d_cluster.get(), cid - 1)
                 self.assertEqual(p._sort3d_generation.get(), entry["generation"])
@@ -231,17 +255,17 @@ class TestSort3DDepthRun(BaseTest):
             if not unaccounted:
                 purities.append(counts.max() / counts.sum())
                 majority.append(int(counts.argmax()))
-                print("class %d: %d particles, true classes %s" % (cid, cls.getSize(), counts))
+                print(f"class {cid}: {cls.getSize()} particles, true classes {counts}")
         self.assertEqual(len(seen_ids), n)
-        for cid, values in sorted(posteriors.items()):      # for the log: the engine's figures
-            print("class %d: estimated purity %s, member posteriors mean %.4f min %.4f"
-                  % (cid, getattr(classes[cid], ATTR_PURITY).get(), np.mean(values),
-                     np.min(values)))
+        for cid, values in sorted(posteriors.items()):  # for the log: the engine's figures
+            print(
+                f"class {cid}: estimated purity {getattr(classes[cid], ATTR_PURITY).get()}, "
+                f"member posteriors mean {np.mean(values):.4f} min {np.min(values):.4f}"
+            )
 
         # purity against the true labels: a wrong angle/origin convention gives mixed clusters
         pure = {m for m, p in zip(majority, purities) if p >= 0.9}
-        self.assertGreaterEqual(len(pure), 2, "purities %s, majorities %s"
-                                % (purities, majority))
+        self.assertGreaterEqual(len(pure), 2, f"purities {purities}, majorities {majority}")
         self.assertGreaterEqual(np.mean(purities), 0.85)
 
         # volumes: one per map, sampling rate and size set
@@ -262,10 +286,13 @@ class TestSort3DDepthRun(BaseTest):
 
         # info functions
         self.assertTrue(any("stable cluster" in s for s in prot.summary()))
-        self.assertIn("Estimated purity per cluster (target %g): %s." % (
-            summary["min_purity"], ", ".join("%.3f" % c["estimated_purity"]
-                                             for c in summary["clusters"]
-                                             if not c["unaccounted"])), prot.summary())
+        purities = ", ".join(
+            f"{c['estimated_purity']:.3f}" for c in summary["clusters"] if not c["unaccounted"]
+        )
+        self.assertIn(
+            f"Estimated purity per cluster (target {summary['min_purity']:g}): {purities}.",
+            prot.summary(),
+        )
         self.assertTrue(prot.methods())
         self.assertEqual(set(prot.getCitations()), {"Huang2019sort3d", "Moriya2017"})
 
@@ -273,10 +300,11 @@ class TestSort3DDepthRun(BaseTest):
         """Mark the given steps unfinished (as an interruption leaves them) and continue."""
         from pyworkflow.protocol.constants import MODE_RESUME, STATUS_FAILED
         from pyworkflow.protocol.protocol import StepSet
+
         steps = StepSet(filename=prot.getStepsFile())
         marked = [step.clone() for step in steps if step.funcName.get() in unfinished]
         self.assertEqual(len(marked), len(unfinished))
-        for step in marked:            # not while iterating: an update ends the iteration
+        for step in marked:  # not while iterating: an update ends the iteration
             step.setStatus(STATUS_FAILED)
             steps.update(step)
         steps.write()
@@ -299,14 +327,15 @@ class TestSort3DDepthRun(BaseTest):
         star = prot._getExtraPath("particles.star")
         before = (os.path.getmtime(summary_file), os.path.getmtime(star))
         prot, log, elapsed = self._continue(
-            prot, ("convertInputStep", "runSortStep", "createOutputStep"))
+            prot, ("convertInputStep", "runSortStep", "createOutputStep")
+        )
         self.assertIn("Input already converted", log)
         self.assertIn("The sorting has finished before", log)
         self.assertNotIn("Running command", log)
         self.assertEqual(before, (os.path.getmtime(summary_file), os.path.getmtime(star)))
         with open(summary_file) as f:
             self.assertEqual(prot.outputClasses.getSize(), len(json.load(f)["clusters"]))
-        print("continue without work took %.1f s" % elapsed)
+        print(f"continue without work took {elapsed:.1f} s")
 
     def test_zz_b_continue_after_interrupted_sorting(self):
         """The sorting was killed half-way (its folder has log.txt but no summary.json): continue
@@ -329,7 +358,7 @@ class TestSort3DDepthRun(BaseTest):
             summary = json.load(f)
         self.assertEqual(prot.outputClasses.getSize(), len(summary["clusters"]))
         self.assertEqual(sum(c.getSize() for c in prot.outputClasses), 3 * N_PER_CLASS)
-        print("continue with a new sorting took %.1f s" % elapsed)
+        print(f"continue with a new sorting took {elapsed:.1f} s")
 
 
 class TestSort3DDepthValidate(BaseTest):
@@ -348,6 +377,7 @@ class TestSort3DDepthValidate(BaseTest):
 
     def _prot(self, parts=None, **kwargs):
         from sort3ddepth.protocols import ProtSort3DDepth
+
         prot = self.newProtocol(ProtSort3DDepth, **kwargs)
         if parts is None:
             prot.inputParticles.set(self.protImport)
@@ -360,6 +390,7 @@ class TestSort3DDepthValidate(BaseTest):
         """A copy of the small set without alignment and/or CTF (a set object, not imported)."""
         from pwem.constants import ALIGN_NONE
         from pwem.objects import SetOfParticles
+
         fn = os.path.join(self.folder, name + ".sqlite")
         shutil.copy(self.sqlite, fn)
         parts = SetOfParticles(filename=fn)
@@ -375,8 +406,9 @@ class TestSort3DDepthValidate(BaseTest):
         self.assertEqual(self._prot(imgPerGrp=20).validate(), [])
 
     def test_no_alignment(self):
-        errors = self._prot(self._modified_set("noalign", alignment="none"), imgPerGrp=20
-                            ).validate()
+        errors = self._prot(
+            self._modified_set("noalign", alignment="none"), imgPerGrp=20
+        ).validate()
         self.assertTrue(any("no 3D alignment" in e for e in errors), errors)
 
     def test_no_ctf(self):
@@ -386,38 +418,58 @@ class TestSort3DDepthValidate(BaseTest):
 
     def test_radius_too_large(self):
         errors = self._prot(radius=BOX // 2).validate()
-        self.assertEqual(["Estimated particle radius [Pixels] (radius) 24: must be smaller than "
-                          "half the box (48 px images: at most 23)."], errors)
+        self.assertEqual(
+            [
+                "Estimated particle radius [Pixels] (radius) 24: must be smaller than "
+                "half the box (48 px images: at most 23)."
+            ],
+            errors,
+        )
         self.assertEqual(self._prot(radius=BOX // 2 - 1).validate(), [])
 
     def test_group_size_larger_than_the_set(self):
         errors = self._prot(imgPerGrp=100).validate()
-        self.assertEqual(["Number of images per group (imgPerGrp) 100: larger than the number "
-                          "of particles (60)."], errors)
+        self.assertEqual(
+            [
+                "Number of images per group (imgPerGrp) 100: larger than the number "
+                "of particles (60)."
+            ],
+            errors,
+        )
         errors = self._prot(imgPerGrp=40).validate()
-        self.assertEqual(["Number of images per group (imgPerGrp) 40: gives 1 group for 60 "
-                          "particles; need at least 2 (use at most 30, or -1 for search mode)."],
-                         errors)
+        self.assertEqual(
+            [
+                "Number of images per group (imgPerGrp) 40: gives 1 group for 60 "
+                "particles; need at least 2 (use at most 30, or -1 for search mode)."
+            ],
+            errors,
+        )
         errors = self._prot(imgPerGrp=2).validate()
-        self.assertEqual(["Number of images per group (imgPerGrp) 2: too small, 30 groups for 60 "
-                          "particles (at most 29)."], errors)
+        self.assertEqual(
+            [
+                "Number of images per group (imgPerGrp) 2: too small, 30 groups for 60 "
+                "particles (at most 29)."
+            ],
+            errors,
+        )
 
     def test_bad_symmetry(self):
         errors = self._prot(symmetry="x7").validate()
-        self.assertEqual(len(errors), 1, errors)     # named once
-        self.assertTrue(errors[0].startswith("Point-group symmetry (symmetry) x7: unknown"),
-                        errors)
+        self.assertEqual(len(errors), 1, errors)  # named once
+        self.assertTrue(errors[0].startswith("Point-group symmetry (symmetry) x7: unknown"), errors)
 
     def test_meridien_folder_missing(self):
         from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
+
         missing = os.path.join(self.folder, "no_such_meridien_run")
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir=missing).validate()
-        self.assertEqual(["Meridien refinement directory %s does not exist." % missing], errors)
+        self.assertEqual([f"Meridien refinement directory {missing} does not exist."], errors)
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="").validate()
         self.assertIn("Meridien refinement directory: no folder given.", errors)
 
     def test_meridien_folder_check_and_engine_arguments(self):
         from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
+
         errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder).validate()
         self.assertTrue(len(errors) == 1 and "main000/Tracker_000.json" in errors[0], errors)
         refine = os.path.join(self.folder, "Refine3D_fake")
@@ -438,6 +490,7 @@ class TestSort3DDepthValidate(BaseTest):
         classes of 20 STAR rows, the last one the unaccounted set; returns the output classes
         read back from their sqlite file."""
         from pwem.objects import SetOfClasses3D
+
         prot = self._prot(imgPerGrp=20)
         self.proj.saveProtocol(prot)
         os.makedirs(prot._getSortDir())
@@ -457,12 +510,29 @@ class TestSort3DDepthValidate(BaseTest):
         return classes, {i: r for r, i in enumerate(ids)}, prot
 
     def _fake_summary(self, **extra):
-        entry = lambda i, **kw: dict({"id": i, "file": "Cluster_%03d.txt" % i,  # noqa: E731
-                                      "size": 20, "generation": 0, "unaccounted": False}, **kw)
-        return dict({"n_particles": 60, "pixel_size": PIXEL_SIZE,
-                     "generations": [{"generation": 0, "n_images": 60}],
-                     "clusters": [entry(0, **extra.pop("c0", {})), entry(1, **extra.pop("c1", {})),
-                                  entry(2, unaccounted=True)]}, **extra)
+        entry = lambda i, **kw: dict(
+            {
+                "id": i,
+                "file": f"Cluster_{i:03d}.txt",  # noqa: E731
+                "size": 20,
+                "generation": 0,
+                "unaccounted": False,
+            },
+            **kw,
+        )
+        return dict(
+            {
+                "n_particles": 60,
+                "pixel_size": PIXEL_SIZE,
+                "generations": [{"generation": 0, "n_images": 60}],
+                "clusters": [
+                    entry(0, **extra.pop("c0", {})),
+                    entry(1, **extra.pop("c1", {})),
+                    entry(2, unaccounted=True),
+                ],
+            },
+            **extra,
+        )
 
     def test_outputs_carry_posteriors_and_purity(self):
         """Each particle of outputClasses carries its posterior of its class (posteriors.npy
@@ -470,25 +540,27 @@ class TestSort3DDepthValidate(BaseTest):
         the estimated purity of summary.json; the protocol's summary names them."""
         rng = np.random.default_rng(3)
         post = rng.dirichlet([1.0, 1.0], size=60).astype(np.float32)
-        summary = self._fake_summary(c0={"estimated_purity": 0.97},
-                                     c1={"estimated_purity": 0.9512}, min_purity=0.95,
-                                     posteriors="posteriors.npy")
+        summary = self._fake_summary(
+            c0={"estimated_purity": 0.97},
+            c1={"estimated_purity": 0.9512},
+            min_purity=0.95,
+            posteriors="posteriors.npy",
+        )
         classes, row, prot = self._outputs_of(summary, post)
         self.assertEqual(classes.getSize(), 3)
         for cls in classes.iterItems(orderBy="id"):
             k = cls.getObjId() - 1
-            self.assertEqual(getattr(cls, ATTR_PURITY).get(),
-                             summary["clusters"][k].get("estimated_purity"))
+            self.assertEqual(
+                getattr(cls, ATTR_PURITY).get(), summary["clusters"][k].get("estimated_purity")
+            )
             self.assertEqual(cls.getSize(), 20)
             for p in cls.iterItems():
                 r = row[p.getObjId()]
                 self.assertEqual(r // 20, k)
                 expected = post[r, k] if k < 2 else post[r].max()
-                self.assertAlmostEqual(getattr(p, ATTR_POSTERIOR).get(), float(expected),
-                                       places=6)
+                self.assertAlmostEqual(getattr(p, ATTR_POSTERIOR).get(), float(expected), places=6)
         self.assertIsNone(getattr(classes[3], ATTR_PURITY).get())
-        self.assertIn("Estimated purity per cluster (target 0.95): 0.970, 0.951.",
-                      prot.summary())
+        self.assertIn("Estimated purity per cluster (target 0.95): 0.970, 0.951.", prot.summary())
 
     def test_outputs_of_an_older_engine(self):
         """A summary without posteriors or purity (older engine): no posterior attribute, no
@@ -502,20 +574,23 @@ class TestSort3DDepthValidate(BaseTest):
                 self.assertFalse(hasattr(p, ATTR_POSTERIOR))
                 self.assertEqual(p._sort3d_cluster.get(), cls.getObjId() - 1)
         self.assertFalse(any("purity" in line for line in prot.summary()), prot.summary())
-        classes, _, _ = self._outputs_of(self._fake_summary(posteriors="posteriors.npy"),
-                                         np.ones((60, 3), np.float32))
+        classes, _, _ = self._outputs_of(
+            self._fake_summary(posteriors="posteriors.npy"), np.ones((60, 3), np.float32)
+        )
         self.assertFalse(hasattr(next(iter(classes[1].iterItems())), ATTR_POSTERIOR))
 
     def test_unreadable_summary_gives_one_line(self):
         """A summary of a newer schema, or one without a field the protocol needs: one line in
         the protocol's summary and methods, and createOutputStep fails with that line."""
         from sort3ddepth.engine.results import SCHEMA_VERSION
+
         newer = self._fake_summary(schema_version=SCHEMA_VERSION + 1)
         missing = self._fake_summary()
         del missing["clusters"][1]["generation"]
-        for summary, words in ((newer, "newer sort3ddepth (schema_version %d"
-                                % (SCHEMA_VERSION + 1)),
-                               (missing, "clusters[1] has no field 'generation'")):
+        for summary, words in (
+            (newer, f"newer sort3ddepth (schema_version {SCHEMA_VERSION + 1}"),
+            (missing, "clusters[1] has no field 'generation'"),
+        ):
             with self.assertRaises(RuntimeError) as e:
                 self._outputs_of(summary)
             self.assertIn(words, str(e.exception))
@@ -526,18 +601,25 @@ class TestSort3DDepthValidate(BaseTest):
                 json.dump(summary, f)
             for lines in (prot.summary(), prot._methods()):
                 self.assertEqual(len(lines), 1, lines)
-                self.assertTrue(lines[0].startswith("Cannot read the results: ")
-                                and words in lines[0], lines)
+                self.assertTrue(
+                    lines[0].startswith("Cannot read the results: ") and words in lines[0], lines
+                )
 
     def test_mask_of_another_size(self):
-        protMask = _import_mask(self, _sphere_mask(os.path.join(self.folder, "m32.mrc"), 32, 10),
-                                "32 px mask")
+        protMask = _import_mask(
+            self, _sphere_mask(os.path.join(self.folder, "m32.mrc"), 32, 10), "32 px mask"
+        )
         prot = self._prot(imgPerGrp=20)
         prot.focus.set(protMask)
         prot.focus.setExtended("outputMask")
         errors = prot.validate()
-        self.assertTrue(any(e.startswith("Focus 3D mask") and "32x32x32" in e
-                            and "must be 48 x 48 x 48" in e for e in errors), errors)
+        self.assertTrue(
+            any(
+                e.startswith("Focus 3D mask") and "32x32x32" in e and "must be 48 x 48 x 48" in e
+                for e in errors
+            ),
+            errors,
+        )
 
     def test_warnings(self):
         text = " ".join(self._prot(imgPerGrp=-1, numberOfMpi=1).warnings())
@@ -547,19 +629,37 @@ class TestSort3DDepthValidate(BaseTest):
 
     def test_engine_arguments(self):
         """Reversed questions become the engine's --not_... flags."""
-        prot = self._prot(imgPerGrp=20, doUnaccounted=False, useBackgroundNoise=False,
-                          freezeGroups=False, useUmat=True, seed=7)
+        prot = self._prot(
+            imgPerGrp=20,
+            doUnaccounted=False,
+            useBackgroundNoise=False,
+            freezeGroups=False,
+            useUmat=True,
+            seed=7,
+        )
         args = prot._engineArguments().split()
-        for flag in ("--not_include_unaccounted", "--notapplybckgnoise", "--not_freeze_groups",
-                     "--use_umat"):
+        for flag in (
+            "--not_include_unaccounted",
+            "--notapplybckgnoise",
+            "--not_freeze_groups",
+            "--use_umat",
+        ):
             self.assertIn(flag, args)
         self.assertEqual(args[args.index("--seed") + 1], "7")
         args = self._prot(imgPerGrp=20)._engineArguments().split()
-        for flag in ("--not_include_unaccounted", "--notapplybckgnoise", "--not_freeze_groups",
-                     "--use_umat", "--seed", "--mask3D", "--focus"):
+        for flag in (
+            "--not_include_unaccounted",
+            "--notapplybckgnoise",
+            "--not_freeze_groups",
+            "--use_umat",
+            "--seed",
+            "--mask3D",
+            "--focus",
+        ):
             self.assertNotIn(flag, args)
         # every option is one the engine's command line knows
         from sort3ddepth.engine.cli import build_parser
+
         known = {s for a in build_parser()._actions for s in a.option_strings}
         self.assertTrue({a for a in args if a.startswith("--")} <= known)
 
@@ -569,6 +669,7 @@ class TestSort3DDepthValidate(BaseTest):
         from sort3ddepth.engine.cli import build_parser
         from sort3ddepth.engine.membership import DEFAULT_MIN_PURITY
         from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
+
         prot = self._prot(imgPerGrp=20)
         self.assertEqual(prot.minPurity.get(), DEFAULT_MIN_PURITY)
         args = prot._engineArguments().split()
@@ -583,16 +684,20 @@ class TestSort3DDepthValidate(BaseTest):
         for ok in (0.5, 0.9, 1.0):
             self.assertEqual(self._prot(imgPerGrp=20, minPurity=ok).validate(), [], ok)
         for bad in (0.4, 1.2):
-            self.assertEqual(self._prot(imgPerGrp=20, minPurity=bad).validate(),
-                             [f"Purity target per cluster (minPurity) {bad:g}: must be between "
-                              f"0.5 and 1."])
+            self.assertEqual(
+                self._prot(imgPerGrp=20, minPurity=bad).validate(),
+                [f"Purity target per cluster (minPurity) {bad:g}: must be between 0.5 and 1."],
+            )
         # meridien input is checked too (before its own checks)
-        errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="", minPurity=0.2
-                            ).validate()
-        self.assertIn("Purity target per cluster (minPurity) 0.2: must be between 0.5 and 1.",
-                      errors)
-        args = self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder, minPurity=0.75
-                          )._engineArguments().split()
+        errors = self._prot(inputType=INPUT_MERIDIEN, refinementDir="", minPurity=0.2).validate()
+        self.assertIn(
+            "Purity target per cluster (minPurity) 0.2: must be between 0.5 and 1.", errors
+        )
+        args = (
+            self._prot(inputType=INPUT_MERIDIEN, refinementDir=self.folder, minPurity=0.75)
+            ._engineArguments()
+            .split()
+        )
         self.assertEqual(args[args.index("--min_purity") + 1], "0.75")
 
 
@@ -602,6 +707,7 @@ class TestSort3DDepthForm(BaseTest):
     @classmethod
     def setUpClass(cls):
         from sort3ddepth.tests.xdisplay import xvfb_display
+
         cls.display = xvfb_display()
         if cls.display is None:
             return
@@ -620,12 +726,15 @@ class TestSort3DDepthForm(BaseTest):
 
     def setUp(self):
         if self.display is None:
-            self.skipTest("Xvfb is not installed or did not start (apt-get install xvfb): the "
-                          "GUI form test needs a virtual X display")
+            self.skipTest(
+                "Xvfb is not installed or did not start (apt-get install xvfb): the "
+                "GUI form test needs a virtual X display"
+            )
 
     def _open_form(self, prot):
         import pyworkflow.gui.project  # noqa: F401  (import before gui.form: circular imports)
         from pyworkflow.gui.form import FormWindow
+
         w = FormWindow("Protocol Run: ProtSort3DDepth", prot, lambda *a: None)
         w.adjustSize()
         w.root.deiconify()
@@ -637,8 +746,10 @@ class TestSort3DDepthForm(BaseTest):
 
     def test_form_opens_with_positive_questions(self):
         from pyworkflow.protocol.constants import LEVEL_ADVANCED
+
         from sort3ddepth.protocols import ProtSort3DDepth
         from sort3ddepth.protocols.protocol_sort3d_depth import INPUT_MERIDIEN
+
         prot = self.newProtocol(ProtSort3DDepth)
         prot.expertLevel.set(LEVEL_ADVANCED)
         w = self._open_form(prot)
@@ -651,9 +762,11 @@ class TestSort3DDepthForm(BaseTest):
             def shown(name):
                 return widgets[name].label.winfo_manager() == "grid"
 
-            expected = {"doUnaccounted": "Do unaccounted reconstruction",
-                        "useBackgroundNoise": "Use background noise",
-                        "freezeGroups": "Freeze groups"}
+            expected = {
+                "doUnaccounted": "Do unaccounted reconstruction",
+                "useBackgroundNoise": "Use background noise",
+                "freezeGroups": "Freeze groups",
+            }
             for name, text in expected.items():
                 self.assertEqual(label(name), text)
                 self.assertTrue(shown(name), name)
@@ -685,9 +798,11 @@ def test_protocol_in_the_gui_tree():
     import pyworkflow
     import pyworkflow.gui.project  # noqa: F401  (import order of pyworkflow.gui)
     from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
-    trees = ProtocolTreeConfig.load(pyworkflow.Config.getDomain(),
-                                    os.path.join(os.path.dirname(pwem.__file__),
-                                                 "protocols.conf"))
+
+    trees = ProtocolTreeConfig.load(
+        pyworkflow.Config.getDomain(),
+        os.path.join(os.path.dirname(pwem.__file__), "protocols.conf"),
+    )
     found = []
     for section in trees["Protocols SPA"].childs:
         for group in section.childs:
@@ -701,15 +816,36 @@ def test_batch_script_example():
     """examples/batch_sort3d_depth.py (README): project, import from STAR, MPI run, sizes."""
     import re
     import sys
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
-                          "batch_sort3d_depth.py")
-    name = "batch_%s" % uuid.uuid4().hex[:8]
+
+    script = os.path.join(
+        os.path.dirname(__file__), "..", "..", "examples", "batch_sort3d_depth.py"
+    )
+    name = f"batch_{uuid.uuid4().hex[:8]}"
     import psutil
-    proc = subprocess.Popen([sys.executable, script, "--demo", "--n_per_class", "250",
-                             "--img_per_grp", "250", "--depth_order", "1", "--seed", "1",
-                             "--mpi", "2", "--project", name],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            script,
+            "--demo",
+            "--n_per_class",
+            "250",
+            "--img_per_grp",
+            "250",
+            "--depth_order",
+            "1",
+            "--seed",
+            "1",
+            "--mpi",
+            "2",
+            "--project",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         out, err = proc.communicate(timeout=SORT_TIMEOUT + 60)
     except subprocess.TimeoutExpired:
@@ -721,12 +857,15 @@ def test_batch_script_example():
             except psutil.NoSuchProcess:
                 pass
         out, err = proc.communicate()
-        raise AssertionError("the batch script did not finish in %.0f s: %s"
-                             % (SORT_TIMEOUT + 60, out[-2000:]))
+        raise AssertionError(
+            f"the batch script did not finish in {SORT_TIMEOUT + 60:.0f} s: {out[-2000:]}"
+        ) from None
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert "sorted in" in out and "with 2 MPI processes" in out, out
-    sizes = [int(m.group(1)) for m in re.finditer(r"^\d+\s+(?:cluster \d+|unaccounted)\s+(\d+)",
-                                                  out, re.M)]
+    sizes = [
+        int(m.group(1))
+        for m in re.finditer(r"^\d+\s+(?:cluster \d+|unaccounted)\s+(\d+)", out, re.M)
+    ]
     assert len(sizes) >= 2, out
     assert sum(sizes) == 750, out
-    assert "total 750 of 750 particles in %d classes" % len(sizes) in out, out
+    assert f"total 750 of 750 particles in {len(sizes)} classes" in out, out

@@ -40,9 +40,14 @@ def test_post_filter_uses_the_reproduced_size():
     """A cluster under a third of the largest (as reproduced) goes back to the pool; one the
     member check shrank but that was reproduced large enough stays."""
     subset = np.arange(1000)
-    stored = StoredGenerations({"gen000": _part(
-        [range(0, 400), range(400, 500), range(500, 560)],
-        [{"jaccard": 90.0}, {"reproduced_size": 200}, {"jaccard": 70.0}])})
+    stored = StoredGenerations(
+        {
+            "gen000": _part(
+                [range(0, 400), range(400, 500), range(500, 560)],
+                [{"jaccard": 90.0}, {"reproduced_size": 200}, {"jaccard": 70.0}],
+            )
+        }
+    )
     run = sorter._one_generation(_ctx(), 0, subset, 3, [], comm=Comm(), checkpoints=stored)
     assert [len(c) for c in run.clusters] == [400, 100]
     assert run.stats == [{"jaccard": 90.0}, {"reproduced_size": 200}]
@@ -52,20 +57,20 @@ def test_post_filter_uses_the_reproduced_size():
 
 def test_nothing_reproduced_is_one_homogeneous_cluster():
     stored = StoredGenerations({"gen000": _part([])})
-    run = sorter._one_generation(_ctx(), 0, np.arange(300), 3, [], comm=Comm(),
-                                 checkpoints=stored)
+    run = sorter._one_generation(_ctx(), 0, np.arange(300), 3, [], comm=Comm(), checkpoints=stored)
     assert [len(c) for c in run.clusters] == [300] and run.stats == [{}]
     assert len(run.unaccounted) == 0
 
 
 def test_generations_follow_the_pool_until_too_few_are_left():
     """Generation 1 sorts what generation 0 left; it stops when K = pool / group size < 2."""
-    stored = StoredGenerations({
-        "gen000": _part([range(0, 300), range(300, 600)]),
-        "gen001": _part([range(600, 850)]),
-    })
-    found = sorter.run_generations(_ctx(), n=1000, k0=3, work=200, comm=Comm(),
-                                   checkpoints=stored)
+    stored = StoredGenerations(
+        {
+            "gen000": _part([range(0, 300), range(300, 600)]),
+            "gen001": _part([range(600, 850)]),
+        }
+    )
+    found = sorter.run_generations(_ctx(), n=1000, k0=3, work=200, comm=Comm(), checkpoints=stored)
     assert stored.loaded == ["gen000", "gen001"]
     assert [len(c) for c in found.clusters] == [300, 300, 250]
     assert found.gen_of == [0, 0, 1] and found.final_id == [0, 1, 2]
@@ -79,8 +84,20 @@ def test_small_run_writes_its_summary_through_the_schema(tmp_path):
     the same dict, and agrees with the cluster files."""
     star, _ = make_star(tmp_path, n_per_class=150, n_classes=3, box=32, snr=3.0)
     out = tmp_path / "out"
-    code = cli.run(["--instack", str(star), "--output_dir", str(out), "--img_per_grp", "150",
-                    "--seed", "3", "--depth_order", "1"])
+    code = cli.run(
+        [
+            "--instack",
+            str(star),
+            "--output_dir",
+            str(out),
+            "--img_per_grp",
+            "150",
+            "--seed",
+            "3",
+            "--depth_order",
+            "1",
+        ]
+    )
     assert code == 0
     s = read_summary(out / "summary.json")
     assert s.schema_version == SCHEMA_VERSION

@@ -8,6 +8,7 @@
   them, the plots are saved as PNG offscreen and checked against the run's summary.json
   (the purity curve included).
 """
+
 import json
 import math
 import os
@@ -45,15 +46,29 @@ def _write_map(path, seed):
 
 
 def _box(mean):
-    return {"whislo": mean - 3, "q1": mean - 1, "med": mean, "q3": mean + 1,
-            "whishi": mean + 3, "mean": mean, "min": mean - 5, "max": mean + 3}
+    return {
+        "whislo": mean - 3,
+        "q1": mean - 1,
+        "med": mean,
+        "q3": mean + 1,
+        "whishi": mean + 3,
+        "mean": mean,
+        "min": mean - 5,
+        "max": mean + 3,
+    }
 
 
 def _table(names, F, p, pairs):
-    return {"F": F, "p": p, "reason": None if math.isfinite(F) else "constant values",
-            "groups": [{"name": n, "n": 10 + i, "mean": 100.0 * i, "std": 1.0,
-                        "box": _box(100.0 * i)} for i, n in enumerate(names)],
-            "pairs": [{"a": a, "b": b, "F": 30.0, "p": pp} for a, b, pp in pairs]}
+    return {
+        "F": F,
+        "p": p,
+        "reason": None if math.isfinite(F) else "constant values",
+        "groups": [
+            {"name": n, "n": 10 + i, "mean": 100.0 * i, "std": 1.0, "box": _box(100.0 * i)}
+            for i, n in enumerate(names)
+        ],
+        "pairs": [{"a": a, "b": b, "F": 30.0, "p": pp} for a, b, pp in pairs],
+    }
 
 
 @pytest.fixture
@@ -64,40 +79,87 @@ def synthetic(tmp_path):
     (out / "generation_000").mkdir(parents=True)
     (out / "generation_001").mkdir()
     for i in range(3):
-        _write_map(out / ("vol_cluster%03d.mrc" % i), i)
+        _write_map(out / (f"vol_cluster{i:03d}.mrc"), i)
     for g, j in ((0, 0), (0, 1), (1, 0)):
-        _write_map(out / ("generation_%03d" % g) / ("vol_cluster%03d.mrc" % j), 10 + j)
+        _write_map(out / (f"generation_{g:03d}") / (f"vol_cluster{j:03d}.mrc"), 10 + j)
     names = ["Cluster_000", "Cluster_001", "Cluster_002"]
     gen_entry = lambda g, j, fid, size, jac: {  # noqa: E731
-        "file": "generation_%03d/Cluster_%03d.txt" % (g, j),
-        "map": "generation_%03d/vol_cluster%03d.mrc" % (g, j), "size": size, "final_id": fid,
-        "jaccard": jac, "random_mean": 30.0, "random_std": 4.0}
+        "file": f"generation_{g:03d}/Cluster_{j:03d}.txt",
+        "map": f"generation_{g:03d}/vol_cluster{j:03d}.mrc",
+        "size": size,
+        "final_id": fid,
+        "jaccard": jac,
+        "random_mean": 30.0,
+        "random_std": 4.0,
+    }
     summary = {
-        "n_particles": 1000, "box": BOX, "pixel_size": 4.0,
+        "n_particles": 1000,
+        "box": BOX,
+        "pixel_size": 4.0,
         "generations": [
-            {"generation": 0, "n_images": 1000, "cluster_sizes": [400, 300],
-             "clusters": [gen_entry(0, 0, 0, 400, 97.0), gen_entry(0, 1, 1, 300, 88.0)],
-             "n_unaccounted": 300,
-             "anova": {"defocus": _table(names[:2], 1.0, 0.4, [("Cluster_000", "Cluster_001",
-                                                                  0.4)])}},
-            {"generation": 1, "n_images": 300, "cluster_sizes": [250],
-             "clusters": [gen_entry(1, 0, 2, 250, 70.0)], "n_unaccounted": 50, "anova": {}}],
+            {
+                "generation": 0,
+                "n_images": 1000,
+                "cluster_sizes": [400, 300],
+                "clusters": [gen_entry(0, 0, 0, 400, 97.0), gen_entry(0, 1, 1, 300, 88.0)],
+                "n_unaccounted": 300,
+                "anova": {
+                    "defocus": _table(names[:2], 1.0, 0.4, [("Cluster_000", "Cluster_001", 0.4)])
+                },
+            },
+            {
+                "generation": 1,
+                "n_images": 300,
+                "cluster_sizes": [250],
+                "clusters": [gen_entry(1, 0, 2, 250, 70.0)],
+                "n_unaccounted": 50,
+                "anova": {},
+            },
+        ],
         "clusters": [
-            {"id": 0, "file": "Cluster_000.txt", "map": "vol_cluster000.mrc", "size": 400,
-             "generation": 0, "unaccounted": False, "resolution_A": 12.0,
-             "fsc": [1.0, 0.9, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]},
-            {"id": 1, "file": "Cluster_001.txt", "map": "vol_cluster001.mrc", "size": 300,
-             "generation": 0, "unaccounted": False, "resolution_A": 14.0,
-             "fsc": [1.0, 0.8, 0.4, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]},
-            {"id": 2, "file": "Cluster_002.txt", "map": "vol_cluster002.mrc", "size": 250,
-             "generation": 1, "unaccounted": False},            # an older run: no FSC
-            {"id": 3, "file": "Cluster_003.txt", "size": 50, "generation": 1,
-             "unaccounted": True}],
+            {
+                "id": 0,
+                "file": "Cluster_000.txt",
+                "map": "vol_cluster000.mrc",
+                "size": 400,
+                "generation": 0,
+                "unaccounted": False,
+                "resolution_A": 12.0,
+                "fsc": [1.0, 0.9, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0],
+            },
+            {
+                "id": 1,
+                "file": "Cluster_001.txt",
+                "map": "vol_cluster001.mrc",
+                "size": 300,
+                "generation": 0,
+                "unaccounted": False,
+                "resolution_A": 14.0,
+                "fsc": [1.0, 0.8, 0.4, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],
+            },
+            {
+                "id": 2,
+                "file": "Cluster_002.txt",
+                "map": "vol_cluster002.mrc",
+                "size": 250,
+                "generation": 1,
+                "unaccounted": False,
+            },  # an older run: no FSC
+            {"id": 3, "file": "Cluster_003.txt", "size": 50, "generation": 1, "unaccounted": True},
+        ],
         "anova": {
-            "defocus": _table(names, 25.0, 1e-6, [("Cluster_000", "Cluster_001", 0.3),
-                                                  ("Cluster_000", "Cluster_002", 1e-5),
-                                                  ("Cluster_001", "Cluster_002", 1e-7)]),
-            "norm": _table(names, float("nan"), float("nan"), [])},
+            "defocus": _table(
+                names,
+                25.0,
+                1e-6,
+                [
+                    ("Cluster_000", "Cluster_001", 0.3),
+                    ("Cluster_000", "Cluster_002", 1e-5),
+                    ("Cluster_001", "Cluster_002", 1e-7),
+                ],
+            ),
+            "norm": _table(names, float("nan"), float("nan"), []),
+        },
     }
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f)
@@ -109,16 +171,19 @@ def _with_purity(summary, seed=0):
     purity-vs-accounted curve of 1000 particles' max posteriors (null purity where no particle
     reaches the threshold), computed as the engine does."""
     s = json.loads(json.dumps(plots.as_summary(summary).to_dict()))
-    best = np.concatenate([np.full(200, 0.9995),
-                           np.random.default_rng(seed).uniform(0.4, 0.999, 800)])
+    best = np.concatenate(
+        [np.full(200, 0.9995), np.random.default_rng(seed).uniform(0.4, 0.999, 800)]
+    )
     t = np.round(np.linspace(0.0, 1.0, 101), 3)
     s["min_purity"] = 0.95
     s["posteriors"] = "posteriors.npy"
     s["purity_curve"] = {
         "threshold": t.tolist(),
         "accounted": [round(float(np.mean(best >= x)), 4) for x in t],
-        "estimated_purity": [round(float(best[best >= x].mean()), 4) if np.any(best >= x)
-                             else None for x in t]}
+        "estimated_purity": [
+            round(float(best[best >= x].mean()), 4) if np.any(best >= x) else None for x in t
+        ],
+    }
     for c, purity in zip(s["clusters"], (0.99, 0.97, 0.96)):
         c["estimated_purity"] = purity
     return s
@@ -130,7 +195,7 @@ def test_anova_boxes_and_flag(synthetic):
     fig = plots.plot_anova(s)
     assert len(fig.axes) == 2
     boxes = _gids(fig, "box:")
-    assert sorted(boxes) == sorted(["box:Cluster_%03d" % i for i in range(3)] * 2)
+    assert sorted(boxes) == sorted([f"box:Cluster_{i:03d}" for i in range(3)] * 2)
     # defocus is flagged, with the two significant pairs named; norm is not
     assert _gids(fig, "flag:") == ["flag:defocus"]
     text = _texts(fig)
@@ -155,8 +220,11 @@ def test_anova_text(synthetic):
     assert len(head) == 2 and "<-- the clusters differ in defocus" in head[0]
     assert "F = n/a, p = n/a" in head[1]
     rows = [ln.split() for ln in lines if ln.strip().startswith("Cluster_") and " vs " not in ln]
-    assert [r[:2] for r in rows[:3]] == [["Cluster_000", "10"], ["Cluster_001", "11"],
-                                         ["Cluster_002", "12"]]
+    assert [r[:2] for r in rows[:3]] == [
+        ["Cluster_000", "10"],
+        ["Cluster_001", "11"],
+        ["Cluster_002", "12"],
+    ]
     assert sum("<-- differ" in ln for ln in lines) == 2
     fig = plots.plot_anova_table(s)
     # 3 cluster rows per variable and the 3 defocus pairs, one text line each
@@ -170,8 +238,13 @@ def test_generation_figures(synthetic):
     fig = plots.plot_generation_sizes(s)
     bars = _gids(fig, "bar:")
     # clusters + unaccounted per generation
-    assert sorted(bars) == ["bar:0:Cluster_000", "bar:0:Cluster_001", "bar:0:unaccounted",
-                            "bar:1:Cluster_000", "bar:1:unaccounted"]
+    assert sorted(bars) == [
+        "bar:0:Cluster_000",
+        "bar:0:Cluster_001",
+        "bar:0:unaccounted",
+        "bar:1:Cluster_000",
+        "bar:1:unaccounted",
+    ]
     heights = {p.get_gid(): p.get_height() for p in fig.axes[0].patches}
     assert heights["bar:1:Cluster_000"] == 250 and heights["bar:0:unaccounted"] == 300
     fig = plots.plot_reproducibility(s)
@@ -180,21 +253,31 @@ def test_generation_figures(synthetic):
     assert bar.get_height() == 88.0
     # the random band is mean +- 2 std
     from matplotlib.collections import LineCollection
-    band = fig.findobj(lambda a: isinstance(a, LineCollection)
-                       and a.get_gid() == "random:1:Cluster_000")[0]
+
+    band = fig.findobj(
+        lambda a: isinstance(a, LineCollection) and a.get_gid() == "random:1:Cluster_000"
+    )[0]
     assert sorted(band.get_segments()[0][:, 1]) == [22.0, 38.0]
     fig = plots.plot_generation_tree(s)
     edges = sorted(_gids(fig, "edge:"))
-    assert edges == ["edge:gen0:Cluster_000", "edge:gen0:Cluster_001", "edge:gen0:gen1",
-                     "edge:gen1:Cluster_002", "edge:gen1:unaccounted"]
+    assert edges == [
+        "edge:gen0:Cluster_000",
+        "edge:gen0:Cluster_001",
+        "edge:gen0:gen1",
+        "edge:gen1:Cluster_002",
+        "edge:gen1:unaccounted",
+    ]
 
 
 def test_a_generation_cluster_the_final_check_emptied(synthetic):
     """final_id None (the run's final member check left it below the minimum size): no map, no
     final cluster; the figures say so instead of failing."""
     s = plots.load_summary(synthetic)
-    s.generations[1].clusters.append(GenerationCluster(
-        file="generation_001/Cluster_001.txt", size=60, final_id=None, jaccard=55.0))
+    s.generations[1].clusters.append(
+        GenerationCluster(
+            file="generation_001/Cluster_001.txt", size=60, final_id=None, jaccard=55.0
+        )
+    )
     fig = plots.plot_generation_sizes(s)
     assert "bar:1:Cluster_001" in _gids(fig, "bar:")
     assert "Cluster_001 -> none: 60" in _texts(fig)
@@ -202,7 +285,8 @@ def test_a_generation_cluster_the_final_check_emptied(synthetic):
     assert "gen 1\nCluster_001\n-> none" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
     bar = fig.findobj(lambda a: a.get_gid() == "repro:1:Cluster_001")[0]
     assert bar.get_facecolor()[:3] == pytest.approx(
-        matplotlib.colors.to_rgb(plots.UNACCOUNTED_COLOR))
+        matplotlib.colors.to_rgb(plots.UNACCOUNTED_COLOR)
+    )
     assert len(_gids(plots.plot_generation_tree(s), "edge:")) == 5
     assert len(_gids(plots.plot_map_slices(s, synthetic), "slice:")) == 3 * 6
 
@@ -220,8 +304,9 @@ def test_map_slices_and_fsc(synthetic):
     fig = plots.plot_map_slices(s, synthetic, generation=1, with_generations=False)
     assert len(_gids(fig, "slice:")) == 3
     fig = plots.plot_fsc(s)
-    lines = {ln.get_gid(): ln for ln in fig.axes[0].lines if (ln.get_gid() or "").startswith(
-        "fsc:")}
+    lines = {
+        ln.get_gid(): ln for ln in fig.axes[0].lines if (ln.get_gid() or "").startswith("fsc:")
+    }
     assert set(lines) == {"fsc:Cluster_000", "fsc:Cluster_001"}
     x = lines["fsc:Cluster_000"].get_xdata()
     assert x[1] == pytest.approx(1 / (BOX * 4.0))
@@ -240,21 +325,29 @@ def test_purity_curve(synthetic):
     line = fig.findobj(lambda a: a.get_gid() == "purity-curve")
     assert len(line) == 1
     np.testing.assert_array_equal(line[0].get_xdata(), curve["accounted"])
-    np.testing.assert_array_equal(line[0].get_ydata(), [np.nan if v is None else v
-                                                        for v in curve["estimated_purity"]])
+    np.testing.assert_array_equal(
+        line[0].get_ydata(), [np.nan if v is None else v for v in curve["estimated_purity"]]
+    )
     point = fig.findobj(lambda a: a.get_gid() == "purity-operating-point")[0]
     assert point.get_xdata()[0] == pytest.approx((400 + 300 + 250) / 1000)
     assert point.get_ydata()[0] == pytest.approx((400 * 0.99 + 300 * 0.97 + 250 * 0.96) / 950)
     target = fig.findobj(lambda a: a.get_gid() == "purity-target")[0]
     assert list(target.get_ydata()) == [0.95, 0.95]
-    bars = {p.get_gid(): p.get_height() for p in fig.findobj(
-        lambda a: (a.get_gid() or "").startswith("purity:"))}
-    assert bars == {"purity:Cluster_000": 0.99, "purity:Cluster_001": 0.97,
-                    "purity:Cluster_002": 0.96}             # none for the unaccounted set
+    bars = {
+        p.get_gid(): p.get_height()
+        for p in fig.findobj(lambda a: (a.get_gid() or "").startswith("purity:"))
+    }
+    assert bars == {
+        "purity:Cluster_000": 0.99,
+        "purity:Cluster_001": 0.97,
+        "purity:Cluster_002": 0.96,
+    }  # none for the unaccounted set
     mark = fig.findobj(lambda a: a.get_gid() == "purity-mark:0.9")[0]
     i = curve["threshold"].index(0.9)
-    assert (mark.get_xdata()[0], mark.get_ydata()[0]) == (curve["accounted"][i],
-                                                          curve["estimated_purity"][i])
+    assert (mark.get_xdata()[0], mark.get_ydata()[0]) == (
+        curve["accounted"][i],
+        curve["estimated_purity"][i],
+    )
     assert "this run: 95 % accounted, purity 0.976" in _texts(fig)
     # the generation tree names each final cluster's estimated purity
     text = _texts(plots.plot_generation_tree(s))
@@ -287,10 +380,15 @@ def test_purity_not_available(synthetic):
 
 def test_missing_fields(tmp_path):
     """A one-cluster run of an older engine: no ANOVA, no stats, no maps on disk."""
-    s = {"n_particles": 100, "generations": [{"generation": 0, "n_images": 100,
-                                              "cluster_sizes": [100], "n_unaccounted": 0}],
-         "clusters": [{"id": 0, "file": "Cluster_000.txt", "size": 100, "generation": 0,
-                       "unaccounted": False}]}
+    s = {
+        "n_particles": 100,
+        "generations": [
+            {"generation": 0, "n_images": 100, "cluster_sizes": [100], "n_unaccounted": 0}
+        ],
+        "clusters": [
+            {"id": 0, "file": "Cluster_000.txt", "size": 100, "generation": 0, "unaccounted": False}
+        ],
+    }
     assert "no anova" in _texts(plots.plot_anova(s)).lower()
     assert _gids(plots.plot_generation_sizes(s), "bar:") == ["bar:0:Cluster_000"]
     assert not _gids(plots.plot_reproducibility(s), "repro:")
@@ -308,9 +406,10 @@ def test_unreadable_summary_one_line(synthetic, tmp_path, capsys):
     newer = dict(good, schema_version=SCHEMA_VERSION + 1)
     missing = json.loads(json.dumps(good))
     del missing["clusters"][2]["size"]
-    for s, words in ((newer, f"schema_version {SCHEMA_VERSION + 1}; this version reads up to "
-                             f"{SCHEMA_VERSION}"),
-                     (missing, "clusters[2] has no field 'size'")):
+    for s, words in (
+        (newer, f"schema_version {SCHEMA_VERSION + 1}; this version reads up to {SCHEMA_VERSION}"),
+        (missing, "clusters[2] has no field 'size'"),
+    ):
         with open(os.path.join(synthetic, "summary.json"), "w") as f:
             json.dump(s, f)
         assert plots.main([synthetic, str(tmp_path / "png")]) == 2
@@ -340,21 +439,32 @@ class TestSort3DDepthViewer(BaseTest):
     def setUpClass(cls):
         from sort3ddepth.protocols import ProtSort3DDepth
         from sort3ddepth.tests.test_protocols_sort3d_depth import (
-            N_PER_CLASS, _data_folder, _import_particles, _launch_with_timeout,
-            _simulated_set)
+            N_PER_CLASS,
+            _data_folder,
+            _import_particles,
+            _launch_with_timeout,
+            _simulated_set,
+        )
+
         setupTestProject(cls)
         cls.folder = _data_folder("viewer")
         cls.pngs = os.path.join(cls.folder, "png")
         os.makedirs(cls.pngs)
         sqlite, _ = _simulated_set(cls.folder)
         protImport = _import_particles(cls, sqlite, "simulated particles")
-        prot = cls.newProtocol(ProtSort3DDepth, objLabel="sort3d depth for the viewer",
-                               imgPerGrp=N_PER_CLASS, depthOrder=1, seed=1, numberOfMpi=2)
+        prot = cls.newProtocol(
+            ProtSort3DDepth,
+            objLabel="sort3d depth for the viewer",
+            imgPerGrp=N_PER_CLASS,
+            depthOrder=1,
+            seed=1,
+            numberOfMpi=2,
+        )
         prot.inputParticles.set(protImport)
         prot.inputParticles.setExtended("outputParticles")
         t0 = time.time()
         _launch_with_timeout(cls, prot)
-        print("sort3d depth run for the viewer: %.1f s" % (time.time() - t0))
+        print(f"sort3d depth run for the viewer: {time.time() - t0:.1f} s")
         cls.prot = prot
         with open(prot._getSortDir("summary.json")) as f:
             cls.summary = json.load(f)
@@ -367,8 +477,12 @@ class TestSort3DDepthViewer(BaseTest):
         """The viewer as Scipion finds it for the protocol (plugin discovery)."""
         from pyworkflow import Config
         from pyworkflow.viewer import DESKTOP_TKINTER
-        found = [v for v in Config.getDomain().findViewers(self.prot, DESKTOP_TKINTER)
-                 if v.__name__ == "Sort3DDepthViewer"]
+
+        found = [
+            v
+            for v in Config.getDomain().findViewers(self.prot, DESKTOP_TKINTER)
+            if v.__name__ == "Sort3DDepthViewer"
+        ]
         self.assertEqual(len(found), 1)
         return found[0]
 
@@ -380,9 +494,10 @@ class TestSort3DDepthViewer(BaseTest):
     def _plot(self, viewer, name):
         """The figure behind one eye button, saved as a PNG (never shown)."""
         from pwem.viewers.plotter import EmPlotter
+
         t0 = time.time()
         views = viewer._getVisualizeDict()[name](name)
-        self.assertLess(time.time() - t0, 30, "%s took too long (blocked?)" % name)
+        self.assertLess(time.time() - t0, 30, f"{name} took too long (blocked?)")
         self.assertEqual(len(views), 1, views)
         self.assertIsInstance(views[0], EmPlotter)
         png = os.path.join(self.pngs, name + ".png")
@@ -399,14 +514,26 @@ class TestSort3DDepthViewer(BaseTest):
     def test_form(self):
         v = self._viewer()
         n_gen = len(self.summary["generations"])
-        self.assertEqual(v.getParam("anovaClusters").choices,
-                         ["final clusters"] + ["generation %d" % g for g in range(n_gen)])
-        self.assertEqual(v.getParam("anovaVariable").choices,
-                         ["all"] + list(self.summary["anova"]))
-        self.assertEqual(set(v._getVisualizeDict()),
-                         {"showAnovaPlots", "showAnovaTables", "showGenerationSizes",
-                          "showReproducibility", "showGenerationTree", "showMapSlices",
-                          "showFsc", "showPurityCurve", "showMapsExternal", "showClasses"})
+        self.assertEqual(
+            v.getParam("anovaClusters").choices,
+            ["final clusters"] + [f"generation {g}" for g in range(n_gen)],
+        )
+        self.assertEqual(v.getParam("anovaVariable").choices, ["all"] + list(self.summary["anova"]))
+        self.assertEqual(
+            set(v._getVisualizeDict()),
+            {
+                "showAnovaPlots",
+                "showAnovaTables",
+                "showGenerationSizes",
+                "showReproducibility",
+                "showGenerationTree",
+                "showMapSlices",
+                "showFsc",
+                "showPurityCurve",
+                "showMapsExternal",
+                "showClasses",
+            },
+        )
 
     def test_plots_match_the_run(self):
         s = self.summary
@@ -418,31 +545,42 @@ class TestSort3DDepthViewer(BaseTest):
         self.assertEqual(len(fig.axes), len(s["anova"]))
         # one box per cluster and variable
         self.assertEqual(len(_gids(fig, "box:")), len(s["anova"]) * len(regular))
-        v.anovaVariable.set(1)          # the first variable only
+        v.anovaVariable.set(1)  # the first variable only
         fig = self._plot(v, "showAnovaPlots")
-        self.assertEqual(sorted(_gids(fig, "box:")),
-                         sorted("box:" + plots.cluster_label(c) for c in regular))
+        self.assertEqual(
+            sorted(_gids(fig, "box:")),
+            sorted("box:" + c.label for c in plots.as_summary(s).regular),
+        )
 
         fig = self._plot(v, "showGenerationSizes")
-        expected = sum(len(g["clusters"]) + (1 if g["n_unaccounted"] else 0)
-                       for g in s["generations"])
+        expected = sum(
+            len(g["clusters"]) + (1 if g["n_unaccounted"] else 0) for g in s["generations"]
+        )
         self.assertEqual(len(_gids(fig, "bar:")), expected)
-        total = sum(p.get_height() for p in fig.axes[0].patches
-                    if (p.get_gid() or "").startswith("bar:0:"))
+        total = sum(
+            p.get_height() for p in fig.axes[0].patches if (p.get_gid() or "").startswith("bar:0:")
+        )
         self.assertEqual(total, s["generations"][0]["n_images"])
 
         fig = self._plot(v, "showReproducibility")
-        self.assertEqual(len(_gids(fig, "repro:")),
-                         sum(1 for g in s["generations"] for e in g["clusters"]
-                             if e.get("jaccard") is not None))
+        self.assertEqual(
+            len(_gids(fig, "repro:")),
+            sum(1 for g in s["generations"] for e in g["clusters"] if e.get("jaccard") is not None),
+        )
 
         fig = self._plot(v, "showGenerationTree")
         # one arrow into every final cluster, one from each generation to the next
-        self.assertEqual(sorted(_gids(fig, "edge:")), sorted(
-            ["edge:gen%d:%s" % (len(s["generations"]) - 1 if c["unaccounted"]
-                                else c["generation"], plots.cluster_label(c))
-             for c in s["clusters"]]
-            + ["edge:gen%d:gen%d" % (g, g + 1) for g in range(len(s["generations"]) - 1)]))
+        self.assertEqual(
+            sorted(_gids(fig, "edge:")),
+            sorted(
+                [
+                    f"edge:gen{len(s['generations']) - 1 if c.unaccounted else c.generation}:"
+                    f"{plots.cluster_label(c)}"
+                    for c in plots.final_clusters(s)
+                ]
+                + [f"edge:gen{g}:gen{g + 1}" for g in range(len(s["generations"]) - 1)]
+            ),
+        )
 
         fig = self._plot(v, "showMapSlices")
         finals = [c for c in s["clusters"] if c.get("map")]
@@ -461,18 +599,24 @@ class TestSort3DDepthViewer(BaseTest):
         self.assertEqual(len(curve["threshold"]), 101)
         line = fig.findobj(lambda a: a.get_gid() == "purity-curve")[0]
         np.testing.assert_array_equal(line.get_xdata(), curve["accounted"])
-        np.testing.assert_array_equal(line.get_ydata(), [np.nan if y is None else y
-                                                         for y in curve["estimated_purity"]])
+        np.testing.assert_array_equal(
+            line.get_ydata(), [np.nan if y is None else y for y in curve["estimated_purity"]]
+        )
         point = fig.findobj(lambda a: a.get_gid() == "purity-operating-point")[0]
-        self.assertAlmostEqual(point.get_xdata()[0],
-                               sum(c["size"] for c in regular) / s["n_particles"])
-        bars = {p.get_gid(): p.get_height() for p in fig.findobj(
-            lambda a: (a.get_gid() or "").startswith("purity:"))}
-        self.assertEqual(bars, {"purity:" + plots.cluster_label(c): c["estimated_purity"]
-                                for c in regular})
+        self.assertAlmostEqual(
+            point.get_xdata()[0], sum(c["size"] for c in regular) / s["n_particles"]
+        )
+        bars = {
+            p.get_gid(): p.get_height()
+            for p in fig.findobj(lambda a: (a.get_gid() or "").startswith("purity:"))
+        }
+        self.assertEqual(
+            bars, {"purity:" + c.label: c.estimated_purity for c in plots.as_summary(s).regular}
+        )
 
     def test_anova_text_view(self):
         from pyworkflow.viewer import TextView
+
         v = self._viewer()
         views = v._getVisualizeDict()["showAnovaTables"]("showAnovaTables")
         self.assertEqual(len(views), 1)
@@ -480,28 +624,30 @@ class TestSort3DDepthViewer(BaseTest):
         with open(views[0].getFileList()[0]) as f:
             text = f.read()
         for var, t in self.summary["anova"].items():
-            self.assertIn("ANOVA of %s (final clusters)" % var, text)
+            self.assertIn(f"ANOVA of {var} (final clusters)", text)
             for g in t["groups"]:
                 self.assertIn(g["name"], text)
-            self.assertEqual(text.count(" vs "), sum(len(t["pairs"]) for t in
-                                                     self.summary["anova"].values()))
+            self.assertEqual(
+                text.count(" vs "), sum(len(t["pairs"]) for t in self.summary["anova"].values())
+            )
 
     def test_maps_and_classes_open_in_scipion_viewers(self):
         from pyworkflow.viewer import MessageView, View
+
         v = self._viewer()
         for name in ("showMapsExternal", "showClasses"):
             views = v._getVisualizeDict()[name](name)
             self.assertTrue(views, name)
             for view in views:
                 self.assertIsInstance(view, View)
-                self.assertNotIsInstance(view, MessageView,
-                                         "%s: %s" % (name, getattr(view, "_msg", "")))
+                self.assertNotIsInstance(view, MessageView, f"{name}: {getattr(view, '_msg', '')}")
             print(name, [type(x).__name__ for x in views])
 
     def test_zz_form_and_plot_window_under_xvfb(self):
         """visualize() opens the form (its mainloop is ended from inside); an eye button's plot
         opens in a Tk window without blocking."""
         from sort3ddepth.tests.xdisplay import xvfb_display
+
         display = xvfb_display()
         if display is None:
             self.skipTest("Xvfb is not installed or did not start (apt-get install xvfb)")
@@ -511,6 +657,7 @@ class TestSort3DDepthViewer(BaseTest):
         from matplotlib import pyplot as plt
         from pyworkflow.gui.form import FormWindow
         from pyworkflow.gui.plotter import Plotter
+
         seen = {}
         original_show = FormWindow.show
 
@@ -522,7 +669,7 @@ class TestSort3DDepthViewer(BaseTest):
                     seen["viewable"] = root.winfo_viewable()
                     before = set(plt.get_fignums())
                     t0 = time.time()
-                    viewer._visualizeParam("showFsc")        # what the eye button calls
+                    viewer._visualizeParam("showFsc")  # what the eye button calls
                     seen["plot_seconds"] = time.time() - t0
                     new = set(plt.get_fignums()) - before
                     seen["new_figures"] = len(new)
@@ -534,8 +681,9 @@ class TestSort3DDepthViewer(BaseTest):
                         plt.close(fig)
                 finally:
                     window.root.quit()
+
             window.root.after(1000, check)
-            window.root.after(30000, window.root.quit)      # never hang the test session
+            window.root.after(30000, window.root.quit)  # never hang the test session
             original_show(window, *args, **kwargs)
 
         try:
@@ -555,6 +703,7 @@ class TestSort3DDepthViewer(BaseTest):
         self.assertTrue(seen.get("viewable"), seen)
         self.assertEqual(seen.get("new_figures"), 1, seen)
         self.assertTrue(seen.get("window"), seen)
-        self.assertEqual(seen.get("fsc_lines"),
-                         sum(1 for c in self.summary["clusters"] if c.get("fsc")))
+        self.assertEqual(
+            seen.get("fsc_lines"), sum(1 for c in self.summary["clusters"] if c.get("fsc"))
+        )
         self.assertLess(seen["plot_seconds"], 10)

@@ -12,6 +12,7 @@ Artists that stand for a cluster carry a gid (``box:``, ``bar:``, ``repro:``, ``
 ``slice:``, ``fsc:``, ``purity:``) so that what a figure shows can be checked without looking at
 pixels.
 """
+
 import argparse
 import math
 import os
@@ -65,7 +66,7 @@ def cluster_label(c):
 
 def _final_label(final_id):
     """'-> 3', or '-> none' for a generation cluster the final member check emptied."""
-    return "-> none" if final_id is None else "-> %d" % int(final_id)
+    return "-> none" if final_id is None else f"-> {int(final_id)}"
 
 
 def cluster_color(final_id, unaccounted=False):
@@ -73,6 +74,7 @@ def cluster_color(final_id, unaccounted=False):
     if unaccounted or final_id is None:
         return UNACCOUNTED_COLOR
     import matplotlib
+
     return matplotlib.colormaps["tab10"](int(final_id) % 10)
 
 
@@ -134,15 +136,15 @@ def _empty(fig, message):
 
 
 def _where(generation):
-    return "final clusters" if generation is None else "generation %d" % generation
+    return "final clusters" if generation is None else f"generation {generation}"
 
 
 # ------------------------------------------------------------------------------------ ANOVA
 def _anova_title(var, table, alpha):
     if _finite(table.get("F")) and _finite(table.get("p")):
-        title = "%s: F = %.3g, p = %.3g" % (var, table["F"], table["p"])
+        title = f"{var}: F = {table['F']:.3g}, p = {table['p']:.3g}"
     else:
-        title = "%s: no F test (%s)" % (var, table.get("reason") or "too few values")
+        title = f"{var}: no F test ({table.get('reason') or 'too few values'})"
     return title
 
 
@@ -153,9 +155,12 @@ def _box_stats(group):
         return None
     stats = {k: box[k] for k in ("whislo", "q1", "med", "q3", "whishi")}
     stats["mean"] = box.get("mean", group.get("mean"))
-    stats["fliers"] = [v for v in (box.get("min"), box.get("max"))
-                       if _finite(v) and not box["whislo"] <= v <= box["whishi"]]
-    stats["label"] = "%s\nn=%s" % (group["name"], group.get("n", "?"))
+    stats["fliers"] = [
+        v
+        for v in (box.get("min"), box.get("max"))
+        if _finite(v) and not box["whislo"] <= v <= box["whishi"]
+    ]
+    stats["label"] = f"{group['name']}\nn={group.get('n', '?')}"
     return stats
 
 
@@ -166,30 +171,47 @@ def _draw_anova(ax, var, table, alpha):
     flagged = is_flagged(table, alpha)
     odd = set(flagged_clusters(table, alpha))
     if stats:
-        art = ax.bxp([s for _, s in stats], showmeans=True, patch_artist=True,
-                     meanprops=dict(marker="D", markerfacecolor="white",
-                                    markeredgecolor="black", markersize=5))
+        art = ax.bxp(
+            [s for _, s in stats],
+            showmeans=True,
+            patch_artist=True,
+            meanprops=dict(
+                marker="D", markerfacecolor="white", markeredgecolor="black", markersize=5
+            ),
+        )
         for (g, _), patch in zip(stats, art["boxes"]):
-            patch.set_gid("box:%s" % g["name"])
+            patch.set_gid(f"box:{g['name']}")
             patch.set_facecolor("#f5b7b1" if g["name"] in odd else "#aed6f1")
             patch.set_edgecolor(FLAG_COLOR if g["name"] in odd else "black")
         ax.tick_params(axis="x", labelsize=8)
     else:
         ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center")
-    ax.set_title(_anova_title(var, table, alpha), color=FLAG_COLOR if flagged else "black",
-                 fontsize=10, fontweight="bold" if flagged else "normal")
+    ax.set_title(
+        _anova_title(var, table, alpha),
+        color=FLAG_COLOR if flagged else "black",
+        fontsize=10,
+        fontweight="bold" if flagged else "normal",
+    )
     ax.set_ylabel(var + (" (Å)" if var == "defocus" else ""))
     ax.grid(axis="y", alpha=0.3)
     if flagged:
         pairs = significant_pairs(table, alpha)
-        who = ", ".join("%s vs %s" % (p["a"], p["b"]) for p in pairs[:4])
+        who = ", ".join(f"{p['a']} vs {p['b']}" for p in pairs[:4])
         if len(pairs) > 4:
             who += ", ..."
-        note = "! clusters differ in %s (p < %g)%s" % (
-            var, alpha, (": " + who) if who else "")
-        ax.text(0.01, 0.99, note, transform=ax.transAxes, va="top", ha="left", fontsize=8,
-                color=FLAG_COLOR, gid="flag:%s" % var,
-                bbox=dict(boxstyle="round", facecolor="#fdedec", edgecolor=FLAG_COLOR))
+        note = f"! clusters differ in {var} (p < {alpha:g}){((': ' + who) if who else '')}"
+        ax.text(
+            0.01,
+            0.99,
+            note,
+            transform=ax.transAxes,
+            va="top",
+            ha="left",
+            fontsize=8,
+            color=FLAG_COLOR,
+            gid=f"flag:{var}",
+            bbox=dict(boxstyle="round", facecolor="#fdedec", edgecolor=FLAG_COLOR),
+        )
 
 
 def plot_anova(summary, variables=None, generation=None, alpha=ALPHA, fig=None):
@@ -200,12 +222,13 @@ def plot_anova(summary, variables=None, generation=None, alpha=ALPHA, fig=None):
     ngroups = max([len(tables[v].get("groups") or []) for v in names] + [1])
     fig = _new_figure(fig, (max(5.0, 1.2 + 0.9 * ngroups), 3.6 * max(1, len(names))))
     if not names:
-        return _empty(fig, "No ANOVA in this run (%s): it needs at least two clusters."
-                      % _where(generation))
+        return _empty(
+            fig, f"No ANOVA in this run ({_where(generation)}): it needs at least two clusters."
+        )
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
     for ax, var in zip(axes, names):
         _draw_anova(ax, var, tables[var], alpha)
-    fig.suptitle("ANOVA per cluster, %s" % _where(generation))
+    fig.suptitle(f"ANOVA per cluster, {_where(generation)}")
     return fig
 
 
@@ -213,29 +236,35 @@ def anova_text_lines(summary, generation=None, alpha=ALPHA):
     """The ANOVA tables as plain text: F/p, per-cluster N/mean/std, pair-wise tests."""
     tables = anova_tables(summary, generation)
     if not tables:
-        return ["No ANOVA in this run (%s): it needs at least two clusters."
-                % _where(generation)]
+        return [f"No ANOVA in this run ({_where(generation)}): it needs at least two clusters."]
     lines = []
     for var, t in tables.items():
         flag = is_flagged(t, alpha)
-        lines.append("ANOVA of %s (%s): F = %s, p = %s%s" % (
-            var, _where(generation), _fmt(t.get("F"), ".4g"), _fmt(t.get("p"), ".4g"),
-            ("   <-- the clusters differ in %s (p < %g)" % (var, alpha)) if flag else
-            ("   (%s)" % t["reason"] if t.get("reason") else
-             "   (not significant at p < %g)" % alpha)))
-        lines.append("  %-14s %7s %14s %14s" % ("cluster", "N", "mean", "std"))
+        if flag:
+            note = f"   <-- the clusters differ in {var} (p < {alpha:g})"
+        elif t.get("reason"):
+            note = f"   ({t['reason']})"
+        else:
+            note = f"   (not significant at p < {alpha:g})"
+        lines.append(
+            f"ANOVA of {var} ({_where(generation)}): F = {_fmt(t.get('F'), '.4g')}, "
+            f"p = {_fmt(t.get('p'), '.4g')}{note}"
+        )
+        lines.append(f"  {'cluster':<14} {'N':>7} {'mean':>14} {'std':>14}")
         for g in t.get("groups") or []:
-            lines.append("  %-14s %7s %14s %14s" % (g["name"], g.get("n", "?"),
-                                                    _fmt(g.get("mean"), ".6g"),
-                                                    _fmt(g.get("std"), ".6g")))
+            lines.append(
+                f"  {g['name']!s:<14} {g.get('n', '?')!s:>7} "
+                f"{_fmt(g.get('mean'), '.6g'):>14} {_fmt(g.get('std'), '.6g'):>14}"
+            )
         pairs = t.get("pairs") or []
         if pairs:
             lines.append("  pair-wise tests:")
         for p in pairs:
             sig = _finite(p.get("p")) and p["p"] < alpha
-            lines.append("  %-14s vs %-14s F = %-10s p = %-10s%s" % (
-                p["a"], p["b"], _fmt(p.get("F"), ".4g"), _fmt(p.get("p"), ".4g"),
-                "  <-- differ" if sig else ""))
+            lines.append(
+                f"  {p['a']!s:<14} vs {p['b']!s:<14} F = {_fmt(p.get('F'), '.4g'):<10} "
+                f"p = {_fmt(p.get('p'), '.4g'):<10}{'  <-- differ' if sig else ''}"
+            )
         lines.append("")
     return lines
 
@@ -248,9 +277,16 @@ def plot_anova_table(summary, generation=None, alpha=ALPHA, fig=None):
     n = max(len(lines), 1)
     for i, line in enumerate(lines):
         red = "<--" in line
-        fig.text(0.02, 1 - (i + 0.8) / (n + 0.5), line, family="monospace", fontsize=8,
-                 color=FLAG_COLOR if red else "black", va="center",
-                 fontweight="bold" if red and line.startswith("ANOVA") else "normal")
+        fig.text(
+            0.02,
+            1 - (i + 0.8) / (n + 0.5),
+            line,
+            family="monospace",
+            fontsize=8,
+            color=FLAG_COLOR if red else "black",
+            va="center",
+            fontweight="bold" if red and line.startswith("ANOVA") else "normal",
+        )
     return fig
 
 
@@ -266,27 +302,38 @@ def plot_generation_sizes(summary, fig=None):
     top = 0
     for g, gen in enumerate(gens):
         n = gen.n_images or 1
-        segments = [(name, int(e.size), cluster_color(e.final_id),
-                     "%s %s: %d" % (name, _final_label(e.final_id),
-                                           int(e.size)))
-                    for name, e in generation_clusters(summary, g)]
+        segments = [
+            (
+                name,
+                int(e.size),
+                cluster_color(e.final_id),
+                f"{name} {_final_label(e.final_id)}: {int(e.size)}",
+            )
+            for name, e in generation_clusters(summary, g)
+        ]
         unacc = int(gen.n_unaccounted or 0)
         if unacc:
-            segments.append(("unaccounted", unacc, UNACCOUNTED_COLOR, "unaccounted: %d" % unacc))
+            segments.append(("unaccounted", unacc, UNACCOUNTED_COLOR, f"unaccounted: {unacc}"))
         bottom = 0
         for name, size, color, text in segments:
-            ax.bar(g, size, bottom=bottom, width=0.5, color=color, edgecolor="white",
-                   hatch="//" if name == "unaccounted" else None, gid="bar:%d:%s" % (g, name))
-            if size >= 0.06 * n:          # label inside, else beside the bar
+            ax.bar(
+                g,
+                size,
+                bottom=bottom,
+                width=0.5,
+                color=color,
+                edgecolor="white",
+                hatch="//" if name == "unaccounted" else None,
+                gid=f"bar:{g}:{name}",
+            )
+            if size >= 0.06 * n:  # label inside, else beside the bar
                 ax.text(g, bottom + size / 2, text, ha="center", va="center", fontsize=7)
             else:
                 ax.text(g + 0.27, bottom + size / 2, text, ha="left", va="center", fontsize=7)
             bottom += size
-        ax.text(g, bottom, "%s images" % gen.n_images, ha="center",
-                va="bottom", fontsize=8)
+        ax.text(g, bottom, f"{gen.n_images} images", ha="center", va="bottom", fontsize=8)
         top = max(top, bottom)
-    ax.set_xticks(range(len(gens)), ["generation %d" % gen.generation
-                                     for g, gen in enumerate(gens)])
+    ax.set_xticks(range(len(gens)), [f"generation {gen.generation}" for g, gen in enumerate(gens)])
     ax.set_ylim(0, top * 1.08 + 1)
     ax.set_ylabel("particles")
     ax.set_xlim(-0.6, len(gens) - 0.1)
@@ -305,25 +352,45 @@ def plot_reproducibility(summary, fig=None):
                 rows.append((g, name, e))
     fig = _new_figure(fig, (max(4.5, 1.5 + 0.8 * len(rows)), 4.5))
     if not rows:
-        return _empty(fig, "No reproducibility figures in this summary (a single homogeneous "
-                           "cluster, or an older run).")
+        return _empty(
+            fig,
+            "No reproducibility figures in this summary (a single homogeneous "
+            "cluster, or an older run).",
+        )
     ax = fig.add_subplot(1, 1, 1)
     for x, (g, name, e) in enumerate(rows):
         ok = True
         if _finite(e.random_mean):
             std = e.random_std if _finite(e.random_std) else 0.0
             ok = e.jaccard > e.random_mean + 2 * std
-            ax.errorbar(x + 0.18, e.random_mean, yerr=2 * std, fmt="o", color="black",
-                        ms=4, capsize=4, gid="random:%d:%s" % (g, name),
-                        label="random (mean ± 2 std)" if x == 0 else None)
-        ax.bar(x - 0.1, e.jaccard, width=0.45, color=cluster_color(e.final_id),
-               edgecolor=FLAG_COLOR if not ok else "black", linewidth=2 if not ok else 0.5,
-               gid="repro:%d:%s" % (g, name), label="Jaccard" if x == 0 else None)
-        ax.text(x - 0.1, e.jaccard + 1, "%.0f%%" % e.jaccard, ha="center",
-                va="bottom", fontsize=7)
-    ax.axhline(JACCARD_FLOOR, ls="--", color="0.5", lw=0.8, label="floor %g %%" % JACCARD_FLOOR)
-    ax.set_xticks(range(len(rows)), ["gen %d\n%s\n%s" % (g, name, _final_label(e.final_id))
-                                     for g, name, e in rows], fontsize=8)
+            ax.errorbar(
+                x + 0.18,
+                e.random_mean,
+                yerr=2 * std,
+                fmt="o",
+                color="black",
+                ms=4,
+                capsize=4,
+                gid=f"random:{g}:{name}",
+                label="random (mean ± 2 std)" if x == 0 else None,
+            )
+        ax.bar(
+            x - 0.1,
+            e.jaccard,
+            width=0.45,
+            color=cluster_color(e.final_id),
+            edgecolor=FLAG_COLOR if not ok else "black",
+            linewidth=2 if not ok else 0.5,
+            gid=f"repro:{g}:{name}",
+            label="Jaccard" if x == 0 else None,
+        )
+        ax.text(x - 0.1, e.jaccard + 1, f"{e.jaccard:.0f}%", ha="center", va="bottom", fontsize=7)
+    ax.axhline(JACCARD_FLOOR, ls="--", color="0.5", lw=0.8, label=f"floor {JACCARD_FLOOR:g} %")
+    ax.set_xticks(
+        range(len(rows)),
+        [f"gen {g}\n{name}\n{_final_label(e.final_id)}" for g, name, e in rows],
+        fontsize=8,
+    )
     ax.set_ylim(0, 110)
     ax.set_ylabel("reproducibility (Jaccard, %)")
     ax.set_title("Reproducibility vs random expectation", fontsize=10)
@@ -332,16 +399,34 @@ def plot_reproducibility(summary, fig=None):
 
 
 def _node(ax, xy, text, color, gid):
-    return ax.text(*xy, text, ha="center", va="center", fontsize=8, gid=gid, zorder=3,
-                   bbox=dict(boxstyle="round,pad=0.4", facecolor=color, edgecolor="black"))
+    return ax.text(
+        *xy,
+        text,
+        ha="center",
+        va="center",
+        fontsize=8,
+        gid=gid,
+        zorder=3,
+        bbox=dict(boxstyle="round,pad=0.4", facecolor=color, edgecolor="black"),
+    )
 
 
 def _edge(ax, source, target, gid):
     """An arrow between two node boxes, clipped at their outlines."""
-    ax.annotate("", xy=target.get_position(), xytext=source.get_position(), gid=gid,
-                arrowprops=dict(arrowstyle="-|>", color="0.3", shrinkA=1, shrinkB=1,
-                                patchA=source.get_bbox_patch(),
-                                patchB=target.get_bbox_patch()))
+    ax.annotate(
+        "",
+        xy=target.get_position(),
+        xytext=source.get_position(),
+        gid=gid,
+        arrowprops=dict(
+            arrowstyle="-|>",
+            color="0.3",
+            shrinkA=1,
+            shrinkB=1,
+            patchA=source.get_bbox_patch(),
+            patchB=target.get_bbox_patch(),
+        ),
+    )
 
 
 def plot_generation_tree(summary, fig=None):
@@ -360,31 +445,48 @@ def plot_generation_tree(summary, fig=None):
     by_id = {int(c.id): i for i, c in enumerate(finals)}
     gen_y = {}
     for g in range(len(gens)):
-        rows = [by_id[e.final_id] for name, e in generation_clusters(summary, g)
-                if e.final_id in by_id]
-        rows += [i for i, c in enumerate(finals)
-                 if c.generation == g and not c.unaccounted and i not in rows]
-        gen_y[g] = float(np.mean([ys[i] for i in rows])) if rows else (
-            gen_y.get(g - 1, 1.0) - 0.5 / n)
+        rows = [
+            by_id[e.final_id] for name, e in generation_clusters(summary, g) if e.final_id in by_id
+        ]
+        rows += [
+            i
+            for i, c in enumerate(finals)
+            if c.generation == g and not c.unaccounted and i not in rows
+        ]
+        gen_y[g] = (
+            float(np.mean([ys[i] for i in rows])) if rows else (gen_y.get(g - 1, 1.0) - 0.5 / n)
+        )
     gen_nodes = {}
     for g, gen in enumerate(gens):
-        gen_nodes[g] = _node(ax, (0.15, gen_y[g]), "generation %d\n%s images" % (
-            gen.generation, gen.n_images), "#fcf3cf", "node:gen%d" % g)
+        gen_nodes[g] = _node(
+            ax,
+            (0.15, gen_y[g]),
+            f"generation {gen.generation}\n{gen.n_images} images",
+            "#fcf3cf",
+            f"node:gen{g}",
+        )
     for g, gen in enumerate(gens[:-1]):
-        _edge(ax, gen_nodes[g], gen_nodes[g + 1], "edge:gen%d:gen%d" % (g, g + 1))
-        ax.text(0.17, (gen_y[g] + gen_y[g + 1]) / 2, "unaccounted %s"
-                % gen.n_unaccounted, fontsize=7, color="0.3", va="center")
+        _edge(ax, gen_nodes[g], gen_nodes[g + 1], f"edge:gen{g}:gen{g + 1}")
+        ax.text(
+            0.17,
+            (gen_y[g] + gen_y[g + 1]) / 2,
+            f"unaccounted {gen.n_unaccounted}",
+            fontsize=7,
+            color="0.3",
+            va="center",
+        )
     for i, c in enumerate(finals):
         res = c.resolution_A
         purity = c.estimated_purity
-        text = "%s\n%d particles%s%s" % (cluster_label(c), int(c.size),
-                                         (", %.1f Å" % res) if _finite(res) else "",
-                                         (", purity %.3f" % purity) if _finite(purity) else "")
-        node = _node(ax, (0.8, ys[i]), text, cluster_color(c.id, c.unaccounted),
-                     "node:final%d" % i)
+        text = (
+            f"{cluster_label(c)}\n{int(c.size)} particles"
+            f"{f', {res:.1f} Å' if _finite(res) else ''}"
+            f"{f', purity {purity:.3f}' if _finite(purity) else ''}"
+        )
+        node = _node(ax, (0.8, ys[i]), text, cluster_color(c.id, c.unaccounted), f"node:final{i}")
         g = len(gens) - 1 if c.unaccounted else c.generation
         if g in gen_nodes:
-            _edge(ax, gen_nodes[g], node, "edge:gen%d:%s" % (g, cluster_label(c)))
+            _edge(ax, gen_nodes[g], node, f"edge:gen{g}:{cluster_label(c)}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title("Generation -> final cluster", fontsize=10)
@@ -395,6 +497,7 @@ def plot_generation_tree(summary, fig=None):
 def central_slices(path):
     """Central xy, xz, yz sections of an MRC map (data are z, y, x)."""
     import mrcfile
+
     with mrcfile.open(path, permissive=True) as m:
         v = np.asarray(m.data, dtype=np.float32)
     nz, ny, nx = v.shape
@@ -421,7 +524,7 @@ def map_rows(summary, out_dir, generation=None, with_generations=True):
         if final or gpath:
             label = cluster_label(c)
             if gm:
-                label += "\n(gen %d %s)" % (gm[0], gm[1])
+                label += f"\n(gen {gm[0]} {gm[1]})"
             rows.append((label, final, gpath))
     return rows
 
@@ -431,8 +534,14 @@ def _draw_slices(axes, path, label, kind):
     values = np.concatenate([s.ravel() for s in sl.values()])
     lo, hi = np.percentile(values, [1, 99.8])
     for ax, plane in zip(axes, PLANES):
-        ax.imshow(sl[plane], cmap="gray", origin="lower", vmin=lo, vmax=hi,
-                  gid="slice:%s:%s:%s" % (kind, label.split("\n")[0], plane))
+        ax.imshow(
+            sl[plane],
+            cmap="gray",
+            origin="lower",
+            vmin=lo,
+            vmax=hi,
+            gid=f"slice:{kind}:{label.splitlines()[0]}:{plane}",
+        )
         ax.set_xticks([])
         ax.set_yticks([])
 
@@ -444,11 +553,13 @@ def plot_map_slices(summary, out_dir, generation=None, with_generations=True, fi
     ncols = 6 if any(r[2] for r in rows) else 3
     fig = _new_figure(fig, (1.7 * ncols + 0.8, 0.6 + 1.75 * max(len(rows), 1)))
     if not rows:
-        return _empty(fig, "No cluster maps on disk in %s." % out_dir)
+        return _empty(fig, f"No cluster maps on disk in {out_dir}.")
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, (label, final, gpath) in enumerate(rows):
-        for kind, path, cols in (("final", final, axes[r, :3]), ("generation", gpath,
-                                                                  axes[r, 3:6])):
+        for kind, path, cols in (
+            ("final", final, axes[r, :3]),
+            ("generation", gpath, axes[r, 3:6]),
+        ):
             if path is None:
                 for ax in cols:
                     ax.set_axis_off()
@@ -456,10 +567,10 @@ def plot_map_slices(summary, out_dir, generation=None, with_generations=True, fi
             _draw_slices(cols, path, label, kind)
             for ax, plane in zip(cols, PLANES):
                 if r == 0:
-                    ax.set_title("%s %s" % (kind, plane), fontsize=8)
+                    ax.set_title(f"{kind} {plane}", fontsize=8)
         axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle("Central slices of the cluster maps (%s)" % (
-        "all generations" if generation is None else "generation %d" % generation), fontsize=10)
+    which = "all generations" if generation is None else f"generation {generation}"
+    fig.suptitle(f"Central slices of the cluster maps ({which})", fontsize=10)
     return fig
 
 
@@ -477,10 +588,17 @@ def plot_fsc(summary, fig=None):
         f = np.asarray(c.fsc, float)
         x = np.arange(len(f)) * (scale if scale else 1.0 / (2 * (len(f) - 1 or 1)))
         res = c.resolution_A
-        label = "%s%s" % (cluster_label(c), (": %.1f Å" % res) if _finite(res) else "")
+        label = f"{cluster_label(c)}{((f': {res:.1f} Å') if _finite(res) else '')}"
         color = cluster_color(c.id, c.unaccounted)
-        ax.plot(x, f, color=color, lw=1.5, ls="--" if c.unaccounted else "-",
-                label=label, gid="fsc:%s" % cluster_label(c))
+        ax.plot(
+            x,
+            f,
+            color=color,
+            lw=1.5,
+            ls="--" if c.unaccounted else "-",
+            label=label,
+            gid=f"fsc:{cluster_label(c)}",
+        )
         if _finite(res) and res > 0 and scale:
             ax.axvline(1.0 / res, color=color, lw=0.6, ls=":")
     ax.axhline(FSC_THRESHOLD, color="black", lw=0.8, ls="--", gid="fsc-threshold")
@@ -497,8 +615,10 @@ def plot_fsc(summary, fig=None):
 # ------------------------------------------------------------------------------------ purity
 #: thresholds on the posterior marked along the purity curve
 CURVE_MARKS = (0.5, 0.8, 0.9, 0.95, 0.99)
-NOT_AVAILABLE = ("Estimated purity not available: this summary has no purity curve (a run of an "
-                 "older engine, or no clusters).")
+NOT_AVAILABLE = (
+    "Estimated purity not available: this summary has no purity curve (a run of an "
+    "older engine, or no clusters)."
+)
 
 
 def purity_curve(summary):
@@ -553,29 +673,59 @@ def plot_purity_curve(summary, fig=None):
     target = target if _finite(target) else None
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
 
-    ax.plot(acc, pur, "-", color="black", lw=1.5, gid="purity-curve",
-            label="all particles, most probable cluster")
+    ax.plot(
+        acc,
+        pur,
+        "-",
+        color="black",
+        lw=1.5,
+        gid="purity-curve",
+        label="all particles, most probable cluster",
+    )
     for t in CURVE_MARKS:
         i = int(np.argmin(np.abs(thr - t))) if np.any(np.isfinite(thr)) else None
         if i is None or abs(thr[i] - t) > 1e-6 or not np.isfinite(pur[i]):
             continue
-        ax.plot(acc[i], pur[i], "o", color="0.4", ms=3, gid="purity-mark:%g" % t)
-        ax.annotate("p ≥ %g" % t, (acc[i], pur[i]), textcoords="offset points",
-                    xytext=(-4, -10), ha="right", fontsize=7, color="0.3")
+        ax.plot(acc[i], pur[i], "o", color="0.4", ms=3, gid=f"purity-mark:{t:g}")
+        ax.annotate(
+            f"p ≥ {t:g}",
+            (acc[i], pur[i]),
+            textcoords="offset points",
+            xytext=(-4, -10),
+            ha="right",
+            fontsize=7,
+            color="0.3",
+        )
     if target is not None:
-        ax.axhline(target, ls="--", color=FLAG_COLOR, lw=0.8, gid="purity-target",
-                   label="purity target %g" % target)
+        ax.axhline(
+            target,
+            ls="--",
+            color=FLAG_COLOR,
+            lw=0.8,
+            gid="purity-target",
+            label=f"purity target {target:g}",
+        )
     x, y = operating_point(summary)
     if x is not None:
-        ax.plot(x, y if y is not None else (target if target is not None else np.nan), "*",
-                color=FLAG_COLOR, ms=13, gid="purity-operating-point", zorder=4,
-                label="this run: %.0f %% accounted%s" % (
-                    100 * x, ", purity %.3f" % y if y is not None else ""))
+        ax.plot(
+            x,
+            y if y is not None else (target if target is not None else np.nan),
+            "*",
+            color=FLAG_COLOR,
+            ms=13,
+            gid="purity-operating-point",
+            zorder=4,
+            label=f"this run: {100 * x:.0f} % accounted"
+            + (f", purity {y:.3f}" if y is not None else ""),
+        )
     ax.set_xlabel("fraction of particles accounted")
     ax.set_ylabel("estimated purity (mean posterior)")
     ax.set_xlim(0, 1.02)
-    low = np.nanmin(np.concatenate([pur, [target if target is not None else 1.0]])) \
-        if np.any(np.isfinite(pur)) else 0.5
+    low = (
+        np.nanmin(np.concatenate([pur, [target if target is not None else 1.0]]))
+        if np.any(np.isfinite(pur))
+        else 0.5
+    )
     ax.set_ylim(max(0.0, min(low, 0.9) - 0.03), 1.01)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
@@ -585,15 +735,33 @@ def plot_purity_curve(summary, fig=None):
     rows = [c for c in regular if _finite(c.estimated_purity)]
     if not rows:
         bx.set_axis_off()
-        bx.text(0.5, 0.5, "no estimated purity per cluster", ha="center", va="center",
-                transform=bx.transAxes)
+        bx.text(
+            0.5,
+            0.5,
+            "no estimated purity per cluster",
+            ha="center",
+            va="center",
+            transform=bx.transAxes,
+        )
     else:
         for i, c in enumerate(rows):
-            bx.bar(i, c.estimated_purity, width=0.6, color=cluster_color(c.id),
-                   edgecolor="black", lw=0.5, gid="purity:%s" % cluster_label(c))
-            bx.text(i, c.estimated_purity, "%.3f\nn=%d" % (c.estimated_purity,
-                                                             int(c.size)),
-                    ha="center", va="bottom", fontsize=7)
+            bx.bar(
+                i,
+                c.estimated_purity,
+                width=0.6,
+                color=cluster_color(c.id),
+                edgecolor="black",
+                lw=0.5,
+                gid=f"purity:{cluster_label(c)}",
+            )
+            bx.text(
+                i,
+                c.estimated_purity,
+                f"{c.estimated_purity:.3f}\nn={int(c.size)}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         if target is not None:
             bx.axhline(target, ls="--", color=FLAG_COLOR, lw=0.8)
         bx.set_xticks(range(len(rows)), [cluster_label(c) for c in rows], fontsize=8)
@@ -634,7 +802,8 @@ def write_all(out_dir, png_dir, dpi=100):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m sort3ddepth.viewers.plots",
-        description="Write every viewer figure of a sort3d-depth output folder as PNG files.")
+        description="Write every viewer figure of a sort3d-depth output folder as PNG files.",
+    )
     parser.add_argument("output_dir", help="the engine's output folder (holds summary.json)")
     parser.add_argument("png_dir", help="folder for the PNG files")
     parser.add_argument("--dpi", type=int, default=100)
