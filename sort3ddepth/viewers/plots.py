@@ -668,11 +668,17 @@ def plot_purity_curve(summary, fig=None):
     curve = purity_curve(summary)
     if curve is None:
         return _empty(fig, NOT_AVAILABLE)
-    thr, acc, pur = curve
     target = summary.min_purity
     target = target if _finite(target) else None
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    _draw_purity_curve(ax, summary, curve, target)
+    _draw_cluster_purities(bx, summary, target)
+    return fig
 
+
+def _draw_purity_curve(ax, summary, curve, target):
+    """The curve, its marks at CURVE_MARKS, the purity target and the run's own point."""
+    thr, acc, pur = curve
     ax.plot(
         acc,
         pur,
@@ -731,6 +737,9 @@ def plot_purity_curve(summary, fig=None):
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("Purity vs particles accounted", fontsize=10)
 
+
+def _draw_cluster_purities(bx, summary, target):
+    """One bar per cluster at its estimated purity."""
     regular = [c for c in final_clusters(summary) if not c.unaccounted]
     rows = [c for c in regular if _finite(c.estimated_purity)]
     if not rows:
@@ -770,7 +779,6 @@ def plot_purity_curve(summary, fig=None):
         bx.set_ylabel("estimated purity")
         bx.grid(axis="y", alpha=0.3)
     bx.set_title("Estimated purity per cluster", fontsize=10)
-    return fig
 
 
 # ------------------------------------------------------------------------------------ command line
