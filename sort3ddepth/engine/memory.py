@@ -11,7 +11,7 @@ planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
   + the larger of
       - the sorting maps: up to MAX_MAPS fixed-point accumulators on the 2 nx padded grid, and
         MAP_COPIES of them at once (accumulators, built maps, their projections' grid)
-      - the full-box phase (global FSC, final maps): 8 half-map accumulators at the full box
+      - the full-box phase (global FSC, final maps): 2 half-map accumulators at the full box
         (padded 2x up to 160 px, else 1x; 24 bytes a voxel) plus one chunk of images at
         CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies).
 
@@ -27,7 +27,7 @@ PER_PARTICLE = 2500           # bytes per particle of the whole set, on every ra
 SORT_COPIES = 3               # comp_f + rec_f + the subset copies scoring makes
 MAX_MAPS = 14                 # 7 groups x 2 half-set maps in search mode
 MAP_COPIES = 2                # accumulators + built maps
-FINAL_MAPS = 8                # 4 sets x 2 half maps reconstructed at a time at the full box
+FINAL_MAPS = 2                # the 2 half maps of one set accumulated at a time at the full box
 CHUNK_FACTOR = 40             # bytes per pixel of the chunk being transformed
 
 

@@ -5,7 +5,7 @@ rlnOriginX/Y sense (the shift that re-centres the particle), defocus in Å, volt
 Cs in mm, pixel size in Å. Images are (n, box, box) float32, possibly memory-mapped.
 
 Images are never read whole: ``iter_chunks`` hands them out a chunk at a time (``CHUNK_BYTES`` of
-float32 pixels, e.g. 1,365 images of 128 px or 129 of 360 px), so that what a rank holds at the
+float32 pixels, e.g. 256 images of 128 px or 32 of 360 px), so that what a rank holds at the
 full box is one chunk and its transforms (see memory.py). Every per-image step applied to a chunk
 (normalisation, Fourier transform, shift, crop) gives each image the same bits in any chunk, so
 the chunk size changes no result.
@@ -18,7 +18,7 @@ import numpy as np
 from .geometry import euler_to_matrix
 
 
-CHUNK_BYTES = 64 << 20     # float32 image bytes read at a time (a chunk), see iter_chunks
+CHUNK_BYTES = 16 << 20     # float32 image bytes read at a time (a chunk), see iter_chunks
 
 
 def chunk_images(box, chunk_bytes=None):

@@ -30,6 +30,7 @@ from .symmetry import parse_symmetry
 
 INIT_K_STACK = 7        # search mode starts with 7 groups in stack mode (SPHIRE)
 MIN_NEXT_GENERATION = 100
+FINAL_SETS_AT_ONCE = 1  # final maps: sets whose half maps are accumulated in one pass (memory.py)
 
 
 def _group_size_settings(opts, n):
@@ -43,7 +44,7 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     """Full-size maps of each index set: exact shifts, CTF, Wiener-filtered with the set's own
     half-map FSC. Returns maps, the FSC-0.143 resolution (Å) and the half-map FSC curve of each
     set. The images stream through chunk by chunk (particles.iter_chunks): at the full box, one
-    chunk and the accumulators of 4 sets (8 half maps) are held at a time.
+    chunk and the two half-map accumulators of one set are held at a time (FINAL_SETS_AT_ONCE).
 
     Meridien mode (``meridien`` a MeridienRefinement): the half-map FSC uses meridien's half sets,
     and every particle is inserted through its smear entries (as the sorting maps, with the norm
@@ -81,8 +82,8 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     value_max = np.zeros(len(particles))
     for a, b in chunk_ranges(len(every), chunk):
         value_max[every[a:b]] = fourier.component_max(make(every)(a, b))
-    for start in range(0, len(clusters), 4):
-        batch = clusters[start:start + 4]
+    for start in range(0, len(clusters), FINAL_SETS_AT_ONCE):
+        batch = clusters[start:start + FINAL_SETS_AT_ONCE]
         lab = np.full(len(particles), -1)
         for j, c in enumerate(batch):
             lab[c] = j
