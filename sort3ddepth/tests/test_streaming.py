@@ -1,0 +1,212 @@
+"""Images streamed from the stacks chunk by chunk: the chunk size changes no bit of any result,
+several stacks in one STAR sort like one, and a run whose full-box stack exceeds the memory cap
+sorts to the clusters of an unlimited run within that cap."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from sort3ddepth.engine import cli, fourier, memory, particles as particles_mod
+from sort3ddepth.engine.ctf import ctf_coefficients
+from sort3ddepth.engine.meridien import SmearSet
+from sort3ddepth.engine.preprocess import fourier_chunk, normalise_images
+from sort3ddepth.engine.reconstruction import (backproject_smeared_streamed,
+                                               backproject_streamed)
+from sort3ddepth.engine.smearing import LocalSmears
+from sort3ddepth.engine.star_io import read_star
+from sort3ddepth.tests.sorting_data import make_star
+
+N_PER_CLASS = 120
+RUN_ARGS = ["--img_per_grp", str(N_PER_CLASS), "--depth_order", "1", "--seed", "4"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """3 x 120 particles of 40 px in one stack, and the same particles split over two stacks
+    (odd and even images in different files) in a second STAR."""
+    folder = tmp_path_factory.mktemp("stream")
+    star, truth = make_star(folder, n_per_class=N_PER_CLASS, n_classes=3, box=40, snr=3.0)
+    two = folder / "two"
+    two.mkdir()
+    imgs = mrcfile.read(folder / "particles.mrcs")
+    for name, part in (("odd.mrcs", imgs[1::2]), ("even.mrcs", imgs[0::2])):
+        with mrcfile.new(two / name) as m:
+            m.set_data(np.ascontiguousarray(part, np.float32))
+            m.voxel_size = 5.0 * 64 / 40
+    out, i = [], 0
+    for ln in Path(star).read_text().splitlines():
+        tokens = ln.split()
+        at = [j for j, t in enumerate(tokens) if "@" in t and t.endswith("particles.mrcs")]
+        if at:      # a particle row: image i goes to even.mrcs or odd.mrcs
+            tokens[at[0]] = f"{i // 2 + 1:06d}@{'even' if i % 2 == 0 else 'odd'}.mrcs"
+            ln = " ".join(tokens)
+            i += 1
+        out.append(ln)
+    assert i == len(truth)
+    (two / "particles.star").write_text("\n".join(out) + "\n")
+    return folder, Path(star), two / "particles.star", truth
+
+
+def test_two_stacks_read_like_one(small):
+    _, star1, star2, _ = small
+    p1, p2 = read_star(star1), read_star(star2)
+    assert len(p2.images.files) == 2
+    np.testing.assert_array_equal(p1.load_images(), p2.load_images())
+    np.testing.assert_array_equal(p1.angles, p2.angles)
+
+
+def test_chunks_give_each_image_the_same_bits(small):
+    """Normalising, transforming, shifting and cropping a chunk gives every image the bits it
+    gets in one batch, for any chunk size (including a chunk of one image)."""
+    _, star, _, _ = small
+    p = read_star(star)
+    imgs = p.load_images()
+    for background in (False, True):
+        whole = fourier_chunk(imgs, p.shifts, 15, 32, background)
+        for chunk in (1, 7, 50):
+            parts = np.concatenate([fourier_chunk(imgs[a:a + chunk], p.shifts[a:a + chunk], 15,
+                                                  32, background)
+                                    for a in range(0, len(p), chunk)])
+            assert np.array_equal(whole, parts), (background, chunk)
+    one = normalise_images(imgs[:1], 15)
+    assert np.array_equal(one, normalise_images(imgs[:5], 15)[:1])
+
+
+def test_streamed_backprojection_has_the_bits_of_one_call(small):
+    _, star, _, _ = small
+    p = read_star(star)
+    box = p.box
+    sel = np.arange(0, len(p), 3)
+    rng = np.random.default_rng(2)
+    memb = np.zeros((len(sel), 3))
+    memb[np.arange(len(sel)), rng.integers(0, 3, len(sel))] = rng.uniform(0.2, 1.0, len(sel))
+    memb[::5] = 0.0                                     # some images in no map
+    coefs = ctf_coefficients(p.ctf.subset(sel), box, p.pixel_size)
+    f = fourier_chunk(p.load_images(sel), p.shifts[sel], box // 2 - 2, box)
+    want = fourier.backproject(f, p.rotations[sel], memb, coefs, pad=2)
+
+    def make(a, b):
+        return fourier_chunk(p.load_images(sel[a:b]), p.shifts[sel[a:b]], box // 2 - 2, box)
+    for chunk in (1, 11, len(sel)):
+        got = backproject_streamed(make, len(sel), p.rotations[sel], memb, coefs, box, pad=2,
+                                   chunk=chunk)
+        assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1]), chunk
+    assert np.abs(want[0]).max() > 0
+
+
+def test_streamed_smeared_backprojection_has_the_bits_of_local_smears(small):
+    """Meridien mode's final maps: the smear entries of each chunk's particles, inserted chunk
+    by chunk, sum to the bits of LocalSmears over all particles at once."""
+    _, star, _, _ = small
+    p = read_star(star)
+    box, n = p.box, 40
+    rng = np.random.default_rng(5)
+    cnt = rng.integers(1, 4, n)
+    offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
+    parent = np.repeat(np.arange(n), cnt)
+    e = len(parent)
+    rots = p.rotations[parent] @ np.array([[1, 0, 0], [0, np.cos(.05), -np.sin(.05)],
+                                           [0, np.sin(.05), np.cos(.05)]])
+    smears = SmearSet(offsets, parent, rots, p.shifts[parent] + rng.normal(0, 0.7, (e, 2)),
+                      rng.uniform(0.1, 1.0, e), np.zeros(e, np.int64), np.zeros(e, np.int64),
+                      np.zeros(e, np.int64))
+    norm = rng.uniform(0.8, 1.2, n)
+    coefs = ctf_coefficients(p.ctf.subset(np.arange(n)), box, p.pixel_size)
+    groups = rng.integers(0, 2, n)
+    shell_w = rng.uniform(0.5, 2.0, (2, box // 2 + 2))
+    memb = np.zeros((n, 2))
+    memb[np.arange(n), rng.integers(0, 2, n)] = 1.0
+    base = fourier_chunk(p.load_images(np.arange(n)), None, 15, box, background=True)
+    sm = LocalSmears.build(smears, base, box, norm, coefs, groups, n_precompute=0)
+    want = sm.backproject(np.arange(n), memb, 2, fourier.padded_size(box, 2), None, shell_w)
+
+    def make(a, b):
+        return fourier_chunk(p.load_images(np.arange(a, b)), None, 15, box, background=True)
+    for chunk in (3, n):
+        got = backproject_smeared_streamed(make, smears, norm, coefs, groups, memb, box, 2,
+                                           shell_w, chunk=chunk)
+        assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1]), chunk
+
+
+def _results(out):
+    """Every result of a run: cluster files' text, maps' voxels, the summary without times."""
+    res = {}
+    for f in sorted(Path(out).rglob("*")):
+        rel = str(f.relative_to(out))
+        if f.suffix == ".txt" and f.name not in ("log.txt", "command.txt"):
+            res[rel] = f.read_text()
+        elif f.suffix == ".mrc":
+            res[rel] = mrcfile.read(f).tobytes()
+    s = json.loads((Path(out) / "summary.json").read_text())
+    for k in ("wall_seconds", "generations"):
+        s.pop(k, None)
+    res["summary"] = json.dumps(s, sort_keys=True)
+    return res
+
+
+def test_chunk_size_and_stack_files_change_no_result(small, tmp_path, monkeypatch):
+    """The same sort from one stack with the default chunk, from one stack read 7 images at a
+    time, and from two stacks (odd and even images in different files) read 13 at a time:
+    identical clusters, maps (every voxel) and summary."""
+    _, star1, star2, truth = small
+    runs = {}
+    for name, star, chunk_images in (("default", star1, None), ("chunk7", star1, 7),
+                                     ("two_stacks", star2, 13)):
+        if chunk_images:
+            monkeypatch.setattr(particles_mod, "CHUNK_BYTES", chunk_images * 4 * 40 * 40)
+        out = tmp_path / name
+        assert cli.run(["--instack", str(star), "--output_dir", str(out)] + RUN_ARGS) == 0
+        runs[name] = _results(out)
+    assert particles_mod.chunk_images(40) == 13
+    a = runs["default"]
+    assert any(k.endswith(".mrc") for k in a) and "Cluster_000.txt" in a
+    for name in ("chunk7", "two_stacks"):
+        assert runs[name].keys() == a.keys()
+        for k in a:
+            assert runs[name][k] == a[k], (name, k)
+    # and the sort is a real one: the largest cluster is mostly one true class
+    idx = np.array(a["Cluster_000.txt"].split(), int)
+    assert np.bincount(truth[idx]).max() / len(idx) > 0.8
+
+
+def _run_with_peak(args, cwd):
+    """Run sort3d-depth in a child process; (exit code, its peak resident memory in bytes)."""
+    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli"] + [str(a) for a in args]
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024, out.decode(errors="replace")
+
+
+def test_run_under_a_memory_cap_smaller_than_the_stack_in_memory(tmp_path):
+    """2 x 1000 images of 64 px sorted at 32 px: holding the images at the full box as before
+    streaming (40 bytes a pixel at the pre-processing peak, on top of the fixed part) would
+    exceed the --memory_per_node cap the run is given; the streamed run is accepted, stays
+    under the cap (measured max RSS) and gives the clusters of a run without a cap."""
+    n_per, box, nx = 1000, 64, 32
+    star, truth = make_star(tmp_path, n_per_class=n_per, n_classes=2, box=box, snr=3.0, seed=3)
+    n = 2 * n_per
+    estimate = memory.bytes_per_rank(n, box, 1, nx)
+    cap = 1.1 * estimate
+    full_box_layout = memory.BASE_BYTES + n * box * box * 40
+    assert cap < full_box_layout, (cap, full_box_layout)
+    args = ["--instack", star, "--img_per_grp", n_per, "--nxinit", nx, "--depth_order", 1,
+            "--seed", 2]
+    code, peak, text = _run_with_peak(args + ["--output_dir", tmp_path / "capped",
+                                              "--memory_per_node", cap / memory.GB,
+                                              "--overhead", 0], tmp_path)
+    assert code == 0, text[-3000:]
+    assert peak <= cap, f"peak {peak / 2**20:.0f} MiB over the cap {cap / 2**20:.0f} MiB"
+    code, _, text = _run_with_peak(args + ["--output_dir", tmp_path / "free"], tmp_path)
+    assert code == 0, text[-3000:]
+    a, b = _results(tmp_path / "capped"), _results(tmp_path / "free")
+    assert a == b
+    idx = np.array(a["Cluster_000.txt"].split(), int)
+    assert np.bincount(truth[idx]).max() / len(idx) > 0.9
