@@ -11,6 +11,10 @@ import scipy.fft
 from scipy import ndimage
 
 
+FINAL_SETS_AT_ONCE = 1  # final maps (sorter.final_maps): sets whose two half maps are accumulated
+                        # in one pass over the images at the full box (memory.FINAL_MAPS)
+
+
 def chunk_ranges(n, chunk):
     """(a, b) bounds of consecutive chunks of `chunk` items covering 0..n."""
     chunk = max(1, int(chunk))
@@ -29,7 +33,8 @@ def backproject_streamed(make_images, n, rotations, member_weights, ctf_coefs, b
     Memory: one chunk of images plus the K accumulators (24 bytes per padded-grid voxel)."""
     from . import fourier
     from .smearing import _insert_into
-    memb = np.ascontiguousarray(member_weights, np.float64).reshape(n, -1)
+    memb = np.ascontiguousarray(member_weights, np.float64)
+    memb = memb.reshape(n, memb.shape[-1] if memb.ndim > 1 else 1)
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
     coefs, use_ctf = fourier._coefs(ctf_coefs, n)
     ranges = chunk_ranges(n, chunk)

@@ -24,13 +24,12 @@ from .parallel import fault_point
 from .meridien import check_smearing
 from .preprocess import meridien_noise_weights, normalise_images, prepare, prepare_meridien
 from .smearing import LocalSmears
-from .reconstruction import chunk_ranges, fsc, reconstruct, resolution_shell, soft_sphere_mask
+from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
 
 INIT_K_STACK = 7        # search mode starts with 7 groups in stack mode (SPHIRE)
 MIN_NEXT_GENERATION = 100
-FINAL_SETS_AT_ONCE = 1  # final maps: sets whose half maps are accumulated in one pass (memory.py)
 
 
 def _group_size_settings(opts, n):
@@ -52,7 +51,8 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     slices built on the fly chunk by chunk."""
     from .particles import chunk_images
     from .preprocess import fourier_chunk
-    from .reconstruction import backproject_smeared_streamed, backproject_streamed
+    from .reconstruction import (FINAL_SETS_AT_ONCE, backproject_smeared_streamed,
+                                 backproject_streamed, chunk_ranges)
     box, apix = particles.box, particles.pixel_size
     pad = 2 if box <= 160 else 1
     sl = comm.local_slice(len(particles))
