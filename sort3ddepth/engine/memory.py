@@ -15,18 +15,22 @@ planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
         (padded 2x up to 160 px, else 1x; 24 bytes a voxel) plus one chunk of images at
         CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies).
 
-The constants were fitted to measured peaks (max RSS of each rank; see bench/README.md, the
-dated section on streamed images): the estimate is within 25 % of the measured peak at the three
-sizes measured, on the safe side.
+Measured peaks (max RSS, 2026-12-02, this 2-core machine; bench/README.md, "streamed images")
+against the estimate: 1,000 x 64 px sorted at 48 px, K = 5: 0.77 GiB, estimate 0.75 (-2 %);
+2,000 x 64 px at 32 px, K = 2: 0.44 GiB, estimate 0.53 (+21 %, the full-box phase dominates);
+200 x 32 px at 32 px: 0.27 GiB, estimate 0.43 (the fixed part and the maps term, sized for K = 7,
+dominate such tiny runs). MAP_COPIES was fitted on the first; the per-particle terms (sorting data,
+metadata) follow from the arrays the code keeps and were not measured at 10^5 particles here.
 """
 import os
 
 GB = 1024 ** 3
 BASE_BYTES = 0.30 * GB        # interpreter, libraries, compiled kernels
-PER_PARTICLE = 2500           # bytes per particle of the whole set, on every rank
+PER_PARTICLE = 3000           # bytes per particle of the whole set, on every rank (STAR rows,
+                              # angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
 SORT_COPIES = 3               # comp_f + rec_f + the subset copies scoring makes
 MAX_MAPS = 14                 # 7 groups x 2 half-set maps in search mode
-MAP_COPIES = 2                # accumulators + built maps
+MAP_COPIES = 3                # accumulators, built maps, their Fourier volumes (measured)
 FINAL_MAPS = 2                # the 2 half maps of one set accumulated at a time at the full box
 CHUNK_FACTOR = 40             # bytes per pixel of the chunk being transformed
 

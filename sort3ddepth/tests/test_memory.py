@@ -22,13 +22,18 @@ def test_per_particle_memory_follows_the_sorting_size_not_the_box():
     assert memory.bytes_per_rank(n2, 192, 2, 96) > memory.bytes_per_rank(n2, 192, 2, 64)
 
 
-def test_the_document_case_fits_one_24_gb_node_at_the_sorting_size():
-    """EMPIAR-10028 (105,247 x 360 px), 2 ranks: the largest sorting size the FSC rule can pick
-    for 360 px; by the model it fits a 24 GB node with the default 5 GB overhead at 96 px."""
+def test_the_document_case_on_one_24_gb_node(monkeypatch):
+    """EMPIAR-10028 (105,247 x 360 px), 2 ranks on a 24 GB node with the default 5 GB overhead:
+    refused at the largest sorting size the FSC rule can pick for 360 px (120), with an
+    --nxinit that fits; at 88 px it fits."""
+    monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
     assert memory.largest_sorting_size(360) == 120
-    need = 2 * memory.bytes_per_rank(105_247, 360, 2, 96)
-    assert need < 19 * memory.GB, need / memory.GB
-    assert memory.check(105_247, 360, 2, 24, 5, 96, log=lambda *a: None) is None
+    msg = memory.check(105_247, 360, 2, 24, 5, -1, log=lambda *a: None)
+    nx = int(re.search(r"--nxinit (\d+)", msg).group(1))
+    assert 88 <= nx < 120
+    assert memory.check(105_247, 360, 2, 24, 5, 88, log=lambda *a: None) is None
+    assert 2 * memory.bytes_per_rank(105_247, 360, 2, 88) < 19 * memory.GB
 
 
 def test_refusal_names_the_numbers_and_an_nxinit_that_fits(monkeypatch):
