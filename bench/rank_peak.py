@@ -16,7 +16,12 @@ def main():
     from sort3ddepth.engine.parallel import world
     comm = world()
     code = run(argv, comm=comm)
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM: this process's peak since exec (ru_maxrss would also count pages held between the
+    # launcher's fork and exec)
+    try:
+        kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError):
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(peak_file, "a") as f:
         f.write(f"{comm.rank} {kb}\n")
     sys.exit(code)

@@ -2,7 +2,6 @@
 several stacks in one STAR sort like one, and a run whose full-box stack exceeds the memory cap
 sorts to the clusters of an unlimited run within that cap."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,16 +185,21 @@ def test_chunk_size_and_stack_files_change_no_result(small, free_run, tmp_path, 
         assert np.bincount(truth[idx]).max() / len(idx) > 0.95
 
 
+# the child reports its own peak (VmHWM, reset at exec): getrusage's ru_maxrss of a child also
+# counts the parent's pages it held between fork and exec (a big pytest process)
+_CHILD = ("import sys\nfrom sort3ddepth.engine.cli import run\ncode = run(sys.argv[1:])\n"
+          "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+          "print('VmHWM', hwm, flush=True)\nsys.exit(code)\n")
+
+
 def _run_with_peak(args, cwd):
     """Run sort3d-depth in a child process; (exit code, its peak resident memory in bytes,
     its output)."""
-    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli"] + [str(a) for a in args]
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024, out.decode(errors="replace")
+    cmd = [sys.executable, "-c", _CHILD] + [str(a) for a in args]
+    res = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=900)
+    kb = [ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("VmHWM ")]
+    return res.returncode, int(kb[-1]) * 1024 if kb else None, res.stdout + res.stderr
 
 
 def test_run_under_a_memory_cap_smaller_than_the_stack_in_memory(small, free_run, tmp_path):
