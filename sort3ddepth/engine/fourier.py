@@ -116,7 +116,13 @@ def shift_images(images_f, shifts):
     for start in range(0, n_img, 1024):
         s = np.asarray(shifts[start:start + 1024], np.float64)
         phase = -2j * np.pi / box * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky)
-        out[start:start + 1024] = images_f[start:start + 1024] * np.exp(phase).astype(np.complex64)
+        # the phasors times the images, IN the phasors' array: the same operation numpy does
+        # for large batches (it reuses the temporary), now for any batch size, so an image
+        # gets the same bits in any chunk (a fresh output took another SIMD path, with other
+        # rounding, for batches under 256 KiB)
+        ph = np.exp(phase).astype(np.complex64)
+        ph *= images_f[start:start + 1024]
+        out[start:start + 1024] = ph
     return out
 
 

@@ -1,20 +1,38 @@
 """The memory check of the user's document (--memory_per_node, --overhead): estimate what one
-node needs before the images are loaded, and refuse a run that would not fit.
+node needs before the images are read, and refuse a run that would not fit, saying what would.
 
-The estimate is per rank: a fixed part (Python, numpy, numba's compiled kernels), the images of
-the rank at their peak during pre-processing (the float images, their Fourier transforms and the
-two Fourier image sets kept for sorting), and the cluster-map accumulators (data and weights on
-the padded Fourier grid for up to MAX_MAPS maps, plus the copies the incremental updates keep).
-The estimate errs on the safe side: measured peaks were 2.0 GB per rank for 17,280 images of
-64 px on 2 ranks (estimate 2.5 GB) and 0.39 GB for 750 images of 40 px on 1 rank (estimate 0.5).
+The images are never held at the full box (particles.iter_chunks): a rank keeps its particles'
+Fourier data at the sorting size nx (comparison and reconstruction images, complex64 half
+planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
+
+    fixed part (interpreter, numpy, numba's compiled kernels)
+  + every particle's metadata (all ranks hold the whole STAR table, angles, CTF: PER_PARTICLE)
+  + the rank's sorting-size data: n_local x nx x (nx/2+1) x 8 bytes x SORT_COPIES
+  + the larger of
+      - the sorting maps: up to MAX_MAPS fixed-point accumulators on the 2 nx padded grid, and
+        MAP_COPIES of them at once (accumulators, built maps, their projections' grid)
+      - the full-box phase (global FSC, final maps): 2 half-map accumulators at the full box
+        (padded 2x up to 160 px, else 1x; 24 bytes a voxel) plus one chunk of images at
+        CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies).
+
+Measured peaks (max RSS, 2026-12-02, this 2-core machine; bench/README.md, "streamed images")
+against the estimate: 1,000 x 64 px sorted at 48 px, K = 5: 0.77 GiB, estimate 0.75 (-2 %);
+2,000 x 64 px at 32 px, K = 2: 0.44 GiB, estimate 0.53 (+21 %, the full-box phase dominates);
+200 x 32 px at 32 px: 0.27 GiB, estimate 0.43 (the fixed part and the maps term, sized for K = 7,
+dominate such tiny runs). MAP_COPIES was fitted on the first; the per-particle terms (sorting data,
+metadata) follow from the arrays the code keeps and were not measured at 10^5 particles here.
 """
 import os
 
 GB = 1024 ** 3
-BASE_BYTES = 0.35 * GB        # interpreter, libraries, compiled kernels
-BYTES_PER_PIXEL = 40          # per local image pixel at the pre-processing peak
+BASE_BYTES = 0.30 * GB        # interpreter, libraries, compiled kernels
+PER_PARTICLE = 3000           # bytes per particle of the whole set, on every rank (STAR rows,
+                              # angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
+SORT_COPIES = 3               # comp_f + rec_f + the subset copies scoring makes
 MAX_MAPS = 14                 # 7 groups x 2 half-set maps in search mode
-MAP_COPIES = 2                # accumulators + built maps
+MAP_COPIES = 3                # accumulators, built maps, their Fourier volumes (measured)
+FINAL_MAPS = 2                # the 2 half maps of one set accumulated at a time at the full box
+CHUNK_FACTOR = 40             # bytes per pixel of the chunk being transformed
 
 
 def ranks_per_node(comm_size):
@@ -32,22 +50,86 @@ def physical_memory():
         return None
 
 
-def bytes_per_rank(n_particles, box, n_ranks, nx=None, pad=2):
-    """Estimated peak bytes of one rank sorting n_particles images of box px (sorting size nx,
-    the box when not known yet)."""
-    nx = box if not nx or nx <= 0 else nx
+def largest_sorting_size(box):
+    """The largest sorting size SPHIRE's rule can pick for box px images (the global FSC is
+    measured at <= 96 px, so its 0.143 shell is <= 48): what the check assumes before the FSC
+    is known when --nxinit is not given."""
+    from .preprocess import good_fft_size
+    fsc_box = min(box - box % 2, 96)
+    nx = good_fft_size(min(2 * (fsc_box // 2 + max(int(0.03 * box), 5)), box))
+    return min(nx, box - box % 2)
+
+
+def _grid_voxels(n, pad):
+    from .fourier import padded_size
+    npad = padded_size(n, pad)
+    return npad * npad * (npad // 2 + 1)
+
+
+def breakdown(n_particles, box, n_ranks, nx=None):
+    """Estimated peak bytes of one rank, by term (dict): sorting n_particles images of box px
+    at sorting size nx (when not given: the largest the FSC rule can choose)."""
+    from .particles import chunk_images
+    nx = largest_sorting_size(box) if not nx or nx <= 0 else min(int(nx), box)
     n_local = -(-n_particles // max(n_ranks, 1))
-    images = n_local * box * box * BYTES_PER_PIXEL
-    npad = pad * nx
-    maps = MAX_MAPS * MAP_COPIES * npad * npad * (npad // 2 + 1) * 24   # complex128 + float64
-    return BASE_BYTES + images + maps
+    sort_maps = MAX_MAPS * MAP_COPIES * _grid_voxels(nx, 2) * 24
+    pad = 2 if box <= 160 else 1
+    chunk = min(chunk_images(box), max(n_local, 1))
+    full_box = (FINAL_MAPS * _grid_voxels(box, pad) * 24
+                + chunk * box * box * CHUNK_FACTOR)
+    return {"fixed": BASE_BYTES,
+            "metadata": n_particles * PER_PARTICLE,
+            "sorting_data": n_local * nx * (nx // 2 + 1) * 8 * SORT_COPIES,
+            "maps": max(sort_maps, full_box),
+            "nx": nx}
+
+
+def bytes_per_rank(n_particles, box, n_ranks, nx=None, pad=2):
+    """Estimated peak bytes of one rank (see breakdown)."""
+    b = breakdown(n_particles, box, n_ranks, nx)
+    return b["fixed"] + b["metadata"] + b["sorting_data"] + b["maps"]
+
+
+def memory_line(n_particles, box, comm_size, nx):
+    """A log line: the estimate for this node at the chosen sorting size."""
+    local = ranks_per_node(comm_size)
+    b = breakdown(n_particles, box, comm_size, nx)
+    per = bytes_per_rank(n_particles, box, comm_size, nx)
+    return (f"memory estimate at {b['nx']} px: {local * per / GB:.2f} GB for {local} rank(s) on "
+            f"this node ({per / GB:.2f} GB a rank: sorting data {b['sorting_data'] / GB:.2f}, "
+            f"maps {b['maps'] / GB:.2f}, metadata {b['metadata'] / GB:.2f}, fixed "
+            f"{b['fixed'] / GB:.2f})")
+
+
+def _remedy(n_particles, box, comm_size, local, avail, nx, nxinit_given):
+    """What would make the run fit: the largest --nxinit that fits, else the ranks per node."""
+    out = []
+    for cand in range(nx - 2, 15, -2):
+        if local * bytes_per_rank(n_particles, box, comm_size, cand) <= avail:
+            out.append(f"--nxinit {cand} (estimated "
+                       f"{local * bytes_per_rank(n_particles, box, comm_size, cand) / GB:.1f} GB)")
+            break
+    for r in range(local - 1, 0, -1):
+        # the same number of ranks in all, fewer per node: each rank's share is unchanged
+        if r * bytes_per_rank(n_particles, box, comm_size, nx) <= avail:
+            out.append(f"{r} rank(s) per node (more nodes; "
+                       f"{r * bytes_per_rank(n_particles, box, comm_size, nx) / GB:.1f} GB)")
+            break
+    if not out:
+        out.append("more memory per node (--memory_per_node) or a smaller --overhead")
+    what = "" if nxinit_given else (f" (without --nxinit the sorting size can reach {nx} px "
+                                    f"for {box} px images)")
+    return "use " + " or ".join(out) + what
 
 
 def check(n_particles, box, comm_size, memory_per_node, overhead, nx=None, log=print):
-    """None when the run fits; else the message saying why not, with the numbers.
+    """None when the run fits; else the message saying why not, with the numbers and a remedy.
 
-    memory_per_node <= 0 (the default) means this node's physical memory; the overhead then
-    only gives a warning, since the user did not state a budget."""
+    nx: the user's --nxinit (<= 0: not given; then the largest sorting size the FSC rule can
+    choose for this box). memory_per_node <= 0 (the default) means this node's physical memory;
+    the overhead then only gives a warning, since the user did not state a budget."""
+    given_nx = bool(nx and nx > 0)
+    nx = min(int(nx), box) if given_nx else largest_sorting_size(box)
     local = ranks_per_node(comm_size)
     need = local * bytes_per_rank(n_particles, box, comm_size, nx)
     given = memory_per_node > 0
@@ -57,7 +139,8 @@ def check(n_particles, box, comm_size, memory_per_node, overhead, nx=None, log=p
             f"{need / GB:.1f} GB); give --memory_per_node")
         return None
     avail = total - overhead * GB
-    log(f"memory: estimated {need / GB:.2f} GB for {local} rank(s) on this node; "
+    log(f"memory: estimated {need / GB:.2f} GB for {local} rank(s) on this node at a sorting "
+        f"size of {nx} px{'' if given_nx else ' at most'}; "
         f"{'--memory_per_node' if given else 'physical memory'} {total / GB:.1f} GB, "
         f"--overhead {overhead:g} GB")
     if need <= avail:
@@ -69,5 +152,5 @@ def check(n_particles, box, comm_size, memory_per_node, overhead, nx=None, log=p
     what = "--memory_per_node" if given else "this node's physical memory"
     return (f"{what} {total / GB:.1f} GB minus --overhead {overhead:g} GB leaves "
             f"{max(avail, 0) / GB:.1f} GB, but {local} rank(s) sorting {n_particles} images of "
-            f"{box} px need about {need / GB:.1f} GB: use fewer ranks per node, more nodes, or "
-            f"a smaller --nxinit")
+            f"{box} px at {nx} px need about {need / GB:.1f} GB: "
+            + _remedy(n_particles, box, comm_size, local, avail, nx, given_nx))

@@ -3,6 +3,12 @@
 Units: angles in degrees (RELION rot/tilt/psi), shifts in PIXELS of the stored images, in RELION's
 rlnOriginX/Y sense (the shift that re-centres the particle), defocus in Å, voltage in kV,
 Cs in mm, pixel size in Å. Images are (n, box, box) float32, possibly memory-mapped.
+
+Images are never read whole: ``iter_chunks`` hands them out a chunk at a time (``CHUNK_BYTES`` of
+float32 pixels, e.g. 256 images of 128 px or 32 of 360 px), so that what a rank holds at the
+full box is one chunk and its transforms (see memory.py). Every per-image step applied to a chunk
+(normalisation, Fourier transform, shift, crop) gives each image the same bits in any chunk, so
+the chunk size changes no result.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -10,6 +16,15 @@ from typing import Optional
 import numpy as np
 
 from .geometry import euler_to_matrix
+
+
+CHUNK_BYTES = 16 << 20     # float32 image bytes read at a time (a chunk), see iter_chunks
+
+
+def chunk_images(box, chunk_bytes=None):
+    """Images of box px per chunk: CHUNK_BYTES (or chunk_bytes) of float32 pixels, at least 1."""
+    per = 4 * int(box) * int(box)
+    return max(1, int(CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(per, 1))
 
 
 class ParticleDataError(ValueError):
@@ -74,6 +89,16 @@ class ParticleSet:
         """Images as a float32 ndarray (n_sel, box, box), read from disk if memory-mapped."""
         sel = slice(None) if idx is None else np.asarray(idx)
         return np.ascontiguousarray(np.asarray(self.images[sel], dtype=np.float32))
+
+    def iter_chunks(self, idx=None, chunk=None):
+        """Yield (a, b, images): the images of idx[a:b] as float32 (b - a, box, box), read (from
+        the memory map when the stack is on disk) one chunk of ``chunk`` images at a time
+        (default chunk_images(box)). Only one chunk is held at a time."""
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        step = int(chunk) if chunk else chunk_images(self.box)
+        for a in range(0, len(idx), step):
+            b = min(len(idx), a + step)
+            yield a, b, self.load_images(idx[a:b])
 
     def subset(self, idx):
         idx = np.asarray(idx)

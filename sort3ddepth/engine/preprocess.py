@@ -11,8 +11,10 @@ from typing import Optional
 import numpy as np
 
 from . import fourier
+from .memory import memory_line
 from .ctf import ctf_coefficients
-from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
+from .reconstruction import (backproject_streamed, fsc, reconstruct, resolution_shell,
+                             soft_sphere_mask)
 
 
 class SortingInputError(ValueError):
@@ -112,7 +114,13 @@ def normalise_images(images, radius, background=False):
     ``avgvaradj`` were computed on, so meridien mode uses it (with the norm factors); RELION's
     extraction also normalises by the background. The circle is the hard disc of pixels whose
     distance from the centre (box//2, box//2) is <= radius. Stack mode's choice is the caller's.
-    With fewer than 2 background pixels the inside statistics are used."""
+    With fewer than 2 background pixels the inside statistics are used.
+
+    Every image gets the same bits in a batch of any size (images stream through in chunks):
+    numpy reduces a one-row array in another order than a taller one, so a single image is
+    normalised as a pair with itself."""
+    if len(images) == 1:
+        return normalise_images(np.concatenate([images, images]), radius, background)[:1]
     box = images.shape[-1]
     c = np.arange(box) - box // 2
     inside = (c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2
@@ -157,22 +165,38 @@ def noise_power_rows(images, radius, box, nshell):
     return out
 
 
-def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print):
+def fourier_chunk(images, shifts, radius, size, background=False):
+    """One chunk of images -> normalised (``normalise_images``), Fourier-transformed, re-centred
+    by ``shifts`` (None: not shifted) and Fourier-cropped to ``size`` px: complex64
+    (n, size, size//2+1). Every image gets the same bits in any chunk."""
+    f = fourier.images_to_fourier(normalise_images(images, radius, background=background))
+    if shifts is not None:
+        f = fourier.shift_images(f, shifts)
+    return fourier.crop_fourier_images(f, size)
+
+
+def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print, chunk=None):
     """Full-data FSC of the whole input from two random halves (reconstructed at a reduced
-    size for speed; shells are in units of the original box). f_full = 2 f / (1 + f)."""
+    size for speed; shells are in units of the original box). f_full = 2 f / (1 + f).
+    The images are read and transformed chunk by chunk (twice: the first pass measures the
+    fixed-point bounds, see reconstruction.backproject_streamed)."""
+    from .particles import chunk_images
     box = particles.box
     fsc_box = fsc_box or min(box - box % 2, 96)
     sl = comm.local_slice(len(particles))
     idx = np.arange(len(particles))[sl]
-    imgs = particles.load_images(idx)
     radius = box // 2 - 2
-    f = fourier.images_to_fourier(normalise_images(imgs, radius))
-    f = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), fsc_box)
+
+    def make(a, b):
+        return fourier_chunk(particles.load_images(idx[a:b]), particles.shifts[idx[a:b]],
+                             radius, fsc_box)
     coefs = ctf_coefficients(particles.ctf.subset(idx), fsc_box, particles.pixel_size * box / fsc_box)
     memb = np.zeros((len(idx), 2))
     memb[np.arange(len(idx)), rng_halves[idx]] = 1.0
-    data, w = fourier.backproject(f, particles.rotations[idx], memb, coefs, pad=2, comm=comm)
+    data, w = backproject_streamed(make, len(idx), particles.rotations[idx], memb, coefs, fsc_box,
+                                   pad=2, chunk=chunk or chunk_images(box), comm=comm)
     halves = reconstruct(data, w, fsc_box)
+    del data, w
     mask = soft_sphere_mask(fsc_box, fsc_box // 2 - 3, edge=3)
     curve = fsc(halves[0] * mask, halves[1] * mask)
     curve = np.clip(curve, -1, 1)
@@ -183,6 +207,15 @@ def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print):
     m = min(out.size, full.size)
     out[:m] = np.maximum(full[:m], 0.0)
     return out
+
+
+def largest_sorting_size(box):
+    """The largest sorting size SPHIRE's rule can choose for box px images (the global FSC is
+    measured at most at 96 px, so the FSC-0.143 shell is at most 48): the size the memory check
+    assumes before the FSC is known (when --nxinit is not given)."""
+    fsc_box = min(box - box % 2, 96)
+    nx = good_fft_size(min(2 * (fsc_box // 2 + max(int(0.03 * box), 5)), box))
+    return min(nx, box - box % 2)
 
 
 def project_focus(focus_f, rots, nx):
@@ -206,21 +239,33 @@ def prepare(particles, comm, opts, rng, log=print):
         f"({box * particles.pixel_size / max(resolution_shell(fsc_full, 0.143), 1):.1f} Å); "
         f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
 
+    log(memory_line(n, box, comm.size, nx))
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
-    imgs = normalise_images(particles.load_images(idx), radius)
+    rots = particles.rotations[idx]
+    r_nx = radius * nx / box
+    focus_f = focus_fourier(opts.focus_map, nx)
     # background noise power from a fixed set of particles (every stride-th index), summed
     # exactly: the same weights for any split over ranks
     stride = max(1, -(-n // NOISE_SAMPLE))
-    pick = np.nonzero(idx % stride == 0)[0]
-    noise_rows = noise_power_rows(imgs[pick], radius, box, nx // 2 + 2)
-    f = fourier.images_to_fourier(imgs)
-    del imgs
-    f = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), nx)
-    rec_f = f
-    r_nx = radius * nx / box
-    rots = particles.rotations[idx]
-    comp_f = comparison_images(f, rots, r_nx, opts.focus_map)
+    # the images stream through in chunks: only their sorting-size transforms stay
+    rec_f = np.empty((len(idx), nx, nx // 2 + 1), np.complex64)
+    comp_f = np.empty_like(rec_f)
+    # (None when the area outside the radius is too small to measure, on every rank alike)
+    noise_parts = [] if radius < box / 2 - 3 else None
+    for a, b, imgs in particles.iter_chunks(idx):
+        imgs = normalise_images(imgs, radius)
+        if noise_parts is not None:
+            noise_parts.append(noise_power_rows(imgs[idx[a:b] % stride == 0], radius, box,
+                                                nx // 2 + 2))
+        f = fourier.images_to_fourier(imgs)
+        del imgs
+        rec_f[a:b] = fourier.crop_fourier_images(
+            fourier.shift_images(f, particles.shifts[idx[a:b]]), nx)
+        del f
+        comp_f[a:b] = comparison_images(rec_f[a:b], rots[a:b], r_nx, focus_f=focus_f)
+    noise_rows = None if noise_parts is None else \
+        np.concatenate([np.zeros((0, nx // 2 + 2))] + noise_parts)
 
     # background noise weights, one row for the stack (SPHIRE has one per particle group)
     shell_w = np.ones((1, nx // 2 + 2))
@@ -244,15 +289,24 @@ def prepare(particles, comm, opts, rng, log=print):
                        halves.astype(np.int64))
 
 
-def comparison_images(f, rots, r_nx, focus_map=None):
+def focus_fourier(focus_map, nx):
+    """The focus map at the sorting size, prepared for projection (None without a focus map)."""
+    if focus_map is None:
+        return None
+    return fourier.volumes_to_fourier(fourier.resize_volume(focus_map, nx), pad=2)
+
+
+def comparison_images(f, rots, r_nx, focus_map=None, focus_f=None):
     """Comparison images from centred Fourier images at the sorting size: soft circle at the
-    particle radius (r_nx, sorting pixels), times the projected focus mask when given."""
+    particle radius (r_nx, sorting pixels), times the projected focus mask when given (as a
+    map, or as ``focus_f`` from focus_fourier, made once for all chunks)."""
     nx = f.shape[1]
     circle = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx), ndim=2)
     real = fourier.fourier_to_images(f, nx) * circle
-    if focus_map is not None:
-        focus = fourier.resize_volume(focus_map, nx)
-        real *= project_focus(fourier.volumes_to_fourier(focus, pad=2), rots, nx)
+    if focus_f is None and focus_map is not None:
+        focus_f = focus_fourier(focus_map, nx)
+    if focus_f is not None:
+        real *= project_focus(focus_f, rots, nx)
     return fourier.images_to_fourier(real)
 
 
@@ -314,20 +368,26 @@ def prepare_meridien(ref, comm, opts, log=print):
     log(f"meridien iteration {ref.iteration} of {ref.folder} (last {ref.last_iteration}); "
         f"refinement FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
         f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
+    log(memory_line(n, box, comm.size, nx))
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     norm_factors = ref.norm_factors
-    imgs = normalise_images(particles.load_images(idx), radius, background=True)
-    f = fourier.images_to_fourier(imgs)
-    del imgs
-    base = fourier.crop_fourier_images(f, nx)
-    comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx]), nx)
-    del f
-    comp *= norm_factors[idx].astype(np.float32)[:, None, None]
     rots = particles.rotations[idx]
     r_nx = radius * nx / box
-    comp_f = comparison_images(comp, rots, r_nx, opts.focus_map)
-    del comp
+    focus_f = focus_fourier(opts.focus_map, nx)
+    # the images stream through in chunks: only their sorting-size transforms stay
+    base = np.empty((len(idx), nx, nx // 2 + 1), np.complex64)
+    comp_f = np.empty_like(base)
+    for a, b, imgs in particles.iter_chunks(idx):
+        f = fourier.images_to_fourier(normalise_images(imgs, radius, background=True))
+        del imgs
+        base[a:b] = fourier.crop_fourier_images(f, nx)
+        comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx[a:b]]),
+                                           nx)
+        del f
+        comp *= norm_factors[idx[a:b]].astype(np.float32)[:, None, None]
+        comp_f[a:b] = comparison_images(comp, rots[a:b], r_nx, focus_f=focus_f)
+        del comp
     shell_w = meridien_noise_weights(ref.bckgnoise, nx // 2 + 2, opts.apply_noise)
     noise = bool(opts.apply_noise) and ref.bckgnoise is not None
     if noise:

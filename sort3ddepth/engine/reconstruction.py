@@ -11,6 +11,97 @@ import scipy.fft
 from scipy import ndimage
 
 
+FINAL_SETS_AT_ONCE = 1  # final maps (sorter.final_maps): sets whose two half maps are accumulated
+                        # in one pass over the images at the full box (memory.FINAL_MAPS)
+
+
+def chunk_ranges(n, chunk):
+    """(a, b) bounds of consecutive chunks of `chunk` items covering 0..n."""
+    chunk = max(1, int(chunk))
+    return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+
+
+def backproject_streamed(make_images, n, rotations, member_weights, ctf_coefs, box, pad=2,
+                         chunk=256, value_max=None, comm=None):
+    """fourier.backproject of n images that are made chunk by chunk, never all at once:
+    ``make_images(a, b)`` returns the Fourier images a..b-1 (complex64 (b - a, box, box//2+1),
+    centred and shifted as they are to be inserted). The result has the SAME BITS as
+    fourier.backproject of all n images (and, with comm, of all ranks' images): the fixed-point
+    scales come from bounds over every (image, map) pair, so a first pass measures each image's
+    largest component (``value_max``, (n,); give it when known to skip that pass), and the
+    integer sums do not depend on how the images are split. Every rank must call (with comm).
+    Memory: one chunk of images plus the K accumulators (24 bytes per padded-grid voxel)."""
+    from . import fourier
+    from .smearing import _insert_into
+    memb = np.ascontiguousarray(member_weights, np.float64)
+    memb = memb.reshape(n, memb.shape[-1] if memb.ndim > 1 else 1)
+    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
+    coefs, use_ctf = fourier._coefs(ctf_coefs, n)
+    ranges = chunk_ranges(n, chunk)
+    if value_max is None:
+        value_max = np.zeros(n)
+        for a, b in ranges:
+            value_max[a:b] = fourier.component_max(make_images(a, b))
+    npad = fourier.padded_size(box, pad)
+    scale = npad / box
+    k = memb.shape[1]
+    rows, cols = np.nonzero(memb)
+    sums = fourier.FixedPointSums.for_entries(
+        (k, npad, npad, npad // 2 + 1), np.asarray(value_max, np.float64)[rows],
+        memb[rows, cols], coefs[rows], use_ctf, np.ones(len(rows)), scale, box, comm)
+    for a, b in ranges:
+        if not memb[a:b].any():
+            continue
+        _insert_into(sums, make_images(a, b), np.arange(b - a), rots[a:b], memb[a:b],
+                     coefs[a:b] if use_ctf else None, None, None, None, scale)
+    return sums.finish(comm)
+
+
+def backproject_smeared_streamed(make_base, smears, norm_factors, ctf_coefs, groups,
+                                 member_weights, box, pad, shell_w, chunk=256, base_max=None,
+                                 comm=None):
+    """smearing.LocalSmears(...).backproject of n particles whose unshifted Fourier images
+    (``make_base(a, b)``: complex64 (b - a, box, box//2+1)) are made chunk by chunk: the same
+    bits as building the LocalSmears of all n particles at once with n_precompute=0 (meridien
+    mode's final maps). ``smears``: the SmearSet of the n particles (shifts in pixels of box),
+    ``member_weights`` (n, K). ``base_max`` (n,): each base image's largest component when
+    known; else a first pass measures it. Every rank must call (with comm)."""
+    from . import fourier
+    from .smearing import CHUNK_ENTRIES, LocalSmears, _insert_into, shifted_slices
+    memb = np.asarray(member_weights, np.float64)
+    n, k = memb.shape
+    ranges = chunk_ranges(n, chunk)
+    if base_max is None:
+        base_max = np.zeros(n)
+        for a, b in ranges:
+            base_max[a:b] = fourier.component_max(make_base(a, b))
+    empty = np.zeros((0, box, box // 2 + 1), np.complex64)
+    sm = LocalSmears.build(smears, empty, box, norm_factors, ctf_coefs, groups, n_precompute=0)
+    ent, row = sm.entries_of(np.arange(n))
+    assert np.array_equal(ent, np.arange(sm.n_entries)), "smear entries out of particle order"
+    memb_e = memb[row] * sm.weight[ent][:, None]
+    npad = fourier.padded_size(box, pad)
+    scale = npad / box
+    e_of, m_of = np.nonzero(memb_e)
+    sw = np.atleast_2d(np.asarray(shell_w, np.float64)) if shell_w is not None \
+        else np.ones((1, 1))
+    sums = fourier.FixedPointSums.for_entries(
+        (k, npad, npad, npad // 2 + 1), 2.0 * np.asarray(base_max)[sm.parent[e_of]],
+        memb_e[e_of, m_of], sm.coefs[e_of], True, np.abs(sw).max(axis=1)[sm.groups[e_of]],
+        scale, box, comm)
+    for a, b in ranges:
+        e0, e1 = int(sm.offsets[a]), int(sm.offsets[b])
+        if not memb_e[e0:e1].any():
+            continue
+        base = make_base(a, b)
+        for c in range(e0, e1, CHUNK_ENTRIES):
+            e = np.arange(c, min(e1, c + CHUNK_ENTRIES))
+            imgs = shifted_slices(base, sm.parent[e] - a, sm.shift[e])
+            _insert_into(sums, imgs, np.arange(len(e)), sm.rotation[e], memb_e[e], sm.coefs[e],
+                         shell_w, sm.groups[e], None, scale)
+    return sums.finish(comm)
+
+
 def radial_index(shape_or_box, half=True):
     """Integer shell index of every voxel of a centred (Np,Np,Np//2+1) half grid (half=True) or of
     a centred real-space cube (half=False)."""

@@ -25,9 +25,8 @@ from .membership import purity_curve
 from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
-from .preprocess import meridien_noise_weights, normalise_images, prepare, prepare_meridien
+from .preprocess import meridien_noise_weights, prepare, prepare_meridien
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
-from .smearing import LocalSmears
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
 
@@ -37,12 +36,17 @@ MIN_NEXT_GENERATION = 100
 def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_noise=True):
     """Full-size maps of each index set: exact shifts, CTF, Wiener-filtered with the set's own
     half-map FSC. Returns maps, the FSC-0.143 resolution (Å) and the half-map FSC curve of each
-    set.
+    set. The images stream through chunk by chunk (particles.iter_chunks): at the full box, one
+    chunk and the two half-map accumulators of one set are held at a time (FINAL_SETS_AT_ONCE).
 
     Meridien mode (``meridien`` a MeridienRefinement): the half-map FSC uses meridien's half sets,
     and every particle is inserted through its smear entries (as the sorting maps, with the norm
     factors and, unless turned off, the background-noise rows in data and weights alike), the
-    slices built on the fly batch by batch."""
+    slices built on the fly chunk by chunk."""
+    from .particles import chunk_images
+    from .preprocess import fourier_chunk
+    from .reconstruction import (FINAL_SETS_AT_ONCE, backproject_smeared_streamed,
+                                 backproject_streamed, chunk_ranges)
     box, apix = particles.box, particles.pixel_size
     pad = 2 if box <= 160 else 1
     sl = comm.local_slice(len(particles))
@@ -57,43 +61,39 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         norm_factors = meridien.norm_factors
     radius = box // 2 - 2 if meridien is None else meridien.radius
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
-    for start in range(0, len(clusters), 4):
-        batch = clusters[start : start + 4]
+    chunk = chunk_images(box)
+    # every image's largest Fourier component (the fixed-point bounds), measured once
+    in_any = np.zeros(len(particles), bool)
+    for c in clusters:
+        in_any[c] = True
+    every = idx[in_any[idx]]
+    shifts = particles.shifts if meridien is None else None
+
+    def make(sel):
+        return lambda a, b: fourier_chunk(particles.load_images(sel[a:b]),
+                                          None if shifts is None else shifts[sel[a:b]],
+                                          radius, box, background=meridien is not None)
+    value_max = np.zeros(len(particles))
+    for a, b in chunk_ranges(len(every), chunk):
+        value_max[every[a:b]] = fourier.component_max(make(every)(a, b))
+    for start in range(0, len(clusters), FINAL_SETS_AT_ONCE):
+        batch = clusters[start:start + FINAL_SETS_AT_ONCE]
         lab = np.full(len(particles), -1)
         for j, c in enumerate(batch):
             lab[c] = j
         sel = idx[lab[idx] >= 0]
         memb = np.zeros((len(sel), 2 * len(batch)))
         memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
-        f = fourier.images_to_fourier(
-            normalise_images(particles.load_images(sel), radius, background=meridien is not None)
-        )
         coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
         if meridien is None:
-            f = fourier.shift_images(f, particles.shifts[sel])
-            data, w = fourier.backproject(
-                f, particles.rotations[sel], memb, coefs, pad=pad, comm=comm
-            )
+            data, w = backproject_streamed(make(sel), len(sel), particles.rotations[sel], memb,
+                                           coefs, box, pad=pad, chunk=chunk,
+                                           value_max=value_max[sel], comm=comm)
         else:
             groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
-            sm = LocalSmears.build(
-                meridien.smears.subset(sel),
-                f,
-                box,
-                norm_factors[sel],
-                coefs,
-                groups,
-                n_precompute=0,
-            )
-            data, w = sm.backproject(
-                np.arange(len(sel)),
-                memb,
-                memb.shape[1],
-                fourier.padded_size(box, pad),
-                None,
-                shell_w,
-                comm=comm,
-            )
+            data, w = backproject_smeared_streamed(
+                make(sel), meridien.smears.subset(sel), norm_factors[sel], coefs, groups, memb,
+                box, pad, shell_w, chunk=chunk, base_max=value_max[sel], comm=comm)
         for j in range(len(batch)):
             h = reconstruct(data[2 * j : 2 * j + 2], w[2 * j : 2 * j + 2], box, symmetry=sym)
             curve = fsc(h[0] * mask, h[1] * mask)
@@ -105,6 +105,7 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
                 data[2 * j] + data[2 * j + 1], w[2 * j] + w[2 * j + 1], box, fsc=full, symmetry=sym
             )[0]
             maps.append(m * soft_sphere_mask(box, box // 2 - 2, edge=2))
+        del data, w
     return maps, res, curves
 
 

@@ -17,6 +17,7 @@ the STAR file's path and names the column, row, line or image file at fault.
 import collections
 import contextlib
 import io
+import mmap
 import os
 import shlex
 import threading
@@ -183,7 +184,21 @@ class ImageStack:
                 out[pos[0]:pos[-1] + 1] = block
             else:
                 out[pos] = block
+            del block
+            self._drop_pages(int(fids[pos[0]]))
         return out
+
+    def _drop_pages(self, file_id):
+        """Unmap the pages of a file this process has read (MADV_DONTNEED): they stay in the
+        page cache but no longer count in this process's resident memory, which would
+        otherwise grow to the whole stack as the chunks stream through."""
+        mrc = self._open.get(file_id)
+        mm = getattr(getattr(mrc, '_data', None), '_mmap', None) if mrc is not None else None
+        if mm is not None and hasattr(mm, 'madvise') and hasattr(mmap, 'MADV_DONTNEED'):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -651,6 +666,8 @@ def _check_finite(star, parts, stack, file_of, index_of):
             sel = needed[s:s + chunk]
             block = data[sel[0]:sel[-1] + 1] if sel[-1] - sel[0] + 1 == len(sel) else data[sel]
             ok = np.isfinite(block).all(axis=(1, 2))
+            del block
+            stack._drop_pages(fid)
             if not ok.all():
                 k = int(sel[int(np.argmin(ok))])
                 rows = np.flatnonzero((file_of == fid) & (index_of == k))

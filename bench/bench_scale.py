@@ -1,0 +1,161 @@
+"""Scaling of the sorter with the number of particles and the box: sets that users can plan with.
+
+Each set is made from the shipped 70S ribosome map UPSAMPLED to the box (Fourier padding: finer
+pixels, 5 x 64 / box Å, so the particle fills the box as in real data), in n_classes states
+(domains removed / added), projected with astigmatic CTF, shifts and white noise, written as
+several MRC stacks (SIMULATION_BLOCK particles each) referenced by one RELION STAR file, in a
+folder the user names (never in the repository; a set already there is reused). Every set is
+sorted with ``mpirun -np NP sort3d-depth --img_per_grp N / n_classes`` and the run prints: wall
+time, time per particle, the peak memory of all ranks together (sum of each rank's max RSS), the
+model's estimate (memory.py), the sorting size chosen, the groups found, purity (% true members,
+weighted over the groups) and the accounted fraction. At the end the EMPIAR-10028 shape
+(105,247 x 360 px, the user document's second case) is extrapolated from the largest run's
+measured time per particle and the memory model.
+
+    .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 12500x128,25000x128
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sort3ddepth.engine import fourier, memory  # noqa: E402
+from sort3ddepth.engine.output import read_selection  # noqa: E402
+from sort3ddepth.engine.simulate import (DEMO_PIXEL_SIZE, load_demo_map,  # noqa: E402
+                                         make_conformations, simulate_particles)
+from sort3ddepth.engine.star_io import write_star  # noqa: E402
+
+SIMULATION_BLOCK = 5000     # particles simulated (and written as one .mrcs) at a time
+EMPIAR_10028 = (105247, 360)
+SPHIRE_CPU_HOURS = 7 * 96   # the document: ~7 h on 96 CPUs
+
+
+def make_set(folder, n, box, n_classes, snr, seed, log=print):
+    """(STAR path, true labels) of n particles of box px in folder (reused when already made)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    star, truth_file, stamp = folder / "particles.star", folder / "truth.npy", folder / "set.txt"
+    key = f"{n} {box} {n_classes} {snr} {seed}"
+    if star.exists() and truth_file.exists() and stamp.exists() and stamp.read_text() == key:
+        return star, np.load(truth_file)
+    t = time.time()
+    rng = np.random.default_rng(seed)
+    vol = fourier.resize_volume(load_demo_map(64), box)
+    vol /= vol.std()
+    apix = DEMO_PIXEL_SIZE * 64 / box
+    maps = make_conformations(vol, n_classes, rng, radius=8.0 * box / 64)
+    labels, header, rows = [], None, []
+    for b, start in enumerate(range(0, n, SIMULATION_BLOCK)):
+        m = min(SIMULATION_BLOCK, n - start)
+        counts = np.bincount(rng.integers(0, n_classes, m), minlength=n_classes)
+        ps = simulate_particles(maps, counts, apix, rng, snr=snr)
+        part = folder / f"block{b:03d}.star"
+        write_star(ps, part, folder / f"block{b:03d}.mrcs")
+        text = part.read_text().splitlines()
+        # the particles table: header up to its last "_rln" line, then the rows
+        last = max(i for i, ln in enumerate(text) if ln.startswith("_rln"))
+        if header is None:
+            header = text[:last + 1]
+        rows += [ln for ln in text[last + 1:] if ln.strip()]
+        part.unlink()
+        labels.append(ps.class_label)
+        del ps
+    star.write_text("\n".join(header + rows) + "\n")
+    truth = np.concatenate(labels)
+    np.save(truth_file, truth)
+    stamp.write_text(key)
+    log(f"simulated {n} particles of {box} px ({n_classes} states, SNR {snr}, {apix:.3f} Å/px) "
+        f"in {time.time() - t:.0f} s: {folder}")
+    return star, truth
+
+
+def run_set(star, truth, out, nproc, n_classes, seed, extra=()):
+    """Sort one set; returns the figures of the run (dict)."""
+    out = Path(out)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    peak_file = out.parent / (out.name + ".peaks")
+    peak_file.unlink(missing_ok=True)
+    n = len(truth)
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(here / "rank_peak.py"), str(peak_file), "--", "--instack",
+           str(star), "--output_dir", str(out), "--seed", str(seed), "--img_per_grp",
+           str(n // n_classes)] + list(extra)
+    if nproc > 1:
+        cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
+    t = time.time()
+    with open(out.parent / (out.name + ".stdout"), "w") as f:
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=f,
+                       stderr=subprocess.STDOUT)
+    wall = time.time() - t
+    peaks = [int(ln.split()[1]) * 1024 for ln in peak_file.read_text().split("\n") if ln.strip()]
+    summary = json.loads((out / "summary.json").read_text())
+    log = (out / "log.txt").read_text()
+    nx = int(log.split("sorting image size ")[1].split(" px")[0])
+    acc = found = true_members = 0
+    for c in summary["clusters"]:
+        if c["unaccounted"]:
+            continue
+        idx = read_selection(out / c["file"])
+        true_members += np.bincount(truth[idx], minlength=n_classes).max()
+        acc += len(idx)
+        found += 1
+    box = int(summary.get("box", 0)) or int(log.split(" particles of ")[1].split(" px")[0])
+    return {"n": n, "box": box, "nproc": nproc, "wall_s": wall, "s_per_particle": wall / n,
+            "peak_bytes": sum(peaks), "peak_per_rank": peaks,
+            "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx), "nx": nx,
+            "groups": found, "purity": true_members / max(acc, 1), "accounted": acc / n}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for the data sets and runs (not the repo)")
+    p.add_argument("--sets", default="12500x128,25000x128",
+                   help="comma-separated N x box, e.g. 12500x128,25000x128,50000x192")
+    p.add_argument("--classes", type=int, default=5)
+    p.add_argument("--snr", type=float, default=0.5)
+    p.add_argument("--np", dest="nproc", type=int, default=2)
+    p.add_argument("--seed", type=int, default=11)
+    a = p.parse_args()
+    out = Path(a.out).resolve()
+    repo = Path(__file__).resolve().parent.parent
+    if out == repo or repo in out.parents:
+        p.error(f"--out {out} is inside the repository; name a folder outside it")
+    rows = []
+    print(f"{'N':>7} {'box':>4} {'np':>2} {'nx':>3} {'wall s':>7} {'ms/ptcl':>7} "
+          f"{'peak GB':>7} {'model GB':>8} {'groups':>6} {'purity':>6} {'acc.':>6}", flush=True)
+    for spec in a.sets.split(","):
+        n, box = (int(v) for v in spec.lower().split("x"))
+        star, truth = make_set(out / f"set_{n}x{box}", n, box, a.classes, a.snr, a.seed,
+                               log=lambda m: print(m, flush=True))
+        r = run_set(star, truth, out / f"run_{n}x{box}_np{a.nproc}", a.nproc, a.classes, a.seed)
+        rows.append(r)
+        print(f"{r['n']:>7} {r['box']:>4} {r['nproc']:>2} {r['nx']:>3} {r['wall_s']:>7.0f} "
+              f"{1000 * r['s_per_particle']:>7.1f} {r['peak_bytes'] / memory.GB:>7.2f} "
+              f"{r['model_bytes'] / memory.GB:>8.2f} {r['groups']:>6} "
+              f"{100 * r['purity']:>5.1f}% {100 * r['accounted']:>5.1f}%", flush=True)
+        (out / "bench_scale.json").write_text(json.dumps(rows, indent=1))
+    big = max(rows, key=lambda r: r["n"])
+    n, box = EMPIAR_10028
+    t = big["s_per_particle"] * n
+    nx = memory.largest_sorting_size(box)
+    need = a.nproc * memory.bytes_per_rank(n, box, a.nproc, nx)
+    print(f"\nEMPIAR-10028 shape ({n} x {box} px) on this machine, {a.nproc} ranks, extrapolated "
+          f"from {big['n']} x {big['box']} px (sorting size {big['nx']} px; the time per "
+          f"particle grows with the sorting size, {nx} px at most here):\n"
+          f"  wall ~ {t / 3600:.1f} h ({os.cpu_count()} cores: {t * os.cpu_count() / 3600:.0f} "
+          f"CPU-hours; SPHIRE's document: {SPHIRE_CPU_HOURS} CPU-hours, "
+          f"{SPHIRE_CPU_HOURS / max(t * os.cpu_count() / 3600, 1e-9):.0f}x)\n"
+          f"  memory by the model at {nx} px: {need / memory.GB:.1f} GB for {a.nproc} ranks")
+
+
+if __name__ == "__main__":
+    main()
