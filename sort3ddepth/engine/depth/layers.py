@@ -1,0 +1,120 @@
+"""Layers of boxes and generations. Layer 0 holds 2^depth_order boxes started independently;
+boxes (0,1), (2,3), ... are compared pairwise, and a matched group is kept only if its Jaccard
+index beats the one expected between random partitions of the same sizes by a stated margin.
+Each pair's result starts a box of the next layer; the last pair gives the generation's
+clusters, whose members the member check then decides."""
+import numpy as np
+
+from ..comparison import rand_index, random_reproducibility, two_way_comparison
+from .accept import between_box_keeps
+from .box import run_box
+from .context import load, save
+from .members import assign_members
+from .partition import Partition
+from .policy import policy_of
+
+
+def between_boxes(ctx, subset, a, b, *, n_allowed, tag=""):
+    """Two-way comparison of two boxes' partitions (their pools included as a group, but never
+    accepted): a matched group is kept when its Jaccard index beats random partitions of the same
+    sizes by jaccard_margin_std standard deviations and it is not tiny next to the largest."""
+    policy = policy_of(ctx)
+    la, lb = a.labels(subset), b.labels(subset)
+    res = two_way_comparison(la, lb)
+    ri = rand_index(la, lb)
+    sizes_a = np.bincount(la, minlength=len(a.clusters) + 1)
+    sizes_b = np.bincount(lb, minlength=len(b.clusters) + 1)
+    mean, std = random_reproducibility(sizes_a, sizes_b, ctx.rng)
+    kept, stats = [], []
+    real = [(p, j) for j, p in enumerate(res.pairs)
+            if p.group_a < len(a.clusters) and p.group_b < len(b.clusters)]
+    largest = max((p.size for p, _ in real), default=0)
+    for p, j in real:
+        m = mean[j] if j < len(mean) else 0.0
+        s = std[j] if j < len(std) else 0.0
+        good = between_box_keeps(p, m, s, largest, policy)
+        ctx.log(f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
+                f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> "
+                f"{'kept' if good else 'rejected'}")
+        if good:
+            kept.append(subset[p.members])
+            stats.append({"jaccard": float(p.jaccard), "random_mean": float(m),
+                          "random_std": float(s)})
+    order = np.argsort([-len(c) for c in kept], kind="stable")
+    kept = [np.sort(kept[i]) for i in order]
+    stats = [stats[i] for i in order]
+    if len(kept) > n_allowed >= 2:
+        ctx.log(f"{tag}{len(kept)} groups for at most {n_allowed}: the smallest is dropped")
+        kept, stats = kept[:-1], stats[:-1]
+    acc = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    ctx.log(f"{tag}between-box comparison: rand index {ri:.3f}, kept {len(kept)} groups "
+            f"({', '.join(str(len(c)) for c in kept)}), unaccounted {len(subset) - len(acc)}")
+    return Partition(kept, np.setdiff1d(subset, acc), ri, stats)
+
+
+def _box_k(ctx, start, k_layer, k_learned, k):
+    """A box's K: the layer's K in layer 0; in later layers the incoming partition's groups,
+    at least the K that layer 0 validated (search mode: a pair of boxes can keep fewer groups
+    than that when one box stuck; the missing groups are seeded from the pool, and cut from
+    groups if need be) or the user's K."""
+    if start is None:
+        return k_layer
+    if ctx.search:
+        return max(len(start.clusters), k_learned, 2)
+    return max(len(start.clusters), k, 2)
+
+
+def _teaches_k(ctx, start, res):
+    """Box learning (unfrozen modes): a layer-0 box whose two runs agreed well and kept every
+    group of the K it found hands that K to the next boxes of the layer."""
+    return (not ctx.frozen and start is None
+            and res.rand_index > policy_of(ctx).learn_rand_index
+            and res.k_found >= 2 and len(res.clusters) >= res.k_found)
+
+
+def _run_layer(ctx, gen, layer, subset, starts, *, k, k_learned):
+    """Every box of one layer; returns (the boxes' Partitions, the K that layer 0 validated).
+    K may be lowered in layer-0 boxes until one box has validated a K (then the others inherit
+    it: an unlucky random start must not undo a validated K)."""
+    results, k_layer, learned = [], k, False
+    for ibox, start in enumerate(starts):
+        tag = f"gen {gen} layer {layer} box {ibox}: "
+        kb = _box_k(ctx, start, k_layer, k_learned, k)
+        key = f"gen{gen:03d}/layer{layer}/box{ibox}"
+        res = load(ctx, key)
+        res = res["partition"] if res is not None else None
+        if res is None:
+            res = run_box(ctx, subset, kb, start=start, tag=tag, key=key,
+                          allow_k_reset=(not ctx.frozen and start is None and not learned),
+                          coarse=len(starts) > 2)
+            save(ctx, key, partition=res)
+        results.append(res)
+        if _teaches_k(ctx, start, res):
+            learned = True
+            k_learned = res.k_found if layer == 0 else k_learned
+            if res.k_found != k_layer:
+                k_layer = res.k_found
+                ctx.log(f"{tag}box learning: the next boxes start with K = {k_layer}")
+    return results, k_learned
+
+
+def run_generation(ctx, gen, subset, k, earlier=()):
+    """All layers of one generation on `subset`; returns the generation's Partition.
+    earlier: the clusters of earlier generations (for the member check)."""
+    n_allowed = max(len(subset) // max(ctx.img_per_grp, 1), 2)
+    starts = [None] * 2 ** ctx.depth_order
+    layer = 0
+    k_learned = 2          # search mode: the K that layer-0 boxes validated (box learning)
+    while True:
+        results, k_learned = _run_layer(ctx, gen, layer, subset, starts, k=k,
+                                        k_learned=k_learned)
+        pairs = [between_boxes(ctx, subset, results[i], results[i + 1], n_allowed=n_allowed,
+                               tag=f"gen {gen} layer {layer} boxes {i},{i + 1}: ")
+                 for i in range(0, len(results), 2)]
+        good = [p for p in pairs if len(p.clusters) >= 2]
+        if len(pairs) == 1 or len(good) < len(pairs):
+            # last layer, or a pair found fewer than two groups: the generation ends here
+            best = max(pairs, key=lambda p: (len(p.clusters) >= 2, p.n_accounted))
+            return assign_members(ctx, subset, best, f"gen {gen}: ", earlier=earlier)
+        starts = good
+        layer += 1
