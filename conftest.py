@@ -6,6 +6,7 @@ sort3ddepth package, whose Plugin imports pwem). One fresh temporary root per py
 holds Scipion's home, user data (projects), test data folders, hosts.conf and matplotlib's
 config; it is removed at exit unless SORT3DDEPTH_KEEP_TEST_ROOT is set.
 """
+
 import atexit
 import os
 import shutil
@@ -13,8 +14,8 @@ import sys
 import tempfile
 
 _ROOT = tempfile.mkdtemp(prefix="sort3ddepth-pytest-")
-_BIN = os.path.dirname(sys.executable)          # the venv's bin folder (do not resolve symlinks)
-MPIRUN = os.path.join(_BIN, "mpirun")           # pip MPICH; never the system OpenMPI mpirun
+_BIN = os.path.dirname(sys.executable)  # the venv's bin folder (do not resolve symlinks)
+MPIRUN = os.path.join(_BIN, "mpirun")  # pip MPICH; never the system OpenMPI mpirun
 
 for _sub in ("home/config", "userdata", "tests", "tests_output", "matplotlib"):
     os.makedirs(os.path.join(_ROOT, _sub), exist_ok=True)
@@ -22,28 +23,32 @@ for _sub in ("home/config", "userdata", "tests", "tests_output", "matplotlib"):
 HOSTS_CONF = os.path.join(_ROOT, "home", "config", "hosts.conf")
 with open(HOSTS_CONF, "w") as _f:
     # '%_(' is pyworkflow's escape for '%(' in this RawConfigParser file
-    _f.write("[localhost]\n"
-             f"PARALLEL_COMMAND = {MPIRUN} -np %_(JOB_NODES)d %_(COMMAND)s\n"
-             "NAME = \n"
-             "MANDATORY = False\n")
+    _f.write(
+        "[localhost]\n"
+        f"PARALLEL_COMMAND = {MPIRUN} -np %_(JOB_NODES)d %_(COMMAND)s\n"
+        "NAME = \n"
+        "MANDATORY = False\n"
+    )
 
-os.environ.update({
-    "SCIPION_DOMAIN": "pwem",
-    "SCIPION_HOME": os.path.join(_ROOT, "home"),
-    "SCIPION_HOSTS": HOSTS_CONF,
-    "SCIPION_PYTHON": sys.executable,
-    "SCIPION_USER_DATA": os.path.join(_ROOT, "userdata"),
-    "SCIPION_TESTS": os.path.join(_ROOT, "tests"),
-    "SCIPION_TESTS_OUTPUT": os.path.join(_ROOT, "tests_output"),
-    "SCIPION_TEST_NOSYNC": "True",
-    "SCIPION_NOTIFY": "False",
-    "MPLBACKEND": "Agg",
-    "MPLCONFIGDIR": os.path.join(_ROOT, "matplotlib"),
-})
+os.environ.update(
+    {
+        "SCIPION_DOMAIN": "pwem",
+        "SCIPION_HOME": os.path.join(_ROOT, "home"),
+        "SCIPION_HOSTS": HOSTS_CONF,
+        "SCIPION_PYTHON": sys.executable,
+        "SCIPION_USER_DATA": os.path.join(_ROOT, "userdata"),
+        "SCIPION_TESTS": os.path.join(_ROOT, "tests"),
+        "SCIPION_TESTS_OUTPUT": os.path.join(_ROOT, "tests_output"),
+        "SCIPION_TEST_NOSYNC": "True",
+        "SCIPION_NOTIFY": "False",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": os.path.join(_ROOT, "matplotlib"),
+    }
+)
 # protocol runs are subprocesses that find programs on PATH: the venv's bin folder goes first
 os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
-if "pyworkflow" in sys.modules:      # would mean Config froze with the caller's environment
+if "pyworkflow" in sys.modules:  # would mean Config froze with the caller's environment
     raise RuntimeError("conftest.py: pyworkflow was imported before the test environment was set")
 
 

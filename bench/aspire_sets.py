@@ -30,6 +30,7 @@ relion_reconstruct in tests/test_relion_conventions.py) at the poses and origins
 correlated with the true map. Findings are in bench_matrix.py's import_aspire_set docstring, which
 applies the corrections before the sorter sees the set.
 """
+
 import argparse
 import logging
 from pathlib import Path
@@ -70,12 +71,27 @@ def main():
     dmean = rng.uniform(10000.0, 30000.0, n_mic)
     dast = rng.uniform(0.0, a.astigmatism, n_mic)
     dang = rng.uniform(0.0, np.pi, n_mic)
-    filters = [CTFFilter(voltage=300.0, defocus_u=float(m + d / 2), defocus_v=float(m - d / 2),
-                         defocus_ang=float(g), Cs=2.7, alpha=0.1)
-               for m, d, g in zip(dmean, dast, dang)]
+    filters = [
+        CTFFilter(
+            voltage=300.0,
+            defocus_u=float(m + d / 2),
+            defocus_v=float(m - d / 2),
+            defocus_ang=float(g),
+            Cs=2.7,
+            alpha=0.1,
+        )
+        for m, d, g in zip(dmean, dast, dang)
+    ]
     filter_indices = np.arange(n) // a.per_micrograph
-    kw = dict(n=n, vols=vol, states=states + 1, unique_filters=filters,
-              filter_indices=filter_indices, seed=a.seed, pixel_size=a.pixel_size)
+    kw = dict(
+        n=n,
+        vols=vol,
+        states=states + 1,
+        unique_filters=filters,
+        filter_indices=filter_indices,
+        seed=a.seed,
+        pixel_size=a.pixel_size,
+    )
     noise = None
     if a.snr > 0:
         # SNR as bench/simdata.py's sets define it: signal variance over the box, averaged over
@@ -87,16 +103,27 @@ def main():
     star = out / a.star
     sim.save(str(star), save_mode="single", overwrite=True)
     f = filter_indices
-    np.savez(out / "aspire_params.npz", rotations=np.asarray(sim.rotations, np.float64),
-             angles=np.asarray(sim.angles, np.float64), offsets=np.asarray(sim.offsets, np.float64),
-             amplitudes=np.asarray(sim.amplitudes, np.float64), states=states,
-             defocus_u=(dmean + dast / 2)[f], defocus_v=(dmean - dast / 2)[f], defocus_ang=dang[f],
-             voltage=np.full(n, 300.0), cs=np.full(n, 2.7), alpha=np.full(n, 0.1),
-             pixel_size=a.pixel_size, snr=a.snr,
-             noise_var=noise.noise_var if noise is not None else 0.0)
+    np.savez(
+        out / "aspire_params.npz",
+        rotations=np.asarray(sim.rotations, np.float64),
+        angles=np.asarray(sim.angles, np.float64),
+        offsets=np.asarray(sim.offsets, np.float64),
+        amplitudes=np.asarray(sim.amplitudes, np.float64),
+        states=states,
+        defocus_u=(dmean + dast / 2)[f],
+        defocus_v=(dmean - dast / 2)[f],
+        defocus_ang=dang[f],
+        voltage=np.full(n, 300.0),
+        cs=np.full(n, 2.7),
+        alpha=np.full(n, 0.1),
+        pixel_size=a.pixel_size,
+        snr=a.snr,
+        noise_var=noise.noise_var if noise is not None else 0.0,
+    )
     np.save(out / "truth.npy", states)
-    print(f"ASPIRE: {len(a.sizes)} states, {n} particles of {vols.shape[-1]} px, SNR {a.snr}: "
-          f"{star}")
+    print(
+        f"ASPIRE: {len(a.sizes)} states, {n} particles of {vols.shape[-1]} px, SNR {a.snr}: {star}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ depend on the content) made directly as complex64, so no real-space stack inflat
 Targets from the issue: <= 2 s per pass on 2 cores; memory <= 2 x the image stack
 (n x box x box float32).
 """
+
 import argparse
 import json
 import os
@@ -30,12 +31,12 @@ N_MAPS = 5
 
 
 def _peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def _rss_mib():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _child(name, n, box, repeat, seed):
@@ -63,12 +64,13 @@ def _child(name, n, box, repeat, seed):
         imgs = np.empty((n, box, box // 2 + 1), np.complex64)
         for s in range(0, n, 2048):
             m = min(n, s + 2048) - s
-            imgs[s:s + m].real = rng.standard_normal((m, box, box // 2 + 1), np.float32)
-            imgs[s:s + m].imag = rng.standard_normal((m, box, box // 2 + 1), np.float32)
+            imgs[s : s + m].real = rng.standard_normal((m, box, box // 2 + 1), np.float32)
+            imgs[s : s + m].imag = rng.standard_normal((m, box, box // 2 + 1), np.float32)
         d = rng.uniform(10000.0, 30000.0, n)
         one = np.ones(n)
-        ctf = CTFParams(d + 100.0, d - 100.0, rng.uniform(0, 180, n), 300 * one, 2.7 * one,
-                        0.1 * one, 0 * one)
+        ctf = CTFParams(
+            d + 100.0, d - 100.0, rng.uniform(0, 180, n), 300 * one, 2.7 * one, 0.1 * one, 0 * one
+        )
         coefs = ctf_coefficients(ctf, box, 5.0)
         if name.startswith("backproj"):
             memb = np.zeros((n, N_MAPS))
@@ -83,7 +85,7 @@ def _child(name, n, box, repeat, seed):
 
     base_peak, base_rss = _peak_mib(), _rss_mib()
     t = time.perf_counter()
-    run(slice(0, 64))                                      # compile (or load numba's cache)
+    run(slice(0, 64))  # compile (or load numba's cache)
     warm = time.perf_counter() - t
     times = []
     for _ in range(repeat):
@@ -91,11 +93,21 @@ def _child(name, n, box, repeat, seed):
         res = run(slice(None))
         times.append(time.perf_counter() - t)
         del res
-    return {"pass": name, "n": n, "box": box, "maps": k, "pad": pad,
-            "threads": numba.get_num_threads(), "warmup_s": warm, "best_s": min(times),
-            "all_s": times, "base_rss_mib": base_rss, "base_peak_mib": base_peak,
-            "peak_mib": _peak_mib(),
-            "data_mib": (0 if imgs is None else imgs.nbytes / 2 ** 20)}
+    return {
+        "pass": name,
+        "n": n,
+        "box": box,
+        "maps": k,
+        "pad": pad,
+        "threads": numba.get_num_threads(),
+        "warmup_s": warm,
+        "best_s": min(times),
+        "all_s": times,
+        "base_rss_mib": base_rss,
+        "base_peak_mib": base_peak,
+        "peak_mib": _peak_mib(),
+        "data_mib": (0 if imgs is None else imgs.nbytes / 2**20),
+    }
 
 
 def main(argv=None):
@@ -115,32 +127,54 @@ def main(argv=None):
     bad = [s for s in passes if s not in PASSES]
     if bad:
         p.error(f"unknown pass(es) {bad}; choose from {PASSES}")
-    stack_mib = a.n_images * a.box * a.box * 4 / 2 ** 20
+    stack_mib = a.n_images * a.box * a.box * 4 / 2**20
     results = []
     for name in passes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--n_images",
-               str(a.n_images), "--box", str(a.box), "--repeat", str(a.repeat), "--seed", str(a.seed)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            name,
+            "--n_images",
+            str(a.n_images),
+            "--box",
+            str(a.box),
+            "--repeat",
+            str(a.repeat),
+            "--seed",
+            str(a.seed),
+        ]
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
 
     r0 = results[0]
-    print(f"\nsort3ddepth kernel benchmark: {a.n_images} images of {a.box} px, "
-          f"numba threads {r0['threads']} (os.cpu_count {os.cpu_count()}, "
-          f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'unset')})")
-    print(f"image stack (n x box^2 float32): {stack_mib:.0f} MiB; targets: <= 2 s per pass, "
-          f"peak <= {2 * stack_mib:.0f} MiB (2 x stack)\n")
-    hdr = (f"{'pass':<10} {'maps':>4} {'pad':>3} {'warm-up s':>9} {'time s':>7} {'img/s':>9} "
-           f"{'in-mem data MiB':>15} {'peak RSS MiB':>12} {'peak/stack':>10} {'pass adds MiB':>13}")
+    print(
+        f"\nsort3ddepth kernel benchmark: {a.n_images} images of {a.box} px, "
+        f"numba threads {r0['threads']} (os.cpu_count {os.cpu_count()}, "
+        f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'unset')})"
+    )
+    print(
+        f"image stack (n x box^2 float32): {stack_mib:.0f} MiB; targets: <= 2 s per pass, "
+        f"peak <= {2 * stack_mib:.0f} MiB (2 x stack)\n"
+    )
+    hdr = (
+        f"{'pass':<10} {'maps':>4} {'pad':>3} {'warm-up s':>9} {'time s':>7} {'img/s':>9} "
+        f"{'in-mem data MiB':>15} {'peak RSS MiB':>12} {'peak/stack':>10} {'pass adds MiB':>13}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        print(f"{r['pass']:<10} {r['maps']:>4} {r['pad']:>3} {r['warmup_s']:>9.2f} "
-              f"{r['best_s']:>7.2f} {r['n'] / r['best_s']:>9.0f} {r['data_mib']:>15.0f} "
-              f"{r['peak_mib']:>12.0f} {r['peak_mib'] / stack_mib:>10.2f} "
-              f"{r['peak_mib'] - r['base_peak_mib']:>13.0f}")
-    print("\npeak RSS: ru_maxrss of the pass's own process (python + numpy/numba + its inputs and"
-          " outputs);\n'pass adds': peak growth during warm-up + timed runs over the peak after set-up.")
+        print(
+            f"{r['pass']:<10} {r['maps']:>4} {r['pad']:>3} {r['warmup_s']:>9.2f} "
+            f"{r['best_s']:>7.2f} {r['n'] / r['best_s']:>9.0f} {r['data_mib']:>15.0f} "
+            f"{r['peak_mib']:>12.0f} {r['peak_mib'] / stack_mib:>10.2f} "
+            f"{r['peak_mib'] - r['base_peak_mib']:>13.0f}"
+        )
+    print(
+        "\npeak RSS: ru_maxrss of the pass's own process (python + numpy/numba + its inputs and"
+        " outputs);\n'pass adds': peak growth during warm-up + timed runs over the peak after set-up."
+    )
     return 0
 
 

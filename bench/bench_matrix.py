@@ -35,6 +35,7 @@ Data sets and runs are cached under --output_dir (default bench_output/matrix; g
 sorter's output, rerun unless --reuse), <cell>/result.json (the row). Sorting jobs run one at a
 time.
 """
+
 import argparse
 import json
 import os
@@ -65,44 +66,216 @@ UNEQ4 = (0.50, 0.25, 0.15, 0.10)
 # pose error (deg, px), seed, box, depth_order, poses ("given" = simulated / perturbed,
 # "relion" = from relion_refine auto-refine of the mixture)
 CELLS = [
-    dict(name="o-k2-eq-snr05", simulator="ours", K=2, sizes=_sizes(2, 400), snr=0.5, radius=8.0,
-         pose=(0.0, 0.0), seed=11, box=48, depth_order=1),
-    dict(name="o-k3-uneq-snr03", simulator="ours", K=3, sizes=[900, 450, 300], snr=0.3,
-         radius=8.0, pose=(0.0, 0.0), seed=12, box=48, depth_order=1),
-    dict(name="o-k4-uneq-snr02-pose2", simulator="ours", K=4, sizes=_sizes(4, 3000, UNEQ4),
-         snr=0.2, radius=8.0, pose=(2.0, 0.5), seed=13, box=48, depth_order=1),
-    dict(name="o-k2-small-snr01-pose5", simulator="ours", K=2, sizes=_sizes(2, 600), snr=0.1,
-         radius=4.0, pose=(5.0, 0.5), seed=14, box=48, depth_order=1),
-    dict(name="o-k5-eq-snr03-pose5", simulator="ours", K=5, sizes=_sizes(5, 500), snr=0.3,
-         radius=8.0, pose=(5.0, 0.5), seed=15, box=48, depth_order=1),
-    dict(name="o-k8-eq-snr05", simulator="ours", K=8, sizes=_sizes(8, 300), snr=0.5, radius=8.0,
-         pose=(0.0, 0.0), seed=16, box=48, depth_order=1),
-    dict(name="o-k3-large-snr01", simulator="ours", K=3, sizes=_sizes(3, 800), snr=0.1,
-         radius=12.0, pose=(0.0, 0.0), seed=17, box=48, depth_order=1),
-    dict(name="o-k2-3500-small-snr02-64px", simulator="ours", K=2, sizes=_sizes(2, 3500),
-         snr=0.2, radius=4.0, pose=(2.0, 0.5), seed=18, box=64, depth_order=2),
-    dict(name="r-k3-eq-snr03-relion", simulator="ours", K=3, sizes=_sizes(3, 600), snr=0.3,
-         radius=8.0, pose=(0.0, 0.0), seed=19, box=48, depth_order=1, poses="relion"),
-    dict(name="a-k2-eq-snr05", simulator="aspire", K=2, sizes=_sizes(2, 400), snr=0.5,
-         radius=8.0, pose=(0.0, 0.0), seed=21, box=48, depth_order=1),
-    dict(name="a-k3-uneq-snr03", simulator="aspire", K=3, sizes=[900, 450, 300], snr=0.3,
-         radius=8.0, pose=(0.0, 0.0), seed=22, box=48, depth_order=1),
-    dict(name="a-k4-uneq-snr02-pose2", simulator="aspire", K=4, sizes=_sizes(4, 3000, UNEQ4),
-         snr=0.2, radius=8.0, pose=(2.0, 0.5), seed=23, box=48, depth_order=1),
-    dict(name="a-k2-small-snr01", simulator="aspire", K=2, sizes=_sizes(2, 600), snr=0.1,
-         radius=4.0, pose=(0.0, 0.0), seed=24, box=48, depth_order=1),
-    dict(name="a-k5-eq-snr03-pose5", simulator="aspire", K=5, sizes=_sizes(5, 500), snr=0.3,
-         radius=8.0, pose=(5.0, 0.5), seed=25, box=48, depth_order=1),
-    dict(name="a-k6-eq-snr04", simulator="aspire", K=6, sizes=_sizes(6, 300), snr=0.4,
-         radius=8.0, pose=(0.0, 0.0), seed=26, box=48, depth_order=1),
-    dict(name="a-k3-large-snr01-pose5", simulator="aspire", K=3, sizes=_sizes(3, 800), snr=0.1,
-         radius=12.0, pose=(5.0, 0.5), seed=27, box=48, depth_order=1),
-    dict(name="a-k4-uneq-3500-snr05", simulator="aspire", K=4, sizes=[3500, 1750, 1050, 700],
-         snr=0.5, radius=8.0, pose=(0.0, 0.0), seed=28, box=48, depth_order=1),
+    dict(
+        name="o-k2-eq-snr05",
+        simulator="ours",
+        K=2,
+        sizes=_sizes(2, 400),
+        snr=0.5,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=11,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k3-uneq-snr03",
+        simulator="ours",
+        K=3,
+        sizes=[900, 450, 300],
+        snr=0.3,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=12,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k4-uneq-snr02-pose2",
+        simulator="ours",
+        K=4,
+        sizes=_sizes(4, 3000, UNEQ4),
+        snr=0.2,
+        radius=8.0,
+        pose=(2.0, 0.5),
+        seed=13,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k2-small-snr01-pose5",
+        simulator="ours",
+        K=2,
+        sizes=_sizes(2, 600),
+        snr=0.1,
+        radius=4.0,
+        pose=(5.0, 0.5),
+        seed=14,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k5-eq-snr03-pose5",
+        simulator="ours",
+        K=5,
+        sizes=_sizes(5, 500),
+        snr=0.3,
+        radius=8.0,
+        pose=(5.0, 0.5),
+        seed=15,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k8-eq-snr05",
+        simulator="ours",
+        K=8,
+        sizes=_sizes(8, 300),
+        snr=0.5,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=16,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k3-large-snr01",
+        simulator="ours",
+        K=3,
+        sizes=_sizes(3, 800),
+        snr=0.1,
+        radius=12.0,
+        pose=(0.0, 0.0),
+        seed=17,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="o-k2-3500-small-snr02-64px",
+        simulator="ours",
+        K=2,
+        sizes=_sizes(2, 3500),
+        snr=0.2,
+        radius=4.0,
+        pose=(2.0, 0.5),
+        seed=18,
+        box=64,
+        depth_order=2,
+    ),
+    dict(
+        name="r-k3-eq-snr03-relion",
+        simulator="ours",
+        K=3,
+        sizes=_sizes(3, 600),
+        snr=0.3,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=19,
+        box=48,
+        depth_order=1,
+        poses="relion",
+    ),
+    dict(
+        name="a-k2-eq-snr05",
+        simulator="aspire",
+        K=2,
+        sizes=_sizes(2, 400),
+        snr=0.5,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=21,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k3-uneq-snr03",
+        simulator="aspire",
+        K=3,
+        sizes=[900, 450, 300],
+        snr=0.3,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=22,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k4-uneq-snr02-pose2",
+        simulator="aspire",
+        K=4,
+        sizes=_sizes(4, 3000, UNEQ4),
+        snr=0.2,
+        radius=8.0,
+        pose=(2.0, 0.5),
+        seed=23,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k2-small-snr01",
+        simulator="aspire",
+        K=2,
+        sizes=_sizes(2, 600),
+        snr=0.1,
+        radius=4.0,
+        pose=(0.0, 0.0),
+        seed=24,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k5-eq-snr03-pose5",
+        simulator="aspire",
+        K=5,
+        sizes=_sizes(5, 500),
+        snr=0.3,
+        radius=8.0,
+        pose=(5.0, 0.5),
+        seed=25,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k6-eq-snr04",
+        simulator="aspire",
+        K=6,
+        sizes=_sizes(6, 300),
+        snr=0.4,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=26,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k3-large-snr01-pose5",
+        simulator="aspire",
+        K=3,
+        sizes=_sizes(3, 800),
+        snr=0.1,
+        radius=12.0,
+        pose=(5.0, 0.5),
+        seed=27,
+        box=48,
+        depth_order=1,
+    ),
+    dict(
+        name="a-k4-uneq-3500-snr05",
+        simulator="aspire",
+        K=4,
+        sizes=[3500, 1750, 1050, 700],
+        snr=0.5,
+        radius=8.0,
+        pose=(0.0, 0.0),
+        seed=28,
+        box=48,
+        depth_order=1,
+    ),
 ]
 
 
 # --------------------------------------------------------------------------- metrics
+
 
 def adjusted_rand_index(a, b):
     """Adjusted Rand index (Hubert & Arabie) of two labelings, from their contingency table."""
@@ -114,6 +287,7 @@ def adjusted_rand_index(a, b):
 
     def pairs(x):
         return float(np.sum(x * (x - 1) / 2.0))
+
     n = len(a)
     index = pairs(table)
     sa, sb = pairs(table.sum(1)), pairs(table.sum(0))
@@ -127,9 +301,10 @@ def adjusted_rand_index(a, b):
 def score_run(run, truth, k):
     """Metrics of one sorter output folder against the truth."""
     from sort3ddepth.engine.output import read_selection
+
     summary = json.loads((Path(run) / "summary.json").read_text())
     n = len(truth)
-    label = np.full(n, -1)          # -1: unaccounted (own cluster in the ARI)
+    label = np.full(n, -1)  # -1: unaccounted (own cluster in the ARI)
     matched, purities, est_err, clean97 = set(), [], [], 0
     for c in summary["clusters"]:
         if c.get("unaccounted"):
@@ -147,24 +322,32 @@ def score_run(run, truth, k):
             clean97 += len(idx)
         if c.get("estimated_purity") is not None:
             est_err.append(abs(float(c["estimated_purity"]) - pur))
-    return dict(found=len(matched), n_clusters=len(purities),
-                worst_purity=float(min(purities)) if purities else float("nan"),
-                accounted=float(np.mean(label >= 0)),
-                est_err=float(max(est_err)) if est_err else float("nan"),
-                ari=float(adjusted_rand_index(label, truth)), ours97=clean97 / n,
-                wall_summary=summary.get("wall_seconds"))
+    return dict(
+        found=len(matched),
+        n_clusters=len(purities),
+        worst_purity=float(min(purities)) if purities else float("nan"),
+        accounted=float(np.mean(label >= 0)),
+        est_err=float(max(est_err)) if est_err else float("nan"),
+        ari=float(adjusted_rand_index(label, truth)),
+        ours97=clean97 / n,
+        wall_summary=summary.get("wall_seconds"),
+    )
 
 
 # --------------------------------------------------------------------------- data sets
 
+
 def true_maps(cell):
     """The cell's K true maps (box px) and pixel size: conformations of the demo map."""
     from simdata import MAP_BOX, demo_map
+
     from sort3ddepth.engine.simulate import make_conformations
+
     vol, pixel_size = demo_map(cell["box"])
     rng = np.random.default_rng(cell["seed"])
-    maps = make_conformations(vol, cell["K"], rng,
-                              radius=cell["radius"] * min(cell["box"], MAP_BOX) / MAP_BOX)
+    maps = make_conformations(
+        vol, cell["K"], rng, radius=cell["radius"] * min(cell["box"], MAP_BOX) / MAP_BOX
+    )
     return maps, pixel_size, rng
 
 
@@ -177,6 +360,7 @@ def make_set(cell, folder, aspire_python, log):
     """Make (or reuse) the cell's set in `folder`: particles.star (poses as the sorter gets
     them), truth.npy, true_maps.npy. Returns the STAR path, or raises Skip."""
     from sort3ddepth.engine.star_io import read_star, write_star
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     star, stamp = folder / "particles.star", folder / "dataset.txt"
@@ -188,6 +372,7 @@ def make_set(cell, folder, aspire_python, log):
     clean = folder / "clean.star"
     if cell["simulator"] == "ours":
         from sort3ddepth.engine.simulate import simulate_particles
+
         ps = simulate_particles(maps, np.asarray(cell["sizes"]), pixel_size, rng, snr=cell["snr"])
         write_star(ps, clean)
         np.save(folder / "truth.npy", ps.class_label)
@@ -195,6 +380,7 @@ def make_set(cell, folder, aspire_python, log):
         if not aspire_python or not Path(aspire_python).exists():
             raise Skip(f"ASPIRE venv {aspire_python} not found")
         import mrcfile
+
         paths = []
         for i, m in enumerate(maps):
             p = folder / f"true_map_{i}.mrc"
@@ -202,10 +388,24 @@ def make_set(cell, folder, aspire_python, log):
                 f.set_data(m.astype(np.float32))
                 f.voxel_size = pixel_size
             paths.append(str(p))
-        cmd = [aspire_python, str(HERE / "aspire_sets.py"), "--out", str(folder),
-               "--maps", *paths, "--sizes", *map(str, cell["sizes"]),
-               "--snr", str(cell["snr"]), "--seed", str(cell["seed"]),
-               "--pixel_size", str(pixel_size), "--star", "aspire.star"]
+        cmd = [
+            aspire_python,
+            str(HERE / "aspire_sets.py"),
+            "--out",
+            str(folder),
+            "--maps",
+            *paths,
+            "--sizes",
+            *map(str, cell["sizes"]),
+            "--snr",
+            str(cell["snr"]),
+            "--seed",
+            str(cell["seed"]),
+            "--pixel_size",
+            str(pixel_size),
+            "--star",
+            "aspire.star",
+        ]
         log("  " + " ".join(cmd))
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if r.returncode:
@@ -219,8 +419,10 @@ def make_set(cell, folder, aspire_python, log):
     deg, px = cell["pose"]
     if deg > 0 or px > 0:
         from frontier import perturb_poses
-        ps.angles, ps.shifts, err = perturb_poses(ps.angles, ps.shifts, deg, px,
-                                                  np.random.default_rng(cell["seed"] + 1000))
+
+        ps.angles, ps.shifts, err = perturb_poses(
+            ps.angles, ps.shifts, deg, px, np.random.default_rng(cell["seed"] + 1000)
+        )
         log(f"  poses perturbed: mean angular error {err.mean():.2f} deg, shift noise {px} px")
     if cell.get("poses") == "relion" or deg > 0 or px > 0:
         write_star(ps, star)
@@ -254,12 +456,14 @@ def import_aspire_set(aspire_star):
       positive: protein dark, as in a raw micrograph; RELION's extraction inverts it): negated."""
     from sort3ddepth.engine.geometry import euler_to_matrix
     from sort3ddepth.engine.star_io import read_star
+
     aspire_star = Path(aspire_star)
     ps = read_star(aspire_star)
     prm = np.load(aspire_star.parent / "aspire_params.npz")
     mats = euler_to_matrix(*ps.angles.T)
-    assert np.abs(mats - prm["rotations"].transpose(0, 2, 1)).max() < 1e-4, \
+    assert np.abs(mats - prm["rotations"].transpose(0, 2, 1)).max() < 1e-4, (
         "ASPIRE's angle convention changed"
+    )
     assert np.abs(ps.shifts - prm["offsets"]).max() < 1e-4, "ASPIRE origin export changed"
     ps.ctf.defocus_angle = np.rad2deg(prm["defocus_ang"])
     ps.images = -ps.load_images()
@@ -271,11 +475,14 @@ def verify_aspire(out, aspire_python, log):
     correlation of ASPIRE's images with the project's forward model under candidate
     conventions. The right one is near +1 after import_aspire_set."""
     import copy
+
     import mrcfile
+
     from sort3ddepth.engine import fourier
     from sort3ddepth.engine.ctf import ctf_images
     from sort3ddepth.engine.geometry import euler_to_matrix, matrix_to_euler
     from sort3ddepth.engine.star_io import read_star
+
     folder = Path(out) / "verify_aspire"
     folder.mkdir(parents=True, exist_ok=True)
     cell = dict(CELLS[0], K=2, seed=3)
@@ -285,10 +492,30 @@ def verify_aspire(out, aspire_python, log):
         paths.append(str(folder / f"m{i}.mrc"))
         with mrcfile.new(paths[-1], overwrite=True) as f:
             f.set_data(m.astype(np.float32))
-    subprocess.run([aspire_python, str(HERE / "aspire_sets.py"), "--out", str(folder), "--maps",
-                    *paths, "--sizes", "400", "10", "--snr", "0", "--seed", "3", "--pixel_size",
-                    str(pixel_size), "--astigmatism", "8000"], check=True,
-                   stdin=subprocess.DEVNULL, capture_output=True)
+    subprocess.run(
+        [
+            aspire_python,
+            str(HERE / "aspire_sets.py"),
+            "--out",
+            str(folder),
+            "--maps",
+            *paths,
+            "--sizes",
+            "400",
+            "10",
+            "--snr",
+            "0",
+            "--seed",
+            "3",
+            "--pixel_size",
+            str(pixel_size),
+            "--astigmatism",
+            "8000",
+        ],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
     raw = read_star(folder / "aspire.star")
     fixed = import_aspire_set(folder / "aspire.star")
     sel = np.nonzero(np.load(folder / "truth.npy") == 0)[0]
@@ -306,14 +533,23 @@ def verify_aspire(out, aspire_python, log):
         q = copy.deepcopy(fixed)
         fn(q)
         return q
+
     tr = matrix_to_euler(euler_to_matrix(*fixed.angles.T).transpose(0, 2, 1))
-    cases = [("ASPIRE's STAR as exported", raw, raw.load_images(sel)),
-             ("imported (angle deg, images negated)", fixed, fixed.load_images(sel)),
-             ("imported, origins negated", variant(lambda q: setattr(q, "shifts", -q.shifts)),
-              fixed.load_images(sel)),
-             ("imported, rotations transposed", variant(lambda q: setattr(q, "angles", tr)),
-              fixed.load_images(sel)),
-             ("imported, images transposed", fixed, fixed.load_images(sel).transpose(0, 2, 1))]
+    cases = [
+        ("ASPIRE's STAR as exported", raw, raw.load_images(sel)),
+        ("imported (angle deg, images negated)", fixed, fixed.load_images(sel)),
+        (
+            "imported, origins negated",
+            variant(lambda q: setattr(q, "shifts", -q.shifts)),
+            fixed.load_images(sel),
+        ),
+        (
+            "imported, rotations transposed",
+            variant(lambda q: setattr(q, "angles", tr)),
+            fixed.load_images(sel),
+        ),
+        ("imported, images transposed", fixed, fixed.load_images(sel).transpose(0, 2, 1)),
+    ]
     for name, q, imgs in cases:
         c = corr(q, imgs)
         log(f"{name:40s} per-image r: mean {c.mean():+.4f}, min {c.min():+.4f}")
@@ -327,7 +563,9 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
     needs some 10-20 iterations, so budget ~30 min for this cell. Returns the ParticleSet with RELION's angles and
     origins, rows in the input order (matched by image name)."""
     import mrcfile
+
     from sort3ddepth.engine.star_io import read_star
+
     exe = shutil.which("relion_refine_mpi") or shutil.which("relion_refine")
     if not shutil.which("relion_refine"):
         raise Skip("needs relion_refine: skipped")
@@ -336,14 +574,43 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
         f.set_data(np.mean(maps, axis=0).astype(np.float32))
         f.voxel_size = pixel_size
     box = maps.shape[-1]
-    cmd = [exe, "--i", clean_star.name, "--ref", ref.name, "--o", "relion/run", "--auto_refine",
-           "--split_random_halves", "--ini_high", "40", "--particle_diameter",
-           str(int(0.9 * box * pixel_size)), "--ctf", "--flatten_solvent", "--zero_mask",
-           # coarse global search (15 deg, +-3 px in 2 px steps): at 2, 5 px, the first
-           # iteration of 1,800 particles of 48 px alone was going to take 9 min on 2 cores
-           "--healpix_order", "1", "--auto_local_healpix_order", "3", "--offset_range", "3",
-           "--offset_step", "2", "--sym", "C1", "--pad", "2", "--j", "1",
-           "--dont_combine_weights_via_disc", "--pool", "10"]
+    cmd = [
+        exe,
+        "--i",
+        clean_star.name,
+        "--ref",
+        ref.name,
+        "--o",
+        "relion/run",
+        "--auto_refine",
+        "--split_random_halves",
+        "--ini_high",
+        "40",
+        "--particle_diameter",
+        str(int(0.9 * box * pixel_size)),
+        "--ctf",
+        "--flatten_solvent",
+        "--zero_mask",
+        # coarse global search (15 deg, +-3 px in 2 px steps): at 2, 5 px, the first
+        # iteration of 1,800 particles of 48 px alone was going to take 9 min on 2 cores
+        "--healpix_order",
+        "1",
+        "--auto_local_healpix_order",
+        "3",
+        "--offset_range",
+        "3",
+        "--offset_step",
+        "2",
+        "--sym",
+        "C1",
+        "--pad",
+        "2",
+        "--j",
+        "1",
+        "--dont_combine_weights_via_disc",
+        "--pool",
+        "10",
+    ]
     if exe.endswith("_mpi"):
         mpirun = shutil.which("mpirun") or "mpirun"
         ver = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
@@ -354,20 +621,28 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
         cmd = [mpirun] + extra + ["-np", "3"] + cmd
     (folder / "relion").mkdir(exist_ok=True)
     log("  " + " ".join(cmd))
-    subprocess.run(cmd, cwd=folder, check=True, stdin=subprocess.DEVNULL,
-                   stdout=open(folder / "relion.stdout", "w"), stderr=subprocess.STDOUT)
+    subprocess.run(
+        cmd,
+        cwd=folder,
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=open(folder / "relion.stdout", "w"),
+        stderr=subprocess.STDOUT,
+    )
     refined = read_star(folder / "relion" / "run_data.star")
     orig = read_star(clean_star)
 
     def names(ps):
-        return [str(getattr(r, "rlnImageName")) for r in ps.source["particles_table"]]
+        return [str(r.rlnImageName) for r in ps.source["particles_table"]]
+
     pos = {name: i for i, name in enumerate(names(refined))}
-    order = np.array([pos[name] for name in names(orig)])   # KeyError: RELION dropped one
+    order = np.array([pos[name] for name in names(orig)])  # KeyError: RELION dropped one
     orig.angles, orig.shifts = refined.angles[order], refined.shifts[order]
     return orig
 
 
 # --------------------------------------------------------------------------- one cell
+
 
 def run_cell(cell, out, nproc, aspire_python, reuse, log):
     d = Path(out) / cell["name"]
@@ -380,19 +655,35 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log):
     truth = np.load(d / "data" / "truth.npy")
     maps = np.load(d / "data" / "true_maps.npy")
     from frontier import ideal_frontier
+
     old = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else {}
     if reuse and "f97" in old and old.get("key") == _key(cell):
         row.update({k: old[k] for k in ("n", "f97", "f99", "ideal_acc", "ideal_s")})
     else:
         t = time.time()
         ideal = ideal_frontier(star, maps, truth)
-        row.update(n=int(len(truth)), f97=ideal["frontier"][0.97], f99=ideal["frontier"][0.99],
-                   ideal_acc=ideal["accuracy"], ideal_s=time.time() - t)
+        row.update(
+            n=int(len(truth)),
+            f97=ideal["frontier"][0.97],
+            f99=ideal["frontier"][0.99],
+            ideal_acc=ideal["accuracy"],
+            ideal_s=time.time() - t,
+        )
     row["key"] = _key(cell)
     run = d / "sort"
-    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli", "--instack", str(star),
-           "--output_dir", str(run), "--seed", str(cell["seed"]),
-           "--depth_order", str(cell.get("depth_order", 2))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sort3ddepth.engine.cli",
+        "--instack",
+        str(star),
+        "--output_dir",
+        str(run),
+        "--seed",
+        str(cell["seed"]),
+        "--depth_order",
+        str(cell.get("depth_order", 2)),
+    ]
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
     row["command"] = " ".join(cmd)
@@ -401,8 +692,13 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log):
         if run.exists():
             shutil.rmtree(run)
         t = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
-                           stdout=open(d / "sort.stdout", "w"), stderr=subprocess.STDOUT)
+        r = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=open(d / "sort.stdout", "w"),
+            stderr=subprocess.STDOUT,
+        )
         row["wall"] = time.time() - t
         if r.returncode:
             row["skipped"] = f"sorter failed (exit {r.returncode}, see {d / 'sort.stdout'})"
@@ -415,25 +711,31 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log):
     return row
 
 
-HEADER = (f"{'cell':<26} {'sim':<6} {'K':>2} {'n':>6} {'SNR':>4} {'pose':>7} | {'F@97':>5} "
-          f"{'F@99':>5} {'ideal':>5} | {'found':>5} {'worst':>5} {'acc':>5} {'|e-m|':>5} "
-          f"{'ARI':>5} {'wall s':>6} | {'o/F97':>5}")
+HEADER = (
+    f"{'cell':<26} {'sim':<6} {'K':>2} {'n':>6} {'SNR':>4} {'pose':>7} | {'F@97':>5} "
+    f"{'F@99':>5} {'ideal':>5} | {'found':>5} {'worst':>5} {'acc':>5} {'|e-m|':>5} "
+    f"{'ARI':>5} {'wall s':>6} | {'o/F97':>5}"
+)
 
 
 def format_row(cell, r):
     pose = "exact" if cell["pose"] == (0.0, 0.0) else f"{cell['pose'][0]:g}d{cell['pose'][1]:g}p"
     if cell.get("poses") == "relion":
         pose = "relion"
-    head = (f"{cell['name']:<26} {cell['simulator']:<6} {cell['K']:>2} "
-            f"{sum(cell['sizes']):>6} {cell['snr']:>4g} {pose:>7} | ")
+    head = (
+        f"{cell['name']:<26} {cell['simulator']:<6} {cell['K']:>2} "
+        f"{sum(cell['sizes']):>6} {cell['snr']:>4g} {pose:>7} | "
+    )
     if "skipped" in r and "f97" not in r:
         return head + "not run: " + r["skipped"]
     pct = lambda x: f"{100 * x:5.1f}"  # noqa: E731
     s = head + f"{pct(r['f97'])} {pct(r['f99'])} {pct(r['ideal_acc'])} | "
     if "skipped" in r:
         return s + r["skipped"]
-    return s + (f"{r['found']:>2}/{cell['K']:<2} {pct(r['worst_purity'])} {pct(r['accounted'])} "
-                f"{pct(r['est_err'])} {r['ari']:5.3f} {r['wall']:6.0f} | {r['ratio97']:5.2f}")
+    return s + (
+        f"{r['found']:>2}/{cell['K']:<2} {pct(r['worst_purity'])} {pct(r['accounted'])} "
+        f"{pct(r['est_err'])} {r['ari']:5.3f} {r['wall']:6.0f} | {r['ratio97']:5.2f}"
+    )
 
 
 def main():
@@ -441,13 +743,20 @@ def main():
     p.add_argument("--cells", default="", help="comma list of cell names or indices (default all)")
     p.add_argument("--output_dir", default=str(ROOT / "bench_output" / "matrix"))
     p.add_argument("--np", dest="nproc", type=int, default=2)
-    p.add_argument("--aspire_python", default=str(ROOT / "bench_output" / "aspire-venv" / "bin"
-                                                   / "python"))
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse an existing sorter output and ideal-sorter result")
+    p.add_argument(
+        "--aspire_python", default=str(ROOT / "bench_output" / "aspire-venv" / "bin" / "python")
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse an existing sorter output and ideal-sorter result",
+    )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
-    p.add_argument("--verify_aspire", action="store_true",
-                   help="check ASPIRE's conventions on a noise-free set and exit")
+    p.add_argument(
+        "--verify_aspire",
+        action="store_true",
+        help="check ASPIRE's conventions on a noise-free set and exit",
+    )
     a = p.parse_args()
     if a.verify_aspire:
         verify_aspire(a.output_dir, a.aspire_python, lambda *x: print(*x, flush=True))
@@ -461,13 +770,15 @@ def main():
         picked = []
         for t in a.cells.split(","):
             t = t.strip()
-            picked.append(CELLS[int(t)] if t.isdigit() else next(c for c in CELLS
-                                                                 if c["name"] == t))
+            picked.append(
+                CELLS[int(t)] if t.isdigit() else next(c for c in CELLS if c["name"] == t)
+            )
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     def log(*x):
         print(*x, flush=True)
+
     rows = []
     for c in picked:
         log(f"[{time.strftime('%H:%M:%S')}] cell {c['name']}")
@@ -475,10 +786,12 @@ def main():
         rows.append((c, r))
         log(HEADER)
         log(format_row(c, r))
-    print("\nF@97/F@99: ideal sorter's frontier (share of particles at >= 97/99 % purity); ideal: "
-          "its accuracy; found: true states held as a > 50 % majority; worst: lowest cluster "
-          "purity; acc: accounted; |e-m|: max |estimated - measured| purity; ARI: unaccounted = "
-          "one cluster; o/F97: (share in clusters >= 97 % pure) / F@97. Percentages.\n")
+    print(
+        "\nF@97/F@99: ideal sorter's frontier (share of particles at >= 97/99 % purity); ideal: "
+        "its accuracy; found: true states held as a > 50 % majority; worst: lowest cluster "
+        "purity; acc: accounted; |e-m|: max |estimated - measured| purity; ARI: unaccounted = "
+        "one cluster; o/F97: (share in clusters >= 97 % pure) / F@97. Percentages.\n"
+    )
     print(HEADER)
     print("-" * len(HEADER))
     for c, r in rows:
@@ -486,12 +799,14 @@ def main():
     done = [r for _, r in rows if "ratio97" in r]
     if done:
         all_found = sum(r["found"] == c["K"] for c, r in rows if "ratio97" in r)
-        print(f"\nsummary: {len(done)} of {len(rows)} cells run; all states found in {all_found}; "
-              f"median ours/F@97 {np.median([r['ratio97'] for r in done]):.2f} (min "
-              f"{min(r['ratio97'] for r in done):.2f}); median ARI "
-              f"{np.median([r['ari'] for r in done]):.3f}; worst purity "
-              f"{100 * min(r['worst_purity'] for r in done):.1f} %; total sorter wall "
-              f"{sum(r['wall'] for r in done):.0f} s")
+        print(
+            f"\nsummary: {len(done)} of {len(rows)} cells run; all states found in {all_found}; "
+            f"median ours/F@97 {np.median([r['ratio97'] for r in done]):.2f} (min "
+            f"{min(r['ratio97'] for r in done):.2f}); median ARI "
+            f"{np.median([r['ari'] for r in done]):.3f}; worst purity "
+            f"{100 * min(r['worst_purity'] for r in done):.1f} %; total sorter wall "
+            f"{sum(r['wall'] for r in done):.0f} s"
+        )
     else:
         print(f"\nsummary: 0 of {len(rows)} cells run")
     for c, r in rows:

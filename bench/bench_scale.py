@@ -14,6 +14,7 @@ measured time per particle and the memory model.
 
     .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 12500x128,25000x128
 """
+
 import argparse
 import json
 import os
@@ -27,13 +28,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sort3ddepth.engine import fourier, memory  # noqa: E402
 from sort3ddepth.engine.output import read_selection  # noqa: E402
-from sort3ddepth.engine.simulate import (DEMO_PIXEL_SIZE, load_demo_map,  # noqa: E402
-                                         make_conformations, simulate_particles)
+from sort3ddepth.engine.simulate import (  # noqa: E402
+    DEMO_PIXEL_SIZE,
+    load_demo_map,
+    make_conformations,
+    simulate_particles,
+)
 from sort3ddepth.engine.star_io import write_star  # noqa: E402
 
-SIMULATION_BLOCK = 5000     # particles simulated (and written as one .mrcs) at a time
+SIMULATION_BLOCK = 5000  # particles simulated (and written as one .mrcs) at a time
 EMPIAR_10028 = (105247, 360)
-SPHIRE_CPU_HOURS = 7 * 96   # the document: ~7 h on 96 CPUs
+SPHIRE_CPU_HOURS = 7 * 96  # the document: ~7 h on 96 CPUs
 
 
 def make_set(folder, n, box, n_classes, snr, seed, log=print):
@@ -61,8 +66,8 @@ def make_set(folder, n, box, n_classes, snr, seed, log=print):
         # the particles table: header up to its last "_rln" line, then the rows
         last = max(i for i, ln in enumerate(text) if ln.startswith("_rln"))
         if header is None:
-            header = text[:last + 1]
-        rows += [ln for ln in text[last + 1:] if ln.strip()]
+            header = text[: last + 1]
+        rows += [ln for ln in text[last + 1 :] if ln.strip()]
         part.unlink()
         labels.append(ps.class_label)
         del ps
@@ -70,8 +75,10 @@ def make_set(folder, n, box, n_classes, snr, seed, log=print):
     truth = np.concatenate(labels)
     np.save(truth_file, truth)
     stamp.write_text(key)
-    log(f"simulated {n} particles of {box} px ({n_classes} states, SNR {snr}, {apix:.3f} Å/px) "
-        f"in {time.time() - t:.0f} s: {folder}")
+    log(
+        f"simulated {n} particles of {box} px ({n_classes} states, SNR {snr}, {apix:.3f} Å/px) "
+        f"in {time.time() - t:.0f} s: {folder}"
+    )
     return star, truth
 
 
@@ -80,21 +87,34 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=()):
     out = Path(out)
     if out.exists():
         import shutil
+
         shutil.rmtree(out)
     out.mkdir(parents=True)
     peak_file = out.parent / (out.name + ".peaks")
     peak_file.unlink(missing_ok=True)
     n = len(truth)
     here = Path(__file__).resolve().parent
-    cmd = [sys.executable, str(here / "rank_peak.py"), str(peak_file), "--", "--instack",
-           str(star), "--output_dir", str(out), "--seed", str(seed), "--img_per_grp",
-           str(n // n_classes)] + list(extra)
+    cmd = [
+        sys.executable,
+        str(here / "rank_peak.py"),
+        str(peak_file),
+        "--",
+        "--instack",
+        str(star),
+        "--output_dir",
+        str(out),
+        "--seed",
+        str(seed),
+        "--img_per_grp",
+        str(n // n_classes),
+    ] + list(extra)
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
     t = time.time()
     with open(out.parent / (out.name + ".stdout"), "w") as f:
-        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=f,
-                       stderr=subprocess.STDOUT)
+        subprocess.run(
+            cmd, check=True, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT
+        )
     wall = time.time() - t
     peaks = [int(ln.split()[1]) * 1024 for ln in peak_file.read_text().split("\n") if ln.strip()]
     summary = json.loads((out / "summary.json").read_text())
@@ -109,17 +129,30 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=()):
         acc += len(idx)
         found += 1
     box = int(summary.get("box", 0)) or int(log.split(" particles of ")[1].split(" px")[0])
-    return {"n": n, "box": box, "nproc": nproc, "wall_s": wall, "s_per_particle": wall / n,
-            "peak_bytes": sum(peaks), "peak_per_rank": peaks,
-            "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx), "nx": nx,
-            "groups": found, "purity": true_members / max(acc, 1), "accounted": acc / n}
+    return {
+        "n": n,
+        "box": box,
+        "nproc": nproc,
+        "wall_s": wall,
+        "s_per_particle": wall / n,
+        "peak_bytes": sum(peaks),
+        "peak_per_rank": peaks,
+        "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx),
+        "nx": nx,
+        "groups": found,
+        "purity": true_members / max(acc, 1),
+        "accounted": acc / n,
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for the data sets and runs (not the repo)")
-    p.add_argument("--sets", default="12500x128,25000x128",
-                   help="comma-separated N x box, e.g. 12500x128,25000x128,50000x192")
+    p.add_argument(
+        "--sets",
+        default="12500x128,25000x128",
+        help="comma-separated N x box, e.g. 12500x128,25000x128,50000x192",
+    )
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--snr", type=float, default=0.5)
     p.add_argument("--np", dest="nproc", type=int, default=2)
@@ -130,31 +163,46 @@ def main():
     if out == repo or repo in out.parents:
         p.error(f"--out {out} is inside the repository; name a folder outside it")
     rows = []
-    print(f"{'N':>7} {'box':>4} {'np':>2} {'nx':>3} {'wall s':>7} {'ms/ptcl':>7} "
-          f"{'peak GB':>7} {'model GB':>8} {'groups':>6} {'purity':>6} {'acc.':>6}", flush=True)
+    print(
+        f"{'N':>7} {'box':>4} {'np':>2} {'nx':>3} {'wall s':>7} {'ms/ptcl':>7} "
+        f"{'peak GB':>7} {'model GB':>8} {'groups':>6} {'purity':>6} {'acc.':>6}",
+        flush=True,
+    )
     for spec in a.sets.split(","):
         n, box = (int(v) for v in spec.lower().split("x"))
-        star, truth = make_set(out / f"set_{n}x{box}", n, box, a.classes, a.snr, a.seed,
-                               log=lambda m: print(m, flush=True))
+        star, truth = make_set(
+            out / f"set_{n}x{box}",
+            n,
+            box,
+            a.classes,
+            a.snr,
+            a.seed,
+            log=lambda m: print(m, flush=True),
+        )
         r = run_set(star, truth, out / f"run_{n}x{box}_np{a.nproc}", a.nproc, a.classes, a.seed)
         rows.append(r)
-        print(f"{r['n']:>7} {r['box']:>4} {r['nproc']:>2} {r['nx']:>3} {r['wall_s']:>7.0f} "
-              f"{1000 * r['s_per_particle']:>7.1f} {r['peak_bytes'] / memory.GB:>7.2f} "
-              f"{r['model_bytes'] / memory.GB:>8.2f} {r['groups']:>6} "
-              f"{100 * r['purity']:>5.1f}% {100 * r['accounted']:>5.1f}%", flush=True)
+        print(
+            f"{r['n']:>7} {r['box']:>4} {r['nproc']:>2} {r['nx']:>3} {r['wall_s']:>7.0f} "
+            f"{1000 * r['s_per_particle']:>7.1f} {r['peak_bytes'] / memory.GB:>7.2f} "
+            f"{r['model_bytes'] / memory.GB:>8.2f} {r['groups']:>6} "
+            f"{100 * r['purity']:>5.1f}% {100 * r['accounted']:>5.1f}%",
+            flush=True,
+        )
         (out / "bench_scale.json").write_text(json.dumps(rows, indent=1))
     big = max(rows, key=lambda r: r["n"])
     n, box = EMPIAR_10028
     t = big["s_per_particle"] * n
     nx = memory.largest_sorting_size(box)
     need = a.nproc * memory.bytes_per_rank(n, box, a.nproc, nx)
-    print(f"\nEMPIAR-10028 shape ({n} x {box} px) on this machine, {a.nproc} ranks, extrapolated "
-          f"from {big['n']} x {big['box']} px (sorting size {big['nx']} px; the time per "
-          f"particle grows with the sorting size, {nx} px at most here):\n"
-          f"  wall ~ {t / 3600:.1f} h ({os.cpu_count()} cores: {t * os.cpu_count() / 3600:.0f} "
-          f"CPU-hours; SPHIRE's document: {SPHIRE_CPU_HOURS} CPU-hours, "
-          f"{SPHIRE_CPU_HOURS / max(t * os.cpu_count() / 3600, 1e-9):.0f}x)\n"
-          f"  memory by the model at {nx} px: {need / memory.GB:.1f} GB for {a.nproc} ranks")
+    print(
+        f"\nEMPIAR-10028 shape ({n} x {box} px) on this machine, {a.nproc} ranks, extrapolated "
+        f"from {big['n']} x {big['box']} px (sorting size {big['nx']} px; the time per "
+        f"particle grows with the sorting size, {nx} px at most here):\n"
+        f"  wall ~ {t / 3600:.1f} h ({os.cpu_count()} cores: {t * os.cpu_count() / 3600:.0f} "
+        f"CPU-hours; SPHIRE's document: {SPHIRE_CPU_HOURS} CPU-hours, "
+        f"{SPHIRE_CPU_HOURS / max(t * os.cpu_count() / 3600, 1e-9):.0f}x)\n"
+        f"  memory by the model at {nx} px: {need / memory.GB:.1f} GB for {a.nproc} ranks"
+    )
 
 
 if __name__ == "__main__":

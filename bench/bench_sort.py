@@ -10,6 +10,7 @@ Default SNR 0.5 (`--snr 0.2` gives the harder set measured before session 7).
     .venv/bin/python bench/bench_sort.py                  # search mode (groups found by the program)
     .venv/bin/python bench/bench_sort.py --img_per_grp 3456
 """
+
 import argparse
 import json
 import os
@@ -22,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sort3ddepth.engine.output import read_selection  # noqa: E402
 from simdata import add_ribosome_set_options, simulated_star  # noqa: E402  (bench/simdata.py)
+
+from sort3ddepth.engine.output import read_selection  # noqa: E402
 
 
 def main():
@@ -38,17 +40,34 @@ def main():
     run = out / ("search" if not a.img_per_grp else f"k{a.img_per_grp}")
     if run.exists():
         import shutil
+
         shutil.rmtree(run)
-    cmd = [sys.executable, "-m", "sort3ddepth.engine.cli", "--instack", str(star), "--output_dir",
-           str(run), "--seed", str(a.seed), "--depth_order", str(a.depth_order)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sort3ddepth.engine.cli",
+        "--instack",
+        str(star),
+        "--output_dir",
+        str(run),
+        "--seed",
+        str(a.seed),
+        "--depth_order",
+        str(a.depth_order),
+    ]
     if a.img_per_grp:
         cmd += ["--img_per_grp", str(a.img_per_grp)]
     if a.nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(a.nproc)] + cmd
     print(" ".join(cmd), flush=True)
     t = time.time()
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL,
-                   stdout=open(run.parent / (run.name + ".stdout"), "w"), stderr=subprocess.STDOUT)
+    subprocess.run(
+        cmd,
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=open(run.parent / (run.name + ".stdout"), "w"),
+        stderr=subprocess.STDOUT,
+    )
     wall = time.time() - t
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     summary = json.loads((run / "summary.json").read_text())
@@ -62,12 +81,18 @@ def main():
         if not c["unaccounted"]:
             acc += len(idx)
             found += 1
-        print(f"{c['id'] + 1:>5} {len(idx):>9} {100 * counts.max() / len(idx):>6.1f}% "
-              f"{int(np.argmax(counts)) + 1:>10}{tag}")
-    print(f"\ngroups found {found} (true {a.n_classes}); accounted {acc} of {len(truth)} "
-          f"({100 * acc / len(truth):.1f} %)")
-    print(f"wall time {wall:.0f} s with {a.nproc} MPI rank(s) on {os.cpu_count()} cores; "
-          f"peak memory of one rank {peak_mb:.0f} MB; SNR {a.snr}")
+        print(
+            f"{c['id'] + 1:>5} {len(idx):>9} {100 * counts.max() / len(idx):>6.1f}% "
+            f"{int(np.argmax(counts)) + 1:>10}{tag}"
+        )
+    print(
+        f"\ngroups found {found} (true {a.n_classes}); accounted {acc} of {len(truth)} "
+        f"({100 * acc / len(truth):.1f} %)"
+    )
+    print(
+        f"wall time {wall:.0f} s with {a.nproc} MPI rank(s) on {os.cpu_count()} cores; "
+        f"peak memory of one rank {peak_mb:.0f} MB; SNR {a.snr}"
+    )
 
 
 if __name__ == "__main__":

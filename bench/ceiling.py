@@ -11,6 +11,7 @@ images out. Run it before reading a bench_sort / bench_relion purity figure:
 
 Same data-set options as bench_sort.py (the set is made, or reused, in --output_dir).
 """
+
 import argparse
 import sys
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from simdata import MAP_BOX, add_ribosome_set_options, demo_map, simulated_star  # noqa: E402
+
 from sort3ddepth.engine.cli import build_parser  # noqa: E402
 from sort3ddepth.engine.fourier import resize_volume  # noqa: E402
 from sort3ddepth.engine.mgskmeans import ClusterMaps  # noqa: E402
@@ -26,7 +29,6 @@ from sort3ddepth.engine.parallel import world  # noqa: E402
 from sort3ddepth.engine.preprocess import prepare  # noqa: E402
 from sort3ddepth.engine.simulate import make_conformations  # noqa: E402
 from sort3ddepth.engine.star_io import read_star  # noqa: E402
-from simdata import MAP_BOX, add_ribosome_set_options, demo_map, simulated_star  # noqa: E402
 
 
 def main():
@@ -43,12 +45,13 @@ def main():
     data = prepare(read_star(star), comm, opts, np.random.default_rng(a.seed), log=lambda *x: None)
     # the true maps: simulated_star draws the conformations first from the seeded generator
     vol, _ = demo_map(MAP_BOX)
-    confs = make_conformations(vol, a.n_classes, np.random.default_rng(a.seed),
-                               radius=8.0)
+    confs = make_conformations(vol, a.n_classes, np.random.default_rng(a.seed), radius=8.0)
     maps = np.array([resize_volume(c, data.nx) for c in confs])
     pred = ClusterMaps(data, comm).scores(maps, np.arange(data.n_total)).argmax(axis=1)
-    print(f"{a.n_classes} x {a.n_per_class} particles, SNR {a.snr}, sorting size {data.nx} px: "
-          f"images nearest their own true map (the sorter's score)")
+    print(
+        f"{a.n_classes} x {a.n_per_class} particles, SNR {a.snr}, sorting size {data.nx} px: "
+        f"images nearest their own true map (the sorter's score)"
+    )
     print("true group  particles  own map  most confused with")
     for g in range(a.n_classes):
         rows = truth == g
@@ -56,8 +59,10 @@ def main():
         other = np.argsort(-counts)
         other = [int(o) for o in other if o != g][:1]
         # groups numbered from 1, as bench_sort.py prints them
-        print(f"{g + 1:10d} {rows.sum():10d} {100 * counts[g] / rows.sum():7.1f}%  "
-              f"group {other[0] + 1} ({100 * counts[other[0]] / rows.sum():.1f}%)")
+        print(
+            f"{g + 1:10d} {rows.sum():10d} {100 * counts[g] / rows.sum():7.1f}%  "
+            f"group {other[0] + 1} ({100 * counts[other[0]] / rows.sum():.1f}%)"
+        )
     print(f"all: {100 * np.mean(pred == truth):.1f}% ({time.time() - t0:.0f} s)")
 
 

@@ -25,6 +25,7 @@ maps (fitted global scale) gave 0.0 %, with a free per-particle scale 1.2 %; on 
 Also: perturb_poses (angular error of |N(0, sigma)| degrees about a uniformly random axis, plus
 N(0, sigma_px) shifts), used by bench_matrix.py for its pose-error cells.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def axis_angle_matrices(axes, angles_deg):
 
 def rotation_angle_deg(a, b):
     """Angle (degrees) of the relative rotation a^T b, per particle."""
-    tr = np.einsum("nij,nij->n", a, b)          # trace(a^T b)
+    tr = np.einsum("nij,nij->n", a, b)  # trace(a^T b)
     return np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
 
 
@@ -95,6 +96,7 @@ def ideal_scores(star, true_maps, nx=None, seed=0):
     from sort3ddepth.engine.parallel import world
     from sort3ddepth.engine.preprocess import prepare
     from sort3ddepth.engine.star_io import read_star
+
     particles = read_star(star)
     true_maps = np.asarray(true_maps, np.float64)
     opts = build_parser().parse_args(["--instack", str(star), "--output_dir", "/nonexistent"])
@@ -117,16 +119,23 @@ def ideal_frontier(star, true_maps, truth, purities=(0.97, 0.99), nx=None):
     margin = srt[:, -1] - srt[:, -2]
     pred = s.argmax(axis=1)
     k = len(true_maps)
-    per_state = [float(np.mean(pred[truth == g] == g)) if np.any(truth == g) else float("nan")
-                 for g in range(k)]
-    return {"accuracy": float(np.mean(pred == truth)), "per_state": per_state,
-            "frontier": frontier_fractions(pred, truth, margin, purities),
-            "pred": pred, "margin": margin}
+    per_state = [
+        float(np.mean(pred[truth == g] == g)) if np.any(truth == g) else float("nan")
+        for g in range(k)
+    ]
+    return {
+        "accuracy": float(np.mean(pred == truth)),
+        "per_state": per_state,
+        "frontier": frontier_fractions(pred, truth, margin, purities),
+        "pred": pred,
+        "margin": margin,
+    }
 
 
 def selftest():
     rng = np.random.default_rng(0)
     from sort3ddepth.engine.geometry import random_rotations
+
     mats = random_rotations(2000, rng)
     back = euler_to_matrix(*matrix_to_euler(mats).T)
     assert np.abs(back - mats).max() < 1e-9, "matrix -> euler -> matrix"
@@ -141,8 +150,10 @@ def selftest():
     margin = np.array([5, 4, 3, 2, 1.0])
     f = frontier_fractions(pred, truth, margin, (0.6, 1.0))
     assert f[1.0] == 0.8 and f[0.6] == 1.0, f
-    print("selftest ok: Euler round trip, perturbation angles (mean "
-          f"{np.mean(err):.2f} deg for sigma 5), frontier toy case")
+    print(
+        "selftest ok: Euler round trip, perturbation angles (mean "
+        f"{np.mean(err):.2f} deg for sigma 5), frontier toy case"
+    )
 
 
 def main():
@@ -155,10 +166,12 @@ def main():
         return
     d = Path(a.folder)
     r = ideal_frontier(d / "particles.star", np.load(d / "true_maps.npy"), np.load(d / "truth.npy"))
-    print(f"ideal accuracy {100 * r['accuracy']:.1f} %; per state "
-          + " ".join(f"{100 * x:.1f}" for x in r["per_state"])
-          + "; frontier " + ", ".join(f">= {100 * k:g} %: {100 * v:.1f} %"
-                                      for k, v in r["frontier"].items()))
+    print(
+        f"ideal accuracy {100 * r['accuracy']:.1f} %; per state "
+        + " ".join(f"{100 * x:.1f}" for x in r["per_state"])
+        + "; frontier "
+        + ", ".join(f">= {100 * k:g} %: {100 * v:.1f} %" for k, v in r["frontier"].items())
+    )
 
 
 if __name__ == "__main__":

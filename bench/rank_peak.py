@@ -3,6 +3,7 @@
 
     mpirun -np 2 python bench/rank_peak.py PEAK_FILE -- --instack ... (sort3d-depth options)
 """
+
 import resource
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ def main():
     peak_file, argv = sys.argv[1], sys.argv[3:]
     from sort3ddepth.engine.cli import run
     from sort3ddepth.engine.parallel import world
+
     comm = world()
     code = run(argv, comm=comm)
     # VmHWM: this process's peak since exec (ru_maxrss would also count pages held between the

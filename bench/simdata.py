@@ -5,6 +5,7 @@ added), projected at random orientations with astigmatic CTF, shifts and white n
 RELION 3.1 STAR file + MRC stack. The true group of every particle is saved next to it
 (truth.npy). A data set already in the folder with the same parameters is reused.
 """
+
 import functools
 import sys
 import time
@@ -13,11 +14,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sort3ddepth.engine.simulate import (DEMO_PIXEL_SIZE, load_demo_map,  # noqa: E402
-                                         make_conformations, simulate_particles)
+from sort3ddepth.engine.simulate import (  # noqa: E402
+    DEMO_PIXEL_SIZE,
+    load_demo_map,
+    make_conformations,
+    simulate_particles,
+)
 from sort3ddepth.engine.star_io import write_star  # noqa: E402
 
-MAP_BOX = 64          # the demo map's own grid (65 px file windowed to 64)
+MAP_BOX = 64  # the demo map's own grid (65 px file windowed to 64)
 
 
 def demo_map(box=MAP_BOX):
@@ -27,13 +32,14 @@ def demo_map(box=MAP_BOX):
         return load_demo_map(box), DEMO_PIXEL_SIZE
     f = np.fft.fftshift(np.fft.fftn(load_demo_map(MAP_BOX)))
     lo = MAP_BOX // 2 - box // 2
-    f = f[lo:lo + box, lo:lo + box, lo:lo + box]
+    f = f[lo : lo + box, lo : lo + box, lo : lo + box]
     vol = np.fft.ifftn(np.fft.ifftshift(f)).real
     return vol / vol.std(), DEMO_PIXEL_SIZE * MAP_BOX / box
 
 
-def simulated_star(out, n_classes, n_per_class, snr, seed, box=MAP_BOX,
-                   log=functools.partial(print, flush=True)):
+def simulated_star(
+    out, n_classes, n_per_class, snr, seed, box=MAP_BOX, log=functools.partial(print, flush=True)
+):
     """Make (or reuse) the data set in folder `out`: returns (particles.star path, true labels).
 
     The random generator seeded with `seed` first draws the conformations (changed domains of
@@ -46,8 +52,7 @@ def simulated_star(out, n_classes, n_per_class, snr, seed, box=MAP_BOX,
     if box != MAP_BOX:
         key += f"_box{box}"
     stamp = out / "dataset.txt"
-    if not (star.exists() and truth_file.exists() and stamp.exists()
-            and stamp.read_text() == key):
+    if not (star.exists() and truth_file.exists() and stamp.exists() and stamp.read_text() == key):
         t = time.time()
         rng = np.random.default_rng(seed)
         vol, pixel_size = demo_map(box)
@@ -56,8 +61,10 @@ def simulated_star(out, n_classes, n_per_class, snr, seed, box=MAP_BOX,
         write_star(ps, star)
         np.save(truth_file, ps.class_label)
         stamp.write_text(key)
-        log(f"simulated {len(ps)} particles ({n_classes} x {n_per_class}, {box} px, "
-            f"{pixel_size:g} Å/px, SNR {snr}) in {time.time() - t:.0f} s")
+        log(
+            f"simulated {len(ps)} particles ({n_classes} x {n_per_class}, {box} px, "
+            f"{pixel_size:g} Å/px, SNR {snr}) in {time.time() - t:.0f} s"
+        )
     return star, np.load(truth_file)
 
 

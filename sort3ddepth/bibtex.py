@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 r"""
 @article{Moriya2017,
   title = {High-resolution Single Particle Analysis from Electron Cryo-microscopy Images Using SPHIRE},

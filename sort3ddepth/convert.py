@@ -25,6 +25,7 @@ contrast come from the particle's (or the set's) Acquisition.
 Only this module's ``*_to_scipion`` / ``write_set_as_star`` functions import pwem; the matrix
 helpers are plain numpy.
 """
+
 import os
 
 import numpy as np
@@ -44,12 +45,13 @@ class ConversionError(ValueError):
 # geometry
 # ------------------------------------------------------------------------------------------------
 
+
 def scipion_matrix_to_relion(matrices):
     """RELION (rot, tilt, psi) in degrees and origins (ox, oy) in pixels from Scipion ALIGN_PROJ
     transform matrices, shape (..., 4, 4). Returns (angles (..., 3), origins (..., 2))."""
     m = np.asarray(matrices, dtype=np.float64)
     rot_part = m[..., :3, :3]
-    a = np.swapaxes(rot_part, -1, -2)                       # A = R^T
+    a = np.swapaxes(rot_part, -1, -2)  # A = R^T
     origin = np.einsum("...ij,...j->...i", a, m[..., :3, 3])
     return matrix_to_euler(a), origin[..., :2]
 
@@ -61,7 +63,7 @@ def relion_to_scipion_matrix(angles, origins):
     origins = np.asarray(origins, dtype=np.float64)
     a = euler_to_matrix(angles[..., 0], angles[..., 1], angles[..., 2])
     o = np.zeros(origins.shape[:-1] + (3,))
-    o[..., :origins.shape[-1]] = origins
+    o[..., : origins.shape[-1]] = origins
     out = np.zeros(a.shape[:-2] + (4, 4))
     at = np.swapaxes(a, -1, -2)
     out[..., :3, :3] = at
@@ -73,6 +75,7 @@ def relion_to_scipion_matrix(angles, origins):
 # ------------------------------------------------------------------------------------------------
 # image files
 # ------------------------------------------------------------------------------------------------
+
 
 def clean_filename(filename):
     """Scipion file name without a ':mrc'/':mrcs'-style format suffix."""
@@ -113,6 +116,7 @@ class LocationImages:
 
     def _data(self, fn):
         import mrcfile
+
         if fn not in self._open:
             if len(self._open) >= self._MAX_OPEN:
                 old = next(iter(self._open))
@@ -122,7 +126,7 @@ class LocationImages:
             try:
                 m = mrcfile.mmap(fn, mode="r", permissive=True)
             except Exception as e:
-                raise ConversionError(f"image file {fn}: cannot read it as MRC ({e})")
+                raise ConversionError(f"image file {fn}: cannot read it as MRC ({e})") from e
             if m.data is None:
                 m.close()
                 raise ConversionError(f"image file {fn}: no data (not an MRC file?)")
@@ -139,18 +143,22 @@ class LocationImages:
         elif data.ndim == 3:
             if index < 1:
                 if data.shape[0] != 1:
-                    raise ConversionError(f"{fn}: a stack of {data.shape[0]} images referenced "
-                                          "without an index")
+                    raise ConversionError(
+                        f"{fn}: a stack of {data.shape[0]} images referenced without an index"
+                    )
                 index = 1
             if index > data.shape[0]:
-                raise ConversionError(f"image {index}@{fn}: the stack has only {data.shape[0]} "
-                                      "images")
+                raise ConversionError(
+                    f"image {index}@{fn}: the stack has only {data.shape[0]} images"
+                )
             img = data[index - 1]
         else:
             raise ConversionError(f"{fn}: unexpected data shape {data.shape}")
         if img.shape != self.shape[1:]:
-            raise ConversionError(f"image {index}@{fn}: size {img.shape[::-1]}, expected "
-                                  f"{self.shape[1:]} (the set's dimensions)")
+            raise ConversionError(
+                f"image {index}@{fn}: size {img.shape[::-1]}, expected "
+                f"{self.shape[1:]} (the set's dimensions)"
+            )
         return img
 
     def __getitem__(self, sel):
@@ -171,6 +179,7 @@ class LocationImages:
 # ------------------------------------------------------------------------------------------------
 # Scipion SetOfParticles -> engine ParticleSet -> STAR + MRC stack
 # ------------------------------------------------------------------------------------------------
+
 
 def _acq_value(acq, set_acq, getter, default):
     for a in (acq, set_acq):
@@ -199,6 +208,7 @@ def set_to_particle_set(part_set, enabled_only=True):
     """An engine ParticleSet (images read lazily from the Scipion stacks) and the object ids of
     its particles, in the set's iteration order. Requires ALIGN_PROJ and CTF."""
     from pwem.constants import ALIGN_PROJ
+
     if part_set.getAlignment() != ALIGN_PROJ:
         raise ConversionError("the particles have no 3D projection alignment (ALIGN_PROJ)")
     if not part_set.hasCTF():
@@ -230,16 +240,25 @@ def set_to_particle_set(part_set, enabled_only=True):
         mats.append(np.asarray(t.getMatrix(), dtype=np.float64))
         acq = part.getAcquisition() if part.hasAcquisition() else None
         phase = ctf.getPhaseShift()
-        for col, v in zip(ctf_cols, (
-                ctf.getDefocusU(), ctf.getDefocusV(), ctf.getDefocusAngle() or 0.0,
+        for col, v in zip(
+            ctf_cols,
+            (
+                ctf.getDefocusU(),
+                ctf.getDefocusV(),
+                ctf.getDefocusAngle() or 0.0,
                 _acq_value(acq, set_acq, "getVoltage", 300.0),
                 _acq_value(acq, set_acq, "getSphericalAberration", 2.7),
                 _acq_value(acq, set_acq, "getAmplitudeContrast", 0.1),
-                phase if phase is not None else 0.0)):
+                phase if phase is not None else 0.0,
+            ),
+        ):
             col.append(float(v))
         mics.append(_micrograph_name(part))
-        norm = part.getAttributeValue("_rlnNormCorrection") if hasattr(
-            part, "_rlnNormCorrection") else None
+        norm = (
+            part.getAttributeValue("_rlnNormCorrection")
+            if hasattr(part, "_rlnNormCorrection")
+            else None
+        )
         has_norm = has_norm and norm is not None
         norms.append(norm)
     if not ids:
@@ -247,17 +266,25 @@ def set_to_particle_set(part_set, enabled_only=True):
     mats = np.stack(mats)
     mirrored = np.nonzero(np.linalg.det(mats[:, :3, :3]) < 0)[0]
     if len(mirrored):
-        raise ConversionError(f"particle {ids[mirrored[0]]} (and {len(mirrored) - 1} more) has a "
-                              "mirrored transform, which RELION conventions cannot express")
+        raise ConversionError(
+            f"particle {ids[mirrored[0]]} (and {len(mirrored) - 1} more) has a "
+            "mirrored transform, which RELION conventions cannot express"
+        )
     angles, shifts = scipion_matrix_to_relion(mats)
     ctf = CTFParams(*(np.asarray(c) for c in ctf_cols))
     micrograph = None
     if all(m is not None for m in mics):
         micrograph = np.asarray(mics)
-    ps = ParticleSet(images=LocationImages(indices, files, box), angles=angles, shifts=shifts,
-                     ctf=ctf, pixel_size=float(pixel_size), micrograph=micrograph,
-                     norm=np.asarray(norms, dtype=np.float64) if has_norm else None,
-                     source={"scipion_set": part_set.getFileName()})
+    ps = ParticleSet(
+        images=LocationImages(indices, files, box),
+        angles=angles,
+        shifts=shifts,
+        ctf=ctf,
+        pixel_size=float(pixel_size),
+        micrograph=micrograph,
+        norm=np.asarray(norms, dtype=np.float64) if has_norm else None,
+        source={"scipion_set": part_set.getFileName()},
+    )
     return ps, np.asarray(ids, dtype=np.int64)
 
 
@@ -266,6 +293,7 @@ def write_set_as_star(part_set, star_path, ids_path, stack_path=None):
     MRC stack (images copied, float32), and their object ids, one a line in STAR row order, to
     ``ids_path``. Returns the number of particles."""
     from .engine.star_io import write_star
+
     ps, ids = set_to_particle_set(part_set)
     try:
         write_star(ps, star_path, stack_path=stack_path)
@@ -288,6 +316,7 @@ def read_ids(ids_path):
 # RELION STAR -> Scipion SetOfParticles (import, tests, batch example)
 # ------------------------------------------------------------------------------------------------
 
+
 def star_to_scipion(star_path, sqlite_path, keep_class=True):
     """A Scipion SetOfParticles (ALIGN_PROJ, CTF) written to ``sqlite_path`` from a RELION STAR
     file; the images stay in their stacks (absolute paths). With ``keep_class`` and an
@@ -295,6 +324,7 @@ def star_to_scipion(star_path, sqlite_path, keep_class=True):
     Object ids are 1..n in STAR row order. Returns the closed set's file name."""
     from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
     from pyworkflow.object import Integer
+
     from .engine.star_io import read_star
 
     ps = read_star(star_path)
@@ -315,11 +345,13 @@ def star_to_scipion(star_path, sqlite_path, keep_class=True):
     out.setAlignmentProj()
     for i in range(n):
         p = Particle(objId=i + 1)
-        p.setLocation(int(stack.image_index[i]) + 1,
-                      os.path.abspath(stack.files[int(stack.file_index[i])]))
+        p.setLocation(
+            int(stack.image_index[i]) + 1, os.path.abspath(stack.files[int(stack.file_index[i])])
+        )
         c = CTFModel()
-        c.setStandardDefocus(float(ctf.defocus_u[i]), float(ctf.defocus_v[i]),
-                             float(ctf.defocus_angle[i]))
+        c.setStandardDefocus(
+            float(ctf.defocus_u[i]), float(ctf.defocus_v[i]), float(ctf.defocus_angle[i])
+        )
         if ctf.phase_shift is not None and ctf.phase_shift[i]:
             c.setPhaseShift(float(ctf.phase_shift[i]))
         p.setCTF(c)

@@ -5,22 +5,29 @@ structure (e.g. one cluster = the high-defocus micrographs). Degenerate inputs (
 no within-group degrees of freedom, constant values) give F = p = nan and a reason, never an
 exception or a warning: the ANOVA is a report at the end of a long run.
 """
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["GroupStats", "PairTest", "AnovaResult", "one_way_anova", "format_anova",
-           "unique_per_cluster"]
+__all__ = [
+    "GroupStats",
+    "PairTest",
+    "AnovaResult",
+    "one_way_anova",
+    "format_anova",
+    "unique_per_cluster",
+]
 
 
 @dataclass
 class GroupStats:
     name: object
     n: int
-    mean: float      # nan when empty
-    std: float       # sample std (ddof=1); nan when n < 2
+    mean: float  # nan when empty
+    std: float  # sample std (ddof=1); nan when n < 2
 
 
 @dataclass
@@ -31,13 +38,13 @@ class PairTest:
     mean_b: float
     F: float
     p: float
-    reason: Optional[str] = None    # why F/p are nan (or inf), None for a regular test
+    reason: Optional[str] = None  # why F/p are nan (or inf), None for a regular test
 
 
 @dataclass
 class AnovaResult:
     groups: List[GroupStats]
-    grand_mean: float               # mean of all values pooled over the groups
+    grand_mean: float  # mean of all values pooled over the groups
     F: float
     p: float
     reason: Optional[str] = None
@@ -52,7 +59,7 @@ def _f_test(arrays):
     n_total = sum(x.size for x in used)
     if n_total - len(used) < 1:
         return float("nan"), float("nan"), "no within-group degrees of freedom (1 value per group)"
-    if all(np.ptp(x) == 0 for x in used):       # exact test: no rounding noise from the mean
+    if all(np.ptp(x) == 0 for x in used):  # exact test: no rounding noise from the mean
         if np.ptp(np.concatenate(used)) == 0:
             return float("nan"), float("nan"), "all values are identical"
         return float("inf"), 0.0, "zero within-group variance (groups fully separated)"
@@ -116,14 +123,20 @@ def format_anova(variable_name, result: AnovaResult) -> List[str]:
         f"ANOVA   {'GID':>{gid_w}}  {'N':>8}  {'mean':>{w}}  {'std':>{w}}",
     ]
     for g in result.groups:
-        lines.append(f"ANOVA   {str(g.name):>{gid_w}}  {g.n:>8d}  {_num(g.mean, w)}  {_num(g.std, w)}")
+        lines.append(
+            f"ANOVA   {str(g.name):>{gid_w}}  {g.n:>8d}  {_num(g.mean, w)}  {_num(g.std, w)}"
+        )
     lines.append("ANOVA  Pair-wise tests")
-    lines.append(f"ANOVA   {'A':>{gid_w}}  {'B':>{gid_w}}  {'avgA':>{w}}  {'avgB':>{w}}  "
-                 f"{'F_value':>{w}}  {'Significance(%)':>{w + 2}}")
+    lines.append(
+        f"ANOVA   {'A':>{gid_w}}  {'B':>{gid_w}}  {'avgA':>{w}}  {'avgB':>{w}}  "
+        f"{'F_value':>{w}}  {'Significance(%)':>{w + 2}}"
+    )
     for t in result.pairs:
-        lines.append(f"ANOVA   {str(t.a):>{gid_w}}  {str(t.b):>{gid_w}}  {_num(t.mean_a, w)}  "
-                     f"{_num(t.mean_b, w)}  {_num(t.F, w)}  {_num(t.p * 100.0, w + 2)}"
-                     + (f"   ({t.reason})" if t.reason else ""))
+        lines.append(
+            f"ANOVA   {str(t.a):>{gid_w}}  {str(t.b):>{gid_w}}  {_num(t.mean_a, w)}  "
+            f"{_num(t.mean_b, w)}  {_num(t.F, w)}  {_num(t.p * 100.0, w + 2)}"
+            + (f"   ({t.reason})" if t.reason else "")
+        )
     return lines
 
 

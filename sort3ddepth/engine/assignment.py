@@ -4,6 +4,7 @@ Plain argmax lets one map swallow the data (the "attractor" problem of 3D K-mean
 quota of images for every cluster in every orientation group keeps all K maps alive and each of
 them supported from all view directions.
 """
+
 import numpy as np
 from numba import njit
 
@@ -121,7 +122,7 @@ def constrained_assignment(scores, min_size, rng, orientation_groups=None):
 
     order = np.empty((n, K), np.int64)
     if int(quota.sum()) > 0:
-        for k in range(K):      # by group, then by decreasing score (ties: lower index first)
+        for k in range(K):  # by group, then by decreasing score (ties: lower index first)
             order[:, k] = np.lexsort((-s[:, k], ginv))
     priority = rng.random((int(quota.sum()), K))
     tie_u = rng.random(n)

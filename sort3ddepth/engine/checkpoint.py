@@ -7,6 +7,7 @@ so a resumed run draws exactly the random numbers an uninterrupted run draws: th
 identical. A unit that was running when the job died has no file and is simply done again.
 Files are written atomically by rank 0 and read by rank 0, which broadcasts them.
 """
+
 import pickle
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class Checkpoints:
                 try:
                     with open(path, "rb") as f:
                         payload = pickle.load(f)
-                except Exception:      # unreadable: the unit is done again
+                except Exception:  # unreadable: the unit is done again
                     payload = None
         payload = self.comm.bcast(payload)
         if payload is None:
@@ -57,4 +58,5 @@ class Checkpoints:
         def write(tmp):
             with open(tmp, "wb") as f:
                 f.write(data)
+
         output.atomic_write(self._path(key), write)

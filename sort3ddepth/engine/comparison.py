@@ -5,15 +5,25 @@ partition" and the item is left out of every comparison (the comparison covers t
 partitions label). Everything goes through contingency tables (np.bincount), so the cost is
 O(n + k^2) instead of the O(n^2) pair loops of the original.
 """
+
 from dataclasses import dataclass, field
 from typing import List
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["contingency", "match_groups", "MatchedPair", "TwoWayResult", "two_way_comparison",
-           "rand_index", "adjusted_rand_index", "apportion", "random_reproducibility",
-           "split_two_classes"]
+__all__ = [
+    "contingency",
+    "match_groups",
+    "MatchedPair",
+    "TwoWayResult",
+    "two_way_comparison",
+    "rand_index",
+    "adjusted_rand_index",
+    "apportion",
+    "random_reproducibility",
+    "split_two_classes",
+]
 
 
 def _labels(x, name):
@@ -99,22 +109,24 @@ def match_groups(a, b, table=None):
 @dataclass
 class MatchedPair:
     """One matched pair of groups and its stable set (the items in both)."""
+
     group_a: int
     group_b: int
-    members: np.ndarray   # sorted item indices in both groups
-    size: int             # len(members)
-    size_a: int           # group sizes over the items labelled in both partitions
+    members: np.ndarray  # sorted item indices in both groups
+    size: int  # len(members)
+    size_a: int  # group sizes over the items labelled in both partitions
     size_b: int
-    jaccard: float        # |A & B| / |A | B| * 100
+    jaccard: float  # |A & B| / |A | B| * 100
 
 
 @dataclass
 class TwoWayResult:
     """Matched pairs with non-empty stable sets, largest stable set first (rank 0)."""
+
     pairs: List[MatchedPair]
-    reproducibility: float       # % of the items labelled in both partitions that are stable
-    n_items: int                 # items labelled in both partitions
-    stable_labels: np.ndarray    # (n,) rank of the item's stable set, -1 if unstable
+    reproducibility: float  # % of the items labelled in both partitions that are stable
+    n_items: int  # items labelled in both partitions
+    stable_labels: np.ndarray  # (n,) rank of the item's stable set, -1 if unstable
     unmatched_a: List[int] = field(default_factory=list)  # groups of a without a partner
     unmatched_b: List[int] = field(default_factory=list)
 
@@ -159,10 +171,13 @@ def two_way_comparison(a, b):
     bounds = np.searchsorted(stable[order], np.arange(len(pairs) + 1))
     out = []
     for rank, (i, j, o) in enumerate(pairs):
-        members = order[bounds[rank]:bounds[rank + 1]]      # ascending: stable sort of indices
+        members = order[bounds[rank] : bounds[rank + 1]]  # ascending: stable sort of indices
         union = int(size_a[i] + size_b[j] - o)
-        out.append(MatchedPair(int(i), int(j), members, int(o), int(size_a[i]), int(size_b[j]),
-                               100.0 * o / union))
+        out.append(
+            MatchedPair(
+                int(i), int(j), members, int(o), int(size_a[i]), int(size_b[j]), 100.0 * o / union
+            )
+        )
     total = sum(p.size for p in out)
     return TwoWayResult(
         pairs=out,
@@ -216,6 +231,7 @@ def adjusted_rand_index(a, b):
 # ---------------------------------------------------------------------------------------------
 # Random reproducibility (null model of the between-box comparison)
 
+
 def apportion(sizes, total):
     """Integer shares of `total` proportional to `sizes`, each >= 1, summing exactly to `total`.
 
@@ -232,10 +248,10 @@ def apportion(sizes, total):
     exact = total * s / s.sum()
     share = np.maximum(np.floor(exact).astype(np.int64), 1)
     diff = total - int(share.sum())
-    if diff > 0:        # hand out the rest by largest remainder (ties: lower index)
+    if diff > 0:  # hand out the rest by largest remainder (ties: lower index)
         rem = exact - np.floor(exact)
         share[np.argsort(-rem, kind="stable")[:diff]] += 1
-    while diff < 0:     # the floor of 1 overshot: take back from the largest shares
+    while diff < 0:  # the floor of 1 overshot: take back from the largest shares
         i = int(np.argmax(share))
         share[i] -= 1
         diff += 1
@@ -254,7 +270,7 @@ def _simulate(la, lb, perms, ka, kb):
     """
     n_trials, m = perms.shape
     s = max(ka, kb)
-    lbp = lb[perms]                                                    # (T, M)
+    lbp = lb[perms]  # (T, M)
     flat = (np.arange(n_trials)[:, None] * (s * s) + la[None, :] * s + lbp).ravel()
     tables = np.bincount(flat, minlength=n_trials * s * s).reshape(n_trials, s, s)
     size_a = np.zeros(s, np.int64)
@@ -262,16 +278,16 @@ def _simulate(la, lb, perms, ka, kb):
     size_b = np.zeros(s, np.int64)
     size_b[:kb] = np.bincount(lb, minlength=kb)
     cols = np.empty((n_trials, s), dtype=np.int64)
-    for t in range(n_trials):           # one small Hungarian problem per trial
+    for t in range(n_trials):  # one small Hungarian problem per trial
         cols[t] = linear_sum_assignment(tables[t], maximize=True)[1]
     rows = np.broadcast_to(np.arange(s), (n_trials, s))
     inter = np.take_along_axis(tables, cols[:, :, None], axis=2)[:, :, 0].astype(np.float64)
     union = size_a[None, :] + size_b[cols] - inter
     real = (rows < ka) & (cols < kb)
     jac = np.where(real & (union > 0), 100.0 * inter / np.maximum(union, 1), 0.0)
-    key = np.where(real, -inter, np.inf)            # padded pairs last
+    key = np.where(real, -inter, np.inf)  # padded pairs last
     order = np.argsort(key, axis=1, kind="stable")
-    return np.take_along_axis(jac, order, axis=1)[:, :min(ka, kb)]
+    return np.take_along_axis(jac, order, axis=1)[:, : min(ka, kb)]
 
 
 def random_reproducibility(sizes_a, sizes_b, rng, n_trials=1000, n_elements=100):
@@ -305,15 +321,17 @@ def random_reproducibility(sizes_a, sizes_b, rng, n_trials=1000, n_elements=100)
         pa, pb = apportion(sa, m), apportion(sb, m)
     la = np.repeat(np.arange(ka), pa)
     lb = np.repeat(np.arange(kb), pb)
-    perms = np.argsort(rng.random((n_trials, m)), axis=1)     # one permutation per trial
-    step = max(1, _MAX_TABLE_CELLS // max(ka, kb) ** 2)         # bound the memory of the tables
-    jac = np.concatenate([_simulate(la, lb, perms[i:i + step], ka, kb)
-                          for i in range(0, n_trials, step)])
+    perms = np.argsort(rng.random((n_trials, m)), axis=1)  # one permutation per trial
+    step = max(1, _MAX_TABLE_CELLS // max(ka, kb) ** 2)  # bound the memory of the tables
+    jac = np.concatenate(
+        [_simulate(la, lb, perms[i : i + step], ka, kb) for i in range(0, n_trials, step)]
+    )
     std = jac.std(axis=0, ddof=1) if n_trials > 1 else np.zeros(jac.shape[1])
     return jac.mean(axis=0), std
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def split_two_classes(sizes, n_pass=4):
     """Split group sizes into a "large" and a "small" class (1-D 2-means, fixed number of passes).

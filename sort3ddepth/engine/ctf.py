@@ -10,6 +10,7 @@ For the kernels the parameters are folded into a few per-particle coefficients i
 (k = integer frequency index on a box of size N), so chi needs no atan2 per pixel:
 chi = a*k^2 + bx*(kx^2 - ky^2) + bxy*(2 kx ky) - c*k^4 + ph and envelope exp(-e*k^2).
 """
+
 import numpy as np
 from numba import njit, prange
 
@@ -26,17 +27,17 @@ def ctf_coefficients(ctf, box, pixel_size):
     """(n, 6) float64 coefficients (a, bx, bxy, c, phase, envelope) for a box of `box` pixels
     of size `pixel_size` Å (after any Fourier cropping, pass the cropped box and pixel size)."""
     lam = electron_wavelength(ctf.voltage)
-    inv = 1.0 / (box * pixel_size)                     # Å^-1 per frequency index
+    inv = 1.0 / (box * pixel_size)  # Å^-1 per frequency index
     du = np.asarray(ctf.defocus_u, np.float64)
     dv = np.asarray(ctf.defocus_v, np.float64)
     ang = np.deg2rad(np.asarray(ctf.defocus_angle, np.float64))
     q = np.clip(np.asarray(ctf.amplitude_contrast, np.float64), 0.0, 0.999)
-    a = np.pi * lam * 0.5 * (du + dv) * inv ** 2
-    half = np.pi * lam * 0.5 * (du - dv) * inv ** 2
-    c = 0.5 * np.pi * np.asarray(ctf.cs, np.float64) * 1e7 * lam ** 3 * inv ** 4
+    a = np.pi * lam * 0.5 * (du + dv) * inv**2
+    half = np.pi * lam * 0.5 * (du - dv) * inv**2
+    c = 0.5 * np.pi * np.asarray(ctf.cs, np.float64) * 1e7 * lam**3 * inv**4
     phase = np.deg2rad(np.asarray(ctf.phase_shift, np.float64)) + np.arctan(q / np.sqrt(1 - q * q))
     bf = np.zeros_like(a) if ctf.bfactor is None else np.asarray(ctf.bfactor, np.float64)
-    env = bf / 4.0 * inv ** 2
+    env = bf / 4.0 * inv**2
     coef = np.stack([a, half * np.cos(2 * ang), half * np.sin(2 * ang), c, phase, env], axis=1)
     return np.ascontiguousarray(coef)
 
@@ -45,8 +46,13 @@ def ctf_coefficients(ctf, box, pixel_size):
 def ctf_value(coef, kx, ky):
     """CTF at integer-grid frequency (kx, ky) from one row of ctf_coefficients."""
     k2 = kx * kx + ky * ky
-    chi = coef[0] * k2 + coef[1] * (kx * kx - ky * ky) + coef[2] * (2.0 * kx * ky) \
-        - coef[3] * k2 * k2 + coef[4]
+    chi = (
+        coef[0] * k2
+        + coef[1] * (kx * kx - ky * ky)
+        + coef[2] * (2.0 * kx * ky)
+        - coef[3] * k2 * k2
+        + coef[4]
+    )
     val = np.sin(chi)
     if coef[5] != 0.0:
         val *= np.exp(-coef[5] * k2)

@@ -19,6 +19,7 @@ particle never depend on the number of threads. Back-projection sums in fixed po
 ranks, before it is added, so the sums are exact and do not depend on the thread count, on the
 order of the entries or on how the particles are split over MPI ranks.
 """
+
 import numba
 import numpy as np
 import scipy.fft
@@ -32,7 +33,7 @@ class FourierVolumes:
     """K maps prepared for gathering: padded, gridding-corrected, on the Hermitian half grid."""
 
     def __init__(self, data, box, pad):
-        self.data = data          # (Np, Np, Np//2+1, K) complex64
+        self.data = data  # (Np, Np, Np//2+1, K) complex64
         self.box = box
         self.pad = pad
 
@@ -114,15 +115,15 @@ def shift_images(images_f, shifts):
     ky, kx = frequency_grid(box)
     out = np.empty_like(images_f)
     for start in range(0, n_img, 1024):
-        s = np.asarray(shifts[start:start + 1024], np.float64)
+        s = np.asarray(shifts[start : start + 1024], np.float64)
         phase = -2j * np.pi / box * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky)
         # the phasors times the images, IN the phasors' array: the same operation numpy does
         # for large batches (it reuses the temporary), now for any batch size, so an image
         # gets the same bits in any chunk (a fresh output took another SIMD path, with other
         # rounding, for batches under 256 KiB)
         ph = np.exp(phase).astype(np.complex64)
-        ph *= images_f[start:start + 1024]
-        out[start:start + 1024] = ph
+        ph *= images_f[start : start + 1024]
+        out[start : start + 1024] = ph
     return out
 
 
@@ -135,8 +136,8 @@ def crop_fourier_images(images_f, new_box):
     if new_box > box:
         raise ValueError(f"cannot crop {box} px images to a larger size {new_box}")
     h = new_box // 2
-    rows = np.r_[0:h, box - h:box]
-    out = images_f[:, rows, :h + 1] * np.float32((new_box / box) ** 2)
+    rows = np.r_[0:h, box - h : box]
+    out = images_f[:, rows, : h + 1] * np.float32((new_box / box) ** 2)
     return np.ascontiguousarray(out)
 
 
@@ -150,7 +151,7 @@ def resize_volume(vol, new_box):
     out = np.zeros((new_box,) * 3, np.complex128)
     m = min(n, new_box)
     so, sn = n // 2 - m // 2, new_box // 2 - m // 2
-    out[sn:sn + m, sn:sn + m, sn:sn + m] = f[so:so + m, so:so + m, so:so + m]
+    out[sn : sn + m, sn : sn + m, sn : sn + m] = f[so : so + m, so : so + m, so : so + m]
     res = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(out))).real
     return res * (new_box / n) ** 3
 
@@ -158,6 +159,7 @@ def resize_volume(vol, new_box):
 # ----------------------------------------------------------------------------------------------
 # numba kernels
 # ----------------------------------------------------------------------------------------------
+
 
 @njit(inline="always", fastmath=True)
 def _gather(vol, px, py, pz, vals):
@@ -181,10 +183,16 @@ def _gather(vol, px, py, pz, vals):
     w100, w101 = fz * gy * gx, fz * gy * fx
     w110, w111 = fz * fy * gx, fz * fy * fx
     for k in range(vals.shape[0]):
-        v = (w000 * vol[z0, y0, x0, k] + w001 * vol[z0, y0, x0 + 1, k]
-             + w010 * vol[z0, y0 + 1, x0, k] + w011 * vol[z0, y0 + 1, x0 + 1, k]
-             + w100 * vol[z0 + 1, y0, x0, k] + w101 * vol[z0 + 1, y0, x0 + 1, k]
-             + w110 * vol[z0 + 1, y0 + 1, x0, k] + w111 * vol[z0 + 1, y0 + 1, x0 + 1, k])
+        v = (
+            w000 * vol[z0, y0, x0, k]
+            + w001 * vol[z0, y0, x0 + 1, k]
+            + w010 * vol[z0, y0 + 1, x0, k]
+            + w011 * vol[z0, y0 + 1, x0 + 1, k]
+            + w100 * vol[z0 + 1, y0, x0, k]
+            + w101 * vol[z0 + 1, y0, x0 + 1, k]
+            + w110 * vol[z0 + 1, y0 + 1, x0, k]
+            + w111 * vol[z0 + 1, y0 + 1, x0 + 1, k]
+        )
         vals[k] = np.conj(v) if conj else v
 
 
@@ -228,18 +236,42 @@ def pixel_table(box, rmin=0.0, rmax=None):
     """The rfft2 pixels inside the band rmin <= |k| <= rmax, as parallel arrays
     (iy, ix, kx, ky, shell, hermitian factor 1 or 2); kernels loop over this list, not the grid."""
     ky, kx = frequency_grid(box)
-    r2 = kx ** 2 + ky ** 2
+    r2 = kx**2 + ky**2
     sel = (r2 <= _rmax2(box, rmax)) & (r2 >= float(rmin) ** 2)
     iy, ix = np.nonzero(sel)
     herm = np.where((ix > 0) & (ix < box // 2), 2.0, 1.0)
     shell = np.rint(np.sqrt(r2[iy, ix])).astype(np.int64)
-    return (iy.astype(np.int64), ix.astype(np.int64), kx[iy, ix].copy(), ky[iy, ix].copy(),
-            shell, herm)
+    return (
+        iy.astype(np.int64),
+        ix.astype(np.int64),
+        kx[iy, ix].copy(),
+        ky[iy, ix].copy(),
+        shell,
+        herm,
+    )
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _distance_kernel(vol, rots, imgs, coefs, use_ctf, shell_w, groups, pad, order,
-                     piy, pix, pkx, pky, pshell, pherm, cross, pp, xx):
+def _distance_kernel(
+    vol,
+    rots,
+    imgs,
+    coefs,
+    use_ctf,
+    shell_w,
+    groups,
+    pad,
+    order,
+    piy,
+    pix,
+    pkx,
+    pky,
+    pshell,
+    pherm,
+    cross,
+    pp,
+    xx,
+):
     nk = vol.shape[3]
     nz, ny, nxh = vol.shape[0], vol.shape[1], vol.shape[2]
     c = ny // 2
@@ -281,10 +313,16 @@ def _distance_kernel(vol, rots, imgs, coefs, use_ctf, shell_w, groups, pad, orde
             # conj(P) when the point was mirrored: flip the sign of the imaginary part
             xi_s = xi * sgn
             for k in range(nk):
-                v = (w0 * vol[z0, y0, x0, k] + w1 * vol[z0, y0, x0 + 1, k]
-                     + w2 * vol[z0, y0 + 1, x0, k] + w3 * vol[z0, y0 + 1, x0 + 1, k]
-                     + w4 * vol[z0 + 1, y0, x0, k] + w5 * vol[z0 + 1, y0, x0 + 1, k]
-                     + w6 * vol[z0 + 1, y0 + 1, x0, k] + w7 * vol[z0 + 1, y0 + 1, x0 + 1, k])
+                v = (
+                    w0 * vol[z0, y0, x0, k]
+                    + w1 * vol[z0, y0, x0 + 1, k]
+                    + w2 * vol[z0, y0 + 1, x0, k]
+                    + w3 * vol[z0, y0 + 1, x0 + 1, k]
+                    + w4 * vol[z0 + 1, y0, x0, k]
+                    + w5 * vol[z0 + 1, y0, x0 + 1, k]
+                    + w6 * vol[z0 + 1, y0 + 1, x0, k]
+                    + w7 * vol[z0 + 1, y0 + 1, x0 + 1, k]
+                )
                 pr, pim = ctf * v.real, ctf * v.imag
                 acc_c[k] += w * (xr * pr + xi_s * pim)
                 acc_p[k] += w * (pr * pr + pim * pim)
@@ -330,9 +368,30 @@ def _scatter(data, wts, px, py, pz, vr, vi, w, k, m, zlo, zhi):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _backproject_kernel(imgs, img_index, rots, coefs, use_ctf, mptr, ment, mwt, n_slabs, shell_w,
-                        groups, pad, piy, pix, pkx, pky, pshell, pherm, data_scale,
-                        weight_scale, data, wts):
+def _backproject_kernel(
+    imgs,
+    img_index,
+    rots,
+    coefs,
+    use_ctf,
+    mptr,
+    ment,
+    mwt,
+    n_slabs,
+    shell_w,
+    groups,
+    pad,
+    piy,
+    pix,
+    pkx,
+    pky,
+    pshell,
+    pherm,
+    data_scale,
+    weight_scale,
+    data,
+    wts,
+):
     """One task per (map, z-slab): it runs through the map's entries in entry order and adds only
     into its slab, so tasks never write the same voxel. The sums are integer (fixed point) and
     exact, so neither the thread count nor the order matters for the result; slabs balance the
@@ -431,8 +490,9 @@ class FixedPointSums:
         self.weight_scale = float(weight_scale)
 
     @classmethod
-    def for_entries(cls, shape, value_max, weight, ctf_coefs, use_ctf, shell_max, spacing,
-                    box, comm=None):
+    def for_entries(
+        cls, shape, value_max, weight, ctf_coefs, use_ctf, shell_max, spacing, box, comm=None
+    ):
         """Accumulators for the (entry, map) pairs about to be inserted on this rank: for each
         pair, ``value_max`` bounds the real and imaginary parts of its image, ``weight`` is its
         insertion weight, ``ctf_coefs`` (pairs, 6) its image's CTF row and ``shell_max`` the
@@ -440,7 +500,7 @@ class FixedPointSums:
         the count a sum over all ranks (every rank must call this, with or without pairs)."""
         wt = np.abs(np.asarray(weight, np.float64))
         amp = np.ones_like(wt)
-        if use_ctf and wt.size:      # |sin| <= 1; a negative B-factor term can exceed 1
+        if use_ctf and wt.size:  # |sin| <= 1; a negative B-factor term can exceed 1
             kmax2 = 2.0 * (box // 2) ** 2
             amp = np.exp(np.maximum(-np.asarray(ctf_coefs, np.float64)[:, 5], 0.0) * kmax2)
         nw = np.abs(np.asarray(shell_max, np.float64))
@@ -482,8 +542,8 @@ class FixedPointSums:
             a = b
         del src, dst
         try:
-            wacc.resize(((n + 1) // 2,), refcheck=True)     # gives back the unused half
-        except ValueError:                                  # still referenced elsewhere: copy
+            wacc.resize(((n + 1) // 2,), refcheck=True)  # gives back the unused half
+        except ValueError:  # still referenced elsewhere: copy
             return wacc.reshape(-1).view(np.float32)[:n].reshape(shape).copy()
         return wacc.view(np.float32)[:n].reshape(shape)
 
@@ -502,6 +562,7 @@ def _from_fixed(acc, flt, inv_d):
 # ----------------------------------------------------------------------------------------------
 # wrappers
 # ----------------------------------------------------------------------------------------------
+
 
 def _rmax2(box, rmax):
     r = box // 2 - 1 if rmax is None else min(float(rmax), box // 2 - 1)
@@ -539,8 +600,9 @@ def project(fvols, rotations, rmax=None):
     return out
 
 
-def distance_terms(fvols, rotations, images_f, ctf_coefs=None, rmin=0.0, rmax=None,
-                   shell_weights=None, groups=None):
+def distance_terms(
+    fvols, rotations, images_f, ctf_coefs=None, rmin=0.0, rmax=None, shell_weights=None, groups=None
+):
     """Fused comparison of n images with the CTF-multiplied projections of K maps, without storing
     the projections. Returns (cross (n,K), pp (n,K), xx (n,)) with, over the frequency band
     rmin <= |k| <= rmax and shell weights w(group, shell):
@@ -550,16 +612,31 @@ def distance_terms(fvols, rotations, images_f, ctf_coefs=None, rmin=0.0, rmax=No
     n = rots.shape[0]
     imgs = np.ascontiguousarray(images_f, np.complex64)
     if imgs.shape[0] != n or imgs.shape[1] != fvols.box:
-        raise ValueError(f"{imgs.shape[0]} images of {imgs.shape[1]} px for {n} rotations and "
-                         f"{fvols.box} px maps")
+        raise ValueError(
+            f"{imgs.shape[0]} images of {imgs.shape[1]} px for {n} rotations and "
+            f"{fvols.box} px maps"
+        )
     coefs, use_ctf = _coefs(ctf_coefs, n)
     sw, g = _shell_weights(fvols.box, shell_weights, groups, n)
     cross = np.empty((n, fvols.n_maps))
     pp = np.empty((n, fvols.n_maps))
     xx = np.empty(n)
     table = pixel_table(fvols.box, rmin, rmax)
-    _distance_kernel(fvols.data, rots, imgs, coefs, use_ctf, sw, g, float(fvols.pad),
-                     view_order(rots), *table, cross, pp, xx)
+    _distance_kernel(
+        fvols.data,
+        rots,
+        imgs,
+        coefs,
+        use_ctf,
+        sw,
+        g,
+        float(fvols.pad),
+        view_order(rots),
+        *table,
+        cross,
+        pp,
+        xx,
+    )
     return cross, pp, xx
 
 
@@ -569,9 +646,20 @@ def squared_distances(fvols, rotations, images_f, **kw):
     return xx[:, None] - 2.0 * cross + pp
 
 
-def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax=None,
-                shell_weights=None, groups=None, image_index=None, n_threads=None, grid=None,
-                comm=None):
+def backproject(
+    images_f,
+    rotations,
+    member_weights,
+    ctf_coefs=None,
+    pad=2,
+    rmax=None,
+    shell_weights=None,
+    groups=None,
+    image_index=None,
+    n_threads=None,
+    grid=None,
+    comm=None,
+):
     """Insert images (times CTF times shell weight) into K Fourier accumulators, with the CTF^2
     times shell weight in K weight accumulators (the adjoint of ``project``).
 
@@ -608,11 +696,35 @@ def backproject(images_f, rotations, member_weights, ctf_coefs=None, pad=2, rmax
     nt = max(1, n_threads or numba.get_num_threads())
     n_slabs = int(min(16, max(4, -(-2 * nt // k))))
     pimg = idx[ment]
-    sums = FixedPointSums.for_entries((k, npad, npad, npad // 2 + 1),
-                                      component_max(imgs)[pimg], mwt, coefs[pimg], use_ctf,
-                                      np.abs(sw).max(axis=1)[g[pimg]], scale, box, comm)
+    sums = FixedPointSums.for_entries(
+        (k, npad, npad, npad // 2 + 1),
+        component_max(imgs)[pimg],
+        mwt,
+        coefs[pimg],
+        use_ctf,
+        np.abs(sw).max(axis=1)[g[pimg]],
+        scale,
+        box,
+        comm,
+    )
     table = pixel_table(box, 0.0, rmax)
-    _backproject_kernel(imgs, idx, rots, coefs, use_ctf, mptr, ment, mwt, n_slabs, sw, g,
-                        float(scale), *table, sums.data_scale, sums.weight_scale, sums.data,
-                        sums.weights)
+    _backproject_kernel(
+        imgs,
+        idx,
+        rots,
+        coefs,
+        use_ctf,
+        mptr,
+        ment,
+        mwt,
+        n_slabs,
+        sw,
+        g,
+        float(scale),
+        *table,
+        sums.data_scale,
+        sums.weight_scale,
+        sums.data,
+        sums.weights,
+    )
     return sums.finish(comm)

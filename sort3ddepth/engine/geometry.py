@@ -8,21 +8,24 @@ map at A.T @ (x, y, 0). The projection direction (the image z axis in the map) i
 i.e. the third row of A: (sin t cos r, sin t sin r, cos t). relion_project / relion_reconstruct
 prove this in tests/test_relion_conventions.py.
 """
+
 import numpy as np
 
 
 def _rz(a):
     c, s = np.cos(a), np.sin(a)
     z, o = np.zeros_like(a), np.ones_like(a)
-    return np.stack([np.stack([c, s, z], -1), np.stack([-s, c, z], -1),
-                     np.stack([z, z, o], -1)], -2)
+    return np.stack(
+        [np.stack([c, s, z], -1), np.stack([-s, c, z], -1), np.stack([z, z, o], -1)], -2
+    )
 
 
 def _ry(b):
     c, s = np.cos(b), np.sin(b)
     z, o = np.zeros_like(b), np.ones_like(b)
-    return np.stack([np.stack([c, z, -s], -1), np.stack([z, o, z], -1),
-                     np.stack([s, z, c], -1)], -2)
+    return np.stack(
+        [np.stack([c, z, -s], -1), np.stack([z, o, z], -1), np.stack([s, z, c], -1)], -2
+    )
 
 
 def euler_to_matrix(rot, tilt, psi):
@@ -44,8 +47,11 @@ def matrix_to_euler(mats):
     rot = np.where(regular, np.arctan2(m[..., 2, 1], m[..., 2, 0]), 0.0)
     psi = np.where(regular, np.arctan2(m[..., 1, 2], -m[..., 0, 2]), 0.0)
     # Degenerate poles: A = R_z(psi) R_y(0 or pi) R_z(rot); put everything in rot.
-    rot_pole = np.where(m[..., 2, 2] > 0, np.arctan2(m[..., 0, 1], m[..., 0, 0]),
-                        np.arctan2(-m[..., 0, 1], -m[..., 0, 0]))
+    rot_pole = np.where(
+        m[..., 2, 2] > 0,
+        np.arctan2(m[..., 0, 1], m[..., 0, 0]),
+        np.arctan2(-m[..., 0, 1], -m[..., 0, 0]),
+    )
     rot = np.where(regular, rot, rot_pole)
     return np.rad2deg(np.stack([rot, tilt, psi], axis=-1))
 
@@ -60,8 +66,11 @@ def random_rotations(n, rng):
     q = rng.standard_normal((n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        -2,
+    )

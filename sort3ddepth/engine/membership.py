@@ -20,6 +20,7 @@ Which groups exist is decided by reproducibility (depth.py); this module decides
   not (posterior >= 1/2): a group that independent runs reproduced is never dropped whole
   because single images cannot tell it from a close neighbour.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,16 +28,16 @@ import numpy as np
 from .reconstruction import difference_mask, difference_weights
 
 DEFAULT_MIN_PURITY = 0.98  # --min_purity: members enter a cluster while its estimated purity
-                           # stays at or above this
-CV_FOLDS = 4               # cross-validation folds of the membership maps, two per random half
-                           # (a map from 3/4 of the data instead of a half: less noise)
-EM_MAX_ITER = 200          # EM iterations at most (converges in tens on benchmark sets)
-EM_TOL = 1e-7              # ... stop when no responsibility moves more than this
-COVARIANCE_RIDGE = 1e-6    # relative ridge on every covariance: scores against near-equal
-                           # maps are collinear and the covariance would not invert
-MIN_WEIGHT = 1e-6          # a component's mixing weight never falls below this
-UNSURE_FLOOR = 0.5         # a cluster below the purity target even for its surest images keeps
-                           # those it more likely holds than not
+# stays at or above this
+CV_FOLDS = 4  # cross-validation folds of the membership maps, two per random half
+# (a map from 3/4 of the data instead of a half: less noise)
+EM_MAX_ITER = 200  # EM iterations at most (converges in tens on benchmark sets)
+EM_TOL = 1e-7  # ... stop when no responsibility moves more than this
+COVARIANCE_RIDGE = 1e-6  # relative ridge on every covariance: scores against near-equal
+# maps are collinear and the covariance would not invert
+MIN_WEIGHT = 1e-6  # a component's mixing weight never falls below this
+UNSURE_FLOOR = 0.5  # a cluster below the purity target even for its surest images keeps
+# those it more likely holds than not
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Membership:
     (cluster index, m = unaccounted); estimated_purity (m,) the mean posterior of each cluster's
     members (nan for an empty cluster); below_target (m,) the clusters that kept images under
     the UNSURE_FLOOR rule."""
+
     posterior: np.ndarray
     labels: np.ndarray
     estimated_purity: np.ndarray
@@ -71,16 +73,22 @@ def cluster_scores(maps, data, everyone, weights):
     size = max(float(weights.sum()) / m, 1.0)
     sums = [maps.accumulate(everyone, weights * (fold == f)[:, None]) for f in range(CV_FOLDS)]
     total = [sum(s[i] for s in sums) for i in (0, 1)]
-    halves = [maps.maps_from(*[sum(s[i] for s in sums[h * CV_FOLDS // 2:(h + 1) * CV_FOLDS // 2])
-                               for i in (0, 1)], size / 2) for h in (0, 1)]
+    halves = [
+        maps.maps_from(
+            *[sum(s[i] for s in sums[h * CV_FOLDS // 2 : (h + 1) * CV_FOLDS // 2]) for i in (0, 1)],
+            size / 2,
+        )
+        for h in (0, 1)
+    ]
     shells = difference_weights(halves[0], halves[1], data.mask3d)
     focus = difference_mask(halves[0], halves[1], data.mask3d > 0.5)
     scores = np.zeros((len(everyone), m))
     for f in range(CV_FOLDS):
         rows = np.nonzero(fold == f)[0]
         if rows.size:
-            fmaps = maps.maps_from(total[0] - sums[f][0], total[1] - sums[f][1],
-                                   size * (CV_FOLDS - 1) / CV_FOLDS)
+            fmaps = maps.maps_from(
+                total[0] - sums[f][0], total[1] - sums[f][1], size * (CV_FOLDS - 1) / CV_FOLDS
+            )
             mean = fmaps.mean(axis=0)
             fmaps = mean[None] + focus[None] * (fmaps - mean[None])
             scores[rows] = maps.scores(fmaps, everyone[rows], shell_factors=shells)
@@ -102,16 +110,19 @@ def _m_step(scores, resp):
     total = max(nk.sum(), 1e-300)
     weight = np.maximum(nk / total, MIN_WEIGHT)
     means = np.einsum("nk,nd->kd", resp, scores) / np.maximum(nk, 1e-300)[:, None]
-    cov = sum(nk[k] / total * _weighted_cov(scores, resp[:, k] / max(nk[k], 1e-300), means[k])
-              for k in range(resp.shape[1]))
+    cov = sum(
+        nk[k] / total * _weighted_cov(scores, resp[:, k] / max(nk[k], 1e-300), means[k])
+        for k in range(resp.shape[1])
+    )
     return weight / weight.sum(), means, cov
 
 
 def _log_joint(scores, weight, means, cov):
     """log pi_k + log N(s; mu_k, Sigma) up to the term shared by all components."""
-    lin = np.linalg.solve(cov, means.T).T                # (m, d): Sigma^-1 mu_k
-    return (scores @ lin.T - 0.5 * np.einsum("kd,kd->k", lin, means)[None, :]
-            + np.log(weight)[None, :])
+    lin = np.linalg.solve(cov, means.T).T  # (m, d): Sigma^-1 mu_k
+    return (
+        scores @ lin.T - 0.5 * np.einsum("kd,kd->k", lin, means)[None, :] + np.log(weight)[None, :]
+    )
 
 
 def _normalise(logp):
@@ -162,7 +173,7 @@ def select_members(posterior, min_purity, candidates=None, min_size=1, own=None)
         p = posterior[rows, k]
         order = np.argsort(-p, kind="stable")
         running = np.cumsum(p[order]) / np.arange(1, len(order) + 1)
-        chosen = rows[order[:int(np.sum(running >= min_purity))]]   # the mean falls: a prefix
+        chosen = rows[order[: int(np.sum(running >= min_purity))]]  # the mean falls: a prefix
         if len(chosen) < min_size:
             chosen = rows[(own[rows] == k) & (p >= UNSURE_FLOOR)]
             below[k] = len(chosen) >= min_size

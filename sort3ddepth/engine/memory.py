@@ -22,17 +22,18 @@ against the estimate: 1,000 x 64 px sorted at 48 px, K = 5: 0.77 GiB, estimate 0
 dominate such tiny runs). MAP_COPIES was fitted on the first; the per-particle terms (sorting data,
 metadata) follow from the arrays the code keeps and were not measured at 10^5 particles here.
 """
+
 import os
 
-GB = 1024 ** 3
-BASE_BYTES = 0.30 * GB        # interpreter, libraries, compiled kernels
-PER_PARTICLE = 3000           # bytes per particle of the whole set, on every rank (STAR rows,
-                              # angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
-SORT_COPIES = 3               # comp_f + rec_f + the subset copies scoring makes
-MAX_MAPS = 14                 # 7 groups x 2 half-set maps in search mode
-MAP_COPIES = 3                # accumulators, built maps, their Fourier volumes (measured)
-FINAL_MAPS = 2                # the 2 half maps of one set accumulated at a time at the full box
-CHUNK_FACTOR = 40             # bytes per pixel of the chunk being transformed
+GB = 1024**3
+BASE_BYTES = 0.30 * GB  # interpreter, libraries, compiled kernels
+PER_PARTICLE = 3000  # bytes per particle of the whole set, on every rank (STAR rows,
+# angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
+SORT_COPIES = 3  # comp_f + rec_f + the subset copies scoring makes
+MAX_MAPS = 14  # 7 groups x 2 half-set maps in search mode
+MAP_COPIES = 3  # accumulators, built maps, their Fourier volumes (measured)
+FINAL_MAPS = 2  # the 2 half maps of one set accumulated at a time at the full box
+CHUNK_FACTOR = 40  # bytes per pixel of the chunk being transformed
 
 
 def ranks_per_node(comm_size):
@@ -55,6 +56,7 @@ def largest_sorting_size(box):
     measured at <= 96 px, so its 0.143 shell is <= 48): what the check assumes before the FSC
     is known when --nxinit is not given."""
     from .preprocess import good_fft_size
+
     fsc_box = min(box - box % 2, 96)
     nx = good_fft_size(min(2 * (fsc_box // 2 + max(int(0.03 * box), 5)), box))
     return min(nx, box - box % 2)
@@ -62,6 +64,7 @@ def largest_sorting_size(box):
 
 def _grid_voxels(n, pad):
     from .fourier import padded_size
+
     npad = padded_size(n, pad)
     return npad * npad * (npad // 2 + 1)
 
@@ -70,18 +73,20 @@ def breakdown(n_particles, box, n_ranks, nx=None):
     """Estimated peak bytes of one rank, by term (dict): sorting n_particles images of box px
     at sorting size nx (when not given: the largest the FSC rule can choose)."""
     from .particles import chunk_images
+
     nx = largest_sorting_size(box) if not nx or nx <= 0 else min(int(nx), box)
     n_local = -(-n_particles // max(n_ranks, 1))
     sort_maps = MAX_MAPS * MAP_COPIES * _grid_voxels(nx, 2) * 24
     pad = 2 if box <= 160 else 1
     chunk = min(chunk_images(box), max(n_local, 1))
-    full_box = (FINAL_MAPS * _grid_voxels(box, pad) * 24
-                + chunk * box * box * CHUNK_FACTOR)
-    return {"fixed": BASE_BYTES,
-            "metadata": n_particles * PER_PARTICLE,
-            "sorting_data": n_local * nx * (nx // 2 + 1) * 8 * SORT_COPIES,
-            "maps": max(sort_maps, full_box),
-            "nx": nx}
+    full_box = FINAL_MAPS * _grid_voxels(box, pad) * 24 + chunk * box * box * CHUNK_FACTOR
+    return {
+        "fixed": BASE_BYTES,
+        "metadata": n_particles * PER_PARTICLE,
+        "sorting_data": n_local * nx * (nx // 2 + 1) * 8 * SORT_COPIES,
+        "maps": max(sort_maps, full_box),
+        "nx": nx,
+    }
 
 
 def bytes_per_rank(n_particles, box, n_ranks, nx=None, pad=2):
@@ -95,10 +100,12 @@ def memory_line(n_particles, box, comm_size, nx):
     local = ranks_per_node(comm_size)
     b = breakdown(n_particles, box, comm_size, nx)
     per = bytes_per_rank(n_particles, box, comm_size, nx)
-    return (f"memory estimate at {b['nx']} px: {local * per / GB:.2f} GB for {local} rank(s) on "
-            f"this node ({per / GB:.2f} GB a rank: sorting data {b['sorting_data'] / GB:.2f}, "
-            f"maps {b['maps'] / GB:.2f}, metadata {b['metadata'] / GB:.2f}, fixed "
-            f"{b['fixed'] / GB:.2f})")
+    return (
+        f"memory estimate at {b['nx']} px: {local * per / GB:.2f} GB for {local} rank(s) on "
+        f"this node ({per / GB:.2f} GB a rank: sorting data {b['sorting_data'] / GB:.2f}, "
+        f"maps {b['maps'] / GB:.2f}, metadata {b['metadata'] / GB:.2f}, fixed "
+        f"{b['fixed'] / GB:.2f})"
+    )
 
 
 def _remedy(n_particles, box, comm_size, local, avail, nx, nxinit_given):
@@ -106,19 +113,26 @@ def _remedy(n_particles, box, comm_size, local, avail, nx, nxinit_given):
     out = []
     for cand in range(nx - 2, 15, -2):
         if local * bytes_per_rank(n_particles, box, comm_size, cand) <= avail:
-            out.append(f"--nxinit {cand} (estimated "
-                       f"{local * bytes_per_rank(n_particles, box, comm_size, cand) / GB:.1f} GB)")
+            out.append(
+                f"--nxinit {cand} (estimated "
+                f"{local * bytes_per_rank(n_particles, box, comm_size, cand) / GB:.1f} GB)"
+            )
             break
     for r in range(local - 1, 0, -1):
         # the same number of ranks in all, fewer per node: each rank's share is unchanged
         if r * bytes_per_rank(n_particles, box, comm_size, nx) <= avail:
-            out.append(f"{r} rank(s) per node (more nodes; "
-                       f"{r * bytes_per_rank(n_particles, box, comm_size, nx) / GB:.1f} GB)")
+            out.append(
+                f"{r} rank(s) per node (more nodes; "
+                f"{r * bytes_per_rank(n_particles, box, comm_size, nx) / GB:.1f} GB)"
+            )
             break
     if not out:
         out.append("more memory per node (--memory_per_node) or a smaller --overhead")
-    what = "" if nxinit_given else (f" (without --nxinit the sorting size can reach {nx} px "
-                                    f"for {box} px images)")
+    what = (
+        ""
+        if nxinit_given
+        else (f" (without --nxinit the sorting size can reach {nx} px for {box} px images)")
+    )
     return "use " + " or ".join(out) + what
 
 
@@ -135,22 +149,30 @@ def check(n_particles, box, comm_size, memory_per_node, overhead, nx=None, log=p
     given = memory_per_node > 0
     total = memory_per_node * GB if given else physical_memory()
     if total is None:
-        log(f"memory check skipped: this node's memory is unknown (estimated need "
-            f"{need / GB:.1f} GB); give --memory_per_node")
+        log(
+            f"memory check skipped: this node's memory is unknown (estimated need "
+            f"{need / GB:.1f} GB); give --memory_per_node"
+        )
         return None
     avail = total - overhead * GB
-    log(f"memory: estimated {need / GB:.2f} GB for {local} rank(s) on this node at a sorting "
+    log(
+        f"memory: estimated {need / GB:.2f} GB for {local} rank(s) on this node at a sorting "
         f"size of {nx} px{'' if given_nx else ' at most'}; "
         f"{'--memory_per_node' if given else 'physical memory'} {total / GB:.1f} GB, "
-        f"--overhead {overhead:g} GB")
+        f"--overhead {overhead:g} GB"
+    )
     if need <= avail:
         return None
     if not given and need <= total:
-        log(f"warning: the estimate exceeds the physical memory minus --overhead "
-            f"({avail / GB:.1f} GB); going on since --memory_per_node was not given")
+        log(
+            f"warning: the estimate exceeds the physical memory minus --overhead "
+            f"({avail / GB:.1f} GB); going on since --memory_per_node was not given"
+        )
         return None
     what = "--memory_per_node" if given else "this node's physical memory"
-    return (f"{what} {total / GB:.1f} GB minus --overhead {overhead:g} GB leaves "
-            f"{max(avail, 0) / GB:.1f} GB, but {local} rank(s) sorting {n_particles} images of "
-            f"{box} px at {nx} px need about {need / GB:.1f} GB: "
-            + _remedy(n_particles, box, comm_size, local, avail, nx, given_nx))
+    return (
+        f"{what} {total / GB:.1f} GB minus --overhead {overhead:g} GB leaves "
+        f"{max(avail, 0) / GB:.1f} GB, but {local} rank(s) sorting {n_particles} images of "
+        f"{box} px at {nx} px need about {need / GB:.1f} GB: "
+        + _remedy(n_particles, box, comm_size, local, avail, nx, given_nx)
+    )

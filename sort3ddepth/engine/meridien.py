@@ -84,6 +84,7 @@ Conventions (proved in tests/test_meridien.py)
 
 Every missing or malformed file raises ``ParticleDataError`` naming the file (and line/key).
 """
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -95,9 +96,20 @@ import numpy as np
 from .geometry import euler_to_matrix
 from .particles import ParticleDataError, ParticleSet
 
-__all__ = ['MeridienRefinement', 'SmearSet', 'read_meridien', 'read_smears', 'choose_iteration',
-           'smearing_statistics', 'check_smearing', 'hash_smear', 'unhash_smear',
-           'round_half_away', 'round_half_even', 'integer_preshift']
+__all__ = [
+    "MeridienRefinement",
+    "SmearSet",
+    "read_meridien",
+    "read_smears",
+    "choose_iteration",
+    "smearing_statistics",
+    "check_smearing",
+    "hash_smear",
+    "unhash_smear",
+    "round_half_away",
+    "round_half_even",
+    "integer_preshift",
+]
 
 HASH_ANGLE = 100000000
 HASH_PSI = 1000
@@ -105,8 +117,11 @@ HASH_PSI = 1000
 
 def hash_smear(iang, ipsi, ishift):
     """meridien's orientation hash ``iang*10**8 + ipsi*1000 + ishift`` (ints or int arrays)."""
-    return (np.asarray(iang, np.int64) * HASH_ANGLE + np.asarray(ipsi, np.int64) * HASH_PSI
-            + np.asarray(ishift, np.int64))
+    return (
+        np.asarray(iang, np.int64) * HASH_ANGLE
+        + np.asarray(ipsi, np.int64) * HASH_PSI
+        + np.asarray(ishift, np.int64)
+    )
 
 
 def unhash_smear(h):
@@ -126,27 +141,30 @@ def round_half_even(x):
     return np.rint(np.asarray(x, np.float64))
 
 
-SHIFT_ROUNDING = {'even': round_half_even, 'away': round_half_away}
+SHIFT_ROUNDING = {"even": round_half_even, "away": round_half_away}
 
 
-def integer_preshift(shifts, rounding='even'):
+def integer_preshift(shifts, rounding="even"):
     """The integer cyclic pre-shift meridien and sort3d_depth apply before the smear shifts:
     ``int(round(s))`` of the previous iteration's shifts. ``rounding='even'`` is Python 3
     (SPHIRE 1.4.x, the default), ``'away'`` Python 2 (SPHIRE 1.3 and earlier, sparx's
     sxmeridien)."""
     if rounding not in SHIFT_ROUNDING:
-        raise ValueError("shift rounding must be 'even' (SPHIRE >= 1.4, Python 3) or 'away' "
-                         "(SPHIRE <= 1.3, Python 2), got %r" % (rounding,))
+        raise ValueError(
+            "shift rounding must be 'even' (SPHIRE >= 1.4, Python 3) or 'away' "
+            f"(SPHIRE <= 1.3, Python 2), got {rounding!r}"
+        )
     return SHIFT_ROUNDING[rounding](shifts)
 
 
 def _err(path, msg):
-    return ParticleDataError(' '.join(('%s: %s' % (path, msg)).split()))
+    return ParticleDataError(" ".join((f"{path}: {msg}").split()))
 
 
 # ------------------------------------------------------------------------------------------------
 # Smear entries
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SmearSet:
@@ -160,6 +178,7 @@ class SmearSet:
     ``iang``/``ipsi``/``ishift`` the
     meridien indices (entries with the same particle, iang and ipsi share one orientation).
     """
+
     offsets: np.ndarray
     parent: np.ndarray
     rotation: np.ndarray
@@ -189,8 +208,16 @@ class SmearSet:
 
     def _take(self, idx, offsets):
         idx = np.asarray(idx, np.int64)
-        return SmearSet(offsets, self.parent[idx], self.rotation[idx], self.shift[idx],
-                        self.weight[idx], self.iang[idx], self.ipsi[idx], self.ishift[idx])
+        return SmearSet(
+            offsets,
+            self.parent[idx],
+            self.rotation[idx],
+            self.shift[idx],
+            self.weight[idx],
+            self.iang[idx],
+            self.ipsi[idx],
+            self.ishift[idx],
+        )
 
     def truncate(self, nsmear):
         """Keep the ``nsmear`` most probable entries of each particle; ``nsmear = -1`` (or any
@@ -203,7 +230,7 @@ class SmearSet:
         image-size FSC), never in the sorting iterations (README, deliberate differences)."""
         nsmear = int(nsmear)
         if nsmear == 0:
-            raise ValueError('nsmear must be -1 (all) or >= 1, got 0')
+            raise ValueError("nsmear must be -1 (all) or >= 1, got 0")
         if nsmear < 0:
             return self
         cnt = np.minimum(self.counts(), nsmear)
@@ -222,8 +249,9 @@ class SmearSet:
         idx = np.asarray(idx, np.int64)
         cnt = self.counts()[idx]
         offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
-        take = (np.repeat(self.offsets[idx] - offsets[:-1], cnt)
-                + np.arange(offsets[-1], dtype=np.int64))
+        take = np.repeat(self.offsets[idx] - offsets[:-1], cnt) + np.arange(
+            offsets[-1], dtype=np.int64
+        )
         out = self._take(take, offsets)
         out.parent = np.repeat(np.arange(len(idx), dtype=np.int64), cnt)
         return out
@@ -233,9 +261,16 @@ class SmearSet:
         """One entry of weight 1 per particle (stack mode, or ``--nsmear 1`` without smears)."""
         n = len(rotations)
         z = np.zeros(n, np.int64)
-        return cls(np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64),
-                   np.asarray(rotations, np.float64), np.asarray(shifts, np.float64),
-                   np.ones(n), z, z.copy(), z.copy())
+        return cls(
+            np.arange(n + 1, dtype=np.int64),
+            np.arange(n, dtype=np.int64),
+            np.asarray(rotations, np.float64),
+            np.asarray(shifts, np.float64),
+            np.ones(n),
+            z,
+            z.copy(),
+            z.copy(),
+        )
 
 
 def smearing_statistics(smears, image_size):
@@ -249,21 +284,26 @@ def smearing_statistics(smears, image_size):
     counts = smears.counts()
     orient = smears.n_orientations()
     n = max(1, smears.n_particles)
-    return {'n_particles': smears.n_particles, 'n_entries': int(smears.n_entries),
-            'mean_per_particle': float(counts.sum() / n),
-            'max_per_particle': int(counts.max()) if len(counts) else 0,
-            'mean_orientations': float(orient.sum() / n),
-            'image_size': size, 'bytes': int(smears.n_entries) * per,
-            'orientation_bytes': int(orient.sum()) * per}
+    return {
+        "n_particles": smears.n_particles,
+        "n_entries": int(smears.n_entries),
+        "mean_per_particle": float(counts.sum() / n),
+        "max_per_particle": int(counts.max()) if len(counts) else 0,
+        "mean_orientations": float(orient.sum() / n),
+        "image_size": size,
+        "bytes": int(smears.n_entries) * per,
+        "orientation_bytes": int(orient.sum()) * per,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # Small readers
 # ------------------------------------------------------------------------------------------------
 
+
 def _need(path, what):
     if not os.path.isfile(path):
-        raise _err(path, 'missing %s' % what)
+        raise _err(path, f"missing {what}")
     return path
 
 
@@ -273,30 +313,38 @@ def _read_rows(path, what, min_cols=1, max_cols=None):
     _need(path, what)
     rows = []
     try:
-        with open(path, 'r', encoding='utf-8', errors='replace') as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 words = line.split()
                 if not words:
                     continue
                 if len(words) < min_cols or (max_cols is not None and len(words) > max_cols):
-                    want = ('%d' % min_cols if max_cols == min_cols else
-                            'at least %d' % min_cols if max_cols is None else
-                            '%d to %d' % (min_cols, max_cols))
-                    raise _err(path, 'line %d has %d values, expected %s (%s)'
-                               % (lineno, len(words), want, what))
+                    want = (
+                        "%d" % min_cols
+                        if max_cols == min_cols
+                        else "at least %d" % min_cols
+                        if max_cols is None
+                        else "%d to %d" % (min_cols, max_cols)
+                    )
+                    raise _err(
+                        path,
+                        "line %d has %d values, expected %s (%s)"
+                        % (lineno, len(words), want, what),
+                    )
                 try:
                     vals = [float(w) for w in words]
                 except ValueError:
                     bad = next(w for w in words if not _is_float(w))
-                    raise _err(path, 'non-numeric value %r on line %d (%s)' % (bad, lineno, what)) \
-                        from None
+                    raise _err(
+                        path, "non-numeric value %r on line %d (%s)" % (bad, lineno, what)
+                    ) from None
                 if not all(np.isfinite(vals)):
-                    raise _err(path, 'non-finite value on line %d (%s)' % (lineno, what))
+                    raise _err(path, "non-finite value on line %d (%s)" % (lineno, what))
                 rows.append(vals)
     except OSError as e:
-        raise _err(path, 'cannot read %s (%s)' % (what, e.strerror)) from None
+        raise _err(path, f"cannot read {what} ({e.strerror})") from None
     if not rows:
-        raise _err(path, 'empty file (%s)' % what)
+        raise _err(path, f"empty file ({what})")
     return rows
 
 
@@ -320,37 +368,40 @@ def _read_ints(path, what, minimum=0):
     bad = (vals != np.round(vals)) | (vals < minimum)
     if bad.any():
         k = int(np.argmax(bad))
-        raise _err(path, 'value %r on data line %d is not an integer >= %d (%s)'
-                   % (rows[k][0], k + 1, minimum, what))
+        raise _err(
+            path,
+            "value %r on data line %d is not an integer >= %d (%s)"
+            % (rows[k][0], k + 1, minimum, what),
+        )
     return vals.astype(np.int64)
 
 
 def _read_json(path, what):
     _need(path, what)
     try:
-        with open(path, 'r', encoding='utf-8') as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as e:
-        raise _err(path, 'malformed JSON (%s): %s' % (what, e)) from None
+        raise _err(path, f"malformed JSON ({what}): {e}") from None
     except OSError as e:
-        raise _err(path, 'cannot read %s (%s)' % (what, e.strerror)) from None
+        raise _err(path, f"cannot read {what} ({e.strerror})") from None
 
 
 def _main_dir(folder, it):
-    return os.path.join(folder, 'main%03d' % it)
+    return os.path.join(folder, "main%03d" % it)
 
 
 def _tracker_path(folder, it):
-    return os.path.join(_main_dir(folder, it), 'Tracker_%03d.json' % it)
+    return os.path.join(_main_dir(folder, it), "Tracker_%03d.json" % it)
 
 
 def _key(tracker, path, dotted, kind=float, required=True, default=None):
     """tracker['a']['b'] for 'a.b' converted with ``kind``; errors name the json and the key."""
     cur = tracker
-    for part in dotted.split('.'):
+    for part in dotted.split("."):
         if not isinstance(cur, dict) or part not in cur:
             if required:
-                raise _err(path, 'missing key %s' % dotted)
+                raise _err(path, f"missing key {dotted}")
             return default
         cur = cur[part]
     if cur is None and not required:
@@ -371,18 +422,20 @@ def _key(tracker, path, dotted, kind=float, required=True, default=None):
             return cur
         return kind(cur)
     except (TypeError, ValueError):
-        raise _err(path, 'bad value %r for key %s' % (cur, dotted)) from None
+        raise _err(path, f"bad value {cur!r} for key {dotted}") from None
 
 
 # ------------------------------------------------------------------------------------------------
 # Iteration choice
 # ------------------------------------------------------------------------------------------------
 
+
 def _last_iteration(folder):
     """The last k such that main000..main k all exist with their Tracker json (-1 if none)."""
     last = -1
-    while (os.path.isdir(_main_dir(folder, last + 1))
-           and os.path.isfile(_tracker_path(folder, last + 1))):
+    while os.path.isdir(_main_dir(folder, last + 1)) and os.path.isfile(
+        _tracker_path(folder, last + 1)
+    ):
         last += 1
     return last
 
@@ -391,25 +444,30 @@ def choose_iteration(folder, niter_for_sorting=-1):
     """(iteration to sort at, last iteration found). See the module docstring."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise _err(folder, 'meridien refinement folder does not exist')
+        raise _err(folder, "meridien refinement folder does not exist")
     last = _last_iteration(folder)
     if last < 0:
-        raise _err(_tracker_path(folder, 0), 'missing meridien Tracker json: no main000/'
-                   'Tracker_000.json in the refinement folder')
+        raise _err(
+            _tracker_path(folder, 0),
+            "missing meridien Tracker json: no main000/Tracker_000.json in the refinement folder",
+        )
     it = int(niter_for_sorting)
     if it == -1:
         path = _tracker_path(folder, last)
-        tracker = _read_json(path, 'meridien Tracker json')
-        it = _key(tracker, path, 'constants.best', int)
+        tracker = _read_json(path, "meridien Tracker json")
+        it = _key(tracker, path, "constants.best", int)
         if it < 1:
-            raise _err(path, 'constants.best is %d: the refinement has no finished iteration '
-                             'to sort at' % it)
+            raise _err(
+                path,
+                "constants.best is %d: the refinement has no finished iteration to sort at" % it,
+            )
         if it > last:
-            raise _err(path, 'constants.best is %d but the last iteration present is main%03d'
-                       % (it, last))
+            raise _err(
+                path, "constants.best is %d but the last iteration present is main%03d" % (it, last)
+            )
     elif it < 1:
-        raise ValueError('niter_for_sorting must be -1 (best) or >= 1, got %d' % it)
-    _need(_tracker_path(folder, it), 'meridien Tracker json of iteration %d' % it)
+        raise ValueError("niter_for_sorting must be -1 (best) or >= 1, got %d" % it)
+    _need(_tracker_path(folder, it), "meridien Tracker json of iteration %d" % it)
     return it, last
 
 
@@ -417,28 +475,30 @@ def choose_iteration(folder, niter_for_sorting=-1):
 # The refinement
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class MeridienRefinement:
     """Everything sorting needs from one meridien iteration (arrays follow ``particles`` rows,
     i.e. the order of indexes_000.txt)."""
+
     folder: str
     iteration: int
     last_iteration: int
     tracker_path: str
     tracker: dict
-    particles: ParticleSet          # angles, shifts, norm, group, half_set from meridien
-    particle_ids: np.ndarray        # (N,) ids from indexes_000.txt (= STAR rows of the stack)
-    params: np.ndarray              # (N, ncols) raw params_s.txt rows
-    previous_shifts: np.ndarray     # (N, 2) params_(s-1) shifts, pixels
-    avgnorm: np.ndarray             # (2,) avgvaradj: average norm per half set
-    fsc: np.ndarray                 # driver FSC per shell
+    particles: ParticleSet  # angles, shifts, norm, group, half_set from meridien
+    particle_ids: np.ndarray  # (N,) ids from indexes_000.txt (= STAR rows of the stack)
+    params: np.ndarray  # (N, ncols) raw params_s.txt rows
+    previous_shifts: np.ndarray  # (N, 2) params_(s-1) shifts, pixels
+    avgnorm: np.ndarray  # (2,) avgvaradj: average norm per half set
+    fsc: np.ndarray  # driver FSC per shell
     bckgnoise: Optional[np.ndarray]  # (n_groups, n_radial) inverse noise power, or None
     bckgnoise_path: Optional[str]
-    refang: np.ndarray              # (A, 3)
-    rshifts: np.ndarray             # (S, 2)
+    refang: np.ndarray  # (A, 3)
+    rshifts: np.ndarray  # (S, 2)
     smears: SmearSet
-    smear_counts: np.ndarray        # (N,) entries per particle before any nsmear truncation
-    radius: int                     # pixels at nnxo (user's value if given)
+    smear_counts: np.ndarray  # (N,) entries per particle before any nsmear truncation
+    radius: int  # pixels at nnxo (user's value if given)
     symmetry: str
     mask3d: Optional[str]
     pixel_size: float
@@ -448,9 +508,9 @@ class MeridienRefinement:
     ts: Optional[float] = None
     xr: Optional[float] = None
     bestres: Optional[float] = None
-    stack_path: str = ''
+    stack_path: str = ""
     info: dict = field(default_factory=dict)
-    shift_rounding: str = 'even'
+    shift_rounding: str = "even"
 
     @property
     def integer_shifts(self):
@@ -488,34 +548,35 @@ def _stack_candidates(stack):
     if not stack:
         return []
     s = stack
-    if s.startswith('bdb:'):
+    if s.startswith("bdb:"):
         s = s[4:]
-        if '#' in s:
-            d, name = s.rsplit('#', 1)
+        if "#" in s:
+            d, name = s.rsplit("#", 1)
             s = os.path.join(d, name)
-        return [s + '.hdf', s + '.star']
+        return [s + ".hdf", s + ".star"]
     root, ext = os.path.splitext(s)
-    if ext.lower() in ('.hdf', '.star'):
-        return [s] + ([root + '.star'] if ext.lower() == '.hdf' else [])
-    return [root + '.star'] if ext else [s + '.star']
+    if ext.lower() in (".hdf", ".star"):
+        return [s] + ([root + ".star"] if ext.lower() == ".hdf" else [])
+    return [root + ".star"] if ext else [s + ".star"]
 
 
 def _find_stack(folder, tracker, tracker_path, stack):
     """The particle stack (.hdf or .star) to read; see the module docstring."""
     from .eman2_hdf import BDB_HELP
+
     bases = [os.path.dirname(folder), folder, os.getcwd()]
     if stack is not None:
         stack = os.fspath(stack)
-        if stack.startswith('bdb:'):
+        if stack.startswith("bdb:"):
             raise _err(stack, BDB_HELP)
         found = _resolve(stack, bases)
         if found is None:
-            raise _err(stack, 'particle stack given for the meridien refinement does not exist')
+            raise _err(stack, "particle stack given for the meridien refinement does not exist")
         return found
-    raw = _key(tracker, tracker_path, 'constants.stack', str, required=False, default='')
+    raw = _key(tracker, tracker_path, "constants.stack", str, required=False, default="")
     tried = []
-    for cand in _stack_candidates(raw) + ['particles.star']:
-        if cand == 'particles.star':
+    for cand in _stack_candidates(raw) + ["particles.star"]:
+        if cand == "particles.star":
             found = _resolve(os.path.join(folder, cand), [])
             tried.append(os.path.join(folder, cand))
         else:
@@ -523,21 +584,30 @@ def _find_stack(folder, tracker, tracker_path, stack):
             tried.append(cand)
         if found is not None:
             return found
-    if raw.startswith('bdb:'):
-        raise _err(tracker_path, 'constants.stack is %r: %s (or give a STAR export with '
-                                 '--instack; tried %s relative to %s)'
-                   % (raw, BDB_HELP, ', '.join(tried), ', '.join(bases)))
-    raise _err(tracker_path, 'constants.stack is %r, which was not found (tried %s, relative to '
-                             '%s); give the particle stack (.hdf, or a STAR file with the same '
-                             'particles in the same order and their CTF) with --instack'
-               % (raw, ', '.join(tried), ', '.join(bases)))
+    if raw.startswith("bdb:"):
+        raise _err(
+            tracker_path,
+            "constants.stack is {!r}: {} (or give a STAR export with "
+            "--instack; tried {} relative to {})".format(
+                raw, BDB_HELP, ", ".join(tried), ", ".join(bases)
+            ),
+        )
+    raise _err(
+        tracker_path,
+        "constants.stack is {!r}, which was not found (tried {}, relative to "
+        "{}); give the particle stack (.hdf, or a STAR file with the same "
+        "particles in the same order and their CTF) with --instack".format(
+            raw, ", ".join(tried), ", ".join(bases)
+        ),
+    )
 
 
 def _read_stack(path, check_finite=True):
     """A particle stack as a ParticleSet: EMAN2 .hdf (HDF5) or RELION STAR."""
     from .eman2_hdf import is_hdf5, read_particles
     from .star_io import read_star
-    if path.lower().endswith('.hdf') or is_hdf5(path):
+
+    if path.lower().endswith(".hdf") or is_hdf5(path):
         return read_particles(path)
     return read_star(path, require_angles=False, require_ctf=True, check_finite=check_finite)
 
@@ -548,35 +618,42 @@ def _read_bckgnoise(folder, it):
     image, x = radial Fourier index, y = particle group) is read first, then ``bckgnoise.mrc``
     (the same image as MRC) or ``bckgnoise.txt`` (one row per particle group)."""
     from .eman2_hdf import read_image
+
     for k in range(it, -1, -1):
         d = _main_dir(folder, k)
-        hdf_path = os.path.join(d, 'bckgnoise.hdf')
-        mrc_path = os.path.join(d, 'bckgnoise.mrc')
-        txt_path = os.path.join(d, 'bckgnoise.txt')
+        hdf_path = os.path.join(d, "bckgnoise.hdf")
+        mrc_path = os.path.join(d, "bckgnoise.mrc")
+        txt_path = os.path.join(d, "bckgnoise.txt")
         if os.path.isfile(hdf_path):
-            a = read_image(hdf_path, 0, 'background noise image')
+            a = read_image(hdf_path, 0, "background noise image")
             if a.ndim != 2:
-                raise _err(hdf_path, 'background noise must be a 2D image (x = radial index, '
-                                     'y = particle group), got shape %s' % (a.shape,))
+                raise _err(
+                    hdf_path,
+                    "background noise must be a 2D image (x = radial index, "
+                    f"y = particle group), got shape {a.shape}",
+                )
             return np.maximum(a, 0.0), hdf_path
         if os.path.isfile(mrc_path):
             try:
-                with mrcfile.open(mrc_path, mode='r', permissive=False) as m:
+                with mrcfile.open(mrc_path, mode="r", permissive=False) as m:
                     a = np.array(m.data, np.float64)
             except Exception as e:
-                raise _err(mrc_path, 'cannot read background noise image: %s' % e) from None
+                raise _err(mrc_path, f"cannot read background noise image: {e}") from None
             if a.ndim == 3 and a.shape[0] == 1:
                 a = a[0]
             if a.ndim != 2:
-                raise _err(mrc_path, 'background noise must be a 2D image (x = radial index, '
-                                     'y = particle group), got shape %s' % (a.shape,))
+                raise _err(
+                    mrc_path,
+                    "background noise must be a 2D image (x = radial index, "
+                    f"y = particle group), got shape {a.shape}",
+                )
             if not np.isfinite(a).all():
-                raise _err(mrc_path, 'non-finite background noise values')
+                raise _err(mrc_path, "non-finite background noise values")
             return np.maximum(a, 0.0), mrc_path
         if os.path.isfile(txt_path):
-            rows = _read_rows(txt_path, 'background noise, one row per particle group')
+            rows = _read_rows(txt_path, "background noise, one row per particle group")
             if len({len(r) for r in rows}) != 1:
-                raise _err(txt_path, 'rows of different lengths (background noise)')
+                raise _err(txt_path, "rows of different lengths (background noise)")
             return np.maximum(np.array(rows, np.float64), 0.0), txt_path
     return None, None
 
@@ -585,102 +662,127 @@ def _read_chunks(folder):
     d0 = _main_dir(folder, 0)
     chunks, groups = [], []
     for c in (0, 1):
-        cp = os.path.join(d0, 'chunk_%d_000.txt' % c)
-        gp = os.path.join(d0, 'particle_groups_%d.txt' % c)
-        ids = _read_ints(cp, 'particle ids of half set %d' % c)
-        grp = _read_ints(gp, 'particle group of each particle of chunk %d' % c)
+        cp = os.path.join(d0, "chunk_%d_000.txt" % c)
+        gp = os.path.join(d0, "particle_groups_%d.txt" % c)
+        ids = _read_ints(cp, "particle ids of half set %d" % c)
+        grp = _read_ints(gp, "particle group of each particle of chunk %d" % c)
         if len(grp) != len(ids):
-            raise _err(gp, '%d particle groups for the %d particles of %s'
-                       % (len(grp), len(ids), cp))
+            raise _err(
+                gp, "%d particle groups for the %d particles of %s" % (len(grp), len(ids), cp)
+            )
         chunks.append((cp, ids))
         groups.append(grp)
     return chunks, groups
 
 
 def _smear_files(folder, it, chunk):
-    d = os.path.join(_main_dir(folder, it), 'oldparamstructure')
+    d = os.path.join(_main_dir(folder, it), "oldparamstructure")
     files = []
     while True:
-        p = os.path.join(d, 'oldparamstructure_%d_%03d_%03d.json' % (chunk, len(files), it))
+        p = os.path.join(d, "oldparamstructure_%d_%03d_%03d.json" % (chunk, len(files), it))
         if not os.path.isfile(p):
             break
         files.append(p)
     if not files:
-        raise _err(os.path.join(d, 'oldparamstructure_%d_000_%03d.json' % (chunk, it)),
-                   'missing meridien smear file (oldparamstructure) of chunk %d' % chunk)
+        raise _err(
+            os.path.join(d, "oldparamstructure_%d_000_%03d.json" % (chunk, it)),
+            "missing meridien smear file (oldparamstructure) of chunk %d" % chunk,
+        )
     return files
 
 
 def _parse_smear_file(path, n_refang, n_rshifts):
-    data = _read_json(path, 'meridien smear file')
+    data = _read_json(path, "meridien smear file")
     if not isinstance(data, list):
-        raise _err(path, 'expected a JSON list of particle entries')
+        raise _err(path, "expected a JSON list of particle entries")
     out = []
     for j, entry in enumerate(data):
-        where = 'entry %d' % j
+        where = "entry %d" % j
         if not (isinstance(entry, list) and len(entry) >= 3 and isinstance(entry[2], list)):
-            raise _err(path, '%s is not [local_index, [...], [[hash, prob], ...]]' % where)
+            raise _err(path, f"{where} is not [local_index, [...], [[hash, prob], ...]]")
         if entry[0] != j:
-            raise _err(path, '%s has local index %r, expected %d (entries out of order?)'
-                       % (where, entry[0], j))
+            raise _err(
+                path,
+                "%s has local index %r, expected %d (entries out of order?)" % (where, entry[0], j),
+            )
         pairs = entry[2]
         if not pairs:
-            raise _err(path, '%s has no smear pairs' % where)
+            raise _err(path, f"{where} has no smear pairs")
         try:
             arr = np.array(pairs, np.float64)
         except (TypeError, ValueError):
-            raise _err(path, '%s: smear pairs are not [hash, prob] numbers' % where) from None
+            raise _err(path, f"{where}: smear pairs are not [hash, prob] numbers") from None
         if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
-            raise _err(path, '%s: smear pairs are not [hash, prob] numbers' % where)
+            raise _err(path, f"{where}: smear pairs are not [hash, prob] numbers")
         h = arr[:, 0]
         if (h != np.round(h)).any() or (h < 0).any():
             bad = h[(h != np.round(h)) | (h < 0)][0]
-            raise _err(path, '%s: hash %r is not a non-negative integer' % (where, bad))
+            raise _err(path, f"{where}: hash {bad!r} is not a non-negative integer")
         h = h.astype(np.int64)
         prob = arr[:, 1]
         if (prob < 0).any() or prob.sum() <= 0 or prob.sum() > 1 + 1e-4:
-            raise _err(path, '%s: probabilities must be >= 0 with a sum in (0, 1], got sum %.6g'
-                       % (where, prob.sum()))
+            raise _err(
+                path,
+                f"{where}: probabilities must be >= 0 with a sum in (0, 1], got sum {prob.sum():.6g}",
+            )
         iang, ipsi, ishift = unhash_smear(h)
         if iang.max() >= n_refang:
-            raise _err(path, '%s: hash %d refers to direction %d but refang.txt has %d'
-                       % (where, h[np.argmax(iang)], iang.max(), n_refang))
+            raise _err(
+                path,
+                "%s: hash %d refers to direction %d but refang.txt has %d"
+                % (where, h[np.argmax(iang)], iang.max(), n_refang),
+            )
         if ishift.max() >= n_rshifts:
-            raise _err(path, '%s: hash %d refers to shift %d but rshifts.txt has %d'
-                       % (where, h[np.argmax(ishift)], ishift.max(), n_rshifts))
+            raise _err(
+                path,
+                "%s: hash %d refers to shift %d but rshifts.txt has %d"
+                % (where, h[np.argmax(ishift)], ishift.max(), n_rshifts),
+            )
         out.append((iang, ipsi, ishift, prob))
     return out
 
 
-def read_smears(folder, iteration, chunks=None, particle_ids=None, previous_shifts=None,
-                delta=None, refang=None, rshifts=None, shift_rounding='even'):
+def read_smears(
+    folder,
+    iteration,
+    chunks=None,
+    particle_ids=None,
+    previous_shifts=None,
+    delta=None,
+    refang=None,
+    rshifts=None,
+    shift_rounding="even",
+):
     """The smear entries of one iteration as a SmearSet in ``particle_ids`` order.
 
     Defaults are read from the folder (chunk files, indexes_000.txt, params of iteration-1, the
     Tracker's delta, refang.txt, rshifts.txt); read_meridien passes what it has already read.
     Probabilities are kept as stored; ``shift_rounding`` see integer_preshift.
     """
-    integer_preshift(0.0, shift_rounding)          # checks the rule before reading anything
+    integer_preshift(0.0, shift_rounding)  # checks the rule before reading anything
     folder = os.path.abspath(os.fspath(folder))
     it = int(iteration)
     d = _main_dir(folder, it)
     if chunks is None:
         chunks = _read_chunks(folder)[0]
     if particle_ids is None:
-        particle_ids = _read_ints(os.path.join(_main_dir(folder, 0), 'indexes_000.txt'),
-                                  'particle ids')
+        particle_ids = _read_ints(
+            os.path.join(_main_dir(folder, 0), "indexes_000.txt"), "particle ids"
+        )
     if delta is None:
         tp = _tracker_path(folder, it)
-        delta = _key(_read_json(tp, 'meridien Tracker json'), tp, 'delta')
+        delta = _key(_read_json(tp, "meridien Tracker json"), tp, "delta")
     if refang is None:
-        refang = _read_matrix(os.path.join(d, 'refang.txt'), 'reference directions phi theta psi', 3)
+        refang = _read_matrix(
+            os.path.join(d, "refang.txt"), "reference directions phi theta psi", 3
+        )
     if rshifts is None:
-        rshifts = _read_matrix(os.path.join(d, 'rshifts.txt'), 'shift grid sx sy', 2)
+        rshifts = _read_matrix(os.path.join(d, "rshifts.txt"), "shift grid sx sy", 2)
     if previous_shifts is None:
-        pp = os.path.join(_main_dir(folder, it - 1), 'params_%03d.txt' % (it - 1))
-        previous_shifts = _read_matrix(pp, 'previous parameters phi theta psi sx sy', 5)[:, 3:5]
+        pp = os.path.join(_main_dir(folder, it - 1), "params_%03d.txt" % (it - 1))
+        previous_shifts = _read_matrix(pp, "previous parameters phi theta psi sx sy", 5)[:, 3:5]
         if len(previous_shifts) != len(particle_ids):
-            raise _err(pp, '%d rows for %d particles' % (len(previous_shifts), len(particle_ids)))
+            raise _err(pp, "%d rows for %d particles" % (len(previous_shifts), len(particle_ids)))
     pos = {int(p): k for k, p in enumerate(particle_ids)}
     n = len(particle_ids)
     per_particle = [None] * n
@@ -690,9 +792,12 @@ def read_smears(folder, iteration, chunks=None, particle_ids=None, previous_shif
         for f in files:
             entries.extend(_parse_smear_file(f, len(refang), len(rshifts)))
         if len(entries) != len(ids):
-            raise _err(files[-1], 'the smear files of chunk %d (%s) hold %d particles but %s '
-                                  'lists %d' % (c, ', '.join(os.path.basename(f) for f in files),
-                                                len(entries), cpath, len(ids)))
+            raise _err(
+                files[-1],
+                "the smear files of chunk %d (%s) hold %d particles but %s "
+                "lists %d"
+                % (c, ", ".join(os.path.basename(f) for f in files), len(entries), cpath, len(ids)),
+            )
         for pid, e in zip(ids.tolist(), entries):
             per_particle[pos[pid]] = e
     counts = np.array([len(e[0]) for e in per_particle], np.int64)
@@ -707,13 +812,25 @@ def read_smears(folder, iteration, chunks=None, particle_ids=None, previous_shif
     iang, ipsi, ishift, prob = iang[order], ipsi[order], ishift[order], prob[order]
     psi = np.mod(refang[iang, 2] + ipsi * float(delta), 360.0)
     rot = euler_to_matrix(refang[iang, 0], refang[iang, 1], psi)
-    shift = (integer_preshift(np.asarray(previous_shifts, np.float64), shift_rounding)[parent]
-             + rshifts[ishift])
+    shift = (
+        integer_preshift(np.asarray(previous_shifts, np.float64), shift_rounding)[parent]
+        + rshifts[ishift]
+    )
     return SmearSet(offsets, parent, rot, shift, prob, iang, ipsi, ishift)
 
 
-def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=None, mask3d=None,
-                  nsmear=-1, require_bckgnoise=True, check_finite=True, shift_rounding='even'):
+def read_meridien(
+    folder,
+    niter_for_sorting=-1,
+    stack=None,
+    radius=None,
+    sym=None,
+    mask3d=None,
+    nsmear=-1,
+    require_bckgnoise=True,
+    check_finite=True,
+    shift_rounding="even",
+):
     """Read a meridien refinement folder into a MeridienRefinement (see the module docstring).
 
     ``radius`` (pixels; None or < 1 = take the refinement's), ``sym`` (None or 'c1' = take the
@@ -727,54 +844,63 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
     integer_preshift(0.0, shift_rounding)
     it, last = choose_iteration(folder, niter_for_sorting)
     tpath = _tracker_path(folder, it)
-    tracker = _read_json(tpath, 'meridien Tracker json')
+    tracker = _read_json(tpath, "meridien Tracker json")
     if not isinstance(tracker, dict):
-        raise _err(tpath, 'expected a JSON object')
-    nnxo = _key(tracker, tpath, 'constants.nnxo', int)
-    pixel_size = _key(tracker, tpath, 'constants.pixel_size')
-    delta = _key(tracker, tpath, 'delta')
+        raise _err(tpath, "expected a JSON object")
+    nnxo = _key(tracker, tpath, "constants.nnxo", int)
+    pixel_size = _key(tracker, tpath, "constants.pixel_size")
+    delta = _key(tracker, tpath, "delta")
     if nnxo < 4 or pixel_size <= 0 or delta <= 0:
-        raise _err(tpath, 'constants.nnxo, constants.pixel_size and delta must be positive '
-                          '(got %r, %r, %r)' % (nnxo, pixel_size, delta))
-    avg = tracker.get('avgvaradj')
+        raise _err(
+            tpath,
+            "constants.nnxo, constants.pixel_size and delta must be positive "
+            f"(got {nnxo!r}, {pixel_size!r}, {delta!r})",
+        )
+    avg = tracker.get("avgvaradj")
     try:
         avgnorm = np.array(avg, np.float64).reshape(-1)
         if avgnorm.shape != (2,) or not np.all(avgnorm > 0):
             raise ValueError
     except (TypeError, ValueError):
-        raise _err(tpath, 'missing or bad key avgvaradj (expected 2 positive numbers, got %r)'
-                   % (avg,)) from None
-    t_radius = _key(tracker, tpath, 'constants.radius', int)
-    t_sym = _key(tracker, tpath, 'constants.sym', str, required=False)
+        raise _err(
+            tpath, f"missing or bad key avgvaradj (expected 2 positive numbers, got {avg!r})"
+        ) from None
+    t_radius = _key(tracker, tpath, "constants.radius", int)
+    t_sym = _key(tracker, tpath, "constants.sym", str, required=False)
     if t_sym is None:
-        t_sym = _key(tracker, tpath, 'constants.symmetry', str, required=False, default='c1')
-    t_mask = _key(tracker, tpath, 'constants.mask3D', str, required=False, default=None)
-    nxinit = _key(tracker, tpath, 'nxinit', int, required=False, default=nnxo)
-    ts = _key(tracker, tpath, 'ts', required=False)
-    xr = _key(tracker, tpath, 'xr', required=False)
-    bestres = _key(tracker, tpath, 'bestres', required=False)
+        t_sym = _key(tracker, tpath, "constants.symmetry", str, required=False, default="c1")
+    t_mask = _key(tracker, tpath, "constants.mask3D", str, required=False, default=None)
+    nxinit = _key(tracker, tpath, "nxinit", int, required=False, default=nnxo)
+    ts = _key(tracker, tpath, "ts", required=False)
+    xr = _key(tracker, tpath, "xr", required=False)
+    bestres = _key(tracker, tpath, "bestres", required=False)
 
     radius_out = int(radius) if radius is not None and int(radius) >= 1 else t_radius
     if not 1 <= radius_out <= nnxo // 2:
-        raise _err(tpath, 'radius %d outside 1..%d (constants.radius or the user radius)'
-                   % (radius_out, nnxo // 2))
-    sym_out = sym if sym and str(sym).lower() != 'c1' else (t_sym or 'c1')
+        raise _err(
+            tpath,
+            "radius %d outside 1..%d (constants.radius or the user radius)"
+            % (radius_out, nnxo // 2),
+        )
+    sym_out = sym if sym and str(sym).lower() != "c1" else (t_sym or "c1")
     if mask3d:
         mask_out = os.fspath(mask3d)
     elif t_mask:
         mask_out = _resolve(t_mask, [os.path.dirname(folder), folder])
         if mask_out is None:
-            raise _err(tpath, 'constants.mask3D %r not found relative to %s or %s'
-                       % (t_mask, os.path.dirname(folder), folder))
+            raise _err(
+                tpath,
+                f"constants.mask3D {t_mask!r} not found relative to {os.path.dirname(folder)} or {folder}",
+            )
     else:
         mask_out = None
 
     # -- particle ids, half sets, groups ---------------------------------------------------------
-    ipath = os.path.join(_main_dir(folder, 0), 'indexes_000.txt')
-    ids = _read_ints(ipath, 'particle ids')
+    ipath = os.path.join(_main_dir(folder, 0), "indexes_000.txt")
+    ids = _read_ints(ipath, "particle ids")
     uniq, cnt = np.unique(ids, return_counts=True)
     if (cnt > 1).any():
-        raise _err(ipath, 'particle id %d is listed %d times' % (uniq[cnt > 1][0], cnt[cnt > 1][0]))
+        raise _err(ipath, "particle id %d is listed %d times" % (uniq[cnt > 1][0], cnt[cnt > 1][0]))
     n = len(ids)
     pos = {int(p): k for k, p in enumerate(ids)}
     chunks, groups = _read_chunks(folder)
@@ -784,53 +910,66 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
         for j, p in enumerate(cids.tolist()):
             k = pos.get(p)
             if k is None:
-                raise _err(cpath, 'particle id %d on data line %d is not in %s' % (p, j + 1, ipath))
+                raise _err(cpath, "particle id %d on data line %d is not in %s" % (p, j + 1, ipath))
             if half[k] >= 0:
-                raise _err(cpath, 'particle id %d on data line %d is already in %s'
-                           % (p, j + 1, chunks[half[k]][0] if half[k] != c else cpath))
+                raise _err(
+                    cpath,
+                    "particle id %d on data line %d is already in %s"
+                    % (p, j + 1, chunks[half[k]][0] if half[k] != c else cpath),
+                )
             half[k] = c
             group[k] = grp[j]
     if (half < 0).any():
         k = int(np.argmax(half < 0))
-        raise _err(ipath, 'particle id %d is in neither %s nor %s'
-                   % (ids[k], chunks[0][0], chunks[1][0]))
+        raise _err(
+            ipath, "particle id %d is in neither %s nor %s" % (ids[k], chunks[0][0], chunks[1][0])
+        )
 
     # -- parameters --------------------------------------------------------------------------------
-    ppath = os.path.join(_main_dir(folder, it), 'params_%03d.txt' % it)
-    params = _read_matrix(ppath, 'parameters phi theta psi sx sy prob norm*qt norm', 8)
+    ppath = os.path.join(_main_dir(folder, it), "params_%03d.txt" % it)
+    params = _read_matrix(ppath, "parameters phi theta psi sx sy prob norm*qt norm", 8)
     if len(params) != n:
-        raise _err(ppath, '%d parameter rows for the %d particles of %s' % (len(params), n, ipath))
+        raise _err(ppath, "%d parameter rows for the %d particles of %s" % (len(params), n, ipath))
     norm = params[:, 7]
     if (norm <= 0).any():
         k = int(np.argmax(norm <= 0))
-        raise _err(ppath, 'norm (column 8) %r <= 0 on data line %d' % (norm[k], k + 1))
-    prev_path = os.path.join(_main_dir(folder, it - 1), 'params_%03d.txt' % (it - 1))
-    prev = _read_matrix(prev_path, 'previous parameters phi theta psi sx sy', 5)
+        raise _err(ppath, "norm (column 8) %r <= 0 on data line %d" % (norm[k], k + 1))
+    prev_path = os.path.join(_main_dir(folder, it - 1), "params_%03d.txt" % (it - 1))
+    prev = _read_matrix(prev_path, "previous parameters phi theta psi sx sy", 5)
     if len(prev) != n:
-        raise _err(prev_path, '%d parameter rows for the %d particles of %s' % (len(prev), n, ipath))
+        raise _err(
+            prev_path, "%d parameter rows for the %d particles of %s" % (len(prev), n, ipath)
+        )
     previous_shifts = prev[:, 3:5].copy()
 
     # -- FSC, background noise ---------------------------------------------------------------------
-    dpath = os.path.join(_main_dir(folder, it), 'driver_%03d.txt' % it)
-    fsc = _read_matrix(dpath, 'driver FSC per shell', 1)[:, 0]
+    dpath = os.path.join(_main_dir(folder, it), "driver_%03d.txt" % it)
+    fsc = _read_matrix(dpath, "driver FSC per shell", 1)[:, 0]
     bck, bpath = _read_bckgnoise(folder, it)
     if bck is None:
         if require_bckgnoise:
             d = _main_dir(folder, it)
-            raise _err(os.path.join(d, 'bckgnoise.hdf'), 'missing background noise (no '
-                       'bckgnoise.hdf, .mrc or .txt in main%03d or an earlier iteration); run '
-                       'with --notapplybckgnoise to sort without it' % it)
+            raise _err(
+                os.path.join(d, "bckgnoise.hdf"),
+                "missing background noise (no "
+                "bckgnoise.hdf, .mrc or .txt in main%03d or an earlier iteration); run "
+                "with --notapplybckgnoise to sort without it" % it,
+            )
     elif group.max() >= bck.shape[0]:
         k = int(np.argmax(group >= bck.shape[0]))
-        raise _err(bpath, 'has %d particle group rows but particle id %d is in group %d'
-                   % (bck.shape[0], ids[k], group[k]))
+        raise _err(
+            bpath,
+            "has %d particle group rows but particle id %d is in group %d"
+            % (bck.shape[0], ids[k], group[k]),
+        )
 
     # -- smears ------------------------------------------------------------------------------------
     d = _main_dir(folder, it)
-    refang = _read_matrix(os.path.join(d, 'refang.txt'), 'reference directions phi theta psi', 3)
-    rshifts = _read_matrix(os.path.join(d, 'rshifts.txt'), 'shift grid sx sy', 2)
-    smears = read_smears(folder, it, chunks, ids, previous_shifts, delta, refang, rshifts,
-                         shift_rounding)
+    refang = _read_matrix(os.path.join(d, "refang.txt"), "reference directions phi theta psi", 3)
+    rshifts = _read_matrix(os.path.join(d, "rshifts.txt"), "shift grid sx sy", 2)
+    smears = read_smears(
+        folder, it, chunks, ids, previous_shifts, delta, refang, rshifts, shift_rounding
+    )
     counts = smears.counts()
     smears = smears.truncate(nsmear)
 
@@ -838,14 +977,22 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
     star = _find_stack(folder, tracker, tpath, stack)
     full = _read_stack(star, check_finite)
     if ids.max() >= len(full):
-        raise _err(ipath, 'particle id %d but the particle stack %s has only %d particles'
-                   % (ids.max(), star, len(full)))
+        raise _err(
+            ipath,
+            "particle id %d but the particle stack %s has only %d particles"
+            % (ids.max(), star, len(full)),
+        )
     if full.box != nnxo:
-        raise _err(star, 'images are %d pixels but the refinement (%s constants.nnxo) has %d'
-                   % (full.box, tpath, nnxo))
+        raise _err(
+            star,
+            "images are %d pixels but the refinement (%s constants.nnxo) has %d"
+            % (full.box, tpath, nnxo),
+        )
     if abs(full.pixel_size - pixel_size) > 1e-3 * pixel_size:
-        raise _err(star, 'pixel size %.6g Å but the refinement (%s constants.pixel_size) has %.6g'
-                   % (full.pixel_size, tpath, pixel_size))
+        raise _err(
+            star,
+            f"pixel size {full.pixel_size:.6g} Å but the refinement ({tpath} constants.pixel_size) has {pixel_size:.6g}",
+        )
     parts = full.subset(ids)
     parts.angles = params[:, 0:3].copy()
     parts.shifts = params[:, 3:5].copy()
@@ -853,27 +1000,52 @@ def read_meridien(folder, niter_for_sorting=-1, stack=None, radius=None, sym=Non
     parts.group = group
     parts.half_set = half
     source = dict(full.source)
-    source.pop('subset', None)
-    table = source.get('particles_table')
+    source.pop("subset", None)
+    table = source.get("particles_table")
     if table is not None:
-        source['particles_table'] = _subset_table(table, ids)
-    source.update({'meridien_dir': folder, 'meridien_iteration': it, 'particle_ids': ids})
+        source["particles_table"] = _subset_table(table, ids)
+    source.update({"meridien_dir": folder, "meridien_iteration": it, "particle_ids": ids})
     parts.source = source
 
     return MeridienRefinement(
-        folder=folder, iteration=it, last_iteration=last, tracker_path=tpath, tracker=tracker,
-        particles=parts, particle_ids=ids, params=params, previous_shifts=previous_shifts,
-        avgnorm=avgnorm, fsc=fsc, bckgnoise=bck, bckgnoise_path=bpath, refang=refang,
-        rshifts=rshifts, smears=smears, smear_counts=counts, radius=radius_out,
-        symmetry=str(sym_out), mask3d=mask_out, pixel_size=float(pixel_size), nnxo=nnxo,
-        nxinit=nxinit, delta=delta, ts=ts, xr=xr, bestres=bestres, stack_path=star,
-        info={'star_source': full.source.get('star_path')}, shift_rounding=shift_rounding)
+        folder=folder,
+        iteration=it,
+        last_iteration=last,
+        tracker_path=tpath,
+        tracker=tracker,
+        particles=parts,
+        particle_ids=ids,
+        params=params,
+        previous_shifts=previous_shifts,
+        avgnorm=avgnorm,
+        fsc=fsc,
+        bckgnoise=bck,
+        bckgnoise_path=bpath,
+        refang=refang,
+        rshifts=rshifts,
+        smears=smears,
+        smear_counts=counts,
+        radius=radius_out,
+        symmetry=str(sym_out),
+        mask3d=mask_out,
+        pixel_size=float(pixel_size),
+        nnxo=nnxo,
+        nxinit=nxinit,
+        delta=delta,
+        ts=ts,
+        xr=xr,
+        bestres=bestres,
+        stack_path=star,
+        info={"star_source": full.source.get("star_path")},
+        shift_rounding=shift_rounding,
+    )
 
 
 def _subset_table(table, ids):
     """An emtable Table holding the given rows of ``table`` (STAR rows of the meridien ids), so
     that star_io.write_star_rows indices are positions in the meridien ParticleSet."""
     from emtable import Table
+
     out = Table(columns=list(table.getColumnNames()))
     rows = table._rows
     for i in np.asarray(ids, np.int64).tolist():
@@ -887,18 +1059,17 @@ def check_smearing(folder, image_size, first=2, nsmear=-1):
     smear files are absent are skipped; malformed ones raise ParticleDataError."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise _err(folder, 'meridien refinement folder does not exist')
+        raise _err(folder, "meridien refinement folder does not exist")
     last = _last_iteration(folder)
     chunks = _read_chunks(folder)[0]
-    ids = _read_ints(os.path.join(_main_dir(folder, 0), 'indexes_000.txt'), 'particle ids')
+    ids = _read_ints(os.path.join(_main_dir(folder, 0), "indexes_000.txt"), "particle ids")
     rows = []
     for it in range(max(1, int(first)), last + 1):
-        d = os.path.join(_main_dir(folder, it), 'oldparamstructure')
-        if not os.path.isfile(os.path.join(d, 'oldparamstructure_0_000_%03d.json' % it)):
+        d = os.path.join(_main_dir(folder, it), "oldparamstructure")
+        if not os.path.isfile(os.path.join(d, "oldparamstructure_0_000_%03d.json" % it)):
             continue
         sm = read_smears(folder, it, chunks, ids).truncate(nsmear)
         row = smearing_statistics(sm, image_size)
-        row['iteration'] = it
+        row["iteration"] = it
         rows.append(row)
     return rows
-

@@ -32,29 +32,29 @@ direction is one of the refang rows, psi0 = psi mod delta); its shift is the gri
 to the true shift: ``round(previous shift) + rshifts[ishift]`` differs from the true shift by at
 most ts/2 per axis (round = Python 3's half-to-even unless ``shift_rounding='away'``).
 """
+
 import json
 import os
 
-import mrcfile
 import numpy as np
 
 from .meridien import hash_smear, integer_preshift
 from .star_io import write_star
 
-__all__ = ['write_meridien', 'sphire_shift_grid', 'mpi_blocks']
+__all__ = ["write_meridien", "sphire_shift_grid", "mpi_blocks"]
 
 
-def _fmt_rows(path, rows, fmt='  %14.6f'):
+def _fmt_rows(path, rows, fmt="  %14.6f"):
     rows = np.atleast_2d(np.asarray(rows, np.float64))
-    with open(path, 'w') as f:
+    with open(path, "w") as f:
         for r in rows:
-            f.write(''.join(fmt % v for v in r) + '\n')
+            f.write("".join(fmt % v for v in r) + "\n")
 
 
 def _write_ints(path, vals):
-    with open(path, 'w') as f:
+    with open(path, "w") as f:
         for v in np.asarray(vals, np.int64).tolist():
-            f.write('  %12d\n' % v)
+            f.write("  %12d\n" % v)
 
 
 def _perturb(angles, shifts, rng, ang_sd, shift_sd):
@@ -99,8 +99,18 @@ def _default_fsc(nnxo):
     return 1.0 / (1.0 + np.exp((k - 0.3 * nnxo) / (0.03 * nnxo)))
 
 
-def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbours,
-                ccfpercentage=0.999, shift_rounding='even'):
+def _smears_for(
+    angles,
+    shifts,
+    prev_shifts,
+    rng,
+    delta,
+    grid,
+    smear,
+    n_neighbours,
+    ccfpercentage=0.999,
+    shift_rounding="even",
+):
     """refang rows and per-particle (hashes, probs) for one iteration. The first entry of every
     particle is its true pose (highest probability); probabilities as meridien stores them
     (sum in (ccfpercentage, 1], _cut_probabilities)."""
@@ -132,14 +142,17 @@ def _smears_for(angles, shifts, prev_shifts, rng, delta, grid, smear, n_neighbou
         tries = 0
         while len(combos) < n_e and tries < 50 * n_e:
             tries += 1
-            c = (int(rng.integers(0, 1 + nb)), int((ipsi_true[i] + rng.integers(-1, 2)) % npsi),
-                 int(rng.choice(np.append(neighbours[ishift_true[i]], ishift_true[i]))))
+            c = (
+                int(rng.integers(0, 1 + nb)),
+                int((ipsi_true[i] + rng.integers(-1, 2)) % npsi),
+                int(rng.choice(np.append(neighbours[ishift_true[i]], ishift_true[i]))),
+            )
             if c not in seen:
                 seen.add(c)
                 combos.append(c)
         w = rng.exponential(1.0, len(combos))
         w[0] = w.max() * 1.5 + 0.2
-        order = np.concatenate([[0], 1 + np.argsort(-w[1:], kind='stable')])
+        order = np.concatenate([[0], 1 + np.argsort(-w[1:], kind="stable")])
         w = _cut_probabilities(w[order] / w.sum(), ccfpercentage, rng)
         combos = [combos[k] for k in order]
         c = np.array(combos, np.int64)
@@ -155,14 +168,15 @@ def sphire_shift_grid(ts, xr):
     k = int(np.ceil(xr / ts))
     pts = [((ix + 0.5) * ts, (iy + 0.5) * ts) for ix in range(-k, k) for iy in range(-k, k)]
     pts = np.array(pts, np.float64)
-    return pts[(pts ** 2).sum(1) <= (xr + ts) ** 2 + 1e-9]
+    return pts[(pts**2).sum(1) <= (xr + ts) ** 2 + 1e-9]
 
 
 def mpi_blocks(n, n_ranks):
     """SPHIRE's MPI_start_end: rank r holds [round(n r / P), round(n (r+1) / P)) with Python 3
     round (half to even); returns the P (start, end) pairs."""
-    return [(int(round(n * r / n_ranks)), int(round(n * (r + 1) / n_ranks)))
-            for r in range(n_ranks)]
+    return [
+        (int(round(n * r / n_ranks)), int(round(n * (r + 1) / n_ranks))) for r in range(n_ranks)
+    ]
 
 
 def _sphire_groups(groups, ids):
@@ -170,7 +184,7 @@ def _sphire_groups(groups, ids):
     uniq = np.unique(groups)
     first = np.array([ids[groups == g].min() for g in uniq])
     new = np.empty(len(uniq), np.int64)
-    new[np.argsort(first, kind='stable')] = np.arange(len(uniq))
+    new[np.argsort(first, kind="stable")] = np.arange(len(uniq))
     return new[np.searchsorted(uniq, groups)]
 
 
@@ -181,13 +195,13 @@ def _sphire_chunks(groups, ids, rng):
     positions of chunk 1) into the particle arrays, in chunk order."""
     n_groups = int(groups.max()) + 1
     order = rng.permutation(n_groups)
-    halves = [np.sort(order[:n_groups // 2]), np.sort(order[n_groups // 2:])]
+    halves = [np.sort(order[: n_groups // 2]), np.sort(order[n_groups // 2 :])]
     out = []
     for gs in halves:
         pos = []
         for g in gs.tolist():
             k = np.flatnonzero(groups == g)
-            pos.append(k[np.argsort(ids[k], kind='stable')])
+            pos.append(k[np.argsort(ids[k], kind="stable")])
         out.append(np.concatenate(pos).astype(np.int64) if pos else np.zeros(0, np.int64))
     return out
 
@@ -202,11 +216,33 @@ def _cut_probabilities(w, ccfpercentage, rng):
     return w * max(total, np.nextafter(ccfpercentage, 1.0))
 
 
-def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None, groups=None,
-                   smear=(3, 8), n_neighbours=2, delta=3.75, ts=0.25, xr=2.0, n_ranks=2, seed=0,
-                   radius=None, sym='c1', mask3d=None, tracker_stack=None, fsc=None,
-                   bckgnoise=True, prev_angle_sd=1.0, prev_shift_sd=0.3, ccfpercentage=0.999,
-                   stack_format='hdf', shift_rounding='even', previous_shift_step=None):
+def write_meridien(
+    folder,
+    particles,
+    iteration=2,
+    last_iteration=None,
+    ids=None,
+    groups=None,
+    smear=(3, 8),
+    n_neighbours=2,
+    delta=3.75,
+    ts=0.25,
+    xr=2.0,
+    n_ranks=2,
+    seed=0,
+    radius=None,
+    sym="c1",
+    mask3d=None,
+    tracker_stack=None,
+    fsc=None,
+    bckgnoise=True,
+    prev_angle_sd=1.0,
+    prev_shift_sd=0.3,
+    ccfpercentage=0.999,
+    stack_format="hdf",
+    shift_rounding="even",
+    previous_shift_step=None,
+):
     """Write ``particles`` (a simulated ParticleSet with the true poses) as a meridien folder in
     SPHIRE 1.4's format (module docstring).
 
@@ -232,6 +268,7 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
     (k + 1/2) * step (step 1: exact halves, where the rounding rule matters for every particle).
     Returns a dict with the paths and the truth written."""
     from .eman2_hdf import format_ctf, relion_to_eman2_ctf, write_images
+
     folder = os.path.abspath(os.fspath(folder))
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -239,26 +276,29 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
     s = int(iteration)
     last = s + 1 if last_iteration is None else int(last_iteration)
     if s < 1 or last < s:
-        raise ValueError('need 1 <= iteration <= last_iteration')
+        raise ValueError("need 1 <= iteration <= last_iteration")
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if ids.shape != (n,) or len(np.unique(ids)) != n or ids.min() < 0:
-        raise ValueError('ids must be n distinct non-negative integers')
+        raise ValueError("ids must be n distinct non-negative integers")
     if groups is None and particles.group is not None and len(np.unique(particles.group)) > 1:
         groups = particles.group
-    if groups is None and particles.micrograph is not None \
-            and len(np.unique(np.asarray(particles.micrograph, str))) > 1:
+    if (
+        groups is None
+        and particles.micrograph is not None
+        and len(np.unique(np.asarray(particles.micrograph, str))) > 1
+    ):
         groups = np.unique(np.asarray(particles.micrograph, str), return_inverse=True)[1]
     if groups is None:
         groups = np.arange(n) * 4 // max(n, 1)
     groups = _sphire_groups(np.asarray(groups, np.int64), ids)
     n_groups = int(groups.max()) + 1
     if n_groups < 2:
-        raise ValueError('meridien splits micrograph groups into the half sets: need >= 2')
+        raise ValueError("meridien splits micrograph groups into the half sets: need >= 2")
     chunks = _sphire_chunks(groups, ids, rng)
     half_set = np.zeros(n, np.int64)
     half_set[chunks[1]] = 1
     nnxo = particles.box
-    norm = (np.ones(n) if particles.norm is None else np.asarray(particles.norm, np.float64))
+    norm = np.ones(n) if particles.norm is None else np.asarray(particles.norm, np.float64)
     true_angles = _sphire_angles(np.asarray(particles.angles, np.float64))
     true_shifts = np.asarray(particles.shifts, np.float64)
     grid = sphire_shift_grid(ts, xr)
@@ -267,36 +307,52 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
     rows = np.zeros(int(ids.max()) + 1, np.int64)
     rows[ids] = np.arange(n)
     stack_ps = particles.subset(rows)
-    if stack_format == 'hdf':
-        stack_path = os.path.join(folder, 'particles.hdf')
+    if stack_format == "hdf":
+        stack_path = os.path.join(folder, "particles.hdf")
         e2 = relion_to_eman2_ctf(stack_ps.ctf)
-        mics = (np.asarray(stack_ps.micrograph, str) if stack_ps.micrograph is not None
-                else np.array(['mic%04d' % g for g in groups[rows]]))
-        headers = [{'ctf': format_ctf(e2['defocus'][i], e2['dfdiff'][i], e2['dfang'][i],
-                                      e2['bfactor'][i], e2['ampcont'][i], e2['voltage'][i],
-                                      e2['cs'][i], particles.pixel_size),
-                    'apix_x': float(particles.pixel_size), 'apix_y': float(particles.pixel_size),
-                    'apix_z': float(particles.pixel_size), 'ptcl_source_image': str(mics[i])}
-                   for i in range(len(rows))]
+        mics = (
+            np.asarray(stack_ps.micrograph, str)
+            if stack_ps.micrograph is not None
+            else np.array(["mic%04d" % g for g in groups[rows]])
+        )
+        headers = [
+            {
+                "ctf": format_ctf(
+                    e2["defocus"][i],
+                    e2["dfdiff"][i],
+                    e2["dfang"][i],
+                    e2["bfactor"][i],
+                    e2["ampcont"][i],
+                    e2["voltage"][i],
+                    e2["cs"][i],
+                    particles.pixel_size,
+                ),
+                "apix_x": float(particles.pixel_size),
+                "apix_y": float(particles.pixel_size),
+                "apix_z": float(particles.pixel_size),
+                "ptcl_source_image": str(mics[i]),
+            }
+            for i in range(len(rows))
+        ]
         write_images(stack_path, stack_ps.load_images(), headers)
         star_path = None
-    elif stack_format == 'star':
-        star_path, stack_path = write_star(stack_ps, os.path.join(folder, 'particles.star'))
+    elif stack_format == "star":
+        star_path, stack_path = write_star(stack_ps, os.path.join(folder, "particles.star"))
     else:
         raise ValueError("stack_format must be 'hdf' or 'star'")
     if tracker_stack is None:
         tracker_stack = os.path.relpath(star_path or stack_path, os.path.dirname(folder))
     if mask3d is not None and not isinstance(mask3d, str):
-        write_images(os.path.join(folder, 'mask3d.hdf'), np.asarray(mask3d, np.float32), {})
-        mask3d = os.path.relpath(os.path.join(folder, 'mask3d.hdf'), os.path.dirname(folder))
+        write_images(os.path.join(folder, "mask3d.hdf"), np.asarray(mask3d, np.float32), {})
+        mask3d = os.path.relpath(os.path.join(folder, "mask3d.hdf"), os.path.dirname(folder))
 
     # -- main000 ------------------------------------------------------------------------------------
-    d0 = os.path.join(folder, 'main000')
+    d0 = os.path.join(folder, "main000")
     os.makedirs(d0, exist_ok=True)
-    _write_ints(os.path.join(d0, 'indexes_000.txt'), ids)
+    _write_ints(os.path.join(d0, "indexes_000.txt"), ids)
     for c in (0, 1):
-        _write_ints(os.path.join(d0, 'chunk_%d_000.txt' % c), ids[chunks[c]])
-        _write_ints(os.path.join(d0, 'particle_groups_%d.txt' % c), groups[chunks[c]])
+        _write_ints(os.path.join(d0, "chunk_%d_000.txt" % c), ids[chunks[c]])
+        _write_ints(os.path.join(d0, "particle_groups_%d.txt" % c), groups[chunks[c]])
 
     # -- per-iteration params (true at the best iteration, perturbed elsewhere) ----------------------
     params = {}
@@ -305,8 +361,7 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
             params[it] = (true_angles, true_shifts)
         else:
             sd = 1.0 + abs(it - s)
-            params[it] = _perturb(true_angles, true_shifts, rng, prev_angle_sd * sd,
-                                  prev_shift_sd)
+            params[it] = _perturb(true_angles, true_shifts, rng, prev_angle_sd * sd, prev_shift_sd)
     if previous_shift_step:
         st = float(previous_shift_step)
         a, sh = params[s - 1]
@@ -323,46 +378,85 @@ def write_meridien(folder, particles, iteration=2, last_iteration=None, ids=None
     avg = [float(norm[half_set == c].mean()) if (half_set == c).any() else 1.0 for c in (0, 1)]
     truth = {}
     for it in range(0, last + 1):
-        d = os.path.join(folder, 'main%03d' % it)
+        d = os.path.join(folder, "main%03d" % it)
         os.makedirs(d, exist_ok=True)
         ang, sh = params[it]
         prob_best = np.ones(n)
         if it >= 1:
-            refang, sm = _smears_for(ang, sh, params[it - 1][1], rng, delta, grid, smear,
-                                     n_neighbours, ccfpercentage, shift_rounding)
+            refang, sm = _smears_for(
+                ang,
+                sh,
+                params[it - 1][1],
+                rng,
+                delta,
+                grid,
+                smear,
+                n_neighbours,
+                ccfpercentage,
+                shift_rounding,
+            )
             prob_best = np.array([w[0] for _, w in sm])
-            _fmt_rows(os.path.join(d, 'refang.txt'), refang)
-            _fmt_rows(os.path.join(d, 'rshifts.txt'), grid)
-            od = os.path.join(d, 'oldparamstructure')
+            _fmt_rows(os.path.join(d, "refang.txt"), refang)
+            _fmt_rows(os.path.join(d, "rshifts.txt"), grid)
+            od = os.path.join(d, "oldparamstructure")
             os.makedirs(od, exist_ok=True)
             for c, members in enumerate(chunks):
                 for r, (a, b) in enumerate(mpi_blocks(len(members), n_ranks)):
-                    entries = [[j, [0.0], [[int(h), float(p)] for h, p in zip(*sm[k])]]
-                               for j, k in enumerate(members[a:b].tolist())]
-                    with open(os.path.join(od, 'oldparamstructure_%d_%03d_%03d.json'
-                                           % (c, r, it)), 'w') as f:
+                    entries = [
+                        [j, [0.0], [[int(h), float(p)] for h, p in zip(*sm[k])]]
+                        for j, k in enumerate(members[a:b].tolist())
+                    ]
+                    with open(
+                        os.path.join(od, "oldparamstructure_%d_%03d_%03d.json" % (c, r, it)), "w"
+                    ) as f:
                         json.dump(entries, f)
-            _fmt_rows(os.path.join(d, 'driver_%03d.txt' % it), fsc[:, None])
+            _fmt_rows(os.path.join(d, "driver_%03d.txt" % it), fsc[:, None])
             if bck is not None:
-                write_images(os.path.join(d, 'bckgnoise.hdf'), np.asarray(bck, np.float32), {})
+                write_images(os.path.join(d, "bckgnoise.hdf"), np.asarray(bck, np.float32), {})
             if it == s:
-                truth['smears'] = sm
-                truth['refang'] = refang
-        if it == 0:                   # meridien's params_000: phi theta psi sx sy 0.0 1.0
+                truth["smears"] = sm
+                truth["refang"] = refang
+        if it == 0:  # meridien's params_000: phi theta psi sx sy 0.0 1.0
             table = np.column_stack([ang, sh, np.zeros(n), np.ones(n)])
-        else:                         # phi theta psi sx sy prob norm*qt norm
+        else:  # phi theta psi sx sy prob norm*qt norm
             table = np.column_stack([ang, sh, prob_best, norm, norm])
-        _fmt_rows(os.path.join(d, 'params_%03d.txt' % it), table)
-        tracker = {'constants': {'stack': tracker_stack, 'nnxo': nnxo,
-                                 'pixel_size': float(particles.pixel_size),
-                                 'radius': int(radius if radius else nnxo // 2 - 2),
-                                 'symmetry': sym, 'mask3D': mask3d, 'best': min(it, s),
-                                 'ccfpercentage': ccfpercentage},
-                   'delta': delta, 'ts': ts, 'xr': xr, 'nxinit': nnxo,
-                   'bestres': int(0.3 * nnxo), 'avgvaradj': avg, 'mainiteration': it}
-        with open(os.path.join(d, 'Tracker_%03d.json' % it), 'w') as f:
+        _fmt_rows(os.path.join(d, "params_%03d.txt" % it), table)
+        tracker = {
+            "constants": {
+                "stack": tracker_stack,
+                "nnxo": nnxo,
+                "pixel_size": float(particles.pixel_size),
+                "radius": int(radius if radius else nnxo // 2 - 2),
+                "symmetry": sym,
+                "mask3D": mask3d,
+                "best": min(it, s),
+                "ccfpercentage": ccfpercentage,
+            },
+            "delta": delta,
+            "ts": ts,
+            "xr": xr,
+            "nxinit": nnxo,
+            "bestres": int(0.3 * nnxo),
+            "avgvaradj": avg,
+            "mainiteration": it,
+        }
+        with open(os.path.join(d, "Tracker_%03d.json" % it), "w") as f:
             json.dump(tracker, f, indent=1)
-    return {'folder': folder, 'star': star_path, 'stack': stack_path, 'iteration': s,
-            'last_iteration': last, 'ids': ids, 'half_set': half_set, 'groups': groups,
-            'chunks': chunks, 'rshifts': grid, 'previous_shifts': params[s - 1][1],
-            'bckgnoise': bck, 'fsc': fsc, 'avgvaradj': avg, 'mask3d': mask3d, **truth}
+    return {
+        "folder": folder,
+        "star": star_path,
+        "stack": stack_path,
+        "iteration": s,
+        "last_iteration": last,
+        "ids": ids,
+        "half_set": half_set,
+        "groups": groups,
+        "chunks": chunks,
+        "rshifts": grid,
+        "previous_shifts": params[s - 1][1],
+        "bckgnoise": bck,
+        "fsc": fsc,
+        "avgvaradj": avg,
+        "mask3d": mask3d,
+        **truth,
+    }

@@ -17,6 +17,7 @@ map that contains it, and the labels keep one meaning in both halves.
 The two independent runs of a box iteration step in lockstep: their 2K maps share one
 back-projection pass and one distance pass (the per-pixel rotation and CTF work is shared).
 """
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +29,8 @@ from .preprocess import good_fft_size, scaled_fsc
 from .reconstruction import reconstruct
 
 MAX_ITER = 15
-STOP_CHANGE = 5.0   # % of images changing group below which a run may stop (SPHIRE: 10; measured:
-                    # at 10 % the assignments were still improving, see the issue notes)
+STOP_CHANGE = 5.0  # % of images changing group below which a run may stop (SPHIRE: 10; measured:
+# at 10 % the assignments were still improving, see the issue notes)
 MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to be kept
 
 
@@ -44,8 +45,11 @@ class ClusterMaps:
         # maps are reconstructed and compared on a box of `grid` voxels spanning the images'
         # field of view (grid < nx: coarser voxels, for maps limited to low resolution)
         self.grid = data.nx if grid is None else int(grid)
-        self.mask = data.mask3d if self.grid == data.nx else \
-            np.clip(fourier.resize_volume(data.mask3d, self.grid), 0.0, 1.0).astype(np.float32)
+        self.mask = (
+            data.mask3d
+            if self.grid == data.nx
+            else np.clip(fourier.resize_volume(data.mask3d, self.grid), 0.0, 1.0).astype(np.float32)
+        )
         inside = self.mask > 0.5
         self._inside = inside if inside.any() else np.ones_like(inside)
         self._coarse = {}
@@ -71,7 +75,7 @@ class ClusterMaps:
         """Shell (sorting grid) where the FSC expected for `group_size` images vanishes: maps
         are zero beyond it, so nothing past it needs inserting."""
         nx = self.d.nx
-        f = scaled_fsc(self.d.fsc_full[:nx // 2 + 1], self.d.n_total, max(int(group_size), 1))
+        f = scaled_fsc(self.d.fsc_full[: nx // 2 + 1], self.d.n_total, max(int(group_size), 1))
         below = np.nonzero(f[1:] < 0.01)[0]
         return min(nx // 2 - 1, int(below[0]) + 1 if below.size else nx // 2 - 1)
 
@@ -82,30 +86,50 @@ class ClusterMaps:
         d = self.d
         loc = d.local(subset)
         a, _ = np.searchsorted(subset, [d.lo, d.hi])
-        memb = memberships[a:a + len(loc)]
+        memb = memberships[a : a + len(loc)]
         if half is not None:
             memb = memb * (d.half[d.lo + loc] == half)[:, None]
         used = np.nonzero(np.any(memb != 0, axis=1))[0]
         grid = self._npad(self.grid)
         # the sums over ranks are exact (fixed point): the same bits for any split over ranks,
         # and a sum patched with label differences is what the patched-in sums add up to
-        if d.smears is not None:     # meridien: every smear entry of a member is one slice
-            return d.smears.backproject(loc[used], memb[used], memb.shape[1], self._npad(d.nx),
-                                        rmax, d.shell_weights, grid=grid, comm=self.comm)
-        return fourier.backproject(d.rec_f, d.rots[loc[used]],
-                                   np.ascontiguousarray(memb[used], np.float64),
-                                   d.ctf_coefs, pad=self.pad, rmax=rmax,
-                                   shell_weights=d.shell_weights, image_index=loc[used],
-                                   grid=grid, comm=self.comm)
+        if d.smears is not None:  # meridien: every smear entry of a member is one slice
+            return d.smears.backproject(
+                loc[used],
+                memb[used],
+                memb.shape[1],
+                self._npad(d.nx),
+                rmax,
+                d.shell_weights,
+                grid=grid,
+                comm=self.comm,
+            )
+        return fourier.backproject(
+            d.rec_f,
+            d.rots[loc[used]],
+            np.ascontiguousarray(memb[used], np.float64),
+            d.ctf_coefs,
+            pad=self.pad,
+            rmax=rmax,
+            shell_weights=d.shell_weights,
+            image_index=loc[used],
+            grid=grid,
+            comm=self.comm,
+        )
 
     def maps_from(self, data, w, group_size):
         """Maps (K, grid, grid, grid) from Fourier sums, Wiener-regularised with the FSC expected
         for groups of `group_size` images and limited where that FSC vanishes."""
         nx = self.d.nx
-        f = scaled_fsc(self.d.fsc_full[:nx // 2 + 1], self.d.n_total, max(int(group_size), 1))
-        return reconstruct(data, w, self.grid, fsc=f,
-                           rmax=min(self.resolution_limit(group_size), self.grid // 2 - 1),
-                           symmetry=self.sym)
+        f = scaled_fsc(self.d.fsc_full[: nx // 2 + 1], self.d.n_total, max(int(group_size), 1))
+        return reconstruct(
+            data,
+            w,
+            self.grid,
+            fsc=f,
+            rmax=min(self.resolution_limit(group_size), self.grid // 2 - 1),
+            symmetry=self.sym,
+        )
 
     def build(self, subset, memberships, group_size, half=None):
         """Maps (K, grid, grid, grid) from the members of `subset` (in random half `half`)."""
@@ -134,7 +158,8 @@ class ClusterMaps:
         out = np.zeros((npad, npad, npad // 2 + 1, k), np.complex64)
         if mine.size:
             out[..., mine] = self.comparison_volumes(
-                self.maps_from(data[mine], w[mine], group_size)).data
+                self.maps_from(data[mine], w[mine], group_size)
+            ).data
         self.comm.allreduce_sum(out)
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
@@ -157,9 +182,16 @@ class ClusterMaps:
             m = min(f.size, len(shell_factors))
             f[:m] = shell_factors[:m]
             sw = sw * f[None, :]
-        cross, pp, _ = fourier.distance_terms(fv, d.rots[loc], d.comp_f[loc], d.ctf_coefs[loc],
-                                              rmin=1.0, rmax=rmax, shell_weights=sw,
-                                              groups=groups)
+        cross, pp, _ = fourier.distance_terms(
+            fv,
+            d.rots[loc],
+            d.comp_f[loc],
+            d.ctf_coefs[loc],
+            rmin=1.0,
+            rmax=rmax,
+            shell_weights=sw,
+            groups=groups,
+        )
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)
 
@@ -233,8 +265,12 @@ def _plateau(r):
     """The change has stopped falling: 3 sweeps (since damping began, if damped) of small
     spread, the last not below the first."""
     last = r.changes[-3:]
-    return (len(r.changes) >= max(4, r.damped_at + 3) and 100.0 not in last
-            and np.std(last) < (2.0 if r.frozen else 1.0) and last[-1] > last[0] - 0.5)
+    return (
+        len(r.changes) >= max(4, r.damped_at + 3)
+        and 100.0 not in last
+        and np.std(last) < (2.0 if r.frozen else 1.0)
+        and last[-1] > last[0] - 0.5
+    )
 
 
 @dataclass
@@ -250,10 +286,10 @@ class RunState:
     done: bool = False
     n_iter: int = 0
     stepped_last: bool = False
-    umat: np.ndarray = None      # (n, K) fuzzy memberships (rows of unit L2 norm)
-    damped: bool = False         # after a first plateau: each wanted move is made with p = 1/2
-    damped_at: int = 0           # sweeps done when damping began
-    wanted: int = 0              # images that wanted to move in the current sweep
+    umat: np.ndarray = None  # (n, K) fuzzy memberships (rows of unit L2 norm)
+    damped: bool = False  # after a first plateau: each wanted move is made with p = 1/2
+    damped_at: int = 0  # sweeps done when damping began
+    wanted: int = 0  # images that wanted to move in the current sweep
 
     @property
     def min_size(self):
@@ -273,7 +309,7 @@ def mix_memberships(u, labels, change_fraction, size_ratio):
     """After re-assignment: shrink the fuzzy part by c = change^2 * (current / first minimum
     size), add 1 to the assigned group and renormalise; as the changes vanish U tends to
     one-hot."""
-    out = u * (change_fraction ** 2 * size_ratio)
+    out = u * (change_fraction**2 * size_ratio)
     out[np.arange(len(labels)), labels] += 1.0
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
@@ -295,8 +331,21 @@ def centre_per_orientation(scores, groups):
     return s
 
 
-def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orientation, rng,
-              log=None, tag="", use_umat=False, rmax_cap=None):
+def mgsk_pair(
+    maps_builder,
+    subset,
+    k,
+    inits,
+    schedules,
+    frozen,
+    search,
+    orientation,
+    rng,
+    log=None,
+    tag="",
+    use_umat=False,
+    rmax_cap=None,
+):
     """Two independent MGSK-means runs on `subset` (sorted global indices) in lockstep.
 
     inits: two (n,) starting labels; schedules: two lists of minimum sizes. Each iteration is a
@@ -307,8 +356,10 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
     og = merge_small_orientation_groups(orientation[subset], k, rng)
     halves = maps_builder.d.half[subset]
     rows_of = [np.nonzero(halves == h)[0] for h in (0, 1)]
-    runs = [RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
-            for init, sch in zip(inits, schedules)]
+    runs = [
+        RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
+        for init, sch in zip(inits, schedules)
+    ]
     for r in runs:
         r.umat = np.eye(k)[r.labels] if use_umat else None
     max_iter = MAX_ITER
@@ -323,15 +374,15 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
         maps_builder = maps_builder.at_limit(rmax)
     while it < max_iter and not all(r.done for r in runs):
         active = [r for r in runs if not r.done]
-        for h in (1, 0):            # re-assign half h from maps of the other half
+        for h in (1, 0):  # re-assign half h from maps of the other half
             rows = rows_of[h]
             if rows.size == 0:
                 continue
             src = 1 - h
             memb = np.zeros((n, 2 * k))
             for j, r in enumerate(runs):
-                if use_umat:     # every image goes into every map with its fuzzy weight
-                    memb[:, j * k:(j + 1) * k] = r.umat
+                if use_umat:  # every image goes into every map with its fuzzy weight
+                    memb[:, j * k : (j + 1) * k] = r.umat
                 else:
                     memb[np.arange(n), j * k + r.labels] = 1.0
             memb[halves != src] = 0.0
@@ -345,28 +396,31 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
                 sums[src][0].__iadd__(dd)
                 sums[src][1].__iadd__(dw)
             used[src] = memb
-            cols = np.concatenate([np.arange(j * k, (j + 1) * k)
-                                   for j, r in enumerate(runs) if not r.done])
-            maps = maps_builder.fourier_maps(sums[src][0][cols], sums[src][1][cols],
-                                             group_half[src])
-            scores = maps_builder.scores(maps, subset, half=h,
-                                         rmax=min(rmax, maps_builder.resolution_limit(
-                                             group_half[src])))
+            cols = np.concatenate(
+                [np.arange(j * k, (j + 1) * k) for j, r in enumerate(runs) if not r.done]
+            )
+            maps = maps_builder.fourier_maps(
+                sums[src][0][cols], sums[src][1][cols], group_half[src]
+            )
+            scores = maps_builder.scores(
+                maps, subset, half=h, rmax=min(rmax, maps_builder.resolution_limit(group_half[src]))
+            )
             for j, r in enumerate(active):
-                s = centre_per_orientation(scores[:, j * k:(j + 1) * k], og[rows])
+                s = centre_per_orientation(scores[:, j * k : (j + 1) * k], og[rows])
                 new = constrained_assignment(s, r.min_size * rows.size / n, rng, og[rows])
                 if r.search:
                     new = cap_oversized(new, k, rng)
                 old = r.labels[rows]
                 moved = np.nonzero(new != old)[0]
                 r.wanted += moved.size
-                if r.damped:     # break a cycle: only a random half of the moves is made
+                if r.damped:  # break a cycle: only a random half of the moves is made
                     stay = moved[rng.random(moved.size) < 0.5]
                     new[stay] = old[stay]
                 if use_umat:
                     frac = float(np.mean(new != old))
-                    r.umat[rows] = mix_memberships(rank_memberships(s), new, frac,
-                                                   r.min_size / max(r.schedule[0], 1))
+                    r.umat[rows] = mix_memberships(
+                        rank_memberships(s), new, frac, r.min_size / max(r.schedule[0], 1)
+                    )
                 r.labels[rows] = new
         for r in active:
             # the change is what the images WANTED: damping halves the moves, not the measure,
@@ -389,14 +443,17 @@ def mgsk_pair(maps_builder, subset, k, inits, schedules, frozen, search, orienta
                 r.done = True
             elif _plateau(r):
                 if r.damped:
-                    r.done = True      # a second plateau, damped: a genuine optimum
+                    r.done = True  # a second plateau, damped: a genuine optimum
                 else:
                     # a first plateau is often a cycle (the same images flip every sweep under
                     # alternating halves); damped moves let the run leave it
                     r.damped, r.damped_at = True, r.n_iter
         if log:
-            log(f"{tag}MGSK-means iteration {it}: change % "
+            log(
+                f"{tag}MGSK-means iteration {it}: change % "
                 + ", ".join(f"{r.changes[-1]:.1f}" for r in runs if r.changes)
-                + "; min size " + ", ".join(str(r.min_size) for r in runs))
+                + "; min size "
+                + ", ".join(str(r.min_size) for r in runs)
+            )
         it += 1
     return [r.best_labels for r in runs], [r.n_iter for r in runs]

@@ -1,5 +1,6 @@
 """Result files: written atomically (temporary name, then rename), so a killed run never leaves a
 truncated file that looks finished. Only rank 0 writes."""
+
 import json
 import os
 import tempfile
@@ -14,7 +15,9 @@ def atomic_write(path, writer, suffix=""):
     """writer(tmp_name) fills a temporary file next to `path`, which then replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=suffix + ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + path.name + ".", suffix=suffix + ".tmp", dir=path.parent
+    )
     os.close(fd)
     try:
         writer(tmp)
@@ -31,6 +34,7 @@ def write_text(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
     atomic_write(path, w)
 
 
@@ -49,6 +53,7 @@ def write_map(path, vol, pixel_size):
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(np.asarray(vol, np.float32))
             m.voxel_size = float(pixel_size)
+
     atomic_write(path, w, ".mrc")
 
 
@@ -56,6 +61,7 @@ def write_npy(path, array):
     def w(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array)
+
     atomic_write(path, w, ".npy")
 
 

@@ -11,12 +11,13 @@ Allreduce are integer sums, which do not depend on the order or on how the parti
 over ranks. Float sums would: the split changes the rounding, and a last-bit difference in a map
 can change a sorting decision (seen: one more MGSK-means iteration on 2 ranks than on 1).
 """
+
 import os
 import sys
 
 import numpy as np
 
-FIXED_POINT_BITS = 62     # a sum of rounded terms stays below 2^62 (int64 holds up to 2^63 - 1)
+FIXED_POINT_BITS = 62  # a sum of rounded terms stays below 2^62 (int64 holds up to 2^63 - 1)
 
 
 def fixed_point_scale(bound, n_terms):
@@ -37,9 +38,9 @@ def fixed_point_scale(bound, n_terms):
     if not np.isfinite(bound):
         raise ValueError(f"fixed-point sums: the terms are not finite (bound {bound})")
     if bound <= 0.0:
-        return 1.0               # every term is 0
+        return 1.0  # every term is 0
     exponent = int(np.floor(FIXED_POINT_BITS - np.log2(n_terms * bound)))
-    return float(np.ldexp(1.0, min(exponent, 960)))   # terms below ~1e-270: no overflow of x * s
+    return float(np.ldexp(1.0, min(exponent, 960)))  # terms below ~1e-270: no overflow of x * s
 
 
 def to_fixed(values, scale):
@@ -71,6 +72,7 @@ class Comm:
         """In-place sum over ranks of a numpy array (returns it)."""
         if self._c is not None and self.size > 1:
             from mpi4py import MPI
+
             self._c.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
         return array
 
@@ -90,6 +92,7 @@ class Comm:
         if self._c is None or self.size == 1:
             return value
         from mpi4py import MPI
+
         return self._c.allreduce(value, op=MPI.MAX)
 
     def gather_rows(self, local, n_total):
@@ -135,9 +138,19 @@ def world():
 
     mpi4py is imported only when an MPI launcher set its environment, so plain single-process
     runs do not need a working MPI runtime."""
-    launched = any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-                                             "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD"))
+    launched = any(
+        k in os.environ
+        for k in (
+            "PMI_RANK",
+            "PMI_SIZE",
+            "OMPI_COMM_WORLD_SIZE",
+            "PMIX_RANK",
+            "MPI_LOCALNRANKS",
+            "HYDRA_CONTROL_FD",
+        )
+    )
     if not launched:
         return Comm(None)
     from mpi4py import MPI
+
     return Comm(MPI.COMM_WORLD)

@@ -10,6 +10,7 @@ full box is one chunk and its transforms (see memory.py). Every per-image step a
 (normalisation, Fourier transform, shift, crop) gives each image the same bits in any chunk, so
 the chunk size changes no result.
 """
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,8 +18,7 @@ import numpy as np
 
 from .geometry import euler_to_matrix
 
-
-CHUNK_BYTES = 16 << 20     # float32 image bytes read at a time (a chunk), see iter_chunks
+CHUNK_BYTES = 16 << 20  # float32 image bytes read at a time (a chunk), see iter_chunks
 
 
 def chunk_images(box, chunk_bytes=None):
@@ -34,24 +34,33 @@ class ParticleDataError(ValueError):
 @dataclass
 class CTFParams:
     """Per-particle CTF parameters (arrays of length n)."""
-    defocus_u: np.ndarray          # Å
-    defocus_v: np.ndarray          # Å
-    defocus_angle: np.ndarray      # degrees, astigmatism azimuth from the x axis
-    voltage: np.ndarray            # kV
-    cs: np.ndarray                 # mm
+
+    defocus_u: np.ndarray  # Å
+    defocus_v: np.ndarray  # Å
+    defocus_angle: np.ndarray  # degrees, astigmatism azimuth from the x axis
+    voltage: np.ndarray  # kV
+    cs: np.ndarray  # mm
     amplitude_contrast: np.ndarray  # fraction, e.g. 0.1
-    phase_shift: np.ndarray        # degrees (phase plate), usually 0
+    phase_shift: np.ndarray  # degrees (phase plate), usually 0
     bfactor: Optional[np.ndarray] = None  # Å^2 envelope, usually absent
 
     def subset(self, idx):
-        return CTFParams(**{k: (None if v is None else np.asarray(v)[idx])
-                            for k, v in self.__dict__.items()})
+        return CTFParams(
+            **{k: (None if v is None else np.asarray(v)[idx]) for k, v in self.__dict__.items()}
+        )
 
     @classmethod
     def constant(cls, n, defocus=15000.0, voltage=300.0, cs=2.7, amplitude_contrast=0.1):
         one = np.ones(n)
-        return cls(defocus * one, defocus * one, 0 * one, voltage * one, cs * one,
-                   amplitude_contrast * one, 0 * one)
+        return cls(
+            defocus * one,
+            defocus * one,
+            0 * one,
+            voltage * one,
+            cs * one,
+            amplitude_contrast * one,
+            0 * one,
+        )
 
 
 @dataclass
@@ -61,16 +70,17 @@ class ParticleSet:
     ``images`` is an ImageStack-like object or an ndarray of shape (n, box, box).
     ``source_rows`` optionally keeps the raw STAR rows (for per-cluster STAR export).
     """
+
     images: object
-    angles: np.ndarray             # (n, 3) rot, tilt, psi in degrees
-    shifts: np.ndarray             # (n, 2) origin x, y in pixels (RELION sense)
+    angles: np.ndarray  # (n, 3) rot, tilt, psi in degrees
+    shifts: np.ndarray  # (n, 2) origin x, y in pixels (RELION sense)
     ctf: CTFParams
-    pixel_size: float              # Å / pixel of the stored images
-    micrograph: Optional[np.ndarray] = None   # (n,) str
-    norm: Optional[np.ndarray] = None         # (n,) float (rlnNormCorrection or meridien norm)
+    pixel_size: float  # Å / pixel of the stored images
+    micrograph: Optional[np.ndarray] = None  # (n,) str
+    norm: Optional[np.ndarray] = None  # (n,) float (rlnNormCorrection or meridien norm)
     class_label: Optional[np.ndarray] = None  # (n,) int (true class in simulations, rlnClassNumber)
-    group: Optional[np.ndarray] = None        # (n,) int particle group (noise model), 0-based
-    half_set: Optional[np.ndarray] = None     # (n,) int 0/1 (rlnRandomSubset - 1)
+    group: Optional[np.ndarray] = None  # (n,) int particle group (noise model), 0-based
+    half_set: Optional[np.ndarray] = None  # (n,) int 0/1 (rlnRandomSubset - 1)
     source: dict = field(default_factory=dict)  # provenance: star path, optics table, raw rows
 
     def __len__(self):
@@ -105,11 +115,23 @@ class ParticleSet:
 
         def pick(a):
             return None if a is None else np.asarray(a)[idx]
-        images = self.images[idx] if isinstance(self.images, np.ndarray) else _SubStack(self.images, idx)
-        return ParticleSet(images, self.angles[idx], self.shifts[idx], self.ctf.subset(idx),
-                           self.pixel_size, pick(self.micrograph), pick(self.norm),
-                           pick(self.class_label), pick(self.group), pick(self.half_set),
-                           dict(self.source, subset=idx))
+
+        images = (
+            self.images[idx] if isinstance(self.images, np.ndarray) else _SubStack(self.images, idx)
+        )
+        return ParticleSet(
+            images,
+            self.angles[idx],
+            self.shifts[idx],
+            self.ctf.subset(idx),
+            self.pixel_size,
+            pick(self.micrograph),
+            pick(self.norm),
+            pick(self.class_label),
+            pick(self.group),
+            pick(self.half_set),
+            dict(self.source, subset=idx),
+        )
 
 
 class _SubStack:

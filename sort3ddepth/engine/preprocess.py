@@ -5,16 +5,22 @@ exactly, soft-masked at the particle radius, optionally multiplied by the projec
 the *reconstruction* images (normalised and centred, unmasked). Both are Fourier-cropped to the
 sorting size nxinit, which comes from the data's own FSC scaled to the expected group size.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from . import fourier
-from .memory import memory_line
 from .ctf import ctf_coefficients
-from .reconstruction import (backproject_streamed, fsc, reconstruct, resolution_shell,
-                             soft_sphere_mask)
+from .memory import memory_line
+from .reconstruction import (
+    backproject_streamed,
+    fsc,
+    reconstruct,
+    resolution_shell,
+    soft_sphere_mask,
+)
 
 
 class SortingInputError(ValueError):
@@ -23,26 +29,26 @@ class SortingInputError(ValueError):
 
 @dataclass
 class SortingData:
-    n_total: int                 # particles in the input
-    box: int                     # original image size
-    pixel_size: float            # Å / px of the original images
-    nx: int                      # sorting image size (nxinit)
-    lo: int                      # this rank owns particles lo:hi
+    n_total: int  # particles in the input
+    box: int  # original image size
+    pixel_size: float  # Å / px of the original images
+    nx: int  # sorting image size (nxinit)
+    lo: int  # this rank owns particles lo:hi
     hi: int
-    comp_f: np.ndarray           # (n_local, nx, nx//2+1) complex64
-    rec_f: np.ndarray            # (n_local, nx, nx//2+1) complex64
-    rots: np.ndarray             # (n_local, 3, 3)
-    ctf_coefs: np.ndarray        # (n_local, 6) at nx
-    shell_weights: np.ndarray    # (1, nshell) background-noise weights (ones when off)
-    mask3d: np.ndarray           # (nx, nx, nx) comparison mask
-    fsc_full: np.ndarray         # global FSC of all data (full-data curve), per shell of `box`
-    radius: float                # particle radius in original pixels
+    comp_f: np.ndarray  # (n_local, nx, nx//2+1) complex64
+    rec_f: np.ndarray  # (n_local, nx, nx//2+1) complex64
+    rots: np.ndarray  # (n_local, 3, 3)
+    ctf_coefs: np.ndarray  # (n_local, 6) at nx
+    shell_weights: np.ndarray  # (1, nshell) background-noise weights (ones when off)
+    mask3d: np.ndarray  # (nx, nx, nx) comparison mask
+    fsc_full: np.ndarray  # global FSC of all data (full-data curve), per shell of `box`
+    radius: float  # particle radius in original pixels
     orientation_groups: np.ndarray  # (n_total,) orientation-group label of every particle
-    half: np.ndarray             # (n_total,) 0/1 random half of every particle (meridien mode:
-                                 # meridien's own half sets)
-    groups: Optional[np.ndarray] = None   # (n_local,) particle (noise) group = shell_weights row
-    smears: Optional[object] = None       # smearing.LocalSmears (meridien mode); rec_f then
-                                          # holds the UNSHIFTED images the slices are made from
+    half: np.ndarray  # (n_total,) 0/1 random half of every particle (meridien mode:
+    # meridien's own half sets)
+    groups: Optional[np.ndarray] = None  # (n_local,) particle (noise) group = shell_weights row
+    smears: Optional[object] = None  # smearing.LocalSmears (meridien mode); rec_f then
+    # holds the UNSHIFTED images the slices are made from
 
     @property
     def pixel_size_sort(self):
@@ -90,8 +96,10 @@ def choose_sorting_size(fsc_full, n, k_guess, box, nxinit=-1):
     if nxinit and nxinit > 0:
         if nxinit > box:
             raise SortingInputError(f"--nxinit {nxinit} is larger than the image size {box}")
-        return (int(nxinit) - int(nxinit) % 2,
-                resolution_shell(scaled_fsc(fsc_full, n, n // k_guess), 0.143))
+        return (
+            int(nxinit) - int(nxinit) % 2,
+            resolution_shell(scaled_fsc(fsc_full, n, n // k_guess), 0.143),
+        )
     return sorting_size(fsc_full, n, n // k_guess, box)
 
 
@@ -99,8 +107,8 @@ def meridien_fsc(fsc, box):
     """meridien's driver FSC (a full-data curve, used as is, as SPHIRE does) on the shells
     0..box/2 of the original box (missing shells: 0)."""
     out = np.zeros(box // 2 + 1)
-    f = np.asarray(fsc, np.float64)[:out.size]
-    out[:f.size] = np.clip(f, 0.0, 1.0)
+    f = np.asarray(fsc, np.float64)[: out.size]
+    out[: f.size] = np.clip(f, 0.0, 1.0)
     out[0] = 1.0
     return out
 
@@ -123,11 +131,11 @@ def normalise_images(images, radius, background=False):
         return normalise_images(np.concatenate([images, images]), radius, background)[:1]
     box = images.shape[-1]
     c = np.arange(box) - box // 2
-    inside = (c[:, None] ** 2 + c[None, :] ** 2) <= radius ** 2
+    inside = (c[:, None] ** 2 + c[None, :] ** 2) <= radius**2
     if background and (~inside).sum() >= 2:
         vals = np.asarray(images[:, ~inside], np.float64)
         mean = vals.mean(axis=1)
-        std = vals.std(axis=1, ddof=1)                 # SPHIRE's sample std (n - 1)
+        std = vals.std(axis=1, ddof=1)  # SPHIRE's sample std (n - 1)
     else:
         vals = images[:, inside]
         mean = vals.mean(axis=1)
@@ -136,7 +144,7 @@ def normalise_images(images, radius, background=False):
     return ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
 
 
-NOISE_SAMPLE = 2000     # about this many particles (every n // 2000-th) measure the noise power
+NOISE_SAMPLE = 2000  # about this many particles (every n // 2000-th) measure the noise power
 
 
 def noise_power_rows(images, radius, box, nshell):
@@ -149,19 +157,19 @@ def noise_power_rows(images, radius, box, nshell):
     c = np.arange(box) - box // 2
     outside = ((c[:, None] ** 2 + c[None, :] ** 2) > (radius + 2) ** 2).astype(np.float32)
     ky, kx = fourier.frequency_grid(box)
-    shell = np.rint(np.sqrt(kx ** 2 + ky ** 2)).astype(np.int64).ravel()
+    shell = np.rint(np.sqrt(kx**2 + ky**2)).astype(np.int64).ravel()
     nb = int(shell.max()) + 1
     counts = np.maximum(np.bincount(shell, minlength=nb), 1)
     out = np.zeros((len(images), nshell))
     for start in range(0, len(images), 256):
-        f = np.abs(np.fft.rfft2(images[start:start + 256] * outside)) ** 2 / outside.mean()
+        f = np.abs(np.fft.rfft2(images[start : start + 256] * outside)) ** 2 / outside.mean()
         m = f.shape[0]
         # per image and shell, the pixels are added in grid order (bincount): no batch effect
         key = (np.arange(m)[:, None] * nb + shell[None, :]).ravel()
         sums = np.bincount(key, f.reshape(m, -1).ravel(), minlength=m * nb).reshape(m, nb)
         power = sums / counts
         w = min(nshell, nb)
-        out[start:start + m, :w] = power[:, :w]
+        out[start : start + m, :w] = power[:, :w]
     return out
 
 
@@ -181,6 +189,7 @@ def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print, chunk=None)
     The images are read and transformed chunk by chunk (twice: the first pass measures the
     fixed-point bounds, see reconstruction.backproject_streamed)."""
     from .particles import chunk_images
+
     box = particles.box
     fsc_box = fsc_box or min(box - box % 2, 96)
     sl = comm.local_slice(len(particles))
@@ -188,13 +197,26 @@ def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print, chunk=None)
     radius = box // 2 - 2
 
     def make(a, b):
-        return fourier_chunk(particles.load_images(idx[a:b]), particles.shifts[idx[a:b]],
-                             radius, fsc_box)
-    coefs = ctf_coefficients(particles.ctf.subset(idx), fsc_box, particles.pixel_size * box / fsc_box)
+        return fourier_chunk(
+            particles.load_images(idx[a:b]), particles.shifts[idx[a:b]], radius, fsc_box
+        )
+
+    coefs = ctf_coefficients(
+        particles.ctf.subset(idx), fsc_box, particles.pixel_size * box / fsc_box
+    )
     memb = np.zeros((len(idx), 2))
     memb[np.arange(len(idx)), rng_halves[idx]] = 1.0
-    data, w = backproject_streamed(make, len(idx), particles.rotations[idx], memb, coefs, fsc_box,
-                                   pad=2, chunk=chunk or chunk_images(box), comm=comm)
+    data, w = backproject_streamed(
+        make,
+        len(idx),
+        particles.rotations[idx],
+        memb,
+        coefs,
+        fsc_box,
+        pad=2,
+        chunk=chunk or chunk_images(box),
+        comm=comm,
+    )
     halves = reconstruct(data, w, fsc_box)
     del data, w
     mask = soft_sphere_mask(fsc_box, fsc_box // 2 - 3, edge=3)
@@ -229,15 +251,18 @@ def prepare(particles, comm, opts, rng, log=print):
     n, box = len(particles), particles.box
     radius = float(opts.radius) if opts.radius and opts.radius > 0 else box // 2 - 2
     if 2 * radius + 2 > box:
-        raise SortingInputError(f"--radius {opts.radius} is too large for {box} px images "
-                                f"(need 2*radius + 2 <= {box})")
+        raise SortingInputError(
+            f"--radius {opts.radius} is too large for {box} px images (need 2*radius + 2 <= {box})"
+        )
     halves = rng.integers(0, 2, n)
     fsc_full = global_fsc(particles, comm, halves, log=log)
     k_guess = opts.k_initial
     nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, opts.nxinit)
-    log(f"global FSC 0.143 at shell {resolution_shell(fsc_full, 0.143)} "
+    log(
+        f"global FSC 0.143 at shell {resolution_shell(fsc_full, 0.143)} "
         f"({box * particles.pixel_size / max(resolution_shell(fsc_full, 0.143), 1):.1f} Å); "
-        f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
+        f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
+    )
 
     log(memory_line(n, box, comm.size, nx))
     sl = comm.local_slice(n)
@@ -256,16 +281,19 @@ def prepare(particles, comm, opts, rng, log=print):
     for a, b, imgs in particles.iter_chunks(idx):
         imgs = normalise_images(imgs, radius)
         if noise_parts is not None:
-            noise_parts.append(noise_power_rows(imgs[idx[a:b] % stride == 0], radius, box,
-                                                nx // 2 + 2))
+            noise_parts.append(
+                noise_power_rows(imgs[idx[a:b] % stride == 0], radius, box, nx // 2 + 2)
+            )
         f = fourier.images_to_fourier(imgs)
         del imgs
         rec_f[a:b] = fourier.crop_fourier_images(
-            fourier.shift_images(f, particles.shifts[idx[a:b]]), nx)
+            fourier.shift_images(f, particles.shifts[idx[a:b]]), nx
+        )
         del f
         comp_f[a:b] = comparison_images(rec_f[a:b], rots[a:b], r_nx, focus_f=focus_f)
-    noise_rows = None if noise_parts is None else \
-        np.concatenate([np.zeros((0, nx // 2 + 2))] + noise_parts)
+    noise_rows = (
+        None if noise_parts is None else np.concatenate([np.zeros((0, nx // 2 + 2))] + noise_parts)
+    )
 
     # background noise weights, one row for the stack (SPHIRE has one per particle group)
     shell_w = np.ones((1, nx // 2 + 2))
@@ -277,16 +305,31 @@ def prepare(particles, comm, opts, rng, log=print):
             w = np.zeros_like(power)
             w[1:][valid] = 1.0 / power[1:][valid]
             w[0] = w[1]
-            w /= np.mean(w[1:nx // 2])
+            w /= np.mean(w[1 : nx // 2])
             shell_w[0] = w
             log("background-noise weighting on (inverse power per shell, outside the radius)")
     coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
 
     mask = comparison_mask(opts.mask_map, nx, r_nx)
     og = orientation_groups(particles.rotations, opts.sym, opts.orientation_groups)
-    return SortingData(n, box, particles.pixel_size, nx, sl.start, sl.stop, comp_f, rec_f, rots,
-                       coefs, shell_w, mask, fsc_full, radius, np.asarray(og, np.int64),
-                       halves.astype(np.int64))
+    return SortingData(
+        n,
+        box,
+        particles.pixel_size,
+        nx,
+        sl.start,
+        sl.stop,
+        comp_f,
+        rec_f,
+        rots,
+        coefs,
+        shell_w,
+        mask,
+        fsc_full,
+        radius,
+        np.asarray(og, np.int64),
+        halves.astype(np.int64),
+    )
 
 
 def focus_fourier(focus_map, nx):
@@ -322,6 +365,7 @@ def orientation_groups(rotations, sym_name, n_groups):
     """Orientation-group label of every particle (its viewing direction's nearest group centre
     in the asymmetric unit)."""
     from .symmetry import effective_orientation_groups, parse_symmetry
+
     sym = parse_symmetry(sym_name)
     n_og = effective_orientation_groups(n_groups, sym.order)
     centres = sym.orientation_group_centres(n_og)
@@ -336,7 +380,7 @@ def meridien_noise_weights(bckgnoise, n_cols, apply_noise):
         return np.ones((1, n_cols))
     b = np.asarray(bckgnoise, np.float64)[:, :n_cols]
     out = np.zeros((b.shape[0], n_cols))
-    out[:, :b.shape[1]] = np.maximum(b, 0.0)
+    out[:, : b.shape[1]] = np.maximum(b, 0.0)
     return out
 
 
@@ -355,19 +399,23 @@ def prepare_meridien(ref, comm, opts, log=print):
     * noise: the particle group's bckgnoise row weights the score and both data and weights of
       the reconstructions (unless --notapplybckgnoise)."""
     from .smearing import LocalSmears
+
     particles = ref.particles
     n, box = len(particles), particles.box
     radius = float(ref.radius)
     if 2 * radius + 2 > box:
-        raise SortingInputError(f"--radius {radius:g} is too large for {box} px images "
-                                f"(need 2*radius + 2 <= {box})")
+        raise SortingInputError(
+            f"--radius {radius:g} is too large for {box} px images (need 2*radius + 2 <= {box})"
+        )
     fsc_full = meridien_fsc(ref.fsc, box)
     k_guess = opts.k_initial
     nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, opts.nxinit)
     r_all = resolution_shell(fsc_full, 0.143)
-    log(f"meridien iteration {ref.iteration} of {ref.folder} (last {ref.last_iteration}); "
+    log(
+        f"meridien iteration {ref.iteration} of {ref.folder} (last {ref.last_iteration}); "
         f"refinement FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
-        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px")
+        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
+    )
     log(memory_line(n, box, comm.size, nx))
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
@@ -382,8 +430,7 @@ def prepare_meridien(ref, comm, opts, log=print):
         f = fourier.images_to_fourier(normalise_images(imgs, radius, background=True))
         del imgs
         base[a:b] = fourier.crop_fourier_images(f, nx)
-        comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx[a:b]]),
-                                           nx)
+        comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx[a:b]]), nx)
         del f
         comp *= norm_factors[idx[a:b]].astype(np.float32)[:, None, None]
         comp_f[a:b] = comparison_images(comp, rots[a:b], r_nx, focus_f=focus_f)
@@ -391,23 +438,51 @@ def prepare_meridien(ref, comm, opts, log=print):
     shell_w = meridien_noise_weights(ref.bckgnoise, nx // 2 + 2, opts.apply_noise)
     noise = bool(opts.apply_noise) and ref.bckgnoise is not None
     if noise:
-        log(f"background-noise weighting on: {ref.bckgnoise.shape[0]} particle group(s) from "
-            f"{ref.bckgnoise_path}")
+        log(
+            f"background-noise weighting on: {ref.bckgnoise.shape[0]} particle group(s) from "
+            f"{ref.bckgnoise_path}"
+        )
         groups = np.asarray(particles.group[idx], np.int64)
     else:
         log("background-noise weighting off")
         groups = np.zeros(len(idx), np.int64)
     coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
-    smears = LocalSmears.build(ref.smears.subset(idx), base, box, norm_factors[idx], coefs,
-                               groups, getattr(opts, "smear_precompute", None))
+    smears = LocalSmears.build(
+        ref.smears.subset(idx),
+        base,
+        box,
+        norm_factors[idx],
+        coefs,
+        groups,
+        getattr(opts, "smear_precompute", None),
+    )
     counts = comm.allgather((smears.n_precomputed, smears.n_entries))
     done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    log(f"smeared slices: {done} of {total} precomputed"
+    log(
+        f"smeared slices: {done} of {total} precomputed"
         + (f" ({', '.join(f'{a}/{b}' for a, b in counts)} per rank)" if comm.size > 1 else "")
-        + ("" if done == total else "; the rest are built on the fly in every reconstruction"))
+        + ("" if done == total else "; the rest are built on the fly in every reconstruction")
+    )
     mask = comparison_mask(opts.mask_map, nx, r_nx)
     og = orientation_groups(particles.rotations, ref.symmetry, opts.orientation_groups)
     half = np.asarray(particles.half_set, np.int64)
-    return SortingData(n, box, particles.pixel_size, nx, sl.start, sl.stop, comp_f, base, rots,
-                       coefs, shell_w, mask, fsc_full, radius, np.asarray(og, np.int64), half,
-                       groups=groups, smears=smears)
+    return SortingData(
+        n,
+        box,
+        particles.pixel_size,
+        nx,
+        sl.start,
+        sl.stop,
+        comp_f,
+        base,
+        rots,
+        coefs,
+        shell_w,
+        mask,
+        fsc_full,
+        radius,
+        np.asarray(og, np.int64),
+        half,
+        groups=groups,
+        smears=smears,
+    )

@@ -4,15 +4,15 @@ The regularised (Wiener-like) division follows the sorting practice of SPHIRE: t
 shell is taken from an FSC as FSC/(1-FSC), so the reconstruction adds mean_weight*(1-FSC)/FSC
 to the CTF^2 weights of that shell; shells past the resolution limit are zeroed.
 """
+
 from functools import lru_cache
 
 import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-
 FINAL_SETS_AT_ONCE = 1  # final maps (sorter.final_maps): sets whose two half maps are accumulated
-                        # in one pass over the images at the full box (memory.FINAL_MAPS)
+# in one pass over the images at the full box (memory.FINAL_MAPS)
 
 
 def chunk_ranges(n, chunk):
@@ -21,8 +21,18 @@ def chunk_ranges(n, chunk):
     return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
 
 
-def backproject_streamed(make_images, n, rotations, member_weights, ctf_coefs, box, pad=2,
-                         chunk=256, value_max=None, comm=None):
+def backproject_streamed(
+    make_images,
+    n,
+    rotations,
+    member_weights,
+    ctf_coefs,
+    box,
+    pad=2,
+    chunk=256,
+    value_max=None,
+    comm=None,
+):
     """fourier.backproject of n images that are made chunk by chunk, never all at once:
     ``make_images(a, b)`` returns the Fourier images a..b-1 (complex64 (b - a, box, box//2+1),
     centred and shifted as they are to be inserted). The result has the SAME BITS as
@@ -33,6 +43,7 @@ def backproject_streamed(make_images, n, rotations, member_weights, ctf_coefs, b
     Memory: one chunk of images plus the K accumulators (24 bytes per padded-grid voxel)."""
     from . import fourier
     from .smearing import _insert_into
+
     memb = np.ascontiguousarray(member_weights, np.float64)
     memb = memb.reshape(n, memb.shape[-1] if memb.ndim > 1 else 1)
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
@@ -47,19 +58,48 @@ def backproject_streamed(make_images, n, rotations, member_weights, ctf_coefs, b
     k = memb.shape[1]
     rows, cols = np.nonzero(memb)
     sums = fourier.FixedPointSums.for_entries(
-        (k, npad, npad, npad // 2 + 1), np.asarray(value_max, np.float64)[rows],
-        memb[rows, cols], coefs[rows], use_ctf, np.ones(len(rows)), scale, box, comm)
+        (k, npad, npad, npad // 2 + 1),
+        np.asarray(value_max, np.float64)[rows],
+        memb[rows, cols],
+        coefs[rows],
+        use_ctf,
+        np.ones(len(rows)),
+        scale,
+        box,
+        comm,
+    )
     for a, b in ranges:
         if not memb[a:b].any():
             continue
-        _insert_into(sums, make_images(a, b), np.arange(b - a), rots[a:b], memb[a:b],
-                     coefs[a:b] if use_ctf else None, None, None, None, scale)
+        _insert_into(
+            sums,
+            make_images(a, b),
+            np.arange(b - a),
+            rots[a:b],
+            memb[a:b],
+            coefs[a:b] if use_ctf else None,
+            None,
+            None,
+            None,
+            scale,
+        )
     return sums.finish(comm)
 
 
-def backproject_smeared_streamed(make_base, smears, norm_factors, ctf_coefs, groups,
-                                 member_weights, box, pad, shell_w, chunk=256, base_max=None,
-                                 comm=None):
+def backproject_smeared_streamed(
+    make_base,
+    smears,
+    norm_factors,
+    ctf_coefs,
+    groups,
+    member_weights,
+    box,
+    pad,
+    shell_w,
+    chunk=256,
+    base_max=None,
+    comm=None,
+):
     """smearing.LocalSmears(...).backproject of n particles whose unshifted Fourier images
     (``make_base(a, b)``: complex64 (b - a, box, box//2+1)) are made chunk by chunk: the same
     bits as building the LocalSmears of all n particles at once with n_precompute=0 (meridien
@@ -68,6 +108,7 @@ def backproject_smeared_streamed(make_base, smears, norm_factors, ctf_coefs, gro
     known; else a first pass measures it. Every rank must call (with comm)."""
     from . import fourier
     from .smearing import CHUNK_ENTRIES, LocalSmears, _insert_into, shifted_slices
+
     memb = np.asarray(member_weights, np.float64)
     n, k = memb.shape
     ranges = chunk_ranges(n, chunk)
@@ -83,12 +124,18 @@ def backproject_smeared_streamed(make_base, smears, norm_factors, ctf_coefs, gro
     npad = fourier.padded_size(box, pad)
     scale = npad / box
     e_of, m_of = np.nonzero(memb_e)
-    sw = np.atleast_2d(np.asarray(shell_w, np.float64)) if shell_w is not None \
-        else np.ones((1, 1))
+    sw = np.atleast_2d(np.asarray(shell_w, np.float64)) if shell_w is not None else np.ones((1, 1))
     sums = fourier.FixedPointSums.for_entries(
-        (k, npad, npad, npad // 2 + 1), 2.0 * np.asarray(base_max)[sm.parent[e_of]],
-        memb_e[e_of, m_of], sm.coefs[e_of], True, np.abs(sw).max(axis=1)[sm.groups[e_of]],
-        scale, box, comm)
+        (k, npad, npad, npad // 2 + 1),
+        2.0 * np.asarray(base_max)[sm.parent[e_of]],
+        memb_e[e_of, m_of],
+        sm.coefs[e_of],
+        True,
+        np.abs(sw).max(axis=1)[sm.groups[e_of]],
+        scale,
+        box,
+        comm,
+    )
     for a, b in ranges:
         e0, e1 = int(sm.offsets[a]), int(sm.offsets[b])
         if not memb_e[e0:e1].any():
@@ -97,8 +144,18 @@ def backproject_smeared_streamed(make_base, smears, norm_factors, ctf_coefs, gro
         for c in range(e0, e1, CHUNK_ENTRIES):
             e = np.arange(c, min(e1, c + CHUNK_ENTRIES))
             imgs = shifted_slices(base, sm.parent[e] - a, sm.shift[e])
-            _insert_into(sums, imgs, np.arange(len(e)), sm.rotation[e], memb_e[e], sm.coefs[e],
-                         shell_w, sm.groups[e], None, scale)
+            _insert_into(
+                sums,
+                imgs,
+                np.arange(len(e)),
+                sm.rotation[e],
+                memb_e[e],
+                sm.coefs[e],
+                shell_w,
+                sm.groups[e],
+                None,
+                scale,
+            )
     return sums.finish(comm)
 
 
@@ -131,8 +188,16 @@ def _radial_mean(values, shells, nshell):
     return s / np.maximum(c, 1)
 
 
-def reconstruct(data, weights, box, fsc=None, rmax=None, min_weight=1e-3, symmetry=None,
-                tau_shells_unregularised=0):
+def reconstruct(
+    data,
+    weights,
+    box,
+    fsc=None,
+    rmax=None,
+    min_weight=1e-3,
+    symmetry=None,
+    tau_shells_unregularised=0,
+):
     """Real-space maps (K, N, N, N) float32 from half-grid accumulators (K, Np, Np, Np//2+1).
 
     fsc: optional (nshell,) FSC per shell of the *box* grid used as SNR: weight += mean_w*(1-f)/f.
@@ -144,7 +209,7 @@ def reconstruct(data, weights, box, fsc=None, rmax=None, min_weight=1e-3, symmet
     if data.ndim == 3:
         data, weights = data[None], weights[None]
     npad = data.shape[1]
-    shells = _box_shells(npad, box)                           # box-grid shell of each voxel
+    shells = _box_shells(npad, box)  # box-grid shell of each voxel
     nshell = box // 2 + 1
     limit = box // 2 - 1 if rmax is None else min(rmax, box // 2 - 1)
     keep = shells <= limit
@@ -177,11 +242,11 @@ def _half_grid_to_map(f3, box):
     the padded result (at wrapped indices), so no full-size shifted copies are made."""
     npad = f3.shape[0]
     h = npad // 2
-    g = np.empty(f3.shape, np.complex64)      # ifftshift over z and y, block by block
-    g[:npad - h, :npad - h] = f3[h:, h:]
-    g[:npad - h, npad - h:] = f3[h:, :h]
-    g[npad - h:, :npad - h] = f3[:h, h:]
-    g[npad - h:, npad - h:] = f3[:h, :h]
+    g = np.empty(f3.shape, np.complex64)  # ifftshift over z and y, block by block
+    g[: npad - h, : npad - h] = f3[h:, h:]
+    g[: npad - h, npad - h :] = f3[h:, :h]
+    g[npad - h :, : npad - h] = f3[:h, h:]
+    g[npad - h :, npad - h :] = f3[:h, :h]
     big = scipy.fft.irfftn(g, s=(npad,) * 3, workers=-1)
     wrap = (np.arange(box) - box // 2) % npad
     vol = big[np.ix_(wrap, wrap, wrap)].astype(np.float64)
@@ -196,11 +261,11 @@ def symmetrize_map(vol, matrices):
     n = vol.shape[0]
     c = np.arange(n) - n // 2
     zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
-    pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()])          # (x, y, z) column vectors
+    pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()])  # (x, y, z) column vectors
     acc = np.zeros(vol.size)
     for r in matrices:
         q = r @ pts
-        coords = np.stack([q[2], q[1], q[0]]) + n // 2            # back to (z, y, x) indices
+        coords = np.stack([q[2], q[1], q[0]]) + n // 2  # back to (z, y, x) indices
         acc += ndimage.map_coordinates(vol, coords, order=1, mode="constant")
     return (acc / len(matrices)).reshape(vol.shape).astype(vol.dtype)
 
@@ -232,8 +297,11 @@ def difference_weights(maps_a, maps_b, mask):
     20; images nearest their own map 91.2 -> 96.1 % (group 1), 99.6 % with 10 % least sure left
     out (97.0 % without the weights). Returns (nshell,), all zero for fewer than two maps."""
     k = len(maps_a)
-    curves = [fsc((maps_a[i] - maps_a[j]) * mask, (maps_b[i] - maps_b[j]) * mask)
-              for i in range(k) for j in range(i + 1, k)]
+    curves = [
+        fsc((maps_a[i] - maps_a[j]) * mask, (maps_b[i] - maps_b[j]) * mask)
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
     if not curves:
         return np.zeros(maps_a.shape[-1] // 2 + 1)
     return np.clip(np.mean(curves, axis=0), 0.0, 1.0) ** 2
@@ -249,6 +317,7 @@ def difference_mask(maps_a, maps_b, inside, sigma=1.0, threshold=2.0, grow=2, ed
     scoring would add to every image's margin. Returns a (N, N, N) mask in [0, 1], all ones
     when no voxel passes (no reproducible difference: nothing to focus on)."""
     from scipy import ndimage
+
     a = maps_a - maps_a.mean(axis=0)
     b = maps_b - maps_b.mean(axis=0)
     cov = ndimage.gaussian_filter((a * b).sum(axis=0).astype(np.float64), sigma)

@@ -5,6 +5,7 @@ particle with origin (ox, oy) holds its projection moved by -(ox, oy), so that R
 shift +origin puts it back in the centre. The true class of every particle is kept in
 ``ParticleSet.class_label``.
 """
+
 from pathlib import Path
 
 import mrcfile
@@ -16,7 +17,7 @@ from .geometry import matrix_to_euler, random_rotations
 from .particles import CTFParams, ParticleSet
 
 DEMO_MAP = Path(__file__).resolve().parent.parent / "data" / "ribosome70S_aspire_65px.mrc"
-DEMO_PIXEL_SIZE = 5.0   # Å; assumed (the file has no pixel size), see data/SOURCES.md
+DEMO_PIXEL_SIZE = 5.0  # Å; assumed (the file has no pixel size), see data/SOURCES.md
 
 
 def load_demo_map(box=64):
@@ -26,7 +27,7 @@ def load_demo_map(box=64):
     out = np.zeros((box,) * 3)
     m = min(n, box)
     so, sn = n // 2 - m // 2, box // 2 - m // 2
-    out[sn:sn + m, sn:sn + m, sn:sn + m] = vol[so:so + m, so:so + m, so:so + m]
+    out[sn : sn + m, sn : sn + m, sn : sn + m] = vol[so : so + m, so : so + m, so : so + m]
     return out / out.std()
 
 
@@ -44,7 +45,7 @@ def make_conformations(vol, n_classes, rng, radius=None):
     box = vol.shape[0]
     radius = radius or max(3.0, box / 10.0)
     inside = vol > np.percentile(vol, 90)
-    idx = np.argwhere(inside)[:, ::-1] - box // 2          # (x, y, z) of protein voxels
+    idx = np.argwhere(inside)[:, ::-1] - box // 2  # (x, y, z) of protein voxels
     dist = np.linalg.norm(idx, axis=1)
     protein_level = vol[inside].mean()
     # every change stays inside the particle radius (box/2 - 2, the default mask): a change the
@@ -71,9 +72,20 @@ def make_conformations(vol, n_classes, rng, radius=None):
     return np.stack(maps)
 
 
-def simulate_particles(maps, n_per_class, pixel_size, rng, snr=0.1, defocus=(10000.0, 30000.0),
-                       astigmatism=500.0, max_shift=3.0, voltage=300.0, cs=2.7,
-                       amplitude_contrast=0.1, chunk=2000):
+def simulate_particles(
+    maps,
+    n_per_class,
+    pixel_size,
+    rng,
+    snr=0.1,
+    defocus=(10000.0, 30000.0),
+    astigmatism=500.0,
+    max_shift=3.0,
+    voltage=300.0,
+    cs=2.7,
+    amplitude_contrast=0.1,
+    chunk=2000,
+):
     """Project each map at uniform random orientations with astigmatic CTF, random origins (pixels)
     and white Gaussian noise at the given SNR (signal variance / noise variance, over the data
     set). Returns a ParticleSet with images in memory and the true class in class_label."""
@@ -88,37 +100,53 @@ def simulate_particles(maps, n_per_class, pixel_size, rng, snr=0.1, defocus=(100
     shifts = rng.uniform(-max_shift, max_shift, (n, 2))
     dmean = rng.uniform(defocus[0], defocus[1], n)
     dast = rng.uniform(0.0, astigmatism, n)
-    mics = (np.arange(n) // 50).astype(int)                  # 50 particles per "micrograph"
-    ctf = CTFParams(dmean + dast / 2, dmean - dast / 2, rng.uniform(0, 180, n),
-                    np.full(n, voltage), np.full(n, cs), np.full(n, amplitude_contrast),
-                    np.zeros(n))
+    mics = (np.arange(n) // 50).astype(int)  # 50 particles per "micrograph"
+    ctf = CTFParams(
+        dmean + dast / 2,
+        dmean - dast / 2,
+        rng.uniform(0, 180, n),
+        np.full(n, voltage),
+        np.full(n, cs),
+        np.full(n, amplitude_contrast),
+        np.zeros(n),
+    )
     fvols = fourier.volumes_to_fourier(maps, pad=2)
     images = np.empty((n, box, box), np.float32)
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
-        proj = fourier.project(fvols, rots[sl])                       # (m, K, N, N//2+1)
+        proj = fourier.project(fvols, rots[sl])  # (m, K, N, N//2+1)
         p = proj[np.arange(proj.shape[0]), labels[sl]]
         p *= ctf_images(ctf.subset(np.arange(n)[sl]), box, pixel_size)
-        p = fourier.shift_images(p, -shifts[sl])                        # content moves by -origin
+        p = fourier.shift_images(p, -shifts[sl])  # content moves by -origin
         images[sl] = fourier.fourier_to_images(p, box)
     signal_var = images.var(axis=(1, 2)).mean()
     if snr is not None and snr > 0:
         sigma = np.sqrt(signal_var / snr)
         for start in range(0, n, chunk):
-            images[start:start + chunk] += rng.normal(0.0, sigma, images[start:start + chunk].shape
-                                                      ).astype(np.float32)
-    return ParticleSet(images=images, angles=matrix_to_euler(rots), shifts=shifts, ctf=ctf,
-                       pixel_size=float(pixel_size),
-                       micrograph=np.array([f"mic{m:05d}.mrc" for m in mics]),
-                       norm=np.ones(n), class_label=labels, group=np.zeros(n, int),
-                       source={"simulated": True})
+            images[start : start + chunk] += rng.normal(
+                0.0, sigma, images[start : start + chunk].shape
+            ).astype(np.float32)
+    return ParticleSet(
+        images=images,
+        angles=matrix_to_euler(rots),
+        shifts=shifts,
+        ctf=ctf,
+        pixel_size=float(pixel_size),
+        micrograph=np.array([f"mic{m:05d}.mrc" for m in mics]),
+        norm=np.ones(n),
+        class_label=labels,
+        group=np.zeros(n, int),
+        source={"simulated": True},
+    )
 
 
-def reconstruct_particles(particles, labels=None, pad=2, fsc=None, symmetry=None, n_maps=None,
-                          index=None):
+def reconstruct_particles(
+    particles, labels=None, pad=2, fsc=None, symmetry=None, n_maps=None, index=None
+):
     """Maps (K, N, N, N) from particles with hard labels (one per particle, -1 = left out; default: one map of all),
     CTF and shifts applied exactly; a convenience around fourier.backproject + reconstruct."""
     from .reconstruction import reconstruct
+
     idx = np.arange(len(particles)) if index is None else np.asarray(index)
     box = particles.box
     f = fourier.images_to_fourier(particles.load_images(idx))

@@ -18,6 +18,7 @@ fly. Both paths give BIT-IDENTICAL sums (so identical clusters for a seed):
   (fourier.backproject allocates new accumulators per call, so ``_insert_into`` below drives its
   kernel directly.)
 """
+
 from dataclasses import dataclass
 
 import numba
@@ -27,7 +28,7 @@ from numba import njit, prange
 from . import fourier
 from .memory import GB, bytes_per_rank, physical_memory, ranks_per_node
 
-CHUNK_ENTRIES = 2048     # slices built at a time on the fly
+CHUNK_ENTRIES = 2048  # slices built at a time on the fly
 
 
 @njit(parallel=True, cache=True)
@@ -59,9 +60,12 @@ def shifted_slices(base, parent, shift):
     base's grid, RELION origin sense)."""
     out = np.empty((len(parent),) + base.shape[1:], np.complex64)
     if len(parent):
-        _shift_kernel(np.ascontiguousarray(base, np.complex64),
-                      np.ascontiguousarray(parent, np.int64),
-                      np.ascontiguousarray(shift, np.float64), out)
+        _shift_kernel(
+            np.ascontiguousarray(base, np.complex64),
+            np.ascontiguousarray(parent, np.int64),
+            np.ascontiguousarray(shift, np.float64),
+            out,
+        )
     return out
 
 
@@ -80,11 +84,25 @@ def _insert_into(sums, imgs, img_index, rots, memb, coefs, shell_w, groups, rmax
     nt = max(1, numba.get_num_threads())
     n_slabs = int(min(16, max(4, -(-2 * nt // k))))
     table = fourier.pixel_table(box, 0.0, rmax)
-    fourier._backproject_kernel(np.ascontiguousarray(imgs, np.complex64),
-                                np.ascontiguousarray(img_index, np.int64),
-                                np.ascontiguousarray(rots, np.float64), coefs_c, use_ctf, mptr,
-                                ment, mwt, n_slabs, sw, g, float(scale), *table,
-                                sums.data_scale, sums.weight_scale, sums.data, sums.weights)
+    fourier._backproject_kernel(
+        np.ascontiguousarray(imgs, np.complex64),
+        np.ascontiguousarray(img_index, np.int64),
+        np.ascontiguousarray(rots, np.float64),
+        coefs_c,
+        use_ctf,
+        mptr,
+        ment,
+        mwt,
+        n_slabs,
+        sw,
+        g,
+        float(scale),
+        *table,
+        sums.data_scale,
+        sums.weight_scale,
+        sums.data,
+        sums.weights,
+    )
 
 
 @dataclass
@@ -95,6 +113,7 @@ class LocalSmears:
     the ``base`` images' grid; ``weight`` = probability x norm factor of the parent; ``coefs`` and
     ``groups`` are the parent's CTF coefficients and particle group, per entry. ``slices`` holds
     the shifted slices of entries 0..n_precomputed-1."""
+
     offsets: np.ndarray
     parent: np.ndarray
     rotation: np.ndarray
@@ -123,11 +142,17 @@ class LocalSmears:
         weight = np.asarray(smears.weight, np.float64) * np.asarray(norm_factors)[smears.parent]
         e = smears.n_entries
         p = e if n_precompute is None else int(min(max(n_precompute, 0), e))
-        out = cls(np.asarray(smears.offsets, np.int64), np.asarray(smears.parent, np.int64),
-                  np.ascontiguousarray(smears.rotation, np.float64), shift, weight,
-                  np.ascontiguousarray(np.asarray(coefs)[smears.parent], np.float64),
-                  np.ascontiguousarray(np.asarray(groups, np.int64)[smears.parent]), base,
-                  np.zeros((0,) + base.shape[1:], np.complex64))
+        out = cls(
+            np.asarray(smears.offsets, np.int64),
+            np.asarray(smears.parent, np.int64),
+            np.ascontiguousarray(smears.rotation, np.float64),
+            shift,
+            weight,
+            np.ascontiguousarray(np.asarray(coefs)[smears.parent], np.float64),
+            np.ascontiguousarray(np.asarray(groups, np.int64)[smears.parent]),
+            base,
+            np.zeros((0,) + base.shape[1:], np.complex64),
+        )
         out.slices = shifted_slices(base, out.parent[:p], shift[:p])
         return out
 
@@ -138,12 +163,21 @@ class LocalSmears:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         cnt = self.offsets[positions + 1] - self.offsets[positions]
         start = np.concatenate([[0], np.cumsum(cnt)])[:-1]
-        ent = np.repeat(self.offsets[positions] - start, cnt) + np.arange(cnt.sum(),
-                                                                         dtype=np.int64)
+        ent = np.repeat(self.offsets[positions] - start, cnt) + np.arange(cnt.sum(), dtype=np.int64)
         return ent, np.repeat(np.arange(len(positions)), cnt)
 
-    def backproject(self, positions, memberships, n_maps, npad, rmax, shell_w,
-                    chunk=CHUNK_ENTRIES, grid=None, comm=None):
+    def backproject(
+        self,
+        positions,
+        memberships,
+        n_maps,
+        npad,
+        rmax,
+        shell_w,
+        chunk=CHUNK_ENTRIES,
+        grid=None,
+        comm=None,
+    ):
         """Fourier sums (data, weights) of ``n_maps`` maps on the padded grid of ``npad``
         (as fourier.backproject) from the entries of the particles at local ``positions``
         (sorted), particle i weighted by memberships[row of i]. grid: a smaller grid with the
@@ -153,27 +187,58 @@ class LocalSmears:
         npad = npad if grid is None else int(grid)
         shape = (n_maps, npad, npad, npad // 2 + 1)
         ent, row = self.entries_of(positions)
-        memb = np.asarray(memberships, np.float64).reshape(-1, n_maps)[row] \
-            * self.weight[ent][:, None]
+        memb = (
+            np.asarray(memberships, np.float64).reshape(-1, n_maps)[row] * self.weight[ent][:, None]
+        )
         # fixed-point bounds per (entry, map) pair: a slice is its base image times a unit
         # phasor, so each part is at most sqrt(2) (plus rounding) times the base's largest part
         e_of, m_of = np.nonzero(memb)
-        sw = np.atleast_2d(np.asarray(shell_w, np.float64)) if shell_w is not None \
+        sw = (
+            np.atleast_2d(np.asarray(shell_w, np.float64))
+            if shell_w is not None
             else np.ones((1, 1))
+        )
         sums = fourier.FixedPointSums.for_entries(
-            shape, 2.0 * self.base_max()[self.parent[ent[e_of]]], memb[e_of, m_of],
-            self.coefs[ent[e_of]], True, np.abs(sw).max(axis=1)[self.groups[ent[e_of]]],
-            scale, self.base.shape[1], comm)
+            shape,
+            2.0 * self.base_max()[self.parent[ent[e_of]]],
+            memb[e_of, m_of],
+            self.coefs[ent[e_of]],
+            True,
+            np.abs(sw).max(axis=1)[self.groups[ent[e_of]]],
+            scale,
+            self.base.shape[1],
+            comm,
+        )
         # precomputed entries first (a prefix: ent is increasing), then on-the-fly chunks
         j = int(np.searchsorted(ent, self.n_precomputed))
         if j:
-            _insert_into(sums, self.slices, ent[:j], self.rotation[ent[:j]], memb[:j],
-                         self.coefs, shell_w, self.groups, rmax, scale)
+            _insert_into(
+                sums,
+                self.slices,
+                ent[:j],
+                self.rotation[ent[:j]],
+                memb[:j],
+                self.coefs,
+                shell_w,
+                self.groups,
+                rmax,
+                scale,
+            )
         for a in range(j, len(ent), chunk):
-            e = ent[a:a + chunk]
+            e = ent[a : a + chunk]
             imgs = shifted_slices(self.base, self.parent[e], self.shift[e])
-            _insert_into(sums, imgs, np.arange(len(e)), self.rotation[e], memb[a:a + chunk],
-                         self.coefs[e], shell_w, self.groups[e], rmax, scale)
+            _insert_into(
+                sums,
+                imgs,
+                np.arange(len(e)),
+                self.rotation[e],
+                memb[a : a + chunk],
+                self.coefs[e],
+                shell_w,
+                self.groups[e],
+                rmax,
+                scale,
+            )
         return sums.finish(comm)
 
     def base_max(self):
@@ -187,6 +252,7 @@ class LocalSmears:
 # memory
 # ------------------------------------------------------------------------------------------------
 
+
 def slice_bytes(nx):
     """Bytes of one precomputed slice (complex64 half grid at the sorting size)."""
     return nx * (nx // 2 + 1) * np.dtype(np.complex64).itemsize
@@ -198,8 +264,7 @@ def entries_per_rank(smears, comm_size):
     return np.diff(np.asarray(smears.offsets)[bounds])
 
 
-def memory_plan(smears, n_particles, box, nx, comm_size, memory_per_node, overhead,
-                on_the_fly):
+def memory_plan(smears, n_particles, box, nx, comm_size, memory_per_node, overhead, on_the_fly):
     """How many smeared slices each rank may precompute, from the memory budget.
 
     The budget is --memory_per_node (or the physical memory) minus --overhead minus the
@@ -217,23 +282,33 @@ def memory_plan(smears, n_particles, box, nx, comm_size, memory_per_node, overhe
     given = memory_per_node > 0
     total = memory_per_node * GB if given else physical_memory()
     mean = smears.n_entries / max(n_particles, 1)
-    lines = [f"smearing: {smears.n_entries} smear entries ({mean:.2f} per particle); "
-             f"precomputing their {nx} px slices takes {smear / GB:.2f} GB on this node "
-             f"({local} rank(s)) on top of an estimated {base / GB:.2f} GB"]
+    lines = [
+        f"smearing: {smears.n_entries} smear entries ({mean:.2f} per particle); "
+        f"precomputing their {nx} px slices takes {smear / GB:.2f} GB on this node "
+        f"({local} rank(s)) on top of an estimated {base / GB:.2f} GB"
+    ]
     if total is None:
         return None, None, lines + ["memory unknown: every smeared slice is precomputed"]
     avail = total - overhead * GB
     if base + smear <= avail or (not given and not on_the_fly and base + smear <= total):
         if base + smear > avail:
-            lines.append("warning: precomputed smears exceed the physical memory minus "
-                         "--overhead; going on since --memory_per_node was not given")
+            lines.append(
+                "warning: precomputed smears exceed the physical memory minus "
+                "--overhead; going on since --memory_per_node was not given"
+            )
         return None, None, lines
     if not on_the_fly:
         what = "--memory_per_node" if given else "this node's physical memory"
-        return None, (f"{what} {total / GB:.2f} GB minus --overhead {overhead:g} GB leaves "
-                      f"{max(avail, 0) / GB:.2f} GB, but sorting needs about {base / GB:.2f} GB "
-                      f"plus {smear / GB:.2f} GB to precompute the {smears.n_entries} smeared "
-                      f"slices: turn on --compute_on_the_fly (or use fewer ranks per node or "
-                      f"--nsmear 1)"), lines
+        return (
+            None,
+            (
+                f"{what} {total / GB:.2f} GB minus --overhead {overhead:g} GB leaves "
+                f"{max(avail, 0) / GB:.2f} GB, but sorting needs about {base / GB:.2f} GB "
+                f"plus {smear / GB:.2f} GB to precompute the {smears.n_entries} smeared "
+                f"slices: turn on --compute_on_the_fly (or use fewer ranks per node or "
+                f"--nsmear 1)"
+            ),
+            lines,
+        )
     budget = max(avail - base, 0.0) / local
     return int(budget // per), None, lines

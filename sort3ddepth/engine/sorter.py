@@ -45,8 +45,13 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     slices built on the fly chunk by chunk."""
     from .particles import chunk_images
     from .preprocess import fourier_chunk
-    from .reconstruction import (FINAL_SETS_AT_ONCE, backproject_smeared_streamed,
-                                 backproject_streamed, chunk_ranges)
+    from .reconstruction import (
+        FINAL_SETS_AT_ONCE,
+        backproject_smeared_streamed,
+        backproject_streamed,
+        chunk_ranges,
+    )
+
     box, apix = particles.box, particles.pixel_size
     pad = 2 if box <= 160 else 1
     sl = comm.local_slice(len(particles))
@@ -70,14 +75,19 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     shifts = particles.shifts if meridien is None else None
 
     def make(sel):
-        return lambda a, b: fourier_chunk(particles.load_images(sel[a:b]),
-                                          None if shifts is None else shifts[sel[a:b]],
-                                          radius, box, background=meridien is not None)
+        return lambda a, b: fourier_chunk(
+            particles.load_images(sel[a:b]),
+            None if shifts is None else shifts[sel[a:b]],
+            radius,
+            box,
+            background=meridien is not None,
+        )
+
     value_max = np.zeros(len(particles))
     for a, b in chunk_ranges(len(every), chunk):
         value_max[every[a:b]] = fourier.component_max(make(every)(a, b))
     for start in range(0, len(clusters), FINAL_SETS_AT_ONCE):
-        batch = clusters[start:start + FINAL_SETS_AT_ONCE]
+        batch = clusters[start : start + FINAL_SETS_AT_ONCE]
         lab = np.full(len(particles), -1)
         for j, c in enumerate(batch):
             lab[c] = j
@@ -86,14 +96,34 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
         coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
         if meridien is None:
-            data, w = backproject_streamed(make(sel), len(sel), particles.rotations[sel], memb,
-                                           coefs, box, pad=pad, chunk=chunk,
-                                           value_max=value_max[sel], comm=comm)
+            data, w = backproject_streamed(
+                make(sel),
+                len(sel),
+                particles.rotations[sel],
+                memb,
+                coefs,
+                box,
+                pad=pad,
+                chunk=chunk,
+                value_max=value_max[sel],
+                comm=comm,
+            )
         else:
             groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
             data, w = backproject_smeared_streamed(
-                make(sel), meridien.smears.subset(sel), norm_factors[sel], coefs, groups, memb,
-                box, pad, shell_w, chunk=chunk, base_max=value_max[sel], comm=comm)
+                make(sel),
+                meridien.smears.subset(sel),
+                norm_factors[sel],
+                coefs,
+                groups,
+                memb,
+                box,
+                pad,
+                shell_w,
+                chunk=chunk,
+                base_max=value_max[sel],
+                comm=comm,
+            )
         for j in range(len(batch)):
             h = reconstruct(data[2 * j : 2 * j + 2], w[2 * j : 2 * j + 2], box, symmetry=sym)
             curve = fsc(h[0] * mask, h[1] * mask)

@@ -14,6 +14,7 @@ working directory, then from each parent of the STAR file's folder.
 Every problem with the input raises ``ParticleDataError`` with a one-line message that starts with
 the STAR file's path and names the column, row, line or image file at fault.
 """
+
 import collections
 import contextlib
 import io
@@ -30,29 +31,50 @@ from emtable import Table
 
 from .particles import CTFParams, ParticleDataError, ParticleSet
 
-__all__ = ['ImageStack', 'read_star', 'write_star']
+__all__ = ["ImageStack", "read_star", "write_star"]
 
-_MAX_OPEN_FILES = 128          # memory-mapped stacks kept open at once (LRU)
-_CHUNK_BYTES = 64 << 20        # images handled per chunk when checking or writing stacks
+_MAX_OPEN_FILES = 128  # memory-mapped stacks kept open at once (LRU)
+_CHUNK_BYTES = 64 << 20  # images handled per chunk when checking or writing stacks
 
 # Columns that live in data_optics in RELION 3.1+ (and per particle in RELION 3.0).
-_OPTICS_COLUMNS = ('rlnImagePixelSize', 'rlnPixelSize', 'rlnDetectorPixelSize', 'rlnMagnification',
-                   'rlnVoltage', 'rlnSphericalAberration', 'rlnAmplitudeContrast', 'rlnImageSize')
-_ANGLE_COLUMNS = ('rlnAngleRot', 'rlnAngleTilt', 'rlnAnglePsi')
-_CTF_COLUMNS = ('rlnDefocusU', 'rlnDefocusV', 'rlnDefocusAngle', 'rlnVoltage',
-                'rlnSphericalAberration', 'rlnAmplitudeContrast')
+_OPTICS_COLUMNS = (
+    "rlnImagePixelSize",
+    "rlnPixelSize",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImageSize",
+)
+_ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+_CTF_COLUMNS = (
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+)
 # Values used for CTF columns that are absent when read_star(require_ctf=False).
-_CTF_DEFAULTS = {'rlnDefocusU': 0.0, 'rlnDefocusV': 0.0, 'rlnDefocusAngle': 0.0, 'rlnVoltage': 300.0,
-                 'rlnSphericalAberration': 2.7, 'rlnAmplitudeContrast': 0.1}
+_CTF_DEFAULTS = {
+    "rlnDefocusU": 0.0,
+    "rlnDefocusV": 0.0,
+    "rlnDefocusAngle": 0.0,
+    "rlnVoltage": 300.0,
+    "rlnSphericalAberration": 2.7,
+    "rlnAmplitudeContrast": 0.1,
+}
 
 
 def _one_line(obj):
-    return ' '.join(str(obj).split())
+    return " ".join(str(obj).split())
 
 
 # ------------------------------------------------------------------------------------------------
 # Image stacks
 # ------------------------------------------------------------------------------------------------
+
 
 class ImageStack:
     """Images referenced from a STAR file, possibly spread over several MRC stacks.
@@ -68,10 +90,11 @@ class ImageStack:
         self.file_index = np.asarray(file_index, dtype=np.intp).reshape(-1)
         self.image_index = np.asarray(image_index, dtype=np.intp).reshape(-1)
         if self.file_index.shape != self.image_index.shape:
-            raise ValueError('file_index and image_index must have the same length')
-        if len(self.file_index) and (self.file_index.min() < 0
-                                     or self.file_index.max() >= len(self.files)):
-            raise ValueError('file_index refers to a file that is not in files')
+            raise ValueError("file_index and image_index must have the same length")
+        if len(self.file_index) and (
+            self.file_index.min() < 0 or self.file_index.max() >= len(self.files)
+        ):
+            raise ValueError("file_index refers to a file that is not in files")
         self._max_open = max(1, int(max_open))
         self._open = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -86,7 +109,7 @@ class ImageStack:
         return self.shape[0]
 
     def __repr__(self):
-        return 'ImageStack(%d images of %dx%d in %d file(s))' % (self.shape + (len(self.files),))
+        return "ImageStack(%d images of %dx%d in %d file(s))" % (self.shape + (len(self.files),))
 
     # -- file access ---------------------------------------------------------------------------
     def data(self, file_id):
@@ -94,7 +117,7 @@ class ImageStack:
         with self._lock:
             mrc = self._open.get(file_id)
             if mrc is None:
-                mrc = mrcfile.mmap(self.files[file_id], mode='r', permissive=False)
+                mrc = mrcfile.mmap(self.files[file_id], mode="r", permissive=False)
                 self._open[file_id] = mrc
                 while len(self._open) > self._max_open:
                     _, old = self._open.popitem(last=False)
@@ -112,8 +135,8 @@ class ImageStack:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state['_open'] = collections.OrderedDict()
-        state.pop('_lock')
+        state["_open"] = collections.OrderedDict()
+        state.pop("_lock")
         return state
 
     def __setstate__(self, state):
@@ -136,7 +159,7 @@ class ImageStack:
             if i < 0:
                 i += n
             if not 0 <= i < n:
-                raise IndexError('image %d out of range for %d images' % (int(sel), n))
+                raise IndexError("image %d out of range for %d images" % (int(sel), n))
             d = self.data(int(self.file_index[i]))
             return np.array(d[self.image_index[i]], dtype=np.float32)
         if sel is Ellipsis:
@@ -147,17 +170,19 @@ class ImageStack:
             idx = np.asarray(sel)
             if idx.dtype == bool:
                 if idx.shape != (n,):
-                    raise IndexError('boolean mask of shape %s for %d images' % (idx.shape, n))
+                    raise IndexError("boolean mask of shape %s for %d images" % (idx.shape, n))
                 idx = np.flatnonzero(idx)
             elif idx.size == 0:
                 idx = np.zeros(0, dtype=np.intp)
             elif not np.issubdtype(idx.dtype, np.integer):
-                raise IndexError('images can only be selected by int, slice, integer or boolean array')
+                raise IndexError(
+                    "images can only be selected by int, slice, integer or boolean array"
+                )
             if idx.ndim != 1:
-                raise IndexError('image index arrays must be one-dimensional')
+                raise IndexError("image index arrays must be one-dimensional")
             idx = idx.astype(np.intp)
             if idx.size and (idx.min() < -n or idx.max() >= n):
-                raise IndexError('image index out of range for %d images' % n)
+                raise IndexError("image index out of range for %d images" % n)
             idx = np.where(idx < 0, idx + n, idx)
         return self._read(idx)
 
@@ -168,20 +193,20 @@ class ImageStack:
             return out
         fids = self.file_index[idx]
         imgs = self.image_index[idx]
-        order = np.argsort(fids, kind='stable')
+        order = np.argsort(fids, kind="stable")
         cuts = np.flatnonzero(np.diff(fids[order])) + 1
         for pos in np.split(order, cuts):
             data = self.data(int(fids[pos[0]]))
             want = imgs[pos]
             uniq, inverse = np.unique(want, return_inverse=True)
             if uniq[-1] - uniq[0] + 1 == len(uniq):
-                block = data[uniq[0]:uniq[-1] + 1]     # contiguous run: a plain slice of the mmap
+                block = data[uniq[0] : uniq[-1] + 1]  # contiguous run: a plain slice of the mmap
             else:
-                block = data[uniq]                      # one fancy-index read for this file
+                block = data[uniq]  # one fancy-index read for this file
             if len(uniq) != len(want) or np.any(want[:-1] > want[1:]):
                 block = block[inverse]
             if pos[-1] - pos[0] + 1 == len(pos) and np.all(pos[1:] > pos[:-1]):
-                out[pos[0]:pos[-1] + 1] = block
+                out[pos[0] : pos[-1] + 1] = block
             else:
                 out[pos] = block
             del block
@@ -193,8 +218,8 @@ class ImageStack:
         page cache but no longer count in this process's resident memory, which would
         otherwise grow to the whole stack as the chunks stream through."""
         mrc = self._open.get(file_id)
-        mm = getattr(getattr(mrc, '_data', None), '_mmap', None) if mrc is not None else None
-        if mm is not None and hasattr(mm, 'madvise') and hasattr(mmap, 'MADV_DONTNEED'):
+        mm = getattr(getattr(mrc, "_data", None), "_mmap", None) if mrc is not None else None
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             try:
                 mm.madvise(mmap.MADV_DONTNEED)
             except (OSError, ValueError):
@@ -206,9 +231,12 @@ class ImageStack:
 # and comment lines inside loops, checks the number of values on every row and keeps line numbers)
 # ------------------------------------------------------------------------------------------------
 
+
 class _RowError(Exception):
     def __init__(self, lineno, expected, found):
-        super().__init__('line %d has %d values, expected %d (one per column)' % (lineno, found, expected))
+        super().__init__(
+            "line %d has %d values, expected %d (one per column)" % (lineno, found, expected)
+        )
         self.lineno = lineno
 
 
@@ -216,11 +244,11 @@ class _BlockFeeder:
     """A readline()-only view of one data_ block of an open text file, for emtable's reader."""
 
     def __init__(self, lines):
-        self._lines = lines            # shared iterator of (lineno, text) with one-line pushback
+        self._lines = lines  # shared iterator of (lineno, text) with one-line pushback
         self.name = None
         self.columns = []
         self.loop = False
-        self.row_lines = array('l')
+        self.row_lines = array("l")
         self.last_lineno = None
         self._in_rows = False
         self._shlex = None
@@ -228,35 +256,35 @@ class _BlockFeeder:
 
     def readline(self):
         if self._done:
-            return ''
+            return ""
         while True:
             item = self._lines.next()
             if item is None:
                 self._done = True
-                return ''
+                return ""
             lineno, line = item
             s = line.strip()
-            if self.name is None:      # the data_ line itself
+            if self.name is None:  # the data_ line itself
                 self.name = s.split()[0][5:]
                 self.last_lineno = lineno
                 return line
-            if s.startswith('data_'):
+            if s.startswith("data_"):
                 self._lines.push_back(item)
                 self._done = True
-                return ''
-            if not s or s.startswith('#'):
+                return ""
+            if not s or s.startswith("#"):
                 continue
             self.last_lineno = lineno
             if not self._in_rows:
-                if s.startswith('loop_'):
+                if s.startswith("loop_"):
                     self.loop = True
-                elif s.startswith('_'):
+                elif s.startswith("_"):
                     self.columns.append(s.split()[0][1:])
                 elif self.columns:
                     self._in_rows = True
             if self._in_rows and self.loop:
                 if self._shlex is None:
-                    self._shlex = ("'" in s) or ('"' in s)   # emtable decides on the first row
+                    self._shlex = ("'" in s) or ('"' in s)  # emtable decides on the first row
                 n = len(shlex.split(s) if self._shlex else s.split())
                 if n != len(self.columns):
                     raise _RowError(lineno, len(self.columns), n)
@@ -266,7 +294,7 @@ class _BlockFeeder:
     def skip_rest(self):
         while not self._done:
             item = self._lines.next()
-            if item is None or item[1].strip().startswith('data_'):
+            if item is None or item[1].strip().startswith("data_"):
                 if item is not None:
                     self._lines.push_back(item)
                 self._done = True
@@ -297,12 +325,12 @@ class _Block:
         if table is not None and len(table):
             self.cols = dict(zip(table.getColumnNames(), zip(*table)))
         self.n = len(table) if table is not None else 0
-        self.label = 'data_' + name
-        self.row_word = 'optics row' if name == 'optics' else 'particle row'
+        self.label = "data_" + name
+        self.row_word = "optics row" if name == "optics" else "particle row"
 
     def where(self, i):
         line = self.row_lines[i] if i < len(self.row_lines) else None
-        return '%s %d%s' % (self.row_word, i + 1, '' if line is None else ' (line %d)' % line)
+        return "%s %d%s" % (self.row_word, i + 1, "" if line is None else " (line %d)" % line)
 
     def floats(self, name):
         vals = self.cols[name]
@@ -313,14 +341,18 @@ class _Block:
                 try:
                     float(v)
                 except (ValueError, TypeError):
-                    raise _err(self.star, 'non-numeric value %r in column %s at %s of %s'
-                               % (v, name, self.where(i), self.label)) from None
+                    raise _err(
+                        self.star,
+                        f"non-numeric value {v!r} in column {name} at {self.where(i)} of {self.label}",
+                    ) from None
             raise
         bad = ~np.isfinite(arr)
         if bad.any():
             i = int(np.argmax(bad))
-            raise _err(self.star, 'non-finite value %r in column %s at %s of %s'
-                       % (vals[i], name, self.where(i), self.label))
+            raise _err(
+                self.star,
+                f"non-finite value {vals[i]!r} in column {name} at {self.where(i)} of {self.label}",
+            )
         return arr
 
     def ints(self, name):
@@ -328,52 +360,65 @@ class _Block:
         bad = arr != np.round(arr)
         if bad.any():
             i = int(np.argmax(bad))
-            raise _err(self.star, 'non-integer value %r in column %s at %s of %s'
-                       % (self.cols[name][i], name, self.where(i), self.label))
+            raise _err(
+                self.star,
+                f"non-integer value {self.cols[name][i]!r} in column {name} at {self.where(i)} of {self.label}",
+            )
         return arr.astype(np.int64)
 
 
 def _err(star, msg):
-    return ParticleDataError(_one_line('%s: %s' % (star, msg)))
+    return ParticleDataError(_one_line(f"{star}: {msg}"))
 
 
 def _read_blocks(star):
     """Parse every data_ block of a STAR file with emtable; a block that fails keeps its error."""
     if not os.path.exists(star):
-        raise _err(star, 'STAR file does not exist')
+        raise _err(star, "STAR file does not exist")
     try:
-        f = open(star, 'r', encoding='utf-8', errors='replace')
+        f = open(star, encoding="utf-8", errors="replace")
     except OSError as e:
-        raise _err(star, 'cannot read STAR file (%s)' % e.strerror) from None
+        raise _err(star, f"cannot read STAR file ({e.strerror})") from None
     blocks = []
     with f:
         try:
             lines = _Lines(f)
-            while True:    # advance to the next data_ line
+            while True:  # advance to the next data_ line
                 item = lines.next()
                 if item is None:
                     break
-                if not item[1].strip().startswith('data_'):
+                if not item[1].strip().startswith("data_"):
                     continue
                 lines.push_back(item)
                 feeder = _BlockFeeder(lines)
                 table, error = Table(), None
                 try:
-                    with contextlib.redirect_stdout(io.StringIO()):   # emtable prints on errors
+                    with contextlib.redirect_stdout(io.StringIO()):  # emtable prints on errors
                         table.readStar(feeder, guessType=False)
                 except _RowError as e:
                     error, table = str(e), None
-                except Exception as e:   # emtable raises bare Exceptions / TypeErrors
+                except Exception as e:  # emtable raises bare Exceptions / TypeErrors
                     if not feeder.columns:
-                        table = None     # an empty block: nothing to read
+                        table = None  # an empty block: nothing to read
                     else:
-                        error, table = 'cannot parse the table near line %s (%s)' % (
-                            feeder.last_lineno, _one_line(e)), None
+                        error, table = (
+                            f"cannot parse the table near line {feeder.last_lineno} ({_one_line(e)})",
+                            None,
+                        )
                 feeder.skip_rest()
-                blocks.append(_Block(star, feeder.name or '', table, list(feeder.columns),
-                                     feeder.row_lines, feeder.loop, error))
+                blocks.append(
+                    _Block(
+                        star,
+                        feeder.name or "",
+                        table,
+                        list(feeder.columns),
+                        feeder.row_lines,
+                        feeder.loop,
+                        error,
+                    )
+                )
         except (OSError, UnicodeError) as e:
-            raise _err(star, 'cannot read STAR file (%s)' % _one_line(e)) from None
+            raise _err(star, f"cannot read STAR file ({_one_line(e)})") from None
     return blocks
 
 
@@ -404,12 +449,14 @@ def _resolver(star):
             if os.path.isfile(cand):
                 return cand
         return None
+
     return resolve
 
 
 # ------------------------------------------------------------------------------------------------
 # read_star
 # ------------------------------------------------------------------------------------------------
+
 
 def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
     """Read a RELION 3.0 or 3.1+ particle STAR file and its image stacks into a ParticleSet.
@@ -420,68 +467,84 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
     star = os.path.abspath(os.fspath(path))
     blocks = _read_blocks(star)
 
-    optics = next((b for b in blocks if b.name == 'optics' and b.columns), None)
-    parts = next((b for b in blocks if b.name == 'particles'), None)
+    optics = next((b for b in blocks if b.name == "optics" and b.columns), None)
+    parts = next((b for b in blocks if b.name == "particles"), None)
     if parts is None:
-        parts = next((b for b in blocks if b is not optics and 'rlnImageName' in b.columns), None)
+        parts = next((b for b in blocks if b is not optics and "rlnImageName" in b.columns), None)
     if parts is None:
-        raise _err(star, 'no particle table (no data_particles block and no table with an '
-                         'rlnImageName column)')
+        raise _err(
+            star,
+            "no particle table (no data_particles block and no table with an rlnImageName column)",
+        )
     for b in (optics, parts):
         if b is not None and b.error:
-            raise _err(star, '%s: %s' % (b.label, b.error))
-    style = '3.1' if optics is not None else '3.0'
+            raise _err(star, f"{b.label}: {b.error}")
+    style = "3.1" if optics is not None else "3.0"
     n = parts.n
     if n == 0:
-        raise _err(star, 'the particle table %s is empty' % parts.label)
+        raise _err(star, f"the particle table {parts.label} is empty")
     if not parts.loop:
-        raise _err(star, 'the particle table %s is not a loop_ table' % parts.label)
+        raise _err(star, f"the particle table {parts.label} is not a loop_ table")
 
     # -- required columns --------------------------------------------------------------------
     def has(name):
-        return name in parts.cols or (optics is not None and name in optics.cols
-                                      and name in _OPTICS_COLUMNS)
-    required = ['rlnImageName']
+        return name in parts.cols or (
+            optics is not None and name in optics.cols and name in _OPTICS_COLUMNS
+        )
+
+    required = ["rlnImageName"]
     if require_angles:
         required += list(_ANGLE_COLUMNS)
     if require_ctf:
         required += list(_CTF_COLUMNS)
-    for pair in (('rlnOriginXAngst', 'rlnOriginYAngst'), ('rlnOriginX', 'rlnOriginY')):
+    for pair in (("rlnOriginXAngst", "rlnOriginYAngst"), ("rlnOriginX", "rlnOriginY")):
         if has(pair[0]) != has(pair[1]):
             required += list(pair)
     missing = [c for c in dict.fromkeys(required) if not has(c)]
     if missing:
-        where = parts.label if optics is None else '%s or %s' % (optics.label, parts.label)
-        raise _err(star, 'missing required column%s %s (looked in %s)'
-                   % ('s' if len(missing) > 1 else '', ', '.join(missing), where))
+        where = parts.label if optics is None else f"{optics.label} or {parts.label}"
+        raise _err(
+            star,
+            "missing required column{} {} (looked in {})".format(
+                "s" if len(missing) > 1 else "", ", ".join(missing), where
+            ),
+        )
 
     # -- optics groups ---------------------------------------------------------------------------
     opt_row = None
     if optics is not None:
         if optics.n == 0:
-            raise _err(star, 'the optics table %s is empty' % optics.label)
-        if 'rlnOpticsGroup' in parts.cols:
-            groups = parts.ints('rlnOpticsGroup')
-            if 'rlnOpticsGroup' in optics.cols:
-                ids = optics.ints('rlnOpticsGroup')
+            raise _err(star, f"the optics table {optics.label} is empty")
+        if "rlnOpticsGroup" in parts.cols:
+            groups = parts.ints("rlnOpticsGroup")
+            if "rlnOpticsGroup" in optics.cols:
+                ids = optics.ints("rlnOpticsGroup")
             elif optics.n == 1:
                 ids = np.array([groups[0]])
             else:
-                raise _err(star, 'missing column rlnOpticsGroup in %s (it has %d rows)'
-                           % (optics.label, optics.n))
+                raise _err(
+                    star,
+                    "missing column rlnOpticsGroup in %s (it has %d rows)"
+                    % (optics.label, optics.n),
+                )
             lookup = {int(g): k for k, g in enumerate(ids)}
             opt_row = np.empty(n, dtype=np.intp)
             for i, g in enumerate(groups.tolist()):
                 k = lookup.get(g)
                 if k is None:
-                    raise _err(star, 'rlnOpticsGroup %d at %s is not in %s'
-                               % (g, parts.where(i), optics.label))
+                    raise _err(
+                        star,
+                        "rlnOpticsGroup %d at %s is not in %s" % (g, parts.where(i), optics.label),
+                    )
                 opt_row[i] = k
         elif optics.n == 1:
             opt_row = np.zeros(n, dtype=np.intp)
         else:
-            raise _err(star, 'missing column rlnOpticsGroup in %s (%s has %d optics groups)'
-                       % (parts.label, optics.label, optics.n))
+            raise _err(
+                star,
+                "missing column rlnOpticsGroup in %s (%s has %d optics groups)"
+                % (parts.label, optics.label, optics.n),
+            )
 
     def value(name):
         """Per-particle float64 values of a column (optics-level columns broadcast), or None."""
@@ -492,28 +555,33 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
         return None
 
     # -- pixel size ----------------------------------------------------------------------------
-    ps = value('rlnImagePixelSize')
-    ps_name = 'rlnImagePixelSize'
+    ps = value("rlnImagePixelSize")
+    ps_name = "rlnImagePixelSize"
     if ps is None:
-        ps, ps_name = value('rlnPixelSize'), 'rlnPixelSize'
+        ps, ps_name = value("rlnPixelSize"), "rlnPixelSize"
     if ps is None:
-        det, mag = value('rlnDetectorPixelSize'), value('rlnMagnification')
+        det, mag = value("rlnDetectorPixelSize"), value("rlnMagnification")
         if det is None or mag is None:
-            raise _err(star, 'pixel size missing: need rlnImagePixelSize (or rlnPixelSize), or '
-                             'rlnDetectorPixelSize and rlnMagnification')
+            raise _err(
+                star,
+                "pixel size missing: need rlnImagePixelSize (or rlnPixelSize), or "
+                "rlnDetectorPixelSize and rlnMagnification",
+            )
         if (mag <= 0).any():
             i = int(np.argmax(mag <= 0))
-            raise _err(star, 'rlnMagnification %r <= 0 at %s' % (float(mag[i]), parts.where(i)))
-        ps, ps_name = det * 1e4 / mag, 'rlnDetectorPixelSize * 1e4 / rlnMagnification'
+            raise _err(star, f"rlnMagnification {float(mag[i])!r} <= 0 at {parts.where(i)}")
+        ps, ps_name = det * 1e4 / mag, "rlnDetectorPixelSize * 1e4 / rlnMagnification"
     if (ps <= 0).any():
         i = int(np.argmax(ps <= 0))
-        raise _err(star, 'pixel size (%s) is %r <= 0 at %s' % (ps_name, float(ps[i]), parts.where(i)))
+        raise _err(star, f"pixel size ({ps_name}) is {float(ps[i])!r} <= 0 at {parts.where(i)}")
     pixel_size = float(ps[0])
     spread = np.abs(ps - pixel_size) > 1e-4 * pixel_size
     if spread.any():
         i = int(np.argmax(spread))
-        raise _err(star, 'the pixel size (%s) differs between particles: %.6g at %s but %.6g at %s'
-                   % (ps_name, pixel_size, parts.where(0), float(ps[i]), parts.where(i)))
+        raise _err(
+            star,
+            f"the pixel size ({ps_name}) differs between particles: {pixel_size:.6g} at {parts.where(0)} but {float(ps[i]):.6g} at {parts.where(i)}",
+        )
 
     # -- angles, shifts, CTF, labels -------------------------------------------------------------
     angles = np.zeros((n, 3))
@@ -521,12 +589,12 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
         if name in parts.cols:
             angles[:, k] = parts.floats(name)
     shifts = np.zeros((n, 2))
-    if has('rlnOriginXAngst'):
-        shifts[:, 0] = value('rlnOriginXAngst') / ps
-        shifts[:, 1] = value('rlnOriginYAngst') / ps
-    elif has('rlnOriginX'):
-        shifts[:, 0] = value('rlnOriginX')
-        shifts[:, 1] = value('rlnOriginY')
+    if has("rlnOriginXAngst"):
+        shifts[:, 0] = value("rlnOriginXAngst") / ps
+        shifts[:, 1] = value("rlnOriginYAngst") / ps
+    elif has("rlnOriginX"):
+        shifts[:, 0] = value("rlnOriginX")
+        shifts[:, 1] = value("rlnOriginY")
 
     ctf_missing = []
 
@@ -536,42 +604,71 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
             ctf_missing.append(name)
             v = np.full(n, _CTF_DEFAULTS[name])
         return v
-    ctf = CTFParams(ctf_value('rlnDefocusU'), ctf_value('rlnDefocusV'), ctf_value('rlnDefocusAngle'),
-                    ctf_value('rlnVoltage'), ctf_value('rlnSphericalAberration'),
-                    ctf_value('rlnAmplitudeContrast'),
-                    value('rlnPhaseShift') if has('rlnPhaseShift') else np.zeros(n),
-                    value('rlnCtfBfactor'))
 
-    micrograph = (np.array(parts.cols['rlnMicrographName'], dtype=str)
-                  if 'rlnMicrographName' in parts.cols else None)
-    norm = parts.floats('rlnNormCorrection') if 'rlnNormCorrection' in parts.cols else None
+    ctf = CTFParams(
+        ctf_value("rlnDefocusU"),
+        ctf_value("rlnDefocusV"),
+        ctf_value("rlnDefocusAngle"),
+        ctf_value("rlnVoltage"),
+        ctf_value("rlnSphericalAberration"),
+        ctf_value("rlnAmplitudeContrast"),
+        value("rlnPhaseShift") if has("rlnPhaseShift") else np.zeros(n),
+        value("rlnCtfBfactor"),
+    )
+
+    micrograph = (
+        np.array(parts.cols["rlnMicrographName"], dtype=str)
+        if "rlnMicrographName" in parts.cols
+        else None
+    )
+    norm = parts.floats("rlnNormCorrection") if "rlnNormCorrection" in parts.cols else None
     # RELION numbers classes from 1; class_label is 0-based
-    class_label = parts.ints('rlnClassNumber') - 1 if 'rlnClassNumber' in parts.cols else None
+    class_label = parts.ints("rlnClassNumber") - 1 if "rlnClassNumber" in parts.cols else None
     half_set = None
-    if 'rlnRandomSubset' in parts.cols:
-        sub = parts.ints('rlnRandomSubset')
+    if "rlnRandomSubset" in parts.cols:
+        sub = parts.ints("rlnRandomSubset")
         bad = (sub != 1) & (sub != 2)
         if bad.any():
             i = int(np.argmax(bad))
-            raise _err(star, 'rlnRandomSubset must be 1 or 2, found %d at %s' % (sub[i], parts.where(i)))
+            raise _err(
+                star, "rlnRandomSubset must be 1 or 2, found %d at %s" % (sub[i], parts.where(i))
+            )
         half_set = sub - 1
     group = None
-    if 'rlnGroupNumber' in parts.cols:
-        grp = parts.ints('rlnGroupNumber')
+    if "rlnGroupNumber" in parts.cols:
+        grp = parts.ints("rlnGroupNumber")
         if (grp < 1).any():
             i = int(np.argmax(grp < 1))
-            raise _err(star, 'rlnGroupNumber must be >= 1, found %d at %s' % (grp[i], parts.where(i)))
+            raise _err(
+                star, "rlnGroupNumber must be >= 1, found %d at %s" % (grp[i], parts.where(i))
+            )
         group = grp - 1
 
     # -- images ----------------------------------------------------------------------------------
-    images = _open_images(star, parts, value('rlnImageSize'), check_finite)
+    images = _open_images(star, parts, value("rlnImageSize"), check_finite)
 
-    source = {'star_path': star, 'style': style,
-              'optics': optics.table if optics is not None else None,
-              'particles_table': parts.table, 'columns': list(parts.columns),
-              'table_name': parts.name, 'ctf_missing': ctf_missing}
-    return ParticleSet(images, angles, shifts, ctf, pixel_size, micrograph, norm, class_label,
-                       group, half_set, source)
+    source = {
+        "star_path": star,
+        "style": style,
+        "optics": optics.table if optics is not None else None,
+        "particles_table": parts.table,
+        "columns": list(parts.columns),
+        "table_name": parts.name,
+        "ctf_missing": ctf_missing,
+    }
+    return ParticleSet(
+        images,
+        angles,
+        shifts,
+        ctf,
+        pixel_size,
+        micrograph,
+        norm,
+        class_label,
+        group,
+        half_set,
+        source,
+    )
 
 
 def _open_images(star, parts, image_size, check_finite):
@@ -579,8 +676,8 @@ def _open_images(star, parts, image_size, check_finite):
     raw_ids, first_row = {}, []
     file_of = np.empty(n, dtype=np.intp)
     index_of = np.empty(n, dtype=np.intp)
-    for i, s in enumerate(parts.cols['rlnImageName']):
-        num, at, p = s.partition('@')
+    for i, s in enumerate(parts.cols["rlnImageName"]):
+        num, at, p = s.partition("@")
         if not at:
             k, p = 1, s
         else:
@@ -588,12 +685,15 @@ def _open_images(star, parts, image_size, check_finite):
                 k = int(num)
             except ValueError:
                 k = 0
-        for suffix in (':mrcs', ':mrc'):     # RELION's explicit file-type suffix
+        for suffix in (":mrcs", ":mrc"):  # RELION's explicit file-type suffix
             if p.endswith(suffix):
-                p = p[:-len(suffix)]
+                p = p[: -len(suffix)]
         if k < 1 or not p:
-            raise _err(star, 'bad image name %r in column rlnImageName at %s (expected index@file '
-                             'with a 1-based index)' % (s, parts.where(i)))
+            raise _err(
+                star,
+                f"bad image name {s!r} in column rlnImageName at {parts.where(i)} (expected index@file "
+                "with a 1-based index)",
+            )
         fid = raw_ids.get(p)
         if fid is None:
             fid = raw_ids[p] = len(raw_ids)
@@ -606,9 +706,12 @@ def _open_images(star, parts, image_size, check_finite):
     for p, fid in raw_ids.items():
         found = resolve(p)
         if found is None:
-            raise _err(star, 'image file %s (rlnImageName at %s) not found; looked relative to the '
-                             'STAR file folder, the working directory %s and the STAR folder\'s '
-                             'parents' % (p, parts.where(first_row[fid]), os.getcwd()))
+            raise _err(
+                star,
+                f"image file {p} (rlnImageName at {parts.where(first_row[fid])}) not found; looked relative to the "
+                f"STAR file folder, the working directory {os.getcwd()} and the STAR folder's "
+                "parents",
+            )
         files.append(found)
 
     stack = ImageStack(files, file_of, index_of, box=0)
@@ -619,36 +722,54 @@ def _open_images(star, parts, image_size, check_finite):
             data = stack.data(fid)
             ndim = stack._open[fid].data.ndim
         except Exception as e:
-            raise _err(star, 'cannot read image file %s (rlnImageName at %s): %s'
-                       % (fname, parts.where(first_row[fid]), _one_line(e))) from None
+            raise _err(
+                star,
+                f"cannot read image file {fname} (rlnImageName at {parts.where(first_row[fid])}): {_one_line(e)}",
+            ) from None
         if ndim not in (2, 3):
-            raise _err(star, 'image file %s holds %dD data, expected an image stack' % (fname, ndim))
+            raise _err(
+                star, "image file %s holds %dD data, expected an image stack" % (fname, ndim)
+            )
         if np.iscomplexobj(data):
-            raise _err(star, 'image file %s holds complex data (MRC mode %d)'
-                       % (fname, int(stack._open[fid].header.mode)))
+            raise _err(
+                star,
+                "image file %s holds complex data (MRC mode %d)"
+                % (fname, int(stack._open[fid].header.mode)),
+            )
         nz, ny, nx = data.shape
         if ny != nx:
-            raise _err(star, 'non-square images (%d x %d pixels) in image file %s' % (nx, ny, fname))
+            raise _err(
+                star, "non-square images (%d x %d pixels) in image file %s" % (nx, ny, fname)
+            )
         if box is None:
             box, box_file = nx, fname
         elif nx != box:
-            raise _err(star, 'box size mismatch between image files: %s has %d x %d pixels but %s '
-                             'has %d x %d' % (box_file, box, box, fname, nx, nx))
+            raise _err(
+                star,
+                "box size mismatch between image files: %s has %d x %d pixels but %s "
+                "has %d x %d" % (box_file, box, box, fname, nx, nx),
+            )
         counts[fid] = nz
     stack.shape = (n, int(box), int(box))
 
     bad = index_of >= counts[file_of]
     if bad.any():
         i = int(np.argmax(bad))
-        raise _err(star, 'image index %d out of range in image file %s, which holds %d image(s) '
-                         '(rlnImageName at %s)'
-                   % (index_of[i] + 1, files[file_of[i]], counts[file_of[i]], parts.where(i)))
+        raise _err(
+            star,
+            "image index %d out of range in image file %s, which holds %d image(s) "
+            "(rlnImageName at %s)"
+            % (index_of[i] + 1, files[file_of[i]], counts[file_of[i]], parts.where(i)),
+        )
     if image_size is not None:
         bad = image_size != box
         if bad.any():
             i = int(np.argmax(bad))
-            raise _err(star, 'rlnImageSize %d at %s does not match the %d-pixel images in %s'
-                       % (int(image_size[i]), parts.where(i), box, files[file_of[i]]))
+            raise _err(
+                star,
+                "rlnImageSize %d at %s does not match the %d-pixel images in %s"
+                % (int(image_size[i]), parts.where(i), box, files[file_of[i]]),
+            )
     if check_finite:
         _check_finite(star, parts, stack, file_of, index_of)
     return stack
@@ -663,21 +784,25 @@ def _check_finite(star, parts, stack, file_of, index_of):
             continue
         needed = np.unique(index_of[file_of == fid])
         for s in range(0, len(needed), chunk):
-            sel = needed[s:s + chunk]
-            block = data[sel[0]:sel[-1] + 1] if sel[-1] - sel[0] + 1 == len(sel) else data[sel]
+            sel = needed[s : s + chunk]
+            block = data[sel[0] : sel[-1] + 1] if sel[-1] - sel[0] + 1 == len(sel) else data[sel]
             ok = np.isfinite(block).all(axis=(1, 2))
             del block
             stack._drop_pages(fid)
             if not ok.all():
                 k = int(sel[int(np.argmin(ok))])
                 rows = np.flatnonzero((file_of == fid) & (index_of == k))
-                raise _err(star, 'NaN/Inf pixel values in image %d of image file %s (rlnImageName '
-                                 'at %s)' % (k + 1, fname, parts.where(int(rows[0]))))
+                raise _err(
+                    star,
+                    "NaN/Inf pixel values in image %d of image file %s (rlnImageName "
+                    "at %s)" % (k + 1, fname, parts.where(int(rows[0]))),
+                )
 
 
 # ------------------------------------------------------------------------------------------------
 # write_star
 # ------------------------------------------------------------------------------------------------
+
 
 def _fmt_float(a):
     return [repr(v) for v in np.asarray(a, dtype=np.float64).tolist()]
@@ -690,7 +815,7 @@ def _fmt_int(a):
 def _fmt_column(a, n, name):
     a = np.asarray(a)
     if a.shape != (n,):
-        raise ValueError('column %s has shape %s, expected (%d,)' % (name, a.shape, n))
+        raise ValueError("column %s has shape %s, expected (%d,)" % (name, a.shape, n))
     if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
         return _fmt_int(a)
     if np.issubdtype(a.dtype, np.floating):
@@ -698,13 +823,13 @@ def _fmt_column(a, n, name):
     vals = [str(v) for v in a.tolist()]
     if any((not v) or any(c.isspace() for c in v) or ("'" in v) or ('"' in v) for v in vals):
         # quote every value of the column: emtable picks shlex splitting from the first row
-        vals = ['"%s"' % v if ('"' not in v and '\\' not in v) else shlex.quote(v) for v in vals]
+        vals = [f'"{v}"' if ('"' not in v and "\\" not in v) else shlex.quote(v) for v in vals]
     return vals
 
 
 def _temp_path(final):
     d, base = os.path.split(final)
-    return os.path.join(d, '.%s.%s.tmp' % (base, uuid.uuid4().hex[:12]))
+    return os.path.join(d, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 @contextlib.contextmanager
@@ -736,8 +861,10 @@ def _write_stack(particles, stack_path, n, box, pixel_size):
                 e = min(n, s + chunk)
                 im = particles.load_images(np.arange(s, e))
                 if im.shape != (e - s, box, box):
-                    raise ValueError('images %d..%d have shape %s, expected %s'
-                                     % (s, e - 1, im.shape, (e - s, box, box)))
+                    raise ValueError(
+                        "images %d..%d have shape %s, expected %s"
+                        % (s, e - 1, im.shape, (e - s, box, box))
+                    )
                 mrc.data[s:e] = im
                 lo, hi = min(lo, float(im.min())), max(hi, float(im.max()))
                 im64 = im.astype(np.float64)
@@ -759,7 +886,7 @@ def _table(columns):
     return t
 
 
-def write_star(particles, star_path, stack_path=None, style='3.1', extra_columns=None):
+def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns=None):
     """Write the particles' images as one MRC stack and a STAR file that references it.
 
     The stack (mode 2 float32, voxel size = pixel size) goes to ``stack_path`` (default: the STAR
@@ -771,87 +898,104 @@ def write_star(particles, star_path, stack_path=None, style='3.1', extra_columns
     are written to a temporary name in the same folder and renamed into place.
     Returns (star_path, stack_path) as absolute paths.
     """
-    if style not in ('3.1', '3.0'):
-        raise ValueError("style must be '3.1' or '3.0', got %r" % (style,))
+    if style not in ("3.1", "3.0"):
+        raise ValueError(f"style must be '3.1' or '3.0', got {style!r}")
     star = os.path.abspath(os.fspath(star_path))
-    stack = (os.path.splitext(star)[0] + '.mrcs' if stack_path is None
-             else os.path.abspath(os.fspath(stack_path)))
+    stack = (
+        os.path.splitext(star)[0] + ".mrcs"
+        if stack_path is None
+        else os.path.abspath(os.fspath(stack_path))
+    )
     n = len(particles)
     if n == 0:
-        raise ValueError('no particles to write')
+        raise ValueError("no particles to write")
     box = particles.box
     pixel_size = float(particles.pixel_size)
     if not pixel_size > 0:
-        raise ValueError('pixel size must be > 0, got %r' % pixel_size)
+        raise ValueError(f"pixel size must be > 0, got {pixel_size!r}")
     ctf = particles.ctf
 
-    rel = os.path.relpath(stack, os.path.dirname(star)).replace(os.sep, '/')
+    rel = os.path.relpath(stack, os.path.dirname(star)).replace(os.sep, "/")
     cols = collections.OrderedDict()
-    cols['rlnImageName'] = ['%06d@%s' % (i + 1, rel) for i in range(n)]
-    mics = (particles.micrograph if particles.micrograph is not None
-            else np.array(['mic%06d' % (i + 1) for i in range(n)]))
-    cols['rlnMicrographName'] = _fmt_column(np.asarray(mics).astype(str), n, 'rlnMicrographName')
+    cols["rlnImageName"] = ["%06d@%s" % (i + 1, rel) for i in range(n)]
+    mics = (
+        particles.micrograph
+        if particles.micrograph is not None
+        else np.array(["mic%06d" % (i + 1) for i in range(n)])
+    )
+    cols["rlnMicrographName"] = _fmt_column(np.asarray(mics).astype(str), n, "rlnMicrographName")
     angles = np.asarray(particles.angles, dtype=np.float64)
     shifts = np.asarray(particles.shifts, dtype=np.float64)
     if angles.shape != (n, 3) or shifts.shape != (n, 2):
-        raise ValueError('angles must be (n, 3) and shifts (n, 2)')
+        raise ValueError("angles must be (n, 3) and shifts (n, 2)")
     for k, name in enumerate(_ANGLE_COLUMNS):
         cols[name] = _fmt_float(angles[:, k])
-    if style == '3.1':
-        cols['rlnOriginXAngst'] = _fmt_float(shifts[:, 0] * pixel_size)
-        cols['rlnOriginYAngst'] = _fmt_float(shifts[:, 1] * pixel_size)
+    if style == "3.1":
+        cols["rlnOriginXAngst"] = _fmt_float(shifts[:, 0] * pixel_size)
+        cols["rlnOriginYAngst"] = _fmt_float(shifts[:, 1] * pixel_size)
     else:
-        cols['rlnOriginX'] = _fmt_float(shifts[:, 0])
-        cols['rlnOriginY'] = _fmt_float(shifts[:, 1])
-    cols['rlnDefocusU'] = _fmt_column(np.asarray(ctf.defocus_u, float), n, 'rlnDefocusU')
-    cols['rlnDefocusV'] = _fmt_column(np.asarray(ctf.defocus_v, float), n, 'rlnDefocusV')
-    cols['rlnDefocusAngle'] = _fmt_column(np.asarray(ctf.defocus_angle, float), n, 'rlnDefocusAngle')
+        cols["rlnOriginX"] = _fmt_float(shifts[:, 0])
+        cols["rlnOriginY"] = _fmt_float(shifts[:, 1])
+    cols["rlnDefocusU"] = _fmt_column(np.asarray(ctf.defocus_u, float), n, "rlnDefocusU")
+    cols["rlnDefocusV"] = _fmt_column(np.asarray(ctf.defocus_v, float), n, "rlnDefocusV")
+    cols["rlnDefocusAngle"] = _fmt_column(
+        np.asarray(ctf.defocus_angle, float), n, "rlnDefocusAngle"
+    )
     phase = ctf.phase_shift if ctf.phase_shift is not None else np.zeros(n)
-    cols['rlnPhaseShift'] = _fmt_column(np.asarray(phase, float), n, 'rlnPhaseShift')
+    cols["rlnPhaseShift"] = _fmt_column(np.asarray(phase, float), n, "rlnPhaseShift")
     if ctf.bfactor is not None:
-        cols['rlnCtfBfactor'] = _fmt_column(np.asarray(ctf.bfactor, float), n, 'rlnCtfBfactor')
-    optics_vals = np.stack([np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
-                            for v in (ctf.voltage, ctf.cs, ctf.amplitude_contrast)], axis=1)
+        cols["rlnCtfBfactor"] = _fmt_column(np.asarray(ctf.bfactor, float), n, "rlnCtfBfactor")
+    optics_vals = np.stack(
+        [
+            np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
+            for v in (ctf.voltage, ctf.cs, ctf.amplitude_contrast)
+        ],
+        axis=1,
+    )
     optics = None
-    if style == '3.1':
+    if style == "3.1":
         uniq, group_of = np.unique(optics_vals, axis=0, return_inverse=True)
         group_of = np.asarray(group_of).reshape(-1)
         g = len(uniq)
         optics = collections.OrderedDict()
-        optics['rlnOpticsGroupName'] = ['opticsGroup%d' % (k + 1) for k in range(g)]
-        optics['rlnOpticsGroup'] = [str(k + 1) for k in range(g)]
-        optics['rlnMicrographOriginalPixelSize'] = _fmt_float(np.full(g, pixel_size))
-        optics['rlnVoltage'] = _fmt_float(uniq[:, 0])
-        optics['rlnSphericalAberration'] = _fmt_float(uniq[:, 1])
-        optics['rlnAmplitudeContrast'] = _fmt_float(uniq[:, 2])
-        optics['rlnImagePixelSize'] = _fmt_float(np.full(g, pixel_size))
-        optics['rlnImageSize'] = [str(box)] * g
-        optics['rlnImageDimensionality'] = ['2'] * g
-        cols['rlnOpticsGroup'] = _fmt_int(group_of + 1)
+        optics["rlnOpticsGroupName"] = ["opticsGroup%d" % (k + 1) for k in range(g)]
+        optics["rlnOpticsGroup"] = [str(k + 1) for k in range(g)]
+        optics["rlnMicrographOriginalPixelSize"] = _fmt_float(np.full(g, pixel_size))
+        optics["rlnVoltage"] = _fmt_float(uniq[:, 0])
+        optics["rlnSphericalAberration"] = _fmt_float(uniq[:, 1])
+        optics["rlnAmplitudeContrast"] = _fmt_float(uniq[:, 2])
+        optics["rlnImagePixelSize"] = _fmt_float(np.full(g, pixel_size))
+        optics["rlnImageSize"] = [str(box)] * g
+        optics["rlnImageDimensionality"] = ["2"] * g
+        cols["rlnOpticsGroup"] = _fmt_int(group_of + 1)
     else:
-        cols['rlnVoltage'] = _fmt_float(optics_vals[:, 0])
-        cols['rlnSphericalAberration'] = _fmt_float(optics_vals[:, 1])
-        cols['rlnAmplitudeContrast'] = _fmt_float(optics_vals[:, 2])
-        cols['rlnMagnification'] = _fmt_float(np.full(n, 10000.0))
-        cols['rlnDetectorPixelSize'] = _fmt_float(np.full(n, pixel_size))   # µm: 1e4 * ps / 1e4
+        cols["rlnVoltage"] = _fmt_float(optics_vals[:, 0])
+        cols["rlnSphericalAberration"] = _fmt_float(optics_vals[:, 1])
+        cols["rlnAmplitudeContrast"] = _fmt_float(optics_vals[:, 2])
+        cols["rlnMagnification"] = _fmt_float(np.full(n, 10000.0))
+        cols["rlnDetectorPixelSize"] = _fmt_float(np.full(n, pixel_size))  # µm: 1e4 * ps / 1e4
     if particles.norm is not None:
-        cols['rlnNormCorrection'] = _fmt_column(np.asarray(particles.norm, float), n,
-                                                'rlnNormCorrection')
+        cols["rlnNormCorrection"] = _fmt_column(
+            np.asarray(particles.norm, float), n, "rlnNormCorrection"
+        )
     if particles.class_label is not None:
-        cols['rlnClassNumber'] = _fmt_column(np.asarray(particles.class_label).astype(np.int64) + 1, n,
-                                             'rlnClassNumber')
+        cols["rlnClassNumber"] = _fmt_column(
+            np.asarray(particles.class_label).astype(np.int64) + 1, n, "rlnClassNumber"
+        )
     if particles.half_set is not None:
-        cols['rlnRandomSubset'] = _fmt_column(np.asarray(particles.half_set).astype(np.int64) + 1, n,
-                                              'rlnRandomSubset')
+        cols["rlnRandomSubset"] = _fmt_column(
+            np.asarray(particles.half_set).astype(np.int64) + 1, n, "rlnRandomSubset"
+        )
     if particles.group is not None:
-        cols['rlnGroupNumber'] = _fmt_column(np.asarray(particles.group).astype(np.int64) + 1, n,
-                                             'rlnGroupNumber')
+        cols["rlnGroupNumber"] = _fmt_column(
+            np.asarray(particles.group).astype(np.int64) + 1, n, "rlnGroupNumber"
+        )
     for name, values in (extra_columns or {}).items():
-        name = name.lstrip('_')
+        name = name.lstrip("_")
         if not name.isidentifier():
-            raise ValueError('extra column name %r is not a valid STAR label' % name)
+            raise ValueError(f"extra column name {name!r} is not a valid STAR label")
         if name in cols:
-            raise ValueError('extra column %s clashes with a column write_star writes' % name)
+            raise ValueError(f"extra column {name} clashes with a column write_star writes")
         cols[name] = _fmt_column(values, n, name)
 
     particles_table = _table(cols)
@@ -859,14 +1003,14 @@ def write_star(particles, star_path, stack_path=None, style='3.1', extra_columns
 
     _write_stack(particles, stack, n, box, pixel_size)
     with _atomic_target(star) as tmp:
-        with open(tmp, 'w') as f:
+        with open(tmp, "w") as f:
             if optics_table is not None:
-                f.write('# version 30001\n')
-                optics_table.writeStar(f, tableName='optics')
-                f.write('\n# version 30001\n')
-                particles_table.writeStar(f, tableName='particles')
+                f.write("# version 30001\n")
+                optics_table.writeStar(f, tableName="optics")
+                f.write("\n# version 30001\n")
+                particles_table.writeStar(f, tableName="particles")
             else:
-                particles_table.writeStar(f, tableName='')
+                particles_table.writeStar(f, tableName="")
     return star, stack
 
 
@@ -878,13 +1022,13 @@ def write_star_rows(particles, indices, star_path, class_number=None, columns=No
     ``columns``: {label: one value per selected particle}, set in every row (a column of the
     input with that label is replaced, else appended)."""
     src = particles.source
-    table = src.get('particles_table')
+    table = src.get("particles_table")
     if table is None:
-        raise ValueError('these particles were not read from a STAR file: no rows to export')
+        raise ValueError("these particles were not read from a STAR file: no rows to export")
     names = list(table.getColumnNames())
     columns = dict(columns or {})
-    if class_number is not None and 'rlnClassNumber' not in names:
-        columns.setdefault('rlnClassNumber', np.full(len(indices), int(class_number)))
+    if class_number is not None and "rlnClassNumber" not in names:
+        columns.setdefault("rlnClassNumber", np.full(len(indices), int(class_number)))
     added = [c for c in columns if c not in names]
     out = Table(columns=names + added)
     where = {c: names.index(c) for c in columns if c in names}
@@ -895,16 +1039,16 @@ def write_star_rows(particles, indices, star_path, class_number=None, columns=No
         for c, pos in where.items():
             values[pos] = text[c][r]
         out.addRow(*(values + [text[c][r] for c in added]))
-    optics = src.get('optics')
+    optics = src.get("optics")
     with _atomic_target(os.path.abspath(os.fspath(star_path))) as tmp:
-        with open(tmp, 'w') as f:
+        with open(tmp, "w") as f:
             if optics is not None:
-                f.write('# version 30001\n')
-                optics.writeStar(f, tableName='optics')
-                f.write('\n# version 30001\n')
-                out.writeStar(f, tableName=src.get('table_name') or 'particles')
+                f.write("# version 30001\n")
+                optics.writeStar(f, tableName="optics")
+                f.write("\n# version 30001\n")
+                out.writeStar(f, tableName=src.get("table_name") or "particles")
             else:
-                out.writeStar(f, tableName=src.get('table_name') or '')
+                out.writeStar(f, tableName=src.get("table_name") or "")
 
 
 def _star_value(v):
@@ -924,11 +1068,14 @@ def check_unique_images(particles):
     fi = np.asarray(st.file_index, np.int64)
     ii = np.asarray(st.image_index, np.int64)
     key = fi * (int(ii.max()) + 1) + ii
-    order = np.argsort(key, kind='stable')
+    order = np.argsort(key, kind="stable")
     same = np.nonzero(key[order][1:] == key[order][:-1])[0]
     if same.size:
         i, j = sorted((int(order[same[0]]), int(order[same[0] + 1])))
-        star = particles.source.get('star_path', 'the input')
-        raise _err(star, 'duplicate particle: image %d of %s is listed at particle rows %d and %d '
-                         '(each particle must appear once: merged or symmetry-expanded STAR file?)'
-                   % (ii[i] + 1, st.files[fi[i]], i + 1, j + 1))
+        star = particles.source.get("star_path", "the input")
+        raise _err(
+            star,
+            "duplicate particle: image %d of %s is listed at particle rows %d and %d "
+            "(each particle must appear once: merged or symmetry-expanded STAR file?)"
+            % (ii[i] + 1, st.files[fi[i]], i + 1, j + 1),
+        )

@@ -31,6 +31,7 @@ axis, so with ``mirror=True`` (d and -d are the same view: their projections are
 the orbit under G x {+1, -1} has 2 * order distinct points and the same Voronoi rule halves the
 AU consistently: d is folded to s * R_g d with (g, s) maximising s * r0 . R_g d.
 """
+
 import re
 
 import numpy as np
@@ -99,16 +100,23 @@ def _group_matrices(symbol):
     if kind == "t":
         # RELION's orientation (checked against relion_reconstruct --sym T): a 3-fold on z and a
         # 2-fold in the y-z plane at the tetrahedral angle from z, (0, sqrt(2/3), sqrt(1/3))
-        gens = [axis_angle_matrix((0, 0, 1), 2 * np.pi / 3),
-                axis_angle_matrix((0.0, np.sqrt(2.0 / 3.0), np.sqrt(1.0 / 3.0)), np.pi)]
+        gens = [
+            axis_angle_matrix((0, 0, 1), 2 * np.pi / 3),
+            axis_angle_matrix((0.0, np.sqrt(2.0 / 3.0), np.sqrt(1.0 / 3.0)), np.pi),
+        ]
         return _close_group(gens, 12)
     if kind == "o":
-        gens = [axis_angle_matrix((0, 0, 1), np.pi / 2),
-                axis_angle_matrix((1, 1, 1), 2 * np.pi / 3)]
+        gens = [
+            axis_angle_matrix((0, 0, 1), np.pi / 2),
+            axis_angle_matrix((1, 1, 1), 2 * np.pi / 3),
+        ]
         return _close_group(gens, 24)
     if kind == "i":
-        gens = [np.diag([-1.0, -1.0, 1.0]), axis_angle_matrix((1.0, 0.0, _TAU), 2 * np.pi / 5),
-                axis_angle_matrix((0.0, 1.0, _TAU ** 2), 2 * np.pi / 3)]
+        gens = [
+            np.diag([-1.0, -1.0, 1.0]),
+            axis_angle_matrix((1.0, 0.0, _TAU), 2 * np.pi / 5),
+            axis_angle_matrix((0.0, 1.0, _TAU**2), 2 * np.pi / 3),
+        ]
         return _close_group(gens, 60)
     raise AssertionError(symbol)  # unreachable: symbols are normalised first
 
@@ -170,11 +178,11 @@ class PointGroup:
         d = _as_directions(directions)
         out = np.empty(len(d), dtype=bool)
         for a in range(0, len(d), _CHUNK):
-            dots = d[a:a + _CHUNK] @ self._orbit.T
+            dots = d[a : a + _CHUNK] @ self._orbit.T
             own = dots[:, 0]
             if mirror:
                 dots = np.abs(dots)
-            out[a:a + _CHUNK] = own >= dots.max(axis=1) - tol
+            out[a : a + _CHUNK] = own >= dots.max(axis=1) - tol
         return out
 
     def to_asymmetric_unit(self, directions, mirror=False):
@@ -186,14 +194,13 @@ class PointGroup:
         au = np.empty_like(d)
         idx = np.empty(len(d), dtype=np.int64)
         for a in range(0, len(d), _CHUNK):
-            blk = d[a:a + _CHUNK]
+            blk = d[a : a + _CHUNK]
             g, s = self._best_operator(blk, mirror)
-            au[a:a + _CHUNK] = s[:, None] * np.einsum("nij,nj->ni", self.matrices[g], blk)
-            idx[a:a + _CHUNK] = g
+            au[a : a + _CHUNK] = s[:, None] * np.einsum("nij,nj->ni", self.matrices[g], blk)
+            idx[a : a + _CHUNK] = g
         return au, idx
 
-    def orientation_group_centres(self, n_groups, mirror=True, n_samples=None, seed=0,
-                                  max_iter=50):
+    def orientation_group_centres(self, n_groups, mirror=True, n_samples=None, seed=0, max_iter=50):
         """(n_groups, 3) centres splitting the AU into cells of about equal solid angle.
 
         Spherical k-means (k-means++ start, Lloyd iterations, fixed seed so reruns agree) over a
@@ -221,7 +228,7 @@ class PointGroup:
             counts = np.bincount(labels, minlength=n_groups)
             empty = counts == 0
             if empty.any():  # re-seed empty cells at the samples worst served by their centre
-                worst = np.argsort(np.einsum("ij,ij->i", pts, centres[labels]))[:empty.sum()]
+                worst = np.argsort(np.einsum("ij,ij->i", pts, centres[labels]))[: empty.sum()]
                 sums[empty] = pts[worst]
             centres = sums / np.linalg.norm(sums, axis=1, keepdims=True)
         if n_groups > 1:
@@ -235,8 +242,8 @@ class PointGroup:
         centres = np.asarray(centres, dtype=np.float64)
         labels = np.empty(len(d), dtype=np.int64)
         for a in range(0, len(d), _CHUNK):
-            au, _ = self.to_asymmetric_unit(d[a:a + _CHUNK], mirror=mirror)
-            labels[a:a + _CHUNK] = _nearest(au, centres)
+            au, _ = self.to_asymmetric_unit(d[a : a + _CHUNK], mirror=mirror)
+            labels[a : a + _CHUNK] = _nearest(au, centres)
         return labels
 
 
@@ -244,7 +251,7 @@ def _nearest(points, centres):
     """Index of the closest centre on the sphere (largest dot product), in blocks."""
     out = np.empty(len(points), dtype=np.int64)
     for a in range(0, len(points), _CHUNK):
-        out[a:a + _CHUNK] = np.argmax(points[a:a + _CHUNK] @ centres.T, axis=1)
+        out[a : a + _CHUNK] = np.argmax(points[a : a + _CHUNK] @ centres.T, axis=1)
     return out
 
 

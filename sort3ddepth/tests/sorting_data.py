@@ -1,5 +1,6 @@
 """Small heterogeneous data sets for the sorting tests: conformations of the shipped ribosome map
 at a reduced box, projected with CTF, shifts and noise, written as RELION STAR + MRC."""
+
 import numpy as np
 
 from sort3ddepth.engine import fourier

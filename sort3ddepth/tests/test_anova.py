@@ -61,11 +61,11 @@ def test_format_anova():
     assert "ANOVA of defocus" in lines
     assert any("defocus mean of all clusters" in line for line in lines)
     i = next(i for i, line in enumerate(lines) if "GID" in line)
-    table = lines[i:i + 5]
-    assert len({len(line) for line in table}) == 1          # aligned columns
+    table = lines[i : i + 5]
+    assert len({len(line) for line in table}) == 1  # aligned columns
     j = next(i for i, line in enumerate(lines) if "Pair-wise tests" in line)
-    pair_rows = lines[j + 2:]
-    assert len(pair_rows) == 6 and len({len(line) for line in lines[j + 1:]}) == 1
+    pair_rows = lines[j + 2 :]
+    assert len(pair_rows) == 6 and len({len(line) for line in lines[j + 1 :]}) == 1
     # degenerate results format too
     lines = format_anova("norm", one_way_anova({0: [1.0]}))
     assert all(line.startswith("ANOVA") for line in lines)

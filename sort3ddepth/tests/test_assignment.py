@@ -15,8 +15,8 @@ def test_minimum_sizes_per_orientation_group():
     rng = np.random.default_rng(0)
     n, K = 3000, 6
     scores = rng.normal(size=(n, K))
-    scores[:, 0] += 10.0                # cluster 0 attracts everything under plain argmax
-    og = rng.integers(0, 7, n) * 3      # arbitrary, non-contiguous group labels
+    scores[:, 0] += 10.0  # cluster 0 attracts everything under plain argmax
+    og = rng.integers(0, 7, n) * 3  # arbitrary, non-contiguous group labels
     labels = constrained_assignment(scores, 300, np.random.default_rng(1), og)
     assert labels.shape == (n,) and labels.min() >= 0 and labels.max() < K
     quota = _expected_quota(og, n, K, 300)
@@ -24,7 +24,7 @@ def test_minimum_sizes_per_orientation_group():
     for g, m in quota.items():
         counts = np.bincount(labels[og == g], minlength=K)
         assert counts.min() >= m
-        assert counts[1:].min() == m    # the weak clusters get exactly their quota
+        assert counts[1:].min() == m  # the weak clusters get exactly their quota
 
 
 def test_quota_capped_at_95_percent():
@@ -50,20 +50,20 @@ def test_no_minimum_is_argmax():
 
 def test_deterministic_for_a_seed():
     rng = np.random.default_rng(4)
-    scores = rng.integers(0, 3, size=(800, 4)).astype(float)    # many exact ties
+    scores = rng.integers(0, 3, size=(800, 4)).astype(float)  # many exact ties
     og = rng.integers(0, 5, 800)
     l1 = constrained_assignment(scores, 100, np.random.default_rng(42), og)
     l2 = constrained_assignment(scores, 100, np.random.default_rng(42), og)
     l3 = constrained_assignment(scores, 100, np.random.default_rng(43), og)
     np.testing.assert_array_equal(l1, l2)
-    assert not np.array_equal(l1, l3)      # ties are broken at random
+    assert not np.array_equal(l1, l3)  # ties are broken at random
 
 
 def test_random_tie_break_in_argmax():
     scores = np.zeros((4000, 4))
     labels = constrained_assignment(scores, 0, np.random.default_rng(5))
     counts = np.bincount(labels, minlength=4)
-    assert counts.min() > 850              # ~1000 each, not all to cluster 0
+    assert counts.min() > 850  # ~1000 each, not all to cluster 0
 
 
 def test_constraint_fills_an_empty_cluster():
@@ -87,11 +87,11 @@ def test_draft_conflict_resolution():
     col = np.arange(10, 0, -1).astype(float)
     scores = np.column_stack([col, col - 0.5 * (np.arange(10) >= 4)])  # same ranking for both
     labels = constrained_assignment(scores, 2, np.random.default_rng(7))
-    m = int(min(2 * 2 / 10, 0.95) * 10 / 2)     # 2 rounds per cluster
+    m = int(min(2 * 2 / 10, 0.95) * 10 / 2)  # 2 rounds per cluster
     assert m == 2
     first4 = labels[:4]
     assert sorted(first4.tolist()) == [0, 0, 1, 1]
-    np.testing.assert_array_equal(labels[4:], 0)    # after the draft: argmax
+    np.testing.assert_array_equal(labels[4:], 0)  # after the draft: argmax
     # each round of the draft takes exactly one of the top pair
     assert sorted(labels[:2].tolist()) == [0, 1] and sorted(labels[2:4].tolist()) == [0, 1]
 
@@ -112,7 +112,7 @@ def test_speed_report():
     n, K = 20_000, 10
     scores = rng.normal(size=(n, K))
     og = rng.integers(0, 20, n)
-    constrained_assignment(scores[:100], 5, rng, og[:100])            # compile / load cache
+    constrained_assignment(scores[:100], 5, rng, og[:100])  # compile / load cache
     t0 = time.perf_counter()
     labels = constrained_assignment(scores, 1500, rng, og)
     dt = time.perf_counter() - t0

@@ -6,8 +6,16 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from sort3ddepth.engine.comparison import (
-    _simulate, adjusted_rand_index, apportion, contingency, match_groups, rand_index,
-    random_reproducibility, split_two_classes, two_way_comparison)
+    _simulate,
+    adjusted_rand_index,
+    apportion,
+    contingency,
+    match_groups,
+    rand_index,
+    random_reproducibility,
+    split_two_classes,
+    two_way_comparison,
+)
 
 
 def _pairs_brute(a, b):
@@ -68,7 +76,7 @@ def test_two_way_comparison_known_case():
     a = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, -1, 1])
     b = np.array([1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 0, -1])
     r = two_way_comparison(a, b)
-    assert r.n_items == 10                    # items 10 and 11 are unlabelled in one partition
+    assert r.n_items == 10  # items 10 and 11 are unlabelled in one partition
     assert [(p.group_a, p.group_b) for p in r.pairs] == [(0, 1), (1, 0), (2, 2)]
     np.testing.assert_array_equal(r.sizes, [4, 2, 2])
     np.testing.assert_array_equal(r.pairs[0].members, [0, 1, 2, 3])
@@ -116,7 +124,7 @@ def test_adjusted_rand_index_known_values():
     assert adjusted_rand_index([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
     assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
     assert adjusted_rand_index([0, 0, 0, 0], [0, 1, 2, 3]) == pytest.approx(0.0)
-    assert adjusted_rand_index([0, 0, 0], [0, 0, 0]) == 1.0           # 0/0 case
+    assert adjusted_rand_index([0, 0, 0], [0, 0, 0]) == 1.0  # 0/0 case
     assert adjusted_rand_index([0, 1, 2], [2, 0, 1]) == 1.0
     assert rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(2 / 6)
     # independent large partitions: ARI near 0
@@ -128,7 +136,7 @@ def test_adjusted_rand_index_known_values():
 def test_apportion():
     s = apportion([500, 300, 200, 1], 100)
     assert s.sum() == 100 and s.min() >= 1
-    np.testing.assert_array_equal(s, [49, 30, 20, 1])   # the floor of 1 costs group 0
+    np.testing.assert_array_equal(s, [49, 30, 20, 1])  # the floor of 1 costs group 0
     s = apportion(np.ones(60), 100)
     assert s.sum() == 100 and s.min() == 1
     s = apportion([1000] + [1] * 9, 10)
@@ -174,8 +182,9 @@ def test_random_reproducibility():
     m8, _ = random_reproducibility([1] * 8, [1] * 8, np.random.default_rng(2), n_trials=300)
     assert m8[0] < m[0]
     # real-size variant: 40 items split 20/20 in both -> per-item null
-    m, s = random_reproducibility([20, 20], [20, 20], np.random.default_rng(3), n_trials=200,
-                                  n_elements=None)
+    m, s = random_reproducibility(
+        [20, 20], [20, 20], np.random.default_rng(3), n_trials=200, n_elements=None
+    )
     assert m.shape == (2,) and m[0] >= 100 / 3 - 1e-9 and m[0] < m8[0] + 30
     with pytest.raises(ValueError):
         random_reproducibility([20, 20], [20, 21], np.random.default_rng(3), n_elements=None)

@@ -1,6 +1,7 @@
 """Scipion <-> RELION conversion (sort3ddepth.convert): the ALIGN_PROJ matrix convention, CTF and
 image locations, checked against the recipe of Scipion's RELION plugin and by round trips
 STAR -> SetOfParticles -> STAR."""
+
 import os
 
 import mrcfile
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from sort3ddepth import convert
-from sort3ddepth.engine.geometry import euler_to_matrix, random_rotations, matrix_to_euler
+from sort3ddepth.engine.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from sort3ddepth.engine.simulate import simulate_particles
 from sort3ddepth.engine.star_io import read_star, write_star
 
@@ -25,6 +26,7 @@ def _relion_plugin_recipe(angles, origins):
     (re-written here from its documented steps): the 'szyz' Euler matrix of the NEGATED angles
     (radians), translation = -origin (pixels), then inverted."""
     from pwem.convert.transformations import euler_matrix
+
     rot, tilt, psi = -np.deg2rad(angles)
     m = euler_matrix(rot, tilt, psi, "szyz")
     m[:3, 3] = -np.array([origins[0], origins[1], 0.0])
@@ -35,6 +37,7 @@ def _relion_plugin_writer_recipe(matrix):
     """RELION angles/origin from a Scipion ALIGN_PROJ matrix, as scipion-em-relion's writer does:
     invert, origin = -translation, angles = -euler_from_matrix(..., 'szyz') in degrees."""
     from pwem.convert.transformations import euler_from_matrix, translation_from_matrix
+
     inv = np.linalg.inv(matrix)
     origin = -translation_from_matrix(inv)
     angles = -np.rad2deg(euler_from_matrix(inv, axes="szyz"))
@@ -44,6 +47,7 @@ def _relion_plugin_writer_recipe(matrix):
 def test_pwem_szyz_of_negated_angles_is_relion_matrix():
     angles, _ = _random_poses(50)
     from pwem.convert.transformations import euler_matrix
+
     for a in angles:
         m = euler_matrix(*(-np.deg2rad(a)), "szyz")[:3, :3]
         np.testing.assert_allclose(m, euler_to_matrix(*a), atol=1e-12)
@@ -62,10 +66,12 @@ def test_matrix_convention_matches_relion_plugin():
         np.testing.assert_allclose(back_origin, origins[k], atol=1e-9)
         assert abs(ref_origin[2]) < 1e-9
         # compare rotations (Euler angles are ambiguous at the poles)
-        np.testing.assert_allclose(euler_to_matrix(*back_angles), euler_to_matrix(*ref_angles),
-                                   atol=1e-9)
-        np.testing.assert_allclose(euler_to_matrix(*back_angles), euler_to_matrix(*angles[k]),
-                                   atol=1e-9)
+        np.testing.assert_allclose(
+            euler_to_matrix(*back_angles), euler_to_matrix(*ref_angles), atol=1e-9
+        )
+        np.testing.assert_allclose(
+            euler_to_matrix(*back_angles), euler_to_matrix(*angles[k]), atol=1e-9
+        )
 
 
 def test_matrix_convention_known_case():
@@ -92,6 +98,7 @@ def _small_star(folder, n=24, box=32, seed=3):
 def test_round_trip_star_scipion_star(tmp_path):
     from pwem.constants import ALIGN_PROJ
     from pwem.objects import SetOfParticles
+
     star, stack, ps = _small_star(tmp_path)
     sqlite = str(tmp_path / "particles.sqlite")
     convert.star_to_scipion(star, sqlite)
@@ -106,8 +113,11 @@ def test_round_trip_star_scipion_star(tmp_path):
         assert p.getObjId() == k + 1
         assert p.getLocation() == (k + 1, stack)
         # the stored matrix is the RELION plugin's matrix for this particle
-        np.testing.assert_allclose(p.getTransform().getMatrix(),
-                                   _relion_plugin_recipe(ps.angles[k], ps.shifts[k]), atol=1e-6)
+        np.testing.assert_allclose(
+            p.getTransform().getMatrix(),
+            _relion_plugin_recipe(ps.angles[k], ps.shifts[k]),
+            atol=1e-6,
+        )
         assert p.getCTF().getDefocusU() == pytest.approx(ps.ctf.defocus_u[k])
         assert p.getCTF().getDefocusAngle() == pytest.approx(ps.ctf.defocus_angle[k])
         assert p._rlnClassNumber.get() == ps.class_label[k] + 1
@@ -139,6 +149,7 @@ def test_round_trip_star_scipion_star(tmp_path):
 
 def test_disabled_particles_are_left_out(tmp_path):
     from pwem.objects import SetOfParticles
+
     star, _, ps = _small_star(tmp_path, n=10)
     sqlite = str(tmp_path / "p.sqlite")
     convert.star_to_scipion(star, sqlite)
@@ -162,6 +173,7 @@ def test_swapped_astigmatism_is_the_same_ctf(tmp_path):
     """Scipion standardises defocusU >= defocusV (swapping and adding 90 degrees): the CTF is
     unchanged, so rows with U < V come back swapped."""
     from pwem.objects import CTFModel
+
     c = CTFModel()
     c.setStandardDefocus(10000.0, 12000.0, 30.0)
     assert (c.getDefocusU(), c.getDefocusV(), c.getDefocusAngle()) == (12000.0, 10000.0, 120.0)
@@ -194,11 +206,14 @@ def test_file_format_checks():
     assert convert.clean_filename("a/b.mrc:mrcs") == "a/b.mrc"
     assert convert.clean_filename("a/b.stk") == "a/b.stk"
     assert convert.unsupported_files(["x.mrcs", "y.stk:mrcs", "z.stk", "w.hdf", "v.mrc"]) == [
-        "w.hdf", "z.stk"]
+        "w.hdf",
+        "z.stk",
+    ]
 
 
 def test_mirrored_transform_is_refused(tmp_path):
     from pwem.objects import SetOfParticles
+
     star, _, _ = _small_star(tmp_path, n=6)
     sqlite = str(tmp_path / "p.sqlite")
     convert.star_to_scipion(star, sqlite)

@@ -1,14 +1,24 @@
 """The depth search's thresholds live in one DepthPolicy: each has a reason, the defaults are
 what the sorter runs with, and the acceptance tests read the policy they are given."""
+
 import dataclasses
 
 import numpy as np
 import pytest
 
 from sort3ddepth.engine.comparison import MatchedPair, two_way_comparison
-from sort3ddepth.engine.depth import (MIN_CLUSTER_SIZE, POLICY, DepthPolicy, SortContext,
-                                     between_box_keeps, fragments, not_tiny, policy_of,
-                                     size_bounds, within_box_accept)
+from sort3ddepth.engine.depth import (
+    MIN_CLUSTER_SIZE,
+    POLICY,
+    DepthPolicy,
+    SortContext,
+    between_box_keeps,
+    fragments,
+    not_tiny,
+    policy_of,
+    size_bounds,
+    within_box_accept,
+)
 
 
 def test_every_threshold_has_a_one_line_reason():
@@ -24,7 +34,7 @@ def test_the_policy_is_frozen_and_the_default_everywhere():
     assert MIN_CLUSTER_SIZE == POLICY.min_cluster_size
     ctx = SortContext(None, None, None, print, True, False, 100, 5, 2)
     assert ctx.policy is POLICY
-    assert policy_of(object()) is POLICY               # stand-in contexts get the defaults
+    assert policy_of(object()) is POLICY  # stand-in contexts get the defaults
 
 
 def _three_groups(noise, seed=0):
@@ -38,12 +48,12 @@ def _three_groups(noise, seed=0):
 
 
 def test_within_box_acceptance_reads_the_policy_it_is_given():
-    res = _three_groups(0.4)                           # group 2 reproduces at Jaccard ~60 %
+    res = _three_groups(0.4)  # group 2 reproduces at Jaccard ~60 %
     assert within_box_accept(res, False, 10, 1).sum() == 3
     strict = dataclasses.replace(POLICY, jaccard_floor=70.0)
     assert within_box_accept(res, False, 10, 1, policy=strict).sum() == 2
-    high_low = dataclasses.replace(POLICY, low_bound_factor=1000.0)   # nothing above the bound
-    assert within_box_accept(res, False, 10, 1, policy=high_low).all()   # -> the fallback
+    high_low = dataclasses.replace(POLICY, low_bound_factor=1000.0)  # nothing above the bound
+    assert within_box_accept(res, False, 10, 1, policy=high_low).all()  # -> the fallback
 
 
 def test_fragments_and_between_box_keeps_read_the_policy():
@@ -52,10 +62,11 @@ def test_fragments_and_between_box_keeps_read_the_policy():
     assert not fragments(sizes, dataclasses.replace(POLICY, fragment_size=0.4)).any()
     pair = MatchedPair(0, 0, np.arange(30), 30, 32, 31, 90.0)
     assert between_box_keeps(pair, 40.0, 5.0, 60)
-    assert not between_box_keeps(pair, 40.0, 5.0, 90)           # the largest is 3x its size
-    assert not between_box_keeps(pair, 40.0, 5.0, 60,
-                                 dataclasses.replace(POLICY, min_cluster_size=31))
-    assert not between_box_keeps(pair, 80.0, 5.0, 60)           # not 2 std above random
+    assert not between_box_keeps(pair, 40.0, 5.0, 90)  # the largest is 3x its size
+    assert not between_box_keeps(
+        pair, 40.0, 5.0, 60, dataclasses.replace(POLICY, min_cluster_size=31)
+    )
+    assert not between_box_keeps(pair, 80.0, 5.0, 60)  # not 2 std above random
 
 
 def test_the_third_of_the_largest_rule_is_exact_for_integer_sizes():

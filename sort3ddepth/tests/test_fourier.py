@@ -1,4 +1,5 @@
 """Fourier kernels, CTF and geometry: accuracy against direct computations and adjointness."""
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -21,14 +22,18 @@ def test_euler_matches_relion_documented_formula():
     for rot, tilt, psi in rng.uniform(-180, 180, (20, 3)):
         a, b, g = np.deg2rad([rot, tilt, psi])
         ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
-        expected = np.array([
-            [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
-            [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
-            [sb * ca, sb * sa, cb]])
+        expected = np.array(
+            [
+                [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
+                [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
+                [sb * ca, sb * sa, cb],
+            ]
+        )
         np.testing.assert_allclose(G.euler_to_matrix(rot, tilt, psi), expected, atol=1e-12)
     # a side view at rot=0, tilt=90 looks along +x
-    np.testing.assert_allclose(G.projection_directions(G.euler_to_matrix(0, 90, 0)), [1, 0, 0],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        G.projection_directions(G.euler_to_matrix(0, 90, 0)), [1, 0, 0], atol=1e-12
+    )
 
 
 def test_euler_round_trip():
@@ -36,8 +41,9 @@ def test_euler_round_trip():
     mats = G.random_rotations(500, rng)
     back = G.euler_to_matrix(*G.matrix_to_euler(mats).T)
     np.testing.assert_allclose(back, mats, atol=1e-9)
-    np.testing.assert_allclose(mats @ mats.transpose(0, 2, 1), np.broadcast_to(np.eye(3), mats.shape),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        mats @ mats.transpose(0, 2, 1), np.broadcast_to(np.eye(3), mats.shape), atol=1e-12
+    )
 
 
 def _real_space_projection(vol, rot):
@@ -47,8 +53,9 @@ def _real_space_projection(vol, rot):
     acc = np.zeros((n, n))
     for z in c:
         q = rot.T @ np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, z)])
-        acc += ndimage.map_coordinates(vol, np.stack([q[2], q[1], q[0]]) + n // 2, order=3,
-                                       mode="constant").reshape(n, n)
+        acc += ndimage.map_coordinates(
+            vol, np.stack([q[2], q[1], q[0]]) + n // 2, order=3, mode="constant"
+        ).reshape(n, n)
     return acc
 
 
@@ -58,7 +65,7 @@ def test_projection_matches_real_space_projection(ribosome):
     for i in range(4):
         direct = _real_space_projection(ribosome, rots[i])
         assert np.corrcoef(direct.ravel(), proj[i].ravel())[0, 1] >= 0.99
-        assert abs((proj[i] * direct).sum() / (direct ** 2).sum() - 1) < 0.02
+        assert abs((proj[i] * direct).sum() / (direct**2).sum() - 1) < 0.02
 
 
 def test_backprojection_is_adjoint_of_projection():
@@ -92,8 +99,13 @@ def test_backprojection_thread_split_and_memberships_agree():
     np.testing.assert_allclose(d1[1], dk[0], rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(w1[1], wk[0], rtol=1e-10, atol=1e-9)
     # image_index: entries can reuse images (smears) with their own rotation and weight
-    d3, _ = F.backproject(x, np.concatenate([rots, rots]), np.concatenate([memb, memb]) * 0.5,
-                          pad=2, image_index=np.r_[np.arange(30), np.arange(30)])
+    d3, _ = F.backproject(
+        x,
+        np.concatenate([rots, rots]),
+        np.concatenate([memb, memb]) * 0.5,
+        pad=2,
+        image_index=np.r_[np.arange(30), np.arange(30)],
+    )
     np.testing.assert_allclose(d3, d1, rtol=1e-10, atol=1e-9)
 
 
@@ -103,17 +115,32 @@ def test_fused_distance_equals_explicit_projection(ribosome):
     maps = np.stack([ribosome, np.roll(ribosome, 3, axis=0)])
     fv = F.volumes_to_fourier(maps, pad=2)
     rots = G.random_rotations(n, rng)
-    ctf = CTFParams(rng.uniform(8000, 20000, n), rng.uniform(8000, 20000, n), rng.uniform(0, 180, n),
-                    np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1), np.zeros(n))
+    ctf = CTFParams(
+        rng.uniform(8000, 20000, n),
+        rng.uniform(8000, 20000, n),
+        rng.uniform(0, 180, n),
+        np.full(n, 300.0),
+        np.full(n, 2.7),
+        np.full(n, 0.1),
+        np.zeros(n),
+    )
     imgs = np.fft.rfft2(rng.standard_normal((n, box, box))).astype(np.complex64)
     weights = rng.uniform(0.5, 2.0, (3, box // 2 + 2))
     groups = rng.integers(0, 3, n)
     rmin, rmax = 2.0, 20.0
-    d = F.squared_distances(fv, rots, imgs, ctf_coefs=C.ctf_coefficients(ctf, box, 4.0),
-                            rmin=rmin, rmax=rmax, shell_weights=weights, groups=groups)
+    d = F.squared_distances(
+        fv,
+        rots,
+        imgs,
+        ctf_coefs=C.ctf_coefficients(ctf, box, 4.0),
+        rmin=rmin,
+        rmax=rmax,
+        shell_weights=weights,
+        groups=groups,
+    )
     proj = F.project(fv, rots) * C.ctf_images(ctf, box, 4.0)[:, None]
     ky, kx = F.frequency_grid(box)
-    r = np.sqrt(kx ** 2 + ky ** 2)
+    r = np.sqrt(kx**2 + ky**2)
     band = (r >= rmin) & (r <= rmax)
     herm = np.where((kx > 0) & (kx < box // 2), 2.0, 1.0)
     for i in range(n):
@@ -126,10 +153,17 @@ def test_fused_distance_equals_explicit_projection(ribosome):
 def test_ctf_values_and_astigmatism():
     box, apix = 128, 1.5
     q = 0.07
-    one = CTFParams(np.array([20000.0]), np.array([14000.0]), np.array([30.0]), np.array([300.0]),
-                    np.array([0.0]), np.array([q]), np.array([0.0]))
+    one = CTFParams(
+        np.array([20000.0]),
+        np.array([14000.0]),
+        np.array([30.0]),
+        np.array([300.0]),
+        np.array([0.0]),
+        np.array([q]),
+        np.array([0.0]),
+    )
     img = C.ctf_images(one, box, apix)[0]
-    assert img[0, 0] == pytest.approx(q, rel=1e-5)          # CTF(0) = +Q (white particles)
+    assert img[0, 0] == pytest.approx(q, rel=1e-5)  # CTF(0) = +Q (white particles)
     lam = C.electron_wavelength(300.0)
     assert lam == pytest.approx(0.019687, rel=1e-4)
     # with Cs = 0, along the astigmatism angle the defocus is dU: first zero where
@@ -137,19 +171,23 @@ def test_ctf_values_and_astigmatism():
     s0 = np.sqrt((np.pi - np.arctan(q / np.sqrt(1 - q * q))) / (np.pi * lam * 20000.0))
     kzero = s0 * box * apix
     ang = np.deg2rad(30.0)
-    along = C.ctf_value.py_func(C.ctf_coefficients(one, box, apix)[0], kzero * np.cos(ang),
-                                kzero * np.sin(ang))
-    across = C.ctf_value.py_func(C.ctf_coefficients(one, box, apix)[0], -kzero * np.sin(ang),
-                                 kzero * np.cos(ang))
+    along = C.ctf_value.py_func(
+        C.ctf_coefficients(one, box, apix)[0], kzero * np.cos(ang), kzero * np.sin(ang)
+    )
+    across = C.ctf_value.py_func(
+        C.ctf_coefficients(one, box, apix)[0], -kzero * np.sin(ang), kzero * np.cos(ang)
+    )
     assert abs(along) < 1e-6 and abs(across) > 0.2
 
 
 def test_shift_moves_content_by_plus_origin():
     box = 32
     img = np.zeros((1, box, box), np.float32)
-    img[0, 16 - 2, 16 + 3] = 1.0          # particle at (x, y) = (+3, -2) from the centre
+    img[0, 16 - 2, 16 + 3] = 1.0  # particle at (x, y) = (+3, -2) from the centre
     # RELION origin that re-centres it is (-3, +2): the content moves by +origin
-    out = F.fourier_to_images(F.shift_images(F.images_to_fourier(img), np.array([[-3.0, 2.0]])), box)
+    out = F.fourier_to_images(
+        F.shift_images(F.images_to_fourier(img), np.array([[-3.0, 2.0]])), box
+    )
     assert np.unravel_index(np.argmax(out[0]), out[0].shape) == (16, 16)
 
 
@@ -171,7 +209,7 @@ class ReplayRanks:
 
     def __init__(self, size):
         self.size = size
-        self.seen = None          # per rank: [(kind, value), ...] of the last pass
+        self.seen = None  # per rank: [(kind, value), ...] of the last pass
 
     def run(self, fn, passes=3):
         for _ in range(passes):
@@ -192,7 +230,7 @@ class ReplayRanks:
             return max(vals)
         total = vals[0].copy()
         for v in vals[1:]:
-            total += v        # int64 accumulators: exact, as MPI_SUM on integers
+            total += v  # int64 accumulators: exact, as MPI_SUM on integers
         return total
 
 
@@ -217,11 +255,19 @@ def test_backprojection_split_into_ranks_is_bit_identical(n_parts):
     CTF, shell weights, fuzzy weights and a cropped grid."""
     n, box, rng = 90, 24, np.random.default_rng(7 + n_parts)
     rots = G.random_rotations(n, rng)
-    x = (np.fft.rfft2(rng.standard_normal((n, box, box))) * 10.0 ** rng.uniform(-2, 2, n)[:, None,
-         None]).astype(np.complex64)
-    ctf = CTFParams(rng.uniform(8000, 20000, n), rng.uniform(8000, 20000, n),
-                    rng.uniform(0, 180, n), np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1),
-                    np.zeros(n))
+    x = (
+        np.fft.rfft2(rng.standard_normal((n, box, box)))
+        * 10.0 ** rng.uniform(-2, 2, n)[:, None, None]
+    ).astype(np.complex64)
+    ctf = CTFParams(
+        rng.uniform(8000, 20000, n),
+        rng.uniform(8000, 20000, n),
+        rng.uniform(0, 180, n),
+        np.full(n, 300.0),
+        np.full(n, 2.7),
+        np.full(n, 0.1),
+        np.zeros(n),
+    )
     coefs = C.ctf_coefficients(ctf, box, 4.0)
     memb = rng.uniform(0.0, 1.0, (n, 3)) * (rng.random((n, 3)) < 0.7)
     sw = rng.uniform(0.5, 2.0, (2, box // 2 + 2))
@@ -231,8 +277,17 @@ def test_backprojection_split_into_ranks_is_bit_identical(n_parts):
 
     def rank(r, comm):
         sl = slice(bounds[r], bounds[r + 1])
-        return F.backproject(x[sl], rots[sl], memb[sl], coefs[sl], pad=2, shell_weights=sw,
-                             groups=groups[sl], rmax=10, comm=comm)
+        return F.backproject(
+            x[sl],
+            rots[sl],
+            memb[sl],
+            coefs[sl],
+            pad=2,
+            shell_weights=sw,
+            groups=groups[sl],
+            rmax=10,
+            comm=comm,
+        )
 
     for data, w in ReplayRanks(n_parts).run(rank):
         assert data.tobytes() == one[0].tobytes()
@@ -241,6 +296,14 @@ def test_backprojection_split_into_ranks_is_bit_identical(n_parts):
     ref_d = np.zeros_like(one[0])
     for r in range(n_parts):
         sl = slice(bounds[r], bounds[r + 1])
-        ref_d += F.backproject(x[sl], rots[sl], memb[sl], coefs[sl], pad=2, shell_weights=sw,
-                               groups=groups[sl], rmax=10)[0]
+        ref_d += F.backproject(
+            x[sl],
+            rots[sl],
+            memb[sl],
+            coefs[sl],
+            pad=2,
+            shell_weights=sw,
+            groups=groups[sl],
+            rmax=10,
+        )[0]
     np.testing.assert_allclose(one[0], ref_d, rtol=0, atol=1e-9 * np.abs(one[0]).max())

@@ -1,11 +1,11 @@
 """The posterior model of membership (engine/membership.py) on score vectors whose truth is
 known: calibration of the posterior and of the estimated purity, the selection at a purity
 target, and the rule that keeps an unsure but reproduced group."""
+
 import numpy as np
 import pytest
 
-from sort3ddepth.engine.membership import (UNSURE_FLOOR, fit_posteriors, purity_curve,
-                                           select_members)
+from sort3ddepth.engine.membership import UNSURE_FLOOR, fit_posteriors, purity_curve, select_members
 
 
 def _mixture(n_per, means, noise, seed, shared=0.6):
@@ -54,7 +54,7 @@ def test_estimated_purity_matches_the_truth_at_the_target(target):
         assert memb.estimated_purity[j] >= target
         assert abs(memb.estimated_purity[j] - measured) <= 0.02, (j, measured)
     acc = np.mean(memb.labels < k)
-    assert 0.2 < acc < 1.0            # a real trade-off: neither all nor nothing
+    assert 0.2 < acc < 1.0  # a real trade-off: neither all nor nothing
 
 
 def test_close_groups_are_kept_not_dropped():

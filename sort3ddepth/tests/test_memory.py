@@ -1,6 +1,7 @@
 """The memory model (memory.py): it follows the streamed layout (N x nx^2 per particle, the full
 box only in fixed-size terms), and a run that cannot fit is refused with the numbers and a
 remedy that works."""
+
 import re
 
 import numpy as np
@@ -13,9 +14,11 @@ from sort3ddepth.tests.sorting_data import make_star
 def test_per_particle_memory_follows_the_sorting_size_not_the_box():
     n1, n2 = 50_000, 100_000
     for nx in (64, 96):
-        growth = [memory.bytes_per_rank(n2, box, 2, nx) - memory.bytes_per_rank(n1, box, 2, nx)
-                  for box in (192, 256, 360)]
-        assert growth[0] == growth[1] == growth[2]          # no N x box^2 term
+        growth = [
+            memory.bytes_per_rank(n2, box, 2, nx) - memory.bytes_per_rank(n1, box, 2, nx)
+            for box in (192, 256, 360)
+        ]
+        assert growth[0] == growth[1] == growth[2]  # no N x box^2 term
         per = growth[0] / (n2 - n1)
         # each rank holds half the particles at nx: comparison + reconstruction images (+ copy)
         assert per >= 0.5 * nx * (nx // 2 + 1) * 8 * 2
@@ -44,8 +47,9 @@ def test_refusal_names_the_numbers_and_an_nxinit_that_fits(monkeypatch):
     assert "--memory_per_node 24.0 GB minus --overhead 5 GB leaves 19.0 GB" in msg
     assert "4 rank(s) sorting 400000 images of 360 px at 120 px need about" in msg
     need = float(re.search(r"need about ([\d.]+) GB", msg).group(1))
-    assert need == pytest.approx(4 * memory.bytes_per_rank(400_000, 360, 4, 120) / memory.GB,
-                                 abs=0.06)
+    assert need == pytest.approx(
+        4 * memory.bytes_per_rank(400_000, 360, 4, 120) / memory.GB, abs=0.06
+    )
     nx = int(re.search(r"--nxinit (\d+)", msg).group(1))
     assert 16 <= nx < 120
     # the advice works: with that --nxinit the same run fits, with 2 px more it does not
@@ -68,8 +72,20 @@ def test_refusal_asks_for_fewer_ranks_per_node_when_the_sorting_size_cannot_help
 def test_cli_refuses_before_reading_images_with_a_remedy(tmp_path, capsys):
     star, _ = make_star(tmp_path, n_per_class=30, n_classes=2, box=32, snr=2.0)
     out = tmp_path / "out"
-    code = cli.run(["--instack", str(star), "--output_dir", str(out), "--memory_per_node", "0.2",
-                    "--overhead", "0.1", "--img_per_grp", "30"])
+    code = cli.run(
+        [
+            "--instack",
+            str(star),
+            "--output_dir",
+            str(out),
+            "--memory_per_node",
+            "0.2",
+            "--overhead",
+            "0.1",
+            "--img_per_grp",
+            "30",
+        ]
+    )
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1, err
     line = err[0]

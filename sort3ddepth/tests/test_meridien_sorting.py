@@ -4,6 +4,7 @@ CTF in the headers, bckgnoise.hdf, half sets by micrograph group, stored probabi
 is sorted into its conformations with no file converted; smeared reconstructions, --nsmear,
 --compute_on_the_fly (same clusters as precomputing, also on 2 MPI ranks), the memory message,
 background normalisation with the norm factors, background-noise weights and bad folders."""
+
 import json
 import shutil
 import subprocess
@@ -47,21 +48,38 @@ def dataset(tmp_path_factory):
     ps.norm = rng.uniform(0.9, 1.1, n)
     curve = global_fsc(ps, Comm(), rng.integers(0, 2, n))
     ids = rng.permutation(n + n // 4)[:n]
-    info = write_meridien(folder / "Refine3D", ps, seed=11, fsc=curve, ids=ids, delta=1.875,
-                          smear=(2, 5), bckgnoise=np.ones((N_GROUPS, BOX)))
+    info = write_meridien(
+        folder / "Refine3D",
+        ps,
+        seed=11,
+        fsc=curve,
+        ids=ids,
+        delta=1.875,
+        smear=(2, 5),
+        bckgnoise=np.ones((N_GROUPS, BOX)),
+    )
     assert not list((folder / "Refine3D").rglob("*.mrc*")) and not list(
-        (folder / "Refine3D").rglob("*.star"))                  # nothing converted
+        (folder / "Refine3D").rglob("*.star")
+    )  # nothing converted
     truth = dict(zip(info["ids"].tolist(), ps.class_label.tolist()))
-    return types.SimpleNamespace(folder=folder, refine=folder / "Refine3D", ps=ps, maps=maps,
-                                 ids=info["ids"], truth=truth, info=info)
+    return types.SimpleNamespace(
+        folder=folder,
+        refine=folder / "Refine3D",
+        ps=ps,
+        maps=maps,
+        ids=info["ids"],
+        truth=truth,
+        info=info,
+    )
 
 
 def sort3d(args, cwd, nproc=1, ok=True):
     cmd = [sys.executable, "-m", "sort3ddepth.engine.cli"] + [str(a) for a in args]
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+    )
     if ok:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -73,8 +91,10 @@ SORT_ARGS = ["--img_per_grp", N_PER_CLASS, "--depth_order", 1, "--seed", 5]
 @pytest.fixture(scope="module")
 def main_run(dataset):
     out = dataset.folder / "precomputed"
-    sort3d(["--refinement_dir", dataset.refine, "--output_dir", out, "--check_smearing"]
-           + SORT_ARGS, dataset.folder)
+    sort3d(
+        ["--refinement_dir", dataset.refine, "--output_dir", out, "--check_smearing"] + SORT_ARGS,
+        dataset.folder,
+    )
     return out
 
 
@@ -84,13 +104,12 @@ def _ids_of(out, entry):
 
 def test_sorting_from_meridien_folder_gives_pure_clusters(main_run, dataset):
     summary = json.loads((main_run / "summary.json").read_text())
-    assert summary["input"] == "meridien" and "meridien particle ids" in \
-        summary["cluster_file_ids"]
+    assert summary["input"] == "meridien" and "meridien particle ids" in summary["cluster_file_ids"]
     real = [c for c in summary["clusters"] if not c["unaccounted"]]
     rows = []
     for c in real:
         ids = _ids_of(main_run, c)
-        labels = np.array([dataset.truth[i] for i in ids])     # KeyError: not a meridien id
+        labels = np.array([dataset.truth[i] for i in ids])  # KeyError: not a meridien id
         counts = np.bincount(labels, minlength=3)
         rows.append((len(ids), counts.max() / len(ids), int(np.argmax(counts))))
     assert len(rows) == 3, rows
@@ -131,9 +150,22 @@ def test_on_the_fly_gives_the_same_clusters_on_two_ranks(main_run, dataset):
     the clusters equal the precomputed run's (1 rank) for the same seed."""
     out = dataset.folder / "on_the_fly"
     mem = _budget_gb(dataset, _sorting_size(main_run), 2, 0.5)
-    sort3d(["--refinement_dir", dataset.refine, "--output_dir", out, "--compute_on_the_fly",
-            "--memory_per_node", repr(mem), "--overhead", 0] + SORT_ARGS, dataset.folder,
-           nproc=2)
+    sort3d(
+        [
+            "--refinement_dir",
+            dataset.refine,
+            "--output_dir",
+            out,
+            "--compute_on_the_fly",
+            "--memory_per_node",
+            repr(mem),
+            "--overhead",
+            0,
+        ]
+        + SORT_ARGS,
+        dataset.folder,
+        nproc=2,
+    )
     log = (out / "log.txt").read_text()
     line = log.split("smeared slices: ")[1].splitlines()[0]
     done, total = (int(v) for v in line.split(" precomputed")[0].split(" of "))
@@ -147,13 +179,26 @@ def test_on_the_fly_gives_the_same_clusters_on_two_ranks(main_run, dataset):
 
 def test_too_little_memory_asks_for_on_the_fly(main_run, dataset, tmp_path):
     mem = _budget_gb(dataset, _sorting_size(main_run), 1, 0.5)
-    res = sort3d(["--refinement_dir", dataset.refine, "--output_dir", tmp_path / "o",
-                  "--memory_per_node", repr(mem), "--overhead", 0] + SORT_ARGS, tmp_path,
-                 ok=False)
+    res = sort3d(
+        [
+            "--refinement_dir",
+            dataset.refine,
+            "--output_dir",
+            tmp_path / "o",
+            "--memory_per_node",
+            repr(mem),
+            "--overhead",
+            0,
+        ]
+        + SORT_ARGS,
+        tmp_path,
+        ok=False,
+    )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("sort3d-depth: error:") and "turn on --compute_on_the_fly" in \
-        lines[0], lines[0]
+    assert (
+        lines[0].startswith("sort3d-depth: error:") and "turn on --compute_on_the_fly" in lines[0]
+    ), lines[0]
 
 
 @pytest.mark.parametrize("case", ["missing_params", "no_folder", "bad_nsmear"])
@@ -172,8 +217,11 @@ def test_bad_refinement_folder_gives_one_line(dataset, tmp_path, case):
         refine = dataset.refine
         extra = ["--nsmear", "0"]
         want = "--nsmear 0"
-    res = sort3d(["--refinement_dir", refine, "--output_dir", tmp_path / "o"] + extra
-                 + SORT_ARGS, tmp_path, ok=False)
+    res = sort3d(
+        ["--refinement_dir", refine, "--output_dir", tmp_path / "o"] + extra + SORT_ARGS,
+        tmp_path,
+        ok=False,
+    )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert lines[0].startswith("sort3d-depth: error:") and want in lines[0], lines[0]
@@ -184,9 +232,17 @@ def test_bad_refinement_folder_gives_one_line(dataset, tmp_path, case):
 # unit level: the smeared reconstructions
 # ---------------------------------------------------------------------------------------------
 
+
 def _opts(**kw):
-    o = types.SimpleNamespace(k_initial=3, nxinit=-1, focus_map=None, mask_map=None,
-                              apply_noise=True, orientation_groups=20, smear_precompute=None)
+    o = types.SimpleNamespace(
+        k_initial=3,
+        nxinit=-1,
+        focus_map=None,
+        mask_map=None,
+        apply_noise=True,
+        orientation_groups=20,
+        smear_precompute=None,
+    )
     o.__dict__.update(kw)
     return o
 
@@ -213,8 +269,9 @@ def test_nsmear_one_and_all_give_different_maps(dataset):
 def _perturbed(rots, rng, degrees):
     axis = rng.standard_normal((len(rots), 3))
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
-    return np.einsum("nij,njk->nik", Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix(),
-                     rots)
+    return np.einsum(
+        "nij,njk->nik", Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix(), rots
+    )
 
 
 def test_smeared_maps_are_at_least_as_good_as_unsmeared(dataset):
@@ -226,14 +283,21 @@ def test_smeared_maps_are_at_least_as_good_as_unsmeared(dataset):
     n = len(dataset.ids)
     true = ref.particles.rotations
     shifts = ref.particles.shifts
-    m = 6                                   # entries: the true pose and 5 poses 4 degrees off
+    m = 6  # entries: the true pose and 5 poses 4 degrees off
     rot = np.stack([true] + [_perturbed(true, rng, 4.0) for _ in range(m - 1)], 1)
     weight = np.array([0.2, 0.3] + [0.5 / (m - 2)] * (m - 2))
-    order = np.r_[1, 0, 2:m]                # the most probable entry is a wrong pose
+    order = np.r_[1, 0, 2:m]  # the most probable entry is a wrong pose
     z = np.zeros(n * m, np.int64)
-    smeared = SmearSet(np.arange(0, n * m + 1, m, dtype=np.int64), np.repeat(np.arange(n), m),
-                       rot[:, order].reshape(-1, 3, 3), np.repeat(shifts, m, axis=0),
-                       np.tile(weight[order], n), z, z.copy(), z.copy())
+    smeared = SmearSet(
+        np.arange(0, n * m + 1, m, dtype=np.int64),
+        np.repeat(np.arange(n), m),
+        rot[:, order].reshape(-1, 3, 3),
+        np.repeat(shifts, m, axis=0),
+        np.tile(weight[order], n),
+        z,
+        z.copy(),
+        z.copy(),
+    )
     best = SmearSet.single(rot[:, 1], shifts)
     labels = dataset.ps.class_label
     nx = None
@@ -242,8 +306,12 @@ def test_smeared_maps_are_at_least_as_good_as_unsmeared(dataset):
         ref.smears = sm
         maps, d = _class_maps(ref, labels)
         nx = d.nx
-        scores[name] = np.mean([fsc(maps[k], fourier.resize_volume(dataset.maps[k], nx))[2:nx // 3]
-                                .mean() for k in range(3)])
+        scores[name] = np.mean(
+            [
+                fsc(maps[k], fourier.resize_volume(dataset.maps[k], nx))[2 : nx // 3].mean()
+                for k in range(3)
+            ]
+        )
     assert scores["smeared"] >= scores["unsmeared"], scores
 
 
@@ -284,29 +352,33 @@ def test_slices_do_not_depend_on_the_batch(dataset):
     parent = rng.integers(0, 5, 40)
     shift = rng.uniform(-3, 3, (40, 2))
     all_at_once = shifted_slices(base, parent, shift)
-    one_by_one = np.concatenate([shifted_slices(base, parent[i:i + 1], shift[i:i + 1])
-                                 for i in range(40)])
+    one_by_one = np.concatenate(
+        [shifted_slices(base, parent[i : i + 1], shift[i : i + 1]) for i in range(40)]
+    )
     assert np.array_equal(all_at_once, one_by_one)
-    np.testing.assert_allclose(all_at_once, fourier.shift_images(base[parent], shift),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        all_at_once, fourier.shift_images(base[parent], shift), rtol=1e-4, atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # normalisation: SPHIRE's background statistics, with meridien's norm factors
 # ---------------------------------------------------------------------------------------------
 
+
 def test_background_normalisation():
     """normalise_images(background=True): mean 0 and sample std 1 of the pixels OUTSIDE the
     radius (SPHIRE's infomask(img, circle, False)), whatever the particle inside; the inside
     statistics (background=False) depend on the particle's own signal."""
     from sort3ddepth.engine.preprocess import normalise_images
+
     rng = np.random.default_rng(4)
     box, radius = 32, 12
     c = np.arange(box) - box // 2
     r2 = c[:, None] ** 2 + c[None, :] ** 2
-    inside = r2 <= radius ** 2
+    inside = r2 <= radius**2
     noise = rng.normal(3.0, 2.0, (box, box))
-    blob = np.exp(-r2 / 40.0) * (r2 <= 10 ** 2)          # the particle: inside the radius
+    blob = np.exp(-r2 / 40.0) * (r2 <= 10**2)  # the particle: inside the radius
     imgs = np.stack([noise + 5 * blob, noise + 50 * blob]).astype(np.float32)
     bg = normalise_images(imgs, radius, background=True)
     out = bg[:, ~inside].astype(np.float64)
@@ -327,32 +399,38 @@ def test_meridien_mode_normalises_on_the_background_with_the_norm_factors(datase
     smeared slices are made from the same background-normalised images; final maps too."""
     from sort3ddepth.engine import preprocess, sorter
     from sort3ddepth.engine.preprocess import comparison_images, normalise_images
+
     ref = read_meridien(dataset.refine)
     calls = []
 
     def spy(images, radius, background=False):
         calls.append((radius, background))
         return normalise_images(images, radius, background=background)
+
     monkeypatch.setattr(preprocess, "normalise_images", spy)
     d = prepare_meridien(ref, Comm(), _opts(), log=lambda *a: None)
-    assert calls and set(calls) == {(ref.radius, True)}     # once per chunk
+    assert calls and set(calls) == {(ref.radius, True)}  # once per chunk
     p = ref.particles
     sel = np.arange(6)
-    f = fourier.images_to_fourier(normalise_images(p.load_images(sel), ref.radius,
-                                                   background=True))
-    np.testing.assert_allclose(d.rec_f[sel], fourier.crop_fourier_images(f, d.nx),
-                               rtol=1e-5, atol=1e-5)
+    f = fourier.images_to_fourier(normalise_images(p.load_images(sel), ref.radius, background=True))
+    np.testing.assert_allclose(
+        d.rec_f[sel], fourier.crop_fourier_images(f, d.nx), rtol=1e-5, atol=1e-5
+    )
     comp = fourier.crop_fourier_images(fourier.shift_images(f, p.shifts[sel]), d.nx)
     comp *= ref.norm_factors[sel].astype(np.float32)[:, None, None]
     want = comparison_images(comp, p.rotations[sel], ref.radius * d.nx / p.box)
     np.testing.assert_allclose(d.comp_f[sel], want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ref.norm_factors, np.asarray(dataset.info["avgvaradj"])[
-        dataset.info["half_set"]] / dataset.ps.norm, rtol=1e-5)
+    np.testing.assert_allclose(
+        ref.norm_factors,
+        np.asarray(dataset.info["avgvaradj"])[dataset.info["half_set"]] / dataset.ps.norm,
+        rtol=1e-5,
+    )
     # final maps (sorter.final_maps): background normalisation at meridien's radius
     calls.clear()
     monkeypatch.setattr(sorter, "normalise_images", spy)
     labels = dataset.ps.class_label
     clusters = [np.flatnonzero(labels == 0)[:60], np.flatnonzero(labels == 1)[:60]]
-    sorter.final_maps(p, clusters, Comm(), np.random.default_rng(0), None, lambda *a: None,
-                      meridien=ref)
+    sorter.final_maps(
+        p, clusters, Comm(), np.random.default_rng(0), None, lambda *a: None, meridien=ref
+    )
     assert calls and set(calls) == {(ref.radius, True)}

@@ -1,6 +1,7 @@
 """MGSK-means run control (damping after a first plateau), the member check that ends a
 generation and the final assignment (the posterior model at the purity target), and the starts
 that rebuild missing groups from independent cuts (rebuild_starts)."""
+
 import types
 
 import numpy as np
@@ -8,8 +9,15 @@ import pytest
 
 from sort3ddepth.engine.cli import build_parser
 from sort3ddepth.engine.comparison import two_way_comparison
-from sort3ddepth.engine.depth import (Partition, assign_members, final_assignment, fragments,
-                                     rebuild_starts, sure_groups, within_box_accept)
+from sort3ddepth.engine.depth import (
+    Partition,
+    assign_members,
+    final_assignment,
+    fragments,
+    rebuild_starts,
+    sure_groups,
+    within_box_accept,
+)
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.preprocess import prepare
@@ -25,17 +33,17 @@ class CyclingMaps:
     def __init__(self, n, n_cyclers, seed=0):
         rng = np.random.default_rng(seed)
         self.d = types.SimpleNamespace(half=np.arange(n) % 2)
-        self.partner = np.arange(n) ^ 1                  # image 2j <-> 2j+1, other half
+        self.partner = np.arange(n) ^ 1  # image 2j <-> 2j+1, other half
         self.cycler = np.zeros(n, bool)
         self.cycler[rng.choice(n // 2, n_cyclers // 2, replace=False) * 2] = True
         self.cycler[self.partner[self.cycler]] = True
-        self.home = rng.integers(0, 3, n)                # where the other images want to be
+        self.home = rng.integers(0, 3, n)  # where the other images want to be
 
     def resolution_limit(self, group_size):
         return 10
 
     def accumulate(self, subset, memberships, rmax=None):
-        m = np.asarray(memberships, np.float64).T.copy()    # (2K, n): who is in which map
+        m = np.asarray(memberships, np.float64).T.copy()  # (2K, n): who is in which map
         return m, m.copy()
 
     def fourier_maps(self, data, w, group_size):
@@ -46,9 +54,10 @@ class CyclingMaps:
         n_maps = maps.shape[0]
         out = np.zeros((rows.size, n_maps))
         for run in range(n_maps // 3):
-            lab_other = maps[3 * run:3 * run + 3].argmax(axis=0)     # labels of the other half
-            want = np.where(self.cycler[rows], (lab_other[self.partner[rows]] + 1) % 3,
-                            self.home[rows])
+            lab_other = maps[3 * run : 3 * run + 3].argmax(axis=0)  # labels of the other half
+            want = np.where(
+                self.cycler[rows], (lab_other[self.partner[rows]] + 1) % 3, self.home[rows]
+            )
             out[np.arange(rows.size), 3 * run + want] = 1.0
         return out
 
@@ -60,8 +69,18 @@ def test_a_cycling_run_is_damped_then_stops_and_reports_what_images_wanted():
     init = maps.home.copy()
     init[maps.cycler] = rng.integers(0, 3, n_cyclers)
     log = []
-    best, n_iter = mgsk_pair(maps, np.arange(n), 3, [init, init.copy()], [[0], [0]], True,
-                             False, np.zeros(n, np.int64), rng, log=log.append)
+    best, n_iter = mgsk_pair(
+        maps,
+        np.arange(n),
+        3,
+        [init, init.copy()],
+        [[0], [0]],
+        True,
+        False,
+        np.zeros(n, np.int64),
+        rng,
+        log=log.append,
+    )
     changes = [float(line.split("change % ")[1].split(",")[0]) for line in log]
     # the cyclers keep moving: without damping the run would stop at its first plateau (4
     # sweeps); damping needs 3 more sweeps for its own plateau, then stops before MAX_ITER
@@ -85,8 +104,9 @@ def three_groups(tmp_path_factory):
 
 
 def _member_ctx(data, logged, min_purity=0.98):
-    return types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), log=logged.append,
-                                 min_purity=min_purity)
+    return types.SimpleNamespace(
+        data=data, maps=ClusterMaps(data, Comm()), log=logged.append, min_purity=min_purity
+    )
 
 
 def test_member_check_sends_misfits_to_the_pool_and_takes_clear_pool_images(three_groups):
@@ -94,33 +114,37 @@ def test_member_check_sends_misfits_to_the_pool_and_takes_clear_pool_images(thre
     n = len(truth)
     rng = np.random.default_rng(1)
     labels = truth.copy()
-    wrong = rng.random(n) < 0.1                          # 10 % forced into another group
+    wrong = rng.random(n) < 0.1  # 10 % forced into another group
     labels[wrong] = (truth[wrong] + rng.integers(1, 3, wrong.sum())) % 3
-    pooled = rng.random(n) < 0.2                         # 20 % left in the pool
+    pooled = rng.random(n) < 0.2  # 20 % left in the pool
     subset = np.arange(n)
-    part = Partition([subset[(labels == j) & ~pooled] for j in range(3)], subset[pooled], 0.9,
-                     [{"jaccard": float(j)} for j in range(3)])
+    part = Partition(
+        [subset[(labels == j) & ~pooled] for j in range(3)],
+        subset[pooled],
+        0.9,
+        [{"jaccard": float(j)} for j in range(3)],
+    )
     logged = []
     ctx = _member_ctx(data, logged)
     out = assign_members(ctx, subset, part, "test: ")
     kept = np.concatenate(out.clusters)
     assert np.array_equal(np.sort(np.concatenate([kept, out.pool])), subset)
-    final = out.labels(subset)                           # 3 = the pool
+    final = out.labels(subset)  # 3 = the pool
     for j, c in enumerate(out.clusters):
         assert np.mean(truth[c] == j) >= 0.98
     misfit, good = wrong & ~pooled, ~wrong & ~pooled
     # misfits leave the cluster they were forced into, for their own or the pool
     assert np.mean(final[misfit] == labels[misfit]) <= 0.05
     assert np.mean((final[misfit] == truth[misfit]) | (final[misfit] == 3)) >= 0.95
-    assert np.mean(final[good] == truth[good]) >= 0.93               # few good members do
+    assert np.mean(final[good] == truth[good]) >= 0.93  # few good members do
     joined = pooled & (final < 3)
-    assert joined.sum() >= 0.3 * pooled.sum()                        # clear pool images join
-    assert np.mean(final[joined] == truth[joined]) >= 0.98           # ... their own cluster
-    assert [s["jaccard"] for s in out.stats] == [0.0, 1.0, 2.0]      # stats stay aligned
+    assert joined.sum() >= 0.3 * pooled.sum()  # clear pool images join
+    assert np.mean(final[joined] == truth[joined]) >= 0.98  # ... their own cluster
+    assert [s["jaccard"] for s in out.stats] == [0.0, 1.0, 2.0]  # stats stay aligned
     left = int(np.sum(~pooled & (final == 3)))
     assert "member check" in logged[0] and f"{left} of {int((~pooled).sum())}" in logged[0]
     assert f"{int(joined.sum())} of {int(pooled.sum())} pool images join" in logged[0]
-    for j, st in enumerate(out.stats):            # the estimate says what was measured
+    for j, st in enumerate(out.stats):  # the estimate says what was measured
         assert abs(st["estimated_purity"] - np.mean(truth[out.clusters[j]] == j)) <= 0.03
 
 
@@ -133,7 +157,7 @@ def test_member_check_is_sure_of_nothing_in_random_clusters(tmp_path):
     data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
     rng = np.random.default_rng(2)
     subset = np.arange(600)
-    lab = rng.permutation(600) % 5 // 2                  # 2 = the pool (120 images)
+    lab = rng.permutation(600) % 5 // 2  # 2 = the pool (120 images)
     part = Partition([subset[lab == 0], subset[lab == 1]], subset[lab == 2], 0.5, [{}, {}])
     logged = []
     ctx = _member_ctx(data, logged)
@@ -170,17 +194,20 @@ def test_final_assignment_takes_a_later_group_out_of_an_earlier_cluster(three_gr
     n = len(truth)
     rng = np.random.default_rng(5)
     everyone = np.arange(n)
-    stray = (truth == 2) & (rng.random(n) < 0.2)          # group 2 images in cluster 0
+    stray = (truth == 2) & (rng.random(n) < 0.2)  # group 2 images in cluster 0
     unacc = ~stray & (rng.random(n) < 0.1)
-    clusters = [everyone[((truth == 0) | stray) & ~unacc], everyone[(truth == 1) & ~unacc],
-                everyone[(truth == 2) & ~stray & ~unacc]]
+    clusters = [
+        everyone[((truth == 0) | stray) & ~unacc],
+        everyone[(truth == 1) & ~unacc],
+        everyone[(truth == 2) & ~stray & ~unacc],
+    ]
     logged = []
     ctx = _member_ctx(data, logged)
     out, pool, memb = final_assignment(ctx, clusters, everyone[unacc])
     assert np.array_equal(np.sort(np.concatenate(out + [pool])), everyone)
     for j, c in enumerate(out):
         assert np.mean(truth[c] == j) >= 0.98, (j, np.bincount(truth[c]))
-    assert np.mean(np.isin(everyone[stray], out[0])) <= 0.1          # the strays leave
+    assert np.mean(np.isin(everyone[stray], out[0])) <= 0.1  # the strays leave
     joined = np.isin(everyone[unacc], np.concatenate(out))
     assert joined.sum() >= 0.3 * unacc.sum()
     assert "final assignment over the 3 clusters" in logged[0]
@@ -196,18 +223,24 @@ def _agreement(labels, truth):
 
 
 def _cut_ctx(data, seed):
-    return types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()),
-                                 rng=np.random.default_rng(seed))
+    return types.SimpleNamespace(
+        data=data, maps=ClusterMaps(data, Comm()), rng=np.random.default_rng(seed)
+    )
 
 
 def test_rebuild_cuts_a_merged_group_and_keeps_the_others(three_groups):
     data, truth = three_groups
-    merged = np.nonzero(truth > 0)[0]                    # groups 1 and 2 merged: the largest
-    starts = rebuild_starts(_cut_ctx(data, 2), np.arange(len(truth)),
-                            [np.nonzero(truth == 0)[0], merged], np.zeros(0, int), 3)
+    merged = np.nonzero(truth > 0)[0]  # groups 1 and 2 merged: the largest
+    starts = rebuild_starts(
+        _cut_ctx(data, 2),
+        np.arange(len(truth)),
+        [np.nonzero(truth == 0)[0], merged],
+        np.zeros(0, int),
+        3,
+    )
     for lab in starts:
         assert lab.min() >= 0 and lab.max() == 2
-        assert len(np.unique(lab[truth == 0])) == 1     # the kept group stays whole
+        assert len(np.unique(lab[truth == 0])) == 1  # the kept group stays whole
     # the cut separates groups 1 and 2 (a random cut agrees ~0.67 with the truth; one run of a
     # K = 2 pair may stop in a poorer optimum)
     agree = [_agreement(lab, truth) for lab in starts]
@@ -216,8 +249,13 @@ def test_rebuild_cuts_a_merged_group_and_keeps_the_others(three_groups):
 
 def test_rebuild_cuts_a_pool_that_holds_two_groups(three_groups):
     data, truth = three_groups
-    starts = rebuild_starts(_cut_ctx(data, 3), np.arange(len(truth)),
-                            [np.nonzero(truth == 0)[0]], np.nonzero(truth > 0)[0], 3)
+    starts = rebuild_starts(
+        _cut_ctx(data, 3),
+        np.arange(len(truth)),
+        [np.nonzero(truth == 0)[0]],
+        np.nonzero(truth > 0)[0],
+        3,
+    )
     agree = [_agreement(lab, truth) for lab in starts]
     assert min(agree) >= 0.75 and np.mean(agree) >= 0.85, agree
 
@@ -228,16 +266,16 @@ def test_rebuild_makes_a_one_group_pool_a_group_in_one_start_only(three_groups):
     ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(5))
     kept = [np.nonzero(truth == g)[0] for g in (0, 1)]
     a, b = rebuild_starts(ctx, np.arange(len(truth)), kept, np.nonzero(truth == 2)[0], 3)
-    assert _agreement(a, truth) == 1.0                   # no cut needed (maps=None)
+    assert _agreement(a, truth) == 1.0  # no cut needed (maps=None)
     assert _agreement(b[truth < 2], truth[truth < 2]) == 1.0
     shares = np.bincount(b[truth == 2], minlength=3) / np.sum(truth == 2)
-    assert shares.max() < 0.45, shares                  # dealt at random over the 3 groups
+    assert shares.max() < 0.45, shares  # dealt at random over the 3 groups
 
 
 def test_rebuild_gives_up_when_no_group_can_be_built(three_groups):
     data, truth = three_groups
     ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(6))
-    small = [np.arange(30), np.arange(30, 60)]           # too small to cut, no pool
+    small = [np.arange(30), np.arange(30, 60)]  # too small to cut, no pool
     assert rebuild_starts(ctx, np.arange(60), small, np.zeros(0, int), 3) is None
 
 
@@ -275,7 +313,7 @@ def test_sure_groups_are_only_those_that_reproduce():
     assert not sure_groups(res, 50).any()
     a = np.repeat(np.arange(6), n // 6)
     b = a.copy()
-    rest = a >= 3                                        # groups 3-5: cut differently
+    rest = a >= 3  # groups 3-5: cut differently
     b[rest] = 3 + rng.integers(0, 3, rest.sum())
     res = two_way_comparison(a, b)
     sure = sure_groups(res, 50)

@@ -1,4 +1,5 @@
 """The Scipion plugin: discovery by pyworkflow, mpirun choice, engine independence, bibtex."""
+
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sort3ddepth
 @pytest.fixture(scope="module")
 def domain():
     import pyworkflow
+
     return pyworkflow.Config.getDomain()
 
 
@@ -52,27 +54,43 @@ def test_mpirun_runs_mpi4py_ranks(plugin_module):
     """The chosen mpirun starts ranks that mpi4py sees as one communicator."""
     mpirun = plugin_module.Plugin.getMpirun()
     # rank 0 gathers and prints alone: two ranks printing may interleave their lines
-    code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; r = c.gather((c.rank, c.size)); "
-            "print(sorted(r) if c.rank == 0 else '', end='')")
-    res = subprocess.run([mpirun, "-np", "2", sys.executable, "-c", code], capture_output=True,
-                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    code = (
+        "from mpi4py import MPI; c = MPI.COMM_WORLD; r = c.gather((c.rank, c.size)); "
+        "print(sorted(r) if c.rank == 0 else '', end='')"
+    )
+    res = subprocess.run(
+        [mpirun, "-np", "2", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[(0, 2), (1, 2)]"
 
 
 def test_engine_does_not_import_scipion():
-    code = ("import sys, sort3ddepth.engine.fourier, sort3ddepth.engine.simulate; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pyworkflow', 'pwem')); "
-            "print(','.join(bad))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
+    code = (
+        "import sys, sort3ddepth.engine.fourier, sort3ddepth.engine.simulate; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pyworkflow', 'pwem')); "
+        "print(','.join(bad))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "", f"engine imported Scipion modules: {res.stdout.strip()}"
 
 
 def test_bibtex_has_the_references(plugin_module):
     from pyworkflow.utils import parseBibTex
+
     from sort3ddepth import bibtex
+
     entries = parseBibTex(bibtex.__doc__)
     assert set(sort3ddepth._references) <= set(entries)
     for key in sort3ddepth._references:

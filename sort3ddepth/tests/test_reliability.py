@@ -1,6 +1,7 @@
 """Reliability: a run killed with SIGKILL and resumed gives the uninterrupted run's clusters,
 1 vs 3 MPI ranks give identical files, an error on one rank ends the whole job with that rank's
 message, and every bad input ends with one clear line (exit status != 0, no result presented)."""
+
 import errno
 import json
 import os
@@ -28,15 +29,24 @@ def engine(args, nproc=1):
 
 
 def run_engine(args, cwd, nproc=1, env=None, timeout=600):
-    return subprocess.run(engine(args, nproc), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL,
-                          env=None if env is None else dict(os.environ, **env))
+    return subprocess.run(
+        engine(args, nproc),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=None if env is None else dict(os.environ, **env),
+    )
 
 
 def result_files(out):
     """Every selection file of a finished run: relative name -> bytes."""
-    names = sorted(list(out.glob("Cluster_*.txt")) + list(out.glob("generation_*/*.txt"))
-                   + [out / "Core_set.txt"])
+    names = sorted(
+        list(out.glob("Cluster_*.txt"))
+        + list(out.glob("generation_*/*.txt"))
+        + [out / "Core_set.txt"]
+    )
     return {str(p.relative_to(out)): p.read_bytes() for p in names}
 
 
@@ -51,8 +61,18 @@ def sort_args(star, out):
     # a group size below the true one (K = 4 for 3 classes) leaves enough images unaccounted for
     # a second generation, which the kill points need; depth order 1 (two boxes a layer) keeps
     # the three runs of this module at ~35 s each instead of ~60 s
-    return ["--instack", star, "--output_dir", out, "--img_per_grp", 180, "--seed", 7,
-            "--depth_order", 1]
+    return [
+        "--instack",
+        star,
+        "--output_dir",
+        out,
+        "--img_per_grp",
+        180,
+        "--seed",
+        7,
+        "--depth_order",
+        1,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +91,9 @@ def _run_until(cmd, cwd, log, pattern, timeout=600):
     """Start the engine and SIGKILL it as soon as `pattern` appears in its new log lines.
     Returns True when it was killed (False: it ended first)."""
     start = log.stat().st_size if log.exists() else 0
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
@@ -89,8 +110,11 @@ def _run_until(cmd, cwd, log, pattern, timeout=600):
 
 
 # mid-box, right after a finished generation, and inside the second generation
-KILL_AT = ["gen 0 layer 0 box 1: run 0 iteration 0", "generation 0 done",
-           "gen 1 layer 0 box 1: run 0 iteration 0"]
+KILL_AT = [
+    "gen 0 layer 0 box 1: run 0 iteration 0",
+    "generation 0 done",
+    "gen 1 layer 0 box 1: run 0 iteration 0",
+]
 
 
 def test_killed_and_resumed_run_gives_the_same_clusters(data, reference):
@@ -120,9 +144,14 @@ def test_an_error_on_one_rank_ends_the_job(data, tmp_path, rank):
     folder, star = data
     out = tmp_path / "fault"
     t = time.time()
-    res = run_engine(sort_args(star, out), folder, nproc=2, timeout=300,
-                     env={"SORT3DDEPTH_FAULT": f"{rank}:generation0"})
-    assert time.time() - t < 120          # promptly, not after a collective times out
+    res = run_engine(
+        sort_args(star, out),
+        folder,
+        nproc=2,
+        timeout=300,
+        env={"SORT3DDEPTH_FAULT": f"{rank}:generation0"},
+    )
+    assert time.time() - t < 120  # promptly, not after a collective times out
     assert res.returncode != 0
     assert "fault injected at generation0" in res.stderr
     log = (out / "log.txt").read_text()
@@ -133,6 +162,7 @@ def test_an_error_on_one_rank_ends_the_job(data, tmp_path, rank):
 # ---------------------------------------------------------------------------------------------
 # the bad-input matrix (in-process: cli.run returns the exit status)
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -150,10 +180,10 @@ def _drop_column(text, name):
     start = next(i for i, ln in enumerate(lines) if ln.strip() == "data_particles")
     heads = [i for i in range(start, len(lines)) if lines[i].startswith("_rln")]
     col = [lines[i].split()[0] for i in heads].index("_" + name)
-    out = lines[:heads[col]] + lines[heads[col] + 1:heads[-1] + 1]
-    for ln in lines[heads[-1] + 1:]:
+    out = lines[: heads[col]] + lines[heads[col] + 1 : heads[-1] + 1]
+    for ln in lines[heads[-1] + 1 :]:
         f = ln.split()
-        out.append(" ".join(f[:col] + f[col + 1:]) if len(f) > col else ln)
+        out.append(" ".join(f[:col] + f[col + 1 :]) if len(f) > col else ln)
     return "\n".join(out) + "\n"
 
 
@@ -161,7 +191,7 @@ def _rows(text):
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.strip() == "data_particles")
     last = max(i for i in range(start, len(lines)) if lines[i].startswith("_rln"))
-    return lines[:last + 1], [ln for ln in lines[last + 1:] if ln.strip()]
+    return lines[: last + 1], [ln for ln in lines[last + 1 :] if ln.strip()]
 
 
 def _variant(tiny, tmp_path, kind):
@@ -199,7 +229,7 @@ def _variant(tiny, tmp_path, kind):
     return bad
 
 
-MATRIX = [   # kind, words the one line must contain
+MATRIX = [  # kind, words the one line must contain
     ("no_angles", "rlnAngleTilt"),
     ("no_ctf", "rlnDefocusU"),
     ("empty", "bad.star"),
@@ -237,8 +267,18 @@ def test_output_folder_that_cannot_be_made(tiny, capsys):
 
 def test_memory_budget_too_small_is_refused_before_loading(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli.run(["--instack", str(tiny[1]), "--output_dir", str(out),
-                    "--memory_per_node", "4", "--overhead", "3.9"])
+    code = cli.run(
+        [
+            "--instack",
+            str(tiny[1]),
+            "--output_dir",
+            str(out),
+            "--memory_per_node",
+            "4",
+            "--overhead",
+            "3.9",
+        ]
+    )
     line = _one_line(capsys)
     assert code == 2
     assert "--memory_per_node 4.0 GB minus --overhead 3.9 GB leaves 0.1 GB" in line
@@ -252,6 +292,7 @@ TINY_ARGS = ["--img_per_grp", "30", "--depth_order", "1", "--seed", "3"]
 def test_disk_full_while_writing_leaves_no_result(tiny, tmp_path, capsys, monkeypatch):
     def full(path, vol, pixel_size):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
     monkeypatch.setattr(output, "write_map", full)
     out = tmp_path / "out"
     code = cli.run(["--instack", str(tiny[1]), "--output_dir", str(out)] + TINY_ARGS)
@@ -282,23 +323,24 @@ def test_other_options_on_an_existing_run_are_refused_unless_forced(tiny, tmp_pa
     assert json.loads((out / cli.OPTIONS_FILE).read_text())["options"]["img_per_grp"] == 20
 
 
-
 # 1, 2 and 3 ranks must give the same results bit for bit on any data: two small simulated sets,
 # one sorted with a group size (--img_per_grp), one in search mode. Before the sums over ranks
 # were exact (fixed point) the split changed the last bits of every map (the final maps differed
 # on every set; a decision, hence a Cluster file, on some)
 RANK_SETS = {
     # --radius 12 (< box/2 - 3) turns the background-noise weighting on: its sums are exact too
-    "img_per_grp": (dict(n_per_class=100, box=32, snr=3.0, seed=11),
-                    ["--img_per_grp", 80, "--seed", 1, "--depth_order", 1, "--radius", 12]),
-    "search": (dict(n_per_class=150, box=32, snr=3.0, seed=11),
-               ["--seed", 3, "--depth_order", 1]),
+    "img_per_grp": (
+        dict(n_per_class=100, box=32, snr=3.0, seed=11),
+        ["--img_per_grp", 80, "--seed", 1, "--depth_order", 1, "--radius", 12],
+    ),
+    "search": (dict(n_per_class=150, box=32, snr=3.0, seed=11), ["--seed", 3, "--depth_order", 1]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(RANK_SETS))
 def test_one_two_three_ranks_give_identical_clusters_and_maps(tmp_path, case):
     import mrcfile
+
     params, args = RANK_SETS[case]
     star, _ = make_star(tmp_path, n_classes=3, **params)
     clusters, maps = [], []
@@ -306,8 +348,12 @@ def test_one_two_three_ranks_give_identical_clusters_and_maps(tmp_path, case):
         out = tmp_path / f"np{nproc}"
         # one numba thread a rank on the ranks of the 2- and 3-rank runs: no oversubscribed
         # cores (the thread count does not change the results)
-        res = run_engine(["--instack", star, "--output_dir", out] + args, tmp_path, nproc=nproc,
-                         env={"NUMBA_NUM_THREADS": "1"} if nproc > 1 else None)
+        res = run_engine(
+            ["--instack", star, "--output_dir", out] + args,
+            tmp_path,
+            nproc=nproc,
+            env={"NUMBA_NUM_THREADS": "1"} if nproc > 1 else None,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         clusters.append({p.name: p.read_bytes() for p in sorted(out.glob("Cluster_*.txt"))})
         # the map data (the MRC header holds the time it was written)

@@ -20,6 +20,7 @@ checks also use the per-shell gain Re<F_rec, F_true> / |F_true|^2, which must be
 The tests are skipped when RELION is not installed (Debian/Ubuntu: ``apt-get install relion``).
 Only the non-MPI RELION programs are used.
 """
+
 import copy
 import os
 import shutil
@@ -38,26 +39,40 @@ from sort3ddepth.engine.simulate import load_demo_map, reconstruct_particles, si
 from sort3ddepth.engine.star_io import read_star, write_star
 
 BOX = 64
-PIXEL = 5.0                       # Å/px of the shipped map
+PIXEL = 5.0  # Å/px of the shipped map
 N_IMAGES = 4000
-HI = int(0.7 * BOX // 2)          # shell 22 = 0.7 Nyquist
-GAIN_SHELLS = slice(14, HI + 1)   # where a CTF error shows as a loss of amplitude
+HI = int(0.7 * BOX // 2)  # shell 22 = 0.7 Nyquist
+GAIN_SHELLS = slice(14, HI + 1)  # where a CTF error shows as a loss of amplitude
 
-_MISSING = [p for p in ('relion_reconstruct', 'relion_project') if shutil.which(p) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason='RELION not installed: apt-get install '
-                                'relion (missing %s)' % ', '.join(_MISSING))
+_MISSING = [p for p in ("relion_reconstruct", "relion_project") if shutil.which(p) is None]
+pytestmark = pytest.mark.skipif(
+    bool(_MISSING),
+    reason="RELION not installed: apt-get install relion (missing {})".format(", ".join(_MISSING)),
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
 
+
 def _relion(program, *args, cwd):
     """Run one non-MPI RELION program; fail with its output if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    res = subprocess.run([program, *map(str, args)], cwd=str(cwd), env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert res.returncode == 0, '%s failed (%d):\n%s' % (program, res.returncode, res.stdout[-3000:])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [program, *map(str, args)],
+        cwd=str(cwd),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, "%s failed (%d):\n%s" % (
+        program,
+        res.returncode,
+        res.stdout[-3000:],
+    )
     return res.stdout
 
 
@@ -87,41 +102,59 @@ def _map_scores(rec, ref):
     """(min FSC over shells 1..0.7 Nyquist, min gain over GAIN_SHELLS, max gain over them)."""
     curve, gain = _shell_sums(rec, ref)
     g = gain[GAIN_SHELLS]
-    return float(curve[1:HI + 1].min()), float(g.min()), float(g.max())
+    return float(curve[1 : HI + 1].min()), float(g.min()), float(g.max())
 
 
 def _assert_good_map(rec, ref, what):
     curve, gain = _shell_sums(rec, ref)
     fmin, gmin, gmax = _map_scores(rec, ref)
-    msg = '%s: FSC %s gain %s' % (what, np.round(curve, 3), np.round(gain, 3))
-    assert fmin >= 0.9, msg                       # the issue's criterion
-    assert 0.93 <= gmin and gmax <= 1.07, msg     # no amplitude lost to a CTF mismatch
+    msg = f"{what}: FSC {np.round(curve, 3)} gain {np.round(gain, 3)}"
+    assert fmin >= 0.9, msg  # the issue's criterion
+    assert 0.93 <= gmin and gmax <= 1.07, msg  # no amplitude lost to a CTF mismatch
     return fmin, gmin
 
 
 def _assert_bad_map(rec, ref, what, good):
     """A wrong variant must lose a lot: FSC or gain far below the correct run's figures."""
     fmin, gmin, _ = _map_scores(rec, ref)
-    assert fmin < 0.5 or gmin < 0.85, '%s scores too well: FSC min %.3f gain min %.3f (correct: ' \
-        'FSC %.3f, gain %.3f) -- the check cannot tell' % (what, fmin, gmin, *good)
+    assert fmin < 0.5 or gmin < 0.85, (
+        "{} scores too well: FSC min {:.3f} gain min {:.3f} (correct: "
+        "FSC {:.3f}, gain {:.3f}) -- the check cannot tell".format(what, fmin, gmin, *good)
+    )
     return fmin, gmin
 
 
-def _poses(n, rng, pixel_size, defocus=(9000.0, 25000.0), astig=(3000.0, 5000.0), max_shift=6.0,
-           optics=((300.0, 2.7, 0.1),), phase=0.0, bfactor=None):
+def _poses(
+    n,
+    rng,
+    pixel_size,
+    defocus=(9000.0, 25000.0),
+    astig=(3000.0, 5000.0),
+    max_shift=6.0,
+    optics=((300.0, 2.7, 0.1),),
+    phase=0.0,
+    bfactor=None,
+):
     """A ParticleSet of blank images with random poses, origins of several pixels in every
     direction and strongly astigmatic CTFs (dU - dV in `astig`, azimuth uniform in [0, 180))."""
     rots = random_rotations(n, rng)
     dmean = rng.uniform(*defocus, n)
     dast = rng.uniform(*astig, n)
     opt = np.asarray(optics, np.float64)[np.arange(n) % len(optics)]
-    ctf = CTFParams(dmean + dast / 2, dmean - dast / 2, rng.uniform(0.0, 180.0, n),
-                    opt[:, 0], opt[:, 1], opt[:, 2],
-                    rng.uniform(0.0, phase, n) if phase else np.zeros(n),
-                    None if bfactor is None else rng.uniform(0.0, bfactor, n))
+    ctf = CTFParams(
+        dmean + dast / 2,
+        dmean - dast / 2,
+        rng.uniform(0.0, 180.0, n),
+        opt[:, 0],
+        opt[:, 1],
+        opt[:, 2],
+        rng.uniform(0.0, phase, n) if phase else np.zeros(n),
+        None if bfactor is None else rng.uniform(0.0, bfactor, n),
+    )
     shifts = rng.uniform(-max_shift, max_shift, (n, 2))
-    return ParticleSet(np.zeros((n, BOX, BOX), np.float32), matrix_to_euler(rots), shifts, ctf,
-                       float(pixel_size))
+    return ParticleSet(
+        np.zeros((n, BOX, BOX), np.float32), matrix_to_euler(rots), shifts, ctf, float(pixel_size)
+    )
 
 
 def _our_images(fvol, particles, idx, shift_sign=1.0, rotations=None):
@@ -147,8 +180,8 @@ def _fourier_corr(fa, fb, band):
 
 def _band(rmin, rmax):
     ky, kx = fourier.frequency_grid(BOX)
-    r2 = kx ** 2 + ky ** 2
-    return (r2 >= rmin ** 2) & (r2 <= rmax ** 2)
+    r2 = kx**2 + ky**2
+    return (r2 >= rmin**2) & (r2 <= rmax**2)
 
 
 def _with(particles, angles=None, shifts=None, defocus_angle=None):
@@ -173,28 +206,37 @@ def _transposed_angles(particles):
 # fixtures
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
+
+@pytest.fixture(scope="module")
 def ribosome():
     return load_demo_map(BOX)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def work(tmp_path_factory, ribosome):
-    d = tmp_path_factory.mktemp('relion')
-    _write_map(d / 'map.mrc', ribosome, PIXEL)
+    d = tmp_path_factory.mktemp("relion")
+    _write_map(d / "map.mrc", ribosome, PIXEL)
     return d
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def simulated(ribosome):
     """Our simulator's particles: SNR 10, defocus 1-2.5 µm, dU - dV up to 8000 Å (mean 4000),
     origins up to 6 px."""
     rng = np.random.default_rng(11)
-    return simulate_particles(ribosome, N_IMAGES, PIXEL, rng, snr=10.0, defocus=(10000.0, 25000.0),
-                              astigmatism=8000.0, max_shift=6.0)
+    return simulate_particles(
+        ribosome,
+        N_IMAGES,
+        PIXEL,
+        rng,
+        snr=10.0,
+        defocus=(10000.0, 25000.0),
+        astigmatism=8000.0,
+        max_shift=6.0,
+    )
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def relion_of_simulated(simulated, work):
     """style -> (folder, relion_reconstruct --ctf map) of the simulated particles written by
     write_star in that style (computed once per style)."""
@@ -202,29 +244,42 @@ def relion_of_simulated(simulated, work):
 
     def get(style):
         if style not in done:
-            sub = work / ('writer' + style)
+            sub = work / ("writer" + style)
             sub.mkdir()
-            star, _ = write_star(simulated, sub / 'particles.star', style=style)
-            _relion('relion_reconstruct', '--i', star, '--o', 'rec.mrc', '--ctf', cwd=sub)
-            with mrcfile.open(str(sub / 'rec.mrc')) as m:
-                assert np.isclose(float(m.voxel_size.x), PIXEL)    # pixel size understood
+            star, _ = write_star(simulated, sub / "particles.star", style=style)
+            _relion("relion_reconstruct", "--i", star, "--o", "rec.mrc", "--ctf", cwd=sub)
+            with mrcfile.open(str(sub / "rec.mrc")) as m:
+                assert np.isclose(float(m.voxel_size.x), PIXEL)  # pixel size understood
                 done[style] = sub, np.array(m.data)
         return done[style]
+
     return get
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def projected(work):
     """relion_project --ctf at poses written by write_star (3.1 style): (input ParticleSet,
     read_star of the clean projections, read_star of the noisy projections, noise sigma)."""
     poses = _poses(N_IMAGES, np.random.default_rng(12), PIXEL)
-    star, _ = write_star(poses, work / 'poses.star', style='3.1')
-    _relion('relion_project', '--i', 'map.mrc', '--o', 'proj', '--ang', star, '--ctf', cwd=work)
-    clean = read_star(work / 'proj.star')
-    sigma = 0.35 * float(clean.load_images(np.arange(500)).std())       # SNR ~ 8
-    _relion('relion_project', '--i', 'map.mrc', '--o', 'proj_noisy', '--ang', star, '--ctf',
-            '--add_noise', '--white_noise', '%.6f' % sigma, cwd=work)
-    noisy = read_star(work / 'proj_noisy.star')
+    star, _ = write_star(poses, work / "poses.star", style="3.1")
+    _relion("relion_project", "--i", "map.mrc", "--o", "proj", "--ang", star, "--ctf", cwd=work)
+    clean = read_star(work / "proj.star")
+    sigma = 0.35 * float(clean.load_images(np.arange(500)).std())  # SNR ~ 8
+    _relion(
+        "relion_project",
+        "--i",
+        "map.mrc",
+        "--o",
+        "proj_noisy",
+        "--ang",
+        star,
+        "--ctf",
+        "--add_noise",
+        "--white_noise",
+        f"{sigma:.6f}",
+        cwd=work,
+    )
+    noisy = read_star(work / "proj_noisy.star")
     return poses, clean, noisy, sigma
 
 
@@ -232,64 +287,75 @@ def projected(work):
 # 1. writer proof: relion_reconstruct of our simulated particles
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('style', ['3.1', '3.0'])
-def test_relion_reconstruct_of_simulated_particles(style, simulated, ribosome,
-                                                   relion_of_simulated):
+
+@pytest.mark.parametrize("style", ["3.1", "3.0"])
+def test_relion_reconstruct_of_simulated_particles(style, simulated, ribosome, relion_of_simulated):
     """rlnOriginX/YAngst with an optics table (3.1) and rlnOriginX/Y in pixels with per-particle
     optics (3.0, pixel size from rlnDetectorPixelSize/rlnMagnification, no --angpix given)."""
     sub, rec = relion_of_simulated(style)
-    good = _assert_good_map(rec, ribosome, 'relion_reconstruct of write_star %s' % style)
+    good = _assert_good_map(rec, ribosome, f"relion_reconstruct of write_star {style}")
 
-    if style == '3.0':
+    if style == "3.0":
         # origins in Å put into the pixel columns (a units mix-up) must break it
         wrong = _with(simulated, shifts=simulated.shifts * PIXEL)
-        star, _ = write_star(wrong, sub / 'wrong_units.star', style=style)
-        _relion('relion_reconstruct', '--i', star, '--o', 'wrong_units.mrc', '--ctf', cwd=sub)
-        bad = _assert_bad_map(mrcfile.read(str(sub / 'wrong_units.mrc')), ribosome,
-                              'origin in Å in rlnOriginX', good)
-        print('3.0 correct (FSC min, gain min):', np.round(good, 3), 'Å in pixel columns:',
-              np.round(bad, 3))
+        star, _ = write_star(wrong, sub / "wrong_units.star", style=style)
+        _relion("relion_reconstruct", "--i", star, "--o", "wrong_units.mrc", "--ctf", cwd=sub)
+        bad = _assert_bad_map(
+            mrcfile.read(str(sub / "wrong_units.mrc")), ribosome, "origin in Å in rlnOriginX", good
+        )
+        print(
+            "3.0 correct (FSC min, gain min):",
+            np.round(good, 3),
+            "Å in pixel columns:",
+            np.round(bad, 3),
+        )
     else:
-        print('3.1 correct (FSC min, gain min):', np.round(good, 3))
+        print("3.1 correct (FSC min, gain min):", np.round(good, 3))
 
 
-def test_relion_reconstruct_rejects_wrong_conventions(simulated, ribosome, work,
-                                                      relion_of_simulated):
+def test_relion_reconstruct_rejects_wrong_conventions(
+    simulated, ribosome, work, relion_of_simulated
+):
     """The same particles with a negated origin, transposed rotations or the astigmatism azimuth
     turned by 90 degrees, written for RELION: its reconstruction must be much worse."""
-    sub = work / 'writer_wrong'
+    sub = work / "writer_wrong"
     sub.mkdir()
-    good = _assert_good_map(relion_of_simulated('3.1')[1], ribosome, 'correct')
+    good = _assert_good_map(relion_of_simulated("3.1")[1], ribosome, "correct")
     variants = {
-        'negated origin': _with(simulated, shifts=-simulated.shifts),
-        'transposed rotation': _with(simulated, angles=_transposed_angles(simulated)),
-        'defocus angle + 90': _with(simulated, defocus_angle=simulated.ctf.defocus_angle + 90.0),
+        "negated origin": _with(simulated, shifts=-simulated.shifts),
+        "transposed rotation": _with(simulated, angles=_transposed_angles(simulated)),
+        "defocus angle + 90": _with(simulated, defocus_angle=simulated.ctf.defocus_angle + 90.0),
     }
     scores = {}
     for k, (name, wrong) in enumerate(variants.items()):
-        star, stack = write_star(wrong, sub / ('v%d.star' % k), style='3.1')
-        _relion('relion_reconstruct', '--i', star, '--o', 'v%d.mrc' % k, '--ctf', cwd=sub)
+        star, stack = write_star(wrong, sub / ("v%d.star" % k), style="3.1")
+        _relion("relion_reconstruct", "--i", star, "--o", "v%d.mrc" % k, "--ctf", cwd=sub)
         os.unlink(stack)
-        scores[name] = _assert_bad_map(mrcfile.read(str(sub / ('v%d.mrc' % k))), ribosome, name,
-                                       good)
-    print('correct (FSC min, gain min):', np.round(good, 3), 'wrong:',
-          {k: np.round(v, 3) for k, v in scores.items()})
+        scores[name] = _assert_bad_map(
+            mrcfile.read(str(sub / ("v%d.mrc" % k))), ribosome, name, good
+        )
+    print(
+        "correct (FSC min, gain min):",
+        np.round(good, 3),
+        "wrong:",
+        {k: np.round(v, 3) for k, v in scores.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. reader proof: relion_project makes the data
 # ---------------------------------------------------------------------------------------------
 
+
 def test_relion_project_star_is_read_back(projected):
     """relion_project reads our 3.1 STAR (optics table, origins in Å) and writes a 3.1 STAR +
     .mrcs; read_star gets the same poses, origins (pixels) and CTF back."""
     poses, clean, noisy, _ = projected
     for out in (clean, noisy):
-        assert out.source['style'] == '3.1' and out.pixel_size == PIXEL and out.box == BOX
-        np.testing.assert_allclose(out.angles, poses.angles, atol=1e-5)     # RELION prints %.6f
+        assert out.source["style"] == "3.1" and out.pixel_size == PIXEL and out.box == BOX
+        np.testing.assert_allclose(out.angles, poses.angles, atol=1e-5)  # RELION prints %.6f
         np.testing.assert_allclose(out.shifts, poses.shifts, atol=1e-5)
-        for f in ('defocus_u', 'defocus_v', 'defocus_angle', 'voltage', 'cs',
-                  'amplitude_contrast'):
+        for f in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast"):
             np.testing.assert_allclose(getattr(out.ctf, f), getattr(poses.ctf, f), atol=1e-5)
 
 
@@ -303,46 +369,54 @@ def test_our_projections_match_relion_project(projected, ribosome):
     c = _image_corr(_our_images(fvol, clean, idx), relion)
     assert c.min() >= 0.99, c.min()
     wrong = {
-        'negated origin': _image_corr(_our_images(fvol, clean, idx, shift_sign=-1.0), relion),
-        'transposed rotation': _image_corr(_our_images(
-            fvol, clean, idx, rotations=np.swapaxes(clean.rotations, 1, 2)), relion),
-        'rot and psi swapped': _image_corr(_our_images(
-            fvol, _with(clean, angles=clean.angles[:, ::-1].copy()), idx), relion),
+        "negated origin": _image_corr(_our_images(fvol, clean, idx, shift_sign=-1.0), relion),
+        "transposed rotation": _image_corr(
+            _our_images(fvol, clean, idx, rotations=np.swapaxes(clean.rotations, 1, 2)), relion
+        ),
+        "rot and psi swapped": _image_corr(
+            _our_images(fvol, _with(clean, angles=clean.angles[:, ::-1].copy()), idx), relion
+        ),
     }
     for name, w in wrong.items():
         assert w.mean() < 0.5, (name, w.mean())
-    print('image correlation min %.5f mean %.5f; wrong (mean):' % (c.min(), c.mean()),
-          {k: round(float(v.mean()), 3) for k, v in wrong.items()})
+    print(
+        f"image correlation min {c.min():.5f} mean {c.mean():.5f}; wrong (mean):",
+        {k: round(float(v.mean()), 3) for k, v in wrong.items()},
+    )
 
 
-@pytest.mark.parametrize('noisy', [False, True], ids=['clean', 'white_noise'])
+@pytest.mark.parametrize("noisy", [False, True], ids=["clean", "white_noise"])
 def test_reconstruction_of_relion_projections(projected, ribosome, noisy):
     """read_star + reconstruct_particles of RELION's images gives the map back."""
     poses, clean, noisy_set, sigma = projected
     parts = noisy_set if noisy else clean
     if noisy:
         d = parts.load_images(np.arange(200)) - clean.load_images(np.arange(200))
-        assert abs(d.std() / sigma - 1.0) < 0.02             # --white_noise is the pixel sigma
-    good = _assert_good_map(reconstruct_particles(parts)[0], ribosome,
-                            'reconstruction of relion_project images')
-    print('%s: correct (FSC min, gain min):' % ('noisy' if noisy else 'clean'), np.round(good, 3))
+        assert abs(d.std() / sigma - 1.0) < 0.02  # --white_noise is the pixel sigma
+    good = _assert_good_map(
+        reconstruct_particles(parts)[0], ribosome, "reconstruction of relion_project images"
+    )
+    print("%s: correct (FSC min, gain min):" % ("noisy" if noisy else "clean"), np.round(good, 3))
     if noisy:
         variants = {
-            'negated origin': _with(parts, shifts=-parts.shifts),
-            'transposed rotation': _with(parts, angles=_transposed_angles(parts)),
-            'defocus angle + 90': _with(parts, defocus_angle=parts.ctf.defocus_angle + 90.0),
-            'defocus angle mirrored': _with(parts, defocus_angle=-parts.ctf.defocus_angle),
+            "negated origin": _with(parts, shifts=-parts.shifts),
+            "transposed rotation": _with(parts, angles=_transposed_angles(parts)),
+            "defocus angle + 90": _with(parts, defocus_angle=parts.ctf.defocus_angle + 90.0),
+            "defocus angle mirrored": _with(parts, defocus_angle=-parts.ctf.defocus_angle),
         }
-        scores = {name: _assert_bad_map(reconstruct_particles(w)[0], ribosome, name, good)
-                  for name, w in variants.items()}
-        print('wrong:', {k: np.round(v, 3) for k, v in scores.items()})
+        scores = {
+            name: _assert_bad_map(reconstruct_particles(w)[0], ribosome, name, good)
+            for name, w in variants.items()
+        }
+        print("wrong:", {k: np.round(v, 3) for k, v in scores.items()})
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. the CTF itself: relion_project --ctf of a delta map
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('style', ['3.1', '3.0'])
+
+@pytest.mark.parametrize("style", ["3.1", "3.0"])
 def test_ctf_matches_relion(style, tmp_path):
     """A delta at the map centre projects to a flat spectrum, so RELION's --ctf image is the CTF
     (times the phase ramp of the origin). At 1.5 Å/px with two optics groups (300 kV, Cs 2.7 mm,
@@ -351,16 +425,25 @@ def test_ctf_matches_relion(style, tmp_path):
     wavelength and Cs units. 3.0 style: per-particle optics, origins in pixels."""
     pixel = 1.5
     n = 300
-    poses = _poses(n, np.random.default_rng(13), pixel, defocus=(6000.0, 20000.0),
-                   optics=((300.0, 2.7, 0.1), (200.0, 2.0, 0.07)), phase=60.0, bfactor=80.0)
+    poses = _poses(
+        n,
+        np.random.default_rng(13),
+        pixel,
+        defocus=(6000.0, 20000.0),
+        optics=((300.0, 2.7, 0.1), (200.0, 2.0, 0.07)),
+        phase=60.0,
+        bfactor=80.0,
+    )
     delta = np.zeros((BOX,) * 3, np.float32)
     delta[BOX // 2, BOX // 2, BOX // 2] = 1.0
-    _write_map(tmp_path / 'delta.mrc', delta, pixel)
-    star, _ = write_star(poses, tmp_path / 'poses.star', style=style)
-    _relion('relion_project', '--i', 'delta.mrc', '--o', 'psf', '--ang', star, '--ctf', cwd=tmp_path)
-    out = read_star(tmp_path / 'psf.star')
+    _write_map(tmp_path / "delta.mrc", delta, pixel)
+    star, _ = write_star(poses, tmp_path / "poses.star", style=style)
+    _relion(
+        "relion_project", "--i", "delta.mrc", "--o", "psf", "--ang", star, "--ctf", cwd=tmp_path
+    )
+    out = read_star(tmp_path / "psf.star")
     assert out.pixel_size == pixel
-    np.testing.assert_allclose(out.shifts, poses.shifts, atol=1e-5)   # 3.0 pixels -> 3.1 Å -> px
+    np.testing.assert_allclose(out.shifts, poses.shifts, atol=1e-5)  # 3.0 pixels -> 3.1 Å -> px
     measured = fourier.images_to_fourier(out.load_images())
     band = _band(0, BOX // 2 - 2)
 
@@ -382,49 +465,53 @@ def test_ctf_matches_relion(style, tmp_path):
         for k, v in kw.items():
             setattr(ctf, k, v)
         return ctf
+
     wrong = {
-        'CTF sign flipped': ours(sign=-1.0),
-        'defocus angle + 90': ours(changed(defocus_angle=poses.ctf.defocus_angle + 90.0)),
-        'defocus angle mirrored': ours(changed(defocus_angle=-poses.ctf.defocus_angle)),
-        'negated origin': ours(shift_sign=-1.0),
-        'Cs in m, not mm (no Cs)': ours(changed(cs=poses.ctf.cs * 1e-3)),
-        'phase shift sign': ours(changed(phase_shift=-poses.ctf.phase_shift)),
-        'all at 300 kV': ours(changed(voltage=np.full(n, 300.0))),
+        "CTF sign flipped": ours(sign=-1.0),
+        "defocus angle + 90": ours(changed(defocus_angle=poses.ctf.defocus_angle + 90.0)),
+        "defocus angle mirrored": ours(changed(defocus_angle=-poses.ctf.defocus_angle)),
+        "negated origin": ours(shift_sign=-1.0),
+        "Cs in m, not mm (no Cs)": ours(changed(cs=poses.ctf.cs * 1e-3)),
+        "phase shift sign": ours(changed(phase_shift=-poses.ctf.phase_shift)),
+        "all at 300 kV": ours(changed(voltage=np.full(n, 300.0))),
     }
     scores = {}
     for name, w in wrong.items():
         cw = _fourier_corr(measured, w, band)
         scores[name] = round(float(cw.mean()), 3)
         assert cw.mean() < 0.9, (name, cw.mean())
-    print('CTF correlation min %.7f; wrong (mean):' % c.min(), scores)
+    print(f"CTF correlation min {c.min():.7f}; wrong (mean):", scores)
 
 
 # ---------------------------------------------------------------------------------------------
 # symmetry groups: our operators symmetrise a map as relion_reconstruct --sym does
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
+
+@pytest.fixture(scope="module")
 def asymmetric_set(tmp_path_factory):
     from sort3ddepth.engine.simulate import simulate_particles as sim
-    work = tmp_path_factory.mktemp('relion_sym')
+
+    work = tmp_path_factory.mktemp("relion_sym")
     vol = fourier.resize_volume(load_demo_map(BOX), 32).astype(np.float64)
     vol /= vol.std()
     ps = sim(vol, 1500, PIXEL * BOX / 32, np.random.default_rng(4), snr=1000.0)
-    star, _ = write_star(ps, work / 'asym.star')
+    star, _ = write_star(ps, work / "asym.star")
     return work, star, vol
 
 
-@pytest.mark.parametrize('symbol', ['C4', 'D3', 'T', 'O', 'I'])
+@pytest.mark.parametrize("symbol", ["C4", "D3", "T", "O", "I"])
 def test_symmetry_groups_match_relion(asymmetric_set, symbol):
     from sort3ddepth.engine.reconstruction import symmetrize_map
     from sort3ddepth.engine.symmetry import parse_symmetry
+
     work, star, vol = asymmetric_set
-    out = work / ('sym_%s.mrc' % symbol)
-    _relion('relion_reconstruct', '--i', star, '--o', out, '--ctf', '--sym', symbol, cwd=work)
+    out = work / (f"sym_{symbol}.mrc")
+    _relion("relion_reconstruct", "--i", star, "--o", out, "--ctf", "--sym", symbol, cwd=work)
     rel = mrcfile.read(str(out)).astype(np.float64)
     c = np.arange(32) - 16
-    zz, yy, xx = np.meshgrid(c, c, c, indexing='ij')
-    inside = xx ** 2 + yy ** 2 + zz ** 2 < 13 ** 2
+    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
+    inside = xx**2 + yy**2 + zz**2 < 13**2
     ours = symmetrize_map(vol, parse_symmetry(symbol.lower()).matrices)
     good = np.corrcoef(rel[inside], ours[inside])[0, 1]
     plain = np.corrcoef(rel[inside], vol[inside])[0, 1]

@@ -1,5 +1,6 @@
 """The sorter end to end on simulated data: purity against the truth, search mode, a homogeneous
 set, 1 vs 2 MPI ranks, and the exact content of the output files."""
+
 import json
 import shutil
 import subprocess
@@ -21,8 +22,9 @@ def sort3d(args, cwd, nproc=1):
     cmd = [sys.executable, "-m", "sort3ddepth.engine.cli"] + [str(a) for a in args]
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -37,8 +39,19 @@ def three_classes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def freeze_run(three_classes):
     folder, star, _ = three_classes
-    sort3d(["--instack", star, "--output_dir", folder / "freeze", "--img_per_grp", N_PER_CLASS,
-            "--seed", 5], folder)
+    sort3d(
+        [
+            "--instack",
+            star,
+            "--output_dir",
+            folder / "freeze",
+            "--img_per_grp",
+            N_PER_CLASS,
+            "--seed",
+            5,
+        ],
+        folder,
+    )
     return folder / "freeze"
 
 
@@ -63,7 +76,7 @@ def test_given_group_size_gives_pure_clusters(freeze_run, three_classes):
     rows = purity_table(freeze_run, truth)
     assert len(rows) == 3, rows
     assert all(p >= 0.95 for _, p, _ in rows), rows
-    assert sorted(k for _, _, k in rows) == [0, 1, 2], rows      # one cluster per conformation
+    assert sorted(k for _, _, k in rows) == [0, 1, 2], rows  # one cluster per conformation
     assert sum(n for n, _, _ in rows) >= 0.8 * len(truth), rows
 
 
@@ -74,16 +87,17 @@ def test_output_files(freeze_run, three_classes):
     seen = []
     for c in summary["clusters"]:
         text = (freeze_run / c["file"]).read_text()
-        idx = np.array([int(t) for t in text.splitlines()])      # one 0-based index a line
+        idx = np.array([int(t) for t in text.splitlines()])  # one 0-based index a line
         assert text.endswith("\n") and np.all(np.diff(idx) > 0) and idx.min() >= 0
         assert len(idx) == c["size"]
         seen.append(idx)
     allidx = np.concatenate(seen)
-    assert len(allidx) == n and len(np.unique(allidx)) == n      # a partition of the input
+    assert len(allidx) == n and len(np.unique(allidx)) == n  # a partition of the input
     # the unaccounted set (when there is one) is the last cluster and equals Core_set.txt
     core = read_selection(freeze_run / "Core_set.txt")
-    assert [c["unaccounted"] for c in summary["clusters"]] == \
-        [False] * len(real) + [True] * (len(summary["clusters"]) > len(real))
+    assert [c["unaccounted"] for c in summary["clusters"]] == [False] * len(real) + [True] * (
+        len(summary["clusters"]) > len(real)
+    )
     np.testing.assert_array_equal(core, seen[-1] if len(seen) > len(real) else [])
     # maps: one per real cluster, MRC with the pixel size set
     for c in real:
@@ -112,15 +126,28 @@ def test_output_files(freeze_run, three_classes):
         idx = read_selection(freeze_run / c["file"])
         np.testing.assert_array_equal(sub.angles, inp.angles[idx])
         np.testing.assert_array_equal(sub.ctf.defocus_u, inp.ctf.defocus_u[idx])
-        assert sub.source["columns"][:len(inp.source["columns"])] == inp.source["columns"]
+        assert sub.source["columns"][: len(inp.source["columns"])] == inp.source["columns"]
         np.testing.assert_array_equal(sub.load_images(), inp.load_images(idx))
 
 
 def test_two_ranks_give_identical_clusters(freeze_run, three_classes):
     folder, star, _ = three_classes
     out = folder / "freeze_np2"
-    sort3d(["--instack", star, "--output_dir", out, "--img_per_grp", N_PER_CLASS, "--seed", 5,
-            "--not_include_unaccounted"], folder, nproc=2)
+    sort3d(
+        [
+            "--instack",
+            star,
+            "--output_dir",
+            out,
+            "--img_per_grp",
+            N_PER_CLASS,
+            "--seed",
+            5,
+            "--not_include_unaccounted",
+        ],
+        folder,
+        nproc=2,
+    )
     _, real1 = clusters_of(freeze_run)
     _, real2 = clusters_of(out)
     assert len(real1) == len(real2)
@@ -156,12 +183,18 @@ def test_cluster_star_feeds_relion_reconstruct(freeze_run, three_classes):
     if exe is None:
         pytest.skip("RELION not installed: apt-get install relion")
     from sort3ddepth.engine.reconstruction import fsc
+
     folder, _, _ = three_classes
     _, real = clusters_of(freeze_run)
     out = folder / "relion_cluster0.mrc"
-    res = subprocess.run([exe, "--i", str(freeze_run / "Cluster_000.star"), "--o", str(out),
-                          "--ctf"], cwd=folder, capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [exe, "--i", str(freeze_run / "Cluster_000.star"), "--o", str(out), "--ctf"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     theirs = mrcfile.read(out)
     ours = mrcfile.read(freeze_run / real[0]["map"])
@@ -207,12 +240,27 @@ def test_all_particles_star_feeds_relion_reconstruct(freeze_run, three_classes):
     if exe is None:
         pytest.skip("RELION not installed: apt-get install relion")
     from sort3ddepth.engine.reconstruction import fsc
+
     folder, _, _ = three_classes
     _, real = clusters_of(freeze_run)
     out = folder / "relion_all_class1.mrc"
-    res = subprocess.run([exe, "--i", str(freeze_run / "all_particles.star"), "--o", str(out),
-                          "--ctf", "--class", "1"], cwd=folder, capture_output=True, text=True,
-                         timeout=600, stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        [
+            exe,
+            "--i",
+            str(freeze_run / "all_particles.star"),
+            "--o",
+            str(out),
+            "--ctf",
+            "--class",
+            "1",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     theirs = mrcfile.read(out)
     ours = mrcfile.read(freeze_run / real[0]["map"])

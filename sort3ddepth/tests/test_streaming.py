@@ -1,6 +1,7 @@
 """Images streamed from the stacks chunk by chunk: the chunk size changes no bit of any result,
 several stacks in one STAR sort like one, and a run whose full-box stack exceeds the memory cap
 sorts to the clusters of an unlimited run within that cap."""
+
 import json
 import subprocess
 import sys
@@ -10,20 +11,28 @@ import mrcfile
 import numpy as np
 import pytest
 
-from sort3ddepth.engine import cli, fourier, memory, particles as particles_mod
+from sort3ddepth.engine import cli, fourier, memory
+from sort3ddepth.engine import particles as particles_mod
 from sort3ddepth.engine.ctf import ctf_coefficients
 from sort3ddepth.engine.meridien import SmearSet
 from sort3ddepth.engine.preprocess import fourier_chunk, normalise_images
-from sort3ddepth.engine.reconstruction import (backproject_smeared_streamed,
-                                               backproject_streamed)
+from sort3ddepth.engine.reconstruction import backproject_smeared_streamed, backproject_streamed
 from sort3ddepth.engine.smearing import LocalSmears
 from sort3ddepth.engine.star_io import read_star
 from sort3ddepth.tests.sorting_data import make_star
 
 N_PER_CLASS, BOX, NX = 1000, 64, 32
 # K = 2 given, sorted at 32 px, two boxes a layer: ~35 s a run on 2 cores
-RUN_ARGS = ["--img_per_grp", str(N_PER_CLASS), "--nxinit", str(NX), "--depth_order", "1",
-            "--seed", "2"]
+RUN_ARGS = [
+    "--img_per_grp",
+    str(N_PER_CLASS),
+    "--nxinit",
+    str(NX),
+    "--depth_order",
+    "1",
+    "--seed",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +40,7 @@ def small(tmp_path_factory):
     """2 x 1000 particles of 64 px in one stack, and the same particles split over two stacks
     (odd and even images in different files) in a second STAR."""
     folder = tmp_path_factory.mktemp("stream")
-    star, truth = make_star(folder, n_per_class=N_PER_CLASS, n_classes=2, box=BOX, snr=3.0,
-                            seed=3)
+    star, truth = make_star(folder, n_per_class=N_PER_CLASS, n_classes=2, box=BOX, snr=3.0, seed=3)
     two = folder / "two"
     two.mkdir()
     imgs = mrcfile.read(folder / "particles.mrcs")
@@ -44,7 +52,7 @@ def small(tmp_path_factory):
     for ln in Path(star).read_text().splitlines():
         tokens = ln.split()
         at = [j for j, t in enumerate(tokens) if "@" in t and t.endswith("particles.mrcs")]
-        if at:      # a particle row: image i goes to even.mrcs or odd.mrcs
+        if at:  # a particle row: image i goes to even.mrcs or odd.mrcs
             tokens[at[0]] = f"{i // 2 + 1:06d}@{'even' if i % 2 == 0 else 'odd'}.mrcs"
             ln = " ".join(tokens)
             i += 1
@@ -72,9 +80,12 @@ def test_chunks_give_each_image_the_same_bits(small):
     for background in (False, True):
         whole = fourier_chunk(imgs, shifts, 15, 32, background)
         for chunk in (1, 7, 50):
-            parts = np.concatenate([fourier_chunk(imgs[a:a + chunk], shifts[a:a + chunk], 15,
-                                                  32, background)
-                                    for a in range(0, len(imgs), chunk)])
+            parts = np.concatenate(
+                [
+                    fourier_chunk(imgs[a : a + chunk], shifts[a : a + chunk], 15, 32, background)
+                    for a in range(0, len(imgs), chunk)
+                ]
+            )
             assert np.array_equal(whole, parts), (background, chunk)
     one = normalise_images(imgs[:1], 15)
     assert np.array_equal(one, normalise_images(imgs[:5], 15)[:1])
@@ -88,16 +99,18 @@ def test_streamed_backprojection_has_the_bits_of_one_call(small):
     rng = np.random.default_rng(2)
     memb = np.zeros((len(sel), 3))
     memb[np.arange(len(sel)), rng.integers(0, 3, len(sel))] = rng.uniform(0.2, 1.0, len(sel))
-    memb[::5] = 0.0                                     # some images in no map
+    memb[::5] = 0.0  # some images in no map
     coefs = ctf_coefficients(p.ctf.subset(sel), box, p.pixel_size)
     f = fourier_chunk(p.load_images(sel), p.shifts[sel], box // 2 - 2, box)
     want = fourier.backproject(f, p.rotations[sel], memb, coefs, pad=2)
 
     def make(a, b):
         return fourier_chunk(p.load_images(sel[a:b]), p.shifts[sel[a:b]], box // 2 - 2, box)
+
     for chunk in (1, 11, len(sel)):
-        got = backproject_streamed(make, len(sel), p.rotations[sel], memb, coefs, box, pad=2,
-                                   chunk=chunk)
+        got = backproject_streamed(
+            make, len(sel), p.rotations[sel], memb, coefs, box, pad=2, chunk=chunk
+        )
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1]), chunk
     assert np.abs(want[0]).max() > 0
 
@@ -113,11 +126,19 @@ def test_streamed_smeared_backprojection_has_the_bits_of_local_smears(small):
     offsets = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
     parent = np.repeat(np.arange(n), cnt)
     e = len(parent)
-    rots = p.rotations[parent] @ np.array([[1, 0, 0], [0, np.cos(.05), -np.sin(.05)],
-                                           [0, np.sin(.05), np.cos(.05)]])
-    smears = SmearSet(offsets, parent, rots, p.shifts[parent] + rng.normal(0, 0.7, (e, 2)),
-                      rng.uniform(0.1, 1.0, e), np.zeros(e, np.int64), np.zeros(e, np.int64),
-                      np.zeros(e, np.int64))
+    rots = p.rotations[parent] @ np.array(
+        [[1, 0, 0], [0, np.cos(0.05), -np.sin(0.05)], [0, np.sin(0.05), np.cos(0.05)]]
+    )
+    smears = SmearSet(
+        offsets,
+        parent,
+        rots,
+        p.shifts[parent] + rng.normal(0, 0.7, (e, 2)),
+        rng.uniform(0.1, 1.0, e),
+        np.zeros(e, np.int64),
+        np.zeros(e, np.int64),
+        np.zeros(e, np.int64),
+    )
     norm = rng.uniform(0.8, 1.2, n)
     coefs = ctf_coefficients(p.ctf.subset(np.arange(n)), box, p.pixel_size)
     groups = rng.integers(0, 2, n)
@@ -130,9 +151,11 @@ def test_streamed_smeared_backprojection_has_the_bits_of_local_smears(small):
 
     def make(a, b):
         return fourier_chunk(p.load_images(np.arange(a, b)), None, 15, box, background=True)
+
     for chunk in (3, n):
-        got = backproject_smeared_streamed(make, smears, norm, coefs, groups, memb, box, 2,
-                                           shell_w, chunk=chunk)
+        got = backproject_smeared_streamed(
+            make, smears, norm, coefs, groups, memb, box, 2, shell_w, chunk=chunk
+        )
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1]), chunk
 
 
@@ -169,7 +192,7 @@ def test_chunk_size_and_stack_files_change_no_result(small, free_run, tmp_path, 
     a time: identical clusters, maps (every voxel), posteriors and summary as the one-stack run
     read with the default chunk (1,024 images of 64 px)."""
     _, _, star2, truth = small
-    assert 13 < particles_mod.chunk_images(BOX) < 2 * N_PER_CLASS    # the reference: 2 chunks
+    assert 13 < particles_mod.chunk_images(BOX) < 2 * N_PER_CLASS  # the reference: 2 chunks
     monkeypatch.setattr(particles_mod, "CHUNK_BYTES", 13 * 4 * BOX * BOX)
     assert particles_mod.chunk_images(BOX) == 13
     out = tmp_path / "two_stacks"
@@ -187,17 +210,20 @@ def test_chunk_size_and_stack_files_change_no_result(small, free_run, tmp_path, 
 
 # the child reports its own peak (VmHWM, reset at exec): getrusage's ru_maxrss of a child also
 # counts the parent's pages it held between fork and exec (a big pytest process)
-_CHILD = ("import sys\nfrom sort3ddepth.engine.cli import run\ncode = run(sys.argv[1:])\n"
-          "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
-          "print('VmHWM', hwm, flush=True)\nsys.exit(code)\n")
+_CHILD = (
+    "import sys\nfrom sort3ddepth.engine.cli import run\ncode = run(sys.argv[1:])\n"
+    "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+    "print('VmHWM', hwm, flush=True)\nsys.exit(code)\n"
+)
 
 
 def _run_with_peak(args, cwd):
     """Run sort3d-depth in a child process; (exit code, its peak resident memory in bytes,
     its output)."""
     cmd = [sys.executable, "-c", _CHILD] + [str(a) for a in args]
-    res = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(
+        cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900
+    )
     kb = [ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("VmHWM ")]
     return res.returncode, int(kb[-1]) * 1024 if kb else None, res.stdout + res.stderr
 
@@ -214,9 +240,20 @@ def test_run_under_a_memory_cap_smaller_than_the_stack_in_memory(small, free_run
     full_box_layout = memory.BASE_BYTES + n * BOX * BOX * 40
     assert cap < full_box_layout, (cap, full_box_layout)
     out = tmp_path / "capped"
-    code, peak, text = _run_with_peak(["--instack", star, "--output_dir", out,
-                                       "--memory_per_node", cap / memory.GB, "--overhead", 0]
-                                      + RUN_ARGS, folder)
+    code, peak, text = _run_with_peak(
+        [
+            "--instack",
+            star,
+            "--output_dir",
+            out,
+            "--memory_per_node",
+            cap / memory.GB,
+            "--overhead",
+            0,
+        ]
+        + RUN_ARGS,
+        folder,
+    )
     assert code == 0, text[-3000:]
     assert peak <= cap, f"peak {peak / 2**20:.0f} MiB over the cap {cap / 2**20:.0f} MiB"
     a, b = _results(free_run), _results(out)

@@ -1,9 +1,13 @@
 """Point groups, asymmetric unit and orientation groups (sort3ddepth.engine.symmetry)."""
+
 import numpy as np
 import pytest
 
 from sort3ddepth.engine.symmetry import (
-    axis_angle_matrix, effective_orientation_groups, parse_symmetry)
+    axis_angle_matrix,
+    effective_orientation_groups,
+    parse_symmetry,
+)
 
 TAU = (1 + np.sqrt(5)) / 2
 ALL = ["c1", "c2", "c4", "c7", "d1", "d2", "d5", "d7", "t", "o", "i"]
@@ -20,8 +24,9 @@ def has_operator(group, axis, fold):
     return bool(np.any(np.abs(group.matrices - r).max(axis=(1, 2)) < 1e-9))
 
 
-@pytest.mark.parametrize("symbol,order", [("c1", 1), ("c4", 4), ("d7", 14), ("d1", 2),
-                                          ("t", 12), ("o", 24), ("i", 60)])
+@pytest.mark.parametrize(
+    "symbol,order", [("c1", 1), ("c4", 4), ("d7", 14), ("d1", 2), ("t", 12), ("o", 24), ("i", 60)]
+)
 def test_group_order(symbol, order):
     g = parse_symmetry(symbol)
     assert g.order == order
@@ -83,7 +88,7 @@ def test_icosahedral_is_relion_i2_setting():
     assert has_operator(i, (-1, 0, TAU), 5)
     assert has_operator(i, (0, TAU, 1), 5)
     assert has_operator(i, (TAU, 1, 0), 5)
-    assert has_operator(i, (0, 1, TAU ** 2), 3)
+    assert has_operator(i, (0, 1, TAU**2), 3)
     assert has_operator(i, (1, 1, 1), 3)
     # ... and not I1 (I2 turned 90 degrees about z).
     assert not has_operator(i, (0, 1, TAU), 5)
@@ -176,8 +181,18 @@ def test_bad_symbols_raise(bad):
     assert "c<n>" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("text,symbol", [("C4", "c4"), (" d7 ", "d7"), ("I2", "i"), ("i", "i"),
-                                         ("T", "t"), ("O\n", "o"), ("c01", "c1")])
+@pytest.mark.parametrize(
+    "text,symbol",
+    [
+        ("C4", "c4"),
+        (" d7 ", "d7"),
+        ("I2", "i"),
+        ("i", "i"),
+        ("T", "t"),
+        ("O\n", "o"),
+        ("c01", "c1"),
+    ],
+)
 def test_symbols_are_normalised(text, symbol):
     assert parse_symmetry(text).symbol == symbol
 
@@ -196,6 +211,7 @@ def test_orientation_groups_are_balanced_in_thin_asymmetric_units(symbol, n_grou
     # differ by ~2x; the area balancing step must bring them close to equal.
     g = parse_symmetry(symbol)
     centres = g.orientation_group_centres(n_groups)
-    sizes = np.bincount(g.assign_orientation_groups(random_directions(100000, seed=6), centres),
-                        minlength=n_groups)
+    sizes = np.bincount(
+        g.assign_orientation_groups(random_directions(100000, seed=6), centres), minlength=n_groups
+    )
     assert sizes.max() / sizes.min() <= 1.3

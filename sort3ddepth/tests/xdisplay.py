@@ -5,6 +5,7 @@ the X server is gone by then, Xlib ends the whole process with status 1 (pytest'
 and CI fails). So the server is started once and outlives this process: a watchdog shell stops it
 a second after the test process has ended.
 """
+
 import os
 import shutil
 import subprocess
@@ -20,13 +21,18 @@ def xvfb_display():
         return _started["display"]
     display = None
     if shutil.which("Xvfb") is not None:
-        socket = "/tmp/.X11-unix/X%s" % DISPLAY.lstrip(":")
+        socket = "/tmp/.X11-unix/X{}".format(DISPLAY.lstrip(":"))
         if not os.path.exists(socket):
-            watchdog = ("Xvfb %s -screen 0 1280x1024x24 -nolisten tcp >/dev/null 2>&1 & x=$!; "
-                        "while kill -0 %d 2>/dev/null; do sleep 1; done; kill $x"
-                        % (DISPLAY, os.getpid()))
-            subprocess.Popen(["sh", "-c", watchdog], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            watchdog = (
+                f"Xvfb {DISPLAY} -screen 0 1280x1024x24 -nolisten tcp >/dev/null 2>&1 & x=$!; "
+                f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; kill $x"
+            )
+            subprocess.Popen(
+                ["sh", "-c", watchdog],
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             t0 = time.time()
             while not os.path.exists(socket) and time.time() - t0 < 10:
                 time.sleep(0.1)

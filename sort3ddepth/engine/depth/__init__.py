@@ -13,22 +13,48 @@ All random choices come from the one generator in the context, drawn on every ra
 order (the data they depend on are identical on every rank), so results do not depend on the
 number of ranks.
 """
+
 from .accept import between_box_keeps, fragments, not_tiny, sure_groups, within_box_accept
 from .box import run_box
 from .context import SortContext
 from .layers import between_boxes, run_generation
 from .members import assign_members, final_assignment
-from .partition import (Partition, pair_schedules, random_equal_assignment, size_bounds,
-                        swap_and_refill)
+from .partition import (
+    Partition,
+    pair_schedules,
+    random_equal_assignment,
+    size_bounds,
+    swap_and_refill,
+)
 from .policy import POLICY, DepthPolicy, policy_of
 from .search import coarse_rmax, cut, probe_k, rebuild_starts, settle_groups
 
-MIN_CLUSTER_SIZE = POLICY.min_cluster_size      # never report smaller clusters (sorter.py)
+MIN_CLUSTER_SIZE = POLICY.min_cluster_size  # never report smaller clusters (sorter.py)
 
 __all__ = [
-    "DepthPolicy", "POLICY", "policy_of", "MIN_CLUSTER_SIZE", "SortContext", "Partition",
-    "size_bounds", "pair_schedules", "random_equal_assignment", "swap_and_refill",
-    "within_box_accept", "sure_groups", "fragments", "not_tiny", "between_box_keeps",
-    "coarse_rmax", "cut", "rebuild_starts", "probe_k", "settle_groups", "run_box",
-    "between_boxes", "run_generation", "assign_members", "final_assignment",
+    "DepthPolicy",
+    "POLICY",
+    "policy_of",
+    "MIN_CLUSTER_SIZE",
+    "SortContext",
+    "Partition",
+    "size_bounds",
+    "pair_schedules",
+    "random_equal_assignment",
+    "swap_and_refill",
+    "within_box_accept",
+    "sure_groups",
+    "fragments",
+    "not_tiny",
+    "between_box_keeps",
+    "coarse_rmax",
+    "cut",
+    "rebuild_starts",
+    "probe_k",
+    "settle_groups",
+    "run_box",
+    "between_boxes",
+    "run_generation",
+    "assign_members",
+    "final_assignment",
 ]

@@ -1,5 +1,6 @@
 """Which matched groups a box keeps: within-box acceptance, sure groups, fragments, and the
 between-box test against random partitions."""
+
 import numpy as np
 
 from ..comparison import split_two_classes
@@ -30,7 +31,7 @@ def within_box_accept(result, frozen, low, iteration, *, policy=POLICY):
     is_large, small_c, large_c = split_two_classes(sizes)
     ratio = 100.0 * small_c / max(large_c, 1.0)
     all_but_one_small = (~is_large).sum() >= n - 1
-    ok = (is_large | (ratio >= policy.close_classes_pct) | all_but_one_small)
+    ok = is_large | (ratio >= policy.close_classes_pct) | all_but_one_small
     ok &= sizes > policy.low_bound_factor * low
     ok &= not_tiny(sizes, sizes.max(), policy)
     ok &= sizes > sizes.std()
@@ -42,23 +43,24 @@ def sure_groups(result, low, *, policy=POLICY):
     """The matched groups that pass every test of within_box_accept (search mode, past the
     first iteration) without its fallback: where none passes, none is sure (with the fallback,
     a probe built on irreproducible groups finds small spurious ones)."""
-    return (within_box_accept(result, False, low, policy.size_tests_from_iteration,
-                              policy=policy)
-            & (result.jaccard >= policy.jaccard_floor))
+    return within_box_accept(
+        result, False, low, policy.size_tests_from_iteration, policy=policy
+    ) & (result.jaccard >= policy.jaccard_floor)
 
 
 def fragments(sizes, policy=POLICY):
     """Which kept groups look like a part of a real group: below fragment_size x the median."""
     sizes = np.asarray(sizes, np.float64)
-    return (sizes < policy.fragment_size * np.median(sizes) if sizes.size
-            else np.zeros(0, bool))
+    return sizes < policy.fragment_size * np.median(sizes) if sizes.size else np.zeros(0, bool)
 
 
 def between_box_keeps(pair, random_mean, random_std, largest, policy=POLICY):
     """Whether a group matched between two boxes is kept: its Jaccard index beats random
     partitions of the same sizes by jaccard_margin_std standard deviations (and jaccard_floor),
     it is not tiny next to the largest matched group, and it is at least min_cluster_size."""
-    return bool(pair.jaccard > max(random_mean + policy.jaccard_margin_std * random_std,
-                                   policy.jaccard_floor)
-                and not_tiny(max(pair.size, 1), largest, policy)
-                and pair.size >= policy.min_cluster_size)
+    return bool(
+        pair.jaccard
+        > max(random_mean + policy.jaccard_margin_std * random_std, policy.jaccard_floor)
+        and not_tiny(max(pair.size, 1), largest, policy)
+        and pair.size >= policy.min_cluster_size
+    )

@@ -7,6 +7,7 @@ reset K lowers it when fewer groups reproduce than it tried; in search mode miss
 then rebuilt from the pool (search.py). Each run after the first works on the previous run's
 unaccounted images (not in search mode, whose leftovers go to the next generation).
 """
+
 import time
 from dataclasses import dataclass, field
 
@@ -16,8 +17,13 @@ from ..comparison import rand_index, two_way_comparison
 from ..mgskmeans import mgsk_pair
 from .accept import sure_groups, within_box_accept
 from .context import load, save
-from .partition import (Partition, pair_schedules, random_equal_assignment, size_bounds,
-                        swap_and_refill)
+from .partition import (
+    Partition,
+    pair_schedules,
+    random_equal_assignment,
+    size_bounds,
+    swap_and_refill,
+)
 from .policy import policy_of
 from .search import coarse_rmax, probe_k, settle_groups
 
@@ -25,23 +31,25 @@ from .search import coarse_rmax, probe_k, settle_groups
 @dataclass
 class _Box:
     """A box's state across its runs (what a run's checkpoint holds)."""
-    clusters: list               # clusters found so far (global indices)
-    pool: np.ndarray             # positions in the box's subset not in a cluster
-    rand_last: list              # each run's last rand index
-    group_size: int              # the group size later runs look for
-    k_found: int                 # K of the first run at its end (for box learning)
+
+    clusters: list  # clusters found so far (global indices)
+    pool: np.ndarray  # positions in the box's subset not in a cluster
+    rand_last: list  # each run's last rand index
+    group_size: int  # the group size later runs look for
+    k_found: int  # K of the first run at its end (for box learning)
 
 
 @dataclass
 class _Run:
     """One run's state through its box iterations (positions in `sub`)."""
-    sub: np.ndarray              # the run's images (global indices)
+
+    sub: np.ndarray  # the run's images (global indices)
     k: int
-    low: int                     # the low size bound at K
-    sched: list                  # the two runs' minimum-size schedules
-    inits: list                  # the two runs' starting labels
+    low: int  # the low size bound at K
+    sched: list  # the two runs' minimum-size schedules
+    inits: list  # the two runs' starting labels
     run: int
-    started: bool                # run 0 of a box started from a previous layer's groups
+    started: bool  # run 0 of a box started from a previous layer's groups
     allow_k_reset: bool
     coarse: bool
     tag: str
@@ -51,7 +59,7 @@ class _Run:
     accepted: list = field(default_factory=list)
     unacc: np.ndarray = None
     last_ri: float = 0.0
-    k_failed: object = None      # lowest K found to have too few reproducible groups
+    k_failed: object = None  # lowest K found to have too few reproducible groups
     probed: bool = False
     it: int = 0
 
@@ -72,8 +80,11 @@ def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, coarse, tag):
         # merged and split conformations: bench/README.md)
         sched = [[high], [high]]
     else:
-        nstep = (max(ctx.nstep, policy.nstep_long) if allow_k_reset
-                 else min(max(ctx.nstep, policy.nstep_short), policy.nstep_long))
+        nstep = (
+            max(ctx.nstep, policy.nstep_long)
+            if allow_k_reset
+            else min(max(ctx.nstep, policy.nstep_short), policy.nstep_long)
+        )
         if start is not None:
             # started from a previous layer's stable groups: the walk down to the low bound
             # needs no long descent (a run steps every other sweep)
@@ -82,20 +93,45 @@ def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, coarse, tag):
     if start is not None:
         pos = [np.searchsorted(sub, c) for c in start.clusters]
         pool_pos = np.searchsorted(sub, start.pool)
-        inits = [swap_and_refill(nr, pos, pool_pos, k, swap_ratio=policy.swap_learned,
-                                 rng=ctx.rng, policy=policy) for _ in range(2)]
+        inits = [
+            swap_and_refill(
+                nr, pos, pool_pos, k, swap_ratio=policy.swap_learned, rng=ctx.rng, policy=policy
+            )
+            for _ in range(2)
+        ]
     else:
         inits = [random_equal_assignment(nr, k, ctx.rng) for _ in range(2)]
-    return _Run(sub, k, low, sched, inits, run=run, started=start is not None,
-                allow_k_reset=allow_k_reset, coarse=coarse, tag=tag,
-                box_niter=policy.box_niter, from_random=start is None,
-                unacc=np.arange(nr))
+    return _Run(
+        sub,
+        k,
+        low,
+        sched,
+        inits,
+        run=run,
+        started=start is not None,
+        allow_k_reset=allow_k_reset,
+        coarse=coarse,
+        tag=tag,
+        box_niter=policy.box_niter,
+        from_random=start is None,
+        unacc=np.arange(nr),
+    )
 
 
 def _restart_from_groups(ctx, r, swap_ratio):
     """The next iteration's starts: the stable groups, a share swapped with the pool."""
-    r.inits = [swap_and_refill(r.nr, r.accepted, r.unacc, r.k, swap_ratio=swap_ratio,
-                               rng=ctx.rng, policy=policy_of(ctx)) for _ in range(2)]
+    r.inits = [
+        swap_and_refill(
+            r.nr,
+            r.accepted,
+            r.unacc,
+            r.k,
+            swap_ratio=swap_ratio,
+            rng=ctx.rng,
+            policy=policy_of(ctx),
+        )
+        for _ in range(2)
+    ]
     r.from_random = False
 
 
@@ -105,22 +141,34 @@ def _iterate(ctx, r):
     t0 = time.time()
     # search mode: a run from random labels (or in a coarse box) explores at the coarse limit
     # (3-4x cheaper sweeps); not with K given, where boxes then stuck (bench/README.md)
-    rmax_cap = coarse_rmax(ctx, r.nr, r.k) if ctx.search and (r.from_random or r.coarse) \
-        else None
-    (la, lb), niters = mgsk_pair(ctx.maps, r.sub, r.k, r.inits, r.sched, ctx.frozen, ctx.search,
-                                 ctx.data.orientation_groups, ctx.rng, log=None,
-                                 use_umat=ctx.use_umat, rmax_cap=rmax_cap)
+    rmax_cap = coarse_rmax(ctx, r.nr, r.k) if ctx.search and (r.from_random or r.coarse) else None
+    (la, lb), niters = mgsk_pair(
+        ctx.maps,
+        r.sub,
+        r.k,
+        r.inits,
+        r.sched,
+        ctx.frozen,
+        ctx.search,
+        ctx.data.orientation_groups,
+        ctx.rng,
+        log=None,
+        use_umat=ctx.use_umat,
+        rmax_cap=rmax_cap,
+    )
     res = two_way_comparison(la, lb)
     ok = within_box_accept(res, ctx.frozen, r.low, r.it, policy=policy_of(ctx))
     r.accepted = [p.members for p, good in zip(res.pairs, ok) if good]
     acc = np.concatenate(r.accepted) if r.accepted else np.zeros(0, np.int64)
     r.unacc = np.setdiff1d(np.arange(r.nr), acc)
     ri = rand_index(la, lb)
-    ctx.log(f"{r.tag}run {r.run} iteration {r.it}: K={r.k}, MGSK-means iterations {niters}, "
-            f"reproducibility {res.reproducibility:.1f} %, rand index {ri:.3f}, kept "
-            f"{len(r.accepted)}/{len(res.pairs)} groups "
-            f"({', '.join(str(len(a)) for a in r.accepted)}), unaccounted {len(r.unacc)} "
-            f"[{time.time() - t0:.1f} s]")
+    ctx.log(
+        f"{r.tag}run {r.run} iteration {r.it}: K={r.k}, MGSK-means iterations {niters}, "
+        f"reproducibility {res.reproducibility:.1f} %, rand index {ri:.3f}, kept "
+        f"{len(r.accepted)}/{len(res.pairs)} groups "
+        f"({', '.join(str(len(a)) for a in r.accepted)}), unaccounted {len(r.unacc)} "
+        f"[{time.time() - t0:.1f} s]"
+    )
     return res, ri, niters
 
 
@@ -128,29 +176,33 @@ def _converged(ctx, r, res, ri, niters):
     """Whether the run stops after this iteration (if K stays)."""
     policy = policy_of(ctx)
     repro = res.reproducibility
-    if r.it >= 1 and (r.prev_repro is not None and repro - r.prev_repro < policy.converge_gain
-                      or repro > policy.converge_repro
-                      or (not ctx.frozen and ri > policy.converge_rand)):
+    if r.it >= 1 and (
+        r.prev_repro is not None
+        and repro - r.prev_repro < policy.converge_gain
+        or repro > policy.converge_repro
+        or (not ctx.frozen and ri > policy.converge_rand)
+    ):
         return True
     if r.it >= 1 and min(niters) <= policy.converge_sweeps:
         return True
     # a box started from a previous layer's stable groups that kept all of them at once:
     # another iteration changes little
-    return (r.it == 0 and r.started and repro > policy.converge_repro
-            and len(r.accepted) == r.k)
+    return r.it == 0 and r.started and repro > policy.converge_repro and len(r.accepted) == r.k
 
 
 def _rebuild_after_reset(ctx, r, res, new_k):
     """Search mode, K lowered: the groups that passed every test at the failed K are kept and
     the missing ones cut from the pool (a random restart at the lower K tends to merge two
     groups and cut another in two again). Returns True when the probe kept groups."""
-    kept = [p.members for p, good in
-            zip(res.pairs, sure_groups(res, r.low, policy=policy_of(ctx))) if good]
+    kept = [
+        p.members
+        for p, good in zip(res.pairs, sure_groups(res, r.low, policy=policy_of(ctx)))
+        if good
+    ]
     if len(kept) < 2:
         return False
     rest = np.setdiff1d(np.arange(r.nr), np.concatenate(kept))
-    got = probe_k(ctx, r.sub, kept, rest, k=new_k, k_max=r.k_failed, tag=r.tag,
-                  coarse=r.coarse)
+    got = probe_k(ctx, r.sub, kept, rest, k=new_k, k_max=r.k_failed, tag=r.tag, coarse=r.coarse)
     if got[3] is None:
         return False
     r.accepted, r.unacc, r.k, r.last_ri = got
@@ -169,8 +221,7 @@ def _k_reset(ctx, r, res, ri):
     new_k = int(np.ceil((r.k + n_repro) / 2)) if r.k > 2 else n_repro
     if not (r.allow_k_reset and r.run == 0 and not ctx.frozen and new_k < r.k):
         return None
-    if new_k < 2 and r.k == 2 and r.prev_repro is None and r.accepted \
-            and r.it + 1 < r.box_niter:
+    if new_k < 2 and r.k == 2 and r.prev_repro is None and r.accepted and r.it + 1 < r.box_niter:
         # a K = 2 pair from random labels often lands one run in a poor optimum; one iteration
         # from the group that reproduced gives it the chance the given-K mode has; the
         # between-box comparison still has to find the same split independently
@@ -216,9 +267,10 @@ def _box_iterations(ctx, r):
         if converged or r.it >= r.box_niter:
             break
         if ctx.search and r.run == 0 and 2 <= len(r.accepted) < r.k:
-            break      # missing groups: rebuilt from the pool and cuts (_probe_missing)
-        _restart_from_groups(ctx, r, policy.swap_explore if r.allow_k_reset
-                             else policy.swap_learned)
+            break  # missing groups: rebuilt from the pool and cuts (_probe_missing)
+        _restart_from_groups(
+            ctx, r, policy.swap_explore if r.allow_k_reset else policy.swap_learned
+        )
 
 
 def _probe_missing(ctx, r):
@@ -229,12 +281,14 @@ def _probe_missing(ctx, r):
     if not (ctx.search and r.run == 0 and not r.probed and 2 <= len(r.accepted) < k_max):
         return
     n_before = len(r.accepted)
-    r.accepted, r.unacc, k_probe, ri = probe_k(ctx, r.sub, r.accepted, r.unacc, k=r.k,
-                                               k_max=k_max, tag=r.tag, coarse=r.coarse)
+    r.accepted, r.unacc, k_probe, ri = probe_k(
+        ctx, r.sub, r.accepted, r.unacc, k=r.k, k_max=k_max, tag=r.tag, coarse=r.coarse
+    )
     if ri is None and n_before < r.k:
-        r.accepted, r.unacc = settle_groups(ctx, r.sub, r.accepted, r.unacc, tag=r.tag,
-                                            coarse=r.coarse)
-    r.k = k_probe if r.allow_k_reset else r.k      # a learned K stays the box's K
+        r.accepted, r.unacc = settle_groups(
+            ctx, r.sub, r.accepted, r.unacc, tag=r.tag, coarse=r.coarse
+        )
+    r.k = k_probe if r.allow_k_reset else r.k  # a learned K stays the box's K
     r.last_ri = r.last_ri if ri is None else ri
 
 
@@ -242,22 +296,29 @@ def _end_run(ctx, box, r, key):
     """A run's groups join the box's clusters, its pool goes on to the next run; saved under
     key/run#. Returns True when the box stops (nothing found, or too few images left)."""
     policy = policy_of(ctx)
-    box.rand_last.append(r.last_ri)     # the box's rand index: mean of each run's last one
+    box.rand_last.append(r.last_ri)  # the box's rand index: mean of each run's last one
     found = [r.sub[a] for a in r.accepted if len(a) >= policy.min_cluster_size]
     if r.run == 0:
         box.k_found = r.k
-        if ctx.search and found:        # later runs look for groups of the size found here
+        if ctx.search and found:  # later runs look for groups of the size found here
             box.group_size = int(np.mean([len(f) for f in found]))
     box.clusters += found
     box.pool = box.pool[r.unacc] if found else box.pool
     stop = not found or len(box.pool) < policy.run_pool_min * policy.min_cluster_size
-    save(ctx, key and f"{key}/run{r.run}", clusters=box.clusters, pool=box.pool,
-         rand=box.rand_last, group_size=box.group_size, k_found=box.k_found, stop=stop)
+    save(
+        ctx,
+        key and f"{key}/run{r.run}",
+        clusters=box.clusters,
+        pool=box.pool,
+        rand=box.rand_last,
+        group_size=box.group_size,
+        k_found=box.k_found,
+        stop=stop,
+    )
     return stop
 
 
-def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None,
-            coarse=False):
+def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None, coarse=False):
     """One box: runs of box iterations on `subset` (sorted global indices) with K groups.
 
     start: None (random starts) or a Partition to start from (layers > 0). key: checkpoint name
@@ -278,19 +339,30 @@ def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None
             k = len(sub) // max(box.group_size, 1)
             if k < 2:
                 break
-        r = _begin_run(ctx, sub, k, run=run, start=start if run == 0 else None,
-                       allow_k_reset=allow_k_reset, coarse=coarse, tag=tag)
+        r = _begin_run(
+            ctx,
+            sub,
+            k,
+            run=run,
+            start=start if run == 0 else None,
+            allow_k_reset=allow_k_reset,
+            coarse=coarse,
+            tag=tag,
+        )
         _box_iterations(ctx, r)
         _probe_missing(ctx, r)
         if _end_run(ctx, box, r, key):
             break
     box.clusters.sort(key=len, reverse=True)
-    result = Partition([np.sort(c) for c in box.clusters],
-                       np.setdiff1d(subset, np.concatenate(box.clusters) if box.clusters
-                                    else []),
-                       float(np.mean(box.rand_last)) if box.rand_last else 0.0,
-                       k_found=box.k_found)
-    ctx.log(f"{tag}done: {len(result.clusters)} clusters "
-            f"({', '.join(str(len(c)) for c in result.clusters)}), unaccounted "
-            f"{len(result.pool)}")
+    result = Partition(
+        [np.sort(c) for c in box.clusters],
+        np.setdiff1d(subset, np.concatenate(box.clusters) if box.clusters else []),
+        float(np.mean(box.rand_last)) if box.rand_last else 0.0,
+        k_found=box.k_found,
+    )
+    ctx.log(
+        f"{tag}done: {len(result.clusters)} clusters "
+        f"({', '.join(str(len(c)) for c in result.clusters)}), unaccounted "
+        f"{len(result.pool)}"
+    )
     return result

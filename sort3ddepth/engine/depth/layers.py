@@ -3,6 +3,7 @@ boxes (0,1), (2,3), ... are compared pairwise, and a matched group is kept only 
 index beats the one expected between random partitions of the same sizes by a stated margin.
 Each pair's result starts a box of the next layer; the last pair gives the generation's
 clusters, whose members the member check then decides."""
+
 import numpy as np
 
 from ..comparison import rand_index, random_reproducibility, two_way_comparison
@@ -26,20 +27,26 @@ def between_boxes(ctx, subset, a, b, *, n_allowed, tag=""):
     sizes_b = np.bincount(lb, minlength=len(b.clusters) + 1)
     mean, std = random_reproducibility(sizes_a, sizes_b, ctx.rng)
     kept, stats = [], []
-    real = [(p, j) for j, p in enumerate(res.pairs)
-            if p.group_a < len(a.clusters) and p.group_b < len(b.clusters)]
+    real = [
+        (p, j)
+        for j, p in enumerate(res.pairs)
+        if p.group_a < len(a.clusters) and p.group_b < len(b.clusters)
+    ]
     largest = max((p.size for p, _ in real), default=0)
     for p, j in real:
         m = mean[j] if j < len(mean) else 0.0
         s = std[j] if j < len(std) else 0.0
         good = between_box_keeps(p, m, s, largest, policy)
-        ctx.log(f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
-                f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> "
-                f"{'kept' if good else 'rejected'}")
+        ctx.log(
+            f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
+            f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> "
+            f"{'kept' if good else 'rejected'}"
+        )
         if good:
             kept.append(subset[p.members])
-            stats.append({"jaccard": float(p.jaccard), "random_mean": float(m),
-                          "random_std": float(s)})
+            stats.append(
+                {"jaccard": float(p.jaccard), "random_mean": float(m), "random_std": float(s)}
+            )
     order = np.argsort([-len(c) for c in kept], kind="stable")
     kept = [np.sort(kept[i]) for i in order]
     stats = [stats[i] for i in order]
@@ -47,8 +54,10 @@ def between_boxes(ctx, subset, a, b, *, n_allowed, tag=""):
         ctx.log(f"{tag}{len(kept)} groups for at most {n_allowed}: the smallest is dropped")
         kept, stats = kept[:-1], stats[:-1]
     acc = np.concatenate(kept) if kept else np.zeros(0, np.int64)
-    ctx.log(f"{tag}between-box comparison: rand index {ri:.3f}, kept {len(kept)} groups "
-            f"({', '.join(str(len(c)) for c in kept)}), unaccounted {len(subset) - len(acc)}")
+    ctx.log(
+        f"{tag}between-box comparison: rand index {ri:.3f}, kept {len(kept)} groups "
+        f"({', '.join(str(len(c)) for c in kept)}), unaccounted {len(subset) - len(acc)}"
+    )
     return Partition(kept, np.setdiff1d(subset, acc), ri, stats)
 
 
@@ -67,9 +76,13 @@ def _box_k(ctx, start, k_layer, k_learned, k):
 def _teaches_k(ctx, start, res):
     """Box learning (unfrozen modes): a layer-0 box whose two runs agreed well and kept every
     group of the K it found hands that K to the next boxes of the layer."""
-    return (not ctx.frozen and start is None
-            and res.rand_index > policy_of(ctx).learn_rand_index
-            and res.k_found >= 2 and len(res.clusters) >= res.k_found)
+    return (
+        not ctx.frozen
+        and start is None
+        and res.rand_index > policy_of(ctx).learn_rand_index
+        and res.k_found >= 2
+        and len(res.clusters) >= res.k_found
+    )
 
 
 def _run_layer(ctx, gen, layer, subset, starts, *, k, k_learned):
@@ -84,9 +97,16 @@ def _run_layer(ctx, gen, layer, subset, starts, *, k, k_learned):
         res = load(ctx, key)
         res = res["partition"] if res is not None else None
         if res is None:
-            res = run_box(ctx, subset, kb, start=start, tag=tag, key=key,
-                          allow_k_reset=(not ctx.frozen and start is None and not learned),
-                          coarse=len(starts) > 2)
+            res = run_box(
+                ctx,
+                subset,
+                kb,
+                start=start,
+                tag=tag,
+                key=key,
+                allow_k_reset=(not ctx.frozen and start is None and not learned),
+                coarse=len(starts) > 2,
+            )
             save(ctx, key, partition=res)
         results.append(res)
         if _teaches_k(ctx, start, res):
@@ -102,15 +122,22 @@ def run_generation(ctx, gen, subset, k, earlier=()):
     """All layers of one generation on `subset`; returns the generation's Partition.
     earlier: the clusters of earlier generations (for the member check)."""
     n_allowed = max(len(subset) // max(ctx.img_per_grp, 1), 2)
-    starts = [None] * 2 ** ctx.depth_order
+    starts = [None] * 2**ctx.depth_order
     layer = 0
-    k_learned = 2          # search mode: the K that layer-0 boxes validated (box learning)
+    k_learned = 2  # search mode: the K that layer-0 boxes validated (box learning)
     while True:
-        results, k_learned = _run_layer(ctx, gen, layer, subset, starts, k=k,
-                                        k_learned=k_learned)
-        pairs = [between_boxes(ctx, subset, results[i], results[i + 1], n_allowed=n_allowed,
-                               tag=f"gen {gen} layer {layer} boxes {i},{i + 1}: ")
-                 for i in range(0, len(results), 2)]
+        results, k_learned = _run_layer(ctx, gen, layer, subset, starts, k=k, k_learned=k_learned)
+        pairs = [
+            between_boxes(
+                ctx,
+                subset,
+                results[i],
+                results[i + 1],
+                n_allowed=n_allowed,
+                tag=f"gen {gen} layer {layer} boxes {i},{i + 1}: ",
+            )
+            for i in range(0, len(results), 2)
+        ]
         good = [p for p in pairs if len(p.clusters) >= 2]
         if len(pairs) == 1 or len(good) < len(pairs):
             # last layer, or a pair found fewer than two groups: the generation ends here

@@ -1,5 +1,6 @@
 """A generation's member check and the run's final assignment: which images belong to the
 groups that reproducibility found, by the posterior of membership.decide at the purity target."""
+
 import numpy as np
 
 from ..membership import decide
@@ -31,8 +32,16 @@ def assign_members(ctx, subset, part, tag, *, earlier=()):
     n_members = int(sum(len(c) for c in part.clusters))
     pool_joins = len(subset) - n_members < min(len(c) for c in part.clusters)
     mine = np.isin(everyone, subset)
-    labels, memb, weights = decide(ctx.maps, ctx.data, everyone, list(part.clusters) + earlier,
-                                   mine, pool_joins, ctx.min_purity, policy.min_cluster_size)
+    labels, memb, weights = decide(
+        ctx.maps,
+        ctx.data,
+        everyone,
+        list(part.clusters) + earlier,
+        mine,
+        pool_joins,
+        ctx.min_purity,
+        policy.min_cluster_size,
+    )
     new = np.where(memb.labels < k, memb.labels, k)[mine]
     labels = labels[mine]
     clusters, stats = [], []
@@ -41,42 +50,65 @@ def assign_members(ctx, subset, part, tag, *, earlier=()):
         if len(c) >= policy.min_cluster_size:
             clusters.append(c)
             old = part.stats[j] if j < len(part.stats) else {}
-            stats.append({**old, "reproduced_size": old.get("reproduced_size",
-                                                            len(part.clusters[j])),
-                          "estimated_purity": round(float(memb.estimated_purity[j]), 4)})
+            stats.append(
+                {
+                    **old,
+                    "reproduced_size": old.get("reproduced_size", len(part.clusters[j])),
+                    "estimated_purity": round(float(memb.estimated_purity[j]), 4),
+                }
+            )
     acc = np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
     member = labels < k
-    counts = dict(left=int(np.sum(member & (new == k))),
-                  joined=int(np.sum(~member & (new < k))), n_members=n_members,
-                  n_pool=len(subset) - n_members, n_left=len(subset) - len(acc))
-    ctx.log(_member_check_line(ctx, tag, memb, k=k, weights=weights, clusters=clusters,
-                               pool_joins=pool_joins, **counts))
+    counts = dict(
+        left=int(np.sum(member & (new == k))),
+        joined=int(np.sum(~member & (new < k))),
+        n_members=n_members,
+        n_pool=len(subset) - n_members,
+        n_left=len(subset) - len(acc),
+    )
+    ctx.log(
+        _member_check_line(
+            ctx, tag, memb, k=k, weights=weights, clusters=clusters, pool_joins=pool_joins, **counts
+        )
+    )
     return Partition(clusters, np.setdiff1d(subset, acc), part.rand_index, stats, part.k_found)
 
 
-def _member_check_line(ctx, tag, memb, *, k, weights, clusters, pool_joins, left, joined,
-                       n_members, n_pool, n_left):
+def _member_check_line(
+    ctx, tag, memb, *, k, weights, clusters, pool_joins, left, joined, n_members, n_pool, n_left
+):
     """The log line of a generation's member check (k: this generation's clusters)."""
     policy = policy_of(ctx)
     sure = [resolution_shell(np.sqrt(weights), t) for t in policy.report_fsc]
-    est = ", ".join(f"{100 * memb.estimated_purity[j]:.1f}" for j in range(k)
-                    if np.isfinite(memb.estimated_purity[j]))
-    return (f"{tag}member check: the clusters' half maps differ reliably to shell {sure[0]} "
-            f"(difference FSC {policy.report_fsc[0]:g}; {policy.report_fsc[1]:g} at "
-            f"{sure[1]}); {left} of {n_members} members are "
-            f"more probably in another cluster or beyond the purity target "
-            f"({100 * ctx.min_purity:g} %) and go back to the pool; "
-            + (f"{joined} of {n_pool} pool images join a cluster; " if pool_joins else
-               f"the pool ({n_pool}) could hold a group and stays whole; ")
-            + f"clusters ({', '.join(str(len(c)) for c in clusters)}) at estimated purity "
-              f"({est}) %, unaccounted {n_left}"
-            + _below_target_note(memb, range(k)))
+    est = ", ".join(
+        f"{100 * memb.estimated_purity[j]:.1f}"
+        for j in range(k)
+        if np.isfinite(memb.estimated_purity[j])
+    )
+    return (
+        f"{tag}member check: the clusters' half maps differ reliably to shell {sure[0]} "
+        f"(difference FSC {policy.report_fsc[0]:g}; {policy.report_fsc[1]:g} at "
+        f"{sure[1]}); {left} of {n_members} members are "
+        f"more probably in another cluster or beyond the purity target "
+        f"({100 * ctx.min_purity:g} %) and go back to the pool; "
+        + (
+            f"{joined} of {n_pool} pool images join a cluster; "
+            if pool_joins
+            else f"the pool ({n_pool}) could hold a group and stays whole; "
+        )
+        + f"clusters ({', '.join(str(len(c)) for c in clusters)}) at estimated purity "
+        f"({est}) %, unaccounted {n_left}" + _below_target_note(memb, range(k))
+    )
 
 
 def _below_target_note(memb, which):
     low = [str(j) for j in which if memb.below_target[j]]
-    return ("" if not low else f"; cluster(s) {', '.join(low)} cannot reach the purity target "
-            f"with enough images and keep the images they more likely hold than not")
+    return (
+        ""
+        if not low
+        else f"; cluster(s) {', '.join(low)} cannot reach the purity target "
+        f"with enough images and keep the images they more likely hold than not"
+    )
 
 
 def final_assignment(ctx, clusters, pool, pool_searched=False):
@@ -94,19 +126,32 @@ def final_assignment(ctx, clusters, pool, pool_searched=False):
     k = len(clusters)
     everyone = np.union1d(np.concatenate(clusters), pool)
     joins = bool(pool_searched) or len(pool) < min(len(c) for c in clusters)
-    labels, memb, _ = decide(ctx.maps, ctx.data, everyone, list(clusters),
-                             np.ones(len(everyone), bool), joins, ctx.min_purity,
-                             policy.min_cluster_size)
+    labels, memb, _ = decide(
+        ctx.maps,
+        ctx.data,
+        everyone,
+        list(clusters),
+        np.ones(len(everyone), bool),
+        joins,
+        ctx.min_purity,
+        policy.min_cluster_size,
+    )
     out = [everyone[memb.labels == j] for j in range(k)]
     member = labels < k
     left = int(np.sum(member & (memb.labels == k)))
     joined = int(np.sum(~member & (memb.labels < k)))
-    ctx.log(f"final assignment over the {k} clusters of all generations (purity target "
-            f"{100 * ctx.min_purity:g} %): {left} of {int(np.sum(member))} members become "
-            f"unaccounted; "
-            + (f"{joined} of {len(pool)} unaccounted images join a cluster; " if joins else
-               f"the {len(pool)} unaccounted images could hold a group and stay unaccounted; ")
-            + f"clusters ({', '.join(str(len(c)) for c in out)}) at estimated purity ("
-            + ", ".join(f"{100 * p:.1f}" for p in memb.estimated_purity if np.isfinite(p))
-            + ") %" + _below_target_note(memb, range(k)))
+    ctx.log(
+        f"final assignment over the {k} clusters of all generations (purity target "
+        f"{100 * ctx.min_purity:g} %): {left} of {int(np.sum(member))} members become "
+        f"unaccounted; "
+        + (
+            f"{joined} of {len(pool)} unaccounted images join a cluster; "
+            if joins
+            else f"the {len(pool)} unaccounted images could hold a group and stay unaccounted; "
+        )
+        + f"clusters ({', '.join(str(len(c)) for c in out)}) at estimated purity ("
+        + ", ".join(f"{100 * p:.1f}" for p in memb.estimated_purity if np.isfinite(p))
+        + ") %"
+        + _below_target_note(memb, range(k))
+    )
     return out, everyone[memb.labels == k], memb

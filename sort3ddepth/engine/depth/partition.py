@@ -1,5 +1,6 @@
 """Partitions of a box's images and the starting labels of an MGSK-means pair: size bounds and
 schedules, random starts, and starts from stable groups (swap and refill)."""
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,11 +12,12 @@ from .policy import POLICY
 @dataclass
 class Partition:
     """Stable clusters (sorted global indices) and the unaccounted pool."""
+
     clusters: list
     pool: np.ndarray
     rand_index: float = 0.0
     stats: list = field(default_factory=list)
-    k_found: int = 0             # K of a box's first run at its end (for box learning)
+    k_found: int = 0  # K of a box's first run at its end (for box learning)
 
     @property
     def n_accounted(self):

@@ -4,6 +4,7 @@ The measurements behind the values are in bench/README.md ("Why the depth thresh
 they are"). A SortContext carries one DepthPolicy (the module's POLICY unless told otherwise);
 code that gets no context (the acceptance tests of accept.py) takes it as a keyword argument.
 """
+
 from dataclasses import dataclass, field, fields
 
 
@@ -15,77 +16,147 @@ def _rule(value, why):
 class DepthPolicy:
     # -- box runs ----------------------------------------------------------------------------
     box_niter: int = _rule(5, "box iterations a run gets to converge (+1 per K reset)")
-    max_runs: int = _rule(3, "runs per box, each on the previous run's unaccounted pool "
-                             "(search mode: one run, the leftovers go to the next generation)")
-    run_pool_min: int = _rule(2, "a run's pool below this x min_cluster_size cannot hold two "
-                                 "clusters: the box ends")
+    max_runs: int = _rule(
+        3,
+        "runs per box, each on the previous run's unaccounted pool "
+        "(search mode: one run, the leftovers go to the next generation)",
+    )
+    run_pool_min: int = _rule(
+        2, "a run's pool below this x min_cluster_size cannot hold two clusters: the box ends"
+    )
     # -- MGSK-means size schedules -------------------------------------------------------------
-    size_low_divisor: int = _rule(3, "lowest minimum group size: n / (K x this) (SPHIRE's bound "
-                                     "when the FSC-derived gap is large, the usual case)")
-    size_high_fraction: float = _rule(0.9, "highest minimum group size: this x n / K (SPHIRE); "
-                                           "freeze mode drafts every group at it")
-    nstep_long: int = _rule(5, "fewest size steps of a pair from random labels (boxes that may "
-                               "reset K, cuts): a long walk down lets groups form")
-    nstep_short: int = _rule(3, "size steps of a pair started from stable groups (also the "
-                                "fewest for a box with a given K): little needs to move")
+    size_low_divisor: int = _rule(
+        3,
+        "lowest minimum group size: n / (K x this) (SPHIRE's bound "
+        "when the FSC-derived gap is large, the usual case)",
+    )
+    size_high_fraction: float = _rule(
+        0.9,
+        "highest minimum group size: this x n / K (SPHIRE); freeze mode drafts every group at it",
+    )
+    nstep_long: int = _rule(
+        5,
+        "fewest size steps of a pair from random labels (boxes that may "
+        "reset K, cuts): a long walk down lets groups form",
+    )
+    nstep_short: int = _rule(
+        3,
+        "size steps of a pair started from stable groups (also the "
+        "fewest for a box with a given K): little needs to move",
+    )
     # -- resolution ----------------------------------------------------------------------------
-    coarse_shell_divisor: int = _rule(2, "exploratory runs score at the resolution limit / this "
-                                         "(3-4x cheaper sweeps, same classification)")
-    coarse_min_shell: int = _rule(12, "... but never below this shell (98.8 % of images still "
-                                      "classified right at 12 on bench_sort)")
+    coarse_shell_divisor: int = _rule(
+        2,
+        "exploratory runs score at the resolution limit / this "
+        "(3-4x cheaper sweeps, same classification)",
+    )
+    coarse_min_shell: int = _rule(
+        12,
+        "... but never below this shell (98.8 % of images still "
+        "classified right at 12 on bench_sort)",
+    )
     # -- starts: swap and refill ---------------------------------------------------------------
-    swap_explore: float = _rule(0.10, "share of a stable group swapped with the pool before the "
-                                      "next iteration of a box that explores K")
-    swap_learned: float = _rule(0.05, "... of a box whose K is given or learned (groups from an "
-                                      "earlier layer): they need less shaking")
-    refill_seed_fraction: float = _rule(0.5, "a missing group is seeded with this x n / K pool "
-                                             "images")
-    refill_chunk_fraction: float = _rule(0.25, "the pool is dealt in chunks of this x n / K, "
-                                               "re-weighting towards emptier groups per chunk")
-    refill_min_weight: float = _rule(0.05, "a full group still gets pool images with this "
-                                           "weight (no group is closed to the pool)")
+    swap_explore: float = _rule(
+        0.10,
+        "share of a stable group swapped with the pool before the "
+        "next iteration of a box that explores K",
+    )
+    swap_learned: float = _rule(
+        0.05,
+        "... of a box whose K is given or learned (groups from an "
+        "earlier layer): they need less shaking",
+    )
+    refill_seed_fraction: float = _rule(
+        0.5, "a missing group is seeded with this x n / K pool images"
+    )
+    refill_chunk_fraction: float = _rule(
+        0.25,
+        "the pool is dealt in chunks of this x n / K, "
+        "re-weighting towards emptier groups per chunk",
+    )
+    refill_min_weight: float = _rule(
+        0.05,
+        "a full group still gets pool images with this weight (no group is closed to the pool)",
+    )
     # -- within-box acceptance -----------------------------------------------------------------
-    jaccard_floor: float = _rule(50.0, "a group must reproduce with Jaccard >= this %: a split "
-                                       "of one real group has an arbitrary border")
-    size_tests_from_iteration: int = _rule(1, "SPHIRE's size tests start at this box iteration "
-                                              "(the first one's groups are still forming)")
-    size_tests_min_groups: int = _rule(3, "... and apply to this many groups or more (two "
-                                          "groups have no 'small class')")
-    close_classes_pct: float = _rule(50.0, "small and large size classes are 'close' when the "
-                                           "small mean is >= this % of the large (SPHIRE)")
-    low_bound_factor: float = _rule(1.25, "a kept group exceeds this x the low size bound "
-                                          "(SPHIRE): at the bound it was filled, not found")
-    largest_ratio: int = _rule(3, "a kept group is more than 1 / this of the largest (within "
-                                  "and between boxes): smaller ones are splinters")
+    jaccard_floor: float = _rule(
+        50.0,
+        "a group must reproduce with Jaccard >= this %: a split "
+        "of one real group has an arbitrary border",
+    )
+    size_tests_from_iteration: int = _rule(
+        1,
+        "SPHIRE's size tests start at this box iteration "
+        "(the first one's groups are still forming)",
+    )
+    size_tests_min_groups: int = _rule(
+        3, "... and apply to this many groups or more (two groups have no 'small class')"
+    )
+    close_classes_pct: float = _rule(
+        50.0,
+        "small and large size classes are 'close' when the "
+        "small mean is >= this % of the large (SPHIRE)",
+    )
+    low_bound_factor: float = _rule(
+        1.25,
+        "a kept group exceeds this x the low size bound "
+        "(SPHIRE): at the bound it was filled, not found",
+    )
+    largest_ratio: int = _rule(
+        3,
+        "a kept group is more than 1 / this of the largest (within "
+        "and between boxes): smaller ones are splinters",
+    )
     # -- search mode: rebuilding missing groups ------------------------------------------------
-    merged_size: float = _rule(1.25, "a kept group above this x n / K is taken for a merge and "
-                                     "rebuilt")
-    fragment_size: float = _rule(0.75, "a kept group below this x the median kept size is a "
-                                       "fragment of a group whose rest is in the pool")
-    cut_min_factor: int = _rule(2, "the pool is cut into q groups only if it holds q x this x "
-                                   "min_cluster_size images")
-    one_group_pool: float = _rule(0.5, "a pool of >= this x n / K images is the one missing "
-                                       "group")
-    split_min_factor: int = _rule(4, "the largest group is cut in two (a hidden group) only if "
-                                     "it holds this x min_cluster_size images")
+    merged_size: float = _rule(
+        1.25, "a kept group above this x n / K is taken for a merge and rebuilt"
+    )
+    fragment_size: float = _rule(
+        0.75,
+        "a kept group below this x the median kept size is a "
+        "fragment of a group whose rest is in the pool",
+    )
+    cut_min_factor: int = _rule(
+        2, "the pool is cut into q groups only if it holds q x this x min_cluster_size images"
+    )
+    one_group_pool: float = _rule(0.5, "a pool of >= this x n / K images is the one missing group")
+    split_min_factor: int = _rule(
+        4,
+        "the largest group is cut in two (a hidden group) only if "
+        "it holds this x min_cluster_size images",
+    )
     probe_tries: int = _rule(3, "K probes per box (each adds >= 1 group or ends the probing)")
-    settle_growth: float = _rule(1.25, "a settle iteration may grow a whole group by this "
-                                       "much; more means the pool's missing group was shared out")
+    settle_growth: float = _rule(
+        1.25,
+        "a settle iteration may grow a whole group by this "
+        "much; more means the pool's missing group was shared out",
+    )
     # -- convergence of a run ------------------------------------------------------------------
-    converge_gain: float = _rule(1.0, "converged when reproducibility rose by less than this "
-                                      "many points")
+    converge_gain: float = _rule(
+        1.0, "converged when reproducibility rose by less than this many points"
+    )
     converge_repro: float = _rule(90.0, "... or reproducibility is above this %")
     converge_rand: float = _rule(0.9, "... or (unfrozen) the rand index is above this")
-    converge_sweeps: int = _rule(3, "... or a run of the pair took at most this many MGSK-means "
-                                    "sweeps (nothing moved)")
+    converge_sweeps: int = _rule(
+        3, "... or a run of the pair took at most this many MGSK-means sweeps (nothing moved)"
+    )
     # -- between boxes, generations ------------------------------------------------------------
-    jaccard_margin_std: float = _rule(2.0, "between boxes a group's Jaccard beats random "
-                                           "partitions' mean by this many std (and jaccard_floor)")
+    jaccard_margin_std: float = _rule(
+        2.0,
+        "between boxes a group's Jaccard beats random "
+        "partitions' mean by this many std (and jaccard_floor)",
+    )
     min_cluster_size: int = _rule(20, "never report smaller clusters")
-    learn_rand_index: float = _rule(0.85, "box learning: the next layer-0 boxes take the K of "
-                                          "a box whose runs agreed above this rand index")
-    report_fsc: tuple = _rule((0.5, 0.143), "difference-FSC thresholds the member check logs "
-                                            "(how far the clusters' maps differ reliably)")
+    learn_rand_index: float = _rule(
+        0.85,
+        "box learning: the next layer-0 boxes take the K of "
+        "a box whose runs agreed above this rand index",
+    )
+    report_fsc: tuple = _rule(
+        (0.5, 0.143),
+        "difference-FSC thresholds the member check logs "
+        "(how far the clusters' maps differ reliably)",
+    )
 
     @classmethod
     def reasons(cls):

@@ -1,6 +1,7 @@
 """Search mode's ways to the right K: the coarse resolution limit of exploratory runs, cuts of
 a set into q groups by independent runs, starts that rebuild missing groups (rebuild_starts),
 K probes from them (probe_k), and one settling iteration when a kept group is a fragment."""
+
 import time
 
 import numpy as np
@@ -27,10 +28,18 @@ def cut(ctx, sub, members, q):
     run a's and run b's labels (0..q-1 over `members`)."""
     policy = policy_of(ctx)
     starts = [random_equal_assignment(len(members), q, ctx.rng) for _ in range(2)]
-    cuts, _ = mgsk_pair(ctx.maps, sub[members], q, starts,
-                        pair_schedules(len(members), q, policy.nstep_long, policy),
-                        False, True, ctx.data.orientation_groups, ctx.rng,
-                        rmax_cap=coarse_rmax(ctx, len(members), q))
+    cuts, _ = mgsk_pair(
+        ctx.maps,
+        sub[members],
+        q,
+        starts,
+        pair_schedules(len(members), q, policy.nstep_long, policy),
+        False,
+        True,
+        ctx.data.orientation_groups,
+        ctx.rng,
+        rmax_cap=coarse_rmax(ctx, len(members), q),
+    )
     return cuts
 
 
@@ -71,8 +80,8 @@ def rebuild_starts(ctx, sub, groups, pool, k):
         for lab, c in zip(starts, cut(ctx, sub, pool, q)):
             lab[pool] = len(groups) + c
     elif q == 1 and len(pool) >= mean * policy.one_group_pool:
-        starts[0][pool] = len(groups)    # start b deals the pool at random: it must find the
-                                         # group on its own for the two runs to agree on it
+        starts[0][pool] = len(groups)  # start b deals the pool at random: it must find the
+        # group on its own for the two runs to agree on it
     elif q == 1 and groups and len(groups[0]) >= policy.split_min_factor * policy.min_cluster_size:
         big = groups[0]
         for lab, c in zip(starts, cut(ctx, sub, big, 2)):
@@ -106,18 +115,27 @@ def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag, coarse=False):
         if inits is None:
             break
         low, _ = size_bounds(len(sub), target, policy)
-        (la, lb), niters = mgsk_pair(ctx.maps, sub, target, inits,
-                                     pair_schedules(len(sub), target, policy.nstep_short, policy),
-                                     False, True, ctx.data.orientation_groups, ctx.rng,
-                                     rmax_cap=coarse_rmax(ctx, len(sub), target) if coarse
-                                     else None)
+        (la, lb), niters = mgsk_pair(
+            ctx.maps,
+            sub,
+            target,
+            inits,
+            pair_schedules(len(sub), target, policy.nstep_short, policy),
+            False,
+            True,
+            ctx.data.orientation_groups,
+            ctx.rng,
+            rmax_cap=coarse_rmax(ctx, len(sub), target) if coarse else None,
+        )
         res = two_way_comparison(la, lb)
         ok = sure_groups(res, low, policy=policy)
         n_repro = int(np.sum(ok))
-        ctx.log(f"{tag}probe K = {target} ({len(accepted)} groups kept, the rest cut from the "
-                f"pool and the largest groups): MGSK-means iterations {niters}, {n_repro} of "
-                f"{target} groups reproducible, reproducibility {res.reproducibility:.1f} % "
-                f"[{time.time() - t0:.1f} s]")
+        ctx.log(
+            f"{tag}probe K = {target} ({len(accepted)} groups kept, the rest cut from the "
+            f"pool and the largest groups): MGSK-means iterations {niters}, {n_repro} of "
+            f"{target} groups reproducible, reproducibility {res.reproducibility:.1f} % "
+            f"[{time.time() - t0:.1f} s]"
+        )
         if n_repro <= len(accepted):
             break
         accepted = [p.members for p, good in zip(res.pairs, ok) if good]
@@ -152,24 +170,40 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag, coarse=False):
         return accepted, unacc
     t0 = time.time()
     low, _ = size_bounds(nr, k, policy)
-    inits = [swap_and_refill(nr, accepted, unacc, k, swap_ratio=policy.swap_explore, rng=ctx.rng,
-                             policy=policy) for _ in range(2)]
-    (la, lb), niters = mgsk_pair(ctx.maps, sub, k, inits,
-                                 pair_schedules(nr, k, policy.nstep_short, policy), False, True,
-                                 ctx.data.orientation_groups, ctx.rng,
-                                 rmax_cap=coarse_rmax(ctx, nr, k) if coarse else None)
+    inits = [
+        swap_and_refill(
+            nr, accepted, unacc, k, swap_ratio=policy.swap_explore, rng=ctx.rng, policy=policy
+        )
+        for _ in range(2)
+    ]
+    (la, lb), niters = mgsk_pair(
+        ctx.maps,
+        sub,
+        k,
+        inits,
+        pair_schedules(nr, k, policy.nstep_short, policy),
+        False,
+        True,
+        ctx.data.orientation_groups,
+        ctx.rng,
+        rmax_cap=coarse_rmax(ctx, nr, k) if coarse else None,
+    )
     res = two_way_comparison(la, lb)
     ok = sure_groups(res, low, policy=policy)
     new = [p.members for p, good in zip(res.pairs, ok) if good]
     grown = _largest_growth(accepted, frag, new)
     if len(new) < k or grown > policy.settle_growth:
-        ctx.log(f"{tag}settle K = {k}: groups ({', '.join(str(len(a)) for a in new)}), "
-                f"{len(new)} of {k} reproducible, whole groups grew up to x{grown:.2f}: the "
-                f"groups stay as they were [{time.time() - t0:.1f} s]")
+        ctx.log(
+            f"{tag}settle K = {k}: groups ({', '.join(str(len(a)) for a in new)}), "
+            f"{len(new)} of {k} reproducible, whole groups grew up to x{grown:.2f}: the "
+            f"groups stay as they were [{time.time() - t0:.1f} s]"
+        )
         return accepted, unacc
     accepted = new
     unacc = np.setdiff1d(np.arange(nr), np.concatenate(accepted))
-    ctx.log(f"{tag}settle K = {k} from the kept groups: MGSK-means iterations {niters}, "
-            f"groups ({', '.join(str(len(a)) for a in accepted)}), unaccounted {len(unacc)} "
-            f"[{time.time() - t0:.1f} s]")
+    ctx.log(
+        f"{tag}settle K = {k} from the kept groups: MGSK-means iterations {niters}, "
+        f"groups ({', '.join(str(len(a)) for a in accepted)}), unaccounted {len(unacc)} "
+        f"[{time.time() - t0:.1f} s]"
+    )
     return accepted, unacc
