@@ -425,9 +425,9 @@ def test_meridien_mode_normalises_on_the_background_with_the_norm_factors(datase
         np.asarray(dataset.info["avgvaradj"])[dataset.info["half_set"]] / dataset.ps.norm,
         rtol=1e-5,
     )
-    # final maps (sorter.final_maps): background normalisation at meridien's radius
+    # final maps (sorter.final_maps, through preprocess.fourier_chunk, where the spy still
+    # stands): background normalisation at meridien's radius
     calls.clear()
-    monkeypatch.setattr(sorter, "normalise_images", spy)
     labels = dataset.ps.class_label
     clusters = [np.flatnonzero(labels == 0)[:60], np.flatnonzero(labels == 1)[:60]]
     sorter.final_maps(
