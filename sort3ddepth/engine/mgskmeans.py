@@ -319,10 +319,8 @@ def centre_per_orientation(scores, groups):
     signal an image has, the same for every map), then, inside each orientation group, each
     map's column minus its mean there. Without the second step a map that happens to be better
     determined for some view directions (or built from more images) draws the images of those
-    views whatever their structure, and two independent runs split a homogeneous set the same
-    way, by view: bench_matrix o-k2-eq-snr05 (2 states), K = 7 from random labels, runs agreeing
-    at ARI 0.28 with groups that follow the orientation groups (ARI 0.24) and not the states
-    (ARI 0.00); centred per orientation group: 0.05 and 0.01. A side effect to know: groups of
+    views whatever their structure, and independent runs reproduce such a split of a homogeneous
+    set (measured in bench/README.md, "Search mode on small sets"). Side effect: groups of
     unequal true sizes are pulled towards equal sizes."""
     s = scores - scores.mean(axis=1, keepdims=True)
     for g in np.unique(groups):
