@@ -2,18 +2,36 @@
 at a reduced box, projected with CTF, shifts and noise, written as RELION STAR + MRC."""
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from sort3ddepth.engine import fourier
+from sort3ddepth.engine.geometry import euler_to_matrix, matrix_to_euler
 from sort3ddepth.engine.simulate import load_demo_map, make_conformations, simulate_particles
 from sort3ddepth.engine.star_io import write_star
 
 
-def make_star(folder, n_per_class=700, n_classes=3, box=48, snr=2.0, seed=11):
-    """Write particles.star (+ .mrcs) in folder; returns (star path, true labels 0-based)."""
+def make_star(folder, n_per_class=700, n_classes=3, box=48, snr=2.0, seed=11, pose_error=0.0):
+    """Write particles.star (+ .mrcs) in folder; returns (star path, true labels 0-based).
+    pose_error: the STAR's orientations are the true ones turned by |N(0, this)| degrees about
+    random axes (what a consensus refinement leaves), the images stay."""
     rng = np.random.default_rng(seed)
     vol = fourier.resize_volume(load_demo_map(64), box)
     vol /= vol.std()
     maps = make_conformations(vol, n_classes, rng, radius=box / 8) if n_classes > 1 else vol[None]
     ps = simulate_particles(maps, n_per_class, 5.0 * 64 / box, rng, snr=snr)
+    if pose_error > 0:
+        ps.angles = _turned(ps.angles, pose_error, rng)
     star, _ = write_star(ps, folder / "particles.star")
     return star, ps.class_label
+
+
+def _turned(angles, sigma_deg, rng):
+    """RELION angles (n, 3) of the rotations composed with a turn of |N(0, sigma_deg)| degrees
+    about a random axis each."""
+    axes = rng.standard_normal((len(angles), 3))
+    axes *= np.radians(np.abs(rng.normal(0.0, sigma_deg, len(angles))))[:, None] / np.linalg.norm(
+        axes, axis=1, keepdims=True
+    )
+    turns = Rotation.from_rotvec(axes).as_matrix()
+    mats = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]) @ turns
+    return matrix_to_euler(mats)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..comparison import rand_index, two_way_comparison
-from ..mgskmeans import mgsk_pair
 from .accept import sure_groups, within_box_accept
 from .context import load, save
+from .pair import run_pair
 from .partition import (
     Partition,
     pair_schedules,
@@ -142,19 +142,8 @@ def _iterate(ctx, r):
     # search mode: a run from random labels (or in a coarse box) explores at the coarse limit
     # (3-4x cheaper sweeps); not with K given, where boxes then stuck (bench/README.md)
     rmax_cap = coarse_rmax(ctx, r.nr, r.k) if ctx.search and (r.from_random or r.coarse) else None
-    (la, lb), niters = mgsk_pair(
-        ctx.maps,
-        r.sub,
-        r.k,
-        r.inits,
-        r.sched,
-        ctx.frozen,
-        ctx.search,
-        ctx.data.orientation_groups,
-        ctx.rng,
-        log=None,
-        use_umat=ctx.use_umat,
-        rmax_cap=rmax_cap,
+    (la, lb), niters = run_pair(
+        ctx, r.sub, r.k, r.inits, r.sched, rmax_cap=rmax_cap, use_umat=ctx.use_umat
     )
     res = two_way_comparison(la, lb)
     ok = within_box_accept(res, ctx.frozen, r.low, r.it, policy=policy_of(ctx))

@@ -140,6 +140,14 @@ class DepthPolicy:
     converge_sweeps: int = _rule(
         3, "... or a run of the pair took at most this many MGSK-means sweeps (nothing moved)"
     )
+    refine_sweeps: int = _rule(
+        4,
+        "classification-EM sweeps under the membership model after each MGSK-means run "
+        "(MGSK-means drifts from good partitions at low SNR; the model holds them)",
+    )
+    refine_stop: float = _rule(
+        0.01, "... fewer sweeps when less than this fraction of the images moved"
+    )
     # -- between boxes, generations ------------------------------------------------------------
     jaccard_margin_std: float = _rule(
         2.0,

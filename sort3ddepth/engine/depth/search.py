@@ -7,8 +7,8 @@ import time
 import numpy as np
 
 from ..comparison import rand_index, two_way_comparison
-from ..mgskmeans import mgsk_pair
 from .accept import fragments, sure_groups
+from .pair import run_pair
 from .partition import pair_schedules, random_equal_assignment, size_bounds, swap_and_refill
 from .policy import policy_of
 
@@ -28,16 +28,12 @@ def cut(ctx, sub, members, q):
     run a's and run b's labels (0..q-1 over `members`)."""
     policy = policy_of(ctx)
     starts = [random_equal_assignment(len(members), q, ctx.rng) for _ in range(2)]
-    cuts, _ = mgsk_pair(
-        ctx.maps,
+    cuts, _ = run_pair(
+        ctx,
         sub[members],
         q,
         starts,
         pair_schedules(len(members), q, policy.nstep_long, policy),
-        False,
-        True,
-        ctx.data.orientation_groups,
-        ctx.rng,
         rmax_cap=coarse_rmax(ctx, len(members), q),
     )
     return cuts
@@ -115,16 +111,12 @@ def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag, coarse=False):
         if inits is None:
             break
         low, _ = size_bounds(len(sub), target, policy)
-        (la, lb), niters = mgsk_pair(
-            ctx.maps,
+        (la, lb), niters = run_pair(
+            ctx,
             sub,
             target,
             inits,
             pair_schedules(len(sub), target, policy.nstep_short, policy),
-            False,
-            True,
-            ctx.data.orientation_groups,
-            ctx.rng,
             rmax_cap=coarse_rmax(ctx, len(sub), target) if coarse else None,
         )
         res = two_way_comparison(la, lb)
@@ -176,16 +168,12 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag, coarse=False):
         )
         for _ in range(2)
     ]
-    (la, lb), niters = mgsk_pair(
-        ctx.maps,
+    (la, lb), niters = run_pair(
+        ctx,
         sub,
         k,
         inits,
         pair_schedules(nr, k, policy.nstep_short, policy),
-        False,
-        True,
-        ctx.data.orientation_groups,
-        ctx.rng,
         rmax_cap=coarse_rmax(ctx, nr, k) if coarse else None,
     )
     res = two_way_comparison(la, lb)

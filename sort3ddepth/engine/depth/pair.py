@@ -1,0 +1,58 @@
+"""One pair of independent runs: MGSK-means explores, the membership model refines.
+
+MGSK-means (hard labels, alternating random halves, minimum group sizes) finds a partition from
+random labels, but it is a poor judge of one at low SNR: started from the TRUE labels it drifts
+away from them (bench/README.md, "Each run refined by the membership model"). The membership
+model (membership.py: cross-validated maps, kept where the groups' half maps differ, a Gaussian
+mixture over the score vectors) holds the truth but cannot start from random labels. So each
+run of a pair is MGSK-means first, then a few sweeps of classification EM under the membership
+model from where MGSK-means ended; the two runs stay independent (each refines its own labels).
+"""
+
+import numpy as np
+
+from ..membership import cluster_scores, fit_posteriors
+from ..mgskmeans import mgsk_pair
+from .policy import policy_of
+
+
+def refine(ctx, sub, k, labels):
+    """labels (n,) over `sub` after up to policy.refine_sweeps sweeps of classification EM:
+    each image to its most probable group under the membership model fitted to the current
+    groups. Stops early when fewer than policy.refine_stop of the images move."""
+    policy = policy_of(ctx)
+    labels = np.asarray(labels, np.int64).copy()
+    for _ in range(policy.refine_sweeps):
+        onehot = np.eye(k)[labels]
+        if np.count_nonzero(onehot.sum(axis=0)) < 2:
+            break  # one group left: nothing to compare
+        scores, _ = cluster_scores(ctx.maps, ctx.data, sub, onehot)
+        # preferences, not scores: what all maps share (an image's signal, which follows its
+        # defocus) would otherwise be a direction the mixture can split along
+        prefs = scores - scores.mean(axis=1, keepdims=True)
+        new = np.argmax(fit_posteriors(prefs, labels), axis=1)
+        moved = float(np.mean(new != labels))
+        labels = new
+        if moved < policy.refine_stop:
+            break
+    return labels
+
+
+def run_pair(ctx, sub, k, inits, schedules, *, rmax_cap=None, use_umat=False):
+    """Two independent runs on `sub` (sorted global indices) with k groups from the two starting
+    labels `inits`: MGSK-means pair (schedules: the minimum sizes; rmax_cap: a coarse limit),
+    then each run refined (refine). use_umat: SPHIRE's fuzzy insertions (box runs only). Returns ((labels a, labels b), MGSK-means sweep counts)."""
+    runs, niters = mgsk_pair(
+        ctx.maps,
+        sub,
+        k,
+        inits,
+        schedules,
+        ctx.frozen,
+        ctx.search,
+        ctx.data.orientation_groups,
+        ctx.rng,
+        use_umat=use_umat,
+        rmax_cap=rmax_cap,
+    )
+    return [refine(ctx, sub, k, lab) for lab in runs], niters
