@@ -80,8 +80,8 @@ def cluster_scores(maps, data, everyone, weights):
         )
         for h in (0, 1)
     ]
-    shells = difference_weights(halves[0], halves[1], data.mask3d)
-    focus = difference_mask(halves[0], halves[1], data.mask3d > 0.5)
+    shells = difference_weights(halves[0], halves[1], maps.mask)
+    focus = difference_mask(halves[0], halves[1], maps.mask > 0.5)
     scores = np.zeros((len(everyone), m))
     for f in range(CV_FOLDS):
         rows = np.nonzero(fold == f)[0]
@@ -152,6 +152,15 @@ def fit_posteriors(scores, labels, fit_rows=None):
         if moved < EM_TOL:
             break
     return resp
+
+
+def classify(scores, labels):
+    """Each image's most probable cluster under the model fitted to the hard `labels` (one
+    M-step, one E-step: a sweep of classification EM)."""
+    m = scores.shape[1]
+    member = labels < m
+    resp = np.eye(m)[labels[member]]
+    return np.argmax(_log_joint(scores, *_m_step(scores[member], resp)), axis=1)
 
 
 def select_members(posterior, min_purity, candidates=None, min_size=1, own=None):

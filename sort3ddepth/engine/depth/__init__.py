@@ -1,8 +1,10 @@
 """Reproducibility by depth: boxes of paired MGSK-means runs, layers of boxes, generations.
 
-generation -> layers -> boxes -> runs -> box iterations -> one MGSK-means pair.
+generation -> layers -> boxes -> runs -> box iterations -> one pair of runs (MGSK-means, then
+the membership model's refinement).
 * policy: every threshold (DepthPolicy), each with its reason.
 * partition: Partition, size bounds and schedules, random starts, swap and refill.
+* pair: one pair of independent runs, each MGSK-means refined by the membership model.
 * accept: which matched groups a box keeps, and which two boxes agree on.
 * search: search mode's coarse limit, cuts, rebuilt starts, K probes, settling.
 * box: one box (runs of box iterations, K resets).

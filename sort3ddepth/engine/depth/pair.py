@@ -11,26 +11,38 @@ model from where MGSK-means ended; the two runs stay independent (each refines i
 
 import numpy as np
 
-from ..membership import cluster_scores, fit_posteriors
+from ..membership import classify, cluster_scores
 from ..mgskmeans import mgsk_pair
 from .policy import policy_of
 
 
-def refine(ctx, sub, k, labels):
-    """labels (n,) over `sub` after up to policy.refine_sweeps sweeps of classification EM:
-    each image to its most probable group under the membership model fitted to the current
-    groups. Stops early when fewer than policy.refine_stop of the images move."""
+def coarse_rmax(ctx, n, k):
+    """Resolution limit (shell) of exploratory runs from random labels: half the limit of a
+    group of n / K images (its half maps hold n / 2K), not below coarse_min_shell. The noise-free
+    true maps classify as well at half the limit as at the full one (bench/README.md)."""
     policy = policy_of(ctx)
+    full = ctx.maps.resolution_limit(n / k / 2)
+    return max(full // policy.coarse_shell_divisor, min(full, policy.coarse_min_shell))
+
+
+def refine(ctx, sub, k, labels, *, maps=None):
+    """labels (n,) over `sub` after up to policy.refine_sweeps sweeps of classification EM:
+    the membership model's Gaussians fitted to the current groups (one M-step), then each image
+    to its most probable group. Stops early when fewer than policy.refine_stop of the images
+    move. maps: the ClusterMaps to score with (default the context's; a coarse one for
+    exploration)."""
+    policy = policy_of(ctx)
+    maps = ctx.maps if maps is None else maps
     labels = np.asarray(labels, np.int64).copy()
     for _ in range(policy.refine_sweeps):
         onehot = np.eye(k)[labels]
         if np.count_nonzero(onehot.sum(axis=0)) < 2:
             break  # one group left: nothing to compare
-        scores, _ = cluster_scores(ctx.maps, ctx.data, sub, onehot)
+        scores, _ = cluster_scores(maps, ctx.data, sub, onehot)
         # preferences, not scores: what all maps share (an image's signal, which follows its
         # defocus) would otherwise be a direction the mixture can split along
         prefs = scores - scores.mean(axis=1, keepdims=True)
-        new = np.argmax(fit_posteriors(prefs, labels), axis=1)
+        new = classify(prefs, labels)
         moved = float(np.mean(new != labels))
         labels = new
         if moved < policy.refine_stop:
@@ -55,4 +67,5 @@ def run_pair(ctx, sub, k, inits, schedules, *, rmax_cap=None, use_umat=False):
         use_umat=use_umat,
         rmax_cap=rmax_cap,
     )
-    return [refine(ctx, sub, k, lab) for lab in runs], niters
+    maps = ctx.maps.at_limit(rmax_cap if rmax_cap is not None else coarse_rmax(ctx, len(sub), k))
+    return [refine(ctx, sub, k, lab, maps=maps) for lab in runs], niters

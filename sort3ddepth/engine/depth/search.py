@@ -8,18 +8,9 @@ import numpy as np
 
 from ..comparison import rand_index, two_way_comparison
 from .accept import fragments, sure_groups
-from .pair import run_pair
+from .pair import coarse_rmax, run_pair
 from .partition import pair_schedules, random_equal_assignment, size_bounds, swap_and_refill
 from .policy import policy_of
-
-
-def coarse_rmax(ctx, n, k):
-    """Resolution limit (shell) of exploratory runs from random labels: half the limit of a
-    group of n / K images (its half maps hold n / 2K), not below coarse_min_shell. The noise-free
-    true maps classify as well at half the limit as at the full one (bench/README.md)."""
-    policy = policy_of(ctx)
-    full = ctx.maps.resolution_limit(n / k / 2)
-    return max(full // policy.coarse_shell_divisor, min(full, policy.coarse_min_shell))
 
 
 def cut(ctx, sub, members, q):
