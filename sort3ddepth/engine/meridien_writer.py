@@ -44,17 +44,17 @@ from .star_io import write_star
 __all__ = ["write_meridien", "sphire_shift_grid", "mpi_blocks"]
 
 
-def _fmt_rows(path, rows, fmt="  %14.6f"):
+def _fmt_rows(path, rows):
     rows = np.atleast_2d(np.asarray(rows, np.float64))
     with open(path, "w") as f:
         for r in rows:
-            f.write("".join(fmt % v for v in r) + "\n")
+            f.write("".join(f"  {v:14.6f}" for v in r) + "\n")
 
 
 def _write_ints(path, vals):
     with open(path, "w") as f:
         for v in np.asarray(vals, np.int64).tolist():
-            f.write("  %12d\n" % v)
+            f.write(f"  {v:12d}\n")
 
 
 def _perturb(angles, shifts, rng, ang_sd, shift_sd):
@@ -313,7 +313,7 @@ def write_meridien(
         mics = (
             np.asarray(stack_ps.micrograph, str)
             if stack_ps.micrograph is not None
-            else np.array(["mic%04d" % g for g in groups[rows]])
+            else np.array([f"mic{g:04d}" for g in groups[rows]])
         )
         headers = [
             {
@@ -351,8 +351,8 @@ def write_meridien(
     os.makedirs(d0, exist_ok=True)
     _write_ints(os.path.join(d0, "indexes_000.txt"), ids)
     for c in (0, 1):
-        _write_ints(os.path.join(d0, "chunk_%d_000.txt" % c), ids[chunks[c]])
-        _write_ints(os.path.join(d0, "particle_groups_%d.txt" % c), groups[chunks[c]])
+        _write_ints(os.path.join(d0, f"chunk_{c}_000.txt"), ids[chunks[c]])
+        _write_ints(os.path.join(d0, f"particle_groups_{c}.txt"), groups[chunks[c]])
 
     # -- per-iteration params (true at the best iteration, perturbed elsewhere) ----------------------
     params = {}
@@ -378,7 +378,7 @@ def write_meridien(
     avg = [float(norm[half_set == c].mean()) if (half_set == c).any() else 1.0 for c in (0, 1)]
     truth = {}
     for it in range(0, last + 1):
-        d = os.path.join(folder, "main%03d" % it)
+        d = os.path.join(folder, f"main{it:03d}")
         os.makedirs(d, exist_ok=True)
         ang, sh = params[it]
         prob_best = np.ones(n)
@@ -407,10 +407,10 @@ def write_meridien(
                         for j, k in enumerate(members[a:b].tolist())
                     ]
                     with open(
-                        os.path.join(od, "oldparamstructure_%d_%03d_%03d.json" % (c, r, it)), "w"
+                        os.path.join(od, f"oldparamstructure_{c}_{r:03d}_{it:03d}.json"), "w"
                     ) as f:
                         json.dump(entries, f)
-            _fmt_rows(os.path.join(d, "driver_%03d.txt" % it), fsc[:, None])
+            _fmt_rows(os.path.join(d, f"driver_{it:03d}.txt"), fsc[:, None])
             if bck is not None:
                 write_images(os.path.join(d, "bckgnoise.hdf"), np.asarray(bck, np.float32), {})
             if it == s:
@@ -420,7 +420,7 @@ def write_meridien(
             table = np.column_stack([ang, sh, np.zeros(n), np.ones(n)])
         else:  # phi theta psi sx sy prob norm*qt norm
             table = np.column_stack([ang, sh, prob_best, norm, norm])
-        _fmt_rows(os.path.join(d, "params_%03d.txt" % it), table)
+        _fmt_rows(os.path.join(d, f"params_{it:03d}.txt"), table)
         tracker = {
             "constants": {
                 "stack": tracker_stack,
@@ -440,7 +440,7 @@ def write_meridien(
             "avgvaradj": avg,
             "mainiteration": it,
         }
-        with open(os.path.join(d, "Tracker_%03d.json" % it), "w") as f:
+        with open(os.path.join(d, f"Tracker_{it:03d}.json"), "w") as f:
             json.dump(tracker, f, indent=1)
     return {
         "folder": folder,

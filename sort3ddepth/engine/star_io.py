@@ -109,7 +109,8 @@ class ImageStack:
         return self.shape[0]
 
     def __repr__(self):
-        return "ImageStack(%d images of %dx%d in %d file(s))" % (self.shape + (len(self.files),))
+        n, ny, nx = self.shape
+        return f"ImageStack({n} images of {ny}x{nx} in {len(self.files)} file(s))"
 
     # -- file access ---------------------------------------------------------------------------
     def data(self, file_id):
@@ -159,7 +160,7 @@ class ImageStack:
             if i < 0:
                 i += n
             if not 0 <= i < n:
-                raise IndexError("image %d out of range for %d images" % (int(sel), n))
+                raise IndexError(f"image {int(sel)} out of range for {n} images")
             d = self.data(int(self.file_index[i]))
             return np.array(d[self.image_index[i]], dtype=np.float32)
         if sel is Ellipsis:
@@ -170,7 +171,7 @@ class ImageStack:
             idx = np.asarray(sel)
             if idx.dtype == bool:
                 if idx.shape != (n,):
-                    raise IndexError("boolean mask of shape %s for %d images" % (idx.shape, n))
+                    raise IndexError(f"boolean mask of shape {idx.shape} for {n} images")
                 idx = np.flatnonzero(idx)
             elif idx.size == 0:
                 idx = np.zeros(0, dtype=np.intp)
@@ -182,7 +183,7 @@ class ImageStack:
                 raise IndexError("image index arrays must be one-dimensional")
             idx = idx.astype(np.intp)
             if idx.size and (idx.min() < -n or idx.max() >= n):
-                raise IndexError("image index out of range for %d images" % n)
+                raise IndexError(f"image index out of range for {n} images")
             idx = np.where(idx < 0, idx + n, idx)
         return self._read(idx)
 
@@ -234,9 +235,7 @@ class ImageStack:
 
 class _RowError(Exception):
     def __init__(self, lineno, expected, found):
-        super().__init__(
-            "line %d has %d values, expected %d (one per column)" % (lineno, found, expected)
-        )
+        super().__init__(f"line {lineno} has {found} values, expected {expected} (one per column)")
         self.lineno = lineno
 
 
@@ -330,7 +329,8 @@ class _Block:
 
     def where(self, i):
         line = self.row_lines[i] if i < len(self.row_lines) else None
-        return "%s %d%s" % (self.row_word, i + 1, "" if line is None else " (line %d)" % line)
+        at_line = "" if line is None else f" (line {line})"
+        return f"{self.row_word} {i + 1}{at_line}"
 
     def floats(self, name):
         vals = self.cols[name]
@@ -524,8 +524,7 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
             else:
                 raise _err(
                     star,
-                    "missing column rlnOpticsGroup in %s (it has %d rows)"
-                    % (optics.label, optics.n),
+                    f"missing column rlnOpticsGroup in {optics.label} (it has {optics.n} rows)",
                 )
             lookup = {int(g): k for k, g in enumerate(ids)}
             opt_row = np.empty(n, dtype=np.intp)
@@ -534,7 +533,7 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
                 if k is None:
                     raise _err(
                         star,
-                        "rlnOpticsGroup %d at %s is not in %s" % (g, parts.where(i), optics.label),
+                        f"rlnOpticsGroup {g} at {parts.where(i)} is not in {optics.label}",
                     )
                 opt_row[i] = k
         elif optics.n == 1:
@@ -542,8 +541,8 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
         else:
             raise _err(
                 star,
-                "missing column rlnOpticsGroup in %s (%s has %d optics groups)"
-                % (parts.label, optics.label, optics.n),
+                f"missing column rlnOpticsGroup in {parts.label} ({optics.label} has {optics.n} "
+                "optics groups)",
             )
 
     def value(name):
@@ -630,18 +629,14 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
         bad = (sub != 1) & (sub != 2)
         if bad.any():
             i = int(np.argmax(bad))
-            raise _err(
-                star, "rlnRandomSubset must be 1 or 2, found %d at %s" % (sub[i], parts.where(i))
-            )
+            raise _err(star, f"rlnRandomSubset must be 1 or 2, found {sub[i]} at {parts.where(i)}")
         half_set = sub - 1
     group = None
     if "rlnGroupNumber" in parts.cols:
         grp = parts.ints("rlnGroupNumber")
         if (grp < 1).any():
             i = int(np.argmax(grp < 1))
-            raise _err(
-                star, "rlnGroupNumber must be >= 1, found %d at %s" % (grp[i], parts.where(i))
-            )
+            raise _err(star, f"rlnGroupNumber must be >= 1, found {grp[i]} at {parts.where(i)}")
         group = grp - 1
 
     # -- images ----------------------------------------------------------------------------------
@@ -727,27 +722,23 @@ def _open_images(star, parts, image_size, check_finite):
                 f"cannot read image file {fname} (rlnImageName at {parts.where(first_row[fid])}): {_one_line(e)}",
             ) from None
         if ndim not in (2, 3):
-            raise _err(
-                star, "image file %s holds %dD data, expected an image stack" % (fname, ndim)
-            )
+            raise _err(star, f"image file {fname} holds {ndim}D data, expected an image stack")
         if np.iscomplexobj(data):
             raise _err(
                 star,
-                "image file %s holds complex data (MRC mode %d)"
-                % (fname, int(stack._open[fid].header.mode)),
+                f"image file {fname} holds complex data "
+                f"(MRC mode {int(stack._open[fid].header.mode)})",
             )
         nz, ny, nx = data.shape
         if ny != nx:
-            raise _err(
-                star, "non-square images (%d x %d pixels) in image file %s" % (nx, ny, fname)
-            )
+            raise _err(star, f"non-square images ({nx} x {ny} pixels) in image file {fname}")
         if box is None:
             box, box_file = nx, fname
         elif nx != box:
             raise _err(
                 star,
-                "box size mismatch between image files: %s has %d x %d pixels but %s "
-                "has %d x %d" % (box_file, box, box, fname, nx, nx),
+                f"box size mismatch between image files: {box_file} has {box} x {box} pixels but "
+                f"{fname} has {nx} x {nx}",
             )
         counts[fid] = nz
     stack.shape = (n, int(box), int(box))
@@ -757,9 +748,8 @@ def _open_images(star, parts, image_size, check_finite):
         i = int(np.argmax(bad))
         raise _err(
             star,
-            "image index %d out of range in image file %s, which holds %d image(s) "
-            "(rlnImageName at %s)"
-            % (index_of[i] + 1, files[file_of[i]], counts[file_of[i]], parts.where(i)),
+            f"image index {index_of[i] + 1} out of range in image file {files[file_of[i]]}, which "
+            f"holds {counts[file_of[i]]} image(s) (rlnImageName at {parts.where(i)})",
         )
     if image_size is not None:
         bad = image_size != box
@@ -767,8 +757,8 @@ def _open_images(star, parts, image_size, check_finite):
             i = int(np.argmax(bad))
             raise _err(
                 star,
-                "rlnImageSize %d at %s does not match the %d-pixel images in %s"
-                % (int(image_size[i]), parts.where(i), box, files[file_of[i]]),
+                f"rlnImageSize {int(image_size[i])} at {parts.where(i)} does not match the "
+                f"{box}-pixel images in {files[file_of[i]]}",
             )
     if check_finite:
         _check_finite(star, parts, stack, file_of, index_of)
@@ -794,8 +784,8 @@ def _check_finite(star, parts, stack, file_of, index_of):
                 rows = np.flatnonzero((file_of == fid) & (index_of == k))
                 raise _err(
                     star,
-                    "NaN/Inf pixel values in image %d of image file %s (rlnImageName "
-                    "at %s)" % (k + 1, fname, parts.where(int(rows[0]))),
+                    f"NaN/Inf pixel values in image {k + 1} of image file {fname} (rlnImageName "
+                    f"at {parts.where(int(rows[0]))})",
                 )
 
 
@@ -815,7 +805,7 @@ def _fmt_int(a):
 def _fmt_column(a, n, name):
     a = np.asarray(a)
     if a.shape != (n,):
-        raise ValueError("column %s has shape %s, expected (%d,)" % (name, a.shape, n))
+        raise ValueError(f"column {name} has shape {a.shape}, expected ({n},)")
     if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
         return _fmt_int(a)
     if np.issubdtype(a.dtype, np.floating):
@@ -862,8 +852,7 @@ def _write_stack(particles, stack_path, n, box, pixel_size):
                 im = particles.load_images(np.arange(s, e))
                 if im.shape != (e - s, box, box):
                     raise ValueError(
-                        "images %d..%d have shape %s, expected %s"
-                        % (s, e - 1, im.shape, (e - s, box, box))
+                        f"images {s}..{e - 1} have shape {im.shape}, expected {(e - s, box, box)}"
                     )
                 mrc.data[s:e] = im
                 lo, hi = min(lo, float(im.min())), max(hi, float(im.max()))
@@ -917,11 +906,11 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
 
     rel = os.path.relpath(stack, os.path.dirname(star)).replace(os.sep, "/")
     cols = collections.OrderedDict()
-    cols["rlnImageName"] = ["%06d@%s" % (i + 1, rel) for i in range(n)]
+    cols["rlnImageName"] = [f"{i + 1:06d}@{rel}" for i in range(n)]
     mics = (
         particles.micrograph
         if particles.micrograph is not None
-        else np.array(["mic%06d" % (i + 1) for i in range(n)])
+        else np.array([f"mic{i + 1:06d}" for i in range(n)])
     )
     cols["rlnMicrographName"] = _fmt_column(np.asarray(mics).astype(str), n, "rlnMicrographName")
     angles = np.asarray(particles.angles, dtype=np.float64)
@@ -958,7 +947,7 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
         group_of = np.asarray(group_of).reshape(-1)
         g = len(uniq)
         optics = collections.OrderedDict()
-        optics["rlnOpticsGroupName"] = ["opticsGroup%d" % (k + 1) for k in range(g)]
+        optics["rlnOpticsGroupName"] = [f"opticsGroup{k + 1}" for k in range(g)]
         optics["rlnOpticsGroup"] = [str(k + 1) for k in range(g)]
         optics["rlnMicrographOriginalPixelSize"] = _fmt_float(np.full(g, pixel_size))
         optics["rlnVoltage"] = _fmt_float(uniq[:, 0])
@@ -1075,7 +1064,7 @@ def check_unique_images(particles):
         star = particles.source.get("star_path", "the input")
         raise _err(
             star,
-            "duplicate particle: image %d of %s is listed at particle rows %d and %d "
-            "(each particle must appear once: merged or symmetry-expanded STAR file?)"
-            % (ii[i] + 1, st.files[fi[i]], i + 1, j + 1),
+            f"duplicate particle: image {ii[i] + 1} of {st.files[fi[i]]} is listed at particle "
+            f"rows {i + 1} and {j + 1} (each particle must appear once: merged or "
+            "symmetry-expanded STAR file?)",
         )
