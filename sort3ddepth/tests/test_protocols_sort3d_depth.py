@@ -812,6 +812,7 @@ def test_protocol_in_the_gui_tree():
     assert found == [("3D", "Classify")]
 
 
+@pytest.mark.slow
 def test_batch_script_example():
     """examples/batch_sort3d_depth.py (README): project, import from STAR, MPI run, sizes."""
     import re
