@@ -741,6 +741,7 @@ def _parse_smear_file(path, n_refang, n_rshifts):
 def read_smears(
     folder,
     iteration,
+    *,
     chunks=None,
     particle_ids=None,
     previous_shifts=None,
@@ -818,6 +819,7 @@ def read_smears(
 def read_meridien(
     folder,
     niter_for_sorting=-1,
+    *,
     stack=None,
     radius=None,
     sym=None,
@@ -839,6 +841,80 @@ def read_meridien(
     folder = os.path.abspath(os.fspath(folder))
     integer_preshift(0.0, shift_rounding)
     it, last = choose_iteration(folder, niter_for_sorting)
+    t = _tracker_values(folder, it)
+    radius_out, sym_out, mask_out = _user_choices(folder, t, radius=radius, sym=sym, mask3d=mask3d)
+    ipath, ids, chunks, half, group = _half_sets(folder)
+    params, previous_shifts = _read_params(folder, it, ids, ipath)
+    dpath = os.path.join(_main_dir(folder, it), f"driver_{it:03d}.txt")
+    fsc = _read_matrix(dpath, "driver FSC per shell", 1)[:, 0]
+    bck, bpath = _checked_bckgnoise(folder, it, group, ids, required=require_bckgnoise)
+    refang, rshifts, smears = _smear_entries(
+        folder, it, t, chunks=chunks, ids=ids, previous_shifts=previous_shifts, rule=shift_rounding
+    )
+    counts = smears.counts()
+    smears = smears.truncate(nsmear)
+    star = _find_stack(folder, t.tracker, t.path, stack)
+    full = _checked_stack(star, t, ids, ipath, check_finite=check_finite)
+    parts = _meridien_particles(
+        full, ids, params=params, group=group, half=half, folder=folder, it=it
+    )
+    return MeridienRefinement(
+        folder=folder,
+        iteration=it,
+        last_iteration=last,
+        tracker_path=t.path,
+        tracker=t.tracker,
+        particles=parts,
+        particle_ids=ids,
+        params=params,
+        previous_shifts=previous_shifts,
+        avgnorm=t.avgnorm,
+        fsc=fsc,
+        bckgnoise=bck,
+        bckgnoise_path=bpath,
+        refang=refang,
+        rshifts=rshifts,
+        smears=smears,
+        smear_counts=counts,
+        radius=radius_out,
+        symmetry=str(sym_out),
+        mask3d=mask_out,
+        pixel_size=float(t.pixel_size),
+        nnxo=t.nnxo,
+        nxinit=t.nxinit,
+        delta=t.delta,
+        ts=t.ts,
+        xr=t.xr,
+        bestres=t.bestres,
+        stack_path=star,
+        info={"star_source": full.source.get("star_path")},
+        shift_rounding=shift_rounding,
+    )
+
+
+@dataclass
+class _TrackerValues:
+    """What sorting takes from the chosen iteration's Tracker json, checked once."""
+
+    path: str
+    tracker: dict
+    nnxo: int
+    pixel_size: float
+    delta: float
+    avgnorm: np.ndarray
+    radius: int
+    sym: Optional[str]
+    mask: Optional[str]
+    nxinit: int
+    ts: Optional[float]
+    xr: Optional[float]
+    bestres: Optional[float]
+
+
+def _tracker_values(folder, it):
+    """The Tracker of iteration ``it``: sizes and delta must be positive and avgvaradj two
+    positive numbers (the norm factors divide by them); older SPHIRE versions name the symmetry
+    ``constants.sym``, newer ones ``constants.symmetry``."""
     tpath = _tracker_path(folder, it)
     tracker = _read_json(tpath, "meridien Tracker json")
     if not isinstance(tracker, dict):
@@ -865,32 +941,52 @@ def read_meridien(
     t_sym = _key(tracker, tpath, "constants.sym", str, required=False)
     if t_sym is None:
         t_sym = _key(tracker, tpath, "constants.symmetry", str, required=False, default="c1")
-    t_mask = _key(tracker, tpath, "constants.mask3D", str, required=False, default=None)
-    nxinit = _key(tracker, tpath, "nxinit", int, required=False, default=nnxo)
-    ts = _key(tracker, tpath, "ts", required=False)
-    xr = _key(tracker, tpath, "xr", required=False)
-    bestres = _key(tracker, tpath, "bestres", required=False)
+    return _TrackerValues(
+        path=tpath,
+        tracker=tracker,
+        nnxo=nnxo,
+        pixel_size=pixel_size,
+        delta=delta,
+        avgnorm=avgnorm,
+        radius=t_radius,
+        sym=t_sym,
+        mask=_key(tracker, tpath, "constants.mask3D", str, required=False, default=None),
+        nxinit=_key(tracker, tpath, "nxinit", int, required=False, default=nnxo),
+        ts=_key(tracker, tpath, "ts", required=False),
+        xr=_key(tracker, tpath, "xr", required=False),
+        bestres=_key(tracker, tpath, "bestres", required=False),
+    )
 
-    radius_out = int(radius) if radius is not None and int(radius) >= 1 else t_radius
-    if not 1 <= radius_out <= nnxo // 2:
+
+def _user_choices(folder, t, *, radius, sym, mask3d):
+    """(radius, symmetry, mask path): the user's value where given, else the refinement's; a
+    Tracker mask is looked for next to the folder and in it (meridien stores it relative to
+    where it ran)."""
+    radius_out = int(radius) if radius is not None and int(radius) >= 1 else t.radius
+    if not 1 <= radius_out <= t.nnxo // 2:
         raise _err(
-            tpath,
-            f"radius {radius_out} outside 1..{nnxo // 2} (constants.radius or the user radius)",
+            t.path,
+            f"radius {radius_out} outside 1..{t.nnxo // 2} (constants.radius or the user radius)",
         )
-    sym_out = sym if sym and str(sym).lower() != "c1" else (t_sym or "c1")
+    sym_out = sym if sym and str(sym).lower() != "c1" else (t.sym or "c1")
     if mask3d:
         mask_out = os.fspath(mask3d)
-    elif t_mask:
-        mask_out = _resolve(t_mask, [os.path.dirname(folder), folder])
+    elif t.mask:
+        mask_out = _resolve(t.mask, [os.path.dirname(folder), folder])
         if mask_out is None:
             raise _err(
-                tpath,
-                f"constants.mask3D {t_mask!r} not found relative to {os.path.dirname(folder)} or {folder}",
+                t.path,
+                f"constants.mask3D {t.mask!r} not found relative to {os.path.dirname(folder)} or {folder}",
             )
     else:
         mask_out = None
+    return radius_out, sym_out, mask_out
 
-    # -- particle ids, half sets, groups ---------------------------------------------------------
+
+def _half_sets(folder):
+    """(path of indexes_000.txt, particle ids, the two chunks, half set and micrograph group
+    of each particle): every id once in indexes_000.txt and in exactly one chunk, so the two
+    halves are independent as the half-map FSC and the norm factors assume."""
     ipath = os.path.join(_main_dir(folder, 0), "indexes_000.txt")
     ids = _read_ints(ipath, "particle ids")
     uniq, cnt = np.unique(ids, return_counts=True)
@@ -917,8 +1013,13 @@ def read_meridien(
     if (half < 0).any():
         k = int(np.argmax(half < 0))
         raise _err(ipath, f"particle id {ids[k]} is in neither {chunks[0][0]} nor {chunks[1][0]}")
+    return ipath, ids, chunks, half, group
 
-    # -- parameters --------------------------------------------------------------------------------
+
+def _read_params(folder, it, ids, ipath):
+    """(params of iteration ``it``, the previous iteration's shifts): one row per particle in
+    both, positive norms (column 8; the norm factors divide by them)."""
+    n = len(ids)
     ppath = os.path.join(_main_dir(folder, it), f"params_{it:03d}.txt")
     params = _read_matrix(ppath, "parameters phi theta psi sx sy prob norm*qt norm", 8)
     if len(params) != n:
@@ -931,14 +1032,15 @@ def read_meridien(
     prev = _read_matrix(prev_path, "previous parameters phi theta psi sx sy", 5)
     if len(prev) != n:
         raise _err(prev_path, f"{len(prev)} parameter rows for the {n} particles of {ipath}")
-    previous_shifts = prev[:, 3:5].copy()
+    return params, prev[:, 3:5].copy()
 
-    # -- FSC, background noise ---------------------------------------------------------------------
-    dpath = os.path.join(_main_dir(folder, it), f"driver_{it:03d}.txt")
-    fsc = _read_matrix(dpath, "driver FSC per shell", 1)[:, 0]
+
+def _checked_bckgnoise(folder, it, group, ids, *, required):
+    """(background-noise rows, their file) or (None, None): a missing file is an error unless
+    the user turned the weighting off; the file must have a row for every particle group."""
     bck, bpath = _read_bckgnoise(folder, it)
     if bck is None:
-        if require_bckgnoise:
+        if required:
             d = _main_dir(folder, it)
             raise _err(
                 os.path.join(d, "bckgnoise.hdf"),
@@ -953,39 +1055,60 @@ def read_meridien(
             f"has {bck.shape[0]} particle group rows but particle id {ids[k]} is in group "
             f"{group[k]}",
         )
+    return bck, bpath
 
-    # -- smears ------------------------------------------------------------------------------------
+
+def _smear_entries(folder, it, t, *, chunks, ids, previous_shifts, rule):
+    """(refang, rshifts, SmearSet) of iteration ``it``: the grids are read here once, as the
+    refinement keeps them, and handed to read_smears with everything else already read."""
     d = _main_dir(folder, it)
     refang = _read_matrix(os.path.join(d, "refang.txt"), "reference directions phi theta psi", 3)
     rshifts = _read_matrix(os.path.join(d, "rshifts.txt"), "shift grid sx sy", 2)
     smears = read_smears(
-        folder, it, chunks, ids, previous_shifts, delta, refang, rshifts, shift_rounding
+        folder,
+        it,
+        chunks=chunks,
+        particle_ids=ids,
+        previous_shifts=previous_shifts,
+        delta=t.delta,
+        refang=refang,
+        rshifts=rshifts,
+        shift_rounding=rule,
     )
-    counts = smears.counts()
-    smears = smears.truncate(nsmear)
+    return refang, rshifts, smears
 
-    # -- images and CTF ----------------------------------------------------------------------------
-    star = _find_stack(folder, tracker, tpath, stack)
+
+def _checked_stack(star, t, ids, ipath, *, check_finite):
+    """The particle stack, read and checked against the refinement: every particle id has an
+    image, the box is constants.nnxo and the pixel size constants.pixel_size (a stack from
+    another run would give maps at the wrong scale)."""
     full = _read_stack(star, check_finite)
     if ids.max() >= len(full):
         raise _err(
             ipath,
             f"particle id {ids.max()} but the particle stack {star} has only {len(full)} particles",
         )
-    if full.box != nnxo:
+    if full.box != t.nnxo:
         raise _err(
             star,
-            f"images are {full.box} pixels but the refinement ({tpath} constants.nnxo) has {nnxo}",
+            f"images are {full.box} pixels but the refinement ({t.path} constants.nnxo) has {t.nnxo}",
         )
-    if abs(full.pixel_size - pixel_size) > 1e-3 * pixel_size:
+    if abs(full.pixel_size - t.pixel_size) > 1e-3 * t.pixel_size:
         raise _err(
             star,
-            f"pixel size {full.pixel_size:.6g} Å but the refinement ({tpath} constants.pixel_size) has {pixel_size:.6g}",
+            f"pixel size {full.pixel_size:.6g} Å but the refinement ({t.path} constants.pixel_size) has {t.pixel_size:.6g}",
         )
+    return full
+
+
+def _meridien_particles(full, ids, *, params, group, half, folder, it):
+    """The particles of the refinement in indexes_000.txt order, with meridien's poses, norms,
+    groups and half sets in place of the stack's, and a source whose STAR rows (if any) follow
+    the same order, so exported cluster rows match."""
     parts = full.subset(ids)
     parts.angles = params[:, 0:3].copy()
     parts.shifts = params[:, 3:5].copy()
-    parts.norm = norm.copy()
+    parts.norm = params[:, 7].copy()
     parts.group = group
     parts.half_set = half
     source = dict(full.source)
@@ -995,39 +1118,7 @@ def read_meridien(
         source["particles_table"] = _subset_table(table, ids)
     source.update({"meridien_dir": folder, "meridien_iteration": it, "particle_ids": ids})
     parts.source = source
-
-    return MeridienRefinement(
-        folder=folder,
-        iteration=it,
-        last_iteration=last,
-        tracker_path=tpath,
-        tracker=tracker,
-        particles=parts,
-        particle_ids=ids,
-        params=params,
-        previous_shifts=previous_shifts,
-        avgnorm=avgnorm,
-        fsc=fsc,
-        bckgnoise=bck,
-        bckgnoise_path=bpath,
-        refang=refang,
-        rshifts=rshifts,
-        smears=smears,
-        smear_counts=counts,
-        radius=radius_out,
-        symmetry=str(sym_out),
-        mask3d=mask_out,
-        pixel_size=float(pixel_size),
-        nnxo=nnxo,
-        nxinit=nxinit,
-        delta=delta,
-        ts=ts,
-        xr=xr,
-        bestres=bestres,
-        stack_path=star,
-        info={"star_source": full.source.get("star_path")},
-        shift_rounding=shift_rounding,
-    )
+    return parts
 
 
 def _subset_table(table, ids):
@@ -1057,7 +1148,7 @@ def check_smearing(folder, image_size, first=2, nsmear=-1):
         d = os.path.join(_main_dir(folder, it), "oldparamstructure")
         if not os.path.isfile(os.path.join(d, f"oldparamstructure_0_000_{it:03d}.json")):
             continue
-        sm = read_smears(folder, it, chunks, ids).truncate(nsmear)
+        sm = read_smears(folder, it, chunks=chunks, particle_ids=ids).truncate(nsmear)
         row = smearing_statistics(sm, image_size)
         row["iteration"] = it
         rows.append(row)
