@@ -433,7 +433,5 @@ def test_meridien_mode_normalises_on_the_background_with_the_norm_factors(datase
     calls.clear()
     labels = dataset.ps.class_label
     clusters = [np.flatnonzero(labels == 0)[:60], np.flatnonzero(labels == 1)[:60]]
-    sorter.final_maps(
-        p, clusters, Comm(), np.random.default_rng(0), None, lambda *a: None, meridien=ref
-    )
+    sorter.final_maps(p, clusters, Comm(), rng=np.random.default_rng(0), sym=None, meridien=ref)
     assert calls and set(calls) == {(ref.radius, True)}
