@@ -113,7 +113,7 @@ def main(argv=None):
     os.makedirs(data, exist_ok=True)
     if args.demo:
         star = simulate_star(data, args.n_per_class)
-        print("simulated %d particles in %s" % (3 * args.n_per_class, star))
+        print(f"simulated {3 * args.n_per_class} particles in {star}")
     info = read_star(star)
     sqlite = convert.star_to_scipion(star, os.path.join(data, "particles.sqlite"))
     prot_import = project.newProtocol(
@@ -153,20 +153,20 @@ def main(argv=None):
         sys.exit(
             f"sort3d depth failed: {prot.getErrorMessage()} (log: {os.path.join(project.getPath(), prot.getLogPaths()[0])})"
         )
-    print("sorted in %.0f s with %d MPI processes" % (time.time() - t0, args.mpi))
+    print(f"sorted in {time.time() - t0:.0f} s with {args.mpi} MPI processes")
 
     # 3. class sizes
     classes = prot.outputClasses
     total = 0
-    print("%-6s %-12s %8s  %s" % ("class", "label", "size", "map"))
+    print(f"{'class':<6} {'label':<12} {'size':>8}  map")
     for cls in classes.iterItems(orderBy="id"):
         rep = cls.getRepresentative()
         fn = rep.getFileName() if rep is not None and rep.getFileName() else "-"
-        print("%-6d %-12s %8d  %s" % (cls.getObjId(), cls.getObjLabel(), cls.getSize(), fn))
+        print(f"{cls.getObjId():<6d} {cls.getObjLabel()!s:<12} {cls.getSize():8d}  {fn}")
         total += cls.getSize()
     print(
-        "total %d of %d particles in %d classes"
-        % (total, prot_import.outputParticles.getSize(), classes.getSize())
+        f"total {total} of {prot_import.outputParticles.getSize()} particles in "
+        f"{classes.getSize()} classes"
     )
     return 0
 

@@ -216,53 +216,15 @@ def set_to_particle_set(part_set, enabled_only=True):
     pixel_size = part_set.getSamplingRate()
     if not pixel_size or pixel_size <= 0:
         raise ConversionError("the particle set has no sampling rate")
-    box = part_set.getXDim()
     set_acq = part_set.getAcquisition()
-    ids, indices, files, mats, mics, norms = [], [], [], [], [], []
-    ctf_cols = [[] for _ in range(7)]
-    has_norm = True
-    for part in part_set.iterItems(orderBy="id"):
-        if enabled_only and not part.isEnabled():
-            continue
-        pid = part.getObjId()
-        t = part.getTransform()
-        if t is None or t.getMatrix() is None:
-            raise ConversionError(f"particle {pid} has no transform")
-        ctf = part.getCTF()
-        if ctf is None or ctf.getDefocusU() is None:
-            raise ConversionError(f"particle {pid} has no CTF")
-        index, fn = part.getLocation()
-        if not fn:
-            raise ConversionError(f"particle {pid} has no image file")
-        ids.append(pid)
-        indices.append(index or 0)
-        files.append(fn)
-        mats.append(np.asarray(t.getMatrix(), dtype=np.float64))
-        acq = part.getAcquisition() if part.hasAcquisition() else None
-        phase = ctf.getPhaseShift()
-        for col, v in zip(
-            ctf_cols,
-            (
-                ctf.getDefocusU(),
-                ctf.getDefocusV(),
-                ctf.getDefocusAngle() or 0.0,
-                _acq_value(acq, set_acq, "getVoltage", 300.0),
-                _acq_value(acq, set_acq, "getSphericalAberration", 2.7),
-                _acq_value(acq, set_acq, "getAmplitudeContrast", 0.1),
-                phase if phase is not None else 0.0,
-            ),
-        ):
-            col.append(float(v))
-        mics.append(_micrograph_name(part))
-        norm = (
-            part.getAttributeValue("_rlnNormCorrection")
-            if hasattr(part, "_rlnNormCorrection")
-            else None
-        )
-        has_norm = has_norm and norm is not None
-        norms.append(norm)
-    if not ids:
+    rows = [
+        _particle_row(part, set_acq)
+        for part in part_set.iterItems(orderBy="id")
+        if not (enabled_only and not part.isEnabled())
+    ]
+    if not rows:
         raise ConversionError("the particle set is empty (or all particles are disabled)")
+    ids, indices, files, mats, ctf_rows, mics, norms = (list(c) for c in zip(*rows))
     mats = np.stack(mats)
     mirrored = np.nonzero(np.linalg.det(mats[:, :3, :3]) < 0)[0]
     if len(mirrored):
@@ -271,12 +233,13 @@ def set_to_particle_set(part_set, enabled_only=True):
             "mirrored transform, which RELION conventions cannot express"
         )
     angles, shifts = scipion_matrix_to_relion(mats)
-    ctf = CTFParams(*(np.asarray(c) for c in ctf_cols))
+    ctf = CTFParams(*(np.asarray(c) for c in zip(*ctf_rows)))
     micrograph = None
     if all(m is not None for m in mics):
         micrograph = np.asarray(mics)
+    has_norm = all(v is not None for v in norms)
     ps = ParticleSet(
-        images=LocationImages(indices, files, box),
+        images=LocationImages(indices, files, part_set.getXDim()),
         angles=angles,
         shifts=shifts,
         ctf=ctf,
@@ -286,6 +249,45 @@ def set_to_particle_set(part_set, enabled_only=True):
         source={"scipion_set": part_set.getFileName()},
     )
     return ps, np.asarray(ids, dtype=np.int64)
+
+
+def _particle_row(part, set_acq):
+    """One particle as (id, image index, image file, 4x4 transform, the 7 CTF values of
+    CTFParams, micrograph name or None, norm or None); a particle without a transform, a CTF
+    or an image file is refused by its id (the set's flags alone do not guarantee them). The
+    acquisition comes from the particle, else the set, else the usual defaults."""
+    pid = part.getObjId()
+    t = part.getTransform()
+    if t is None or t.getMatrix() is None:
+        raise ConversionError(f"particle {pid} has no transform")
+    ctf = part.getCTF()
+    if ctf is None or ctf.getDefocusU() is None:
+        raise ConversionError(f"particle {pid} has no CTF")
+    index, fn = part.getLocation()
+    if not fn:
+        raise ConversionError(f"particle {pid} has no image file")
+    acq = part.getAcquisition() if part.hasAcquisition() else None
+    phase = ctf.getPhaseShift()
+    ctf_values = tuple(
+        float(v)
+        for v in (
+            ctf.getDefocusU(),
+            ctf.getDefocusV(),
+            ctf.getDefocusAngle() or 0.0,
+            _acq_value(acq, set_acq, "getVoltage", 300.0),
+            _acq_value(acq, set_acq, "getSphericalAberration", 2.7),
+            _acq_value(acq, set_acq, "getAmplitudeContrast", 0.1),
+            phase if phase is not None else 0.0,
+        )
+    )
+    mic = _micrograph_name(part)
+    norm = (
+        part.getAttributeValue("_rlnNormCorrection")
+        if hasattr(part, "_rlnNormCorrection")
+        else None
+    )
+    mat = np.asarray(t.getMatrix(), dtype=np.float64)
+    return pid, index or 0, fn, mat, ctf_values, mic, norm
 
 
 def write_set_as_star(part_set, star_path, ids_path, stack_path=None):

@@ -116,15 +116,15 @@ def image_count(path, what="EMAN2 image stack"):
 
 
 def _pixels(f, path, index, what):
-    key = "MDF/images/%d/image" % index
+    key = f"MDF/images/{index}/image"
     if key not in f:
-        raise _err(path, "image %d missing (no /%s; %s)" % (index, key, what))
+        raise _err(path, f"image {index} missing (no /{key}; {what})")
     ds = f[key]
     if ds.dtype.kind != "f":
         raise _err(
             path,
-            "image %d is stored as %s, not floats (%s); rewrite it with "
-            "e2proc2d.py --outmode float" % (index, ds.dtype, what),
+            f"image {index} is stored as {ds.dtype}, not floats ({what}); rewrite it with "
+            "e2proc2d.py --outmode float",
         )
     return np.asarray(ds[()], np.float64)
 
@@ -137,7 +137,7 @@ def read_image(path, index=0, what="EMAN2 image"):
     if a.ndim == 1:
         a = a[None, :]
     if not np.isfinite(a).all():
-        raise _err(path, "non-finite values in image %d (%s)" % (index, what))
+        raise _err(path, f"non-finite values in image {index} ({what})")
     return a
 
 
@@ -181,9 +181,9 @@ def _header(group):
 def read_header(path, index=0, what="EMAN2 image"):
     """The ``EMAN.*`` attributes of image ``index`` as a dict (keys without ``EMAN.``)."""
     with _open(path, what) as f:
-        key = "MDF/images/%d" % int(index)
+        key = f"MDF/images/{int(index)}"
         if key not in f:
-            raise _err(path, "image %d missing (%s)" % (index, what))
+            raise _err(path, f"image {index} missing ({what})")
         return _header(f[key])
 
 
@@ -196,8 +196,7 @@ def parse_ctf(text, where="ctf"):
     words = s[1:].split(",")[0].split()
     if len(words) < 10:
         raise ValueError(
-            "%s: EMAN2 CTF string with %d numbers, expected at least 10: %r"
-            % (where, len(words), s[:80])
+            f"{where}: EMAN2 CTF string with {len(words)} numbers, expected at least 10: {s[:80]!r}"
         )
     try:
         vals = [float(w) for w in words[:9]]
@@ -276,15 +275,9 @@ class Eman2HdfStack:
             for j, i in enumerate(idx.tolist()):
                 a = _pixels(f, self.path, i, "particle stack")
                 if a.shape != self.shape[1:]:
-                    raise _err(
-                        self.path,
-                        "image %d is %s, the stack is %s"
-                        % (
-                            i,
-                            "x".join(map(str, a.shape[::-1])),
-                            "x".join(map(str, self.shape[:0:-1])),
-                        ),
-                    )
+                    found = "x".join(map(str, a.shape[::-1]))
+                    expected = "x".join(map(str, self.shape[:0:-1]))
+                    raise _err(self.path, f"image {i} is {found}, the stack is {expected}")
                 out[j] = a
         return out[0] if scalar else out
 
@@ -303,13 +296,13 @@ def read_particles(path):
         if not idx:
             raise _err(path, f"no images in the {what}")
         if idx != list(range(len(idx))):
-            raise _err(path, "image indices are not 0..%d (%s)" % (len(idx) - 1, what))
+            raise _err(path, f"image indices are not 0..{len(idx) - 1} ({what})")
         first = f["MDF/images/0/image"]
         if len(first.shape) != 2:
             raise _err(path, f"image 0 is not a 2D image (shape {first.shape}; {what})")
         ny, nx = first.shape
         if ny != nx:
-            raise _err(path, "images are %dx%d; square images expected" % (nx, ny))
+            raise _err(path, f"images are {nx}x{ny}; square images expected")
         ctfs = {k: np.empty(len(idx)) for k in CTF_KEYS}
         mics = []
         apix_x = None
@@ -322,16 +315,16 @@ def read_particles(path):
         # (the other images' size and type are checked when they are read: opening every
         # dataset here would double the ~0.4 ms per image that the headers take)
         for i in idx:
-            g = f["MDF/images/%d" % i]
+            g = f[f"MDF/images/{i}"]
             raw = g.attrs.get("EMAN.ctf")
             if raw is None:
                 raise _err(
                     path,
-                    "image %d has no ctf header (EMAN.ctf); SPHIRE sorting needs "
-                    "the CTF of every particle" % i,
+                    f"image {i} has no ctf header (EMAN.ctf); SPHIRE sorting needs "
+                    "the CTF of every particle",
                 )
             try:
-                c = parse_ctf(_decode(raw), "image %d" % i)
+                c = parse_ctf(_decode(raw), f"image {i}")
             except ValueError as e:
                 raise _err(path, str(e)) from None
             for k in CTF_KEYS:
@@ -342,7 +335,7 @@ def read_particles(path):
                 apix_x = float(_decode(g.attrs["EMAN.apix_x"]))
     bad = ~np.isfinite(np.stack([ctfs[k] for k in CTF_KEYS])).all(0)
     if bad.any():
-        raise _err(path, "non-finite CTF values in the header of image %d" % np.argmax(bad))
+        raise _err(path, f"non-finite CTF values in the header of image {np.argmax(bad)}")
     pixel_size = float(ctfs["apix"][0]) if ctfs["apix"][0] > 0 else apix_x
     if not pixel_size or pixel_size <= 0:
         raise _err(path, "no positive pixel size in the header of image 0 (ctf apix)")

@@ -320,26 +320,25 @@ def _read_rows(path, what, min_cols=1, max_cols=None):
                     continue
                 if len(words) < min_cols or (max_cols is not None and len(words) > max_cols):
                     want = (
-                        "%d" % min_cols
+                        f"{min_cols}"
                         if max_cols == min_cols
-                        else "at least %d" % min_cols
+                        else f"at least {min_cols}"
                         if max_cols is None
-                        else "%d to %d" % (min_cols, max_cols)
+                        else f"{min_cols} to {max_cols}"
                     )
                     raise _err(
                         path,
-                        "line %d has %d values, expected %s (%s)"
-                        % (lineno, len(words), want, what),
+                        f"line {lineno} has {len(words)} values, expected {want} ({what})",
                     )
                 try:
                     vals = [float(w) for w in words]
                 except ValueError:
                     bad = next(w for w in words if not _is_float(w))
                     raise _err(
-                        path, "non-numeric value %r on line %d (%s)" % (bad, lineno, what)
+                        path, f"non-numeric value {bad!r} on line {lineno} ({what})"
                     ) from None
                 if not all(np.isfinite(vals)):
-                    raise _err(path, "non-finite value on line %d (%s)" % (lineno, what))
+                    raise _err(path, f"non-finite value on line {lineno} ({what})")
                 rows.append(vals)
     except OSError as e:
         raise _err(path, f"cannot read {what} ({e.strerror})") from None
@@ -370,8 +369,7 @@ def _read_ints(path, what, minimum=0):
         k = int(np.argmax(bad))
         raise _err(
             path,
-            "value %r on data line %d is not an integer >= %d (%s)"
-            % (rows[k][0], k + 1, minimum, what),
+            f"value {rows[k][0]!r} on data line {k + 1} is not an integer >= {minimum} ({what})",
         )
     return vals.astype(np.int64)
 
@@ -388,11 +386,11 @@ def _read_json(path, what):
 
 
 def _main_dir(folder, it):
-    return os.path.join(folder, "main%03d" % it)
+    return os.path.join(folder, f"main{it:03d}")
 
 
 def _tracker_path(folder, it):
-    return os.path.join(_main_dir(folder, it), "Tracker_%03d.json" % it)
+    return os.path.join(_main_dir(folder, it), f"Tracker_{it:03d}.json")
 
 
 def _key(tracker, path, dotted, kind=float, required=True, default=None):
@@ -459,15 +457,15 @@ def choose_iteration(folder, niter_for_sorting=-1):
         if it < 1:
             raise _err(
                 path,
-                "constants.best is %d: the refinement has no finished iteration to sort at" % it,
+                f"constants.best is {it}: the refinement has no finished iteration to sort at",
             )
         if it > last:
             raise _err(
-                path, "constants.best is %d but the last iteration present is main%03d" % (it, last)
+                path, f"constants.best is {it} but the last iteration present is main{last:03d}"
             )
     elif it < 1:
-        raise ValueError("niter_for_sorting must be -1 (best) or >= 1, got %d" % it)
-    _need(_tracker_path(folder, it), "meridien Tracker json of iteration %d" % it)
+        raise ValueError(f"niter_for_sorting must be -1 (best) or >= 1, got {it}")
+    _need(_tracker_path(folder, it), f"meridien Tracker json of iteration {it}")
     return it, last
 
 
@@ -662,14 +660,12 @@ def _read_chunks(folder):
     d0 = _main_dir(folder, 0)
     chunks, groups = [], []
     for c in (0, 1):
-        cp = os.path.join(d0, "chunk_%d_000.txt" % c)
-        gp = os.path.join(d0, "particle_groups_%d.txt" % c)
-        ids = _read_ints(cp, "particle ids of half set %d" % c)
-        grp = _read_ints(gp, "particle group of each particle of chunk %d" % c)
+        cp = os.path.join(d0, f"chunk_{c}_000.txt")
+        gp = os.path.join(d0, f"particle_groups_{c}.txt")
+        ids = _read_ints(cp, f"particle ids of half set {c}")
+        grp = _read_ints(gp, f"particle group of each particle of chunk {c}")
         if len(grp) != len(ids):
-            raise _err(
-                gp, "%d particle groups for the %d particles of %s" % (len(grp), len(ids), cp)
-            )
+            raise _err(gp, f"{len(grp)} particle groups for the {len(ids)} particles of {cp}")
         chunks.append((cp, ids))
         groups.append(grp)
     return chunks, groups
@@ -679,14 +675,14 @@ def _smear_files(folder, it, chunk):
     d = os.path.join(_main_dir(folder, it), "oldparamstructure")
     files = []
     while True:
-        p = os.path.join(d, "oldparamstructure_%d_%03d_%03d.json" % (chunk, len(files), it))
+        p = os.path.join(d, f"oldparamstructure_{chunk}_{len(files):03d}_{it:03d}.json")
         if not os.path.isfile(p):
             break
         files.append(p)
     if not files:
         raise _err(
-            os.path.join(d, "oldparamstructure_%d_000_%03d.json" % (chunk, it)),
-            "missing meridien smear file (oldparamstructure) of chunk %d" % chunk,
+            os.path.join(d, f"oldparamstructure_{chunk}_000_{it:03d}.json"),
+            f"missing meridien smear file (oldparamstructure) of chunk {chunk}",
         )
     return files
 
@@ -697,13 +693,13 @@ def _parse_smear_file(path, n_refang, n_rshifts):
         raise _err(path, "expected a JSON list of particle entries")
     out = []
     for j, entry in enumerate(data):
-        where = "entry %d" % j
+        where = f"entry {j}"
         if not (isinstance(entry, list) and len(entry) >= 3 and isinstance(entry[2], list)):
             raise _err(path, f"{where} is not [local_index, [...], [[hash, prob], ...]]")
         if entry[0] != j:
             raise _err(
                 path,
-                "%s has local index %r, expected %d (entries out of order?)" % (where, entry[0], j),
+                f"{where} has local index {entry[0]!r}, expected {j} (entries out of order?)",
             )
         pairs = entry[2]
         if not pairs:
@@ -729,14 +725,14 @@ def _parse_smear_file(path, n_refang, n_rshifts):
         if iang.max() >= n_refang:
             raise _err(
                 path,
-                "%s: hash %d refers to direction %d but refang.txt has %d"
-                % (where, h[np.argmax(iang)], iang.max(), n_refang),
+                f"{where}: hash {h[np.argmax(iang)]} refers to direction {iang.max()} but "
+                f"refang.txt has {n_refang}",
             )
         if ishift.max() >= n_rshifts:
             raise _err(
                 path,
-                "%s: hash %d refers to shift %d but rshifts.txt has %d"
-                % (where, h[np.argmax(ishift)], ishift.max(), n_rshifts),
+                f"{where}: hash {h[np.argmax(ishift)]} refers to shift {ishift.max()} but "
+                f"rshifts.txt has {n_rshifts}",
             )
         out.append((iang, ipsi, ishift, prob))
     return out
@@ -745,6 +741,7 @@ def _parse_smear_file(path, n_refang, n_rshifts):
 def read_smears(
     folder,
     iteration,
+    *,
     chunks=None,
     particle_ids=None,
     previous_shifts=None,
@@ -779,10 +776,10 @@ def read_smears(
     if rshifts is None:
         rshifts = _read_matrix(os.path.join(d, "rshifts.txt"), "shift grid sx sy", 2)
     if previous_shifts is None:
-        pp = os.path.join(_main_dir(folder, it - 1), "params_%03d.txt" % (it - 1))
+        pp = os.path.join(_main_dir(folder, it - 1), f"params_{it - 1:03d}.txt")
         previous_shifts = _read_matrix(pp, "previous parameters phi theta psi sx sy", 5)[:, 3:5]
         if len(previous_shifts) != len(particle_ids):
-            raise _err(pp, "%d rows for %d particles" % (len(previous_shifts), len(particle_ids)))
+            raise _err(pp, f"{len(previous_shifts)} rows for {len(particle_ids)} particles")
     pos = {int(p): k for k, p in enumerate(particle_ids)}
     n = len(particle_ids)
     per_particle = [None] * n
@@ -792,11 +789,11 @@ def read_smears(
         for f in files:
             entries.extend(_parse_smear_file(f, len(refang), len(rshifts)))
         if len(entries) != len(ids):
+            names = ", ".join(os.path.basename(f) for f in files)
             raise _err(
                 files[-1],
-                "the smear files of chunk %d (%s) hold %d particles but %s "
-                "lists %d"
-                % (c, ", ".join(os.path.basename(f) for f in files), len(entries), cpath, len(ids)),
+                f"the smear files of chunk {c} ({names}) hold {len(entries)} particles but "
+                f"{cpath} lists {len(ids)}",
             )
         for pid, e in zip(ids.tolist(), entries):
             per_particle[pos[pid]] = e
@@ -822,6 +819,7 @@ def read_smears(
 def read_meridien(
     folder,
     niter_for_sorting=-1,
+    *,
     stack=None,
     radius=None,
     sym=None,
@@ -843,6 +841,80 @@ def read_meridien(
     folder = os.path.abspath(os.fspath(folder))
     integer_preshift(0.0, shift_rounding)
     it, last = choose_iteration(folder, niter_for_sorting)
+    t = _tracker_values(folder, it)
+    radius_out, sym_out, mask_out = _user_choices(folder, t, radius=radius, sym=sym, mask3d=mask3d)
+    ipath, ids, chunks, half, group = _half_sets(folder)
+    params, previous_shifts = _read_params(folder, it, ids, ipath)
+    dpath = os.path.join(_main_dir(folder, it), f"driver_{it:03d}.txt")
+    fsc = _read_matrix(dpath, "driver FSC per shell", 1)[:, 0]
+    bck, bpath = _checked_bckgnoise(folder, it, group, ids, required=require_bckgnoise)
+    refang, rshifts, smears = _smear_entries(
+        folder, it, t, chunks=chunks, ids=ids, previous_shifts=previous_shifts, rule=shift_rounding
+    )
+    counts = smears.counts()
+    smears = smears.truncate(nsmear)
+    star = _find_stack(folder, t.tracker, t.path, stack)
+    full = _checked_stack(star, t, ids, ipath, check_finite=check_finite)
+    parts = _meridien_particles(
+        full, ids, params=params, group=group, half=half, folder=folder, it=it
+    )
+    return MeridienRefinement(
+        folder=folder,
+        iteration=it,
+        last_iteration=last,
+        tracker_path=t.path,
+        tracker=t.tracker,
+        particles=parts,
+        particle_ids=ids,
+        params=params,
+        previous_shifts=previous_shifts,
+        avgnorm=t.avgnorm,
+        fsc=fsc,
+        bckgnoise=bck,
+        bckgnoise_path=bpath,
+        refang=refang,
+        rshifts=rshifts,
+        smears=smears,
+        smear_counts=counts,
+        radius=radius_out,
+        symmetry=str(sym_out),
+        mask3d=mask_out,
+        pixel_size=float(t.pixel_size),
+        nnxo=t.nnxo,
+        nxinit=t.nxinit,
+        delta=t.delta,
+        ts=t.ts,
+        xr=t.xr,
+        bestres=t.bestres,
+        stack_path=star,
+        info={"star_source": full.source.get("star_path")},
+        shift_rounding=shift_rounding,
+    )
+
+
+@dataclass
+class _TrackerValues:
+    """What sorting takes from the chosen iteration's Tracker json, checked once."""
+
+    path: str
+    tracker: dict
+    nnxo: int
+    pixel_size: float
+    delta: float
+    avgnorm: np.ndarray
+    radius: int
+    sym: Optional[str]
+    mask: Optional[str]
+    nxinit: int
+    ts: Optional[float]
+    xr: Optional[float]
+    bestres: Optional[float]
+
+
+def _tracker_values(folder, it):
+    """The Tracker of iteration ``it``: sizes and delta must be positive and avgvaradj two
+    positive numbers (the norm factors divide by them); older SPHIRE versions name the symmetry
+    ``constants.sym``, newer ones ``constants.symmetry``."""
     tpath = _tracker_path(folder, it)
     tracker = _read_json(tpath, "meridien Tracker json")
     if not isinstance(tracker, dict):
@@ -869,38 +941,57 @@ def read_meridien(
     t_sym = _key(tracker, tpath, "constants.sym", str, required=False)
     if t_sym is None:
         t_sym = _key(tracker, tpath, "constants.symmetry", str, required=False, default="c1")
-    t_mask = _key(tracker, tpath, "constants.mask3D", str, required=False, default=None)
-    nxinit = _key(tracker, tpath, "nxinit", int, required=False, default=nnxo)
-    ts = _key(tracker, tpath, "ts", required=False)
-    xr = _key(tracker, tpath, "xr", required=False)
-    bestres = _key(tracker, tpath, "bestres", required=False)
+    return _TrackerValues(
+        path=tpath,
+        tracker=tracker,
+        nnxo=nnxo,
+        pixel_size=pixel_size,
+        delta=delta,
+        avgnorm=avgnorm,
+        radius=t_radius,
+        sym=t_sym,
+        mask=_key(tracker, tpath, "constants.mask3D", str, required=False, default=None),
+        nxinit=_key(tracker, tpath, "nxinit", int, required=False, default=nnxo),
+        ts=_key(tracker, tpath, "ts", required=False),
+        xr=_key(tracker, tpath, "xr", required=False),
+        bestres=_key(tracker, tpath, "bestres", required=False),
+    )
 
-    radius_out = int(radius) if radius is not None and int(radius) >= 1 else t_radius
-    if not 1 <= radius_out <= nnxo // 2:
+
+def _user_choices(folder, t, *, radius, sym, mask3d):
+    """(radius, symmetry, mask path): the user's value where given, else the refinement's; a
+    Tracker mask is looked for next to the folder and in it (meridien stores it relative to
+    where it ran)."""
+    radius_out = int(radius) if radius is not None and int(radius) >= 1 else t.radius
+    if not 1 <= radius_out <= t.nnxo // 2:
         raise _err(
-            tpath,
-            "radius %d outside 1..%d (constants.radius or the user radius)"
-            % (radius_out, nnxo // 2),
+            t.path,
+            f"radius {radius_out} outside 1..{t.nnxo // 2} (constants.radius or the user radius)",
         )
-    sym_out = sym if sym and str(sym).lower() != "c1" else (t_sym or "c1")
+    sym_out = sym if sym and str(sym).lower() != "c1" else (t.sym or "c1")
     if mask3d:
         mask_out = os.fspath(mask3d)
-    elif t_mask:
-        mask_out = _resolve(t_mask, [os.path.dirname(folder), folder])
+    elif t.mask:
+        mask_out = _resolve(t.mask, [os.path.dirname(folder), folder])
         if mask_out is None:
             raise _err(
-                tpath,
-                f"constants.mask3D {t_mask!r} not found relative to {os.path.dirname(folder)} or {folder}",
+                t.path,
+                f"constants.mask3D {t.mask!r} not found relative to {os.path.dirname(folder)} or {folder}",
             )
     else:
         mask_out = None
+    return radius_out, sym_out, mask_out
 
-    # -- particle ids, half sets, groups ---------------------------------------------------------
+
+def _half_sets(folder):
+    """(path of indexes_000.txt, particle ids, the two chunks, half set and micrograph group
+    of each particle): every id once in indexes_000.txt and in exactly one chunk, so the two
+    halves are independent as the half-map FSC and the norm factors assume."""
     ipath = os.path.join(_main_dir(folder, 0), "indexes_000.txt")
     ids = _read_ints(ipath, "particle ids")
     uniq, cnt = np.unique(ids, return_counts=True)
     if (cnt > 1).any():
-        raise _err(ipath, "particle id %d is listed %d times" % (uniq[cnt > 1][0], cnt[cnt > 1][0]))
+        raise _err(ipath, f"particle id {uniq[cnt > 1][0]} is listed {cnt[cnt > 1][0]} times")
     n = len(ids)
     pos = {int(p): k for k, p in enumerate(ids)}
     chunks, groups = _read_chunks(folder)
@@ -910,93 +1001,114 @@ def read_meridien(
         for j, p in enumerate(cids.tolist()):
             k = pos.get(p)
             if k is None:
-                raise _err(cpath, "particle id %d on data line %d is not in %s" % (p, j + 1, ipath))
+                raise _err(cpath, f"particle id {p} on data line {j + 1} is not in {ipath}")
             if half[k] >= 0:
                 raise _err(
                     cpath,
-                    "particle id %d on data line %d is already in %s"
-                    % (p, j + 1, chunks[half[k]][0] if half[k] != c else cpath),
+                    f"particle id {p} on data line {j + 1} is already in "
+                    f"{chunks[half[k]][0] if half[k] != c else cpath}",
                 )
             half[k] = c
             group[k] = grp[j]
     if (half < 0).any():
         k = int(np.argmax(half < 0))
-        raise _err(
-            ipath, "particle id %d is in neither %s nor %s" % (ids[k], chunks[0][0], chunks[1][0])
-        )
+        raise _err(ipath, f"particle id {ids[k]} is in neither {chunks[0][0]} nor {chunks[1][0]}")
+    return ipath, ids, chunks, half, group
 
-    # -- parameters --------------------------------------------------------------------------------
-    ppath = os.path.join(_main_dir(folder, it), "params_%03d.txt" % it)
+
+def _read_params(folder, it, ids, ipath):
+    """(params of iteration ``it``, the previous iteration's shifts): one row per particle in
+    both, positive norms (column 8; the norm factors divide by them)."""
+    n = len(ids)
+    ppath = os.path.join(_main_dir(folder, it), f"params_{it:03d}.txt")
     params = _read_matrix(ppath, "parameters phi theta psi sx sy prob norm*qt norm", 8)
     if len(params) != n:
-        raise _err(ppath, "%d parameter rows for the %d particles of %s" % (len(params), n, ipath))
+        raise _err(ppath, f"{len(params)} parameter rows for the {n} particles of {ipath}")
     norm = params[:, 7]
     if (norm <= 0).any():
         k = int(np.argmax(norm <= 0))
-        raise _err(ppath, "norm (column 8) %r <= 0 on data line %d" % (norm[k], k + 1))
-    prev_path = os.path.join(_main_dir(folder, it - 1), "params_%03d.txt" % (it - 1))
+        raise _err(ppath, f"norm (column 8) {norm[k]!r} <= 0 on data line {k + 1}")
+    prev_path = os.path.join(_main_dir(folder, it - 1), f"params_{it - 1:03d}.txt")
     prev = _read_matrix(prev_path, "previous parameters phi theta psi sx sy", 5)
     if len(prev) != n:
-        raise _err(
-            prev_path, "%d parameter rows for the %d particles of %s" % (len(prev), n, ipath)
-        )
-    previous_shifts = prev[:, 3:5].copy()
+        raise _err(prev_path, f"{len(prev)} parameter rows for the {n} particles of {ipath}")
+    return params, prev[:, 3:5].copy()
 
-    # -- FSC, background noise ---------------------------------------------------------------------
-    dpath = os.path.join(_main_dir(folder, it), "driver_%03d.txt" % it)
-    fsc = _read_matrix(dpath, "driver FSC per shell", 1)[:, 0]
+
+def _checked_bckgnoise(folder, it, group, ids, *, required):
+    """(background-noise rows, their file) or (None, None): a missing file is an error unless
+    the user turned the weighting off; the file must have a row for every particle group."""
     bck, bpath = _read_bckgnoise(folder, it)
     if bck is None:
-        if require_bckgnoise:
+        if required:
             d = _main_dir(folder, it)
             raise _err(
                 os.path.join(d, "bckgnoise.hdf"),
                 "missing background noise (no "
-                "bckgnoise.hdf, .mrc or .txt in main%03d or an earlier iteration); run "
-                "with --notapplybckgnoise to sort without it" % it,
+                f"bckgnoise.hdf, .mrc or .txt in main{it:03d} or an earlier iteration); run "
+                "with --notapplybckgnoise to sort without it",
             )
     elif group.max() >= bck.shape[0]:
         k = int(np.argmax(group >= bck.shape[0]))
         raise _err(
             bpath,
-            "has %d particle group rows but particle id %d is in group %d"
-            % (bck.shape[0], ids[k], group[k]),
+            f"has {bck.shape[0]} particle group rows but particle id {ids[k]} is in group "
+            f"{group[k]}",
         )
+    return bck, bpath
 
-    # -- smears ------------------------------------------------------------------------------------
+
+def _smear_entries(folder, it, t, *, chunks, ids, previous_shifts, rule):
+    """(refang, rshifts, SmearSet) of iteration ``it``: the grids are read here once, as the
+    refinement keeps them, and handed to read_smears with everything else already read."""
     d = _main_dir(folder, it)
     refang = _read_matrix(os.path.join(d, "refang.txt"), "reference directions phi theta psi", 3)
     rshifts = _read_matrix(os.path.join(d, "rshifts.txt"), "shift grid sx sy", 2)
     smears = read_smears(
-        folder, it, chunks, ids, previous_shifts, delta, refang, rshifts, shift_rounding
+        folder,
+        it,
+        chunks=chunks,
+        particle_ids=ids,
+        previous_shifts=previous_shifts,
+        delta=t.delta,
+        refang=refang,
+        rshifts=rshifts,
+        shift_rounding=rule,
     )
-    counts = smears.counts()
-    smears = smears.truncate(nsmear)
+    return refang, rshifts, smears
 
-    # -- images and CTF ----------------------------------------------------------------------------
-    star = _find_stack(folder, tracker, tpath, stack)
+
+def _checked_stack(star, t, ids, ipath, *, check_finite):
+    """The particle stack, read and checked against the refinement: every particle id has an
+    image, the box is constants.nnxo and the pixel size constants.pixel_size (a stack from
+    another run would give maps at the wrong scale)."""
     full = _read_stack(star, check_finite)
     if ids.max() >= len(full):
         raise _err(
             ipath,
-            "particle id %d but the particle stack %s has only %d particles"
-            % (ids.max(), star, len(full)),
+            f"particle id {ids.max()} but the particle stack {star} has only {len(full)} particles",
         )
-    if full.box != nnxo:
+    if full.box != t.nnxo:
         raise _err(
             star,
-            "images are %d pixels but the refinement (%s constants.nnxo) has %d"
-            % (full.box, tpath, nnxo),
+            f"images are {full.box} pixels but the refinement ({t.path} constants.nnxo) has {t.nnxo}",
         )
-    if abs(full.pixel_size - pixel_size) > 1e-3 * pixel_size:
+    if abs(full.pixel_size - t.pixel_size) > 1e-3 * t.pixel_size:
         raise _err(
             star,
-            f"pixel size {full.pixel_size:.6g} Å but the refinement ({tpath} constants.pixel_size) has {pixel_size:.6g}",
+            f"pixel size {full.pixel_size:.6g} Å but the refinement ({t.path} constants.pixel_size) has {t.pixel_size:.6g}",
         )
+    return full
+
+
+def _meridien_particles(full, ids, *, params, group, half, folder, it):
+    """The particles of the refinement in indexes_000.txt order, with meridien's poses, norms,
+    groups and half sets in place of the stack's, and a source whose STAR rows (if any) follow
+    the same order, so exported cluster rows match."""
     parts = full.subset(ids)
     parts.angles = params[:, 0:3].copy()
     parts.shifts = params[:, 3:5].copy()
-    parts.norm = norm.copy()
+    parts.norm = params[:, 7].copy()
     parts.group = group
     parts.half_set = half
     source = dict(full.source)
@@ -1006,39 +1118,7 @@ def read_meridien(
         source["particles_table"] = _subset_table(table, ids)
     source.update({"meridien_dir": folder, "meridien_iteration": it, "particle_ids": ids})
     parts.source = source
-
-    return MeridienRefinement(
-        folder=folder,
-        iteration=it,
-        last_iteration=last,
-        tracker_path=tpath,
-        tracker=tracker,
-        particles=parts,
-        particle_ids=ids,
-        params=params,
-        previous_shifts=previous_shifts,
-        avgnorm=avgnorm,
-        fsc=fsc,
-        bckgnoise=bck,
-        bckgnoise_path=bpath,
-        refang=refang,
-        rshifts=rshifts,
-        smears=smears,
-        smear_counts=counts,
-        radius=radius_out,
-        symmetry=str(sym_out),
-        mask3d=mask_out,
-        pixel_size=float(pixel_size),
-        nnxo=nnxo,
-        nxinit=nxinit,
-        delta=delta,
-        ts=ts,
-        xr=xr,
-        bestres=bestres,
-        stack_path=star,
-        info={"star_source": full.source.get("star_path")},
-        shift_rounding=shift_rounding,
-    )
+    return parts
 
 
 def _subset_table(table, ids):
@@ -1066,9 +1146,9 @@ def check_smearing(folder, image_size, first=2, nsmear=-1):
     rows = []
     for it in range(max(1, int(first)), last + 1):
         d = os.path.join(_main_dir(folder, it), "oldparamstructure")
-        if not os.path.isfile(os.path.join(d, "oldparamstructure_0_000_%03d.json" % it)):
+        if not os.path.isfile(os.path.join(d, f"oldparamstructure_0_000_{it:03d}.json")):
             continue
-        sm = read_smears(folder, it, chunks, ids).truncate(nsmear)
+        sm = read_smears(folder, it, chunks=chunks, particle_ids=ids).truncate(nsmear)
         row = smearing_statistics(sm, image_size)
         row["iteration"] = it
         rows.append(row)

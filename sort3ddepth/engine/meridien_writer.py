@@ -35,26 +35,29 @@ most ts/2 per axis (round = Python 3's half-to-even unless ``shift_rounding='awa
 
 import json
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
+from .eman2_hdf import format_ctf, relion_to_eman2_ctf, write_images
 from .meridien import hash_smear, integer_preshift
 from .star_io import write_star
 
-__all__ = ["write_meridien", "sphire_shift_grid", "mpi_blocks"]
+__all__ = ["write_meridien", "MeridienWriteOptions", "sphire_shift_grid", "mpi_blocks"]
 
 
-def _fmt_rows(path, rows, fmt="  %14.6f"):
+def _fmt_rows(path, rows):
     rows = np.atleast_2d(np.asarray(rows, np.float64))
     with open(path, "w") as f:
         for r in rows:
-            f.write("".join(fmt % v for v in r) + "\n")
+            f.write("".join(f"  {v:14.6f}" for v in r) + "\n")
 
 
 def _write_ints(path, vals):
     with open(path, "w") as f:
         for v in np.asarray(vals, np.int64).tolist():
-            f.write("  %12d\n" % v)
+            f.write(f"  {v:12d}\n")
 
 
 def _perturb(angles, shifts, rng, ang_sd, shift_sd):
@@ -104,6 +107,7 @@ def _smears_for(
     shifts,
     prev_shifts,
     rng,
+    *,
     delta,
     grid,
     smear,
@@ -216,35 +220,10 @@ def _cut_probabilities(w, ccfpercentage, rng):
     return w * max(total, np.nextafter(ccfpercentage, 1.0))
 
 
-def write_meridien(
-    folder,
-    particles,
-    iteration=2,
-    last_iteration=None,
-    ids=None,
-    groups=None,
-    smear=(3, 8),
-    n_neighbours=2,
-    delta=3.75,
-    ts=0.25,
-    xr=2.0,
-    n_ranks=2,
-    seed=0,
-    radius=None,
-    sym="c1",
-    mask3d=None,
-    tracker_stack=None,
-    fsc=None,
-    bckgnoise=True,
-    prev_angle_sd=1.0,
-    prev_shift_sd=0.3,
-    ccfpercentage=0.999,
-    stack_format="hdf",
-    shift_rounding="even",
-    previous_shift_step=None,
-):
-    """Write ``particles`` (a simulated ParticleSet with the true poses) as a meridien folder in
-    SPHIRE 1.4's format (module docstring).
+@dataclass(frozen=True)
+class MeridienWriteOptions:
+    """What write_meridien writes besides the particles; every field is a keyword argument of
+    write_meridien, and the defaults make a small converged refinement.
 
     ``iteration`` is the best iteration (its params hold the true angles and shifts; the other
     iterations' params are perturbed by ``prev_angle_sd`` degrees / ``prev_shift_sd`` pixels);
@@ -256,28 +235,151 @@ def write_meridien(
     micrographs, else 4 blocks of consecutive particles); at least 2 groups are needed, since
     meridien splits the GROUPS into the two half sets (renumbered by smallest particle id, as
     meridien does; the returned 'groups' and 'half_set' are the ones written).
+    ``smear`` (min, max entries a particle), ``n_neighbours`` (nearby directions), ``delta``
+    (angular step, degrees), ``ts`` and ``xr`` (shift grid step and range, pixels) shape the
+    smears (module docstring); ``n_ranks``: the MPI rank blocks of the smear files; ``seed``:
+    every random draw. ``radius`` (default box/2 - 2) and ``sym`` go to the Tracker.
     ``stack_format``: 'hdf' (an EMAN2 .hdf stack with the CTF in each header, as SPHIRE keeps
     it) or 'star' (a RELION STAR + MRC stack). ``tracker_stack`` is written as
     ``constants.stack`` (default the stack relative to the folder's parent). ``mask3d``: a path
-    written as is, or a 3D array written as ``mask3d.hdf``. ``bckgnoise``: True = a per-group
-    estimate from the images, an array = that (one row is repeated for every group), False =
-    no file; written as ``bckgnoise.hdf``. ``ccfpercentage``: the stored probabilities of a
-    particle sum to a value in (ccfpercentage, 1]. ``shift_rounding``: the rounding of the
-    previous shifts used for the integer pre-shift (meridien.integer_preshift).
-    ``previous_shift_step``: when given, the previous iteration's shifts are put on the lattice
-    (k + 1/2) * step (step 1: exact halves, where the rounding rule matters for every particle).
-    Returns a dict with the paths and the truth written."""
-    from .eman2_hdf import format_ctf, relion_to_eman2_ctf, write_images
+    written as is, or a 3D array written as ``mask3d.hdf``. ``fsc``: the driver FSC (default a
+    smooth fall-off). ``bckgnoise``: True = a per-group estimate from the images, an array =
+    that (one row is repeated for every group), False = no file; written as ``bckgnoise.hdf``.
+    ``ccfpercentage``: the stored probabilities of a particle sum to a value in
+    (ccfpercentage, 1]. ``shift_rounding``: the rounding of the previous shifts used for the
+    integer pre-shift (meridien.integer_preshift). ``previous_shift_step``: when given, the
+    previous iteration's shifts are put on the lattice (k + 1/2) * step (step 1: exact halves,
+    where the rounding rule matters for every particle)."""
 
-    folder = os.path.abspath(os.fspath(folder))
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n = len(particles)
-    s = int(iteration)
-    last = s + 1 if last_iteration is None else int(last_iteration)
-    if s < 1 or last < s:
+    iteration: int = 2
+    last_iteration: Optional[int] = None
+    ids: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None
+    smear: tuple = (3, 8)
+    n_neighbours: int = 2
+    delta: float = 3.75
+    ts: float = 0.25
+    xr: float = 2.0
+    n_ranks: int = 2
+    seed: int = 0
+    radius: Optional[int] = None
+    sym: str = "c1"
+    mask3d: object = None
+    tracker_stack: Optional[str] = None
+    fsc: Optional[np.ndarray] = None
+    bckgnoise: object = True
+    prev_angle_sd: float = 1.0
+    prev_shift_sd: float = 0.3
+    ccfpercentage: float = 0.999
+    stack_format: str = "hdf"
+    shift_rounding: str = "even"
+    previous_shift_step: Optional[float] = None
+
+
+def write_meridien(folder, particles, **options):
+    """Write ``particles`` (a simulated ParticleSet with the true poses) as a meridien folder in
+    SPHIRE 1.4's format (module docstring). ``options``: the fields of MeridienWriteOptions
+    (the best iteration, particle ids, groups, smears, stack format, ...).
+    Returns a dict with the paths and the truth written."""
+    o = MeridienWriteOptions(**options)
+    best = int(o.iteration)
+    w = _Writing(
+        folder=os.path.abspath(os.fspath(folder)),
+        particles=particles,
+        o=o,
+        rng=np.random.default_rng(o.seed),
+        best=best,
+        last=best + 1 if o.last_iteration is None else int(o.last_iteration),
+        grid=sphire_shift_grid(o.ts, o.xr),
+    )
+    os.makedirs(w.folder, exist_ok=True)
+    if w.best < 1 or w.last < w.best:
         raise ValueError("need 1 <= iteration <= last_iteration")
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    _assign_ids_and_halves(w)
+    star_path, stack_path = _write_particle_stack(w)
+    tracker_stack = o.tracker_stack
+    if tracker_stack is None:
+        tracker_stack = os.path.relpath(star_path or stack_path, os.path.dirname(w.folder))
+    mask3d = o.mask3d
+    if mask3d is not None and not isinstance(mask3d, str):
+        write_images(os.path.join(w.folder, "mask3d.hdf"), np.asarray(mask3d, np.float32), {})
+        mask3d = os.path.relpath(os.path.join(w.folder, "mask3d.hdf"), os.path.dirname(w.folder))
+    _write_main000(w)
+    params = _iteration_params(w)
+    w.bck = _bckgnoise_rows(w)
+    w.fsc = _default_fsc(w.nnxo) if o.fsc is None else np.asarray(o.fsc, np.float64)
+    avg = [
+        float(w.norm[w.half_set == c].mean()) if (w.half_set == c).any() else 1.0 for c in (0, 1)
+    ]
+    tracker = _tracker_template(w, stack=tracker_stack, mask3d=mask3d, avg=avg)
+    truth = {}
+    for it in range(0, w.last + 1):
+        truth.update(_write_iteration(w, it, params, tracker))
+    return {
+        "folder": w.folder,
+        "star": star_path,
+        "stack": stack_path,
+        "iteration": w.best,
+        "last_iteration": w.last,
+        "ids": w.ids,
+        "half_set": w.half_set,
+        "groups": w.groups,
+        "chunks": w.chunks,
+        "rshifts": w.grid,
+        "previous_shifts": params[w.best - 1][1],
+        "bckgnoise": w.bck,
+        "fsc": w.fsc,
+        "avgvaradj": avg,
+        "mask3d": mask3d,
+        **truth,
+    }
+
+
+@dataclass
+class _Writing:
+    """What every step of write_meridien shares: the folder, the particles, the options, the
+    one random generator (its draws in a fixed order make a folder reproducible from its
+    seed), the iterations and the shift grid; the steps fill in ids, groups and half sets, then
+    the noise rows and FSC."""
+
+    folder: str
+    particles: object
+    o: MeridienWriteOptions
+    rng: np.random.Generator
+    best: int
+    last: int
+    grid: np.ndarray
+    ids: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None
+    chunks: Optional[list] = None
+    half_set: Optional[np.ndarray] = None
+    bck: Optional[np.ndarray] = None
+    fsc: Optional[np.ndarray] = None
+
+    @property
+    def n(self):
+        return len(self.particles)
+
+    @property
+    def nnxo(self):
+        return self.particles.box
+
+    @property
+    def n_groups(self):
+        return int(self.groups.max()) + 1
+
+    @property
+    def norm(self):
+        p = self.particles
+        return np.ones(self.n) if p.norm is None else np.asarray(p.norm, np.float64)
+
+
+def _assign_ids_and_halves(w):
+    """Particle ids, micrograph groups (renumbered as meridien does) and meridien's half sets
+    (chunks of whole groups): the caller's groups, else the particles' own, else their
+    micrographs, else 4 blocks; meridien needs at least 2 groups to split."""
+    n, particles, groups = w.n, w.particles, w.o.groups
+    ids = np.arange(n, dtype=np.int64) if w.o.ids is None else np.asarray(w.o.ids, np.int64)
     if ids.shape != (n,) or len(np.unique(ids)) != n or ids.min() < 0:
         raise ValueError("ids must be n distinct non-negative integers")
     if groups is None and particles.group is not None and len(np.unique(particles.group)) > 1:
@@ -290,173 +392,185 @@ def write_meridien(
         groups = np.unique(np.asarray(particles.micrograph, str), return_inverse=True)[1]
     if groups is None:
         groups = np.arange(n) * 4 // max(n, 1)
-    groups = _sphire_groups(np.asarray(groups, np.int64), ids)
-    n_groups = int(groups.max()) + 1
-    if n_groups < 2:
+    w.ids, w.groups = ids, _sphire_groups(np.asarray(groups, np.int64), ids)
+    if w.n_groups < 2:
         raise ValueError("meridien splits micrograph groups into the half sets: need >= 2")
-    chunks = _sphire_chunks(groups, ids, rng)
-    half_set = np.zeros(n, np.int64)
-    half_set[chunks[1]] = 1
-    nnxo = particles.box
-    norm = np.ones(n) if particles.norm is None else np.asarray(particles.norm, np.float64)
-    true_angles = _sphire_angles(np.asarray(particles.angles, np.float64))
-    true_shifts = np.asarray(particles.shifts, np.float64)
-    grid = sphire_shift_grid(ts, xr)
+    w.chunks = _sphire_chunks(w.groups, ids, w.rng)
+    w.half_set = np.zeros(n, np.int64)
+    w.half_set[w.chunks[1]] = 1
 
-    # -- images + CTF (stack image p = particle id p) ---------------------------------------------
-    rows = np.zeros(int(ids.max()) + 1, np.int64)
-    rows[ids] = np.arange(n)
+
+def _write_particle_stack(w):
+    """The particle images, stack image p = particle id p (images no id names hold particle
+    0): an EMAN2 .hdf with the CTF string in each header, as SPHIRE keeps them, or a RELION
+    STAR + MRC stack. Returns (STAR path or None, stack path)."""
+    particles = w.particles
+    rows = np.zeros(int(w.ids.max()) + 1, np.int64)
+    rows[w.ids] = np.arange(w.n)
     stack_ps = particles.subset(rows)
-    if stack_format == "hdf":
-        stack_path = os.path.join(folder, "particles.hdf")
-        e2 = relion_to_eman2_ctf(stack_ps.ctf)
-        mics = (
-            np.asarray(stack_ps.micrograph, str)
-            if stack_ps.micrograph is not None
-            else np.array(["mic%04d" % g for g in groups[rows]])
-        )
-        headers = [
-            {
-                "ctf": format_ctf(
-                    e2["defocus"][i],
-                    e2["dfdiff"][i],
-                    e2["dfang"][i],
-                    e2["bfactor"][i],
-                    e2["ampcont"][i],
-                    e2["voltage"][i],
-                    e2["cs"][i],
-                    particles.pixel_size,
-                ),
-                "apix_x": float(particles.pixel_size),
-                "apix_y": float(particles.pixel_size),
-                "apix_z": float(particles.pixel_size),
-                "ptcl_source_image": str(mics[i]),
-            }
-            for i in range(len(rows))
-        ]
-        write_images(stack_path, stack_ps.load_images(), headers)
-        star_path = None
-    elif stack_format == "star":
-        star_path, stack_path = write_star(stack_ps, os.path.join(folder, "particles.star"))
-    else:
+    if w.o.stack_format == "star":
+        return write_star(stack_ps, os.path.join(w.folder, "particles.star"))
+    if w.o.stack_format != "hdf":
         raise ValueError("stack_format must be 'hdf' or 'star'")
-    if tracker_stack is None:
-        tracker_stack = os.path.relpath(star_path or stack_path, os.path.dirname(folder))
-    if mask3d is not None and not isinstance(mask3d, str):
-        write_images(os.path.join(folder, "mask3d.hdf"), np.asarray(mask3d, np.float32), {})
-        mask3d = os.path.relpath(os.path.join(folder, "mask3d.hdf"), os.path.dirname(folder))
+    stack_path = os.path.join(w.folder, "particles.hdf")
+    e2 = relion_to_eman2_ctf(stack_ps.ctf)
+    mics = (
+        np.asarray(stack_ps.micrograph, str)
+        if stack_ps.micrograph is not None
+        else np.array([f"mic{g:04d}" for g in w.groups[rows]])
+    )
+    apix = float(particles.pixel_size)
+    headers = [
+        {
+            "ctf": format_ctf(
+                e2["defocus"][i],
+                e2["dfdiff"][i],
+                e2["dfang"][i],
+                e2["bfactor"][i],
+                e2["ampcont"][i],
+                e2["voltage"][i],
+                e2["cs"][i],
+                particles.pixel_size,
+            ),
+            "apix_x": apix,
+            "apix_y": apix,
+            "apix_z": apix,
+            "ptcl_source_image": str(mics[i]),
+        }
+        for i in range(len(rows))
+    ]
+    write_images(stack_path, stack_ps.load_images(), headers)
+    return None, stack_path
 
-    # -- main000 ------------------------------------------------------------------------------------
-    d0 = os.path.join(folder, "main000")
+
+def _write_main000(w):
+    """main000: the particle ids and, per half set, its ids and their micrograph groups."""
+    d0 = os.path.join(w.folder, "main000")
     os.makedirs(d0, exist_ok=True)
-    _write_ints(os.path.join(d0, "indexes_000.txt"), ids)
+    _write_ints(os.path.join(d0, "indexes_000.txt"), w.ids)
     for c in (0, 1):
-        _write_ints(os.path.join(d0, "chunk_%d_000.txt" % c), ids[chunks[c]])
-        _write_ints(os.path.join(d0, "particle_groups_%d.txt" % c), groups[chunks[c]])
+        _write_ints(os.path.join(d0, f"chunk_{c}_000.txt"), w.ids[w.chunks[c]])
+        _write_ints(os.path.join(d0, f"particle_groups_{c}.txt"), w.groups[w.chunks[c]])
 
-    # -- per-iteration params (true at the best iteration, perturbed elsewhere) ----------------------
+
+def _iteration_params(w):
+    """{iteration: (angles, shifts)}: the truth at the best iteration, perturbed elsewhere (more
+    the further away), the previous iteration's shifts optionally put on the half-step lattice
+    where the pre-shift rounding rule decides every particle."""
+    o = w.o
+    true_angles = _sphire_angles(np.asarray(w.particles.angles, np.float64))
+    true_shifts = np.asarray(w.particles.shifts, np.float64)
     params = {}
-    for it in range(0, last + 1):
-        if it == s:
+    for it in range(0, w.last + 1):
+        if it == w.best:
             params[it] = (true_angles, true_shifts)
         else:
-            sd = 1.0 + abs(it - s)
-            params[it] = _perturb(true_angles, true_shifts, rng, prev_angle_sd * sd, prev_shift_sd)
-    if previous_shift_step:
-        st = float(previous_shift_step)
-        a, sh = params[s - 1]
-        params[s - 1] = (a, (np.floor(sh / st) + 0.5) * st)
-    if bckgnoise is True:
-        bck = _bckgnoise(particles.images, groups, n_groups, nnxo)
-    elif bckgnoise is False or bckgnoise is None:
-        bck = None
-    else:
-        bck = np.atleast_2d(np.asarray(bckgnoise, np.float32))
-        if bck.shape[0] == 1 and n_groups > 1:
-            bck = np.repeat(bck, n_groups, axis=0)
-    fsc = _default_fsc(nnxo) if fsc is None else np.asarray(fsc, np.float64)
-    avg = [float(norm[half_set == c].mean()) if (half_set == c).any() else 1.0 for c in (0, 1)]
-    truth = {}
-    for it in range(0, last + 1):
-        d = os.path.join(folder, "main%03d" % it)
-        os.makedirs(d, exist_ok=True)
-        ang, sh = params[it]
-        prob_best = np.ones(n)
-        if it >= 1:
-            refang, sm = _smears_for(
-                ang,
-                sh,
-                params[it - 1][1],
-                rng,
-                delta,
-                grid,
-                smear,
-                n_neighbours,
-                ccfpercentage,
-                shift_rounding,
+            sd = 1.0 + abs(it - w.best)
+            params[it] = _perturb(
+                true_angles, true_shifts, w.rng, o.prev_angle_sd * sd, o.prev_shift_sd
             )
-            prob_best = np.array([w[0] for _, w in sm])
-            _fmt_rows(os.path.join(d, "refang.txt"), refang)
-            _fmt_rows(os.path.join(d, "rshifts.txt"), grid)
-            od = os.path.join(d, "oldparamstructure")
-            os.makedirs(od, exist_ok=True)
-            for c, members in enumerate(chunks):
-                for r, (a, b) in enumerate(mpi_blocks(len(members), n_ranks)):
-                    entries = [
-                        [j, [0.0], [[int(h), float(p)] for h, p in zip(*sm[k])]]
-                        for j, k in enumerate(members[a:b].tolist())
-                    ]
-                    with open(
-                        os.path.join(od, "oldparamstructure_%d_%03d_%03d.json" % (c, r, it)), "w"
-                    ) as f:
-                        json.dump(entries, f)
-            _fmt_rows(os.path.join(d, "driver_%03d.txt" % it), fsc[:, None])
-            if bck is not None:
-                write_images(os.path.join(d, "bckgnoise.hdf"), np.asarray(bck, np.float32), {})
-            if it == s:
-                truth["smears"] = sm
-                truth["refang"] = refang
-        if it == 0:  # meridien's params_000: phi theta psi sx sy 0.0 1.0
-            table = np.column_stack([ang, sh, np.zeros(n), np.ones(n)])
-        else:  # phi theta psi sx sy prob norm*qt norm
-            table = np.column_stack([ang, sh, prob_best, norm, norm])
-        _fmt_rows(os.path.join(d, "params_%03d.txt" % it), table)
-        tracker = {
-            "constants": {
-                "stack": tracker_stack,
-                "nnxo": nnxo,
-                "pixel_size": float(particles.pixel_size),
-                "radius": int(radius if radius else nnxo // 2 - 2),
-                "symmetry": sym,
-                "mask3D": mask3d,
-                "best": min(it, s),
-                "ccfpercentage": ccfpercentage,
-            },
-            "delta": delta,
-            "ts": ts,
-            "xr": xr,
-            "nxinit": nnxo,
-            "bestres": int(0.3 * nnxo),
-            "avgvaradj": avg,
-            "mainiteration": it,
-        }
-        with open(os.path.join(d, "Tracker_%03d.json" % it), "w") as f:
-            json.dump(tracker, f, indent=1)
+    if o.previous_shift_step:
+        st = float(o.previous_shift_step)
+        a, sh = params[w.best - 1]
+        params[w.best - 1] = (a, (np.floor(sh / st) + 0.5) * st)
+    return params
+
+
+def _bckgnoise_rows(w):
+    """The bckgnoise.hdf rows (one per micrograph group) or None for no file: estimated from
+    the images (True), or the caller's (a single row is repeated for every group)."""
+    bckgnoise = w.o.bckgnoise
+    if bckgnoise is True:
+        return _bckgnoise(w.particles.images, w.groups, w.n_groups, w.nnxo)
+    if bckgnoise is False or bckgnoise is None:
+        return None
+    bck = np.atleast_2d(np.asarray(bckgnoise, np.float32))
+    if bck.shape[0] == 1 and w.n_groups > 1:
+        bck = np.repeat(bck, w.n_groups, axis=0)
+    return bck
+
+
+def _tracker_template(w, *, stack, mask3d, avg):
+    """The Tracker json of every iteration in meridien's key order; ``best`` and
+    ``mainiteration`` are set per iteration (_write_iteration)."""
+    o = w.o
     return {
-        "folder": folder,
-        "star": star_path,
-        "stack": stack_path,
-        "iteration": s,
-        "last_iteration": last,
-        "ids": ids,
-        "half_set": half_set,
-        "groups": groups,
-        "chunks": chunks,
-        "rshifts": grid,
-        "previous_shifts": params[s - 1][1],
-        "bckgnoise": bck,
-        "fsc": fsc,
+        "constants": {
+            "stack": stack,
+            "nnxo": w.nnxo,
+            "pixel_size": float(w.particles.pixel_size),
+            "radius": int(o.radius if o.radius else w.nnxo // 2 - 2),
+            "symmetry": o.sym,
+            "mask3D": mask3d,
+            "best": None,
+            "ccfpercentage": o.ccfpercentage,
+        },
+        "delta": o.delta,
+        "ts": o.ts,
+        "xr": o.xr,
+        "nxinit": w.nnxo,
+        "bestres": int(0.3 * w.nnxo),
         "avgvaradj": avg,
-        "mask3d": mask3d,
-        **truth,
+        "mainiteration": None,
     }
+
+
+def _write_iteration(w, it, params, tracker):
+    """main<it>: from iteration 1 on, the smears (refang, rshifts, oldparamstructure), driver
+    FSC and bckgnoise; then params and the Tracker json. Returns the truth of the best
+    iteration (its smears and refang), else {}."""
+    d = os.path.join(w.folder, f"main{it:03d}")
+    os.makedirs(d, exist_ok=True)
+    ang, sh = params[it]
+    n = w.n
+    truth = {}
+    if it == 0:  # meridien's params_000: phi theta psi sx sy 0.0 1.0
+        table = np.column_stack([ang, sh, np.zeros(n), np.ones(n)])
+    else:  # phi theta psi sx sy prob norm*qt norm
+        refang, sm = _write_smears(w, d, it, params)
+        _fmt_rows(os.path.join(d, f"driver_{it:03d}.txt"), w.fsc[:, None])
+        if w.bck is not None:
+            write_images(os.path.join(d, "bckgnoise.hdf"), np.asarray(w.bck, np.float32), {})
+        if it == w.best:
+            truth = {"smears": sm, "refang": refang}
+        prob_best = np.array([p[0] for _, p in sm])
+        table = np.column_stack([ang, sh, prob_best, w.norm, w.norm])
+    _fmt_rows(os.path.join(d, f"params_{it:03d}.txt"), table)
+    best = dict(tracker["constants"], best=min(it, w.best))  # keys keep their places
+    doc = dict(tracker, constants=best, mainiteration=it)
+    with open(os.path.join(d, f"Tracker_{it:03d}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    return truth
+
+
+def _write_smears(w, d, it, params):
+    """Smears of iteration ``it`` around its params (the previous iteration's shifts give the
+    integer pre-shift): refang.txt, rshifts.txt and the oldparamstructure json of every chunk
+    and MPI rank block. Returns (refang, per-particle (hashes, probabilities))."""
+    o = w.o
+    ang, sh = params[it]
+    refang, sm = _smears_for(
+        ang,
+        sh,
+        params[it - 1][1],
+        w.rng,
+        delta=o.delta,
+        grid=w.grid,
+        smear=o.smear,
+        n_neighbours=o.n_neighbours,
+        ccfpercentage=o.ccfpercentage,
+        shift_rounding=o.shift_rounding,
+    )
+    _fmt_rows(os.path.join(d, "refang.txt"), refang)
+    _fmt_rows(os.path.join(d, "rshifts.txt"), w.grid)
+    od = os.path.join(d, "oldparamstructure")
+    os.makedirs(od, exist_ok=True)
+    for c, members in enumerate(w.chunks):
+        for r, (a, b) in enumerate(mpi_blocks(len(members), o.n_ranks)):
+            entries = [
+                [j, [0.0], [[int(h), float(p)] for h, p in zip(*sm[k])]]
+                for j, k in enumerate(members[a:b].tolist())
+            ]
+            with open(os.path.join(od, f"oldparamstructure_{c}_{r:03d}_{it:03d}.json"), "w") as f:
+                json.dump(entries, f)
+    return refang, sm

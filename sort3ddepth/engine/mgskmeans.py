@@ -352,100 +352,20 @@ def mgsk_pair(
     Returns the two best assignments and the sweep counts."""
     n = len(subset)
     og = merge_small_orientation_groups(orientation[subset], k, rng)
-    halves = maps_builder.d.half[subset]
-    rows_of = [np.nonzero(halves == h)[0] for h in (0, 1)]
+    sweeps = _PairSweeps(maps_builder, subset, k, og, rng, use_umat=use_umat, rmax_cap=rmax_cap)
     runs = [
         RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
         for init, sch in zip(inits, schedules)
     ]
     for r in runs:
         r.umat = np.eye(k)[r.labels] if use_umat else None
-    max_iter = MAX_ITER
     it = 0
-    # Fourier sums per half for the 2K maps of both runs, updated by the label changes only
-    sums = [None, None]
-    used = [np.zeros((n, 2 * k)), np.zeros((n, 2 * k))]
-    group_half = [(n / k) * rows_of[h].size / n for h in (0, 1)]
-    rmax = max(maps_builder.resolution_limit(g) for g in group_half)
-    if rmax_cap is not None and rmax_cap < rmax:
-        rmax = int(rmax_cap)
-        maps_builder = maps_builder.at_limit(rmax)
-    while it < max_iter and not all(r.done for r in runs):
+    while it < MAX_ITER and not all(r.done for r in runs):
         active = [r for r in runs if not r.done]
         for h in (1, 0):  # re-assign half h from maps of the other half
-            rows = rows_of[h]
-            if rows.size == 0:
-                continue
-            src = 1 - h
-            memb = np.zeros((n, 2 * k))
-            for j, r in enumerate(runs):
-                if use_umat:  # every image goes into every map with its fuzzy weight
-                    memb[:, j * k : (j + 1) * k] = r.umat
-                else:
-                    memb[np.arange(n), j * k + r.labels] = 1.0
-            memb[halves != src] = 0.0
-            delta = memb - used[src]
-            # a change inserts two entries (out of the old map, into the new): past half the
-            # images moved, summing the members afresh is cheaper
-            if sums[src] is None or np.count_nonzero(delta) > np.count_nonzero(memb):
-                sums[src] = maps_builder.accumulate(subset, memb, rmax=rmax)
-            elif np.any(delta):
-                dd, dw = maps_builder.accumulate(subset, delta, rmax=rmax)
-                sums[src][0].__iadd__(dd)
-                sums[src][1].__iadd__(dw)
-            used[src] = memb
-            cols = np.concatenate(
-                [np.arange(j * k, (j + 1) * k) for j, r in enumerate(runs) if not r.done]
-            )
-            maps = maps_builder.fourier_maps(
-                sums[src][0][cols], sums[src][1][cols], group_half[src]
-            )
-            scores = maps_builder.scores(
-                maps, subset, half=h, rmax=min(rmax, maps_builder.resolution_limit(group_half[src]))
-            )
-            for j, r in enumerate(active):
-                s = centre_per_orientation(scores[:, j * k : (j + 1) * k], og[rows])
-                new = constrained_assignment(s, r.min_size * rows.size / n, rng, og[rows])
-                if r.search:
-                    new = cap_oversized(new, k, rng)
-                old = r.labels[rows]
-                moved = np.nonzero(new != old)[0]
-                r.wanted += moved.size
-                if r.damped:  # break a cycle: only a random half of the moves is made
-                    stay = moved[rng.random(moved.size) < 0.5]
-                    new[stay] = old[stay]
-                if use_umat:
-                    frac = float(np.mean(new != old))
-                    r.umat[rows] = mix_memberships(
-                        rank_memberships(s), new, frac, r.min_size / max(r.schedule[0], 1)
-                    )
-                r.labels[rows] = new
+            sweeps.half_step(runs, active, h)
         for r in active:
-            # the change is what the images WANTED: damping halves the moves, not the measure,
-            # so a damped sweep cannot pass for a settled one (stop rule, best labels)
-            change = 100.0 * r.wanted / max(n, 1)
-            r.wanted = 0
-            r.changes.append(change)
-            r.n_iter += 1
-            if change < r.best_change or r.best_labels is None:
-                r.best_change, r.best_labels = change, r.labels.copy()
-            # unfrozen: walk the minimum size down once the assignment settles (< 50 % change)
-            at_last = r.step >= len(r.schedule) - 1
-            if not r.frozen and not at_last and change < 50.0 and not r.stepped_last:
-                r.step += 1
-                r.stepped_last = True
-            else:
-                r.stepped_last = False
-            at_last = r.step >= len(r.schedule) - 1
-            if change < STOP_CHANGE and (r.frozen or at_last):
-                r.done = True
-            elif _plateau(r):
-                if r.damped:
-                    r.done = True  # a second plateau, damped: a genuine optimum
-                else:
-                    # a first plateau is often a cycle (the same images flip every sweep under
-                    # alternating halves); damped moves let the run leave it
-                    r.damped, r.damped_at = True, r.n_iter
+            _end_sweep(r, n)
         if log:
             log(
                 f"{tag}MGSK-means iteration {it}: change % "
@@ -455,3 +375,119 @@ def mgsk_pair(
             )
         it += 1
     return [r.best_labels for r in runs], [r.n_iter for r in runs]
+
+
+class _PairSweeps:
+    """The half-steps of mgsk_pair. The Fourier sums of the 2K maps of both runs are kept per
+    half and updated by the label changes only (a full accumulation per half-step would
+    dominate the cost); the resolution limit is the one of a group of n/K images of a half, or
+    the caller's lower cap."""
+
+    def __init__(self, maps_builder, subset, k, og, rng, *, use_umat, rmax_cap):
+        n = len(subset)
+        self.subset, self.k, self.n, self.og, self.rng = subset, k, n, og, rng
+        self.use_umat = use_umat
+        self.halves = maps_builder.d.half[subset]
+        self.rows_of = [np.nonzero(self.halves == h)[0] for h in (0, 1)]
+        self.sums = [None, None]
+        self.used = [np.zeros((n, 2 * k)), np.zeros((n, 2 * k))]
+        self.group_half = [(n / k) * self.rows_of[h].size / n for h in (0, 1)]
+        rmax = max(maps_builder.resolution_limit(g) for g in self.group_half)
+        if rmax_cap is not None and rmax_cap < rmax:
+            rmax = int(rmax_cap)
+            maps_builder = maps_builder.at_limit(rmax)
+        self.maps_builder, self.rmax = maps_builder, rmax
+
+    def half_step(self, runs, active, h):
+        """Re-assign half ``h`` of every active run from the maps of the other half."""
+        rows = self.rows_of[h]
+        if rows.size == 0:
+            return
+        src = 1 - h
+        self._update_sums(runs, src)
+        k, mb = self.k, self.maps_builder
+        cols = np.concatenate(
+            [np.arange(j * k, (j + 1) * k) for j, r in enumerate(runs) if not r.done]
+        )
+        sums = self.sums[src]
+        maps = mb.fourier_maps(sums[0][cols], sums[1][cols], self.group_half[src])
+        scores = mb.scores(
+            maps,
+            self.subset,
+            half=h,
+            rmax=min(self.rmax, mb.resolution_limit(self.group_half[src])),
+        )
+        for j, r in enumerate(active):
+            self._reassign(r, scores[:, j * k : (j + 1) * k], rows)
+
+    def _update_sums(self, runs, src):
+        """The sums of half ``src`` brought to the runs' current memberships."""
+        n, k = self.n, self.k
+        memb = np.zeros((n, 2 * k))
+        for j, r in enumerate(runs):
+            if self.use_umat:  # every image goes into every map with its fuzzy weight
+                memb[:, j * k : (j + 1) * k] = r.umat
+            else:
+                memb[np.arange(n), j * k + r.labels] = 1.0
+        memb[self.halves != src] = 0.0
+        delta = memb - self.used[src]
+        # a change inserts two entries (out of the old map, into the new): past half the
+        # images moved, summing the members afresh is cheaper
+        if self.sums[src] is None or np.count_nonzero(delta) > np.count_nonzero(memb):
+            self.sums[src] = self.maps_builder.accumulate(self.subset, memb, rmax=self.rmax)
+        elif np.any(delta):
+            dd, dw = self.maps_builder.accumulate(self.subset, delta, rmax=self.rmax)
+            self.sums[src][0].__iadd__(dd)
+            self.sums[src][1].__iadd__(dw)
+        self.used[src] = memb
+
+    def _reassign(self, r, run_scores, rows):
+        """Run ``r``'s images ``rows`` to their preferred maps under its minimum size (a damped
+        run makes a random half of the moves); ``r.wanted`` counts what the images wanted."""
+        og, rng = self.og, self.rng
+        s = centre_per_orientation(run_scores, og[rows])
+        new = constrained_assignment(s, r.min_size * rows.size / self.n, rng, og[rows])
+        if r.search:
+            new = cap_oversized(new, self.k, rng)
+        old = r.labels[rows]
+        moved = np.nonzero(new != old)[0]
+        r.wanted += moved.size
+        if r.damped:  # break a cycle: only a random half of the moves is made
+            stay = moved[rng.random(moved.size) < 0.5]
+            new[stay] = old[stay]
+        if self.use_umat:
+            frac = float(np.mean(new != old))
+            r.umat[rows] = mix_memberships(
+                rank_memberships(s), new, frac, r.min_size / max(r.schedule[0], 1)
+            )
+        r.labels[rows] = new
+
+
+def _end_sweep(r, n):
+    """After a sweep: record run ``r``'s change, keep its best labels, step its minimum size
+    down (unfrozen runs) and decide whether it is done."""
+    # the change is what the images WANTED: damping halves the moves, not the measure,
+    # so a damped sweep cannot pass for a settled one (stop rule, best labels)
+    change = 100.0 * r.wanted / max(n, 1)
+    r.wanted = 0
+    r.changes.append(change)
+    r.n_iter += 1
+    if change < r.best_change or r.best_labels is None:
+        r.best_change, r.best_labels = change, r.labels.copy()
+    # unfrozen: walk the minimum size down once the assignment settles (< 50 % change)
+    at_last = r.step >= len(r.schedule) - 1
+    if not r.frozen and not at_last and change < 50.0 and not r.stepped_last:
+        r.step += 1
+        r.stepped_last = True
+    else:
+        r.stepped_last = False
+    at_last = r.step >= len(r.schedule) - 1
+    if change < STOP_CHANGE and (r.frozen or at_last):
+        r.done = True
+    elif _plateau(r):
+        if r.damped:
+            r.done = True  # a second plateau, damped: a genuine optimum
+        else:
+            # a first plateau is often a cycle (the same images flip every sweep under
+            # alternating halves); damped moves let the run leave it
+            r.damped, r.damped_at = True, r.n_iter

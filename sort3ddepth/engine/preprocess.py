@@ -246,7 +246,7 @@ def project_focus(focus_f, rots, nx):
     return (proj >= 1.0).astype(np.float32)
 
 
-def prepare(particles, comm, opts, rng, log=print):
+def prepare(particles, comm, opts, rng, *, log=print):
     """Build this rank's SortingData for the whole input (stack mode)."""
     n, box = len(particles), particles.box
     radius = float(opts.radius) if opts.radius and opts.radius > 0 else box // 2 - 2
@@ -269,45 +269,21 @@ def prepare(particles, comm, opts, rng, log=print):
     idx = np.arange(n)[sl]
     rots = particles.rotations[idx]
     r_nx = radius * nx / box
-    focus_f = focus_fourier(opts.focus_map, nx)
     # background noise power from a fixed set of particles (every stride-th index), summed
     # exactly: the same weights for any split over ranks
     stride = max(1, -(-n // NOISE_SAMPLE))
-    # the images stream through in chunks: only their sorting-size transforms stay
-    rec_f = np.empty((len(idx), nx, nx // 2 + 1), np.complex64)
-    comp_f = np.empty_like(rec_f)
-    # (None when the area outside the radius is too small to measure, on every rank alike)
-    noise_parts = [] if radius < box / 2 - 3 else None
-    for a, b, imgs in particles.iter_chunks(idx):
-        imgs = normalise_images(imgs, radius)
-        if noise_parts is not None:
-            noise_parts.append(
-                noise_power_rows(imgs[idx[a:b] % stride == 0], radius, box, nx // 2 + 2)
-            )
-        f = fourier.images_to_fourier(imgs)
-        del imgs
-        rec_f[a:b] = fourier.crop_fourier_images(
-            fourier.shift_images(f, particles.shifts[idx[a:b]]), nx
-        )
-        del f
-        comp_f[a:b] = comparison_images(rec_f[a:b], rots[a:b], r_nx, focus_f=focus_f)
-    noise_rows = (
-        None if noise_parts is None else np.concatenate([np.zeros((0, nx // 2 + 2))] + noise_parts)
+    rec_f, comp_f, noise_rows = _stack_images(
+        particles,
+        idx,
+        nx=nx,
+        radius=radius,
+        focus_f=focus_fourier(opts.focus_map, nx),
+        stride=stride,
     )
-
-    # background noise weights, one row for the stack (SPHIRE has one per particle group)
     shell_w = np.ones((1, nx // 2 + 2))
     if opts.apply_noise and noise_rows is not None:
         power = comm.exact_sum(noise_rows) / len(range(0, n, stride))
-        # the box is cropped to nx: shell k of nx is shell k of the original grid
-        valid = power[1:] > 0
-        if valid.any():
-            w = np.zeros_like(power)
-            w[1:][valid] = 1.0 / power[1:][valid]
-            w[0] = w[1]
-            w /= np.mean(w[1 : nx // 2])
-            shell_w[0] = w
-            log("background-noise weighting on (inverse power per shell, outside the radius)")
+        _noise_weights_from_power(shell_w, power, nx, log)
     coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
 
     mask = comparison_mask(opts.mask_map, nx, r_nx)
@@ -330,6 +306,51 @@ def prepare(particles, comm, opts, rng, log=print):
         np.asarray(og, np.int64),
         halves.astype(np.int64),
     )
+
+
+def _stack_images(particles, idx, *, nx, radius, focus_f, stride):
+    """(reconstruction images, comparison images, background power rows of every stride-th
+    particle or None) of this rank's particles ``idx``: the images stream through in chunks and
+    only their sorting-size transforms stay (a full-size stack would not fit in memory)."""
+    box = particles.box
+    rots = particles.rotations[idx]
+    r_nx = radius * nx / box
+    rec_f = np.empty((len(idx), nx, nx // 2 + 1), np.complex64)
+    comp_f = np.empty_like(rec_f)
+    # (None when the area outside the radius is too small to measure, on every rank alike)
+    noise_parts = [] if radius < box / 2 - 3 else None
+    for a, b, imgs in particles.iter_chunks(idx):
+        imgs = normalise_images(imgs, radius)
+        if noise_parts is not None:
+            noise_parts.append(
+                noise_power_rows(imgs[idx[a:b] % stride == 0], radius, box, nx // 2 + 2)
+            )
+        f = fourier.images_to_fourier(imgs)
+        del imgs
+        rec_f[a:b] = fourier.crop_fourier_images(
+            fourier.shift_images(f, particles.shifts[idx[a:b]]), nx
+        )
+        del f
+        comp_f[a:b] = comparison_images(rec_f[a:b], rots[a:b], r_nx, focus_f=focus_f)
+    noise_rows = (
+        None if noise_parts is None else np.concatenate([np.zeros((0, nx // 2 + 2))] + noise_parts)
+    )
+    return rec_f, comp_f, noise_rows
+
+
+def _noise_weights_from_power(shell_w, power, nx, log):
+    """Background-noise weights, one row for the stack (SPHIRE has one per particle group):
+    the inverse of the mean background power per shell (the box is cropped to nx: shell k of
+    nx is shell k of the original grid), scaled to mean 1; ``shell_w`` is left at ones when
+    no shell has power."""
+    valid = power[1:] > 0
+    if valid.any():
+        w = np.zeros_like(power)
+        w[1:][valid] = 1.0 / power[1:][valid]
+        w[0] = w[1]
+        w /= np.mean(w[1 : nx // 2])
+        shell_w[0] = w
+        log("background-noise weighting on (inverse power per shell, outside the radius)")
 
 
 def focus_fourier(focus_map, nx):
@@ -398,8 +419,6 @@ def prepare_meridien(ref, comm, opts, log=print):
       (smearing.LocalSmears), precomputed up to opts.smear_precompute entries per rank;
     * noise: the particle group's bckgnoise row weights the score and both data and weights of
       the reconstructions (unless --notapplybckgnoise)."""
-    from .smearing import LocalSmears
-
     particles = ref.particles
     n, box = len(particles), particles.box
     radius = float(ref.radius)
@@ -419,51 +438,24 @@ def prepare_meridien(ref, comm, opts, log=print):
     log(memory_line(n, box, comm.size, nx))
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
-    norm_factors = ref.norm_factors
     rots = particles.rotations[idx]
-    r_nx = radius * nx / box
-    focus_f = focus_fourier(opts.focus_map, nx)
-    # the images stream through in chunks: only their sorting-size transforms stay
-    base = np.empty((len(idx), nx, nx // 2 + 1), np.complex64)
-    comp_f = np.empty_like(base)
-    for a, b, imgs in particles.iter_chunks(idx):
-        f = fourier.images_to_fourier(normalise_images(imgs, radius, background=True))
-        del imgs
-        base[a:b] = fourier.crop_fourier_images(f, nx)
-        comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx[a:b]]), nx)
-        del f
-        comp *= norm_factors[idx[a:b]].astype(np.float32)[:, None, None]
-        comp_f[a:b] = comparison_images(comp, rots[a:b], r_nx, focus_f=focus_f)
-        del comp
+    base, comp_f = _meridien_images(
+        ref, idx, nx=nx, radius=radius, focus_f=focus_fourier(opts.focus_map, nx)
+    )
     shell_w = meridien_noise_weights(ref.bckgnoise, nx // 2 + 2, opts.apply_noise)
-    noise = bool(opts.apply_noise) and ref.bckgnoise is not None
-    if noise:
-        log(
-            f"background-noise weighting on: {ref.bckgnoise.shape[0]} particle group(s) from "
-            f"{ref.bckgnoise_path}"
-        )
-        groups = np.asarray(particles.group[idx], np.int64)
-    else:
-        log("background-noise weighting off")
-        groups = np.zeros(len(idx), np.int64)
+    groups = _noise_groups(ref, idx, opts.apply_noise, log)
     coefs = ctf_coefficients(particles.ctf.subset(idx), nx, particles.pixel_size * box / nx)
-    smears = LocalSmears.build(
-        ref.smears.subset(idx),
-        base,
-        box,
-        norm_factors[idx],
-        coefs,
-        groups,
-        getattr(opts, "smear_precompute", None),
+    smears = _local_smears(
+        ref,
+        comm,
+        idx,
+        base=base,
+        coefs=coefs,
+        groups=groups,
+        precompute=getattr(opts, "smear_precompute", None),
+        log=log,
     )
-    counts = comm.allgather((smears.n_precomputed, smears.n_entries))
-    done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    log(
-        f"smeared slices: {done} of {total} precomputed"
-        + (f" ({', '.join(f'{a}/{b}' for a, b in counts)} per rank)" if comm.size > 1 else "")
-        + ("" if done == total else "; the rest are built on the fly in every reconstruction")
-    )
-    mask = comparison_mask(opts.mask_map, nx, r_nx)
+    mask = comparison_mask(opts.mask_map, nx, radius * nx / box)
     og = orientation_groups(particles.rotations, ref.symmetry, opts.orientation_groups)
     half = np.asarray(particles.half_set, np.int64)
     return SortingData(
@@ -486,3 +478,64 @@ def prepare_meridien(ref, comm, opts, log=print):
         groups=groups,
         smears=smears,
     )
+
+
+def _meridien_images(ref, idx, *, nx, radius, focus_f):
+    """(unshifted images the smeared slices are made from, comparison images) of this rank's
+    particles ``idx`` at the sorting size, normalised on the background; the comparison images
+    are shifted exactly and scaled by the norm factors. The images stream through in chunks:
+    only their sorting-size transforms stay."""
+    particles = ref.particles
+    norm_factors = ref.norm_factors
+    rots = particles.rotations[idx]
+    r_nx = radius * nx / particles.box
+    base = np.empty((len(idx), nx, nx // 2 + 1), np.complex64)
+    comp_f = np.empty_like(base)
+    for a, b, imgs in particles.iter_chunks(idx):
+        f = fourier.images_to_fourier(normalise_images(imgs, radius, background=True))
+        del imgs
+        base[a:b] = fourier.crop_fourier_images(f, nx)
+        comp = fourier.crop_fourier_images(fourier.shift_images(f, particles.shifts[idx[a:b]]), nx)
+        del f
+        comp *= norm_factors[idx[a:b]].astype(np.float32)[:, None, None]
+        comp_f[a:b] = comparison_images(comp, rots[a:b], r_nx, focus_f=focus_f)
+        del comp
+    return base, comp_f
+
+
+def _noise_groups(ref, idx, apply_noise, log):
+    """Each local particle's row of the noise weights: its micrograph group when the
+    refinement's bckgnoise weights the data, else row 0 (ones) for every particle."""
+    if bool(apply_noise) and ref.bckgnoise is not None:
+        log(
+            f"background-noise weighting on: {ref.bckgnoise.shape[0]} particle group(s) from "
+            f"{ref.bckgnoise_path}"
+        )
+        return np.asarray(ref.particles.group[idx], np.int64)
+    log("background-noise weighting off")
+    return np.zeros(len(idx), np.int64)
+
+
+def _local_smears(ref, comm, idx, *, base, coefs, groups, precompute, log):
+    """This rank's smearing.LocalSmears (slices precomputed up to ``precompute`` entries),
+    and a log line with how many slices of all ranks are precomputed: the rest are built in
+    every reconstruction, which the user should know is the slow path."""
+    from .smearing import LocalSmears
+
+    smears = LocalSmears.build(
+        ref.smears.subset(idx),
+        base,
+        ref.particles.box,
+        ref.norm_factors[idx],
+        coefs,
+        groups,
+        precompute,
+    )
+    counts = comm.allgather((smears.n_precomputed, smears.n_entries))
+    done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    log(
+        f"smeared slices: {done} of {total} precomputed"
+        + (f" ({', '.join(f'{a}/{b}' for a, b in counts)} per rank)" if comm.size > 1 else "")
+        + ("" if done == total else "; the rest are built on the fly in every reconstruction")
+    )
+    return smears

@@ -33,7 +33,7 @@ from .symmetry import parse_symmetry
 MIN_NEXT_GENERATION = 100
 
 
-def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_noise=True):
+def final_maps(particles, clusters, comm, *, rng, sym, meridien=None, apply_noise=True):
     """Full-size maps of each index set: exact shifts, CTF, Wiener-filtered with the set's own
     half-map FSC. Returns maps, the FSC-0.143 resolution (Å) and the half-map FSC curve of each
     set. The images stream through chunk by chunk (particles.iter_chunks): at the full box, one
@@ -43,17 +43,9 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
     and every particle is inserted through its smear entries (as the sorting maps, with the norm
     factors and, unless turned off, the background-noise rows in data and weights alike), the
     slices built on the fly chunk by chunk."""
-    from .particles import chunk_images
-    from .preprocess import fourier_chunk
-    from .reconstruction import (
-        FINAL_SETS_AT_ONCE,
-        backproject_smeared_streamed,
-        backproject_streamed,
-        chunk_ranges,
-    )
+    from .reconstruction import FINAL_SETS_AT_ONCE
 
     box, apix = particles.box, particles.pixel_size
-    pad = 2 if box <= 160 else 1
     sl = comm.local_slice(len(particles))
     idx = np.arange(len(particles))[sl]
     maps, res, curves = [], [], []
@@ -61,31 +53,9 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         halves = rng.integers(0, 2, len(particles))
     else:
         halves = np.asarray(particles.half_set, np.int64)
-        noise = apply_noise and meridien.bckgnoise is not None
-        shell_w = meridien_noise_weights(meridien.bckgnoise, box // 2 + 2, noise)
-        norm_factors = meridien.norm_factors
-    radius = box // 2 - 2 if meridien is None else meridien.radius
+    ins = _FinalInsertion(particles, meridien, apply_noise)
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
-    chunk = chunk_images(box)
-    # every image's largest Fourier component (the fixed-point bounds), measured once
-    in_any = np.zeros(len(particles), bool)
-    for c in clusters:
-        in_any[c] = True
-    every = idx[in_any[idx]]
-    shifts = particles.shifts if meridien is None else None
-
-    def make(sel):
-        return lambda a, b: fourier_chunk(
-            particles.load_images(sel[a:b]),
-            None if shifts is None else shifts[sel[a:b]],
-            radius,
-            box,
-            background=meridien is not None,
-        )
-
-    value_max = np.zeros(len(particles))
-    for a, b in chunk_ranges(len(every), chunk):
-        value_max[every[a:b]] = fourier.component_max(make(every)(a, b))
+    value_max = ins.value_max(idx, clusters)
     for start in range(0, len(clusters), FINAL_SETS_AT_ONCE):
         batch = clusters[start : start + FINAL_SETS_AT_ONCE]
         lab = np.full(len(particles), -1)
@@ -94,36 +64,7 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
         sel = idx[lab[idx] >= 0]
         memb = np.zeros((len(sel), 2 * len(batch)))
         memb[np.arange(len(sel)), 2 * lab[sel] + halves[sel]] = 1.0
-        coefs = ctf_coefficients(particles.ctf.subset(sel), box, apix)
-        if meridien is None:
-            data, w = backproject_streamed(
-                make(sel),
-                len(sel),
-                particles.rotations[sel],
-                memb,
-                coefs,
-                box,
-                pad=pad,
-                chunk=chunk,
-                value_max=value_max[sel],
-                comm=comm,
-            )
-        else:
-            groups = particles.group[sel] if noise else np.zeros(len(sel), np.int64)
-            data, w = backproject_smeared_streamed(
-                make(sel),
-                meridien.smears.subset(sel),
-                norm_factors[sel],
-                coefs,
-                groups,
-                memb,
-                box,
-                pad,
-                shell_w,
-                chunk=chunk,
-                base_max=value_max[sel],
-                comm=comm,
-            )
+        data, w = ins.backproject(sel, memb, value_max[sel], comm)
         for j in range(len(batch)):
             h = reconstruct(data[2 * j : 2 * j + 2], w[2 * j : 2 * j + 2], box, symmetry=sym)
             curve = fsc(h[0] * mask, h[1] * mask)
@@ -137,6 +78,91 @@ def final_maps(particles, clusters, comm, rng, sym, log, meridien=None, apply_no
             maps.append(m * soft_sphere_mask(box, box // 2 - 2, edge=2))
         del data, w
     return maps, res, curves
+
+
+class _FinalInsertion:
+    """How the final maps insert the images, the one place that differs between the modes:
+    stack mode shifts each image and inserts it once; meridien mode normalises on the
+    background and inserts it through its smear entries with the norm factors and the
+    background-noise rows (as the sorting maps did, so the final maps show what was sorted)."""
+
+    def __init__(self, particles, meridien, apply_noise):
+        from .particles import chunk_images
+
+        box = particles.box
+        self.particles, self.meridien = particles, meridien
+        self.pad = 2 if box <= 160 else 1
+        self.chunk = chunk_images(box)
+        self.radius = box // 2 - 2 if meridien is None else meridien.radius
+        self.shifts = particles.shifts if meridien is None else None
+        if meridien is not None:
+            self.noise = apply_noise and meridien.bckgnoise is not None
+            self.shell_w = meridien_noise_weights(meridien.bckgnoise, box // 2 + 2, self.noise)
+            self.norm_factors = meridien.norm_factors
+
+    def images(self, sel):
+        """A function (a, b) -> the Fourier images of sel[a:b] at the full box."""
+        from .preprocess import fourier_chunk
+
+        p, shifts = self.particles, self.shifts
+        return lambda a, b: fourier_chunk(
+            p.load_images(sel[a:b]),
+            None if shifts is None else shifts[sel[a:b]],
+            self.radius,
+            p.box,
+            background=self.meridien is not None,
+        )
+
+    def value_max(self, idx, clusters):
+        """Every image's largest Fourier component (the fixed-point bounds of the exact sums),
+        measured once for the images of any set."""
+        from .reconstruction import chunk_ranges
+
+        n = len(self.particles)
+        in_any = np.zeros(n, bool)
+        for c in clusters:
+            in_any[c] = True
+        every = idx[in_any[idx]]
+        value_max = np.zeros(n)
+        for a, b in chunk_ranges(len(every), self.chunk):
+            value_max[every[a:b]] = fourier.component_max(self.images(every)(a, b))
+        return value_max
+
+    def backproject(self, sel, memb, value_max, comm):
+        """(data, weights) of the half maps of a batch of sets (``memb``: one column per set
+        and half) from the local images ``sel``, summed over the ranks."""
+        from .reconstruction import backproject_smeared_streamed, backproject_streamed
+
+        p, box = self.particles, self.particles.box
+        coefs = ctf_coefficients(p.ctf.subset(sel), box, p.pixel_size)
+        if self.meridien is None:
+            return backproject_streamed(
+                self.images(sel),
+                len(sel),
+                p.rotations[sel],
+                memb,
+                coefs,
+                box,
+                pad=self.pad,
+                chunk=self.chunk,
+                value_max=value_max,
+                comm=comm,
+            )
+        groups = p.group[sel] if self.noise else np.zeros(len(sel), np.int64)
+        return backproject_smeared_streamed(
+            self.images(sel),
+            self.meridien.smears.subset(sel),
+            self.norm_factors[sel],
+            coefs,
+            groups,
+            memb,
+            box,
+            self.pad,
+            self.shell_w,
+            chunk=self.chunk,
+            base_max=value_max,
+            comm=comm,
+        )
 
 
 def _box_stats(x):
@@ -509,9 +535,8 @@ def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_si
         particles,
         sets,
         comm,
-        np.random.default_rng(opts.seed + 1),
-        sym if sym.order > 1 else None,
-        log,
+        rng=np.random.default_rng(opts.seed + 1),
+        sym=sym if sym.order > 1 else None,
         meridien=ref,
         apply_noise=opts.apply_noise,
     )

@@ -109,7 +109,8 @@ class ImageStack:
         return self.shape[0]
 
     def __repr__(self):
-        return "ImageStack(%d images of %dx%d in %d file(s))" % (self.shape + (len(self.files),))
+        n, ny, nx = self.shape
+        return f"ImageStack({n} images of {ny}x{nx} in {len(self.files)} file(s))"
 
     # -- file access ---------------------------------------------------------------------------
     def data(self, file_id):
@@ -159,7 +160,7 @@ class ImageStack:
             if i < 0:
                 i += n
             if not 0 <= i < n:
-                raise IndexError("image %d out of range for %d images" % (int(sel), n))
+                raise IndexError(f"image {int(sel)} out of range for {n} images")
             d = self.data(int(self.file_index[i]))
             return np.array(d[self.image_index[i]], dtype=np.float32)
         if sel is Ellipsis:
@@ -170,7 +171,7 @@ class ImageStack:
             idx = np.asarray(sel)
             if idx.dtype == bool:
                 if idx.shape != (n,):
-                    raise IndexError("boolean mask of shape %s for %d images" % (idx.shape, n))
+                    raise IndexError(f"boolean mask of shape {idx.shape} for {n} images")
                 idx = np.flatnonzero(idx)
             elif idx.size == 0:
                 idx = np.zeros(0, dtype=np.intp)
@@ -182,7 +183,7 @@ class ImageStack:
                 raise IndexError("image index arrays must be one-dimensional")
             idx = idx.astype(np.intp)
             if idx.size and (idx.min() < -n or idx.max() >= n):
-                raise IndexError("image index out of range for %d images" % n)
+                raise IndexError(f"image index out of range for {n} images")
             idx = np.where(idx < 0, idx + n, idx)
         return self._read(idx)
 
@@ -234,9 +235,7 @@ class ImageStack:
 
 class _RowError(Exception):
     def __init__(self, lineno, expected, found):
-        super().__init__(
-            "line %d has %d values, expected %d (one per column)" % (lineno, found, expected)
-        )
+        super().__init__(f"line {lineno} has {found} values, expected {expected} (one per column)")
         self.lineno = lineno
 
 
@@ -330,7 +329,8 @@ class _Block:
 
     def where(self, i):
         line = self.row_lines[i] if i < len(self.row_lines) else None
-        return "%s %d%s" % (self.row_word, i + 1, "" if line is None else " (line %d)" % line)
+        at_line = "" if line is None else f" (line {line})"
+        return f"{self.row_word} {i + 1}{at_line}"
 
     def floats(self, name):
         vals = self.cols[name]
@@ -465,157 +465,13 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
     missing or inconsistent input. See the module docstring for the conventions.
     """
     star = os.path.abspath(os.fspath(path))
-    blocks = _read_blocks(star)
-
-    optics = next((b for b in blocks if b.name == "optics" and b.columns), None)
-    parts = next((b for b in blocks if b.name == "particles"), None)
-    if parts is None:
-        parts = next((b for b in blocks if b is not optics and "rlnImageName" in b.columns), None)
-    if parts is None:
-        raise _err(
-            star,
-            "no particle table (no data_particles block and no table with an rlnImageName column)",
-        )
-    for b in (optics, parts):
-        if b is not None and b.error:
-            raise _err(star, f"{b.label}: {b.error}")
-    style = "3.1" if optics is not None else "3.0"
-    n = parts.n
-    if n == 0:
-        raise _err(star, f"the particle table {parts.label} is empty")
-    if not parts.loop:
-        raise _err(star, f"the particle table {parts.label} is not a loop_ table")
-
-    # -- required columns --------------------------------------------------------------------
-    def has(name):
-        return name in parts.cols or (
-            optics is not None and name in optics.cols and name in _OPTICS_COLUMNS
-        )
-
-    required = ["rlnImageName"]
-    if require_angles:
-        required += list(_ANGLE_COLUMNS)
-    if require_ctf:
-        required += list(_CTF_COLUMNS)
-    for pair in (("rlnOriginXAngst", "rlnOriginYAngst"), ("rlnOriginX", "rlnOriginY")):
-        if has(pair[0]) != has(pair[1]):
-            required += list(pair)
-    missing = [c for c in dict.fromkeys(required) if not has(c)]
-    if missing:
-        where = parts.label if optics is None else f"{optics.label} or {parts.label}"
-        raise _err(
-            star,
-            "missing required column{} {} (looked in {})".format(
-                "s" if len(missing) > 1 else "", ", ".join(missing), where
-            ),
-        )
-
-    # -- optics groups ---------------------------------------------------------------------------
-    opt_row = None
-    if optics is not None:
-        if optics.n == 0:
-            raise _err(star, f"the optics table {optics.label} is empty")
-        if "rlnOpticsGroup" in parts.cols:
-            groups = parts.ints("rlnOpticsGroup")
-            if "rlnOpticsGroup" in optics.cols:
-                ids = optics.ints("rlnOpticsGroup")
-            elif optics.n == 1:
-                ids = np.array([groups[0]])
-            else:
-                raise _err(
-                    star,
-                    "missing column rlnOpticsGroup in %s (it has %d rows)"
-                    % (optics.label, optics.n),
-                )
-            lookup = {int(g): k for k, g in enumerate(ids)}
-            opt_row = np.empty(n, dtype=np.intp)
-            for i, g in enumerate(groups.tolist()):
-                k = lookup.get(g)
-                if k is None:
-                    raise _err(
-                        star,
-                        "rlnOpticsGroup %d at %s is not in %s" % (g, parts.where(i), optics.label),
-                    )
-                opt_row[i] = k
-        elif optics.n == 1:
-            opt_row = np.zeros(n, dtype=np.intp)
-        else:
-            raise _err(
-                star,
-                "missing column rlnOpticsGroup in %s (%s has %d optics groups)"
-                % (parts.label, optics.label, optics.n),
-            )
-
-    def value(name):
-        """Per-particle float64 values of a column (optics-level columns broadcast), or None."""
-        if optics is not None and name in _OPTICS_COLUMNS and name in optics.cols:
-            return optics.floats(name)[opt_row]
-        if name in parts.cols:
-            return parts.floats(name)
-        return None
-
-    # -- pixel size ----------------------------------------------------------------------------
-    ps = value("rlnImagePixelSize")
-    ps_name = "rlnImagePixelSize"
-    if ps is None:
-        ps, ps_name = value("rlnPixelSize"), "rlnPixelSize"
-    if ps is None:
-        det, mag = value("rlnDetectorPixelSize"), value("rlnMagnification")
-        if det is None or mag is None:
-            raise _err(
-                star,
-                "pixel size missing: need rlnImagePixelSize (or rlnPixelSize), or "
-                "rlnDetectorPixelSize and rlnMagnification",
-            )
-        if (mag <= 0).any():
-            i = int(np.argmax(mag <= 0))
-            raise _err(star, f"rlnMagnification {float(mag[i])!r} <= 0 at {parts.where(i)}")
-        ps, ps_name = det * 1e4 / mag, "rlnDetectorPixelSize * 1e4 / rlnMagnification"
-    if (ps <= 0).any():
-        i = int(np.argmax(ps <= 0))
-        raise _err(star, f"pixel size ({ps_name}) is {float(ps[i])!r} <= 0 at {parts.where(i)}")
-    pixel_size = float(ps[0])
-    spread = np.abs(ps - pixel_size) > 1e-4 * pixel_size
-    if spread.any():
-        i = int(np.argmax(spread))
-        raise _err(
-            star,
-            f"the pixel size ({ps_name}) differs between particles: {pixel_size:.6g} at {parts.where(0)} but {float(ps[i]):.6g} at {parts.where(i)}",
-        )
-
-    # -- angles, shifts, CTF, labels -------------------------------------------------------------
-    angles = np.zeros((n, 3))
-    for k, name in enumerate(_ANGLE_COLUMNS):
-        if name in parts.cols:
-            angles[:, k] = parts.floats(name)
-    shifts = np.zeros((n, 2))
-    if has("rlnOriginXAngst"):
-        shifts[:, 0] = value("rlnOriginXAngst") / ps
-        shifts[:, 1] = value("rlnOriginYAngst") / ps
-    elif has("rlnOriginX"):
-        shifts[:, 0] = value("rlnOriginX")
-        shifts[:, 1] = value("rlnOriginY")
-
-    ctf_missing = []
-
-    def ctf_value(name):
-        v = value(name)
-        if v is None:
-            ctf_missing.append(name)
-            v = np.full(n, _CTF_DEFAULTS[name])
-        return v
-
-    ctf = CTFParams(
-        ctf_value("rlnDefocusU"),
-        ctf_value("rlnDefocusV"),
-        ctf_value("rlnDefocusAngle"),
-        ctf_value("rlnVoltage"),
-        ctf_value("rlnSphericalAberration"),
-        ctf_value("rlnAmplitudeContrast"),
-        value("rlnPhaseShift") if has("rlnPhaseShift") else np.zeros(n),
-        value("rlnCtfBfactor"),
-    )
-
+    optics, parts = _particle_tables(star, _read_blocks(star))
+    # which columns exist does not depend on the optics rows: checked before they are read
+    _check_required(star, _Columns(parts, optics, None), require_angles, require_ctf)
+    cols = _Columns(parts, optics, _optics_rows(star, parts, optics))
+    pixel_size, ps = _pixel_size(star, cols)
+    angles, shifts = _poses(cols, ps)
+    ctf, ctf_missing = _ctf_params(cols)
     micrograph = (
         np.array(parts.cols["rlnMicrographName"], dtype=str)
         if "rlnMicrographName" in parts.cols
@@ -624,32 +480,11 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
     norm = parts.floats("rlnNormCorrection") if "rlnNormCorrection" in parts.cols else None
     # RELION numbers classes from 1; class_label is 0-based
     class_label = parts.ints("rlnClassNumber") - 1 if "rlnClassNumber" in parts.cols else None
-    half_set = None
-    if "rlnRandomSubset" in parts.cols:
-        sub = parts.ints("rlnRandomSubset")
-        bad = (sub != 1) & (sub != 2)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise _err(
-                star, "rlnRandomSubset must be 1 or 2, found %d at %s" % (sub[i], parts.where(i))
-            )
-        half_set = sub - 1
-    group = None
-    if "rlnGroupNumber" in parts.cols:
-        grp = parts.ints("rlnGroupNumber")
-        if (grp < 1).any():
-            i = int(np.argmax(grp < 1))
-            raise _err(
-                star, "rlnGroupNumber must be >= 1, found %d at %s" % (grp[i], parts.where(i))
-            )
-        group = grp - 1
-
-    # -- images ----------------------------------------------------------------------------------
-    images = _open_images(star, parts, value("rlnImageSize"), check_finite)
-
+    half_set, group = _subsets_and_groups(star, parts)
+    images = _open_images(star, parts, cols.value("rlnImageSize"), check_finite)
     source = {
         "star_path": star,
-        "style": style,
+        "style": "3.1" if optics is not None else "3.0",
         "optics": optics.table if optics is not None else None,
         "particles_table": parts.table,
         "columns": list(parts.columns),
@@ -671,7 +506,256 @@ def read_star(path, require_angles=True, require_ctf=True, check_finite=True):
     )
 
 
+def _particle_tables(star, blocks):
+    """(optics block or None, particle block): the particle table is data_particles, else the
+    first other table with rlnImageName (RELION 3.0 files name it freely); either one that
+    failed to parse, or an empty or non-loop particle table, is refused here, before any column
+    is read, so the message names the table rather than a column of it."""
+    optics = next((b for b in blocks if b.name == "optics" and b.columns), None)
+    parts = next((b for b in blocks if b.name == "particles"), None)
+    if parts is None:
+        parts = next((b for b in blocks if b is not optics and "rlnImageName" in b.columns), None)
+    if parts is None:
+        raise _err(
+            star,
+            "no particle table (no data_particles block and no table with an rlnImageName column)",
+        )
+    for b in (optics, parts):
+        if b is not None and b.error:
+            raise _err(star, f"{b.label}: {b.error}")
+    if parts.n == 0:
+        raise _err(star, f"the particle table {parts.label} is empty")
+    if not parts.loop:
+        raise _err(star, f"the particle table {parts.label} is not a loop_ table")
+    return optics, parts
+
+
+class _Columns:
+    """The columns of a particle table as the reader sees them: an optics-level column (RELION
+    3.1) is broadcast to the particles through ``opt_row`` (each particle's optics row), so the
+    rest of the reader asks one place for a value whichever table holds it."""
+
+    def __init__(self, parts, optics, opt_row):
+        self.parts, self.optics, self.opt_row = parts, optics, opt_row
+        self.n = parts.n
+
+    def has(self, name):
+        optics = self.optics
+        return name in self.parts.cols or (
+            optics is not None and name in optics.cols and name in _OPTICS_COLUMNS
+        )
+
+    def value(self, name):
+        """Per-particle float64 values of a column (optics-level columns broadcast), or None."""
+        optics = self.optics
+        if optics is not None and name in _OPTICS_COLUMNS and name in optics.cols:
+            return optics.floats(name)[self.opt_row]
+        if name in self.parts.cols:
+            return self.parts.floats(name)
+        return None
+
+
+def _check_required(star, cols, require_angles, require_ctf):
+    """Every missing column named in one message (with the tables looked in), so a user fixes
+    the file once; an origin column is required when its partner (X or Y) is present."""
+    required = ["rlnImageName"]
+    if require_angles:
+        required += list(_ANGLE_COLUMNS)
+    if require_ctf:
+        required += list(_CTF_COLUMNS)
+    for pair in (("rlnOriginXAngst", "rlnOriginYAngst"), ("rlnOriginX", "rlnOriginY")):
+        if cols.has(pair[0]) != cols.has(pair[1]):
+            required += list(pair)
+    missing = [c for c in dict.fromkeys(required) if not cols.has(c)]
+    if missing:
+        parts, optics = cols.parts, cols.optics
+        where = parts.label if optics is None else f"{optics.label} or {parts.label}"
+        raise _err(
+            star,
+            "missing required column{} {} (looked in {})".format(
+                "s" if len(missing) > 1 else "", ", ".join(missing), where
+            ),
+        )
+
+
+def _optics_rows(star, parts, optics):
+    """Each particle's row in the optics table (None for a RELION 3.0 file). A single optics
+    group needs no rlnOpticsGroup column; several do, and every group a particle names must be
+    in the optics table."""
+    if optics is None:
+        return None
+    n = parts.n
+    if optics.n == 0:
+        raise _err(star, f"the optics table {optics.label} is empty")
+    if "rlnOpticsGroup" not in parts.cols:
+        if optics.n == 1:
+            return np.zeros(n, dtype=np.intp)
+        raise _err(
+            star,
+            f"missing column rlnOpticsGroup in {parts.label} ({optics.label} has {optics.n} "
+            "optics groups)",
+        )
+    groups = parts.ints("rlnOpticsGroup")
+    if "rlnOpticsGroup" in optics.cols:
+        ids = optics.ints("rlnOpticsGroup")
+    elif optics.n == 1:
+        ids = np.array([groups[0]])
+    else:
+        raise _err(
+            star,
+            f"missing column rlnOpticsGroup in {optics.label} (it has {optics.n} rows)",
+        )
+    lookup = {int(g): k for k, g in enumerate(ids)}
+    opt_row = np.empty(n, dtype=np.intp)
+    for i, g in enumerate(groups.tolist()):
+        k = lookup.get(g)
+        if k is None:
+            raise _err(
+                star,
+                f"rlnOpticsGroup {g} at {parts.where(i)} is not in {optics.label}",
+            )
+        opt_row[i] = k
+    return opt_row
+
+
+def _pixel_size(star, cols):
+    """(pixel size, per-particle pixel sizes): rlnImagePixelSize, else rlnPixelSize, else
+    RELION 3.0's rlnDetectorPixelSize [µm] * 1e4 / rlnMagnification; positive and the same for
+    every particle (one sorting grid), the message naming the column it came from."""
+    parts = cols.parts
+    ps = cols.value("rlnImagePixelSize")
+    ps_name = "rlnImagePixelSize"
+    if ps is None:
+        ps, ps_name = cols.value("rlnPixelSize"), "rlnPixelSize"
+    if ps is None:
+        det, mag = cols.value("rlnDetectorPixelSize"), cols.value("rlnMagnification")
+        if det is None or mag is None:
+            raise _err(
+                star,
+                "pixel size missing: need rlnImagePixelSize (or rlnPixelSize), or "
+                "rlnDetectorPixelSize and rlnMagnification",
+            )
+        if (mag <= 0).any():
+            i = int(np.argmax(mag <= 0))
+            raise _err(star, f"rlnMagnification {float(mag[i])!r} <= 0 at {parts.where(i)}")
+        ps, ps_name = det * 1e4 / mag, "rlnDetectorPixelSize * 1e4 / rlnMagnification"
+    if (ps <= 0).any():
+        i = int(np.argmax(ps <= 0))
+        raise _err(star, f"pixel size ({ps_name}) is {float(ps[i])!r} <= 0 at {parts.where(i)}")
+    pixel_size = float(ps[0])
+    spread = np.abs(ps - pixel_size) > 1e-4 * pixel_size
+    if spread.any():
+        i = int(np.argmax(spread))
+        raise _err(
+            star,
+            f"the pixel size ({ps_name}) differs between particles: {pixel_size:.6g} at {parts.where(0)} but {float(ps[i]):.6g} at {parts.where(i)}",
+        )
+    return pixel_size, ps
+
+
+def _poses(cols, ps):
+    """(angles (n, 3) degrees, shifts (n, 2) pixels): absent angle columns are 0 (allowed with
+    require_angles=False); RELION 3.1 origins in Å are divided by each particle's pixel size."""
+    n, parts = cols.n, cols.parts
+    angles = np.zeros((n, 3))
+    for k, name in enumerate(_ANGLE_COLUMNS):
+        if name in parts.cols:
+            angles[:, k] = parts.floats(name)
+    shifts = np.zeros((n, 2))
+    if cols.has("rlnOriginXAngst"):
+        shifts[:, 0] = cols.value("rlnOriginXAngst") / ps
+        shifts[:, 1] = cols.value("rlnOriginYAngst") / ps
+    elif cols.has("rlnOriginX"):
+        shifts[:, 0] = cols.value("rlnOriginX")
+        shifts[:, 1] = cols.value("rlnOriginY")
+    return angles, shifts
+
+
+def _ctf_params(cols):
+    """(CTFParams, names of the CTF columns that were absent): with require_ctf=False an absent
+    column takes its _CTF_DEFAULTS value, and the names are kept in the source so that a caller
+    can tell a real CTF from defaults."""
+    n = cols.n
+    ctf_missing = []
+
+    def ctf_value(name):
+        v = cols.value(name)
+        if v is None:
+            ctf_missing.append(name)
+            v = np.full(n, _CTF_DEFAULTS[name])
+        return v
+
+    ctf = CTFParams(
+        ctf_value("rlnDefocusU"),
+        ctf_value("rlnDefocusV"),
+        ctf_value("rlnDefocusAngle"),
+        ctf_value("rlnVoltage"),
+        ctf_value("rlnSphericalAberration"),
+        ctf_value("rlnAmplitudeContrast"),
+        cols.value("rlnPhaseShift") if cols.has("rlnPhaseShift") else np.zeros(n),
+        cols.value("rlnCtfBfactor"),
+    )
+    return ctf, ctf_missing
+
+
+def _subsets_and_groups(star, parts):
+    """(half_set, group), 0-based, or None where the column is absent: RELION's 1-based
+    rlnRandomSubset must be 1 or 2 and rlnGroupNumber >= 1 (a 0 would index row -1 of the
+    noise model silently)."""
+    half_set = None
+    if "rlnRandomSubset" in parts.cols:
+        sub = parts.ints("rlnRandomSubset")
+        bad = (sub != 1) & (sub != 2)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise _err(star, f"rlnRandomSubset must be 1 or 2, found {sub[i]} at {parts.where(i)}")
+        half_set = sub - 1
+    group = None
+    if "rlnGroupNumber" in parts.cols:
+        grp = parts.ints("rlnGroupNumber")
+        if (grp < 1).any():
+            i = int(np.argmax(grp < 1))
+            raise _err(star, f"rlnGroupNumber must be >= 1, found {grp[i]} at {parts.where(i)}")
+        group = grp - 1
+    return half_set, group
+
+
 def _open_images(star, parts, image_size, check_finite):
+    """The ImageStack of the particles' rlnImageName entries, every file opened and checked
+    (dimensions, one box size, indices in range, rlnImageSize, optionally finite pixels) before
+    any sorting starts, so a bad file stops the run at once with its name."""
+    file_of, index_of, names, first_row = _parse_image_names(star, parts)
+    files = _find_image_files(star, parts, names, first_row)
+    stack = ImageStack(files, file_of, index_of, box=0)
+    box, counts = _stack_sizes(star, parts, stack, first_row)
+    stack.shape = (parts.n, int(box), int(box))
+
+    bad = index_of >= counts[file_of]
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise _err(
+            star,
+            f"image index {index_of[i] + 1} out of range in image file {files[file_of[i]]}, which "
+            f"holds {counts[file_of[i]]} image(s) (rlnImageName at {parts.where(i)})",
+        )
+    if image_size is not None:
+        bad = image_size != box
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise _err(
+                star,
+                f"rlnImageSize {int(image_size[i])} at {parts.where(i)} does not match the "
+                f"{box}-pixel images in {files[file_of[i]]}",
+            )
+    if check_finite:
+        _check_finite(star, parts, stack, file_of, index_of)
+    return stack
+
+
+def _parse_image_names(star, parts):
+    """rlnImageName ``index@path`` (RELION's ``:mrcs`` suffix dropped; a bare path is image 1)
+    -> (file of each particle, 0-based index in it, the distinct paths as written, the first
+    particle row naming each path, for messages)."""
     n = parts.n
     raw_ids, first_row = {}, []
     file_of = np.empty(n, dtype=np.intp)
@@ -700,10 +784,15 @@ def _open_images(star, parts, image_size, check_finite):
             first_row.append(i)
         file_of[i] = fid
         index_of[i] = k - 1
+    return file_of, index_of, list(raw_ids), first_row
 
+
+def _find_image_files(star, parts, names, first_row):
+    """Each image file path resolved the way RELION does (_resolver); one that cannot be found
+    is named with the row that refers to it and every place looked in."""
     resolve = _resolver(star)
     files = []
-    for p, fid in raw_ids.items():
+    for fid, p in enumerate(names):
         found = resolve(p)
         if found is None:
             raise _err(
@@ -713,11 +802,16 @@ def _open_images(star, parts, image_size, check_finite):
                 "parents",
             )
         files.append(found)
+    return files
 
-    stack = ImageStack(files, file_of, index_of, box=0)
-    counts = np.empty(len(files), dtype=np.intp)
+
+def _stack_sizes(star, parts, stack, first_row):
+    """(box, images per file): every file must open as real-valued 2D or 3D data of square
+    images, all files of one box size; the message names the file (and the first row using
+    it when the file cannot be read at all)."""
+    counts = np.empty(len(stack.files), dtype=np.intp)
     box, box_file = None, None
-    for fid, fname in enumerate(files):
+    for fid, fname in enumerate(stack.files):
         try:
             data = stack.data(fid)
             ndim = stack._open[fid].data.ndim
@@ -727,52 +821,26 @@ def _open_images(star, parts, image_size, check_finite):
                 f"cannot read image file {fname} (rlnImageName at {parts.where(first_row[fid])}): {_one_line(e)}",
             ) from None
         if ndim not in (2, 3):
-            raise _err(
-                star, "image file %s holds %dD data, expected an image stack" % (fname, ndim)
-            )
+            raise _err(star, f"image file {fname} holds {ndim}D data, expected an image stack")
         if np.iscomplexobj(data):
             raise _err(
                 star,
-                "image file %s holds complex data (MRC mode %d)"
-                % (fname, int(stack._open[fid].header.mode)),
+                f"image file {fname} holds complex data "
+                f"(MRC mode {int(stack._open[fid].header.mode)})",
             )
         nz, ny, nx = data.shape
         if ny != nx:
-            raise _err(
-                star, "non-square images (%d x %d pixels) in image file %s" % (nx, ny, fname)
-            )
+            raise _err(star, f"non-square images ({nx} x {ny} pixels) in image file {fname}")
         if box is None:
             box, box_file = nx, fname
         elif nx != box:
             raise _err(
                 star,
-                "box size mismatch between image files: %s has %d x %d pixels but %s "
-                "has %d x %d" % (box_file, box, box, fname, nx, nx),
+                f"box size mismatch between image files: {box_file} has {box} x {box} pixels but "
+                f"{fname} has {nx} x {nx}",
             )
         counts[fid] = nz
-    stack.shape = (n, int(box), int(box))
-
-    bad = index_of >= counts[file_of]
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise _err(
-            star,
-            "image index %d out of range in image file %s, which holds %d image(s) "
-            "(rlnImageName at %s)"
-            % (index_of[i] + 1, files[file_of[i]], counts[file_of[i]], parts.where(i)),
-        )
-    if image_size is not None:
-        bad = image_size != box
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise _err(
-                star,
-                "rlnImageSize %d at %s does not match the %d-pixel images in %s"
-                % (int(image_size[i]), parts.where(i), box, files[file_of[i]]),
-            )
-    if check_finite:
-        _check_finite(star, parts, stack, file_of, index_of)
-    return stack
+    return box, counts
 
 
 def _check_finite(star, parts, stack, file_of, index_of):
@@ -794,8 +862,8 @@ def _check_finite(star, parts, stack, file_of, index_of):
                 rows = np.flatnonzero((file_of == fid) & (index_of == k))
                 raise _err(
                     star,
-                    "NaN/Inf pixel values in image %d of image file %s (rlnImageName "
-                    "at %s)" % (k + 1, fname, parts.where(int(rows[0]))),
+                    f"NaN/Inf pixel values in image {k + 1} of image file {fname} (rlnImageName "
+                    f"at {parts.where(int(rows[0]))})",
                 )
 
 
@@ -815,7 +883,7 @@ def _fmt_int(a):
 def _fmt_column(a, n, name):
     a = np.asarray(a)
     if a.shape != (n,):
-        raise ValueError("column %s has shape %s, expected (%d,)" % (name, a.shape, n))
+        raise ValueError(f"column {name} has shape {a.shape}, expected ({n},)")
     if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
         return _fmt_int(a)
     if np.issubdtype(a.dtype, np.floating):
@@ -862,8 +930,7 @@ def _write_stack(particles, stack_path, n, box, pixel_size):
                 im = particles.load_images(np.arange(s, e))
                 if im.shape != (e - s, box, box):
                     raise ValueError(
-                        "images %d..%d have shape %s, expected %s"
-                        % (s, e - 1, im.shape, (e - s, box, box))
+                        f"images {s}..{e - 1} have shape {im.shape}, expected {(e - s, box, box)}"
                     )
                 mrc.data[s:e] = im
                 lo, hi = min(lo, float(im.min())), max(hi, float(im.max()))
@@ -886,7 +953,7 @@ def _table(columns):
     return t
 
 
-def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns=None):
+def write_star(particles, star_path, stack_path=None, *, style="3.1", extra_columns=None):
     """Write the particles' images as one MRC stack and a STAR file that references it.
 
     The stack (mode 2 float32, voxel size = pixel size) goes to ``stack_path`` (default: the STAR
@@ -913,17 +980,41 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
     pixel_size = float(particles.pixel_size)
     if not pixel_size > 0:
         raise ValueError(f"pixel size must be > 0, got {pixel_size!r}")
-    ctf = particles.ctf
 
     rel = os.path.relpath(stack, os.path.dirname(star)).replace(os.sep, "/")
     cols = collections.OrderedDict()
-    cols["rlnImageName"] = ["%06d@%s" % (i + 1, rel) for i in range(n)]
+    cols["rlnImageName"] = [f"{i + 1:06d}@{rel}" for i in range(n)]
     mics = (
         particles.micrograph
         if particles.micrograph is not None
-        else np.array(["mic%06d" % (i + 1) for i in range(n)])
+        else np.array([f"mic{i + 1:06d}" for i in range(n)])
     )
     cols["rlnMicrographName"] = _fmt_column(np.asarray(mics).astype(str), n, "rlnMicrographName")
+    _pose_columns(cols, particles, style, pixel_size)
+    _ctf_columns(cols, particles.ctf, n)
+    optics = _optics_columns(cols, particles.ctf, n, style=style, pixel_size=pixel_size, box=box)
+    _label_columns(cols, particles, n)
+    _extra_columns(cols, extra_columns, n)
+
+    particles_table = _table(cols)
+    optics_table = _table(optics) if optics is not None else None
+
+    _write_stack(particles, stack, n, box, pixel_size)
+    with _atomic_target(star) as tmp:
+        with open(tmp, "w") as f:
+            if optics_table is not None:
+                f.write("# version 30001\n")
+                optics_table.writeStar(f, tableName="optics")
+                f.write("\n# version 30001\n")
+                particles_table.writeStar(f, tableName="particles")
+            else:
+                particles_table.writeStar(f, tableName="")
+    return star, stack
+
+
+def _pose_columns(cols, particles, style, pixel_size):
+    """Angles and origins: RELION 3.1 stores origins in Å (rlnOriginX/YAngst), 3.0 in pixels."""
+    n = len(particles)
     angles = np.asarray(particles.angles, dtype=np.float64)
     shifts = np.asarray(particles.shifts, dtype=np.float64)
     if angles.shape != (n, 3) or shifts.shape != (n, 2):
@@ -936,6 +1027,11 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
     else:
         cols["rlnOriginX"] = _fmt_float(shifts[:, 0])
         cols["rlnOriginY"] = _fmt_float(shifts[:, 1])
+
+
+def _ctf_columns(cols, ctf, n):
+    """The per-particle CTF columns (the optics-level ones go with _optics_columns); a phase
+    shift is always written (0 without a phase plate), a B-factor only when there is one."""
     cols["rlnDefocusU"] = _fmt_column(np.asarray(ctf.defocus_u, float), n, "rlnDefocusU")
     cols["rlnDefocusV"] = _fmt_column(np.asarray(ctf.defocus_v, float), n, "rlnDefocusV")
     cols["rlnDefocusAngle"] = _fmt_column(
@@ -945,6 +1041,13 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
     cols["rlnPhaseShift"] = _fmt_column(np.asarray(phase, float), n, "rlnPhaseShift")
     if ctf.bfactor is not None:
         cols["rlnCtfBfactor"] = _fmt_column(np.asarray(ctf.bfactor, float), n, "rlnCtfBfactor")
+
+
+def _optics_columns(cols, ctf, n, *, style, pixel_size, box):
+    """RELION 3.1: the data_optics table (returned), one group per distinct voltage / Cs /
+    amplitude contrast, and each particle's rlnOpticsGroup; RELION 3.0: the same values per
+    particle, the pixel size as rlnDetectorPixelSize [µm] at rlnMagnification 10000 (None is
+    returned)."""
     optics_vals = np.stack(
         [
             np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
@@ -952,28 +1055,32 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
         ],
         axis=1,
     )
-    optics = None
-    if style == "3.1":
-        uniq, group_of = np.unique(optics_vals, axis=0, return_inverse=True)
-        group_of = np.asarray(group_of).reshape(-1)
-        g = len(uniq)
-        optics = collections.OrderedDict()
-        optics["rlnOpticsGroupName"] = ["opticsGroup%d" % (k + 1) for k in range(g)]
-        optics["rlnOpticsGroup"] = [str(k + 1) for k in range(g)]
-        optics["rlnMicrographOriginalPixelSize"] = _fmt_float(np.full(g, pixel_size))
-        optics["rlnVoltage"] = _fmt_float(uniq[:, 0])
-        optics["rlnSphericalAberration"] = _fmt_float(uniq[:, 1])
-        optics["rlnAmplitudeContrast"] = _fmt_float(uniq[:, 2])
-        optics["rlnImagePixelSize"] = _fmt_float(np.full(g, pixel_size))
-        optics["rlnImageSize"] = [str(box)] * g
-        optics["rlnImageDimensionality"] = ["2"] * g
-        cols["rlnOpticsGroup"] = _fmt_int(group_of + 1)
-    else:
+    if style != "3.1":
         cols["rlnVoltage"] = _fmt_float(optics_vals[:, 0])
         cols["rlnSphericalAberration"] = _fmt_float(optics_vals[:, 1])
         cols["rlnAmplitudeContrast"] = _fmt_float(optics_vals[:, 2])
         cols["rlnMagnification"] = _fmt_float(np.full(n, 10000.0))
         cols["rlnDetectorPixelSize"] = _fmt_float(np.full(n, pixel_size))  # µm: 1e4 * ps / 1e4
+        return None
+    uniq, group_of = np.unique(optics_vals, axis=0, return_inverse=True)
+    group_of = np.asarray(group_of).reshape(-1)
+    g = len(uniq)
+    optics = collections.OrderedDict()
+    optics["rlnOpticsGroupName"] = [f"opticsGroup{k + 1}" for k in range(g)]
+    optics["rlnOpticsGroup"] = [str(k + 1) for k in range(g)]
+    optics["rlnMicrographOriginalPixelSize"] = _fmt_float(np.full(g, pixel_size))
+    optics["rlnVoltage"] = _fmt_float(uniq[:, 0])
+    optics["rlnSphericalAberration"] = _fmt_float(uniq[:, 1])
+    optics["rlnAmplitudeContrast"] = _fmt_float(uniq[:, 2])
+    optics["rlnImagePixelSize"] = _fmt_float(np.full(g, pixel_size))
+    optics["rlnImageSize"] = [str(box)] * g
+    optics["rlnImageDimensionality"] = ["2"] * g
+    cols["rlnOpticsGroup"] = _fmt_int(group_of + 1)
+    return optics
+
+
+def _label_columns(cols, particles, n):
+    """The optional per-particle labels, RELION's 1-based numbering for the 0-based ones."""
     if particles.norm is not None:
         cols["rlnNormCorrection"] = _fmt_column(
             np.asarray(particles.norm, float), n, "rlnNormCorrection"
@@ -990,6 +1097,11 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
         cols["rlnGroupNumber"] = _fmt_column(
             np.asarray(particles.group).astype(np.int64) + 1, n, "rlnGroupNumber"
         )
+
+
+def _extra_columns(cols, extra_columns, n):
+    """The caller's columns after ours: a label must be a STAR identifier and must not replace
+    a column write_star wrote (a silent replacement would change what the file means)."""
     for name, values in (extra_columns or {}).items():
         name = name.lstrip("_")
         if not name.isidentifier():
@@ -997,21 +1109,6 @@ def write_star(particles, star_path, stack_path=None, style="3.1", extra_columns
         if name in cols:
             raise ValueError(f"extra column {name} clashes with a column write_star writes")
         cols[name] = _fmt_column(values, n, name)
-
-    particles_table = _table(cols)
-    optics_table = _table(optics) if optics is not None else None
-
-    _write_stack(particles, stack, n, box, pixel_size)
-    with _atomic_target(star) as tmp:
-        with open(tmp, "w") as f:
-            if optics_table is not None:
-                f.write("# version 30001\n")
-                optics_table.writeStar(f, tableName="optics")
-                f.write("\n# version 30001\n")
-                particles_table.writeStar(f, tableName="particles")
-            else:
-                particles_table.writeStar(f, tableName="")
-    return star, stack
 
 
 def write_star_rows(particles, indices, star_path, class_number=None, columns=None):
@@ -1075,7 +1172,7 @@ def check_unique_images(particles):
         star = particles.source.get("star_path", "the input")
         raise _err(
             star,
-            "duplicate particle: image %d of %s is listed at particle rows %d and %d "
-            "(each particle must appear once: merged or symmetry-expanded STAR file?)"
-            % (ii[i] + 1, st.files[fi[i]], i + 1, j + 1),
+            f"duplicate particle: image {ii[i] + 1} of {st.files[fi[i]]} is listed at particle "
+            f"rows {i + 1} and {j + 1} (each particle must appear once: merged or "
+            "symmetry-expanded STAR file?)",
         )

@@ -161,7 +161,7 @@ def test_star_stack_still_read(simulated, tmp_path):
     _compare(ref.particles, read_star(star))
     rows = ref.particles.source["particles_table"]
     assert len(rows) == N
-    assert rows[0].rlnImageName.split("@")[0] == "%06d" % (info["ids"][0] + 1)
+    assert rows[0].rlnImageName.split("@")[0] == f"{info['ids'][0] + 1:06d}"
 
 
 def test_smears_decoded(simulated, base):
@@ -488,16 +488,13 @@ def test_sphire_format_written(base):
         for r, (a, b) in enumerate(blocks):
             d = json.loads(
                 (
-                    R
-                    / "main002"
-                    / "oldparamstructure"
-                    / ("oldparamstructure_%d_%03d_002.json" % (c, r))
+                    R / "main002" / "oldparamstructure" / f"oldparamstructure_{c}_{r:03d}_002.json"
                 ).read_text()
             )
             assert len(d) == b - a and [e[0] for e in d] == list(range(b - a))
     assert mpi_blocks(7, 2) == [(0, 4), (4, 7)] and mpi_blocks(10, 4)[1] == (2, 5)
     for it in (1, 2, 3):
-        p = R / ("main%03d" % it) / "bckgnoise.hdf"
+        p = R / f"main{it:03d}" / "bckgnoise.hdf"
         assert is_hdf5(p) and not (p.parent / "bckgnoise.mrc").exists()
     with h5py.File(R / "particles.hdf", "r") as f:
         assert f["MDF/images/0/image"].shape == (BOX, BOX)
@@ -750,7 +747,7 @@ def test_background_noise_search_and_absence(folder):
     ref = read_meridien(folder)  # the newest earlier one is used
     assert ref.bckgnoise_path == str(folder / "main001" / "bckgnoise.hdf")
     for it in (0, 1, 2, 3):
-        p = folder / ("main%03d" % it) / "bckgnoise.hdf"
+        p = folder / f"main{it:03d}" / "bckgnoise.hdf"
         if p.exists():
             p.unlink()
     with pytest.raises(ParticleDataError, match=r"main002/bckgnoise.hdf: missing background"):

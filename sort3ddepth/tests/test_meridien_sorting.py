@@ -102,6 +102,7 @@ def _ids_of(out, entry):
     return np.array([int(t) for t in (out / entry["file"]).read_text().split()], np.int64)
 
 
+@pytest.mark.slow
 def test_sorting_from_meridien_folder_gives_pure_clusters(main_run, dataset):
     summary = json.loads((main_run / "summary.json").read_text())
     assert summary["input"] == "meridien" and "meridien particle ids" in summary["cluster_file_ids"]
@@ -144,6 +145,7 @@ def _sorting_size(out):
     return int(log.split("sorting image size ")[1].split(" px")[0])
 
 
+@pytest.mark.slow
 def test_on_the_fly_gives_the_same_clusters_on_two_ranks(main_run, dataset):
     """--compute_on_the_fly with room for about half of the slices: each rank precomputes what
     fits and builds the rest in every reconstruction; the sums are bit-identical by design, so
@@ -177,6 +179,7 @@ def test_on_the_fly_gives_the_same_clusters_on_two_ranks(main_run, dataset):
         assert (main_run / ca["file"]).read_bytes() == (out / cb["file"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_too_little_memory_asks_for_on_the_fly(main_run, dataset, tmp_path):
     mem = _budget_gb(dataset, _sorting_size(main_run), 1, 0.5)
     res = sort3d(
@@ -430,7 +433,5 @@ def test_meridien_mode_normalises_on_the_background_with_the_norm_factors(datase
     calls.clear()
     labels = dataset.ps.class_label
     clusters = [np.flatnonzero(labels == 0)[:60], np.flatnonzero(labels == 1)[:60]]
-    sorter.final_maps(
-        p, clusters, Comm(), np.random.default_rng(0), None, lambda *a: None, meridien=ref
-    )
+    sorter.final_maps(p, clusters, Comm(), rng=np.random.default_rng(0), sym=None, meridien=ref)
     assert calls and set(calls) == {(ref.radius, True)}

@@ -50,6 +50,7 @@ def test_mpirun_is_the_one_next_to_python(plugin_module):
     assert cmd == f"{mpirun} -np 2 prog --x"
 
 
+@pytest.mark.slow
 def test_mpirun_runs_mpi4py_ranks(plugin_module):
     """The chosen mpirun starts ranks that mpi4py sees as one communicator."""
     mpirun = plugin_module.Plugin.getMpirun()

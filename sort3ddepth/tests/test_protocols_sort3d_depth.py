@@ -179,25 +179,43 @@ class TestSort3DDepthRun(BaseTest):
 
     def test_run_and_outputs(self):
         prot = self._sorted()
-        inputParts = self.protImport.outputParticles
-        n = inputParts.getSize()
+        n = self.protImport.outputParticles.getSize()
+        summary = self._engine_summary(prot)
+        classes = prot.outputClasses
+        sizes = self._check_class_sizes(classes, summary, n)
+        purities, majority = self._check_classes(prot, classes, summary, sizes)
 
-        # the engine ran under mpirun with 2 ranks
+        # purity against the true labels: a wrong angle/origin convention gives mixed clusters
+        pure = {m for m, p in zip(majority, purities) if p >= 0.9}
+        self.assertGreaterEqual(len(pure), 2, f"purities {purities}, majorities {majority}")
+        self.assertGreaterEqual(np.mean(purities), 0.85)
+        self._check_volumes(prot, summary)
+        self._check_info(prot, summary)
+
+    def _engine_summary(self, prot):
+        """The engine ran under mpirun with 2 ranks and with the mask; its summary.json."""
         with open(prot._getExtraPath("sort3d", "log.txt")) as f:
             log = f.read()
         self.assertIn("2 MPI rank(s)", log)
         with open(prot._getExtraPath("sort3d", "summary.json")) as f:
             summary = json.load(f)
         self.assertIn("mask3D", open(prot._getExtraPath("sort3d", "command.txt")).read())
+        return summary
 
-        classes = prot.outputClasses
+    def _check_class_sizes(self, classes, summary, n):
+        """One class per summary cluster, the sizes adding up to the input; {class id: size}."""
         self.assertEqual(classes.getSize(), len(summary["clusters"]))
         self.assertGreaterEqual(classes.getSize(), 2)  # >= 2 clusters (+ the unaccounted set)
         sizes = {cls.getObjId(): cls.getSize() for cls in classes}
         self.assertEqual(sum(sizes.values()), n, "class sizes must add up to the input")
         for c in summary["clusters"]:
             self.assertEqual(sizes[c["id"] + 1], c["size"])
+        return sizes
 
+    def _check_classes(self, prot, classes, summary, sizes):
+        """Every class and particle against the summary and the posteriors file; returns the
+        purity and the majority true class of each regular class."""
+        n = sum(sizes.values())
         # every particle's posterior over the final clusters, rows in STAR row order
         post = np.load(prot._getExtraPath("sort3d", summary["posteriors"]))
         n_regular = sum(1 for c in summary["clusters"] if not c["unaccounted"])
@@ -206,69 +224,75 @@ class TestSort3DDepthRun(BaseTest):
             int(i): r
             for r, i in enumerate(convert.read_ids(prot._getExtraPath("particle_ids.txt")))
         }
-        posteriors = {}
-
         # the unaccounted set (when the engine left particles unaccounted) is the last class,
         # labelled so
-        last_id = max(sizes)
         unaccounted_ids = [c["id"] + 1 for c in summary["clusters"] if c["unaccounted"]]
-        self.assertIn(unaccounted_ids, ([], [last_id]))
-        seen_ids = set()
+        self.assertIn(unaccounted_ids, ([], [max(sizes)]))
+        seen = {"ids": set(), "posteriors": {}}
         purities, majority = [], []
         for cls in classes.iterItems(orderBy="id"):
             cid = cls.getObjId()
             entry = summary["clusters"][cid - 1]
             unaccounted = cid in unaccounted_ids
-            self.assertEqual(bool(cls._sort3d_unaccounted.get()), unaccounted)
-            self.assertEqual(
-                cls.getObjLabel(), "unaccounted" if unaccounted else f"cluster {cid - 1:03d}"
-            )
-            self.assertEqual(cls._sort3d_generation.get(), entry["generation"])
-            rep = cls.getRepresentative()
-            if entry.get("map"):
-                self.assertTrue(os.path.exists(rep.getFileName()), rep.getFileName())
-                self.assertAlmostEqual(rep.getSamplingRate(), PIXEL_SIZE, places=4)
-            # the class's estimated purity is the summary's (none for the unaccounted set)
-            purity = getattr(cls, ATTR_PURITY).get()
-            if unaccounted:
-                self.assertIsNone(purity)
-            else:
-                self.assertIsNotNone(entry.get("estimated_purity"), entry)
-                self.assertEqual(purity, entry["estimated_purity"])
-                self.assertTrue(0.0 <= purity <= 1.0, purity)
-            true = []
-            for p in cls.iterItems():
-                # its posterior of this class (unaccounted: of its most probable cluster)
-                r = rows[p.getObjId()]
-                value = getattr(p, ATTR_POSTERIOR).get()
-                self.assertTrue(0.0 <= value <= 1.0, value)
-                self.assertAlmostEqual(
-                    value, float(post[r, cid - 1] if not unaccounted else post[r].max()), places=6
-                )
-                posteriors.setdefault(cid, []).append(value)
-                self.assertEqual(p._sort3d_cluster.get(), cid - 1)
-                self.assertEqual(p._sort3d_generation.get(), entry["generation"])
-                self.assertTrue(p.hasCTF() and p.hasTransform())
-                true.append(p._rlnClassNumber.get())
-                seen_ids.add(p.getObjId())
+            self._check_class(cls, entry, unaccounted)
+            true = self._check_members(cls, entry, unaccounted, post=post, rows=rows, seen=seen)
             counts = np.bincount(true, minlength=4)[1:]
             if not unaccounted:
                 purities.append(counts.max() / counts.sum())
                 majority.append(int(counts.argmax()))
                 print(f"class {cid}: {cls.getSize()} particles, true classes {counts}")
-        self.assertEqual(len(seen_ids), n)
-        for cid, values in sorted(posteriors.items()):  # for the log: the engine's figures
+        self.assertEqual(len(seen["ids"]), n)
+        for cid, values in sorted(seen["posteriors"].items()):  # for the log: the engine's figures
             print(
                 f"class {cid}: estimated purity {getattr(classes[cid], ATTR_PURITY).get()}, "
                 f"member posteriors mean {np.mean(values):.4f} min {np.min(values):.4f}"
             )
+        return purities, majority
 
-        # purity against the true labels: a wrong angle/origin convention gives mixed clusters
-        pure = {m for m, p in zip(majority, purities) if p >= 0.9}
-        self.assertGreaterEqual(len(pure), 2, f"purities {purities}, majorities {majority}")
-        self.assertGreaterEqual(np.mean(purities), 0.85)
+    def _check_class(self, cls, entry, unaccounted):
+        """A class's flags, label, generation, map and estimated purity (none for the
+        unaccounted set) are the summary's."""
+        cid = cls.getObjId()
+        self.assertEqual(bool(cls._sort3d_unaccounted.get()), unaccounted)
+        self.assertEqual(
+            cls.getObjLabel(), "unaccounted" if unaccounted else f"cluster {cid - 1:03d}"
+        )
+        self.assertEqual(cls._sort3d_generation.get(), entry["generation"])
+        rep = cls.getRepresentative()
+        if entry.get("map"):
+            self.assertTrue(os.path.exists(rep.getFileName()), rep.getFileName())
+            self.assertAlmostEqual(rep.getSamplingRate(), PIXEL_SIZE, places=4)
+        purity = getattr(cls, ATTR_PURITY).get()
+        if unaccounted:
+            self.assertIsNone(purity)
+        else:
+            self.assertIsNotNone(entry.get("estimated_purity"), entry)
+            self.assertEqual(purity, entry["estimated_purity"])
+            self.assertTrue(0.0 <= purity <= 1.0, purity)
 
-        # volumes: one per map, sampling rate and size set
+    def _check_members(self, cls, entry, unaccounted, *, post, rows, seen):
+        """Each particle of a class carries its posterior of the class (unaccounted: of its most
+        probable cluster), cluster, generation, CTF and transform; returns their true classes
+        (``seen`` collects the ids and posteriors over all classes)."""
+        cid = cls.getObjId()
+        true = []
+        for p in cls.iterItems():
+            r = rows[p.getObjId()]
+            value = getattr(p, ATTR_POSTERIOR).get()
+            self.assertTrue(0.0 <= value <= 1.0, value)
+            self.assertAlmostEqual(
+                value, float(post[r, cid - 1] if not unaccounted else post[r].max()), places=6
+            )
+            seen["posteriors"].setdefault(cid, []).append(value)
+            self.assertEqual(p._sort3d_cluster.get(), cid - 1)
+            self.assertEqual(p._sort3d_generation.get(), entry["generation"])
+            self.assertTrue(p.hasCTF() and p.hasTransform())
+            true.append(p._rlnClassNumber.get())
+            seen["ids"].add(p.getObjId())
+        return true
+
+    def _check_volumes(self, prot, summary):
+        """One volume per map, sampling rate, size and estimated purity set."""
         vols = prot.outputVolumes
         n_maps = sum(1 for c in summary["clusters"] if c.get("map"))
         self.assertEqual(vols.getSize(), n_maps)
@@ -279,12 +303,12 @@ class TestSort3DDepthRun(BaseTest):
             with mrcfile.open(v.getFileName(), permissive=True) as m:
                 self.assertAlmostEqual(float(m.voxel_size.x), PIXEL_SIZE, places=3)
                 self.assertEqual(m.data.shape, (BOX, BOX, BOX))
-
         for v in vols:
             entry = summary["clusters"][v.getObjId() - 1]
             self.assertEqual(getattr(v, ATTR_PURITY).get(), entry.get("estimated_purity"))
 
-        # info functions
+    def _check_info(self, prot, summary):
+        """The protocol's summary, methods and citations."""
         self.assertTrue(any("stable cluster" in s for s in prot.summary()))
         purities = ", ".join(
             f"{c['estimated_purity']:.3f}" for c in summary["clusters"] if not c["unaccounted"]
@@ -812,6 +836,7 @@ def test_protocol_in_the_gui_tree():
     assert found == [("3D", "Classify")]
 
 
+@pytest.mark.slow
 def test_batch_script_example():
     """examples/batch_sort3d_depth.py (README): project, import from STAR, MPI run, sizes."""
     import re

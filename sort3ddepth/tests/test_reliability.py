@@ -117,6 +117,7 @@ KILL_AT = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_gives_the_same_clusters(data, reference):
     folder, star = data
     out = folder / "killed"
@@ -139,6 +140,7 @@ def test_killed_and_resumed_run_gives_the_same_clusters(data, reference):
     assert (out / "summary.json").stat().st_mtime == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_an_error_on_one_rank_ends_the_job(data, tmp_path, rank):
     folder, star = data
@@ -289,6 +291,7 @@ def test_memory_budget_too_small_is_refused_before_loading(tiny, tmp_path, capsy
 TINY_ARGS = ["--img_per_grp", "30", "--depth_order", "1", "--seed", "3"]
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_leaves_no_result(tiny, tmp_path, capsys, monkeypatch):
     def full(path, vol, pixel_size):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -302,6 +305,7 @@ def test_disk_full_while_writing_leaves_no_result(tiny, tmp_path, capsys, monkey
     assert "No space left on device" in (out / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_other_options_on_an_existing_run_are_refused_unless_forced(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["--instack", str(tiny[1]), "--output_dir", str(out)]
@@ -337,6 +341,7 @@ RANK_SETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RANK_SETS))
 def test_one_two_three_ranks_give_identical_clusters_and_maps(tmp_path, case):
     import mrcfile

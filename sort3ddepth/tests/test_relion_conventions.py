@@ -68,11 +68,7 @@ def _relion(program, *args, cwd):
         text=True,
         timeout=600,
     )
-    assert res.returncode == 0, "%s failed (%d):\n%s" % (
-        program,
-        res.returncode,
-        res.stdout[-3000:],
-    )
+    assert res.returncode == 0, f"{program} failed ({res.returncode}):\n{res.stdout[-3000:]}"
     return res.stdout
 
 
@@ -328,12 +324,10 @@ def test_relion_reconstruct_rejects_wrong_conventions(
     }
     scores = {}
     for k, (name, wrong) in enumerate(variants.items()):
-        star, stack = write_star(wrong, sub / ("v%d.star" % k), style="3.1")
-        _relion("relion_reconstruct", "--i", star, "--o", "v%d.mrc" % k, "--ctf", cwd=sub)
+        star, stack = write_star(wrong, sub / f"v{k}.star", style="3.1")
+        _relion("relion_reconstruct", "--i", star, "--o", f"v{k}.mrc", "--ctf", cwd=sub)
         os.unlink(stack)
-        scores[name] = _assert_bad_map(
-            mrcfile.read(str(sub / ("v%d.mrc" % k))), ribosome, name, good
-        )
+        scores[name] = _assert_bad_map(mrcfile.read(str(sub / f"v{k}.mrc")), ribosome, name, good)
     print(
         "correct (FSC min, gain min):",
         np.round(good, 3),

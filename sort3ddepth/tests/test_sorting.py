@@ -15,6 +15,9 @@ from sort3ddepth.engine.output import read_selection
 from sort3ddepth.engine.star_io import read_star
 from sort3ddepth.tests.sorting_data import make_star
 
+# every test here sorts a whole simulated set (some under mpirun)
+pytestmark = pytest.mark.slow
+
 N_PER_CLASS = 600
 
 

@@ -62,7 +62,7 @@ def make_particles(n=20, box=32, seed=0, pixel_size=1.37, two_voltages=False):
         shifts,
         ctf,
         pixel_size,
-        micrograph=np.array(["Micrographs/m%03d.mrc" % (i // 5) for i in range(n)]),
+        micrograph=np.array([f"Micrographs/m{i // 5:03d}.mrc" for i in range(n)]),
         norm=rng.uniform(0.5, 1.5, n),
         class_label=rng.integers(0, 3, n),
         group=rng.integers(0, 3, n),
@@ -85,10 +85,10 @@ def star_text(columns, rows, block="", optics=None):
     if optics is not None:
         ocols, orows = optics
         lines += ["# version 30001", "", "data_optics", "", "loop_"]
-        lines += ["_%s #%d" % (c, k + 1) for k, c in enumerate(ocols)]
+        lines += [f"_{c} #{k + 1}" for k, c in enumerate(ocols)]
         lines += [" ".join(str(v) for v in r) for r in orows] + ["", ""]
     lines += [f"data_{block}", "", "loop_"]
-    lines += ["_%s #%d" % (c, k + 1) for k, c in enumerate(columns)]
+    lines += [f"_{c} #{k + 1}" for k, c in enumerate(columns)]
     lines += [" ".join(str(v) for v in r) for r in rows] + [""]
     return "\n".join(lines) + "\n"
 
@@ -118,7 +118,7 @@ def base_dataset(folder, n=4, box=16):
     write_mrcs(Path(folder) / "stack.mrcs", data)
     rows = [
         [
-            "%d@stack.mrcs" % (i + 1),
+            f"{i + 1}@stack.mrcs",
             "mic1",
             10.0 * i,
             20.0,
@@ -376,7 +376,7 @@ def test_handwritten_relion31(tmp_path):
     ]
     rows = [
         [
-            "%d@Extract/s.mrcs" % (i + 1),
+            f"{i + 1}@Extract/s.mrcs",
             1,
             2,
             3,
@@ -461,7 +461,7 @@ def test_paths_from_job_subfolder(tmp_path, monkeypatch):
     cols, _, _ = base_dataset(tmp_path, box=8)
     rows = [
         [
-            "%d@Extract/job002/Movies/mic1.mrcs" % (i + 1),
+            f"{i + 1}@Extract/job002/Movies/mic1.mrcs",
             "m",
             0,
             0,
@@ -622,7 +622,7 @@ def _case_nan_pixels(d):
     data[4, 0, 0] = np.nan
     write_mrcs(d / "nan.mrcs", data)
     for i in range(4):
-        set_col(cols, rows, "rlnImageName", i, "%d@nan.mrcs" % (5 - i))
+        set_col(cols, rows, "rlnImageName", i, f"{5 - i}@nan.mrcs")
     return _write(d, cols, rows), ["NaN/Inf", "image 3 of", "nan.mrcs", "particle row 3"]
 
 
@@ -662,7 +662,7 @@ def _case_wrong_value_count(d):
     rows[2].append("extra")
     path = _write(d, cols, rows)
     line = next(k for k, ln in enumerate(path.read_text().splitlines(), 1) if ln.startswith("3@"))
-    return path, ["line %d has 16 values, expected 15" % line]
+    return path, [f"line {line} has 16 values, expected 15"]
 
 
 def _optics_case(d, optics_rows, particle_group=1):

@@ -187,6 +187,7 @@ def free_run(small):
     return out
 
 
+@pytest.mark.slow
 def test_chunk_size_and_stack_files_change_no_result(small, free_run, tmp_path, monkeypatch):
     """The same sort from two stacks (odd and even images in different files) read 13 images at
     a time: identical clusters, maps (every voxel), posteriors and summary as the one-stack run
@@ -228,6 +229,7 @@ def _run_with_peak(args, cwd):
     return res.returncode, int(kb[-1]) * 1024 if kb else None, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_run_under_a_memory_cap_smaller_than_the_stack_in_memory(small, free_run, tmp_path):
     """2 x 1000 images of 64 px sorted at 32 px: holding the images at the full box as before
     streaming (40 bytes a pixel at the pre-processing peak, on top of the fixed part) would

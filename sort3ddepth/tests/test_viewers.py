@@ -71,6 +71,79 @@ def _table(names, F, p, pairs):
     }
 
 
+def _gen_entry(g, j, fid, size, jac):
+    """A generation's cluster entry (file, map, size, final id, Jaccard against random)."""
+    return {
+        "file": f"generation_{g:03d}/Cluster_{j:03d}.txt",
+        "map": f"generation_{g:03d}/vol_cluster{j:03d}.mrc",
+        "size": size,
+        "final_id": fid,
+        "jaccard": jac,
+        "random_mean": 30.0,
+        "random_std": 4.0,
+    }
+
+
+def _synthetic_generations(names):
+    """Generation 0 found 2 clusters (defocus does not separate them), generation 1 found 1."""
+    return [
+        {
+            "generation": 0,
+            "n_images": 1000,
+            "cluster_sizes": [400, 300],
+            "clusters": [_gen_entry(0, 0, 0, 400, 97.0), _gen_entry(0, 1, 1, 300, 88.0)],
+            "n_unaccounted": 300,
+            "anova": {
+                "defocus": _table(names[:2], 1.0, 0.4, [("Cluster_000", "Cluster_001", 0.4)])
+            },
+        },
+        {
+            "generation": 1,
+            "n_images": 300,
+            "cluster_sizes": [250],
+            "clusters": [_gen_entry(1, 0, 2, 250, 70.0)],
+            "n_unaccounted": 50,
+            "anova": {},
+        },
+    ]
+
+
+def _synthetic_clusters():
+    """The final clusters: two with their FSC, one of an older run without, and the
+    unaccounted set without a map."""
+    return [
+        {
+            "id": 0,
+            "file": "Cluster_000.txt",
+            "map": "vol_cluster000.mrc",
+            "size": 400,
+            "generation": 0,
+            "unaccounted": False,
+            "resolution_A": 12.0,
+            "fsc": [1.0, 0.9, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0],
+        },
+        {
+            "id": 1,
+            "file": "Cluster_001.txt",
+            "map": "vol_cluster001.mrc",
+            "size": 300,
+            "generation": 0,
+            "unaccounted": False,
+            "resolution_A": 14.0,
+            "fsc": [1.0, 0.8, 0.4, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],
+        },
+        {
+            "id": 2,
+            "file": "Cluster_002.txt",
+            "map": "vol_cluster002.mrc",
+            "size": 250,
+            "generation": 1,
+            "unaccounted": False,
+        },  # an older run: no FSC
+        {"id": 3, "file": "Cluster_003.txt", "size": 50, "generation": 1, "unaccounted": True},
+    ]
+
+
 @pytest.fixture
 def synthetic(tmp_path):
     """An output folder: generation 0 gave 2 clusters, generation 1 gave 1; the unaccounted
@@ -83,70 +156,12 @@ def synthetic(tmp_path):
     for g, j in ((0, 0), (0, 1), (1, 0)):
         _write_map(out / (f"generation_{g:03d}") / (f"vol_cluster{j:03d}.mrc"), 10 + j)
     names = ["Cluster_000", "Cluster_001", "Cluster_002"]
-    gen_entry = lambda g, j, fid, size, jac: {  # noqa: E731
-        "file": f"generation_{g:03d}/Cluster_{j:03d}.txt",
-        "map": f"generation_{g:03d}/vol_cluster{j:03d}.mrc",
-        "size": size,
-        "final_id": fid,
-        "jaccard": jac,
-        "random_mean": 30.0,
-        "random_std": 4.0,
-    }
     summary = {
         "n_particles": 1000,
         "box": BOX,
         "pixel_size": 4.0,
-        "generations": [
-            {
-                "generation": 0,
-                "n_images": 1000,
-                "cluster_sizes": [400, 300],
-                "clusters": [gen_entry(0, 0, 0, 400, 97.0), gen_entry(0, 1, 1, 300, 88.0)],
-                "n_unaccounted": 300,
-                "anova": {
-                    "defocus": _table(names[:2], 1.0, 0.4, [("Cluster_000", "Cluster_001", 0.4)])
-                },
-            },
-            {
-                "generation": 1,
-                "n_images": 300,
-                "cluster_sizes": [250],
-                "clusters": [gen_entry(1, 0, 2, 250, 70.0)],
-                "n_unaccounted": 50,
-                "anova": {},
-            },
-        ],
-        "clusters": [
-            {
-                "id": 0,
-                "file": "Cluster_000.txt",
-                "map": "vol_cluster000.mrc",
-                "size": 400,
-                "generation": 0,
-                "unaccounted": False,
-                "resolution_A": 12.0,
-                "fsc": [1.0, 0.9, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0],
-            },
-            {
-                "id": 1,
-                "file": "Cluster_001.txt",
-                "map": "vol_cluster001.mrc",
-                "size": 300,
-                "generation": 0,
-                "unaccounted": False,
-                "resolution_A": 14.0,
-                "fsc": [1.0, 0.8, 0.4, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],
-            },
-            {
-                "id": 2,
-                "file": "Cluster_002.txt",
-                "map": "vol_cluster002.mrc",
-                "size": 250,
-                "generation": 1,
-                "unaccounted": False,
-            },  # an older run: no FSC
-            {"id": 3, "file": "Cluster_003.txt", "size": 50, "generation": 1, "unaccounted": True},
-        ],
+        "generations": _synthetic_generations(names),
+        "clusters": _synthetic_clusters(),
         "anova": {
             "defocus": _table(
                 names,
