@@ -223,8 +223,13 @@ def _agreement(labels, truth):
 
 
 def _cut_ctx(data, seed):
+    """What the cuts read of a SortContext (they run in search mode only)."""
     return types.SimpleNamespace(
-        data=data, maps=ClusterMaps(data, Comm()), rng=np.random.default_rng(seed)
+        data=data,
+        maps=ClusterMaps(data, Comm()),
+        rng=np.random.default_rng(seed),
+        search=True,
+        frozen=False,
     )
 
 
