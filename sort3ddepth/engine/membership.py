@@ -154,15 +154,6 @@ def fit_posteriors(scores, labels, fit_rows=None):
     return resp
 
 
-def classify(scores, labels):
-    """Each image's most probable cluster under the model fitted to the hard `labels` (one
-    M-step, one E-step: a sweep of classification EM)."""
-    m = scores.shape[1]
-    member = labels < m
-    resp = np.eye(m)[labels[member]]
-    return np.argmax(_log_joint(scores, *_m_step(scores[member], resp)), axis=1)
-
-
 def select_members(posterior, min_purity, candidates=None, min_size=1, own=None):
     """The decision: each image goes to its most probable cluster if it is among that cluster's
     surest images whose mean posterior stays >= min_purity, else to none (label m).

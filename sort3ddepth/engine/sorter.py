@@ -298,8 +298,6 @@ class Found:
     unaccounted: np.ndarray = None
     final_id: list = None
     memb: object = None
-    pool_searched: bool = False  # the last generation of the main loop found nothing in it
-    replaced: list = None  # generation clusters replaced after their re-examination
 
 
 def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
@@ -376,83 +374,27 @@ def _preprocess(particles, opts, comm, rng, log):
 
 def run_generations(ctx, *, n, k0, work, comm, checkpoints):
     """Generation after generation on what the previous one left unaccounted, until one finds
-    nothing or too few images are left for another; then (search mode) every group that a
-    generation reproduced alone is sorted again on its own (_reexamine). Returns the Found
-    clusters."""
-    found = Found(generations=[], clusters=[], stats=[], gen_of=[], replaced=[])
-    more = dict(work=work, comm=comm, checkpoints=checkpoints)
-    gen, pool, lone = _generation_loop(ctx, found, np.arange(n), 0, k0, **more)
-    found.pool_searched = not found.generations[-1].clusters
-    found.unaccounted = pool
-    if ctx.search:
-        for i in lone:
-            gen = _reexamine(ctx, found, i, gen, **more)
-    return _compact(found, [i for i in range(len(found.clusters)) if i not in found.replaced])
-
-
-def _generation_loop(ctx, found, subset, gen, k, *, work, comm, checkpoints, replacing=None):
-    """Generations from `gen` on `subset` with K = k first; their clusters join `found` (the
-    member check compares them with the clusters found before, but `replacing`). Returns (the
-    next generation number, the last pool, the indices in found.clusters of groups that a
-    generation kept alone beside a pool)."""
-    lone = []
+    nothing or too few images are left for another. Returns the Found clusters."""
+    found = Found(generations=[], clusters=[], stats=[], gen_of=[])
+    subset, gen, k = np.arange(n), 0, k0
     while True:
-        earlier = [
-            c for i, c in enumerate(found.clusters) if i != replacing and i not in found.replaced
-        ]
-        run = _one_generation(ctx, gen, subset, k, earlier, comm=comm, checkpoints=checkpoints)
+        run = _one_generation(
+            ctx, gen, subset, k, found.clusters, comm=comm, checkpoints=checkpoints
+        )
         found.generations.append(run)
-        if len(run.clusters) == 1 and len(run.unaccounted):
-            lone.append(len(found.clusters))
         found.clusters += run.clusters
         found.stats += run.stats
         found.gen_of += [gen] * len(run.clusters)
-        pool, gen = run.unaccounted, gen + 1
+        pool = run.unaccounted
         if not run.clusters:
             break
         k = int(round(len(pool) / work))
         if k < 2 or len(pool) < max(MIN_NEXT_GENERATION, 2 * MIN_CLUSTER_SIZE):
             break
-        subset = pool
-    return gen, pool, lone
-
-
-def _reexamine(ctx, found, i, gen, *, work, **more):
-    """A group that a generation reproduced ALONE is no evidence of one structure: with the
-    other groups irreproducible, it can be what two runs agree is none of them (a blend of
-    several states; the same reason a lone group at K = 2 means nothing, depth.box). Sorted
-    again on its own (one level deep): two or more groups found replace it (its leftovers
-    become unaccounted), else it stays and what was found is dropped. Returns the next
-    generation number."""
-    group, first = found.clusters[i], len(found.clusters)
-    k = int(round(len(group) / work))
-    if k < 2 or len(group) < max(MIN_NEXT_GENERATION, 2 * MIN_CLUSTER_SIZE):
-        return gen
-    ctx.log(f"re-examining cluster {i} ({len(group)} images), kept alone in its generation")
-    gen, pool, _ = _generation_loop(ctx, found, group, gen, k, work=work, replacing=i, **more)
-    new = list(range(first, len(found.clusters)))
-    sizes = ", ".join(str(len(found.clusters[j])) for j in new)
-    if len(new) >= 2:
-        ctx.log(f"cluster {i} replaced by {len(new)} groups ({sizes}), {len(pool)} unaccounted")
-        found.replaced.append(i)
-        found.unaccounted = np.union1d(found.unaccounted, pool)
-    else:
-        ctx.log(f"cluster {i} stays whole: sorted alone it gave {len(new)} groups ({sizes})")
-        found.replaced += new
-    return gen
-
-
-def _compact(found, live):
-    """found with clusters (and their stats, generations) reduced to the `live` ones, in
-    order; final_id maps every generation cluster to its place among them (None: replaced)."""
-    final_id = [live.index(i) if i in live else None for i in range(len(found.clusters))]
-    return dataclasses.replace(
-        found,
-        clusters=[found.clusters[i] for i in live],
-        stats=[found.stats[i] for i in live],
-        gen_of=[found.gen_of[i] for i in live],
-        final_id=final_id,
-    )
+        subset, gen = pool, gen + 1
+    found.unaccounted = found.generations[-1].unaccounted
+    found.final_id = list(range(len(found.clusters)))
+    return found
 
 
 def _one_generation(ctx, gen, subset, k, earlier, *, comm, checkpoints):
@@ -496,7 +438,7 @@ def assign_final(ctx, found):
         return found
     t = time.time()
     checked, unaccounted, memb = final_assignment(
-        ctx, found.clusters, found.unaccounted, pool_searched=found.pool_searched
+        ctx, found.clusters, found.unaccounted, pool_searched=not found.generations[-1].clusters
     )
     kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
     if len(kept) < len(checked):
@@ -511,7 +453,7 @@ def assign_final(ctx, found):
         clusters=[checked[i] for i in kept],
         unaccounted=unaccounted,
         memb=memb,
-        final_id=[kept.index(i) if i in kept else None for i in found.final_id],
+        final_id=[kept.index(i) if i in kept else None for i in range(len(checked))],
         gen_of=[found.gen_of[i] for i in kept],
         stats=[
             {**found.stats[i], "estimated_purity": round(float(memb.estimated_purity[i]), 4)}

@@ -27,8 +27,8 @@ class StoredGenerations:
         return {"partition": self.partitions[key]}
 
 
-def _ctx(search=False):
-    return types.SimpleNamespace(rng=np.random.default_rng(0), log=lambda *a: None, search=search)
+def _ctx():
+    return types.SimpleNamespace(rng=np.random.default_rng(0), log=lambda *a: None)
 
 
 def _part(clusters, stats=()):
@@ -76,44 +76,6 @@ def test_generations_follow_the_pool_until_too_few_are_left():
     assert found.gen_of == [0, 0, 1] and found.final_id == [0, 1, 2]
     np.testing.assert_array_equal(found.unaccounted, np.arange(850, 1000))
     assert [g.n_images for g in found.generations] == [1000, 400]
-
-
-def _lone_then(regen):
-    """Generation 0 keeps one group alone (0-599) beside a pool that generation 1 splits in
-    two; `regen` is what generation 2 finds when the lone group is sorted again on its own."""
-    stored = StoredGenerations(
-        {
-            "gen000": _part([range(0, 600)]),
-            "gen001": _part([range(600, 800), range(800, 1000)]),
-            "gen002": regen,
-        }
-    )
-    found = sorter.run_generations(
-        _ctx(search=True), n=1000, k0=3, work=200, comm=Comm(), checkpoints=stored
-    )
-    assert stored.loaded == ["gen000", "gen001", "gen002"]
-    return found
-
-
-def test_a_group_kept_alone_is_sorted_again_and_replaced():
-    regen = _part([range(0, 300), range(300, 580)])
-    found = _lone_then(regen)
-    assert [(c[0], len(c)) for c in found.clusters] == [
-        (600, 200),
-        (800, 200),
-        (0, 300),
-        (300, 280),
-    ]
-    assert found.gen_of == [1, 1, 2, 2] and found.final_id == [None, 0, 1, 2, 3]
-    np.testing.assert_array_equal(found.unaccounted, np.arange(580, 600))
-    assert [g.n_images for g in found.generations] == [1000, 400, 600]
-
-
-def test_a_group_kept_alone_stays_when_sorted_again_it_does_not_split():
-    found = _lone_then(_part([]))
-    assert [(c[0], len(c)) for c in found.clusters] == [(0, 600), (600, 200), (800, 200)]
-    assert found.gen_of == [0, 1, 1] and found.final_id == [0, 1, 2]
-    assert len(found.unaccounted) == 0
 
 
 @pytest.mark.slow

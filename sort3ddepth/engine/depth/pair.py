@@ -11,7 +11,7 @@ model from where MGSK-means ended; the two runs stay independent (each refines i
 
 import numpy as np
 
-from ..membership import classify, cluster_scores
+from ..membership import cluster_scores, fit_posteriors
 from ..mgskmeans import mgsk_pair
 from .policy import policy_of
 
@@ -27,8 +27,9 @@ def coarse_rmax(ctx, n, k):
 
 def refine(ctx, sub, k, labels, *, maps=None):
     """labels (n,) over `sub` after up to policy.refine_sweeps sweeps of classification EM:
-    the membership model's Gaussians fitted to the current groups (one M-step), then each image
-    to its most probable group. Stops early when fewer than policy.refine_stop of the images
+    each image to its most probable group under the membership model (the Gaussian mixture
+    fitted by EM from the current groups; one M-step alone moved too few images: fewer states
+    found in 3 matrix cells). Stops early when fewer than policy.refine_stop of the images
     move. maps: the ClusterMaps to score with (default the context's; a coarse one for
     exploration)."""
     policy = policy_of(ctx)
@@ -42,7 +43,7 @@ def refine(ctx, sub, k, labels, *, maps=None):
         # preferences, not scores: what all maps share (an image's signal, which follows its
         # defocus) would otherwise be a direction the mixture can split along
         prefs = scores - scores.mean(axis=1, keepdims=True)
-        new = classify(prefs, labels)
+        new = np.argmax(fit_posteriors(prefs, labels), axis=1)
         moved = float(np.mean(new != labels))
         labels = new
         if moved < policy.refine_stop:
