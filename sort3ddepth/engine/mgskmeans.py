@@ -335,6 +335,7 @@ def mgsk_pair(
     k,
     inits,
     schedules,
+    *,
     frozen,
     search,
     orientation,

@@ -75,10 +75,10 @@ def test_a_cycling_run_is_damped_then_stops_and_reports_what_images_wanted():
         3,
         [init, init.copy()],
         [[0], [0]],
-        True,
-        False,
-        np.zeros(n, np.int64),
-        rng,
+        frozen=True,
+        search=False,
+        orientation=np.zeros(n, np.int64),
+        rng=rng,
         log=log.append,
     )
     changes = [float(line.split("change % ")[1].split(",")[0]) for line in log]

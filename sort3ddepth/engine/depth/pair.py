@@ -54,17 +54,18 @@ def refine(ctx, sub, k, labels, *, maps=None):
 def run_pair(ctx, sub, k, inits, schedules, *, rmax_cap=None, use_umat=False):
     """Two independent runs on `sub` (sorted global indices) with k groups from the two starting
     labels `inits`: MGSK-means pair (schedules: the minimum sizes; rmax_cap: a coarse limit),
-    then each run refined (refine). use_umat: SPHIRE's fuzzy insertions (box runs only). Returns ((labels a, labels b), MGSK-means sweep counts)."""
+    then each run refined (refine). use_umat: SPHIRE's fuzzy insertions (box runs only).
+    Returns ((labels a, labels b), MGSK-means sweep counts)."""
     runs, niters = mgsk_pair(
         ctx.maps,
         sub,
         k,
         inits,
         schedules,
-        ctx.frozen,
-        ctx.search,
-        ctx.data.orientation_groups,
-        ctx.rng,
+        frozen=ctx.frozen,
+        search=ctx.search,
+        orientation=ctx.data.orientation_groups,
+        rng=ctx.rng,
         use_umat=use_umat,
         rmax_cap=rmax_cap,
     )
