@@ -69,5 +69,9 @@ def run_pair(ctx, sub, k, inits, schedules, *, rmax_cap=None, use_umat=False):
         use_umat=use_umat,
         rmax_cap=rmax_cap,
     )
+    # search mode only (where it was measured, bench/README.md): with K given, a 3 x 150 set at
+    # 32 px came out as one group of three after refinement, at either resolution limit
+    if not ctx.search:
+        return runs, niters
     maps = ctx.maps.at_limit(rmax_cap if rmax_cap is not None else coarse_rmax(ctx, len(sub), k))
     return [refine(ctx, sub, k, lab, maps=maps) for lab in runs], niters
