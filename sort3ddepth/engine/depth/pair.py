@@ -4,9 +4,10 @@ MGSK-means (hard labels, alternating random halves, minimum group sizes) finds a
 random labels, but it is a poor judge of one at low SNR: started from the TRUE labels it drifts
 away from them (bench/README.md, "Each run refined by the membership model"). The membership
 model (membership.py: cross-validated maps, kept where the groups' half maps differ, a Gaussian
-mixture over the score vectors) holds the truth but cannot start from random labels. So in search
-mode each run of a pair is MGSK-means first, then a few sweeps of classification EM under the membership
-model from where MGSK-means ended; the two runs stay independent (each refines its own labels).
+mixture over the score vectors) holds the truth but cannot start from random labels. So in
+search mode each run of a pair is MGSK-means first, then a few sweeps of classification EM under
+the membership model from where MGSK-means ended; the two runs stay independent (each refines
+its own labels).
 """
 
 import numpy as np
