@@ -55,16 +55,19 @@ def padded_size(n, pad):
     return npad + npad % 2
 
 
-def volumes_to_fourier(vols, pad=2, gridding_correction=True):
+def volumes_to_fourier(vols, pad=2, gridding_correction=True, out=None, slots=None):
     """Prepare maps (N,N,N) or (K,N,N,N) for projection. Trilinear interpolation in Fourier space
     multiplies the projection by sinc^2(x/Np) per axis; dividing the map by it beforehand cancels
-    that (``gridding_correction``)."""
+    that (``gridding_correction``). out, slots: write map i into out[..., slots[i]] of a given
+    (Np, Np, Np//2+1, M) complex64 array (other slots untouched) instead of a new array."""
     vols = np.asarray(vols, dtype=np.float64)
     if vols.ndim == 3:
         vols = vols[None]
     k, n = vols.shape[0], vols.shape[-1]
     npad = padded_size(n, pad)
-    out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
+    if out is None:
+        out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
+        slots = range(k)
     corr = None
     if gridding_correction:
         s = _sinc2_profile(n, npad)
@@ -77,7 +80,7 @@ def volumes_to_fourier(vols, pad=2, gridding_correction=True):
     for i in range(k):
         big[np.ix_(wrap, wrap, wrap)] = vols[i] / corr if corr is not None else vols[i]
         f = scipy.fft.rfftn(big, workers=-1)
-        _fftshift_yz_into(f, out[..., i])
+        _fftshift_yz_into(f, out[..., slots[i]])
     return FourierVolumes(out, n, npad / n)
 
 
