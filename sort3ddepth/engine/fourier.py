@@ -691,18 +691,12 @@ def backproject(
     scale = npad / box
     npad = npad if grid is None else int(grid)
     k = memb.shape[1]
-    # the (entry, map) pairs with a non-zero weight, grouped by map, entries in order
-    cols, rows = np.nonzero(memb.T)
-    mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
-    ment = rows.astype(np.int64)
-    mwt = memb[rows, cols]
-    nt = max(1, n_threads or numba.get_num_threads())
-    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
-    pimg = idx[ment]
+    rows, cols = np.nonzero(memb)
+    pimg = idx[rows]
     sums = FixedPointSums.for_entries(
         (k, npad, npad, npad // 2 + 1),
         component_max(imgs)[pimg],
-        mwt,
+        memb[rows, cols],
         coefs[pimg],
         use_ctf,
         np.abs(sw).max(axis=1)[g[pimg]],
@@ -710,24 +704,60 @@ def backproject(
         box,
         comm,
     )
-    table = pixel_table(box, 0.0, rmax)
+    insert_into(
+        sums, imgs, idx, rots, memb, ctf_coefs, shell_weights, groups, rmax, scale, n_threads
+    )
+    return sums.finish(comm)
+
+
+def insert_into(
+    sums,
+    images_f,
+    image_index,
+    rotations,
+    member_weights,
+    ctf_coefs,
+    shell_weights,
+    groups,
+    rmax,
+    scale,
+    n_threads=None,
+):
+    """Add the back-projection of entries into the fixed-point accumulators ``sums``
+    (FixedPointSums of K maps, scales set for these entries): entry e is image
+    ``images_f[image_index[e]]`` at ``rotations[e]``, inserted into map k with weight
+    ``member_weights[e, k]`` (times its image's CTF row and its group's shell weights, as
+    ``backproject``). scale: padded-grid units per image frequency (Np / box, also when the
+    grid is cropped). Successive calls over consecutive chunks of entries add up to what one
+    call over all of them makes (the sums are integer)."""
+    imgs = np.ascontiguousarray(images_f, np.complex64)
+    box = imgs.shape[1]
+    memb = np.ascontiguousarray(member_weights, np.float64)
+    memb = memb.reshape(memb.shape[0], -1)
+    k = memb.shape[1]
+    # the (entry, map) pairs with a non-zero weight, grouped by map, entries in order
+    cols, rows = np.nonzero(memb.T)
+    mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
+    coefs, use_ctf = _coefs(ctf_coefs, imgs.shape[0])
+    sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
+    nt = max(1, n_threads or numba.get_num_threads())
+    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
     _backproject_kernel(
         imgs,
-        idx,
-        rots,
+        np.ascontiguousarray(image_index, np.int64),
+        np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3),
         coefs,
         use_ctf,
         mptr,
-        ment,
-        mwt,
+        rows.astype(np.int64),
+        np.ascontiguousarray(memb[rows, cols]),
         n_slabs,
         sw,
         g,
         float(scale),
-        *table,
+        *pixel_table(box, 0.0, rmax),
         sums.data_scale,
         sums.weight_scale,
         sums.data,
         sums.weights,
     )
-    return sums.finish(comm)

@@ -43,7 +43,6 @@ def backproject_streamed(
     integer sums do not depend on how the images are split. Every rank must call (with comm).
     Memory: one chunk of images plus the K accumulators (24 bytes per padded-grid voxel)."""
     from . import fourier
-    from .smearing import _insert_into
 
     memb = np.ascontiguousarray(member_weights, np.float64)
     memb = memb.reshape(n, memb.shape[-1] if memb.ndim > 1 else 1)
@@ -72,7 +71,7 @@ def backproject_streamed(
     for a, b in ranges:
         if not memb[a:b].any():
             continue
-        _insert_into(
+        fourier.insert_into(
             sums,
             make_images(a, b),
             np.arange(b - a),
@@ -108,7 +107,7 @@ def backproject_smeared_streamed(
     ``member_weights`` (n, K). ``base_max`` (n,): each base image's largest component when
     known; else a first pass measures it. Every rank must call (with comm)."""
     from . import fourier
-    from .smearing import CHUNK_ENTRIES, LocalSmears, _insert_into, shifted_slices
+    from .smearing import CHUNK_ENTRIES, LocalSmears, shifted_slices
 
     memb = np.asarray(member_weights, np.float64)
     n, k = memb.shape
@@ -145,7 +144,7 @@ def backproject_smeared_streamed(
         for c in range(e0, e1, CHUNK_ENTRIES):
             e = np.arange(c, min(e1, c + CHUNK_ENTRIES))
             imgs = shifted_slices(base, sm.parent[e] - a, sm.shift[e])
-            _insert_into(
+            fourier.insert_into(
                 sums,
                 imgs,
                 np.arange(len(e)),
