@@ -733,7 +733,8 @@ def insert_into(
     imgs = np.ascontiguousarray(images_f, np.complex64)
     box = imgs.shape[1]
     memb = np.ascontiguousarray(member_weights, np.float64)
-    memb = memb.reshape(memb.shape[0], -1)
+    if memb.ndim == 1:
+        memb = memb[:, None]
     k = memb.shape[1]
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
     # the (entry, map) pairs with a non-zero weight, grouped by map and, within a map, in
