@@ -279,7 +279,7 @@ def _distance_kernel(
     nz, ny, nxh = vol.shape[0], vol.shape[1], vol.shape[2]
     c = ny // 2
     npix = piy.shape[0]
-    for ii in prange(rots.shape[0]):
+    for ii in prange(order.shape[0]):
         i = order[ii]
         acc_c = np.zeros(nk)
         acc_p = np.zeros(nk)
@@ -604,13 +604,23 @@ def project(fvols, rotations, rmax=None):
 
 
 def distance_terms(
-    fvols, rotations, images_f, ctf_coefs=None, rmin=0.0, rmax=None, shell_weights=None, groups=None
+    fvols,
+    rotations,
+    images_f,
+    ctf_coefs=None,
+    rmin=0.0,
+    rmax=None,
+    shell_weights=None,
+    groups=None,
+    select=None,
 ):
     """Fused comparison of n images with the CTF-multiplied projections of K maps, without storing
     the projections. Returns (cross (n,K), pp (n,K), xx (n,)) with, over the frequency band
     rmin <= |k| <= rmax and shell weights w(group, shell):
     cross = sum w Re(conj(X) CTF P_k), pp = sum w |CTF P_k|^2, xx = sum w |X|^2.
-    The squared distance is xx - 2 cross + pp; a normalised cross score is cross / sqrt(pp)."""
+    The squared distance is xx - 2 cross + pp; a normalised cross score is cross / sqrt(pp).
+    select: score only the images at these positions (rotations, images_f, ctf_coefs and groups
+    then hold all the images; the rows of the results follow select), without a copy of them."""
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
     n = rots.shape[0]
     imgs = np.ascontiguousarray(images_f, np.complex64)
@@ -621,6 +631,7 @@ def distance_terms(
         )
     coefs, use_ctf = _coefs(ctf_coefs, n)
     sw, g = _shell_weights(fvols.box, shell_weights, groups, n)
+    sel = np.arange(n) if select is None else np.ascontiguousarray(select, np.int64)
     cross = np.empty((n, fvols.n_maps))
     pp = np.empty((n, fvols.n_maps))
     xx = np.empty(n)
@@ -634,13 +645,15 @@ def distance_terms(
         sw,
         g,
         float(fvols.pad),
-        view_order(rots),
+        sel[view_order(rots[sel])],
         *table,
         cross,
         pp,
         xx,
     )
-    return cross, pp, xx
+    if select is None:
+        return cross, pp, xx
+    return cross[sel], pp[sel], xx[sel]
 
 
 def squared_distances(fvols, rotations, images_f, **kw):

@@ -178,22 +178,23 @@ class ClusterMaps:
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = maps if isinstance(maps, fourier.FourierVolumes) else self.comparison_volumes(maps)
-        groups = None if d.groups is None else d.groups[loc]
         sw = d.shell_weights
         if shell_factors is not None:
             f = np.zeros(sw.shape[1])
             m = min(f.size, len(shell_factors))
             f[:m] = shell_factors[:m]
             sw = sw * f[None, :]
+        # the rank's images as they are, the selected ones scored (no copy of them)
         cross, pp, _ = fourier.distance_terms(
             fv,
-            d.rots[loc],
-            d.comp_f[loc],
-            d.ctf_coefs[loc],
+            d.rots,
+            d.comp_f,
+            d.ctf_coefs,
             rmin=1.0,
             rmax=rmax,
             shell_weights=sw,
-            groups=groups,
+            groups=d.groups,
+            select=loc,
         )
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)
