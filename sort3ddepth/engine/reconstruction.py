@@ -175,26 +175,27 @@ def radial_index(shape_or_box, half=True):
 
 
 @lru_cache(maxsize=8)
-def _box_shells(npad, box):
-    """Box-grid shell index of every voxel of the padded half grid (cached: same every call)."""
-    shells = np.rint(radial_index(npad, half=True) * (box / npad)).astype(np.int64)
-    shells.setflags(write=False)
-    return shells
-
-
-@lru_cache(maxsize=8)
 def _shell_table(npad, box):
     """(lut, counts): lut[r2] = the box-grid shell of a padded-grid voxel at squared distance r2
-    from the centre (the same rounding as ``_box_shells``: rint(rint(sqrt(r2)) * box / npad)),
-    and the number of voxels of the padded half grid in each shell clipped to box // 2."""
+    from the centre (radial_index's rounding, then rescaled and rounded to the box grid:
+    rint(rint(sqrt(r2)) * box / npad)), and the number of voxels of the padded half grid in each
+    shell clipped to box // 2 (counted per squared radius, plane by plane: no padded-size
+    array)."""
     h = npad // 2
-    r2 = np.arange(2 * h * h + (npad // 2) ** 2 + 1)
-    lut = np.rint(np.rint(np.sqrt(r2)).astype(np.int64) * (box / npad)).astype(np.int64)
+    c = np.arange(npad) - h
+    top = int(np.max(c**2)) * 2 + (npad // 2) ** 2
+    lut = np.rint(np.rint(np.sqrt(np.arange(top + 1))).astype(np.int64) * (box / npad))
+    lut = lut.astype(np.int64)
+    plane = (c[:, None] ** 2 + c[None, :] ** 2).ravel()
+    per_r2 = np.zeros(top + 1, np.int64)
+    for x in range(npad // 2 + 1):
+        per_r2 += np.bincount(plane + x * x, minlength=top + 1)
     nshell = box // 2 + 1
-    counts = np.bincount(np.minimum(_box_shells(npad, box), nshell - 1).ravel(), minlength=nshell)
+    counts = np.bincount(np.minimum(lut, nshell - 1), weights=per_r2, minlength=nshell)
+    counts = counts.astype(np.int64)
     lut.setflags(write=False)
     counts.setflags(write=False)
-    return lut, counts[:nshell]
+    return lut, counts
 
 
 @njit(cache=True)
