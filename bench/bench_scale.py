@@ -102,6 +102,26 @@ def log_times(log):
     return prep, boxes
 
 
+def running_rank_peaks(peak_file):
+    """Peak RSS (VmHWM, bytes) of the ranks of a run still going (rank_peak.py processes found by
+    their command line; Linux /proc): read before a run is stopped, since a rank waiting in a
+    collective for one that has already stopped cannot record its own."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            if len(cmd) < 3 or not cmd[1].endswith(b"rank_peak.py"):
+                continue
+            if cmd[2] != str(peak_file).encode():
+                continue
+            out.append(int((d / "status").read_text().split("VmHWM:")[1].split()[0]) * 1024)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
     """Sort one set; returns the figures of the run (dict). timeout: seconds after which the run
     is stopped (SIGTERM; the ranks still record their peaks): the figures are then partial
@@ -140,6 +160,7 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stopped = True
+            live = running_rank_peaks(peak_file)
             proc.terminate()  # mpirun passes it on to the ranks
             try:
                 code = proc.wait(timeout=120)
@@ -151,6 +172,8 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
         raise subprocess.CalledProcessError(code, cmd)
     text = peak_file.read_text() if peak_file.exists() else ""
     peaks = [int(ln.split()[1]) * 1024 for ln in text.split("\n") if ln.strip()]
+    if stopped and len(peaks) < nproc and len(live) == nproc:
+        peaks = live  # some rank could not record its peak (stopped inside a collective)
     log = (out / "log.txt").read_text()
     nx = int(log.split("sorting image size ")[1].split(" px")[0])
     box = int(log.split(" particles of ")[1].split(" px")[0])
