@@ -8,7 +8,8 @@ folder the user names (never in the repository; a set already there is reused). 
 sorted with ``mpirun -np NP sort3d-depth --img_per_grp N / n_classes`` and the run prints: wall
 time, time per particle, the peak memory of all ranks together (sum of each rank's max RSS), the
 model's estimate (memory.py), the sorting size chosen, the groups found, purity (% true members,
-weighted over the groups) and the accounted fraction. At the end the EMPIAR-10028 shape
+weighted over the groups), the accounted fraction, the pre-processing time and the median time of
+a layer-0 box (generation 0). At the end the EMPIAR-10028 shape
 (105,247 x 360 px, the user document's second case) is extrapolated from the largest run's
 measured time per particle and the memory model.
 
@@ -82,8 +83,49 @@ def make_set(folder, n, box, n_classes, snr, seed, log=print):
     return star, truth
 
 
-def run_set(star, truth, out, nproc, n_classes, seed, extra=()):
-    """Sort one set; returns the figures of the run (dict)."""
+def log_times(log):
+    """(pre-processing seconds, [seconds of each layer-0 box of generation 0]) from log.txt."""
+
+    def at(line):
+        return float(line.split("[", 1)[1].split("s]", 1)[0])
+
+    prep, boxes, last = None, [], None
+    for line in log.splitlines():
+        text = line.split("] ", 1)[-1]
+        if text.startswith("pre-processing done in "):
+            prep = float(text.split("done in ")[1].split(" s")[0])
+        elif text.startswith("generation 0:"):
+            last = at(line)
+        elif text.startswith("gen 0 layer 0 box ") and ": done:" in text and last is not None:
+            boxes.append(at(line) - last)
+            last = at(line)
+    return prep, boxes
+
+
+def running_rank_peaks(peak_file):
+    """Peak RSS (VmHWM, bytes) of the ranks of a run still going (rank_peak.py processes found by
+    their command line; Linux /proc): read before a run is stopped, since a rank waiting in a
+    collective for one that has already stopped cannot record its own."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            if len(cmd) < 3 or not cmd[1].endswith(b"rank_peak.py"):
+                continue
+            if cmd[2] != str(peak_file).encode():
+                continue
+            out.append(int((d / "status").read_text().split("VmHWM:")[1].split()[0]) * 1024)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
+    """Sort one set; returns the figures of the run (dict). timeout: seconds after which the run
+    is stopped (SIGTERM; the ranks still record their peaks): the figures are then partial
+    (no wall time, groups or purity; the pre-processing and finished layer-0 boxes' times)."""
     out = Path(out)
     if out.exists():
         import shutil
@@ -111,38 +153,76 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=()):
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
     t = time.time()
+    stopped = False
     with open(out.parent / (out.name + ".stdout"), "w") as f:
-        subprocess.run(
-            cmd, check=True, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stopped = True
+            live = running_rank_peaks(peak_file)
+            proc.terminate()  # mpirun passes it on to the ranks
+            try:
+                code = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
     wall = time.time() - t
-    peaks = [int(ln.split()[1]) * 1024 for ln in peak_file.read_text().split("\n") if ln.strip()]
-    summary = json.loads((out / "summary.json").read_text())
+    if code != 0 and not stopped:
+        raise subprocess.CalledProcessError(code, cmd)
+    text = peak_file.read_text() if peak_file.exists() else ""
+    peaks = [int(ln.split()[1]) * 1024 for ln in text.split("\n") if ln.strip()]
+    if stopped and len(peaks) < nproc and len(live) == nproc:
+        peaks = live  # some rank could not record its peak (stopped inside a collective)
     log = (out / "log.txt").read_text()
     nx = int(log.split("sorting image size ")[1].split(" px")[0])
+    box = int(log.split(" particles of ")[1].split(" px")[0])
+    prep, boxes = log_times(log)
     acc = found = true_members = 0
-    for c in summary["clusters"]:
-        if c["unaccounted"]:
-            continue
-        idx = read_selection(out / c["file"])
-        true_members += np.bincount(truth[idx], minlength=n_classes).max()
-        acc += len(idx)
-        found += 1
-    box = int(summary.get("box", 0)) or int(log.split(" particles of ")[1].split(" px")[0])
+    if not stopped:
+        summary = json.loads((out / "summary.json").read_text())
+        for c in summary["clusters"]:
+            if c["unaccounted"]:
+                continue
+            idx = read_selection(out / c["file"])
+            true_members += np.bincount(truth[idx], minlength=n_classes).max()
+            acc += len(idx)
+            found += 1
     return {
         "n": n,
         "box": box,
         "nproc": nproc,
-        "wall_s": wall,
-        "s_per_particle": wall / n,
+        "stopped": stopped,
+        "wall_s": None if stopped else wall,
+        "s_per_particle": None if stopped else wall / n,
         "peak_bytes": sum(peaks),
         "peak_per_rank": peaks,
         "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx),
         "nx": nx,
-        "groups": found,
-        "purity": true_members / max(acc, 1),
-        "accounted": acc / n,
+        "groups": None if stopped else found,
+        "purity": None if stopped else true_members / max(acc, 1),
+        "accounted": None if stopped else acc / n,
+        "prep_s": prep,
+        "layer0_box_s": boxes,
     }
+
+
+def _row(r):
+    """One printed line of figures ('-' for what a stopped run does not have)."""
+
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    box_s = float(np.median(r["layer0_box_s"])) if r["layer0_box_s"] else None
+    return (
+        f"{r['n']:>7} {r['box']:>4} {r['nproc']:>2} {r['nx']:>3} {f(r['wall_s'], '.0f'):>7} "
+        f"{f(r['s_per_particle'] and 1000 * r['s_per_particle'], '.1f'):>7} "
+        f"{r['peak_bytes'] / memory.GB:>7.2f} {r['model_bytes'] / memory.GB:>8.2f} "
+        f"{f(r['groups'], 'd'):>6} {f(r['purity'] and 100 * r['purity'], '.1f'):>6} "
+        f"{f(r['accounted'] and 100 * r['accounted'], '.1f'):>6} {f(r['prep_s'], '.0f'):>6} "
+        f"{f(box_s, '.0f'):>6}"
+        + (f"  (stopped; {len(r['layer0_box_s'])} layer-0 boxes done)" if r["stopped"] else "")
+    )
 
 
 def main():
@@ -157,6 +237,7 @@ def main():
     p.add_argument("--snr", type=float, default=0.5)
     p.add_argument("--np", dest="nproc", type=int, default=2)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--timeout", type=float, default=None, help="stop a run after this many seconds")
     a = p.parse_args()
     out = Path(a.out).resolve()
     repo = Path(__file__).resolve().parent.parent
@@ -165,7 +246,8 @@ def main():
     rows = []
     print(
         f"{'N':>7} {'box':>4} {'np':>2} {'nx':>3} {'wall s':>7} {'ms/ptcl':>7} "
-        f"{'peak GB':>7} {'model GB':>8} {'groups':>6} {'purity':>6} {'acc.':>6}",
+        f"{'peak GB':>7} {'model GB':>8} {'groups':>6} {'purity':>6} {'acc. %':>6} "
+        f"{'prep s':>6} {'box s':>6}",
         flush=True,
     )
     for spec in a.sets.split(","):
@@ -179,17 +261,22 @@ def main():
             a.seed,
             log=lambda m: print(m, flush=True),
         )
-        r = run_set(star, truth, out / f"run_{n}x{box}_np{a.nproc}", a.nproc, a.classes, a.seed)
-        rows.append(r)
-        print(
-            f"{r['n']:>7} {r['box']:>4} {r['nproc']:>2} {r['nx']:>3} {r['wall_s']:>7.0f} "
-            f"{1000 * r['s_per_particle']:>7.1f} {r['peak_bytes'] / memory.GB:>7.2f} "
-            f"{r['model_bytes'] / memory.GB:>8.2f} {r['groups']:>6} "
-            f"{100 * r['purity']:>5.1f}% {100 * r['accounted']:>5.1f}%",
-            flush=True,
+        r = run_set(
+            star,
+            truth,
+            out / f"run_{n}x{box}_np{a.nproc}",
+            a.nproc,
+            a.classes,
+            a.seed,
+            timeout=a.timeout,
         )
+        rows.append(r)
+        print(_row(r), flush=True)
         (out / "bench_scale.json").write_text(json.dumps(rows, indent=1))
-    big = max(rows, key=lambda r: r["n"])
+    done = [r for r in rows if not r["stopped"]]
+    if not done:
+        return
+    big = max(done, key=lambda r: r["n"])
     n, box = EMPIAR_10028
     t = big["s_per_particle"] * n
     nx = memory.largest_sorting_size(box)

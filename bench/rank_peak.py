@@ -5,6 +5,7 @@
 """
 
 import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,20 @@ def main():
     from sort3ddepth.engine.parallel import world
 
     comm = world()
-    code = run(argv, comm=comm)
+
+    def stop(signum, frame):  # a stopped run (bench_scale --timeout) still records its peak
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    code = 1
+    try:
+        code = run(argv, comm=comm)
+    finally:
+        _record(peak_file, comm.rank)
+    sys.exit(code)
+
+
+def _record(peak_file, rank):
     # VmHWM: this process's peak since exec (ru_maxrss would also count pages held between the
     # launcher's fork and exec)
     try:
@@ -25,8 +39,7 @@ def main():
     except (OSError, IndexError):
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(peak_file, "a") as f:
-        f.write(f"{comm.rank} {kb}\n")
-    sys.exit(code)
+        f.write(f"{rank} {kb}\n")
 
 
 if __name__ == "__main__":

@@ -55,16 +55,19 @@ def padded_size(n, pad):
     return npad + npad % 2
 
 
-def volumes_to_fourier(vols, pad=2, gridding_correction=True):
+def volumes_to_fourier(vols, pad=2, gridding_correction=True, out=None, slots=None):
     """Prepare maps (N,N,N) or (K,N,N,N) for projection. Trilinear interpolation in Fourier space
     multiplies the projection by sinc^2(x/Np) per axis; dividing the map by it beforehand cancels
-    that (``gridding_correction``)."""
+    that (``gridding_correction``). out, slots: write map i into out[..., slots[i]] of a given
+    (Np, Np, Np//2+1, M) complex64 array (other slots untouched) instead of a new array."""
     vols = np.asarray(vols, dtype=np.float64)
     if vols.ndim == 3:
         vols = vols[None]
     k, n = vols.shape[0], vols.shape[-1]
     npad = padded_size(n, pad)
-    out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
+    if out is None:
+        out = np.empty((npad, npad, npad // 2 + 1, k), np.complex64)
+        slots = range(k)
     corr = None
     if gridding_correction:
         s = _sinc2_profile(n, npad)
@@ -77,7 +80,7 @@ def volumes_to_fourier(vols, pad=2, gridding_correction=True):
     for i in range(k):
         big[np.ix_(wrap, wrap, wrap)] = vols[i] / corr if corr is not None else vols[i]
         f = scipy.fft.rfftn(big, workers=-1)
-        _fftshift_yz_into(f, out[..., i])
+        _fftshift_yz_into(f, out[..., slots[i]])
     return FourierVolumes(out, n, npad / n)
 
 
@@ -276,7 +279,7 @@ def _distance_kernel(
     nz, ny, nxh = vol.shape[0], vol.shape[1], vol.shape[2]
     c = ny // 2
     npix = piy.shape[0]
-    for ii in prange(rots.shape[0]):
+    for ii in prange(order.shape[0]):
         i = order[ii]
         acc_c = np.zeros(nk)
         acc_p = np.zeros(nk)
@@ -392,8 +395,8 @@ def _backproject_kernel(
     data,
     wts,
 ):
-    """One task per (map, z-slab): it runs through the map's entries in entry order and adds only
-    into its slab, so tasks never write the same voxel. The sums are integer (fixed point) and
+    """One task per (map, z-slab): it runs through the map's entries in the order given and adds
+    only into its slab, so tasks never write the same voxel. The sums are integer (fixed point) and
     exact, so neither the thread count nor the order matters for the result; slabs balance the
     threads when there are few maps and keep each task's writes in a cache-friendlier part of
     the grid (measured: 17,280 images of 64 px into 5 maps at pad 2 on 2 threads: 3.4 s with one
@@ -601,13 +604,23 @@ def project(fvols, rotations, rmax=None):
 
 
 def distance_terms(
-    fvols, rotations, images_f, ctf_coefs=None, rmin=0.0, rmax=None, shell_weights=None, groups=None
+    fvols,
+    rotations,
+    images_f,
+    ctf_coefs=None,
+    rmin=0.0,
+    rmax=None,
+    shell_weights=None,
+    groups=None,
+    select=None,
 ):
     """Fused comparison of n images with the CTF-multiplied projections of K maps, without storing
     the projections. Returns (cross (n,K), pp (n,K), xx (n,)) with, over the frequency band
     rmin <= |k| <= rmax and shell weights w(group, shell):
     cross = sum w Re(conj(X) CTF P_k), pp = sum w |CTF P_k|^2, xx = sum w |X|^2.
-    The squared distance is xx - 2 cross + pp; a normalised cross score is cross / sqrt(pp)."""
+    The squared distance is xx - 2 cross + pp; a normalised cross score is cross / sqrt(pp).
+    select: score only the images at these positions (rotations, images_f, ctf_coefs and groups
+    then hold all the images; the rows of the results follow select), without a copy of them."""
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
     n = rots.shape[0]
     imgs = np.ascontiguousarray(images_f, np.complex64)
@@ -618,6 +631,7 @@ def distance_terms(
         )
     coefs, use_ctf = _coefs(ctf_coefs, n)
     sw, g = _shell_weights(fvols.box, shell_weights, groups, n)
+    sel = np.arange(n) if select is None else np.ascontiguousarray(select, np.int64)
     cross = np.empty((n, fvols.n_maps))
     pp = np.empty((n, fvols.n_maps))
     xx = np.empty(n)
@@ -631,13 +645,15 @@ def distance_terms(
         sw,
         g,
         float(fvols.pad),
-        view_order(rots),
+        sel[view_order(rots[sel])],
         *table,
         cross,
         pp,
         xx,
     )
-    return cross, pp, xx
+    if select is None:
+        return cross, pp, xx
+    return cross[sel], pp[sel], xx[sel]
 
 
 def squared_distances(fvols, rotations, images_f, **kw):
@@ -688,18 +704,12 @@ def backproject(
     scale = npad / box
     npad = npad if grid is None else int(grid)
     k = memb.shape[1]
-    # the (entry, map) pairs with a non-zero weight, grouped by map, entries in order
-    cols, rows = np.nonzero(memb.T)
-    mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
-    ment = rows.astype(np.int64)
-    mwt = memb[rows, cols]
-    nt = max(1, n_threads or numba.get_num_threads())
-    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
-    pimg = idx[ment]
+    rows, cols = np.nonzero(memb)
+    pimg = idx[rows]
     sums = FixedPointSums.for_entries(
         (k, npad, npad, npad // 2 + 1),
         component_max(imgs)[pimg],
-        mwt,
+        memb[rows, cols],
         coefs[pimg],
         use_ctf,
         np.abs(sw).max(axis=1)[g[pimg]],
@@ -707,24 +717,70 @@ def backproject(
         box,
         comm,
     )
-    table = pixel_table(box, 0.0, rmax)
+    insert_into(
+        sums, imgs, idx, rots, memb, ctf_coefs, shell_weights, groups, rmax, scale, n_threads
+    )
+    return sums.finish(comm)
+
+
+def insert_into(
+    sums,
+    images_f,
+    image_index,
+    rotations,
+    member_weights,
+    ctf_coefs,
+    shell_weights,
+    groups,
+    rmax,
+    scale,
+    n_threads=None,
+):
+    """Add the back-projection of entries into the fixed-point accumulators ``sums``
+    (FixedPointSums of K maps, scales set for these entries): entry e is image
+    ``images_f[image_index[e]]`` at ``rotations[e]``, inserted into map k with weight
+    ``member_weights[e, k]`` (times its image's CTF row and its group's shell weights, as
+    ``backproject``). scale: padded-grid units per image frequency (Np / box, also when the
+    grid is cropped). Successive calls over consecutive chunks of entries add up to what one
+    call over all of them makes (the sums are integer)."""
+    imgs = np.ascontiguousarray(images_f, np.complex64)
+    box = imgs.shape[1]
+    memb = np.ascontiguousarray(member_weights, np.float64)
+    if memb.ndim == 1:
+        memb = memb[:, None]
+    k = memb.shape[1]
+    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
+    # the (entry, map) pairs with a non-zero weight, grouped by map and, within a map, in
+    # viewing-direction order (view_order): successive slices then add into the same part of the
+    # grid and find it in cache (measured: 12,000 entries of 64 px into 10 maps at pad 2, one
+    # thread: 207 us an entry in entry order, 172 in this order). The sums are integer, so the
+    # order does not change a bit of them.
+    cols, rows = np.nonzero(memb.T)
+    rank = np.empty(rots.shape[0], np.int64)
+    rank[view_order(rots)] = np.arange(rots.shape[0])
+    by = np.lexsort((rank[rows], cols))
+    cols, rows = cols[by], rows[by]
+    mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
+    coefs, use_ctf = _coefs(ctf_coefs, imgs.shape[0])
+    sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
+    nt = max(1, n_threads or numba.get_num_threads())
+    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
     _backproject_kernel(
         imgs,
-        idx,
+        np.ascontiguousarray(image_index, np.int64),
         rots,
         coefs,
         use_ctf,
         mptr,
-        ment,
-        mwt,
+        rows.astype(np.int64),
+        np.ascontiguousarray(memb[rows, cols]),
         n_slabs,
         sw,
         g,
         float(scale),
-        *table,
+        *pixel_table(box, 0.0, rmax),
         sums.data_scale,
         sums.weight_scale,
         sums.data,
         sums.weights,
     )
-    return sums.finish(comm)

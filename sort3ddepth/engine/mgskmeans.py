@@ -137,29 +137,32 @@ class ClusterMaps:
         n_used = len(subset) if half is None else int(np.sum(self.d.half[subset] == half))
         return self.maps_from(data, w, group_size * n_used / max(len(subset), 1))
 
-    def comparison_volumes(self, maps):
-        """Each map normalised inside the mask (mean 0, std 1) and multiplied by it."""
-        out = np.empty_like(maps)
+    def comparison_volumes(self, maps, out=None, slots=None):
+        """Each map normalised inside the mask (mean 0, std 1) and multiplied by it, as
+        fourier.FourierVolumes (written into out[..., slots] when given)."""
+        norm = np.empty_like(maps)
         for k, m in enumerate(maps):
             vals = m[self._inside]
             sd = vals.std()
-            out[k] = 0.0 if sd <= 0 else (m - vals.mean()) / sd * self.mask
-        fv = fourier.volumes_to_fourier(out, pad=self.pad)
+            norm[k] = 0.0 if sd <= 0 else (m - vals.mean()) / sd * self.mask
+        fv = fourier.volumes_to_fourier(norm, pad=self.pad, out=out, slots=slots)
         # gathered at the images' frequencies: the spacing is that of an nx box at this pad
         return fourier.FourierVolumes(fv.data, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
     def fourier_maps(self, data, w, group_size):
         """Comparison volumes (fourier.FourierVolumes) straight from Fourier sums: each rank
         reconstructs and transforms every size-th map and the ranks sum the results, instead of
-        every rank doing every map's FFTs."""
+        every rank doing every map's FFTs. One rank: its volumes as they are (no copy)."""
+        if self.comm.size == 1:
+            return self.comparison_volumes(self.maps_from(data, w, group_size))
         k = data.shape[0]
         mine = np.arange(self.comm.rank, k, self.comm.size)
         npad = self._npad(self.grid)
         out = np.zeros((npad, npad, npad // 2 + 1, k), np.complex64)
         if mine.size:
-            out[..., mine] = self.comparison_volumes(
-                self.maps_from(data[mine], w[mine], group_size)
-            ).data
+            self.comparison_volumes(
+                self.maps_from(data[mine], w[mine], group_size), out=out, slots=mine
+            )
         self.comm.allreduce_sum(out)
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
@@ -175,22 +178,23 @@ class ClusterMaps:
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = maps if isinstance(maps, fourier.FourierVolumes) else self.comparison_volumes(maps)
-        groups = None if d.groups is None else d.groups[loc]
         sw = d.shell_weights
         if shell_factors is not None:
             f = np.zeros(sw.shape[1])
             m = min(f.size, len(shell_factors))
             f[:m] = shell_factors[:m]
             sw = sw * f[None, :]
+        # the rank's images as they are, the selected ones scored (no copy of them)
         cross, pp, _ = fourier.distance_terms(
             fv,
-            d.rots[loc],
-            d.comp_f[loc],
-            d.ctf_coefs[loc],
+            d.rots,
+            d.comp_f,
+            d.ctf_coefs,
             rmin=1.0,
             rmax=rmax,
             shell_weights=sw,
-            groups=groups,
+            groups=d.groups,
+            select=loc,
         )
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)

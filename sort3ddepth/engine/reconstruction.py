@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.fft
+from numba import njit
 from scipy import ndimage
 
 FINAL_SETS_AT_ONCE = 1  # final maps (sorter.final_maps): sets whose two half maps are accumulated
@@ -42,7 +43,6 @@ def backproject_streamed(
     integer sums do not depend on how the images are split. Every rank must call (with comm).
     Memory: one chunk of images plus the K accumulators (24 bytes per padded-grid voxel)."""
     from . import fourier
-    from .smearing import _insert_into
 
     memb = np.ascontiguousarray(member_weights, np.float64)
     memb = memb.reshape(n, memb.shape[-1] if memb.ndim > 1 else 1)
@@ -71,7 +71,7 @@ def backproject_streamed(
     for a, b in ranges:
         if not memb[a:b].any():
             continue
-        _insert_into(
+        fourier.insert_into(
             sums,
             make_images(a, b),
             np.arange(b - a),
@@ -107,7 +107,7 @@ def backproject_smeared_streamed(
     ``member_weights`` (n, K). ``base_max`` (n,): each base image's largest component when
     known; else a first pass measures it. Every rank must call (with comm)."""
     from . import fourier
-    from .smearing import CHUNK_ENTRIES, LocalSmears, _insert_into, shifted_slices
+    from .smearing import CHUNK_ENTRIES, LocalSmears, shifted_slices
 
     memb = np.asarray(member_weights, np.float64)
     n, k = memb.shape
@@ -144,7 +144,7 @@ def backproject_smeared_streamed(
         for c in range(e0, e1, CHUNK_ENTRIES):
             e = np.arange(c, min(e1, c + CHUNK_ENTRIES))
             imgs = shifted_slices(base, sm.parent[e] - a, sm.shift[e])
-            _insert_into(
+            fourier.insert_into(
                 sums,
                 imgs,
                 np.arange(len(e)),
@@ -175,17 +175,71 @@ def radial_index(shape_or_box, half=True):
 
 
 @lru_cache(maxsize=8)
-def _box_shells(npad, box):
-    """Box-grid shell index of every voxel of the padded half grid (cached: same every call)."""
-    shells = np.rint(radial_index(npad, half=True) * (box / npad)).astype(np.int64)
-    shells.setflags(write=False)
-    return shells
+def _shell_table(npad, box):
+    """(lut, counts): lut[r2] = the box-grid shell of a padded-grid voxel at squared distance r2
+    from the centre (radial_index's rounding, then rescaled and rounded to the box grid:
+    rint(rint(sqrt(r2)) * box / npad)), and the number of voxels of the padded half grid in each
+    shell clipped to box // 2 (counted per squared radius, plane by plane: no padded-size
+    array)."""
+    h = npad // 2
+    c = np.arange(npad) - h
+    top = int(np.max(c**2)) * 2 + (npad // 2) ** 2
+    lut = np.rint(np.rint(np.sqrt(np.arange(top + 1))).astype(np.int64) * (box / npad))
+    lut = lut.astype(np.int64)
+    plane = (c[:, None] ** 2 + c[None, :] ** 2).ravel()
+    per_r2 = np.zeros(top + 1, np.int64)
+    for x in range(npad // 2 + 1):
+        per_r2 += np.bincount(plane + x * x, minlength=top + 1)
+    nshell = box // 2 + 1
+    counts = np.bincount(np.minimum(lut, nshell - 1), weights=per_r2, minlength=nshell)
+    counts = counts.astype(np.int64)
+    lut.setflags(write=False)
+    counts.setflags(write=False)
+    return lut, counts
 
 
-def _radial_mean(values, shells, nshell):
-    s = np.bincount(shells.ravel(), weights=values.ravel(), minlength=nshell)[:nshell]
-    c = np.bincount(shells.ravel(), minlength=nshell)[:nshell]
-    return s / np.maximum(c, 1)
+@njit(cache=True)
+def _shell_sums(w, lut, out):
+    """out[s] += w over the voxels of (clipped) shell s, voxel by voxel in C order: the same
+    additions in the same order as np.bincount (so the same bits)."""
+    npad, nxh = w.shape[1], w.shape[2]
+    h = npad // 2
+    top = out.shape[0] - 1
+    for z in range(w.shape[0]):
+        cz = z - h
+        for y in range(npad):
+            cy = y - h
+            for x in range(nxh):
+                s = lut[cz * cz + cy * cy + x * x]
+                out[min(s, top)] += np.float64(w[z, y, x])
+
+
+@njit(cache=True)
+def _regularised_into(data, w, lut, floor, limit, thr, g):
+    """g = ifftshift over z and y of data / (w + floor[shell]) (complex64) where the shell is at
+    most `limit` and the denominator above `thr`, else 0. The division is numpy's complex one
+    for a real divisor (multiplication by the reciprocal), so the values have numpy's bits."""
+    npad, nxh = w.shape[1], w.shape[2]
+    h = npad // 2
+    top = floor.shape[0] - 1
+    for z in range(npad):
+        cz = z - h
+        gz = z - h if z >= h else z + npad - h
+        for y in range(npad):
+            cy = y - h
+            gy = y - h if y >= h else y + npad - h
+            for x in range(nxh):
+                s = lut[cz * cz + cy * cy + x * x]
+                denom = np.float64(w[z, y, x]) + floor[min(s, top)]
+                if s <= limit and denom > thr:
+                    v = data[z, y, x]
+                    rat = 0.0 / denom
+                    scl = 1.0 / (denom + 0.0 * rat)
+                    g[gz, gy, x] = complex(
+                        (v.real + v.imag * rat) * scl, (v.imag - v.real * rat) * scl
+                    )
+                else:
+                    g[gz, gy, x] = 0.0
 
 
 def reconstruct(
@@ -203,20 +257,24 @@ def reconstruct(
     fsc: optional (nshell,) FSC per shell of the *box* grid used as SNR: weight += mean_w*(1-f)/f.
     Without it the weights get a floor of ``min_weight`` x their shell mean (a plain division).
     rmax: resolution limit in box-grid pixels (default N/2 - 1). symmetry: a PointGroup, applied
-    to the real-space map (average of the rotated copies)."""
+    to the real-space map (average of the rotated copies).
+
+    Per map: one pass sums the weights per shell, a second divides and writes the shifted
+    single-precision grid for the inverse FFT (no padded-size temporaries)."""
     data = np.asarray(data)
     weights = np.asarray(weights)
     if data.ndim == 3:
         data, weights = data[None], weights[None]
     npad = data.shape[1]
-    shells = _box_shells(npad, box)  # box-grid shell of each voxel
+    lut, counts = _shell_table(npad, box)
     nshell = box // 2 + 1
     limit = box // 2 - 1 if rmax is None else min(rmax, box // 2 - 1)
-    keep = shells <= limit
     out = np.empty((data.shape[0], box, box, box), np.float32)
+    g = np.empty(data.shape[1:], np.complex64)
     for k in range(data.shape[0]):
-        w = weights[k]
-        mean_w = _radial_mean(w, np.minimum(shells, nshell - 1), nshell)
+        sums = np.zeros(nshell)
+        _shell_sums(weights[k], lut, sums)
+        mean_w = sums / np.maximum(counts, 1)
         if fsc is not None:
             f = np.clip(np.asarray(fsc, np.float64)[:nshell], 1e-3, 0.999)
             if f.size < nshell:
@@ -225,31 +283,41 @@ def reconstruct(
             reg[:tau_shells_unregularised] = 0.0
         else:
             reg = min_weight * mean_w
-        floor = reg[np.minimum(shells, nshell - 1)]
-        denom = w + floor
-        good = keep & (denom > 1e-12 * max(mean_w.max(), 1e-30))
-        f3 = np.zeros_like(data[k])
-        f3[good] = data[k][good] / denom[good]
-        out[k] = _half_grid_to_map(f3, box)
+        thr = 1e-12 * max(mean_w.max(), 1e-30)
+        _regularised_into(data[k], weights[k], lut, reg, limit, thr, g)
+        out[k] = _shifted_grid_to_map(g, box)
         if symmetry is not None and symmetry.order > 1:
             out[k] = symmetrize_map(out[k], symmetry.matrices)
     return out
 
 
-def _half_grid_to_map(f3, box):
-    """Centred half grid (Np, Np, Np//2+1) -> the centred box^3 map, gridding-corrected.
-    Single-precision inverse FFT of the un-shifted grid; only the box^3 centre is read out of
-    the padded result (at wrapped indices), so no full-size shifted copies are made."""
-    npad = f3.shape[0]
-    h = npad // 2
-    g = np.empty(f3.shape, np.complex64)  # ifftshift over z and y, block by block
-    g[: npad - h, : npad - h] = f3[h:, h:]
-    g[: npad - h, npad - h :] = f3[h:, :h]
-    g[npad - h :, : npad - h] = f3[:h, h:]
-    g[npad - h :, npad - h :] = f3[:h, :h]
-    big = scipy.fft.irfftn(g, s=(npad,) * 3, workers=-1)
+def irfftn_centre(g, box):
+    """``scipy.fft.irfftn(g, s=(Np,)*3)[np.ix_(wrap, wrap, wrap)]`` with wrap the box^3 centre
+    at wrapped indices ((arange(box) - box // 2) % Np), without the rest of the Np^3 result:
+    the same one-dimensional transforms along z, then y, then x that irfftn makes, each on the
+    lines whose outputs are read, and its 1 / Np^3 applied last (float32 x float32). The same
+    bits as irfftn in single precision: every line is transformed alone, in the same order of
+    axes, and the norm factor is the one product pocketfft makes at the end. A third of the
+    work at Np = 2 box."""
+    npad = g.shape[0]
     wrap = (np.arange(box) - box // 2) % npad
-    vol = big[np.ix_(wrap, wrap, wrap)].astype(np.float64)
+    t = scipy.fft.ifft(g, axis=0, norm="forward", workers=-1)[wrap]
+    t = scipy.fft.ifft(t, axis=1, norm="forward", workers=-1)[:, wrap]
+    t = scipy.fft.irfft(t, n=npad, axis=2, norm="forward", workers=-1)[:, :, wrap]
+    t *= _norm_factor(npad**3, t.dtype)
+    return t
+
+
+def _norm_factor(n, dtype):
+    """1 / n as pocketfft computes it (in long double, then rounded to the data's type)."""
+    return dtype.type(np.longdouble(1) / np.longdouble(n))
+
+
+def _shifted_grid_to_map(g, box):
+    """The centred box^3 map from the half grid g, already shifted for the inverse FFT (the
+    output of ``_regularised_into``), gridding-corrected."""
+    npad = g.shape[0]
+    vol = irfftn_centre(g, box).astype(np.float64)
     # trilinear gridding attenuates the map by sinc^2(x/Np) per axis: undo it
     x = np.arange(box) - box // 2
     s = np.sinc(x / npad) ** 2

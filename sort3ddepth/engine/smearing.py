@@ -13,15 +13,13 @@ fly. Both paths give BIT-IDENTICAL sums (so identical clusters for a seed):
 * a slice is built by one numba kernel, entry by entry, from the same unshifted image and shift
   (no dependence on which batch it is built in), and
 * the back-projection kernel of fourier.py adds into fixed-point accumulators
-  (fourier.FixedPointSums) it is given, so successive calls over consecutive chunks sum exactly
-  what one call over all entries would, and the sum over MPI ranks is exact as well.
-  (fourier.backproject allocates new accumulators per call, so ``_insert_into`` below drives its
-  kernel directly.)
+  (fourier.FixedPointSums) it is given (fourier.insert_into), so successive calls over
+  consecutive chunks sum exactly what one call over all entries would, and the sum over MPI ranks
+  is exact as well.
 """
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -67,42 +65,6 @@ def shifted_slices(base, parent, shift):
             out,
         )
     return out
-
-
-def _insert_into(sums, imgs, img_index, rots, memb, coefs, shell_w, groups, rmax, scale):
-    """Add the back-projection of entries (rows of memb) into the fixed-point accumulators
-    ``sums`` (fourier.FixedPointSums of K maps), exactly as fourier.backproject builds them (same
-    kernel); scale: padded-grid units per image frequency (Np / box unless the grid is cropped)."""
-    k = memb.shape[1]
-    box = imgs.shape[1]
-    cols, rows = np.nonzero(memb.T)
-    mptr = np.searchsorted(cols, np.arange(k + 1)).astype(np.int64)
-    ment = rows.astype(np.int64)
-    mwt = np.ascontiguousarray(memb[rows, cols], np.float64)
-    coefs_c, use_ctf = fourier._coefs(coefs, imgs.shape[0])
-    sw, g = fourier._shell_weights(box, shell_w, groups, imgs.shape[0])
-    nt = max(1, numba.get_num_threads())
-    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
-    table = fourier.pixel_table(box, 0.0, rmax)
-    fourier._backproject_kernel(
-        np.ascontiguousarray(imgs, np.complex64),
-        np.ascontiguousarray(img_index, np.int64),
-        np.ascontiguousarray(rots, np.float64),
-        coefs_c,
-        use_ctf,
-        mptr,
-        ment,
-        mwt,
-        n_slabs,
-        sw,
-        g,
-        float(scale),
-        *table,
-        sums.data_scale,
-        sums.weight_scale,
-        sums.data,
-        sums.weights,
-    )
 
 
 @dataclass
@@ -212,7 +174,7 @@ class LocalSmears:
         # precomputed entries first (a prefix: ent is increasing), then on-the-fly chunks
         j = int(np.searchsorted(ent, self.n_precomputed))
         if j:
-            _insert_into(
+            fourier.insert_into(
                 sums,
                 self.slices,
                 ent[:j],
@@ -227,7 +189,7 @@ class LocalSmears:
         for a in range(j, len(ent), chunk):
             e = ent[a : a + chunk]
             imgs = shifted_slices(self.base, self.parent[e], self.shift[e])
-            _insert_into(
+            fourier.insert_into(
                 sums,
                 imgs,
                 np.arange(len(e)),
