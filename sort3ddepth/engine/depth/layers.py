@@ -15,10 +15,11 @@ from .partition import Partition
 from .policy import policy_of
 
 
-def between_boxes(ctx, subset, a, b, *, n_allowed, tag=""):
+def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
     """Two-way comparison of two boxes' partitions (their pools included as a group, but never
     accepted): a matched group is kept when its Jaccard index beats random partitions of the same
-    sizes by jaccard_margin_std standard deviations and it is not tiny next to the largest."""
+    sizes by jaccard_margin_std standard deviations and it is not tiny next to the largest.
+    n_allowed: the most groups the user's group size allows (None: no cap, search mode)."""
     policy = policy_of(ctx)
     la, lb = a.labels(subset), b.labels(subset)
     res = two_way_comparison(la, lb)
@@ -50,7 +51,7 @@ def between_boxes(ctx, subset, a, b, *, n_allowed, tag=""):
     order = np.argsort([-len(c) for c in kept], kind="stable")
     kept = [np.sort(kept[i]) for i in order]
     stats = [stats[i] for i in order]
-    if len(kept) > n_allowed >= 2:
+    if n_allowed is not None and len(kept) > n_allowed >= 2:
         ctx.log(f"{tag}{len(kept)} groups for at most {n_allowed}: the smallest is dropped")
         kept, stats = kept[:-1], stats[:-1]
     acc = np.concatenate(kept) if kept else np.zeros(0, np.int64)
@@ -121,7 +122,10 @@ def _run_layer(ctx, gen, layer, subset, starts, *, k, k_learned):
 def run_generation(ctx, gen, subset, k, earlier=()):
     """All layers of one generation on `subset`; returns the generation's Partition.
     earlier: the clusters of earlier generations (for the member check)."""
-    n_allowed = max(len(subset) // max(ctx.img_per_grp, 1), 2)
+    # K given: at most n / img_per_grp groups (SPHIRE's rule). Search mode has no cap: its
+    # img_per_grp is a working size, not the user's, and a cap made from it dropped groups that
+    # both boxes reproduced at 98.8-100 % (o-k8 matrix cell, generation 1).
+    n_allowed = None if ctx.search else max(len(subset) // max(ctx.img_per_grp, 1), 2)
     starts = [None] * 2**ctx.depth_order
     layer = 0
     k_learned = 2  # search mode: the K that layer-0 boxes validated (box learning)
