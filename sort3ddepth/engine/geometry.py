@@ -61,6 +61,24 @@ def projection_directions(mats):
     return np.asarray(mats)[..., 2, :]
 
 
+def pose_neighbours(sigma_deg):
+    """The six turns of sigma_deg degrees about +-x, +-y, +-z, (6, 3, 3), that make a given pose's
+    neighbourhood (pose @ turn); None for sigma_deg 0 (the given pose alone)."""
+    if not sigma_deg:
+        return None
+    a = np.radians(float(sigma_deg))
+    c, s = np.cos(a), np.sin(a)
+    turns = []
+    for axis in range(3):
+        for sign in (1.0, -1.0):
+            i, j = [k for k in range(3) if k != axis]
+            t = np.eye(3)
+            t[i, i] = t[j, j] = c
+            t[i, j], t[j, i] = -sign * s, sign * s
+            turns.append(t)
+    return np.array(turns)
+
+
 def random_rotations(n, rng):
     """n rotation matrices uniformly distributed on SO(3) (Haar), from unit quaternions."""
     q = rng.standard_normal((n, 4))

@@ -37,11 +37,14 @@ MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to b
 class ClusterMaps:
     """Builds cluster maps from memberships and scores images against them, over MPI ranks."""
 
-    def __init__(self, data, comm, symmetry=None, pad=2, grid=None):
+    def __init__(self, data, comm, symmetry=None, *, pad=2, grid=None, pose_turns=None):
         self.d = data
         self.comm = comm
         self.sym = symmetry
         self.pad = pad
+        # images are scored at their given pose and, when pose_turns (geometry.pose_neighbours)
+        # is set, at its neighbours pose @ turn: the best of these counts
+        self.pose_turns = pose_turns
         # maps are reconstructed and compared on a box of `grid` voxels spanning the images'
         # field of view (grid < nx: coarser voxels, for maps limited to low resolution)
         self.grid = data.nx if grid is None else int(grid)
@@ -68,7 +71,9 @@ class ClusterMaps:
         if grid >= self.grid:
             return self
         if grid not in self._coarse:
-            self._coarse[grid] = ClusterMaps(self.d, self.comm, self.sym, self.pad, grid)
+            self._coarse[grid] = ClusterMaps(
+                self.d, self.comm, self.sym, pad=self.pad, grid=grid, pose_turns=self.pose_turns
+            )
         return self._coarse[grid]
 
     def resolution_limit(self, group_size):
@@ -172,7 +177,10 @@ class ClusterMaps:
         in subset order. rmax: the shell the maps were limited to (maps_from): pixels beyond it
         hold only the mask's leakage. Measured at 60 px: rmax 25 instead of 29 makes the pass
         1.55x faster; where the limit is Nyquist (bench_sort) it saves nothing.
-        shell_factors: (nshell,) extra weight per frequency shell (discriminative weights)."""
+        shell_factors: (nshell,) extra weight per frequency shell (discriminative weights).
+        With pose_turns, each score is the best over the given pose and its neighbours: with
+        pose errors of ~2 degrees (median) a 3 x 700 set was one group at the given poses alone
+        and 3 groups >= 98 % pure with the neighbours (bench/README.md, "Pose errors")."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
@@ -184,20 +192,25 @@ class ClusterMaps:
             m = min(f.size, len(shell_factors))
             f[:m] = shell_factors[:m]
             sw = sw * f[None, :]
-        # the rank's images as they are, the selected ones scored (no copy of them)
-        cross, pp, _ = fourier.distance_terms(
-            fv,
-            d.rots,
-            d.comp_f,
-            d.ctf_coefs,
-            rmin=1.0,
-            rmax=rmax,
-            shell_weights=sw,
-            groups=d.groups,
-            select=loc,
-        )
+        turns = [] if self.pose_turns is None else list(self.pose_turns)
+        best = None
+        for rots in [d.rots] + [d.rots @ t for t in turns]:
+            # the rank's images as they are, the selected ones scored (no copy of them)
+            cross, pp, _ = fourier.distance_terms(
+                fv,
+                rots,
+                d.comp_f,
+                d.ctf_coefs,
+                rmin=1.0,
+                rmax=rmax,
+                shell_weights=sw,
+                groups=d.groups,
+                select=loc,
+            )
+            score = cross / np.sqrt(pp + 1e-30)
+            best = score if best is None else np.maximum(best, score)
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
-        return self.comm.gather_rows(cross / np.sqrt(pp + 1e-30), n_sel)
+        return self.comm.gather_rows(best, n_sel)
 
 
 def merge_small_orientation_groups(og, k, rng):

@@ -22,6 +22,9 @@ DEFAULT_MIN_PURITY = 0.98
 INIT_K_STACK = 7
 #: fixed-K mode: at most this many groups (n // img_per_grp)
 MAX_GROUPS = 29
+#: --pose_sigma_deg at most: the neighbourhood is one turn each way per axis, a local search
+#: for small errors, not a new alignment
+MAX_POSE_SIGMA_DEG = 10.0
 
 
 def _opt(default, text, *, unit="", argtype=None, choices=None, sphire=True):
@@ -96,6 +99,14 @@ class SortOptions:
         "estimated purity target per cluster (0.5-1): members enter a cluster in decreasing "
         "posterior while the mean posterior of its members stays at or above this; the rest "
         "is unaccounted (not in SPHIRE)",
+        sphire=False,
+    )
+    pose_sigma_deg: float = _opt(
+        0.0,
+        "typical angular error of the given orientations (0-10): each image is also scored at "
+        "its pose turned by this much about the three axes and the best score counts; the "
+        "stored orientations never change (0: the given poses alone; not in SPHIRE)",
+        unit="deg",
         sphire=False,
     )
     seed: int | None = _opt(
@@ -267,6 +278,10 @@ def validate(options, data=None, *, name: Callable[[str], str] = _cli_name, chec
             bad(option, getattr(o, option), f"must be at least {low}{unit}")
     if not 0.5 <= o.min_purity <= 1.0:
         bad("min_purity", f"{o.min_purity:g}", "must be between 0.5 and 1")
+    if not 0.0 <= o.pose_sigma_deg <= MAX_POSE_SIGMA_DEG:
+        bad(
+            "pose_sigma_deg", f"{o.pose_sigma_deg:g}", f"must be between 0 and {MAX_POSE_SIGMA_DEG}"
+        )
     if o.img_per_grp != -1 and o.img_per_grp <= 1:
         bad("img_per_grp", o.img_per_grp, "must be > 1 (or -1 for search mode)")
     if data is not None:

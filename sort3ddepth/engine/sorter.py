@@ -21,6 +21,7 @@ import numpy as np
 from . import anova, fourier, output, results
 from .ctf import ctf_coefficients
 from .depth import MIN_CLUSTER_SIZE, SortContext, final_assignment, run_generation
+from .geometry import pose_neighbours
 from .membership import purity_curve
 from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
@@ -320,7 +321,13 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
         f"depth order {opts.depth_order} ({2**opts.depth_order} boxes in layer 0)"
     )
     data = _preprocess(particles, opts, comm, rng, log)
-    maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None)
+    turns = pose_neighbours(opts.pose_sigma_deg)
+    if turns is not None:
+        log(
+            f"pose errors: each image scored at its given pose and {len(turns)} neighbours "
+            f"turned {opts.pose_sigma_deg:g} deg (--pose_sigma_deg); orientations unchanged"
+        )
+    maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None, pose_turns=turns)
     ctx = SortContext(
         data,
         maps,

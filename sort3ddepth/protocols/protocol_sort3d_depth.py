@@ -53,6 +53,7 @@ FORM_OPTIONS = {
     "symmetry": ("sym", False),
     "imgPerGrp": ("img_per_grp", False),
     "minPurity": ("min_purity", False),
+    "poseSigmaDeg": ("pose_sigma_deg", False),
     "memoryPerNode": ("memory_per_node", False),
     "overhead": ("overhead", False),
     "depthOrder": ("depth_order", False),
@@ -238,6 +239,17 @@ class ProtSort3DDepth(ProtClassify3D):
             f"(attribute {ATTR_POSTERIOR} of the particles of the output classes), and the "
             "viewer shows purity against the fraction of particles kept, so a "
             "different trade-off can be chosen afterwards without sorting again.",
+        )
+        form.addParam(
+            "poseSigmaDeg",
+            params.FloatParam,
+            default=0.0,
+            label="Pose error [deg]",
+            help="Typical angular error of the particles' orientations (0-10 degrees; "
+            "a consensus refinement of a mixture leaves 1-3). Each particle is also "
+            "compared with the cluster maps at its orientation turned by this much "
+            "about the three axes, and the best match counts; the orientations "
+            "themselves are never changed. 0: the given orientations only.",
         )
         form.addParam(
             "memoryPerNode",

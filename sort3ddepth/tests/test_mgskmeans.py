@@ -2,6 +2,7 @@
 generation and the final assignment (the posterior model at the purity target), and the starts
 that rebuild missing groups from independent cuts (rebuild_starts)."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -18,6 +19,7 @@ from sort3ddepth.engine.depth import (
     sure_groups,
     within_box_accept,
 )
+from sort3ddepth.engine.geometry import pose_neighbours
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.preprocess import prepare
@@ -329,3 +331,28 @@ def test_fragments_are_small_next_to_the_median_kept_group():
     assert list(fragments([572, 551, 273])) == [False, False, True]
     assert list(fragments([3419, 3381, 3310, 1763])) == [False, False, False, True]
     assert not fragments([3400, 3300, 3200, 3100, 3000]).any()
+
+
+def test_pose_neighbours_score_a_turned_pose_as_the_true_one(three_groups):
+    """Every pose turned by one of the six neighbour turns (pose_sigma_deg 4): scored with the
+    neighbourhood, each image scores as at its true pose (the neighbourhood holds it); at the
+    turned pose alone it scores lower, and fewer images prefer their own state's map."""
+    data, truth = three_groups
+    subset = np.arange(len(truth))
+    turns = pose_neighbours(4.0)
+    assert pose_neighbours(0.0) is None
+    np.testing.assert_allclose(
+        turns @ turns.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (6, 3, 3)), atol=1e-12
+    )
+    maps = ClusterMaps(data, Comm()).build(subset, np.eye(3)[truth], len(truth) / 3, half=0)
+    which = np.arange(data.rots.shape[0]) % 6
+    turned = dataclasses.replace(data, rots=data.rots @ turns[which].transpose(0, 2, 1))
+    true = ClusterMaps(data, Comm()).scores(maps, subset, half=1)
+    alone = ClusterMaps(turned, Comm()).scores(maps, subset, half=1)
+    best = ClusterMaps(turned, Comm(), pose_turns=turns).scores(maps, subset, half=1)
+    assert np.all(best >= true - 1e-4 * np.abs(true).max())
+    assert np.median(np.abs(best - true)) <= 1e-4 * np.abs(true).max()
+    assert np.mean(alone) < np.mean(true) - 0.02 * np.abs(true).mean()
+    own = truth[data.half == 1]
+    right = [np.mean(s.argmax(1) == own) for s in (true, alone, best)]
+    assert right[2] == pytest.approx(right[0], abs=0.01) and right[1] < right[0]
