@@ -644,7 +644,7 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
 # --------------------------------------------------------------------------- one cell
 
 
-def run_cell(cell, out, nproc, aspire_python, reuse, log):
+def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=()):
     d = Path(out) / cell["name"]
     row = dict(cell=cell["name"], simulator=cell["simulator"])
     try:
@@ -683,6 +683,7 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log):
         str(cell["seed"]),
         "--depth_order",
         str(cell.get("depth_order", 2)),
+        *sorter_args,
     ]
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
@@ -751,6 +752,12 @@ def main():
         action="store_true",
         help="reuse an existing sorter output and ideal-sorter result",
     )
+    p.add_argument(
+        "--pose_sigma",
+        action="store_true",
+        help="tell the sorter each pose-error cell's angular error (--pose_sigma_deg = the "
+        "cell's simulated sigma, what a user reads off the refinement's reported accuracy)",
+    )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument(
         "--verify_aspire",
@@ -782,7 +789,9 @@ def main():
     rows = []
     for c in picked:
         log(f"[{time.strftime('%H:%M:%S')}] cell {c['name']}")
-        r = run_cell(c, out, a.nproc, a.aspire_python, a.reuse, log)
+        told = a.pose_sigma and c["pose"][0] > 0
+        extra = ["--pose_sigma_deg", f"{c['pose'][0]:g}"] if told else []
+        r = run_cell(c, out, a.nproc, a.aspire_python, a.reuse, log, sorter_args=extra)
         rows.append((c, r))
         log(HEADER)
         log(format_row(c, r))
