@@ -55,7 +55,7 @@ def padded_size(n, pad):
     return npad + npad % 2
 
 
-def volumes_to_fourier(vols, pad=2, gridding_correction=True, out=None, slots=None):
+def volumes_to_fourier(vols, *, pad=2, gridding_correction=True, out=None, slots=None):
     """Prepare maps (N,N,N) or (K,N,N,N) for projection. Trilinear interpolation in Fourier space
     multiplies the projection by sinc^2(x/Np) per axis; dividing the map by it beforehand cancels
     that (``gridding_correction``). out, slots: write map i into out[..., slots[i]] of a given
@@ -494,7 +494,7 @@ class FixedPointSums:
 
     @classmethod
     def for_entries(
-        cls, shape, value_max, weight, ctf_coefs, use_ctf, shell_max, spacing, box, comm=None
+        cls, shape, value_max, weight, ctf_coefs, *, use_ctf, shell_max, spacing, box, comm=None
     ):
         """Accumulators for the (entry, map) pairs about to be inserted on this rank: for each
         pair, ``value_max`` bounds the real and imaginary parts of its image, ``weight`` is its
@@ -608,6 +608,7 @@ def distance_terms(
     rotations,
     images_f,
     ctf_coefs=None,
+    *,
     rmin=0.0,
     rmax=None,
     shell_weights=None,
@@ -667,6 +668,7 @@ def backproject(
     rotations,
     member_weights,
     ctf_coefs=None,
+    *,
     pad=2,
     rmax=None,
     shell_weights=None,
@@ -711,14 +713,24 @@ def backproject(
         component_max(imgs)[pimg],
         memb[rows, cols],
         coefs[pimg],
-        use_ctf,
-        np.abs(sw).max(axis=1)[g[pimg]],
-        scale,
-        box,
-        comm,
+        use_ctf=use_ctf,
+        shell_max=np.abs(sw).max(axis=1)[g[pimg]],
+        spacing=scale,
+        box=box,
+        comm=comm,
     )
     insert_into(
-        sums, imgs, idx, rots, memb, ctf_coefs, shell_weights, groups, rmax, scale, n_threads
+        sums,
+        imgs,
+        idx,
+        rots,
+        member_weights=memb,
+        ctf_coefs=ctf_coefs,
+        shell_weights=shell_weights,
+        groups=groups,
+        rmax=rmax,
+        scale=scale,
+        n_threads=n_threads,
     )
     return sums.finish(comm)
 
@@ -728,6 +740,7 @@ def insert_into(
     images_f,
     image_index,
     rotations,
+    *,
     member_weights,
     ctf_coefs,
     shell_weights,
