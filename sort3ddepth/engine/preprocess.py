@@ -246,6 +246,21 @@ def project_focus(focus_f, rots, nx):
     return (proj >= 1.0).astype(np.float32)
 
 
+def _sorting_size(fsc_full, particles, opts, *, comm, fsc_name, log):
+    """The sorting size for the particles (choose_sorting_size), logged with the FSC it comes
+    from (``fsc_name``: which one) and the memory estimate at that size, as both modes do."""
+    n, box = len(particles), particles.box
+    k_guess = opts.k_initial
+    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, nxinit=opts.nxinit)
+    r_all = resolution_shell(fsc_full, 0.143)
+    log(
+        f"{fsc_name} FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
+        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
+    )
+    log(memory_line(n, box, comm.size, nx))
+    return nx
+
+
 def prepare(particles, comm, opts, rng, *, log=print):
     """Build this rank's SortingData for the whole input (stack mode)."""
     n, box = len(particles), particles.box
@@ -256,15 +271,7 @@ def prepare(particles, comm, opts, rng, *, log=print):
         )
     halves = rng.integers(0, 2, n)
     fsc_full = global_fsc(particles, comm, halves, log=log)
-    k_guess = opts.k_initial
-    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, nxinit=opts.nxinit)
-    log(
-        f"global FSC 0.143 at shell {resolution_shell(fsc_full, 0.143)} "
-        f"({box * particles.pixel_size / max(resolution_shell(fsc_full, 0.143), 1):.1f} Å); "
-        f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
-    )
-
-    log(memory_line(n, box, comm.size, nx))
+    nx = _sorting_size(fsc_full, particles, opts, comm=comm, fsc_name="global", log=log)
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     rots = particles.rotations[idx]
@@ -427,15 +434,11 @@ def prepare_meridien(ref, comm, opts, log=print):
             f"--radius {radius:g} is too large for {box} px images (need 2*radius + 2 <= {box})"
         )
     fsc_full = meridien_fsc(ref.fsc, box)
-    k_guess = opts.k_initial
-    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, nxinit=opts.nxinit)
-    r_all = resolution_shell(fsc_full, 0.143)
-    log(
+    fsc_name = (
         f"meridien iteration {ref.iteration} of {ref.folder} (last {ref.last_iteration}); "
-        f"refinement FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
-        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
+        "refinement"
     )
-    log(memory_line(n, box, comm.size, nx))
+    nx = _sorting_size(fsc_full, particles, opts, comm=comm, fsc_name=fsc_name, log=log)
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     rots = particles.rotations[idx]
