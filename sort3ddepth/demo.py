@@ -72,7 +72,7 @@ def write_meridien_folder(particles, folder, seed):
     return folder
 
 
-def sort_particles(star, out_dir, seed, nproc=2, img_per_grp=None, refinement_dir=None):
+def sort_particles(star, out_dir, seed, *, nproc=2, img_per_grp=None, refinement_dir=None):
     """Run sort3d-depth on the STAR file, or on a meridien folder (under the venv's MPICH
     mpirun when nproc > 1)."""
     source = (
@@ -96,7 +96,7 @@ def sort_particles(star, out_dir, seed, nproc=2, img_per_grp=None, refinement_di
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
-def cluster_rows(summary, out_dir, truth, true_maps, pixel_size):
+def cluster_rows(summary, out_dir, truth, true_maps, *, pixel_size):
     """Per output cluster: size, majority true class, % true members, FSC of its map."""
     rows = []
     for c in summary["clusters"]:
@@ -147,6 +147,7 @@ def format_table(rows, n_total):
 
 def run_demo(
     output_dir="demo_output",
+    *,
     seed=1,
     n_per_class=1000,
     n_classes=3,
@@ -179,10 +180,11 @@ def run_demo(
         f"({'search mode' if not img_per_grp else f'img_per_grp {img_per_grp}'})",
         t0,
     )
-    summary = sort_particles(star, sort_dir, seed, nproc, img_per_grp, refinement)
-    rows = cluster_rows(
-        summary, sort_dir, np.asarray(particles.class_label), true_maps, particles.pixel_size
+    summary = sort_particles(
+        star, sort_dir, seed, nproc=nproc, img_per_grp=img_per_grp, refinement_dir=refinement
     )
+    truth = np.asarray(particles.class_label)
+    rows = cluster_rows(summary, sort_dir, truth, true_maps, pixel_size=particles.pixel_size)
     _progress(f"sorting done: results in {sort_dir}", t0)
     print(format_table(rows, len(particles)), flush=True)
     _progress("done", t0)
@@ -216,7 +218,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.n_per_class < 1 or a.n_classes < 1:
         p.error("--n_per_class and --n_classes must be >= 1")
-    run_demo(a.output_dir, a.seed, a.n_per_class, a.n_classes, a.nproc, a.img_per_grp, a.meridien)
+    run_demo(
+        a.output_dir,
+        seed=a.seed,
+        n_per_class=a.n_per_class,
+        n_classes=a.n_classes,
+        nproc=a.nproc,
+        img_per_grp=a.img_per_grp,
+        meridien=a.meridien,
+    )
     return 0
 
 

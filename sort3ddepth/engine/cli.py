@@ -95,13 +95,28 @@ def _read_meridien_input(options, comm, log):
         f"symmetry {ref.symmetry}, radius {ref.radius} px, mask {ref.mask3d or 'none'}, "
         f"images and CTF from {ref.stack_path}"
     )
-    problem = memory_check(n, box, comm.size, o.memory_per_node, o.overhead, o.nxinit, log)
+    problem = memory_check(
+        n,
+        box,
+        comm.size,
+        memory_per_node=o.memory_per_node,
+        overhead=o.overhead,
+        nx=o.nxinit,
+        log=log,
+    )
     if problem:
         raise UserError(problem)
     k_guess = o.group_sizes(n)[1]
-    nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, o.nxinit)[0]
+    nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, nxinit=o.nxinit)[0]
     n_pre, problem, lines = memory_plan(
-        ref.smears, n, box, nx, comm.size, o.memory_per_node, o.overhead, o.compute_on_the_fly
+        ref.smears,
+        n,
+        box,
+        nx,
+        comm_size=comm.size,
+        memory_per_node=o.memory_per_node,
+        overhead=o.overhead,
+        on_the_fly=o.compute_on_the_fly,
     )
     for line in lines:
         log(line)
@@ -128,7 +143,13 @@ def _read_stack_input(options, comm, log):
     check_unique_images(particles)
     _check(o, DataSummary(len(particles), particles.box))
     problem = memory_check(
-        len(particles), particles.box, comm.size, o.memory_per_node, o.overhead, o.nxinit, log
+        len(particles),
+        particles.box,
+        comm.size,
+        memory_per_node=o.memory_per_node,
+        overhead=o.overhead,
+        nx=o.nxinit,
+        log=log,
     )
     if problem:
         raise UserError(problem)
@@ -333,7 +354,14 @@ def _sort(particles, options, *, comm, out, log, state):
     try:
         if comm.is_root and state == "new":
             _write_options(out, options)
-        run_sorting(particles, options, comm, out, log, Checkpoints(out, comm, log))
+        run_sorting(
+            particles,
+            options,
+            comm=comm,
+            out_dir=out,
+            log=log,
+            checkpoints=Checkpoints(out, comm, log),
+        )
         return 0
     except expected as e:
         msg, code = str(e), 2

@@ -261,7 +261,7 @@ def apportion(sizes, total):
 _MAX_TABLE_CELLS = 4_000_000
 
 
-def _simulate(la, lb, perms, ka, kb):
+def _simulate(la, lb, perms, *, ka, kb):
     """Jaccard % per matched rank for each trial: (n_trials, min(ka, kb)).
 
     la, lb: (M,) labels of the fixed element blocks; perms: (n_trials, M) permutations applied to
@@ -290,7 +290,7 @@ def _simulate(la, lb, perms, ka, kb):
     return np.take_along_axis(jac, order, axis=1)[:, : min(ka, kb)]
 
 
-def random_reproducibility(sizes_a, sizes_b, rng, n_trials=1000, n_elements=100):
+def random_reproducibility(sizes_a, sizes_b, rng, *, n_trials=1000, n_elements=100):
     """Mean and std (per matched rank) of the Jaccard % of two RANDOM partitions with these sizes.
 
     Null model of the between-box comparison: a real matched pair counts only if its Jaccard index
@@ -324,7 +324,7 @@ def random_reproducibility(sizes_a, sizes_b, rng, n_trials=1000, n_elements=100)
     perms = np.argsort(rng.random((n_trials, m)), axis=1)  # one permutation per trial
     step = max(1, _MAX_TABLE_CELLS // max(ka, kb) ** 2)  # bound the memory of the tables
     jac = np.concatenate(
-        [_simulate(la, lb, perms[i : i + step], ka, kb) for i in range(0, n_trials, step)]
+        [_simulate(la, lb, perms[i : i + step], ka=ka, kb=kb) for i in range(0, n_trials, step)]
     )
     std = jac.std(axis=0, ddof=1) if n_trials > 1 else np.zeros(jac.shape[1])
     return jac.mean(axis=0), std

@@ -207,6 +207,7 @@ def parse_ctf(text, where="ctf"):
 
 def format_ctf(
     defocus,
+    *,
     dfdiff=0.0,
     dfang=0.0,
     bfactor=0.0,

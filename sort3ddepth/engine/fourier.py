@@ -55,7 +55,7 @@ def padded_size(n, pad):
     return npad + npad % 2
 
 
-def volumes_to_fourier(vols, pad=2, gridding_correction=True, out=None, slots=None):
+def volumes_to_fourier(vols, *, pad=2, gridding_correction=True, out=None, slots=None):
     """Prepare maps (N,N,N) or (K,N,N,N) for projection. Trilinear interpolation in Fourier space
     multiplies the projection by sinc^2(x/Np) per axis; dividing the map by it beforehand cancels
     that (``gridding_correction``). out, slots: write map i into out[..., slots[i]] of a given
@@ -179,24 +179,43 @@ def _gather(vol, px, py, pz, vals):
         vals[k] = 0.0
     if x0 + 1 >= nxh or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
         return
-    fx, fy, fz = px - x0, y - y0, z - z0
-    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-    w000, w001 = gz * gy * gx, gz * gy * fx
-    w010, w011 = gz * fy * gx, gz * fy * fx
-    w100, w101 = fz * gy * gx, fz * gy * fx
-    w110, w111 = fz * fy * gx, fz * fy * fx
+    w = _trilinear_weights(px - x0, y - y0, z - z0)
     for k in range(vals.shape[0]):
-        v = (
-            w000 * vol[z0, y0, x0, k]
-            + w001 * vol[z0, y0, x0 + 1, k]
-            + w010 * vol[z0, y0 + 1, x0, k]
-            + w011 * vol[z0, y0 + 1, x0 + 1, k]
-            + w100 * vol[z0 + 1, y0, x0, k]
-            + w101 * vol[z0 + 1, y0, x0 + 1, k]
-            + w110 * vol[z0 + 1, y0 + 1, x0, k]
-            + w111 * vol[z0 + 1, y0 + 1, x0 + 1, k]
-        )
+        v = _trilinear_sum(vol, z0, y0, x0, k, w)
         vals[k] = np.conj(v) if conj else v
+
+
+@njit(inline="always", fastmath=True)
+def _trilinear_weights(fx, fy, fz):
+    """The 8 corner weights of a trilinear interpolation at fractions (fx, fy, fz) of its grid
+    cell, in the corner order of _trilinear_sum."""
+    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+    return (
+        gz * gy * gx,
+        gz * gy * fx,
+        gz * fy * gx,
+        gz * fy * fx,
+        fz * gy * gx,
+        fz * gy * fx,
+        fz * fy * gx,
+        fz * fy * fx,
+    )
+
+
+@njit(inline="always", fastmath=True)
+def _trilinear_sum(vol, z0, y0, x0, k, w):
+    """Map k of vol interpolated in the cell at corner (z0, y0, x0) with the weights w of
+    _trilinear_weights."""
+    return (
+        w[0] * vol[z0, y0, x0, k]
+        + w[1] * vol[z0, y0, x0 + 1, k]
+        + w[2] * vol[z0, y0 + 1, x0, k]
+        + w[3] * vol[z0, y0 + 1, x0 + 1, k]
+        + w[4] * vol[z0 + 1, y0, x0, k]
+        + w[5] * vol[z0 + 1, y0, x0 + 1, k]
+        + w[6] * vol[z0 + 1, y0 + 1, x0, k]
+        + w[7] * vol[z0 + 1, y0 + 1, x0 + 1, k]
+    )
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -307,25 +326,11 @@ def _distance_kernel(
             acc_x += w * (xr * xr + xi * xi)
             if x0 + 1 >= nxh or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
                 continue
-            fx, fy, fz = px - x0, y - y0, z - z0
-            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-            w0, w1 = gz * gy * gx, gz * gy * fx
-            w2, w3 = gz * fy * gx, gz * fy * fx
-            w4, w5 = fz * gy * gx, fz * gy * fx
-            w6, w7 = fz * fy * gx, fz * fy * fx
+            tw = _trilinear_weights(px - x0, y - y0, z - z0)
             # conj(P) when the point was mirrored: flip the sign of the imaginary part
             xi_s = xi * sgn
             for k in range(nk):
-                v = (
-                    w0 * vol[z0, y0, x0, k]
-                    + w1 * vol[z0, y0, x0 + 1, k]
-                    + w2 * vol[z0, y0 + 1, x0, k]
-                    + w3 * vol[z0, y0 + 1, x0 + 1, k]
-                    + w4 * vol[z0 + 1, y0, x0, k]
-                    + w5 * vol[z0 + 1, y0, x0 + 1, k]
-                    + w6 * vol[z0 + 1, y0 + 1, x0, k]
-                    + w7 * vol[z0 + 1, y0 + 1, x0 + 1, k]
-                )
+                v = _trilinear_sum(vol, z0, y0, x0, k, tw)
                 pr, pim = ctf * v.real, ctf * v.imag
                 acc_c[k] += w * (xr * pr + xi_s * pim)
                 acc_p[k] += w * (pr * pr + pim * pim)
@@ -494,7 +499,7 @@ class FixedPointSums:
 
     @classmethod
     def for_entries(
-        cls, shape, value_max, weight, ctf_coefs, use_ctf, shell_max, spacing, box, comm=None
+        cls, shape, value_max, weight, ctf_coefs, *, use_ctf, shell_max, spacing, box, comm=None
     ):
         """Accumulators for the (entry, map) pairs about to be inserted on this rank: for each
         pair, ``value_max`` bounds the real and imaginary parts of its image, ``weight`` is its
@@ -608,6 +613,7 @@ def distance_terms(
     rotations,
     images_f,
     ctf_coefs=None,
+    *,
     rmin=0.0,
     rmax=None,
     shell_weights=None,
@@ -667,6 +673,7 @@ def backproject(
     rotations,
     member_weights,
     ctf_coefs=None,
+    *,
     pad=2,
     rmax=None,
     shell_weights=None,
@@ -711,14 +718,24 @@ def backproject(
         component_max(imgs)[pimg],
         memb[rows, cols],
         coefs[pimg],
-        use_ctf,
-        np.abs(sw).max(axis=1)[g[pimg]],
-        scale,
-        box,
-        comm,
+        use_ctf=use_ctf,
+        shell_max=np.abs(sw).max(axis=1)[g[pimg]],
+        spacing=scale,
+        box=box,
+        comm=comm,
     )
     insert_into(
-        sums, imgs, idx, rots, memb, ctf_coefs, shell_weights, groups, rmax, scale, n_threads
+        sums,
+        imgs,
+        idx,
+        rots,
+        member_weights=memb,
+        ctf_coefs=ctf_coefs,
+        shell_weights=shell_weights,
+        groups=groups,
+        rmax=rmax,
+        scale=scale,
+        n_threads=n_threads,
     )
     return sums.finish(comm)
 
@@ -728,6 +745,7 @@ def insert_into(
     images_f,
     image_index,
     rotations,
+    *,
     member_weights,
     ctf_coefs,
     shell_weights,

@@ -89,7 +89,7 @@ def breakdown(n_particles, box, n_ranks, nx=None):
     }
 
 
-def bytes_per_rank(n_particles, box, n_ranks, nx=None, pad=2):
+def bytes_per_rank(n_particles, box, n_ranks, nx=None, *, pad=2):
     """Estimated peak bytes of one rank (see breakdown)."""
     b = breakdown(n_particles, box, n_ranks, nx)
     return b["fixed"] + b["metadata"] + b["sorting_data"] + b["maps"]
@@ -108,7 +108,7 @@ def memory_line(n_particles, box, comm_size, nx):
     )
 
 
-def _remedy(n_particles, box, comm_size, local, avail, nx, nxinit_given):
+def _remedy(n_particles, box, comm_size, *, local, avail, nx, nxinit_given):
     """What would make the run fit: the largest --nxinit that fits, else the ranks per node."""
     out = []
     for cand in range(nx - 2, 15, -2):
@@ -136,7 +136,7 @@ def _remedy(n_particles, box, comm_size, local, avail, nx, nxinit_given):
     return "use " + " or ".join(out) + what
 
 
-def check(n_particles, box, comm_size, memory_per_node, overhead, nx=None, log=print):
+def check(n_particles, box, comm_size, *, memory_per_node, overhead, nx=None, log=print):
     """None when the run fits; else the message saying why not, with the numbers and a remedy.
 
     nx: the user's --nxinit (<= 0: not given; then the largest sorting size the FSC rule can
@@ -174,5 +174,7 @@ def check(n_particles, box, comm_size, memory_per_node, overhead, nx=None, log=p
         f"{what} {total / GB:.1f} GB minus --overhead {overhead:g} GB leaves "
         f"{max(avail, 0) / GB:.1f} GB, but {local} rank(s) sorting {n_particles} images of "
         f"{box} px at {nx} px need about {need / GB:.1f} GB: "
-        + _remedy(n_particles, box, comm_size, local, avail, nx, given_nx)
+        + _remedy(
+            n_particles, box, comm_size, local=local, avail=avail, nx=nx, nxinit_given=given_nx
+        )
     )

@@ -393,7 +393,7 @@ def _tracker_path(folder, it):
     return os.path.join(_main_dir(folder, it), f"Tracker_{it:03d}.json")
 
 
-def _key(tracker, path, dotted, kind=float, required=True, default=None):
+def _key(tracker, path, dotted, kind=float, *, required=True, default=None):
     """tracker['a']['b'] for 'a.b' converted with ``kind``; errors name the json and the key."""
     cur = tracker
     for part in dotted.split("."):

@@ -60,7 +60,7 @@ def _write_ints(path, vals):
             f.write(f"  {v:12d}\n")
 
 
-def _perturb(angles, shifts, rng, ang_sd, shift_sd):
+def _perturb(angles, shifts, rng, *, ang_sd, shift_sd):
     a = angles + rng.normal(0, ang_sd, angles.shape)
     a[:, 1] = np.clip(a[:, 1], 0.0, 180.0)
     return _sphire_angles(a), shifts + rng.normal(0, shift_sd, shifts.shape)
@@ -73,7 +73,7 @@ def _sphire_angles(a):
     return a
 
 
-def _bckgnoise(images, groups, n_groups, nnxo, max_per_group=200):
+def _bckgnoise(images, groups, n_groups, nnxo, *, max_per_group=200):
     """Inverse radial power per particle group, element 0 = 1, median 1 (a crude noise model)."""
     length = int(1.5 * (nnxo // 2 + 1))
     ky = np.fft.fftfreq(nnxo) * nnxo
@@ -424,13 +424,13 @@ def _write_particle_stack(w):
         {
             "ctf": format_ctf(
                 e2["defocus"][i],
-                e2["dfdiff"][i],
-                e2["dfang"][i],
-                e2["bfactor"][i],
-                e2["ampcont"][i],
-                e2["voltage"][i],
-                e2["cs"][i],
-                particles.pixel_size,
+                dfdiff=e2["dfdiff"][i],
+                dfang=e2["dfang"][i],
+                bfactor=e2["bfactor"][i],
+                ampcont=e2["ampcont"][i],
+                voltage=e2["voltage"][i],
+                cs=e2["cs"][i],
+                apix=particles.pixel_size,
             ),
             "apix_x": apix,
             "apix_y": apix,
@@ -467,7 +467,11 @@ def _iteration_params(w):
         else:
             sd = 1.0 + abs(it - w.best)
             params[it] = _perturb(
-                true_angles, true_shifts, w.rng, o.prev_angle_sd * sd, o.prev_shift_sd
+                true_angles,
+                true_shifts,
+                w.rng,
+                ang_sd=o.prev_angle_sd * sd,
+                shift_sd=o.prev_shift_sd,
             )
     if o.previous_shift_step:
         st = float(o.previous_shift_step)

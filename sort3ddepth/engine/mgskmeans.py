@@ -104,8 +104,8 @@ class ClusterMaps:
                 memb[used],
                 memb.shape[1],
                 self._npad(d.nx),
-                rmax,
-                d.shell_weights,
+                rmax=rmax,
+                shell_w=d.shell_weights,
                 grid=grid,
                 comm=self.comm,
             )

@@ -50,7 +50,7 @@ class CTFParams:
         )
 
     @classmethod
-    def constant(cls, n, defocus=15000.0, voltage=300.0, cs=2.7, amplitude_contrast=0.1):
+    def constant(cls, n, *, defocus=15000.0, voltage=300.0, cs=2.7, amplitude_contrast=0.1):
         one = np.ones(n)
         return cls(
             defocus * one,

@@ -90,7 +90,7 @@ def sorting_size(fsc_full, n_full, n_group, box):
     return min(nx, box - box % 2), r
 
 
-def choose_sorting_size(fsc_full, n, k_guess, box, nxinit=-1):
+def choose_sorting_size(fsc_full, n, k_guess, box, *, nxinit=-1):
     """(nx, expected FSC-0.143 shell of a group of n/k_guess): the user's --nxinit (made even)
     when given, else SPHIRE's rule (sorting_size)."""
     if nxinit and nxinit > 0:
@@ -173,7 +173,7 @@ def noise_power_rows(images, radius, box, nshell):
     return out
 
 
-def fourier_chunk(images, shifts, radius, size, background=False):
+def fourier_chunk(images, shifts, radius, size, *, background=False):
     """One chunk of images -> normalised (``normalise_images``), Fourier-transformed, re-centred
     by ``shifts`` (None: not shifted) and Fourier-cropped to ``size`` px: complex64
     (n, size, size//2+1). Every image gets the same bits in any chunk."""
@@ -183,7 +183,7 @@ def fourier_chunk(images, shifts, radius, size, background=False):
     return fourier.crop_fourier_images(f, size)
 
 
-def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print, chunk=None):
+def global_fsc(particles, comm, rng_halves, *, fsc_box=None, log=print, chunk=None):
     """Full-data FSC of the whole input from two random halves (reconstructed at a reduced
     size for speed; shells are in units of the original box). f_full = 2 f / (1 + f).
     The images are read and transformed chunk by chunk (twice: the first pass measures the
@@ -211,8 +211,8 @@ def global_fsc(particles, comm, rng_halves, fsc_box=None, log=print, chunk=None)
         len(idx),
         particles.rotations[idx],
         memb,
-        coefs,
-        fsc_box,
+        ctf_coefs=coefs,
+        box=fsc_box,
         pad=2,
         chunk=chunk or chunk_images(box),
         comm=comm,
@@ -246,6 +246,21 @@ def project_focus(focus_f, rots, nx):
     return (proj >= 1.0).astype(np.float32)
 
 
+def _sorting_size(fsc_full, particles, opts, *, comm, fsc_name, log):
+    """The sorting size for the particles (choose_sorting_size), logged with the FSC it comes
+    from (``fsc_name``: which one) and the memory estimate at that size, as both modes do."""
+    n, box = len(particles), particles.box
+    k_guess = opts.k_initial
+    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, nxinit=opts.nxinit)
+    r_all = resolution_shell(fsc_full, 0.143)
+    log(
+        f"{fsc_name} FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
+        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
+    )
+    log(memory_line(n, box, comm.size, nx))
+    return nx
+
+
 def prepare(particles, comm, opts, rng, *, log=print):
     """Build this rank's SortingData for the whole input (stack mode)."""
     n, box = len(particles), particles.box
@@ -256,15 +271,7 @@ def prepare(particles, comm, opts, rng, *, log=print):
         )
     halves = rng.integers(0, 2, n)
     fsc_full = global_fsc(particles, comm, halves, log=log)
-    k_guess = opts.k_initial
-    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, opts.nxinit)
-    log(
-        f"global FSC 0.143 at shell {resolution_shell(fsc_full, 0.143)} "
-        f"({box * particles.pixel_size / max(resolution_shell(fsc_full, 0.143), 1):.1f} Å); "
-        f"expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
-    )
-
-    log(memory_line(n, box, comm.size, nx))
+    nx = _sorting_size(fsc_full, particles, opts, comm=comm, fsc_name="global", log=log)
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     rots = particles.rotations[idx]
@@ -360,7 +367,7 @@ def focus_fourier(focus_map, nx):
     return fourier.volumes_to_fourier(fourier.resize_volume(focus_map, nx), pad=2)
 
 
-def comparison_images(f, rots, r_nx, focus_map=None, focus_f=None):
+def comparison_images(f, rots, r_nx, *, focus_map=None, focus_f=None):
     """Comparison images from centred Fourier images at the sorting size: soft circle at the
     particle radius (r_nx, sorting pixels), times the projected focus mask when given (as a
     map, or as ``focus_f`` from focus_fourier, made once for all chunks)."""
@@ -427,15 +434,11 @@ def prepare_meridien(ref, comm, opts, log=print):
             f"--radius {radius:g} is too large for {box} px images (need 2*radius + 2 <= {box})"
         )
     fsc_full = meridien_fsc(ref.fsc, box)
-    k_guess = opts.k_initial
-    nx, r143 = choose_sorting_size(fsc_full, n, k_guess, box, opts.nxinit)
-    r_all = resolution_shell(fsc_full, 0.143)
-    log(
+    fsc_name = (
         f"meridien iteration {ref.iteration} of {ref.folder} (last {ref.last_iteration}); "
-        f"refinement FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
-        f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
+        "refinement"
     )
-    log(memory_line(n, box, comm.size, nx))
+    nx = _sorting_size(fsc_full, particles, opts, comm=comm, fsc_name=fsc_name, log=log)
     sl = comm.local_slice(n)
     idx = np.arange(n)[sl]
     rots = particles.rotations[idx]
@@ -527,9 +530,9 @@ def _local_smears(ref, comm, idx, *, base, coefs, groups, precompute, log):
         base,
         ref.particles.box,
         ref.norm_factors[idx],
-        coefs,
-        groups,
-        precompute,
+        coefs=coefs,
+        groups=groups,
+        n_precompute=precompute,
     )
     counts = comm.allgather((smears.n_precomputed, smears.n_entries))
     done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)

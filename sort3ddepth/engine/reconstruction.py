@@ -27,6 +27,7 @@ def backproject_streamed(
     n,
     rotations,
     member_weights,
+    *,
     ctf_coefs,
     box,
     pad=2,
@@ -62,11 +63,11 @@ def backproject_streamed(
         np.asarray(value_max, np.float64)[rows],
         memb[rows, cols],
         coefs[rows],
-        use_ctf,
-        np.ones(len(rows)),
-        scale,
-        box,
-        comm,
+        use_ctf=use_ctf,
+        shell_max=np.ones(len(rows)),
+        spacing=scale,
+        box=box,
+        comm=comm,
     )
     for a, b in ranges:
         if not memb[a:b].any():
@@ -76,12 +77,12 @@ def backproject_streamed(
             make_images(a, b),
             np.arange(b - a),
             rots[a:b],
-            memb[a:b],
-            coefs[a:b] if use_ctf else None,
-            None,
-            None,
-            None,
-            scale,
+            member_weights=memb[a:b],
+            ctf_coefs=coefs[a:b] if use_ctf else None,
+            shell_weights=None,
+            groups=None,
+            rmax=None,
+            scale=scale,
         )
     return sums.finish(comm)
 
@@ -91,6 +92,7 @@ def backproject_smeared_streamed(
     smears,
     norm_factors,
     ctf_coefs,
+    *,
     groups,
     member_weights,
     box,
@@ -117,7 +119,9 @@ def backproject_smeared_streamed(
         for a, b in ranges:
             base_max[a:b] = fourier.component_max(make_base(a, b))
     empty = np.zeros((0, box, box // 2 + 1), np.complex64)
-    sm = LocalSmears.build(smears, empty, box, norm_factors, ctf_coefs, groups, n_precompute=0)
+    sm = LocalSmears.build(
+        smears, empty, box, norm_factors, coefs=ctf_coefs, groups=groups, n_precompute=0
+    )
     ent, row = sm.entries_of(np.arange(n))
     assert np.array_equal(ent, np.arange(sm.n_entries)), "smear entries out of particle order"
     memb_e = memb[row] * sm.weight[ent][:, None]
@@ -130,11 +134,11 @@ def backproject_smeared_streamed(
         2.0 * np.asarray(base_max)[sm.parent[e_of]],
         memb_e[e_of, m_of],
         sm.coefs[e_of],
-        True,
-        np.abs(sw).max(axis=1)[sm.groups[e_of]],
-        scale,
-        box,
-        comm,
+        use_ctf=True,
+        shell_max=np.abs(sw).max(axis=1)[sm.groups[e_of]],
+        spacing=scale,
+        box=box,
+        comm=comm,
     )
     for a, b in ranges:
         e0, e1 = int(sm.offsets[a]), int(sm.offsets[b])
@@ -149,12 +153,12 @@ def backproject_smeared_streamed(
                 imgs,
                 np.arange(len(e)),
                 sm.rotation[e],
-                memb_e[e],
-                sm.coefs[e],
-                shell_w,
-                sm.groups[e],
-                None,
-                scale,
+                member_weights=memb_e[e],
+                ctf_coefs=sm.coefs[e],
+                shell_weights=shell_w,
+                groups=sm.groups[e],
+                rmax=None,
+                scale=scale,
             )
     return sums.finish(comm)
 
@@ -246,6 +250,7 @@ def reconstruct(
     data,
     weights,
     box,
+    *,
     fsc=None,
     rmax=None,
     min_weight=1e-3,
@@ -375,7 +380,7 @@ def difference_weights(maps_a, maps_b, mask):
     return np.clip(np.mean(curves, axis=0), 0.0, 1.0) ** 2
 
 
-def difference_mask(maps_a, maps_b, inside, sigma=1.0, threshold=2.0, grow=2, edge=1.0):
+def difference_mask(maps_a, maps_b, inside, *, sigma=1.0, threshold=2.0, grow=2, edge=1.0):
     """Where the K maps reproducibly differ: the covariance, voxel by voxel, of the maps'
     deviations from their mean between two independent sets of maps (the random halves),
     smoothed by a Gaussian of `sigma` voxels, above `threshold` times its noise level (robust

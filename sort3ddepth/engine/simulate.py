@@ -77,6 +77,7 @@ def simulate_particles(
     n_per_class,
     pixel_size,
     rng,
+    *,
     snr=0.1,
     defocus=(10000.0, 30000.0),
     astigmatism=500.0,
@@ -141,7 +142,7 @@ def simulate_particles(
 
 
 def reconstruct_particles(
-    particles, labels=None, pad=2, fsc=None, symmetry=None, n_maps=None, index=None
+    particles, labels=None, *, pad=2, fsc=None, symmetry=None, n_maps=None, index=None
 ):
     """Maps (K, N, N, N) from particles with hard labels (one per particle, -1 = left out; default: one map of all),
     CTF and shifts applied exactly; a convenience around fourier.backproject + reconstruct."""

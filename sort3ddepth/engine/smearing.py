@@ -95,7 +95,7 @@ class LocalSmears:
         return len(self.slices)
 
     @classmethod
-    def build(cls, smears, base, box, norm_factors, coefs, groups, n_precompute=None):
+    def build(cls, smears, base, box, norm_factors, *, coefs, groups, n_precompute=None):
         """From a SmearSet of this rank's particles (parents 0..n_local-1, shifts in pixels of
         the original ``box``) and the unshifted images ``base`` at their sorting size.
         ``n_precompute``: how many entries to hold as slices (None = all)."""
@@ -134,6 +134,7 @@ class LocalSmears:
         memberships,
         n_maps,
         npad,
+        *,
         rmax,
         shell_w,
         chunk=CHUNK_ENTRIES,
@@ -165,11 +166,11 @@ class LocalSmears:
             2.0 * self.base_max()[self.parent[ent[e_of]]],
             memb[e_of, m_of],
             self.coefs[ent[e_of]],
-            True,
-            np.abs(sw).max(axis=1)[self.groups[ent[e_of]]],
-            scale,
-            self.base.shape[1],
-            comm,
+            use_ctf=True,
+            shell_max=np.abs(sw).max(axis=1)[self.groups[ent[e_of]]],
+            spacing=scale,
+            box=self.base.shape[1],
+            comm=comm,
         )
         # precomputed entries first (a prefix: ent is increasing), then on-the-fly chunks
         j = int(np.searchsorted(ent, self.n_precomputed))
@@ -179,12 +180,12 @@ class LocalSmears:
                 self.slices,
                 ent[:j],
                 self.rotation[ent[:j]],
-                memb[:j],
-                self.coefs,
-                shell_w,
-                self.groups,
-                rmax,
-                scale,
+                member_weights=memb[:j],
+                ctf_coefs=self.coefs,
+                shell_weights=shell_w,
+                groups=self.groups,
+                rmax=rmax,
+                scale=scale,
             )
         for a in range(j, len(ent), chunk):
             e = ent[a : a + chunk]
@@ -194,12 +195,12 @@ class LocalSmears:
                 imgs,
                 np.arange(len(e)),
                 self.rotation[e],
-                memb[a : a + chunk],
-                self.coefs[e],
-                shell_w,
-                self.groups[e],
-                rmax,
-                scale,
+                member_weights=memb[a : a + chunk],
+                ctf_coefs=self.coefs[e],
+                shell_weights=shell_w,
+                groups=self.groups[e],
+                rmax=rmax,
+                scale=scale,
             )
         return sums.finish(comm)
 
@@ -226,7 +227,7 @@ def entries_per_rank(smears, comm_size):
     return np.diff(np.asarray(smears.offsets)[bounds])
 
 
-def memory_plan(smears, n_particles, box, nx, comm_size, memory_per_node, overhead, on_the_fly):
+def memory_plan(smears, n_particles, box, nx, *, comm_size, memory_per_node, overhead, on_the_fly):
     """How many smeared slices each rank may precompute, from the memory budget.
 
     The budget is --memory_per_node (or the physical memory) minus --overhead minus the

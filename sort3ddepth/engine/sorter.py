@@ -142,8 +142,8 @@ class _FinalInsertion:
                 len(sel),
                 p.rotations[sel],
                 memb,
-                coefs,
-                box,
+                ctf_coefs=coefs,
+                box=box,
                 pad=self.pad,
                 chunk=self.chunk,
                 value_max=value_max,
@@ -155,11 +155,11 @@ class _FinalInsertion:
             self.meridien.smears.subset(sel),
             self.norm_factors[sel],
             coefs,
-            groups,
-            memb,
-            box,
-            self.pad,
-            self.shell_w,
+            groups=groups,
+            member_weights=memb,
+            box=box,
+            pad=self.pad,
+            shell_w=self.shell_w,
             chunk=self.chunk,
             base_max=value_max,
             comm=comm,
@@ -301,7 +301,7 @@ class Found:
     memb: object = None
 
 
-def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
+def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     """Sort `particles` with `opts` (options.SortOptions completed by for_input); writes the
     outputs in out_dir (rank 0) and returns the results.Summary (rank 0; None elsewhere).
     checkpoints: checkpoint.Checkpoints to resume from and save to, or None.
@@ -320,7 +320,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
         f"symmetry {sym.symbol}; {f'search mode (initial K {k0})' if search else f'K = {k0}'}; "
         f"depth order {opts.depth_order} ({2**opts.depth_order} boxes in layer 0)"
     )
-    data = _preprocess(particles, opts, comm, rng, log)
+    data = _preprocess(particles, opts, comm, rng, log=log)
     turns = pose_neighbours(opts.pose_sigma_deg)
     if turns is not None:
         log(
@@ -363,7 +363,7 @@ def run_sorting(particles, opts, comm, out_dir, log, checkpoints=None):
     return summary
 
 
-def _preprocess(particles, opts, comm, rng, log):
+def _preprocess(particles, opts, comm, rng, *, log):
     """The sorting-size data of every rank's particles (meridien mode: smeared)."""
     t = time.time()
     if opts.meridien is not None:
@@ -386,7 +386,7 @@ def run_generations(ctx, *, n, k0, work, comm, checkpoints):
     subset, gen, k = np.arange(n), 0, k0
     while True:
         run = _one_generation(
-            ctx, gen, subset, k, found.clusters, comm=comm, checkpoints=checkpoints
+            ctx, gen, subset, k, earlier=found.clusters, comm=comm, checkpoints=checkpoints
         )
         found.generations.append(run)
         found.clusters += run.clusters
@@ -404,7 +404,7 @@ def run_generations(ctx, *, n, k0, work, comm, checkpoints):
     return found
 
 
-def _one_generation(ctx, gen, subset, k, earlier, *, comm, checkpoints):
+def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
     """One generation on `subset` with K = k (loaded from its checkpoint when done before),
     then SPHIRE's post-filter: clusters under a third of the largest go back to the pool."""
     t = time.time()

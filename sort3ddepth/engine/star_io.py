@@ -85,7 +85,7 @@ class ImageStack:
     slice, an integer array or a boolean mask gives (n_sel, box, box) float32 (always a copy).
     """
 
-    def __init__(self, files, file_index, image_index, box=None, max_open=_MAX_OPEN_FILES):
+    def __init__(self, files, file_index, image_index, box=None, *, max_open=_MAX_OPEN_FILES):
         self.files = [os.fspath(f) for f in files]
         self.file_index = np.asarray(file_index, dtype=np.intp).reshape(-1)
         self.image_index = np.asarray(image_index, dtype=np.intp).reshape(-1)
@@ -317,7 +317,7 @@ class _Lines:
 class _Block:
     """One parsed data_ block: its emtable Table and, per column, the values as strings."""
 
-    def __init__(self, star, name, table, columns, row_lines, loop, error):
+    def __init__(self, star, name, table, *, columns, row_lines, loop, error):
         self.star, self.name, self.table = star, name, table
         self.columns, self.row_lines, self.loop, self.error = columns, row_lines, loop, error
         self.cols = {}
@@ -411,10 +411,10 @@ def _read_blocks(star):
                         star,
                         feeder.name or "",
                         table,
-                        list(feeder.columns),
-                        feeder.row_lines,
-                        feeder.loop,
-                        error,
+                        columns=list(feeder.columns),
+                        row_lines=feeder.row_lines,
+                        loop=feeder.loop,
+                        error=error,
                     )
                 )
         except (OSError, UnicodeError) as e:
@@ -748,7 +748,7 @@ def _open_images(star, parts, image_size, check_finite):
                 f"{box}-pixel images in {files[file_of[i]]}",
             )
     if check_finite:
-        _check_finite(star, parts, stack, file_of, index_of)
+        _check_finite(star, parts, stack, file_of=file_of, index_of=index_of)
     return stack
 
 
@@ -843,7 +843,7 @@ def _stack_sizes(star, parts, stack, first_row):
     return box, counts
 
 
-def _check_finite(star, parts, stack, file_of, index_of):
+def _check_finite(star, parts, stack, *, file_of, index_of):
     box = stack.shape[1]
     chunk = max(1, _CHUNK_BYTES // max(1, box * box * 4))
     for fid, fname in enumerate(stack.files):
@@ -919,7 +919,7 @@ def _atomic_target(final):
         raise
 
 
-def _write_stack(particles, stack_path, n, box, pixel_size):
+def _write_stack(particles, stack_path, n, *, box, pixel_size):
     chunk = max(1, _CHUNK_BYTES // max(1, box * box * 4))
     with _atomic_target(stack_path) as tmp:
         with mrcfile.new_mmap(tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as mrc:
@@ -999,7 +999,7 @@ def write_star(particles, star_path, stack_path=None, *, style="3.1", extra_colu
     particles_table = _table(cols)
     optics_table = _table(optics) if optics is not None else None
 
-    _write_stack(particles, stack, n, box, pixel_size)
+    _write_stack(particles, stack, n, box=box, pixel_size=pixel_size)
     with _atomic_target(star) as tmp:
         with open(tmp, "w") as f:
             if optics_table is not None:
@@ -1111,7 +1111,7 @@ def _extra_columns(cols, extra_columns, n):
         cols[name] = _fmt_column(values, n, name)
 
 
-def write_star_rows(particles, indices, star_path, class_number=None, columns=None):
+def write_star_rows(particles, indices, star_path, *, class_number=None, columns=None):
     """Write the input STAR's own rows of the selected particles (every original column and
     value untouched, the optics table kept), so RELION can refine one cluster directly; image
     names stay as in the input, so the file works from wherever the input STAR worked.

@@ -200,7 +200,9 @@ class PointGroup:
             idx[a : a + _CHUNK] = g
         return au, idx
 
-    def orientation_group_centres(self, n_groups, mirror=True, n_samples=None, seed=0, max_iter=50):
+    def orientation_group_centres(
+        self, n_groups, mirror=True, *, n_samples=None, seed=0, max_iter=50
+    ):
         """(n_groups, 3) centres splitting the AU into cells of about equal solid angle.
 
         Spherical k-means (k-means++ start, Lloyd iterations, fixed seed so reruns agree) over a
@@ -266,7 +268,7 @@ def _top2(points, centres):
     return j, k, best - dots[rows, k]
 
 
-def _balance_areas(points, centres, au_area, n_iter=40, step=0.7):
+def _balance_areas(points, centres, au_area, *, n_iter=40, step=0.7):
     """Nudge centres so the Voronoi cells (still plain nearest-centre) get equal sample counts.
 
     Lloyd cells in thin or pointed asymmetric units (e.g. dn wedges) can differ by 2x. Moving

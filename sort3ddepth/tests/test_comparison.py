@@ -148,7 +148,7 @@ def test_simulation_vectorised_equals_loop():
     pa, pb = np.array([40, 35, 20, 5]), np.array([50, 30, 12, 6, 2])
     la, lb = np.repeat(np.arange(4), pa), np.repeat(np.arange(5), pb)
     perms = np.argsort(rng.random((50, 100)), axis=1)
-    jac = _simulate(la, lb, perms, 4, 5)
+    jac = _simulate(la, lb, perms, ka=4, kb=5)
     for t in range(50):
         tab = contingency(la, lb[perms[t]], 4, 5)
         sq = np.zeros((5, 5), int)

@@ -32,17 +32,20 @@ def test_the_document_case_on_one_24_gb_node(monkeypatch):
     monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
     assert memory.largest_sorting_size(360) == 120
-    msg = memory.check(105_247, 360, 2, 24, 5, -1, log=lambda *a: None)
+    msg = memory.check(105_247, 360, 2, memory_per_node=24, overhead=5, nx=-1, log=lambda *a: None)
     nx = int(re.search(r"--nxinit (\d+)", msg).group(1))
     assert 88 <= nx < 120
-    assert memory.check(105_247, 360, 2, 24, 5, 88, log=lambda *a: None) is None
+    assert (
+        memory.check(105_247, 360, 2, memory_per_node=24, overhead=5, nx=88, log=lambda *a: None)
+        is None
+    )
     assert 2 * memory.bytes_per_rank(105_247, 360, 2, 88) < 19 * memory.GB
 
 
 def test_refusal_names_the_numbers_and_an_nxinit_that_fits(monkeypatch):
     monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
-    msg = memory.check(400_000, 360, 4, 24, 5, -1, log=lambda *a: None)
+    msg = memory.check(400_000, 360, 4, memory_per_node=24, overhead=5, nx=-1, log=lambda *a: None)
     assert msg is not None
     assert "--memory_per_node 24.0 GB minus --overhead 5 GB leaves 19.0 GB" in msg
     assert "4 rank(s) sorting 400000 images of 360 px at 120 px need about" in msg
@@ -53,13 +56,21 @@ def test_refusal_names_the_numbers_and_an_nxinit_that_fits(monkeypatch):
     nx = int(re.search(r"--nxinit (\d+)", msg).group(1))
     assert 16 <= nx < 120
     # the advice works: with that --nxinit the same run fits, with 2 px more it does not
-    assert memory.check(400_000, 360, 4, 24, 5, nx, log=lambda *a: None) is None
-    assert memory.check(400_000, 360, 4, 24, 5, nx + 2, log=lambda *a: None) is not None
+    assert (
+        memory.check(400_000, 360, 4, memory_per_node=24, overhead=5, nx=nx, log=lambda *a: None)
+        is None
+    )
+    assert (
+        memory.check(
+            400_000, 360, 4, memory_per_node=24, overhead=5, nx=nx + 2, log=lambda *a: None
+        )
+        is not None
+    )
 
 
 def test_refusal_asks_for_fewer_ranks_per_node_when_the_sorting_size_cannot_help(monkeypatch):
     monkeypatch.setenv("MPI_LOCALNRANKS", "8")
-    msg = memory.check(20_000, 360, 8, 12, 2, 64, log=lambda *a: None)
+    msg = memory.check(20_000, 360, 8, memory_per_node=12, overhead=2, nx=64, log=lambda *a: None)
     assert msg is not None and "8 rank(s)" in msg
     m = re.search(r"use .*?(\d+) rank\(s\) per node", msg)
     assert m, msg

@@ -394,7 +394,9 @@ def test_eman2_ctf_string_and_conversion():
         dsbg=-1.0,
     )
     assert (
-        format_ctf(2.134, 0.0512, 33.5, 0, 10, 300, 2.7, 1.06)
+        format_ctf(
+            2.134, dfdiff=0.0512, dfang=33.5, bfactor=0, ampcont=10, voltage=300, cs=2.7, apix=1.06
+        )
         == "E2.134 0.0512 33.5 0 10 300 2.7 1.06 -1 0 0"
     )
     for bad in ("O2.1 0 0 0 0 0 0 1 1 0", "E2.1 0 0", "Ex 0 0 0 0 0 0 0 0 0 0"):

@@ -48,7 +48,7 @@ def test_post_filter_uses_the_reproduced_size():
             )
         }
     )
-    run = sorter._one_generation(_ctx(), 0, subset, 3, [], comm=Comm(), checkpoints=stored)
+    run = sorter._one_generation(_ctx(), 0, subset, 3, earlier=[], comm=Comm(), checkpoints=stored)
     assert [len(c) for c in run.clusters] == [400, 100]
     assert run.stats == [{"jaccard": 90.0}, {"reproduced_size": 200}]
     np.testing.assert_array_equal(run.unaccounted, np.arange(500, 1000))
@@ -57,7 +57,9 @@ def test_post_filter_uses_the_reproduced_size():
 
 def test_nothing_reproduced_is_one_homogeneous_cluster():
     stored = StoredGenerations({"gen000": _part([])})
-    run = sorter._one_generation(_ctx(), 0, np.arange(300), 3, [], comm=Comm(), checkpoints=stored)
+    run = sorter._one_generation(
+        _ctx(), 0, np.arange(300), 3, earlier=[], comm=Comm(), checkpoints=stored
+    )
     assert [len(c) for c in run.clusters] == [300] and run.stats == [{}]
     assert len(run.unaccounted) == 0
 

@@ -78,11 +78,13 @@ def test_chunks_give_each_image_the_same_bits(small):
     imgs = p.load_images(np.arange(300))
     shifts = p.shifts[:300]
     for background in (False, True):
-        whole = fourier_chunk(imgs, shifts, 15, 32, background)
+        whole = fourier_chunk(imgs, shifts, 15, 32, background=background)
         for chunk in (1, 7, 50):
             parts = np.concatenate(
                 [
-                    fourier_chunk(imgs[a : a + chunk], shifts[a : a + chunk], 15, 32, background)
+                    fourier_chunk(
+                        imgs[a : a + chunk], shifts[a : a + chunk], 15, 32, background=background
+                    )
                     for a in range(0, len(imgs), chunk)
                 ]
             )
@@ -109,7 +111,7 @@ def test_streamed_backprojection_has_the_bits_of_one_call(small):
 
     for chunk in (1, 11, len(sel)):
         got = backproject_streamed(
-            make, len(sel), p.rotations[sel], memb, coefs, box, pad=2, chunk=chunk
+            make, len(sel), p.rotations[sel], memb, ctf_coefs=coefs, box=box, pad=2, chunk=chunk
         )
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1]), chunk
     assert np.abs(want[0]).max() > 0
@@ -146,15 +148,25 @@ def test_streamed_smeared_backprojection_has_the_bits_of_local_smears(small):
     memb = np.zeros((n, 2))
     memb[np.arange(n), rng.integers(0, 2, n)] = 1.0
     base = fourier_chunk(p.load_images(np.arange(n)), None, 15, box, background=True)
-    sm = LocalSmears.build(smears, base, box, norm, coefs, groups, n_precompute=0)
-    want = sm.backproject(np.arange(n), memb, 2, fourier.padded_size(box, 2), None, shell_w)
+    sm = LocalSmears.build(smears, base, box, norm, coefs=coefs, groups=groups, n_precompute=0)
+    npad = fourier.padded_size(box, 2)
+    want = sm.backproject(np.arange(n), memb, 2, npad, rmax=None, shell_w=shell_w)
 
     def make(a, b):
         return fourier_chunk(p.load_images(np.arange(a, b)), None, 15, box, background=True)
 
     for chunk in (3, n):
         got = backproject_smeared_streamed(
-            make, smears, norm, coefs, groups, memb, box, 2, shell_w, chunk=chunk
+            make,
+            smears,
+            norm,
+            coefs,
+            groups=groups,
+            member_weights=memb,
+            box=box,
+            pad=2,
+            shell_w=shell_w,
+            chunk=chunk,
         )
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1]), chunk
 

@@ -214,7 +214,7 @@ def _draw_anova(ax, var, table, alpha):
         )
 
 
-def plot_anova(summary, variables=None, generation=None, alpha=ALPHA, fig=None):
+def plot_anova(summary, variables=None, generation=None, *, alpha=ALPHA, fig=None):
     """Box plots of each ANOVA variable per cluster (from the engine's box statistics), F and
     p in the title, flagged in red when a cluster differs in that nuisance variable."""
     tables = anova_tables(summary, generation)
@@ -398,7 +398,7 @@ def plot_reproducibility(summary, fig=None):
     return fig
 
 
-def _node(ax, xy, text, color, gid):
+def _node(ax, xy, text, color, *, gid):
     return ax.text(
         *xy,
         text,
@@ -463,7 +463,7 @@ def plot_generation_tree(summary, fig=None):
             (0.15, gen_y[g]),
             f"generation {gen.generation}\n{gen.n_images} images",
             "#fcf3cf",
-            f"node:gen{g}",
+            gid=f"node:gen{g}",
         )
     for g, gen in enumerate(gens[:-1]):
         _edge(ax, gen_nodes[g], gen_nodes[g + 1], f"edge:gen{g}:gen{g + 1}")
@@ -483,7 +483,8 @@ def plot_generation_tree(summary, fig=None):
             f"{f', {res:.1f} Å' if _finite(res) else ''}"
             f"{f', purity {purity:.3f}' if _finite(purity) else ''}"
         )
-        node = _node(ax, (0.8, ys[i]), text, cluster_color(c.id, c.unaccounted), f"node:final{i}")
+        color = cluster_color(c.id, c.unaccounted)
+        node = _node(ax, (0.8, ys[i]), text, color, gid=f"node:final{i}")
         g = len(gens) - 1 if c.unaccounted else c.generation
         if g in gen_nodes:
             _edge(ax, gen_nodes[g], node, f"edge:gen{g}:{cluster_label(c)}")
@@ -546,7 +547,7 @@ def _draw_slices(axes, path, label, kind):
         ax.set_yticks([])
 
 
-def plot_map_slices(summary, out_dir, generation=None, with_generations=True, fig=None):
+def plot_map_slices(summary, out_dir, generation=None, *, with_generations=True, fig=None):
     """Central xy/xz/yz slices of every final cluster map and, beside it, the map of the
     generation cluster it came from; drawn with matplotlib (no ChimeraX needed)."""
     rows = map_rows(summary, out_dir, generation, with_generations)

@@ -255,7 +255,7 @@ class Sort3DDepthViewer(EmProtocolViewer):
         gen = self._selectedGeneration("mapsClusters")
         return self._plotView(
             lambda s, fig: plots.plot_map_slices(
-                s, self._outputDir(), gen, bool(self.withGenerationMaps), fig=fig
+                s, self._outputDir(), gen, with_generations=bool(self.withGenerationMaps), fig=fig
             ),
             "sort3d depth: map slices",
         )
