@@ -160,7 +160,7 @@ def fit_posteriors(scores, labels, fit_rows=None):
     return resp
 
 
-def select_members(posterior, min_purity, candidates=None, min_size=1, own=None):
+def select_members(posterior, min_purity, candidates=None, *, min_size=1, own=None):
     """The decision: each image goes to its most probable cluster if it is among that cluster's
     surest images whose mean posterior stays >= min_purity, else to none (label m).
     candidates: bool mask of the images that may be members (default all). own: each image's
@@ -203,7 +203,7 @@ def purity_curve(posterior, points=101):
     return t, acc, pur
 
 
-def decide(maps, data, everyone, groups, open_rows, pool_joins, min_purity, min_size):
+def decide(maps, data, everyone, groups, *, open_rows, pool_joins, min_purity, min_size):
     """Members of `groups` (sorted global indices, all within the sorted `everyone`) by the
     posterior model. open_rows: bool mask over `everyone` of the images this decision may
     place (the others are scored and shape the model only). pool_joins: images in no group may
@@ -217,4 +217,4 @@ def decide(maps, data, everyone, groups, open_rows, pool_joins, min_purity, min_
     scores, shells = cluster_scores(maps, data, everyone, np.eye(m + 1)[labels][:, :m])
     post = fit_posteriors(scores, labels, None if pool_joins else labels < m)
     cand = np.asarray(open_rows, bool) & ((labels < m) | bool(pool_joins))
-    return labels, select_members(post, min_purity, cand, min_size, own=labels), shells
+    return labels, select_members(post, min_purity, cand, min_size=min_size, own=labels), shells

@@ -171,7 +171,7 @@ class ClusterMaps:
         self.comm.allreduce_sum(out)
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
-    def scores(self, maps, subset, half=None, rmax=None, shell_factors=None):
+    def scores(self, maps, subset, half=None, *, rmax=None, shell_factors=None):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
         in subset order. rmax: the shell the maps were limited to (maps_from): pixels beyond it
@@ -351,8 +351,8 @@ def mgsk_pair(
     subset,
     k,
     inits,
-    schedules,
     *,
+    schedules,
     frozen,
     search,
     orientation,
@@ -370,7 +370,9 @@ def mgsk_pair(
     Returns the two best assignments and the sweep counts."""
     n = len(subset)
     og = merge_small_orientation_groups(orientation[subset], k, rng)
-    sweeps = _PairSweeps(maps_builder, subset, k, og, rng, use_umat=use_umat, rmax_cap=rmax_cap)
+    sweeps = _PairSweeps(
+        maps_builder, subset, k, og=og, rng=rng, use_umat=use_umat, rmax_cap=rmax_cap
+    )
     runs = [
         RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
         for init, sch in zip(inits, schedules)
@@ -401,7 +403,7 @@ class _PairSweeps:
     dominate the cost); the resolution limit is the one of a group of n/K images of a half, or
     the caller's lower cap."""
 
-    def __init__(self, maps_builder, subset, k, og, rng, *, use_umat, rmax_cap):
+    def __init__(self, maps_builder, subset, k, *, og, rng, use_umat, rmax_cap):
         n = len(subset)
         self.subset, self.k, self.n, self.og, self.rng = subset, k, n, og, rng
         self.use_umat = use_umat

@@ -414,7 +414,7 @@ def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
     if done is not None:
         part = done["partition"]
     else:
-        part = run_generation(ctx, gen, subset, k, earlier)
+        part = run_generation(ctx, gen, subset, k, earlier=earlier)
         if checkpoints:
             checkpoints.save(f"gen{gen:03d}", ctx.rng, partition=part)
     stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))

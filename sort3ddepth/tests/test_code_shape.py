@@ -19,11 +19,7 @@ MAX_POSITIONAL = 4
 NUMBA_DECORATORS = {"njit", "jit"}
 # files (or folders, ending in /) relative to the package exempt from MAX_POSITIONAL, with the
 # reason; remove an entry once its functions take keyword-only arguments
-POSITIONAL_EXEMPT = {
-    "engine/depth/": "being reworked in another change, which gives it keyword-only arguments",
-    "engine/membership.py": "being reworked in another change, as engine/depth/",
-    "engine/mgskmeans.py": "being reworked in another change, as engine/depth/",
-}
+POSITIONAL_EXEMPT = {}
 PACKAGE = Path(__file__).resolve().parents[1]
 
 

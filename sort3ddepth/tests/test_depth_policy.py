@@ -61,12 +61,12 @@ def test_fragments_and_between_box_keeps_read_the_policy():
     assert list(fragments(sizes)) == [False, False, True]
     assert not fragments(sizes, dataclasses.replace(POLICY, fragment_size=0.4)).any()
     pair = MatchedPair(0, 0, np.arange(30), 30, 32, 31, 90.0)
-    assert between_box_keeps(pair, 40.0, 5.0, 60)
-    assert not between_box_keeps(pair, 40.0, 5.0, 90)  # the largest is 3x its size
+    assert between_box_keeps(pair, 40.0, 5.0, largest=60)
+    assert not between_box_keeps(pair, 40.0, 5.0, largest=90)  # the largest is 3x its size
     assert not between_box_keeps(
-        pair, 40.0, 5.0, 60, dataclasses.replace(POLICY, min_cluster_size=31)
+        pair, 40.0, 5.0, largest=60, policy=dataclasses.replace(POLICY, min_cluster_size=31)
     )
-    assert not between_box_keeps(pair, 80.0, 5.0, 60)  # not 2 std above random
+    assert not between_box_keeps(pair, 80.0, 5.0, largest=60)  # not 2 std above random
 
 
 def test_the_third_of_the_largest_rule_is_exact_for_integer_sizes():

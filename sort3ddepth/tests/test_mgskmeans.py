@@ -76,7 +76,7 @@ def test_a_cycling_run_is_damped_then_stops_and_reports_what_images_wanted():
         np.arange(n),
         3,
         [init, init.copy()],
-        [[0], [0]],
+        schedules=[[0], [0]],
         frozen=True,
         search=False,
         orientation=np.zeros(n, np.int64),
@@ -243,7 +243,7 @@ def test_rebuild_cuts_a_merged_group_and_keeps_the_others(three_groups):
         np.arange(len(truth)),
         [np.nonzero(truth == 0)[0], merged],
         np.zeros(0, int),
-        3,
+        k=3,
     )
     for lab in starts:
         assert lab.min() >= 0 and lab.max() == 2
@@ -261,7 +261,7 @@ def test_rebuild_cuts_a_pool_that_holds_two_groups(three_groups):
         np.arange(len(truth)),
         [np.nonzero(truth == 0)[0]],
         np.nonzero(truth > 0)[0],
-        3,
+        k=3,
     )
     agree = [_agreement(lab, truth) for lab in starts]
     assert min(agree) >= 0.75 and np.mean(agree) >= 0.85, agree
@@ -272,7 +272,7 @@ def test_rebuild_makes_a_one_group_pool_a_group_in_one_start_only(three_groups):
     data, truth = three_groups
     ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(5))
     kept = [np.nonzero(truth == g)[0] for g in (0, 1)]
-    a, b = rebuild_starts(ctx, np.arange(len(truth)), kept, np.nonzero(truth == 2)[0], 3)
+    a, b = rebuild_starts(ctx, np.arange(len(truth)), kept, np.nonzero(truth == 2)[0], k=3)
     assert _agreement(a, truth) == 1.0  # no cut needed (maps=None)
     assert _agreement(b[truth < 2], truth[truth < 2]) == 1.0
     shares = np.bincount(b[truth == 2], minlength=3) / np.sum(truth == 2)
@@ -283,7 +283,7 @@ def test_rebuild_gives_up_when_no_group_can_be_built(three_groups):
     data, truth = three_groups
     ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(6))
     small = [np.arange(30), np.arange(30, 60)]  # too small to cut, no pool
-    assert rebuild_starts(ctx, np.arange(60), small, np.zeros(0, int), 3) is None
+    assert rebuild_starts(ctx, np.arange(60), small, np.zeros(0, int), k=3) is None
 
 
 def test_coarse_maps_on_a_smaller_grid_score_as_on_the_full_grid(three_groups):

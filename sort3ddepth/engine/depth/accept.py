@@ -54,7 +54,7 @@ def fragments(sizes, policy=POLICY):
     return sizes < policy.fragment_size * np.median(sizes) if sizes.size else np.zeros(0, bool)
 
 
-def between_box_keeps(pair, random_mean, random_std, largest, policy=POLICY):
+def between_box_keeps(pair, random_mean, random_std, *, largest, policy=POLICY):
     """Whether a group matched between two boxes is kept: its Jaccard index beats random
     partitions of the same sizes by jaccard_margin_std standard deviations (and jaccard_floor),
     it is not tiny next to the largest matched group, and it is at least min_cluster_size."""

@@ -143,7 +143,7 @@ def _iterate(ctx, r):
     # (3-4x cheaper sweeps); not with K given, where boxes then stuck (bench/README.md)
     rmax_cap = coarse_rmax(ctx, r.nr, r.k) if ctx.search and (r.from_random or r.coarse) else None
     (la, lb), niters = run_pair(
-        ctx, r.sub, r.k, r.inits, r.sched, rmax_cap=rmax_cap, use_umat=ctx.use_umat
+        ctx, r.sub, r.k, r.inits, schedules=r.sched, rmax_cap=rmax_cap, use_umat=ctx.use_umat
     )
     res = two_way_comparison(la, lb)
     ok = within_box_accept(res, ctx.frozen, r.low, r.it, policy=policy_of(ctx))
@@ -161,7 +161,7 @@ def _iterate(ctx, r):
     return res, ri, niters
 
 
-def _converged(ctx, r, res, ri, niters):
+def _converged(ctx, r, res, *, ri, niters):
     """Whether the run stops after this iteration (if K stays)."""
     policy = policy_of(ctx)
     repro = res.reproducibility
@@ -245,7 +245,7 @@ def _box_iterations(ctx, r):
     policy = policy_of(ctx)
     while r.it < r.box_niter:
         res, ri, niters = _iterate(ctx, r)
-        converged = _converged(ctx, r, res, ri, niters)
+        converged = _converged(ctx, r, res, ri=ri, niters=niters)
         step = _k_reset(ctx, r, res, ri)
         if step == "again":
             continue

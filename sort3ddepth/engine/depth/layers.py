@@ -37,7 +37,7 @@ def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
     for p, j in real:
         m = mean[j] if j < len(mean) else 0.0
         s = std[j] if j < len(std) else 0.0
-        good = between_box_keeps(p, m, s, largest, policy)
+        good = between_box_keeps(p, m, s, largest=largest, policy=policy)
         ctx.log(
             f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
             f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> "
@@ -62,7 +62,7 @@ def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
     return Partition(kept, np.setdiff1d(subset, acc), ri, stats)
 
 
-def _box_k(ctx, start, k_layer, k_learned, k):
+def _box_k(ctx, start, *, k_layer, k_learned, k):
     """A box's K: the layer's K in layer 0; in later layers the incoming partition's groups,
     at least the K that layer 0 validated (search mode: a pair of boxes can keep fewer groups
     than that when one box stuck; the missing groups are seeded from the pool, and cut from
@@ -86,14 +86,14 @@ def _teaches_k(ctx, start, res):
     )
 
 
-def _run_layer(ctx, gen, layer, subset, starts, *, k, k_learned):
+def _run_layer(ctx, gen, layer, subset, *, starts, k, k_learned):
     """Every box of one layer; returns (the boxes' Partitions, the K that layer 0 validated).
     K may be lowered in layer-0 boxes until one box has validated a K (then the others inherit
     it: an unlucky random start must not undo a validated K)."""
     results, k_layer, learned = [], k, False
     for ibox, start in enumerate(starts):
         tag = f"gen {gen} layer {layer} box {ibox}: "
-        kb = _box_k(ctx, start, k_layer, k_learned, k)
+        kb = _box_k(ctx, start, k_layer=k_layer, k_learned=k_learned, k=k)
         key = f"gen{gen:03d}/layer{layer}/box{ibox}"
         res = load(ctx, key)
         res = res["partition"] if res is not None else None
@@ -119,7 +119,7 @@ def _run_layer(ctx, gen, layer, subset, starts, *, k, k_learned):
     return results, k_learned
 
 
-def run_generation(ctx, gen, subset, k, earlier=()):
+def run_generation(ctx, gen, subset, k, *, earlier=()):
     """All layers of one generation on `subset`; returns the generation's Partition.
     earlier: the clusters of earlier generations (for the member check)."""
     # K given: at most n / img_per_grp groups (SPHIRE's rule). Search mode has no cap: its
@@ -130,7 +130,9 @@ def run_generation(ctx, gen, subset, k, earlier=()):
     layer = 0
     k_learned = 2  # search mode: the K that layer-0 boxes validated (box learning)
     while True:
-        results, k_learned = _run_layer(ctx, gen, layer, subset, starts, k=k, k_learned=k_learned)
+        results, k_learned = _run_layer(
+            ctx, gen, layer, subset, starts=starts, k=k, k_learned=k_learned
+        )
         pairs = [
             between_boxes(
                 ctx,

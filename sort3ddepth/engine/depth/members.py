@@ -37,10 +37,10 @@ def assign_members(ctx, subset, part, tag, *, earlier=()):
         ctx.data,
         everyone,
         list(part.clusters) + earlier,
-        mine,
-        pool_joins,
-        ctx.min_purity,
-        policy.min_cluster_size,
+        open_rows=mine,
+        pool_joins=pool_joins,
+        min_purity=ctx.min_purity,
+        min_size=policy.min_cluster_size,
     )
     new = np.where(memb.labels < k, memb.labels, k)[mine]
     labels = labels[mine]
@@ -131,10 +131,10 @@ def final_assignment(ctx, clusters, pool, pool_searched=False):
         ctx.data,
         everyone,
         list(clusters),
-        np.ones(len(everyone), bool),
-        joins,
-        ctx.min_purity,
-        policy.min_cluster_size,
+        open_rows=np.ones(len(everyone), bool),
+        pool_joins=joins,
+        min_purity=ctx.min_purity,
+        min_size=policy.min_cluster_size,
     )
     out = [everyone[memb.labels == j] for j in range(k)]
     member = labels < k

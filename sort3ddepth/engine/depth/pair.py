@@ -52,7 +52,7 @@ def refine(ctx, sub, k, labels, *, maps=None):
     return labels
 
 
-def run_pair(ctx, sub, k, inits, schedules, *, rmax_cap=None, use_umat=False):
+def run_pair(ctx, sub, k, inits, *, schedules, rmax_cap=None, use_umat=False):
     """Two independent runs on `sub` (sorted global indices) with k groups from the two starting
     labels `inits`: MGSK-means pair (schedules: the minimum sizes; rmax_cap: a coarse limit),
     then each run refined (refine). use_umat: SPHIRE's fuzzy insertions (box runs only).
@@ -62,7 +62,7 @@ def run_pair(ctx, sub, k, inits, schedules, *, rmax_cap=None, use_umat=False):
         sub,
         k,
         inits,
-        schedules,
+        schedules=schedules,
         frozen=ctx.frozen,
         search=ctx.search,
         orientation=ctx.data.orientation_groups,

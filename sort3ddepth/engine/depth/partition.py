@@ -50,7 +50,7 @@ def random_equal_assignment(n, k, rng):
     return lab[rng.permutation(n)]
 
 
-def _swap_with_pool(groups, pool, labels, swap_ratio, rng):
+def _swap_with_pool(groups, pool, labels, *, swap_ratio, rng):
     """Swap a share of each group with pool members (when the pool has enough) and label the
     groups; returns the new pool."""
     for j, g in enumerate(groups):
@@ -72,7 +72,9 @@ def swap_and_refill(n, clusters, pool, k, *, swap_ratio, rng, policy=POLICY):
     pool, then the pool is dealt preferring the emptier groups."""
     labels = np.full(n, -1, np.int64)
     groups = [np.asarray(c, np.int64) for c in clusters[:k]]
-    pool = _swap_with_pool(groups, list(np.asarray(pool, np.int64)), labels, swap_ratio, rng)
+    pool = _swap_with_pool(
+        groups, list(np.asarray(pool, np.int64)), labels, swap_ratio=swap_ratio, rng=rng
+    )
     avg = n / k
     pool = np.asarray(pool, np.int64)
     pool = pool[rng.permutation(pool.size)]

@@ -24,7 +24,7 @@ def cut(ctx, sub, members, q):
         sub[members],
         q,
         starts,
-        pair_schedules(len(members), q, policy.nstep_long, policy),
+        schedules=pair_schedules(len(members), q, policy.nstep_long, policy),
         rmax_cap=coarse_rmax(ctx, len(members), q),
     )
     return cuts
@@ -41,7 +41,7 @@ def _split_kept(groups, mean, k, policy):
     return [g for g, f in zip(groups, frag) if not f], merged
 
 
-def rebuild_starts(ctx, sub, groups, pool, k):
+def rebuild_starts(ctx, sub, groups, pool, *, k):
     """Two starting labelings over positions of `sub` for K groups that keep the reproducible
     `groups` and build the missing ones from independent information. Groups larger than
     merged_size x n / K are taken for merges and join the pool, and so do fragments; the pool
@@ -98,7 +98,7 @@ def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag, coarse=False):
         if target > k_max:
             break
         t0 = time.time()
-        inits = rebuild_starts(ctx, sub, accepted, unacc, target)
+        inits = rebuild_starts(ctx, sub, accepted, unacc, k=target)
         if inits is None:
             break
         low, _ = size_bounds(len(sub), target, policy)
@@ -107,7 +107,7 @@ def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag, coarse=False):
             sub,
             target,
             inits,
-            pair_schedules(len(sub), target, policy.nstep_short, policy),
+            schedules=pair_schedules(len(sub), target, policy.nstep_short, policy),
             rmax_cap=coarse_rmax(ctx, len(sub), target) if coarse else None,
         )
         res = two_way_comparison(la, lb)
@@ -164,7 +164,7 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag, coarse=False):
         sub,
         k,
         inits,
-        pair_schedules(nr, k, policy.nstep_short, policy),
+        schedules=pair_schedules(nr, k, policy.nstep_short, policy),
         rmax_cap=coarse_rmax(ctx, nr, k) if coarse else None,
     )
     res = two_way_comparison(la, lb)
