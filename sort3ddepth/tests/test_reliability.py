@@ -50,15 +50,15 @@ def result_files(out):
 
 
 # The set of the killed-and-resumed run, the faults and the 1/2/3-rank comparison with a group
-# size: 3 conformations x 100 particles of 24 px (SNR 3). Sorted with --img_per_grp 50 (K = 6),
-# --seed 7, --depth_order 1 (2 boxes a layer) and --radius 8 (< box/2 - 3: the background-noise
-# weighting is on, its sums are exact too), it takes three generations (K 6, 5, then 2: box
-# iterations, between-box comparisons with groups kept and rejected, member checks) and a final
-# assignment over six clusters and a trash bin (25 s on one rank of a 2-core box at load 6).
-# 24 px rather than 32: on 2 cores the 3-rank run then takes about twice as long as the 1-rank
-# run, where at 32 px it took three to five times as long (the ranks exchange map-sized sums).
-# One uninterrupted 1-rank run of it (`reference`) serves the kill-and-resume test and the
-# 1-rank side of the rank comparison.
+# size: 3 conformations x 100 particles of 24 px (SNR 3), sorted at 16 px (--nxinit 16) with
+# --img_per_grp 50, --seed 7, --depth_order 1 (2 boxes a layer) and --radius 8 (< box/2 - 3: the
+# background-noise weighting is on, its sums are exact too). It takes three generations (K 6, 5
+# and 3; between-box comparisons keep and reject groups, the member checks return members to
+# the pool, the third generation keeps none) and a final assignment over four clusters that
+# moves images both ways; 11 s on one rank of a 2-core box at load 2. Sorted at 24 px (its box)
+# the 3-rank run took twice as long as the 1-rank run; at 32 px, three to five times (the ranks
+# exchange map-sized sums). One uninterrupted 1-rank run of it (`reference`) serves the
+# kill-and-resume test and the 1-rank side of the rank comparison.
 DATA = dict(n_per_class=100, n_classes=3, box=24, snr=3.0, seed=11)
 
 
@@ -85,6 +85,8 @@ def sort_args(star, out):
         1,
         "--radius",
         8,
+        "--nxinit",
+        16,
     ]
 
 
@@ -348,15 +350,14 @@ def test_other_options_on_an_existing_run_are_refused_unless_forced(tiny, tmp_pa
 # Cluster file, on some)
 #
 # The search-mode set: 3 conformations x 150 particles of 24 px at SNR 4, sorted at 16 px
-# (--nxinit 16: the Fourier-cropped sorting images of real runs, which the other set, sorted at
-# its box size, does not take; final maps at 24 px), --seed 3, depth order 1. Two groups of
-# conformations are told apart at this size and noise, so the run has something to find: box 0
-# resets K from 7 to 4 and 2 and probes K = 3; box learning hands K = 2 to box 1; the
-# between-box comparison keeps two groups, the member check returns 58 of their members to the
-# pool and the final assignment moves members both ways: two clusters and a trash bin (8 s on
-# one rank of a 2-core box at load 2). A set on which the search finds no group (one homogeneous
-# cluster) would compare nothing but the map of the whole set, as the 3 x 150 set of 32 px at
-# SNR 3 used before did: the test refuses it.
+# (--nxinit 16, as the other set: Fourier-cropped sorting images, as in real runs; final maps at
+# 24 px), --seed 3, depth order 1. Two groups of conformations are told apart at this size and
+# noise, so the run has something to find: box 0 resets K from 7 to 4 and 2 and probes K = 3;
+# box learning hands K = 2 to box 1; the between-box comparison keeps two groups, the member
+# check returns 58 of their members to the pool and the final assignment moves members both
+# ways: two clusters and a trash bin (8 s on one rank of a 2-core box at load 2). A set on which
+# the search finds no group (one homogeneous cluster) would compare nothing but the map of the
+# whole set, as the 3 x 150 set of 32 px at SNR 3 used before did: the test refuses it.
 SEARCH_SET = dict(n_per_class=150, n_classes=3, box=24, snr=4.0, seed=11)
 SEARCH_ARGS = ["--seed", 3, "--depth_order", 1, "--nxinit", 16]
 # the 2- and 3-rank runs: one numba and one BLAS thread a rank, so that no core is oversubscribed
