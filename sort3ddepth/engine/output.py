@@ -48,11 +48,17 @@ def read_selection(path):
     return np.array([int(t) for t in txt], np.int64)
 
 
+MAP_LABEL = b"sort3ddepth"  # the MRC header's one label: no time stamp (mrcfile's default has
+# one), so that the same run gives the same bytes, whenever and on however many ranks it ran
+
+
 def write_map(path, vol, pixel_size):
     def w(tmp):
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(np.asarray(vol, np.float32))
             m.voxel_size = float(pixel_size)
+            m.header.label[0] = MAP_LABEL
+            m.header.nlabl = 1
 
     atomic_write(path, w, ".mrc")
 
