@@ -8,6 +8,7 @@ import pytest
 from sort3ddepth.engine.comparison import adjusted_rand_index
 from sort3ddepth.engine.depth.pair import refine
 from sort3ddepth.engine.depth.policy import POLICY
+from sort3ddepth.engine.membership import cluster_scores
 from sort3ddepth.engine.mgskmeans import ClusterMaps
 from sort3ddepth.engine.options import SortOptions
 from sort3ddepth.engine.parallel import Comm
@@ -55,3 +56,20 @@ def test_refine_of_random_splits_of_one_state_does_not_agree(tmp_path):
     cuts = [refine(ctx, np.arange(n), 2, rng.permutation(n) % 2) for _ in range(2)]
     split = [c for c in cuts if np.bincount(c, minlength=2).min() >= 0.1 * n]
     assert len(split) < 2 or adjusted_rand_index(*split) < 0.2
+
+
+def test_scores_from_patched_fold_sums_equal_those_from_new_sums(two_states):
+    """A refinement sweep inserts only the images that moved (differences of the weights) into
+    the cached fold sums: the scores are those of sums built anew, to rounding."""
+    ctx, truth = two_states
+    n = len(truth)
+    sub = np.arange(n)
+    before = np.eye(2)[truth]
+    moved = truth.copy()
+    moved[::7] = 1 - moved[::7]
+    cache = {}
+    cluster_scores(ctx.maps, ctx.data, sub, before, cache=cache)
+    patched, _ = cluster_scores(ctx.maps, ctx.data, sub, np.eye(2)[moved], cache=cache)
+    fresh, _ = cluster_scores(ctx.maps, ctx.data, sub, np.eye(2)[moved])
+    assert np.allclose(patched, fresh, rtol=1e-5, atol=1e-6 * np.abs(fresh).max())
+    assert not np.allclose(patched, cluster_scores(ctx.maps, ctx.data, sub, before)[0])

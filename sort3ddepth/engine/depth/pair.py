@@ -36,15 +36,16 @@ def refine(ctx, sub, k, labels, *, maps=None):
     policy = policy_of(ctx)
     maps = ctx.maps if maps is None else maps
     labels = np.asarray(labels, np.int64).copy()
+    cache = {}  # the fold sums, patched with the images that moved (membership._fold_sums)
     for _ in range(policy.refine_sweeps):
         onehot = np.eye(k)[labels]
         if np.count_nonzero(onehot.sum(axis=0)) < 2:
             break  # one group left: nothing to compare
-        scores, _ = cluster_scores(maps, ctx.data, sub, onehot)
+        scores, _ = cluster_scores(maps, ctx.data, sub, onehot, cache=cache)
         # preferences, not scores: what all maps share (an image's signal, which follows its
         # defocus) would otherwise be a direction the mixture can split along
         prefs = scores - scores.mean(axis=1, keepdims=True)
-        new = np.argmax(fit_posteriors(prefs, labels), axis=1)
+        new = np.argmax(fit_posteriors(prefs, labels, tol=policy.refine_em_tol), axis=1)
         moved = float(np.mean(new != labels))
         labels = new
         if moved < policy.refine_stop:
