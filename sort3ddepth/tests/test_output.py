@@ -11,7 +11,7 @@ from sort3ddepth.engine import output
 
 def test_a_map_written_twice_has_the_same_bytes(tmp_path):
     """The MRC header carries no time stamp: the same map written a second later is the same
-    file (runs on 1 and 3 ranks are compared byte for byte)."""
+    file, so two runs of one command can be compared byte for byte."""
     vol = np.random.default_rng(0).standard_normal((8, 8, 8)).astype(np.float32)
     output.write_map(tmp_path / "a.mrc", vol, 2.5)
     time.sleep(1.1)
