@@ -197,7 +197,7 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
         "s_per_particle": None if stopped else wall / n,
         "peak_bytes": sum(peaks),
         "peak_per_rank": peaks,
-        "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx),
+        "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx, n_groups=n_classes),
         "nx": nx,
         "groups": None if stopped else found,
         "purity": None if stopped else true_members / max(acc, 1),

@@ -95,6 +95,7 @@ def _read_meridien_input(options, comm, log):
         f"symmetry {ref.symmetry}, radius {ref.radius} px, mask {ref.mask3d or 'none'}, "
         f"images and CTF from {ref.stack_path}"
     )
+    k_guess = o.group_sizes(n)[1]
     problem = memory_check(
         n,
         box,
@@ -102,11 +103,11 @@ def _read_meridien_input(options, comm, log):
         memory_per_node=o.memory_per_node,
         overhead=o.overhead,
         nx=o.nxinit,
+        n_groups=k_guess,
         log=log,
     )
     if problem:
         raise UserError(problem)
-    k_guess = o.group_sizes(n)[1]
     nx = choose_sorting_size(meridien_fsc(ref.fsc, box), n, k_guess, box, nxinit=o.nxinit)[0]
     n_pre, problem, lines = memory_plan(
         ref.smears,
@@ -117,6 +118,7 @@ def _read_meridien_input(options, comm, log):
         memory_per_node=o.memory_per_node,
         overhead=o.overhead,
         on_the_fly=o.compute_on_the_fly,
+        n_groups=k_guess,
     )
     for line in lines:
         log(line)
@@ -149,6 +151,7 @@ def _read_stack_input(options, comm, log):
         memory_per_node=o.memory_per_node,
         overhead=o.overhead,
         nx=o.nxinit,
+        n_groups=o.group_sizes(len(particles))[1],
         log=log,
     )
     if problem:

@@ -9,8 +9,9 @@ planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
   + every particle's metadata (all ranks hold the whole STAR table, angles, CTF: PER_PARTICLE)
   + the rank's sorting-size data: n_local x nx x (nx/2+1) x 8 bytes x SORT_COPIES
   + the larger of
-      - the sorting maps: up to MAX_MAPS fixed-point accumulators on the 2 nx padded grid, and
-        MAP_COPIES of them at once (accumulators, built maps, their projections' grid)
+      - the sorting maps: 2 half-set maps per group (K groups: n / img_per_grp, or 7 in search
+        mode) as fixed-point accumulators on the 2 nx padded grid, MAP_COPIES of them at once
+        (accumulators, built maps, their projections' grid; the membership model's fold sums)
       - the full-box phase (global FSC, final maps): 2 half-map accumulators at the full box
         (padded 2x up to 160 px, else 1x; 24 bytes a voxel) plus one chunk of images at
         CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies).
@@ -30,7 +31,7 @@ BASE_BYTES = 0.30 * GB  # interpreter, libraries, compiled kernels
 PER_PARTICLE = 3000  # bytes per particle of the whole set, on every rank (STAR rows,
 # angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
 SORT_COPIES = 3  # comp_f + rec_f + the subset copies scoring makes
-MAX_MAPS = 14  # 7 groups x 2 half-set maps in search mode
+SEARCH_GROUPS = 7  # groups a search-mode run starts with (options.INIT_K_STACK)
 MAP_COPIES = 3  # accumulators, built maps, their Fourier volumes (measured)
 FINAL_MAPS = 2  # the 2 half maps of one set accumulated at a time at the full box
 CHUNK_FACTOR = 40  # bytes per pixel of the chunk being transformed
@@ -69,14 +70,15 @@ def _grid_voxels(n, pad):
     return npad * npad * (npad // 2 + 1)
 
 
-def breakdown(n_particles, box, n_ranks, nx=None):
+def breakdown(n_particles, box, n_ranks, nx=None, *, n_groups=SEARCH_GROUPS):
     """Estimated peak bytes of one rank, by term (dict): sorting n_particles images of box px
-    at sorting size nx (when not given: the largest the FSC rule can choose)."""
+    into n_groups groups at sorting size nx (when not given: the largest the FSC rule can
+    choose)."""
     from .particles import chunk_images
 
     nx = largest_sorting_size(box) if not nx or nx <= 0 else min(int(nx), box)
     n_local = -(-n_particles // max(n_ranks, 1))
-    sort_maps = MAX_MAPS * MAP_COPIES * _grid_voxels(nx, 2) * 24
+    sort_maps = 2 * max(int(n_groups), 2) * MAP_COPIES * _grid_voxels(nx, 2) * 24
     pad = 2 if box <= 160 else 1
     chunk = min(chunk_images(box), max(n_local, 1))
     full_box = FINAL_MAPS * _grid_voxels(box, pad) * 24 + chunk * box * box * CHUNK_FACTOR
@@ -89,17 +91,17 @@ def breakdown(n_particles, box, n_ranks, nx=None):
     }
 
 
-def bytes_per_rank(n_particles, box, n_ranks, nx=None, *, pad=2):
+def bytes_per_rank(n_particles, box, n_ranks, nx=None, *, n_groups=SEARCH_GROUPS):
     """Estimated peak bytes of one rank (see breakdown)."""
-    b = breakdown(n_particles, box, n_ranks, nx)
+    b = breakdown(n_particles, box, n_ranks, nx, n_groups=n_groups)
     return b["fixed"] + b["metadata"] + b["sorting_data"] + b["maps"]
 
 
-def memory_line(n_particles, box, comm_size, nx):
+def memory_line(n_particles, box, comm_size, nx, *, n_groups=SEARCH_GROUPS):
     """A log line: the estimate for this node at the chosen sorting size."""
     local = ranks_per_node(comm_size)
-    b = breakdown(n_particles, box, comm_size, nx)
-    per = bytes_per_rank(n_particles, box, comm_size, nx)
+    b = breakdown(n_particles, box, comm_size, nx, n_groups=n_groups)
+    per = bytes_per_rank(n_particles, box, comm_size, nx, n_groups=n_groups)
     return (
         f"memory estimate at {b['nx']} px: {local * per / GB:.2f} GB for {local} rank(s) on "
         f"this node ({per / GB:.2f} GB a rank: sorting data {b['sorting_data'] / GB:.2f}, "
@@ -108,23 +110,18 @@ def memory_line(n_particles, box, comm_size, nx):
     )
 
 
-def _remedy(n_particles, box, comm_size, *, local, avail, nx, nxinit_given):
-    """What would make the run fit: the largest --nxinit that fits, else the ranks per node."""
+def _remedy(per_rank, box, *, local, avail, nx, nxinit_given):
+    """What would make the run fit: the largest --nxinit that fits, else the ranks per node.
+    per_rank(nx): the estimated bytes of one rank at sorting size nx."""
     out = []
     for cand in range(nx - 2, 15, -2):
-        if local * bytes_per_rank(n_particles, box, comm_size, cand) <= avail:
-            out.append(
-                f"--nxinit {cand} (estimated "
-                f"{local * bytes_per_rank(n_particles, box, comm_size, cand) / GB:.1f} GB)"
-            )
+        if local * per_rank(cand) <= avail:
+            out.append(f"--nxinit {cand} (estimated {local * per_rank(cand) / GB:.1f} GB)")
             break
     for r in range(local - 1, 0, -1):
         # the same number of ranks in all, fewer per node: each rank's share is unchanged
-        if r * bytes_per_rank(n_particles, box, comm_size, nx) <= avail:
-            out.append(
-                f"{r} rank(s) per node (more nodes; "
-                f"{r * bytes_per_rank(n_particles, box, comm_size, nx) / GB:.1f} GB)"
-            )
+        if r * per_rank(nx) <= avail:
+            out.append(f"{r} rank(s) per node (more nodes; {r * per_rank(nx) / GB:.1f} GB)")
             break
     if not out:
         out.append("more memory per node (--memory_per_node) or a smaller --overhead")
@@ -136,16 +133,31 @@ def _remedy(n_particles, box, comm_size, *, local, avail, nx, nxinit_given):
     return "use " + " or ".join(out) + what
 
 
-def check(n_particles, box, comm_size, *, memory_per_node, overhead, nx=None, log=print):
+def check(
+    n_particles,
+    box,
+    comm_size,
+    *,
+    memory_per_node,
+    overhead,
+    nx=None,
+    n_groups=SEARCH_GROUPS,
+    log=print,
+):
     """None when the run fits; else the message saying why not, with the numbers and a remedy.
 
     nx: the user's --nxinit (<= 0: not given; then the largest sorting size the FSC rule can
-    choose for this box). memory_per_node <= 0 (the default) means this node's physical memory;
-    the overhead then only gives a warning, since the user did not state a budget."""
+    choose for this box); n_groups: the initial number of groups. memory_per_node <= 0 (the
+    default) means this node's physical memory; the overhead then only gives a warning, since
+    the user did not state a budget."""
     given_nx = bool(nx and nx > 0)
     nx = min(int(nx), box) if given_nx else largest_sorting_size(box)
     local = ranks_per_node(comm_size)
-    need = local * bytes_per_rank(n_particles, box, comm_size, nx)
+
+    def per_rank(size):
+        return bytes_per_rank(n_particles, box, comm_size, size, n_groups=n_groups)
+
+    need = local * per_rank(nx)
     given = memory_per_node > 0
     total = memory_per_node * GB if given else physical_memory()
     if total is None:
@@ -174,7 +186,5 @@ def check(n_particles, box, comm_size, *, memory_per_node, overhead, nx=None, lo
         f"{what} {total / GB:.1f} GB minus --overhead {overhead:g} GB leaves "
         f"{max(avail, 0) / GB:.1f} GB, but {local} rank(s) sorting {n_particles} images of "
         f"{box} px at {nx} px need about {need / GB:.1f} GB: "
-        + _remedy(
-            n_particles, box, comm_size, local=local, avail=avail, nx=nx, nxinit_given=given_nx
-        )
+        + _remedy(per_rank, box, local=local, avail=avail, nx=nx, nxinit_given=given_nx)
     )

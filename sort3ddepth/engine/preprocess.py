@@ -231,15 +231,6 @@ def global_fsc(particles, comm, rng_halves, *, fsc_box=None, log=print, chunk=No
     return out
 
 
-def largest_sorting_size(box):
-    """The largest sorting size SPHIRE's rule can choose for box px images (the global FSC is
-    measured at most at 96 px, so the FSC-0.143 shell is at most 48): the size the memory check
-    assumes before the FSC is known (when --nxinit is not given)."""
-    fsc_box = min(box - box % 2, 96)
-    nx = good_fft_size(min(2 * (fsc_box // 2 + max(int(0.03 * box), 5)), box))
-    return min(nx, box - box % 2)
-
-
 def project_focus(focus_f, rots, nx):
     """Binary 2D masks: the focus mask projected at each orientation, thresholded at one voxel."""
     proj = fourier.fourier_to_images(fourier.project(focus_f, rots)[:, 0], nx)
@@ -257,7 +248,7 @@ def _sorting_size(fsc_full, particles, opts, *, comm, fsc_name, log):
         f"{fsc_name} FSC 0.143 at shell {r_all} ({box * particles.pixel_size / max(r_all, 1):.1f}"
         f" Å); expected for a group of {n // k_guess}: shell {r143}; sorting image size {nx} px"
     )
-    log(memory_line(n, box, comm.size, nx))
+    log(memory_line(n, box, comm.size, nx, n_groups=k_guess))
     return nx
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import fourier
-from .memory import GB, bytes_per_rank, physical_memory, ranks_per_node
+from .memory import GB, SEARCH_GROUPS, bytes_per_rank, physical_memory, ranks_per_node
 
 CHUNK_ENTRIES = 2048  # slices built at a time on the fly
 
@@ -227,7 +227,18 @@ def entries_per_rank(smears, comm_size):
     return np.diff(np.asarray(smears.offsets)[bounds])
 
 
-def memory_plan(smears, n_particles, box, nx, *, comm_size, memory_per_node, overhead, on_the_fly):
+def memory_plan(
+    smears,
+    n_particles,
+    box,
+    nx,
+    *,
+    comm_size,
+    memory_per_node,
+    overhead,
+    on_the_fly,
+    n_groups=SEARCH_GROUPS,
+):
     """How many smeared slices each rank may precompute, from the memory budget.
 
     The budget is --memory_per_node (or the physical memory) minus --overhead minus the
@@ -240,7 +251,7 @@ def memory_plan(smears, n_particles, box, nx, *, comm_size, memory_per_node, ove
     local = ranks_per_node(comm_size)
     per_rank = entries_per_rank(smears, comm_size)
     per = slice_bytes(nx)
-    base = local * bytes_per_rank(n_particles, box, comm_size, nx)
+    base = local * bytes_per_rank(n_particles, box, comm_size, nx, n_groups=n_groups)
     smear = local * int(per_rank.max()) * per
     given = memory_per_node > 0
     total = memory_per_node * GB if given else physical_memory()

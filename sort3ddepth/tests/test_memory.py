@@ -111,3 +111,14 @@ def test_breakdown_terms_add_up():
     total = memory.bytes_per_rank(10_000, 128, 2, 64)
     assert total == b["fixed"] + b["metadata"] + b["sorting_data"] + b["maps"]
     assert b["nx"] == 64 and np.isfinite(total)
+
+
+def test_maps_term_counts_two_half_maps_per_group():
+    """A run with K given holds 2 K sorting maps (up to options.MAX_GROUPS = 29 groups), search
+    mode starts with 7: the maps term follows the run's K, not a fixed count."""
+    maps = {k: memory.breakdown(20_000, 128, 2, 96, n_groups=k)["maps"] for k in (7, 14, 29)}
+    assert maps[14] == 2 * maps[7] and maps[29] * 7 == maps[7] * 29
+    assert memory.breakdown(20_000, 128, 2, 96)["maps"] == maps[7]
+    opts = dict(memory_per_node=24, overhead=5, nx=96, log=lambda *a: None)
+    assert memory.check(20_000, 128, 2, n_groups=7, **opts) is None
+    assert "need about" in memory.check(20_000, 128, 2, n_groups=29, **opts)
