@@ -16,12 +16,9 @@ planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
         (padded 2x up to 160 px, else 1x; 24 bytes a voxel) plus one chunk of images at
         CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies).
 
-Measured peaks (max RSS, 2026-12-02, this 2-core machine; bench/README.md, "streamed images")
-against the estimate: 1,000 x 64 px sorted at 48 px, K = 5: 0.77 GiB, estimate 0.75 (-2 %);
-2,000 x 64 px at 32 px, K = 2: 0.44 GiB, estimate 0.53 (+21 %, the full-box phase dominates);
-200 x 32 px at 32 px: 0.27 GiB, estimate 0.43 (the fixed part and the maps term, sized for K = 7,
-dominate such tiny runs). MAP_COPIES was fitted on the first; the per-particle terms (sorting data,
-metadata) follow from the arrays the code keeps and were not measured at 10^5 particles here.
+The constants follow the arrays the code keeps; MAP_COPIES was fitted on one small run. The
+estimate is checked against measured peaks (max RSS of every rank) from 1,000 to 50,000
+particles in bench/README.md ("Scaling and memory").
 """
 
 import os

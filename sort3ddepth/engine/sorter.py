@@ -438,6 +438,15 @@ def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
     return GenerationRun(gen, int(len(subset)), clusters, pool, stats, time.time() - t)
 
 
+def _no_group_missing(ctx, found):
+    """True when the unaccounted images cannot be a state that no cluster stands for: the last
+    generation found no reproducible group in them, or the user gave K (--img_per_grp) and
+    every one of the K groups was found."""
+    if not found.generations[-1].clusters:
+        return True
+    return not ctx.search and len(found.clusters) >= ctx.init_k
+
+
 def assign_final(ctx, found):
     """The final assignment over the clusters of all generations (membership posteriors); a
     cluster it leaves below the minimum size goes to the unaccounted set (final_id None)."""
@@ -445,7 +454,7 @@ def assign_final(ctx, found):
         return found
     t = time.time()
     checked, unaccounted, memb = final_assignment(
-        ctx, found.clusters, found.unaccounted, pool_searched=not found.generations[-1].clusters
+        ctx, found.clusters, found.unaccounted, pool_searched=_no_group_missing(ctx, found)
     )
     kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
     if len(kept) < len(checked):

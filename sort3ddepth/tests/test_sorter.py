@@ -80,6 +80,32 @@ def test_generations_follow_the_pool_until_too_few_are_left():
     assert [g.n_images for g in found.generations] == [1000, 400]
 
 
+@pytest.mark.parametrize(
+    "search, init_k, joins",
+    [(False, 3, True), (False, 4, False), (True, 3, False), (True, 7, False)],
+)
+def test_the_pool_joins_when_no_group_can_be_missing(monkeypatch, search, init_k, joins):
+    """After the last generation found groups, the unaccounted images may be a state no
+    cluster stands for: they may join the clusters at the final assignment only when the user
+    gave K and all K groups were found (3 here), never in search mode."""
+    stored = StoredGenerations(
+        {"gen000": _part([range(0, 300), range(300, 600)]), "gen001": _part([range(600, 850)])}
+    )
+    ctx = _ctx()
+    found = sorter.run_generations(ctx, n=1000, k0=3, work=200, comm=Comm(), checkpoints=stored)
+    seen = {}
+
+    def final_assignment(ctx, clusters, pool, pool_searched=False):
+        seen["joins"] = pool_searched
+        raise StopIteration
+
+    monkeypatch.setattr(sorter, "final_assignment", final_assignment)
+    ctx.search, ctx.init_k = search, init_k
+    with pytest.raises(StopIteration):
+        sorter.assign_final(ctx, found)
+    assert seen["joins"] is joins
+
+
 @pytest.mark.slow
 def test_small_run_writes_its_summary_through_the_schema(tmp_path):
     """One process on 3 x 150 particles: summary.json carries schema_version, reads back into

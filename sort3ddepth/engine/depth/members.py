@@ -116,9 +116,10 @@ def final_assignment(ctx, clusters, pool, pool_searched=False):
     generation's check saw the clusters of earlier generations, not those found later): every
     image gets a posterior over all clusters (membership.decide) and joins its most probable
     cluster within the purity target. Unaccounted images (`pool`) join when fewer than the
-    smallest cluster, or when `pool_searched` (a last generation found no reproducible group
-    in them); else they may be a state no cluster stands for, whose images would join the
-    nearest clusters at a high posterior. Returns (clusters in the same order, which
+    smallest cluster, or when `pool_searched` (no group can be missing: a last generation
+    found no reproducible group in them, or all the K groups the user gave were found); else
+    they may be a state no cluster stands for, whose images would join the nearest clusters at
+    a high posterior. Returns (clusters in the same order, which
     may shrink below min_cluster_size: the caller decides; the new pool; the Membership over
     every image in sorted index order)."""
     policy = policy_of(ctx)
