@@ -135,7 +135,8 @@ def _budget_gb(dataset, nx, ranks, fraction):
     """A --memory_per_node (with --overhead 0) that holds the stack-mode estimate plus
     `fraction` of the precomputed smeared slices (the figures of smearing.memory_plan)."""
     sm = read_meridien(dataset.refine).smears
-    base = ranks * bytes_per_rank(len(dataset.ids), BOX, ranks, nx)
+    n = len(dataset.ids)
+    base = ranks * bytes_per_rank(n, BOX, ranks, nx, n_groups=n // N_PER_CLASS)
     smear = ranks * int(entries_per_rank(sm, ranks).max()) * slice_bytes(nx)
     return (base + fraction * smear) / GB
 
