@@ -23,12 +23,13 @@ particles in bench/README.md ("Scaling and memory").
 
 import os
 
+from .options import INIT_K_STACK as SEARCH_GROUPS  # groups a search-mode run starts with
+
 GB = 1024**3
 BASE_BYTES = 0.30 * GB  # interpreter, libraries, compiled kernels
 PER_PARTICLE = 3000  # bytes per particle of the whole set, on every rank (STAR rows,
 # angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
 SORT_COPIES = 2  # comp_f + rec_f (the measured per-particle slope, 12,500-50,000 x 128 px)
-SEARCH_GROUPS = 7  # groups a search-mode run starts with (options.INIT_K_STACK)
 MAP_COPIES = 3  # accumulators, built maps, their Fourier volumes (measured)
 FINAL_MAPS = 2  # the 2 half maps of one set accumulated at a time at the full box
 CHUNK_FACTOR = 40  # bytes per pixel of the chunk being transformed
