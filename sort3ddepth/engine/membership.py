@@ -6,14 +6,17 @@ Which groups exist is decided by reproducibility (depth.py); this module decides
   where the clusters' half maps differ reproducibly (reconstruction.difference_mask), shells
   weighted by how reliably the halves agree on the clusters' differences
   (reconstruction.difference_weights).
-* Model: an image's score vector (one score per cluster) follows a mixture of Gaussians, one
-  component per cluster, all sharing one covariance (the scores of one image against all maps
-  share its noise, defocus and orientation), fitted by EM to the scored images, started from
-  the clusters' labels. The posterior of cluster k is that component's responsibility: a
-  density model of the scores as they are, so that "80 % sure" means about 80 of 100 such
-  images are right, whatever the score's own scale. It compares only the clusters there are:
-  images of a state that no cluster stands for would join the nearest ones at a high
+* Model: a likelihood per image and cluster (cluster_loglik): the image is its cluster's map
+  projected with its CTF at its pose, times a free amplitude, plus noise whose power is measured
+  on the image itself (mgskmeans.ClusterMaps.scores with noise), over the shells where the
+  clusters differ reliably; the maps' own noise (measured between the maps of 3/4 and 1/2 of
+  the data) widens it. The posterior of cluster k is the likelihood times the cluster's share
+  (fitted by EM), averaged over draws of the maps' noise. The maps are then rebuilt from the
+  posteriors and the whole repeated (MEMBER_EM_ROUNDS). It compares only the clusters there
+  are: images of a state that no cluster stands for would join the nearest ones at a high
   posterior, so images in no cluster join only when they are too few to be a group.
+  (pair.py still refines MGSK-means runs with a Gaussian mixture over the score vectors,
+  fit_posteriors: a density model fitted to the scores, for labels that may be far off.)
 * Selection: a cluster takes the images whose most probable cluster it is, in decreasing
   posterior, while the mean posterior of those taken (its estimated purity) stays at or above
   the purity target. A cluster whose images are all unsure keeps those it more likely holds than
@@ -38,6 +41,15 @@ COVARIANCE_RIDGE = 1e-6  # relative ridge on every covariance: scores against ne
 MIN_WEIGHT = 1e-6  # a component's mixing weight never falls below this
 UNSURE_FLOOR = 0.5  # a cluster below the purity target even for its surest images keeps
 # those it more likely holds than not
+BAND_FSC = 0.143  # the likelihood counts the shells where the clusters' half maps' difference
+# FSC reaches this (the usual threshold of a reliable shell)
+MAP_NOISE_SAMPLE = 1000  # images per fold scored against the other half's maps, to measure
+# the maps' noise (enough for its sd to ~3 %)
+MAP_NOISE_DRAWS = 32  # draws of the maps' noise the posterior is averaged over
+MAP_NOISE_SEED = 20261203  # their fixed stream: every rank and every rank count draws the same
+SHARE_EM_ITER = 100  # EM iterations of the clusters' shares at most ...
+SHARE_EM_TOL = 1e-6  # ... stop when no share moves more than this
+MEMBER_EM_ROUNDS = 3  # maps from the members, then twice from the posteriors
 
 
 @dataclass
@@ -83,6 +95,60 @@ def _fold_sums(maps, everyone, weights, fold, *, cache):
     return sums
 
 
+@dataclass
+class _FoldMaps:
+    """The cross-validated maps of one set of weights: per fold, the Fourier sums of its
+    images (sums), their total, the clusters' mean size, and the focus (where the clusters'
+    half maps differ reproducibly); maps are made on demand, focused around their mean."""
+
+    maps: object  # mgskmeans.ClusterMaps
+    sums: list
+    total: list
+    size: float
+    focus: np.ndarray
+
+    def _focused(self, data, weights, size):
+        vols = self.maps.maps_from(data, weights, size)
+        mean = vols.mean(axis=0)
+        return mean[None] + self.focus[None] * (vols - mean[None])
+
+    def without(self, f):
+        """Maps from every fold but f (3/4 of the data): the maps fold f's images score against."""
+        return self._focused(
+            self.total[0] - self.sums[f][0],
+            self.total[1] - self.sums[f][1],
+            self.size * (CV_FOLDS - 1) / CV_FOLDS,
+        )
+
+    def other_half(self, f):
+        """Maps from the random half fold f is not in (1/2 of the data, inside without(f))."""
+        other = [g for g in range(CV_FOLDS) if g // (CV_FOLDS // 2) != f // (CV_FOLDS // 2)]
+        return self._focused(
+            *[sum(self.sums[g][i] for g in other) for i in (0, 1)],
+            self.size * len(other) / CV_FOLDS,
+        )
+
+
+def _fold_maps(maps, everyone, weights, *, fold, cache=None):
+    """The _FoldMaps of `weights` (n, m) over `everyone`, and the shell weights of the clusters'
+    differences (reconstruction.difference_weights of the two random halves' maps)."""
+    m = weights.shape[1]
+    size = max(float(weights.sum()) / m, 1.0)
+    sums = _fold_sums(maps, everyone, weights, fold, cache=cache)
+    total = [sum(s[i] for s in sums) for i in (0, 1)]
+    per_half = CV_FOLDS // 2
+    halves = [
+        maps.maps_from(
+            *[sum(s[i] for s in sums[h * per_half : (h + 1) * per_half]) for i in (0, 1)],
+            size / 2,
+        )
+        for h in (0, 1)
+    ]
+    shells = difference_weights(halves[0], halves[1], maps.mask)
+    focus = difference_mask(halves[0], halves[1], maps.mask > 0.5)
+    return _FoldMaps(maps, sums, total, size, focus), shells
+
+
 def cluster_scores(maps, data, everyone, weights, *, cache=None):
     """Cross-validated scores (n, m) of every image of `everyone` (sorted global indices)
     against m clusters, and the shell weights. weights (n, m): each image's share in each
@@ -91,31 +157,98 @@ def cluster_scores(maps, data, everyone, weights, *, cache=None):
     half maps differ reproducibly (reconstruction.difference_mask) around their mean, shells
     weighted by difference_weights. maps: mgskmeans.ClusterMaps; data: its SortingData.
     cache: see _fold_sums (repeated calls as the weights change little: refinement sweeps)."""
-    m = weights.shape[1]
     fold = folds(data, everyone)
-    size = max(float(weights.sum()) / m, 1.0)
-    sums = _fold_sums(maps, everyone, weights, fold, cache=cache)
-    total = [sum(s[i] for s in sums) for i in (0, 1)]
-    halves = [
-        maps.maps_from(
-            *[sum(s[i] for s in sums[h * CV_FOLDS // 2 : (h + 1) * CV_FOLDS // 2]) for i in (0, 1)],
-            size / 2,
-        )
-        for h in (0, 1)
-    ]
-    shells = difference_weights(halves[0], halves[1], maps.mask)
-    focus = difference_mask(halves[0], halves[1], maps.mask > 0.5)
-    scores = np.zeros((len(everyone), m))
+    fm, shells = _fold_maps(maps, everyone, weights, fold=fold, cache=cache)
+    scores = np.zeros((len(everyone), weights.shape[1]))
     for f in range(CV_FOLDS):
         rows = np.nonzero(fold == f)[0]
         if rows.size:
-            fmaps = maps.maps_from(
-                total[0] - sums[f][0], total[1] - sums[f][1], size * (CV_FOLDS - 1) / CV_FOLDS
-            )
-            mean = fmaps.mean(axis=0)
-            fmaps = mean[None] + focus[None] * (fmaps - mean[None])
-            scores[rows] = maps.scores(fmaps, everyone[rows], shell_factors=shells)
+            scores[rows] = maps.scores(fm.without(f), everyone[rows], shell_factors=shells)
     return scores, shells
+
+
+def cluster_loglik(maps, data, everyone, weights):
+    """Log-likelihood (n, m) of every image of `everyone` under each of m clusters, its spread
+    (n, m) from the noise of the maps, and the shell weights (difference FSC^2).
+
+    An image X = a CTF P_k + noise, the amplitude a free (>= 0): its log-likelihood under map k,
+    up to a term shared by all maps, is u^2 / 2 with u = score / (its noise sd) (the score
+    against the cross-validated map of cluster k, mgskmeans.ClusterMaps.scores with noise).
+    Only the shells where the clusters' half maps differ reliably (difference FSC >= BAND_FSC)
+    count, at full weight: graded weights are not a likelihood (too sure even against the
+    true maps, bench/README.md). The maps are noisy too: an error du in u moves the
+    log-likelihood by u du; the sd of du is measured between the maps an image scores against
+    (3/4 of the data) and those of the other half (1/2), on a sample of each fold, centred per
+    image (a shift common to all maps moves no posterior), per cluster by _map_noise. No
+    reliable shell: all zeros."""
+    n, m = weights.shape
+    fold = folds(data, everyone)
+    fm, shells = _fold_maps(maps, everyone, weights, fold=fold)
+    band = (shells >= BAND_FSC**2).astype(float)
+    u = np.zeros((n, m))
+    if m < 2 or not band.any():
+        return u, u.copy(), shells
+    deltas = []
+    for f in range(CV_FOLDS):
+        rows = np.nonzero(fold == f)[0]
+        if not rows.size:
+            continue
+        s, var = maps.scores(fm.without(f), everyone[rows], shell_factors=band, noise=True)
+        u[rows] = s / np.sqrt(np.maximum(var, 1e-300))
+        sample = rows[:: -(-rows.size // MAP_NOISE_SAMPLE)]
+        s2, var2 = maps.scores(fm.other_half(f), everyone[sample], shell_factors=band, noise=True)
+        delta = u[sample] - s2 / np.sqrt(np.maximum(var2, 1e-300))
+        deltas.append(delta - delta.mean(axis=1, keepdims=True))
+    u = np.maximum(u, 0.0)
+    return 0.5 * u**2, u * _map_noise(np.concatenate(deltas), weights.sum(axis=0))[None, :], shells
+
+
+def _map_noise(deltas, sizes):
+    """sd (m,) of the error of each cluster's 3/4 map in units of u, from the differences
+    `deltas` (rows centred) between the scores against the 3/4 and the 1/2 maps. A map's
+    error variance is taken as c / size (c one constant for all; a small cluster's map is
+    the noisier); centring over m maps leaves (1 - 1/m) of the summed variances. The 3/4 map's
+    error has twice the variance of its difference from the 1/2 map, which holds 2 of its 3
+    folds."""
+    m = len(sizes)
+    inv = 1.0 / np.maximum(np.asarray(sizes, float), 1.0)
+    c = np.sum(np.mean(deltas**2, axis=0)) / ((1.0 - 1.0 / m) * np.sum(inv))
+    return np.sqrt(2.0 * c * inv)
+
+
+def _averaged_posterior(loglik, spread, log_share):
+    """Posterior (n, m) averaged over MAP_NOISE_DRAWS draws of the maps' noise (pairs of
+    mirrored draws, a fixed stream that depends on nothing but the draw: the same on every
+    rank and for any number of ranks)."""
+    n, m = loglik.shape
+    out = np.zeros((n, m))
+    for d in range(MAP_NOISE_DRAWS // 2):
+        eps = spread * np.random.default_rng([MAP_NOISE_SEED, d]).standard_normal((n, m))
+        for sign in (1.0, -1.0):
+            out += _normalise(loglik + sign * eps + log_share[None, :])
+    return out / (2 * (MAP_NOISE_DRAWS // 2))
+
+
+def loglik_posteriors(loglik, spread, labels, fit_rows=None):
+    """Posterior (n, m) from the log-likelihoods and their spread (cluster_loglik), with the
+    clusters' shares fitted by EM on the rows `fit_rows` (bool mask; default all), started from
+    `labels` (cluster index, m: none). One cluster: posterior 1."""
+    n, m = loglik.shape
+    if m < 2:
+        return np.ones((n, m))
+    fit = np.ones(n, bool) if fit_rows is None else np.asarray(fit_rows, bool)
+    start = labels[fit & (labels < m)]
+    share = np.bincount(start, minlength=m).astype(float) + 1.0
+    share /= share.sum()
+    for _ in range(SHARE_EM_ITER):
+        post = _averaged_posterior(loglik, spread, np.log(share))
+        new = np.maximum(post[fit].mean(axis=0) if fit.any() else share, MIN_WEIGHT)
+        new /= new.sum()
+        moved = float(np.max(np.abs(new - share)))
+        share = new
+        if moved < SHARE_EM_TOL:
+            break
+    return _averaged_posterior(loglik, spread, np.log(share))
 
 
 def _second_moment(d, w):
@@ -235,13 +368,19 @@ def decide(maps, data, everyone, groups, *, open_rows, pool_joins, min_purity, m
     posterior model. open_rows: bool mask over `everyone` of the images this decision may
     place (the others are scored and shape the model only). pool_joins: images in no group may
     join one and shape the model; when False they may hold a group no cluster stands for, so
-    they neither join nor shape it. Returns (labels before: group index or len(groups) for
-    none, Membership, shell weights)."""
+    they neither join nor shape it. The maps start from the groups' members and are rebuilt
+    from the posteriors MEMBER_EM_ROUNDS - 1 times (each image in each map with its posterior:
+    misplaced members no longer blur the maps). Returns (labels before: group index or
+    len(groups) for none, Membership, shell weights)."""
     m = len(groups)
     labels = np.full(len(everyone), m, np.int64)
     for j, c in enumerate(groups):
         labels[np.searchsorted(everyone, c)] = j
-    scores, shells = cluster_scores(maps, data, everyone, np.eye(m + 1)[labels][:, :m])
-    post = fit_posteriors(scores, labels, None if pool_joins else labels < m)
+    fit = np.ones(len(everyone), bool) if pool_joins else labels < m
+    weights = np.eye(m + 1)[labels][:, :m]
+    for _ in range(MEMBER_EM_ROUNDS):
+        loglik, spread, shells = cluster_loglik(maps, data, everyone, weights)
+        post = loglik_posteriors(loglik, spread, labels, fit)
+        weights = post * fit[:, None]
     cand = np.asarray(open_rows, bool) & ((labels < m) | bool(pool_joins))
     return labels, select_members(post, min_purity, cand, min_size=min_size, own=labels), shells

@@ -25,7 +25,7 @@ import numpy as np
 from . import fourier
 from .assignment import constrained_assignment
 from .comparison import split_two_classes
-from .preprocess import good_fft_size, scaled_fsc
+from .preprocess import comparison_circle, good_fft_size, scaled_fsc
 from .reconstruction import reconstruct
 
 MAX_ITER = 15
@@ -171,7 +171,7 @@ class ClusterMaps:
         self.comm.allreduce_sum(out)
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
-    def scores(self, maps, subset, half=None, *, rmax=None, shell_factors=None):
+    def scores(self, maps, subset, half=None, *, rmax=None, shell_factors=None, noise=False):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
         in subset order. rmax: the shell the maps were limited to (maps_from): pixels beyond it
@@ -180,37 +180,77 @@ class ClusterMaps:
         shell_factors: (nshell,) extra weight per frequency shell (discriminative weights).
         With pose_turns, each score is the best over the given pose and its neighbours: with
         pose errors of ~2 degrees (median) a 3 x 700 set was one group at the given poses alone
-        and 3 groups >= 98 % pure with the neighbours (bench/README.md, "Pose errors")."""
+        and 3 groups >= 98 % pure with the neighbours (bench/README.md, "Pose errors").
+        noise: also return the variance (n_selected, K) each score would have from the image's
+        own noise alone (_score_noise), for a likelihood of the scores."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = maps if isinstance(maps, fourier.FourierVolumes) else self.comparison_volumes(maps)
-        sw = d.shell_weights
-        if shell_factors is not None:
-            f = np.zeros(sw.shape[1])
-            m = min(f.size, len(shell_factors))
-            f[:m] = shell_factors[:m]
-            sw = sw * f[None, :]
+        sw = self._weights(shell_factors)
         turns = [] if self.pose_turns is None else list(self.pose_turns)
-        best = None
+        best = terms = None
         for rots in [d.rots] + [d.rots @ t for t in turns]:
             # the rank's images as they are, the selected ones scored (no copy of them)
-            cross, pp, _ = fourier.distance_terms(
-                fv,
-                rots,
-                d.comp_f,
-                d.ctf_coefs,
-                rmin=1.0,
-                rmax=rmax,
-                shell_weights=sw,
-                groups=d.groups,
-                select=loc,
-            )
+            cross, pp, xx = self._terms(fv, rots, loc, rmax=rmax, sw=sw)
             score = cross / np.sqrt(pp + 1e-30)
             best = score if best is None else np.maximum(best, score)
+            terms = (cross, pp, xx) if terms is None else terms
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
-        return self.comm.gather_rows(best, n_sel)
+        if not noise:
+            return self.comm.gather_rows(best, n_sel)
+        var = self._score_noise(fv, loc, rmax=rmax, shell_factors=shell_factors, terms=terms)
+        return self.comm.gather_rows(best, n_sel), self.comm.gather_rows(var, n_sel)
+
+    def _factors(self, shell_factors):
+        """shell_factors (None: ones) on the length of the shell weights, zero beyond."""
+        n = self.d.shell_weights.shape[1]
+        if shell_factors is None:
+            return np.ones(n)
+        f = np.zeros(n)
+        m = min(f.size, len(shell_factors))
+        f[:m] = shell_factors[:m]
+        return f
+
+    def _weights(self, shell_factors, power=1):
+        """The images' shell weights times shell_factors**power (None: the weights alone)."""
+        sw = self.d.shell_weights
+        return sw if shell_factors is None else sw * self._factors(shell_factors)[None, :] ** power
+
+    def _terms(self, fv, rots, loc, *, rmax, sw):
+        d = self.d
+        return fourier.distance_terms(
+            fv,
+            rots,
+            d.comp_f,
+            d.ctf_coefs,
+            rmin=1.0,
+            rmax=rmax,
+            shell_weights=sw,
+            groups=d.groups,
+            select=loc,
+        )
+
+    def _score_noise(self, fv, loc, *, rmax, shell_factors, terms):
+        """Variance of each score cross / sqrt(pp) from the image's own noise: the image's noise
+        power per weighted pixel (what its best map leaves of |X|^2, over the band's pixels
+        counted with their shell factor), divided by the mean square of the comparison circle
+        (masking lowers the power of the noise but not its covariance with a projection inside
+        the circle), times pp2 / pp, pp2 being pp with the shell factors squared. Checked on
+        pure-noise images (test_mgskmeans): measured / predicted variance 0.99-1.01."""
+        d = self.d
+        cross, pp, xx = terms
+        _, _, _, _, shell, herm = fourier.pixel_table(d.nx, 1.0, rmax)
+        f = self._factors(shell_factors)
+        n_eff = float(np.sum(herm * f[np.minimum(shell, f.size - 1)]))
+        circle = comparison_circle(d.nx, d.radius * d.nx / d.box)
+        fit = np.max(cross**2 / (pp + 1e-30), axis=1) if pp.shape[1] else np.zeros(len(xx))
+        power = np.maximum(xx - fit, 0.0) / max(n_eff * float(np.mean(circle**2)), 1e-30)
+        pp2 = pp
+        if shell_factors is not None and not np.array_equal(f**2, f):
+            _, pp2, _ = self._terms(fv, d.rots, loc, rmax=rmax, sw=self._weights(shell_factors, 2))
+        return power[:, None] * pp2 / (pp + 1e-30)
 
 
 def merge_small_orientation_groups(og, k, rng):

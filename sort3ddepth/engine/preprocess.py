@@ -363,13 +363,17 @@ def comparison_images(f, rots, r_nx, *, focus_map=None, focus_f=None):
     particle radius (r_nx, sorting pixels), times the projected focus mask when given (as a
     map, or as ``focus_f`` from focus_fourier, made once for all chunks)."""
     nx = f.shape[1]
-    circle = soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx), ndim=2)
-    real = fourier.fourier_to_images(f, nx) * circle
+    real = fourier.fourier_to_images(f, nx) * comparison_circle(nx, r_nx)
     if focus_f is None and focus_map is not None:
         focus_f = focus_fourier(focus_map, nx)
     if focus_f is not None:
         real *= project_focus(focus_f, rots, nx)
     return fourier.images_to_fourier(real)
+
+
+def comparison_circle(nx, r_nx):
+    """The soft circle every comparison image is multiplied by (radius r_nx, sorting pixels)."""
+    return soft_sphere_mask(nx, r_nx, edge=max(2.0, 0.06 * nx), ndim=2)
 
 
 def comparison_mask(mask_map, nx, r_nx):

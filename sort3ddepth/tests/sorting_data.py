@@ -10,14 +10,21 @@ from sort3ddepth.engine.simulate import load_demo_map, make_conformations, simul
 from sort3ddepth.engine.star_io import write_star
 
 
-def make_star(folder, n_per_class=700, n_classes=3, box=48, snr=2.0, seed=11, pose_error=0.0):
+def make_star(
+    folder, n_per_class=700, n_classes=3, box=48, snr=2.0, seed=11, pose_error=0.0, domain=None
+):
     """Write particles.star (+ .mrcs) in folder; returns (star path, true labels 0-based).
+    domain: radius (px) of the part that differs between the states (default box / 8).
     pose_error: the STAR's orientations are the true ones turned by |N(0, this)| degrees about
     random axes (what a consensus refinement leaves), the images stay."""
     rng = np.random.default_rng(seed)
     vol = fourier.resize_volume(load_demo_map(64), box)
     vol /= vol.std()
-    maps = make_conformations(vol, n_classes, rng, radius=box / 8) if n_classes > 1 else vol[None]
+    maps = (
+        make_conformations(vol, n_classes, rng, radius=domain or box / 8)
+        if n_classes > 1
+        else vol[None]
+    )
     ps = simulate_particles(maps, n_per_class, 5.0 * 64 / box, rng, snr=snr)
     if pose_error > 0:
         ps.angles = _turned(ps.angles, pose_error, rng)

@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 
+from sort3ddepth.engine import fourier
 from sort3ddepth.engine.cli import build_parser
 from sort3ddepth.engine.comparison import two_way_comparison
 from sort3ddepth.engine.depth import (
@@ -356,3 +357,33 @@ def test_pose_neighbours_score_a_turned_pose_as_the_true_one(three_groups):
     own = truth[data.half == 1]
     right = [np.mean(s.argmax(1) == own) for s in (true, alone, best)]
     assert right[2] == pytest.approx(right[0], abs=0.01) and right[1] < right[0]
+
+
+@pytest.mark.parametrize("graded", [False, True])
+def test_score_noise_variance_is_that_of_pure_noise_images(three_groups, graded):
+    """Images of white noise (masked like every comparison image) scored against real maps:
+    the variance of the scores over the images is the variance each score's own noise
+    estimate predicts (with binary and with graded shell factors)."""
+    from sort3ddepth.engine.preprocess import comparison_circle
+
+    data, truth = three_groups
+    n, nx = len(truth), data.nx
+    rng = np.random.default_rng(3)
+    circle = comparison_circle(nx, data.radius * nx / data.box)
+    vols = ClusterMaps(data, Comm()).build(np.arange(n), np.eye(3)[truth], n / 3)
+    shells = np.arange(data.shell_weights.shape[1])
+    factors = np.where(shells <= nx // 4, 1.0, 0.0)
+    if graded:
+        factors = factors * np.linspace(1.0, 0.2, factors.size)
+    z2 = []
+    for _ in range(8):  # 7,200 noise images: the mean of z^2 known to ~2 %
+        noise = fourier.images_to_fourier(rng.standard_normal((n, nx, nx)) * circle)
+        flat = dataclasses.replace(
+            data, comp_f=noise, shell_weights=np.ones_like(data.shell_weights)
+        )
+        s, var = ClusterMaps(flat, Comm()).scores(
+            vols, np.arange(n), shell_factors=factors, noise=True
+        )
+        z2.append(s**2 / var)
+    ratio = np.concatenate(z2).mean(axis=0)  # measured / predicted variance
+    assert np.all(np.abs(ratio - 1.0) < 0.06), ratio
