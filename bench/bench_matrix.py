@@ -29,6 +29,7 @@ bench_output/aspire-venv/bin/python; cells are reported "not run" when it is mis
     .venv/bin/python bench/bench_matrix.py --cells o-k2-eq-snr05,o-k4-uneq-snr02-pose2
     .venv/bin/python bench/bench_matrix.py --cells 0,2,5        # by index
     .venv/bin/python bench/bench_matrix.py                      # all cells (about an hour, 2 cores)
+    .venv/bin/python bench/bench_matrix.py --cells 0 --reuse --ranks 1,3   # same bits on 1, 3 ranks?
 
 Data sets and runs are cached under --output_dir (default bench_output/matrix; git-ignored):
 <cell>/data (particles.star, .mrcs, truth.npy, true_maps.npy, dataset.txt), <cell>/sort (the
@@ -513,7 +514,72 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
 # --------------------------------------------------------------------------- one cell
 
 
-def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=()):
+def _sorter_command(cell, star, run, nproc, sorter_args):
+    cmd = [
+        sys.executable,
+        "-m",
+        "sort3ddepth.engine.cli",
+        "--instack",
+        str(star),
+        "--output_dir",
+        str(run),
+        "--seed",
+        str(cell["seed"]),
+        "--depth_order",
+        str(cell.get("depth_order", 2)),
+        *sorter_args,
+    ]
+    if nproc > 1:
+        cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
+    return cmd
+
+
+RESULT_FILES = ("Cluster_*.txt", "vol_*.mrc", "posteriors.npy", "all_particles.star")
+
+
+def differing_files(run_a, run_b):
+    """The result files (RESULT_FILES) whose bytes differ between two sorter outputs, or that
+    only one of them has."""
+    names = set()
+    for pattern in RESULT_FILES:
+        for run in (run_a, run_b):
+            names |= {p.name for p in Path(run).glob(pattern)}
+    return sorted(
+        n
+        for n in names
+        if not ((Path(run_a) / n).exists() and (Path(run_b) / n).exists())
+        or (Path(run_a) / n).read_bytes() != (Path(run_b) / n).read_bytes()
+    )
+
+
+def compare_ranks(cell, star, d, row, nproc, ranks, log, sorter_args=()):
+    """Run the cell's sort again with each rank count in `ranks` and record in row["ranks"]
+    the files that differ from the main run (issue: the same clusters for any rank count)."""
+    row["ranks"] = {}
+    for np_ in ranks:
+        if np_ == nproc:
+            continue
+        other = d / f"sort-np{np_}"
+        if other.exists():
+            shutil.rmtree(other)
+        cmd = _sorter_command(cell, star, other, np_, sorter_args)
+        log("  " + " ".join(cmd))
+        r = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        diff = differing_files(d / "sort", other) if r.returncode == 0 else [f"exit {r.returncode}"]
+        row["ranks"][str(np_)] = diff
+        log(
+            f"  {np_} rank(s) vs {nproc}: "
+            + ("identical" if not diff else "DIFFER: " + ", ".join(diff))
+        )
+
+
+def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=()):
     d = Path(out) / cell["name"]
     row = dict(cell=cell["name"], simulator=cell["simulator"])
     try:
@@ -540,22 +606,7 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=()):
         )
     row["key"] = _key(cell)
     run = d / "sort"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sort3ddepth.engine.cli",
-        "--instack",
-        str(star),
-        "--output_dir",
-        str(run),
-        "--seed",
-        str(cell["seed"]),
-        "--depth_order",
-        str(cell.get("depth_order", 2)),
-        *sorter_args,
-    ]
-    if nproc > 1:
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
+    cmd = _sorter_command(cell, star, run, nproc, sorter_args)
     row["command"] = " ".join(cmd)
     log("  " + row["command"])
     if not (reuse and (run / "summary.json").exists()):
@@ -577,6 +628,8 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=()):
         row["wall"] = old.get("wall", float("nan"))
     row.update(score_run(run, truth, cell["K"]))
     row["ratio97"] = row["ours97"] / row["f97"] if row["f97"] > 0 else float("nan")
+    if ranks:
+        compare_ranks(cell, star, d, row, nproc, ranks, log, sorter_args)
     (d / "result.json").write_text(json.dumps(row, indent=1))
     return row
 
@@ -627,6 +680,12 @@ def main():
         help="tell the sorter each pose-error cell's angular error (--pose_sigma_deg = the "
         "cell's simulated sigma, what a user reads off the refinement's reported accuracy)",
     )
+    p.add_argument(
+        "--ranks",
+        default="",
+        help="comma list of other rank counts (e.g. 1,3,4): each cell is sorted again with "
+        "each and its result files compared byte for byte with the main run's",
+    )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument(
         "--verify_aspire",
@@ -660,7 +719,8 @@ def main():
         log(f"[{time.strftime('%H:%M:%S')}] cell {c['name']}")
         told = a.pose_sigma and c["pose"][0] > 0
         extra = ["--pose_sigma_deg", f"{c['pose'][0]:g}"] if told else []
-        r = run_cell(c, out, a.nproc, a.aspire_python, a.reuse, log, sorter_args=extra)
+        ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
+        r = run_cell(c, out, a.nproc, a.aspire_python, a.reuse, log, sorter_args=extra, ranks=ranks)
         rows.append((c, r))
         log(HEADER)
         log(format_row(c, r))
@@ -685,6 +745,13 @@ def main():
             f"{100 * min(r['worst_purity'] for r in done):.1f} %; total sorter wall "
             f"{sum(r['wall'] for r in done):.0f} s"
         )
+        compared = [r["ranks"] for r in done if "ranks" in r]
+        if compared:
+            same = sum(not any(v.values()) for v in compared)
+            print(
+                f"rank counts {a.ranks} against {a.nproc}: identical result files in {same} of "
+                f"{len(compared)} cells"
+            )
     else:
         print(f"\nsummary: 0 of {len(rows)} cells run")
     for c, r in rows:

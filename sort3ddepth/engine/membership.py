@@ -50,6 +50,8 @@ MAP_NOISE_SEED = 20261203  # their fixed stream: every rank and every rank count
 SHARE_EM_ITER = 100  # EM iterations of the clusters' shares at most ...
 SHARE_EM_TOL = 1e-6  # ... stop when no share moves more than this
 MEMBER_EM_ROUNDS = 3  # maps from the members, then twice from the posteriors
+MAP_WEIGHT_FLOOR = 1e-3  # posteriors below this do not enter the rebuilt maps (a map of
+# N images moves by < N * 1e-3 image-equivalents; the back-projection cost falls ~m-fold)
 
 
 @dataclass
@@ -381,6 +383,8 @@ def decide(maps, data, everyone, groups, *, open_rows, pool_joins, min_purity, m
     for _ in range(MEMBER_EM_ROUNDS):
         loglik, spread, shells = cluster_loglik(maps, data, everyone, weights)
         post = loglik_posteriors(loglik, spread, labels, fit)
-        weights = post * fit[:, None]
+        # a posterior below MAP_WEIGHT_FLOOR is left out of the map: each inserted (image, map)
+        # pair costs one back-projection, and most images are near-certain
+        weights = np.where(post >= MAP_WEIGHT_FLOOR, post, 0.0) * fit[:, None]
     cand = np.asarray(open_rows, bool) & ((labels < m) | bool(pool_joins))
     return labels, select_members(post, min_purity, cand, min_size=min_size, own=labels), shells
