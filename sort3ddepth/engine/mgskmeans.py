@@ -238,7 +238,9 @@ class ClusterMaps:
         counted with their shell factor), divided by the mean square of the comparison circle
         (masking lowers the power of the noise but not its covariance with a projection inside
         the circle), times pp2 / pp, pp2 being pp with the shell factors squared. Checked on
-        pure-noise images (test_mgskmeans): measured / predicted variance 0.99-1.01."""
+        pure-noise images (test_mgskmeans): measured / predicted variance 1.004 +- 0.045 over
+        8 sets of 900 images. Not included: a focus map's projected mask (it scales the noise
+        further); with pose_turns, the noise is that of the given pose's scores."""
         d = self.d
         cross, pp, xx = terms
         _, _, _, _, shell, herm = fourier.pixel_table(d.nx, 1.0, rmax)
