@@ -50,8 +50,9 @@ MAP_NOISE_SEED = 20261203  # their fixed stream: every rank and every rank count
 SHARE_EM_ITER = 100  # EM iterations of the clusters' shares at most ...
 SHARE_EM_TOL = 1e-6  # ... stop when no share moves more than this
 MEMBER_EM_ROUNDS = 3  # maps from the members, then twice from the posteriors
-MAP_WEIGHT_FLOOR = 1e-3  # posteriors below this do not enter the rebuilt maps (a map of
-# N images moves by < N * 1e-3 image-equivalents; the back-projection cost falls ~m-fold)
+MAP_WEIGHT_FLOOR = 1e-3  # posteriors below this do not enter the rebuilt maps, and a weight
+# that moves by less keeps its value (a map of N images moves by < N * 1e-3 image-equivalents;
+# only the (image, map) pairs that moved are inserted again)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def cluster_scores(maps, data, everyone, weights, *, cache=None):
     return scores, shells
 
 
-def cluster_loglik(maps, data, everyone, weights):
+def cluster_loglik(maps, data, everyone, weights, *, cache=None):
     """Log-likelihood (n, m) of every image of `everyone` under each of m clusters, its spread
     (n, m) from the noise of the maps, and the shell weights (difference FSC^2).
 
@@ -182,10 +183,10 @@ def cluster_loglik(maps, data, everyone, weights):
     log-likelihood by u du; the sd of du is measured between the maps an image scores against
     (3/4 of the data) and those of the other half (1/2), on a sample of each fold, centred per
     image (a shift common to all maps moves no posterior), per cluster by _map_noise. No
-    reliable shell: all zeros."""
+    reliable shell: all zeros. cache: see _fold_sums (the rounds of decide)."""
     n, m = weights.shape
     fold = folds(data, everyone)
-    fm, shells = _fold_maps(maps, everyone, weights, fold=fold)
+    fm, shells = _fold_maps(maps, everyone, weights, fold=fold, cache=cache)
     band = (shells >= BAND_FSC**2).astype(float)
     u = np.zeros((n, m))
     if m < 2 or not band.any():
@@ -380,11 +381,14 @@ def decide(maps, data, everyone, groups, *, open_rows, pool_joins, min_purity, m
         labels[np.searchsorted(everyone, c)] = j
     fit = np.ones(len(everyone), bool) if pool_joins else labels < m
     weights = np.eye(m + 1)[labels][:, :m]
+    cache = {}  # the fold sums, patched with the weights that moved (_fold_sums)
     for _ in range(MEMBER_EM_ROUNDS):
-        loglik, spread, shells = cluster_loglik(maps, data, everyone, weights)
+        loglik, spread, shells = cluster_loglik(maps, data, everyone, weights, cache=cache)
         post = loglik_posteriors(loglik, spread, labels, fit)
-        # a posterior below MAP_WEIGHT_FLOOR is left out of the map: each inserted (image, map)
-        # pair costs one back-projection, and most images are near-certain
-        weights = np.where(post >= MAP_WEIGHT_FLOOR, post, 0.0) * fit[:, None]
+        # each inserted (image, map) pair costs one back-projection and most images are
+        # near-certain: a posterior below MAP_WEIGHT_FLOOR stays out of the map, and a weight
+        # that moved by less than MAP_WEIGHT_FLOOR keeps its value
+        new = np.where(post >= MAP_WEIGHT_FLOOR, post, 0.0) * fit[:, None]
+        weights = np.where(np.abs(new - weights) >= MAP_WEIGHT_FLOOR, new, weights)
     cand = np.asarray(open_rows, bool) & ((labels < m) | bool(pool_joins))
     return labels, select_members(post, min_purity, cand, min_size=min_size, own=labels), shells

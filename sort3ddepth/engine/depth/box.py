@@ -51,10 +51,8 @@ class _Run:
     run: int
     started: bool  # run 0 of a box started from a previous layer's groups
     allow_k_reset: bool
-    coarse: bool
     tag: str
     box_niter: int
-    from_random: bool = True
     prev_repro: object = None
     accepted: list = field(default_factory=list)
     unacc: np.ndarray = None
@@ -68,7 +66,7 @@ class _Run:
         return len(self.sub)
 
 
-def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, coarse, tag):
+def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, tag):
     """A run's size schedules and starting labels: from `start` (a Partition of a previous
     layer) by swap and refill, or random."""
     policy = policy_of(ctx)
@@ -110,10 +108,8 @@ def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, coarse, tag):
         run=run,
         started=start is not None,
         allow_k_reset=allow_k_reset,
-        coarse=coarse,
         tag=tag,
         box_niter=policy.box_niter,
-        from_random=start is None,
         unacc=np.arange(nr),
     )
 
@@ -132,16 +128,16 @@ def _restart_from_groups(ctx, r, swap_ratio):
         )
         for _ in range(2)
     ]
-    r.from_random = False
 
 
 def _iterate(ctx, r):
     """One box iteration: an MGSK-means pair from r.inits, the two-way comparison, the groups
     kept (r.accepted, r.unacc). Returns (comparison, rand index, MGSK-means iterations)."""
     t0 = time.time()
-    # search mode: a run from random labels (or in a coarse box) explores at the coarse limit
-    # (3-4x cheaper sweeps); not with K given, where boxes then stuck (bench/README.md)
-    rmax_cap = coarse_rmax(ctx, r.nr, r.k) if ctx.search and (r.from_random or r.coarse) else None
+    # search mode: every run scores at the coarse limit (3-5x cheaper sweeps; past the shells
+    # where groups differ the maps add only noise, bench/README.md); not with K given, where
+    # boxes then stuck (bench/README.md)
+    rmax_cap = coarse_rmax(ctx, r.nr, r.k) if ctx.search else None
     (la, lb), niters = run_pair(
         ctx, r.sub, r.k, r.inits, schedules=r.sched, rmax_cap=rmax_cap, use_umat=ctx.use_umat
     )
@@ -191,7 +187,7 @@ def _rebuild_after_reset(ctx, r, res, new_k):
     if len(kept) < 2:
         return False
     rest = np.setdiff1d(np.arange(r.nr), np.concatenate(kept))
-    got = probe_k(ctx, r.sub, kept, rest, k=new_k, k_max=r.k_failed, tag=r.tag, coarse=r.coarse)
+    got = probe_k(ctx, r.sub, kept, rest, k=new_k, k_max=r.k_failed, tag=r.tag)
     if got[3] is None:
         return False
     r.accepted, r.unacc, r.k, r.last_ri = got
@@ -236,7 +232,6 @@ def _k_reset(ctx, r, res, ri):
     r.prev_repro = None
     r.it += 1
     r.inits = [random_equal_assignment(r.nr, r.k, ctx.rng) for _ in range(2)]
-    r.from_random = True
     return "again"
 
 
@@ -271,12 +266,10 @@ def _probe_missing(ctx, r):
         return
     n_before = len(r.accepted)
     r.accepted, r.unacc, k_probe, ri = probe_k(
-        ctx, r.sub, r.accepted, r.unacc, k=r.k, k_max=k_max, tag=r.tag, coarse=r.coarse
+        ctx, r.sub, r.accepted, r.unacc, k=r.k, k_max=k_max, tag=r.tag
     )
     if ri is None and n_before < r.k:
-        r.accepted, r.unacc = settle_groups(
-            ctx, r.sub, r.accepted, r.unacc, tag=r.tag, coarse=r.coarse
-        )
+        r.accepted, r.unacc = settle_groups(ctx, r.sub, r.accepted, r.unacc, tag=r.tag)
     r.k = k_probe if r.allow_k_reset else r.k  # a learned K stays the box's K
     r.last_ri = r.last_ri if ri is None else ri
 
@@ -307,13 +300,11 @@ def _end_run(ctx, box, r, key):
     return stop
 
 
-def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None, coarse=False):
+def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None):
     """One box: runs of box iterations on `subset` (sorted global indices) with K groups.
 
     start: None (random starts) or a Partition to start from (layers > 0). key: checkpoint name
-    of the box (each finished run is saved under key/run#). coarse: every iteration at the
-    coarse resolution limit (boxes of a layer before the last: the last layer and the member
-    check work at full resolution)."""
+    of the box (each finished run is saved under key/run#)."""
     box = _Box([], np.arange(len(subset)), [], ctx.img_per_grp, k)
     for run in range(1 if ctx.search else policy_of(ctx).max_runs):
         done = load(ctx, key and f"{key}/run{run}")
@@ -335,7 +326,6 @@ def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None
             run=run,
             start=start if run == 0 else None,
             allow_k_reset=allow_k_reset,
-            coarse=coarse,
             tag=tag,
         )
         _box_iterations(ctx, r)

@@ -106,7 +106,6 @@ def _run_layer(ctx, gen, layer, subset, *, starts, k, k_learned):
                 tag=tag,
                 key=key,
                 allow_k_reset=(not ctx.frozen and start is None and not learned),
-                coarse=len(starts) > 2,
             )
             save(ctx, key, partition=res)
         results.append(res)

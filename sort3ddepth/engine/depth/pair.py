@@ -18,9 +18,10 @@ from .policy import policy_of
 
 
 def coarse_rmax(ctx, n, k):
-    """Resolution limit (shell) of exploratory runs from random labels: half the limit of a
-    group of n / K images (its half maps hold n / 2K), not below coarse_min_shell. The noise-free
-    true maps classify as well at half the limit as at the full one (bench/README.md)."""
+    """Resolution limit (shell) of search-mode runs: half the limit of a group of n / K images
+    (its half maps hold n / 2K), not below coarse_min_shell. The noise-free true maps classify
+    as well at half the limit as at the full one, and maps from noisy images classify better
+    (bench/README.md, "Why states are missed")."""
     policy = policy_of(ctx)
     full = ctx.maps.resolution_limit(n / k / 2)
     return max(full // policy.coarse_shell_divisor, min(full, policy.coarse_min_shell))

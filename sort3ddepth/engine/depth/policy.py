@@ -47,8 +47,8 @@ class DepthPolicy:
     # -- resolution ----------------------------------------------------------------------------
     coarse_shell_divisor: int = _rule(
         2,
-        "exploratory runs score at the resolution limit / this "
-        "(3-4x cheaper sweeps, same classification)",
+        "search-mode runs score at the resolution limit / this "
+        "(3-5x cheaper sweeps, same classification)",
     )
     coarse_min_shell: int = _rule(
         12,

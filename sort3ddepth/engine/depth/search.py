@@ -81,14 +81,14 @@ def rebuild_starts(ctx, sub, groups, pool, *, k):
     return starts
 
 
-def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag, coarse=False):
+def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag):
     """Search mode, a box that kept fewer reproducible groups than its K (or all of them, after
     K was lowered from k_max): try K groups again (then K + 1, up to k_max) from a start that
     keeps the reproducible groups and cuts the missing ones from the pool and the largest
     groups (rebuild_starts). Random starts at the true K tend to land both runs in the same
     wrong optimum (one group cut in two, two others merged: the merge reproduces, the halves do
     not), and the halving of K can undershoot; a start with the other groups in place does not.
-    coarse: score at the coarse resolution limit (boxes of a layer before the last).
+    Scored at the coarse resolution limit, as every search-mode run.
     Returns (accepted, unaccounted, K, rand index) after the last probe that added groups (rand
     index None when none did)."""
     policy = policy_of(ctx)
@@ -108,7 +108,7 @@ def probe_k(ctx, sub, accepted, unacc, *, k, k_max, tag, coarse=False):
             target,
             inits,
             schedules=pair_schedules(len(sub), target, policy.nstep_short, policy),
-            rmax_cap=coarse_rmax(ctx, len(sub), target) if coarse else None,
+            rmax_cap=coarse_rmax(ctx, len(sub), target),
         )
         res = two_way_comparison(la, lb)
         ok = sure_groups(res, low, policy=policy)
@@ -139,7 +139,7 @@ def _largest_growth(accepted, frag, new):
     return grown
 
 
-def settle_groups(ctx, sub, accepted, unacc, *, tag, coarse=False):
+def settle_groups(ctx, sub, accepted, unacc, *, tag):
     """Search mode, after a probe found no missing group, when a kept group is a fragment: one
     box iteration at K = the groups kept, started from them. They come from a run at a higher
     K whose extra group took part of a real one (its members went to the pool). The new groups
@@ -165,7 +165,7 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag, coarse=False):
         k,
         inits,
         schedules=pair_schedules(nr, k, policy.nstep_short, policy),
-        rmax_cap=coarse_rmax(ctx, nr, k) if coarse else None,
+        rmax_cap=coarse_rmax(ctx, nr, k),
     )
     res = two_way_comparison(la, lb)
     ok = sure_groups(res, low, policy=policy)
