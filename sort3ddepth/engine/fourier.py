@@ -682,6 +682,7 @@ def backproject(
     n_threads=None,
     grid=None,
     comm=None,
+    value_max=None,
 ):
     """Insert images (times CTF times shell weight) into K Fourier accumulators, with the CTF^2
     times shell weight in K weight accumulators (the adjoint of ``project``).
@@ -694,7 +695,8 @@ def backproject(
     to rmax < grid / (2 pad) - 1 (coarse runs); samples beyond it are dropped.
     comm: a parallel.Comm whose ranks each insert their own entries: the result is the sum over
     all ranks' entries, on every rank (every rank must call), with the same bits for any split
-    (FixedPointSums). Without it the sums are this call's entries alone."""
+    (FixedPointSums). Without it the sums are this call's entries alone. value_max: each
+    image's component_max, when the caller keeps it (it does not change between calls)."""
     imgs = np.ascontiguousarray(images_f, np.complex64)
     box = imgs.shape[1]
     rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
@@ -715,7 +717,7 @@ def backproject(
     pimg = idx[rows]
     sums = FixedPointSums.for_entries(
         (k, npad, npad, npad // 2 + 1),
-        component_max(imgs)[pimg],
+        (component_max(imgs) if value_max is None else np.asarray(value_max))[pimg],
         memb[rows, cols],
         coefs[pimg],
         use_ctf=use_ctf,
@@ -738,6 +740,17 @@ def backproject(
         n_threads=n_threads,
     )
     return sums.finish(comm)
+
+
+SLAB_MAP_BYTES = 16 * 2**20  # a map's accumulators above this are written in SLABS_FOR_CACHE
+SLABS_FOR_CACHE = 4  # z-slabs, each task's writes then stay in a cache-sized part of the grid
+# (measured, one thread, 8,640 entries of 64 px into 6 maps: 128^3 padded grid, 1 / 4 slabs
+# 1.04 / 0.89 s; coarse 96^3 grid 0.35 / 0.47 s, 64^3 0.14 / 0.22 s: small maps lose by slabs)
+
+
+def _cache_slabs(map_bytes):
+    """z-slabs per map for cache locality alone (the thread count may ask for more)."""
+    return SLABS_FOR_CACHE if map_bytes > SLAB_MAP_BYTES else 1
 
 
 def insert_into(
@@ -782,7 +795,9 @@ def insert_into(
     coefs, use_ctf = _coefs(ctf_coefs, imgs.shape[0])
     sw, g = _shell_weights(box, shell_weights, groups, imgs.shape[0])
     nt = max(1, n_threads or numba.get_num_threads())
-    n_slabs = int(min(16, max(4, -(-2 * nt // k))))
+    n_slabs = int(
+        min(16, max(-(-2 * nt // k), _cache_slabs(sums.data[0].nbytes + sums.weights[0].nbytes)))
+    )
     _backproject_kernel(
         imgs,
         np.ascontiguousarray(image_index, np.int64),

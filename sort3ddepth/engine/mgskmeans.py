@@ -56,6 +56,7 @@ class ClusterMaps:
         inside = self.mask > 0.5
         self._inside = inside if inside.any() else np.ones_like(inside)
         self._coarse = {}
+        self._rec_max = None  # fourier.component_max of the rank's images, made once
 
     def _npad(self, n):
         return fourier.padded_size(n, self.pad)
@@ -120,7 +121,13 @@ class ClusterMaps:
             image_index=loc[used],
             grid=grid,
             comm=self.comm,
+            value_max=self._image_max(),
         )
+
+    def _image_max(self):
+        if self._rec_max is None:
+            self._rec_max = fourier.component_max(self.d.rec_f)
+        return self._rec_max
 
     def maps_from(self, data, w, group_size):
         """Maps (K, grid, grid, grid) from Fourier sums, Wiener-regularised with the FSC expected
