@@ -743,9 +743,9 @@ def backproject(
 
 
 SLAB_MAP_BYTES = 16 * 2**20  # a map's accumulators above this are written in SLABS_FOR_CACHE
-SLABS_FOR_CACHE = 4  # z-slabs, each task's writes then stay in a cache-sized part of the grid
-# (measured, one thread, 8,640 entries of 64 px into 6 maps: 128^3 padded grid, 1 / 4 slabs
-# 1.04 / 0.89 s; coarse 96^3 grid 0.35 / 0.47 s, 64^3 0.14 / 0.22 s: small maps lose by slabs)
+SLABS_FOR_CACHE = 4  # z-slabs, each task's writes then stay in a cache-sized part of the grid;
+# smaller maps are faster in one (every slab runs through all the entries' pixels; figures in
+# bench/README.md, "Every search-mode run at the coarse limit")
 
 
 def _cache_slabs(map_bytes):

@@ -80,7 +80,8 @@ def _fold_sums(maps, everyone, weights, fold, *, cache):
     """Fourier sums (data, weights) of each fold's maps. cache: a dict kept by the caller
     between calls on the same images and maps builder; then only the images whose weights
     changed are inserted, as differences (the sums are linear in the weights), and the cache
-    is updated. Every rank holds the same weights, so every rank makes the same calls."""
+    is updated (its sums in place: earlier results built on them are not to be used again).
+    Every rank holds the same weights, so every rank makes the same calls."""
     prev = None if cache is None else cache.get("weights")
     if prev is None or prev.shape != weights.shape:
         sums = [maps.accumulate(everyone, weights * (fold == f)[:, None]) for f in range(CV_FOLDS)]
@@ -92,7 +93,9 @@ def _fold_sums(maps, everyone, weights, fold, *, cache):
                 sums.append(old)
                 continue
             dd, dw = maps.accumulate(everyone, delta)
-            sums.append((old[0] + dd, old[1] + dw))
+            old[0].__iadd__(dd)  # in place: a second copy of every fold's sums raised the peak
+            old[1].__iadd__(dw)
+            sums.append(old)
     if cache is not None:
         cache.update(weights=np.array(weights, copy=True), sums=sums)
     return sums
