@@ -14,6 +14,7 @@ a layer-0 box (generation 0). At the end the EMPIAR-10028 shape
 measured time per particle and the memory model.
 
     .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 12500x128,25000x128
+    .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 100000x192 --nxinit 64
 """
 
 import argparse
@@ -238,6 +239,12 @@ def main():
     p.add_argument("--np", dest="nproc", type=int, default=2)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--timeout", type=float, default=None, help="stop a run after this many seconds")
+    p.add_argument(
+        "--nxinit",
+        type=int,
+        default=None,
+        help="the sorter's --nxinit (sorting size; default: chosen from the data's FSC)",
+    )
     a = p.parse_args()
     out = Path(a.out).resolve()
     repo = Path(__file__).resolve().parent.parent
@@ -268,6 +275,7 @@ def main():
             a.nproc,
             a.classes,
             a.seed,
+            extra=() if a.nxinit is None else ("--nxinit", str(a.nxinit)),
             timeout=a.timeout,
         )
         rows.append(r)

@@ -20,6 +20,7 @@ from sort3ddepth.engine.depth import (
     sure_groups,
     within_box_accept,
 )
+from sort3ddepth.engine.depth.box import _starts_from_groups
 from sort3ddepth.engine.geometry import pose_neighbours
 from sort3ddepth.engine.mgskmeans import MAX_ITER, ClusterMaps, mgsk_pair
 from sort3ddepth.engine.parallel import Comm
@@ -226,7 +227,7 @@ def _agreement(labels, truth):
 
 
 def _cut_ctx(data, seed):
-    """What the cuts read of a SortContext (they run in search mode only)."""
+    """What the cuts read of a SortContext (search mode; set search/frozen for K given)."""
     return types.SimpleNamespace(
         data=data,
         maps=ClusterMaps(data, Comm()),
@@ -285,6 +286,25 @@ def test_rebuild_gives_up_when_no_group_can_be_built(three_groups):
     ctx = types.SimpleNamespace(data=data, maps=None, rng=np.random.default_rng(6))
     small = [np.arange(30), np.arange(30, 60)]  # too small to cut, no pool
     assert rebuild_starts(ctx, np.arange(60), small, np.zeros(0, int), k=3) is None
+
+
+def test_k_given_cuts_missing_groups_from_the_pool_and_search_mode_deals_it(three_groups):
+    """With K given, a box that restarts from stable groups with two or more groups missing
+    gets them from a cut of the pool (dealt at random, two missing states became two view
+    chimeras that independent runs reproduced); search mode deals the pool as before."""
+    data, truth = three_groups
+    kept = [np.nonzero(truth == 0)[0]]
+    pool = np.nonzero(truth > 0)[0]
+    sub = np.arange(len(truth))
+    given = _cut_ctx(data, 3)
+    given.search, given.frozen = False, True
+    starts = _starts_from_groups(given, sub, kept, pool, k=3, swap_ratio=0.1)
+    for lab in starts:
+        assert np.all(lab[kept[0]] == 0)  # the stable group is kept whole, nothing swapped
+    agree = [_agreement(lab, truth) for lab in starts]
+    assert min(agree) >= 0.75 and np.mean(agree) >= 0.85, agree
+    dealt = _starts_from_groups(_cut_ctx(data, 3), sub, kept, pool, k=3, swap_ratio=0.1)
+    assert max(_agreement(lab[pool], truth[pool]) for lab in dealt) < 0.7
 
 
 def test_coarse_maps_on_a_smaller_grid_score_as_on_the_full_grid(three_groups):

@@ -2,9 +2,10 @@
 
 A box iteration runs two independent MGSK-means from two starting assignments and keeps the
 members both runs agree on. Until the reproducibility stops rising, the next iteration restarts
-from those stable groups after swapping a few members with the unaccounted pool. A box that may
-reset K lowers it when fewer groups reproduce than it tried; in search mode missing groups are
-then rebuilt from the pool (search.py). Each run after the first works on the previous run's
+from those stable groups after swapping a few members with the unaccounted pool (with K given
+and two or more groups missing, the pool is cut into them by runs on the pool alone). A box
+that may reset K lowers it when fewer groups reproduce than it tried; in search mode missing
+groups are then rebuilt from the pool (search.py). Each run after the first works on the previous run's
 unaccounted images (not in search mode, whose leftovers go to the next generation).
 """
 
@@ -25,7 +26,7 @@ from .partition import (
     swap_and_refill,
 )
 from .policy import policy_of
-from .search import coarse_rmax, probe_k, settle_groups
+from .search import coarse_rmax, cut, probe_k, settle_groups
 
 
 @dataclass
@@ -91,12 +92,7 @@ def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, tag):
     if start is not None:
         pos = [np.searchsorted(sub, c) for c in start.clusters]
         pool_pos = np.searchsorted(sub, start.pool)
-        inits = [
-            swap_and_refill(
-                nr, pos, pool_pos, k, swap_ratio=policy.swap_learned, rng=ctx.rng, policy=policy
-            )
-            for _ in range(2)
-        ]
+        inits = _starts_from_groups(ctx, sub, pos, pool_pos, k=k, swap_ratio=policy.swap_learned)
     else:
         inits = [random_equal_assignment(nr, k, ctx.rng) for _ in range(2)]
     return _Run(
@@ -114,20 +110,39 @@ def _begin_run(ctx, sub, k, *, run, start, allow_k_reset, tag):
     )
 
 
+def _starts_from_groups(ctx, sub, groups, pool, *, k, swap_ratio):
+    """Two starting labelings over positions of `sub` from stable groups and the pool: a share
+    of each group swapped with the pool and the pool dealt at random (swap_and_refill). With K
+    given and two or more groups missing, the pool is instead cut into the missing groups by a
+    pair of runs on the pool alone (search.cut; run a's cut for start a, run b's for start b):
+    dealt at random next to the stable groups, two missing states settled as two "view
+    chimeras", each holding one state in some view directions and the other state in the rest,
+    which independent runs reproduce (bench/README.md, "K given: missing groups cut from the
+    pool"). Search mode rebuilds missing groups its own way (probe_k)."""
+    policy = policy_of(ctx)
+    groups = list(groups)[:k]
+    q = k - len(groups)
+    if ctx.search or q < 2 or len(pool) < q * policy.cut_min_factor * policy.min_cluster_size:
+        return [
+            swap_and_refill(
+                len(sub), groups, pool, k, swap_ratio=swap_ratio, rng=ctx.rng, policy=policy
+            )
+            for _ in range(2)
+        ]
+    pool = np.asarray(pool, np.int64)
+    starts = []
+    for c in cut(ctx, sub, pool, q):
+        labels = np.full(len(sub), -1, np.int64)
+        for j, g in enumerate(groups):
+            labels[g] = j
+        labels[pool] = len(groups) + c
+        starts.append(labels)
+    return starts
+
+
 def _restart_from_groups(ctx, r, swap_ratio):
-    """The next iteration's starts: the stable groups, a share swapped with the pool."""
-    r.inits = [
-        swap_and_refill(
-            r.nr,
-            r.accepted,
-            r.unacc,
-            r.k,
-            swap_ratio=swap_ratio,
-            rng=ctx.rng,
-            policy=policy_of(ctx),
-        )
-        for _ in range(2)
-    ]
+    """The next iteration's starts: from the stable groups and the pool (_starts_from_groups)."""
+    r.inits = _starts_from_groups(ctx, r.sub, r.accepted, r.unacc, k=r.k, swap_ratio=swap_ratio)
 
 
 def _iterate(ctx, r):
