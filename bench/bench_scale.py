@@ -43,6 +43,14 @@ EMPIAR_10028 = (105247, 360)
 SPHIRE_CPU_HOURS = 7 * 96  # the document: ~7 h on 96 CPUs
 
 
+def _simulation_sizes(box):
+    """simulate_particles' chunk and padding for this box: above 256 px the maps are padded once
+    and fewer images projected at a time (360 px with the defaults needed > 24 GB)."""
+    if box <= 256:
+        return {}
+    return {"pad": 1, "chunk": max(1, 2**26 // (box * box))}
+
+
 def make_set(folder, n, box, n_classes, snr, seed, log=print):
     """(STAR path, true labels) of n particles of box px in folder (reused when already made)."""
     folder = Path(folder)
@@ -61,7 +69,7 @@ def make_set(folder, n, box, n_classes, snr, seed, log=print):
     for b, start in enumerate(range(0, n, SIMULATION_BLOCK)):
         m = min(SIMULATION_BLOCK, n - start)
         counts = np.bincount(rng.integers(0, n_classes, m), minlength=n_classes)
-        ps = simulate_particles(maps, counts, apix, rng, snr=snr)
+        ps = simulate_particles(maps, counts, apix, rng, snr=snr, **_simulation_sizes(box))
         part = folder / f"block{b:03d}.star"
         write_star(ps, part, folder / f"block{b:03d}.mrcs")
         text = part.read_text().splitlines()

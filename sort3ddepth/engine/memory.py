@@ -13,8 +13,10 @@ planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
         mode) as fixed-point accumulators on the 2 nx padded grid, MAP_COPIES of them at once
         (accumulators, built maps, their projections' grid; the membership model's fold sums)
       - the full-box phase (global FSC, final maps): 2 half-map accumulators at the full box
-        (padded 2x up to 160 px, else 1x; 24 bytes a voxel) plus one chunk of images at
-        CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies).
+        (padded 2x up to 160 px, else 1x; 24 bytes a voxel), one chunk of images at
+        CHUNK_FACTOR bytes per chunk pixel (the float images, their transforms and copies) and
+        FULL_BOX_ARRAYS double-precision box^3 arrays (the reconstructions' sums of the two
+        halves, the maps, masks and the FSC's transforms; measured at 360 px).
 
 The constants follow the arrays the code keeps; MAP_COPIES was fitted on one small run. The
 estimate is checked against measured peaks (max RSS of every rank) from 1,000 to 50,000
@@ -26,13 +28,15 @@ import os
 from .options import INIT_K_STACK as SEARCH_GROUPS  # groups a search-mode run starts with
 
 GB = 1024**3
-BASE_BYTES = 0.30 * GB  # interpreter, libraries, compiled kernels
+BASE_BYTES = int(0.30 * GB)  # interpreter, libraries, compiled kernels
 PER_PARTICLE = 3000  # bytes per particle of the whole set, on every rank (STAR rows,
 # angles, CTF: 1.2 KB held, +3.7 KB RSS while reading 12,500 rows)
 SORT_COPIES = 2  # comp_f + rec_f (the measured per-particle slope, 12,500-50,000 x 128 px)
 MAP_COPIES = 3  # accumulators, built maps, their Fourier volumes (measured)
 FINAL_MAPS = 2  # the 2 half maps of one set accumulated at a time at the full box
 CHUNK_FACTOR = 40  # bytes per pixel of the chunk being transformed
+FULL_BOX_ARRAYS = 10  # float64 box^3 arrays alive at once while a final map is made (measured:
+# 10,000 x 360 px, 2 ranks, peak 5.3 GB a rank in the final maps; bench/README.md)
 
 
 def ranks_per_node(comm_size):
@@ -79,7 +83,11 @@ def breakdown(n_particles, box, n_ranks, nx=None, *, n_groups=SEARCH_GROUPS):
     sort_maps = 2 * max(int(n_groups), 2) * MAP_COPIES * _grid_voxels(nx, 2) * 24
     pad = 2 if box <= 160 else 1
     chunk = min(chunk_images(box), max(n_local, 1))
-    full_box = FINAL_MAPS * _grid_voxels(box, pad) * 24 + chunk * box * box * CHUNK_FACTOR
+    full_box = (
+        FINAL_MAPS * _grid_voxels(box, pad) * 24
+        + chunk * box * box * CHUNK_FACTOR
+        + FULL_BOX_ARRAYS * box**3 * 8
+    )
     return {
         "fixed": BASE_BYTES,
         "metadata": n_particles * PER_PARTICLE,

@@ -86,10 +86,13 @@ def simulate_particles(
     cs=2.7,
     amplitude_contrast=0.1,
     chunk=2000,
+    pad=2,
 ):
     """Project each map at uniform random orientations with astigmatic CTF, random origins (pixels)
     and white Gaussian noise at the given SNR (signal variance / noise variance, over the data
-    set). Returns a ParticleSet with images in memory and the true class in class_label."""
+    set). Returns a ParticleSet with images in memory and the true class in class_label.
+    chunk: images projected at a time (each projects every map); pad: the maps' Fourier
+    padding (1 for large boxes: 5 maps of 360 px padded twice take 15 GB)."""
     maps = np.asarray(maps)
     if maps.ndim == 3:
         maps = maps[None]
@@ -111,7 +114,7 @@ def simulate_particles(
         np.full(n, amplitude_contrast),
         np.zeros(n),
     )
-    fvols = fourier.volumes_to_fourier(maps, pad=2)
+    fvols = fourier.volumes_to_fourier(maps, pad=pad)
     images = np.empty((n, box, box), np.float32)
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))

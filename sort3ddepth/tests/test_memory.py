@@ -45,24 +45,24 @@ def test_the_document_case_on_one_24_gb_node(monkeypatch):
 def test_refusal_names_the_numbers_and_an_nxinit_that_fits(monkeypatch):
     monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
-    msg = memory.check(400_000, 360, 4, memory_per_node=24, overhead=5, nx=-1, log=lambda *a: None)
+    msg = memory.check(200_000, 360, 2, memory_per_node=24, overhead=5, nx=-1, log=lambda *a: None)
     assert msg is not None
     assert "--memory_per_node 24.0 GB minus --overhead 5 GB leaves 19.0 GB" in msg
-    assert "4 rank(s) sorting 400000 images of 360 px at 120 px need about" in msg
+    assert "2 rank(s) sorting 200000 images of 360 px at 120 px need about" in msg
     need = float(re.search(r"need about ([\d.]+) GB", msg).group(1))
     assert need == pytest.approx(
-        4 * memory.bytes_per_rank(400_000, 360, 4, 120) / memory.GB, abs=0.06
+        2 * memory.bytes_per_rank(200_000, 360, 2, 120) / memory.GB, abs=0.06
     )
     nx = int(re.search(r"--nxinit (\d+)", msg).group(1))
     assert 16 <= nx < 120
     # the advice works: with that --nxinit the same run fits, with 2 px more it does not
     assert (
-        memory.check(400_000, 360, 4, memory_per_node=24, overhead=5, nx=nx, log=lambda *a: None)
+        memory.check(200_000, 360, 2, memory_per_node=24, overhead=5, nx=nx, log=lambda *a: None)
         is None
     )
     assert (
         memory.check(
-            400_000, 360, 4, memory_per_node=24, overhead=5, nx=nx + 2, log=lambda *a: None
+            200_000, 360, 2, memory_per_node=24, overhead=5, nx=nx + 2, log=lambda *a: None
         )
         is not None
     )
