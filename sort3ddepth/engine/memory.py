@@ -19,8 +19,9 @@ planes), so memory grows with N x nx^2, not N x box^2. The estimate per rank is
         halves, the maps, masks and the FSC's transforms; measured at 360 px).
 
 The constants follow the arrays the code keeps; MAP_COPIES was fitted on one small run. The
-estimate is checked against measured peaks (max RSS of every rank) from 1,000 to 50,000
-particles in bench/README.md ("Scaling and memory").
+estimate is checked against measured peaks (max RSS of every rank) from 1,000 to 100,000
+particles and 64 to 360 px in bench/README.md ("Scaling and memory"; within 10 % from 12,500
+particles up).
 """
 
 import os

@@ -5,8 +5,9 @@ members both runs agree on. Until the reproducibility stops rising, the next ite
 from those stable groups after swapping a few members with the unaccounted pool (with K given
 and two or more groups missing, the pool is cut into them by runs on the pool alone). A box
 that may reset K lowers it when fewer groups reproduce than it tried; in search mode missing
-groups are then rebuilt from the pool (search.py). Each run after the first works on the previous run's
-unaccounted images (not in search mode, whose leftovers go to the next generation).
+groups are then rebuilt from the pool (search.py). Each run after the first works on the
+previous run's unaccounted images (not in search mode, whose leftovers go to the next
+generation).
 """
 
 import time
