@@ -20,7 +20,14 @@ import numpy as np
 
 from . import anova, fourier, output, results
 from .ctf import ctf_coefficients
-from .depth import MIN_CLUSTER_SIZE, SortContext, final_assignment, run_generation
+from .depth import (
+    MIN_CLUSTER_SIZE,
+    SortContext,
+    final_assignment,
+    not_tiny,
+    policy_of,
+    run_generation,
+)
 from .geometry import pose_neighbours
 from .membership import purity_curve
 from .meridien import check_smearing
@@ -406,7 +413,8 @@ def run_generations(ctx, *, n, k0, work, comm, checkpoints):
 
 def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
     """One generation on `subset` with K = k (loaded from its checkpoint when done before),
-    then SPHIRE's post-filter: clusters under a third of the largest go back to the pool."""
+    then the post-filter: clusters not more than 1 / kept_ratio of the largest go back to the
+    pool (SPHIRE: 1 / 3, which dropped minority states; see depth.policy)."""
     t = time.time()
     ctx.log(f"generation {gen}: {len(subset)} images, K = {k}")
     fault_point(f"generation{gen}", comm)
@@ -420,8 +428,9 @@ def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
     stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
     pairs = list(zip(part.clusters, stats))
     if pairs:  # sizes as reproduced: the member check keeps an unsure group's surest images
-        size = [st.get("reproduced_size", len(c)) for c, st in pairs]
-        pairs = [p for p, s in zip(pairs, size) if max(size) / s < 3]
+        size = np.array([st.get("reproduced_size", len(c)) for c, st in pairs])
+        big = not_tiny(size, size.max(), ratio=policy_of(ctx).kept_ratio)
+        pairs = [p for p, keep in zip(pairs, big) if keep]
     clusters = [c for c, _ in pairs]
     stats = [st for _, st in pairs]
     pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])

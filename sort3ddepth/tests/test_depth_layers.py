@@ -37,3 +37,21 @@ def test_given_group_size_caps_the_number_of_groups():
     res = between_boxes(_ctx(False, 450), subset, a, b, n_allowed=2)
     assert sorted(len(c) for c in res.clusters) == [300, 400]
     assert len(res.pool) == 200
+
+
+def test_a_reproduced_minority_state_is_kept():
+    """States of 50 / 25 / 15 / 10 %: SPHIRE drops every group under a third of the largest
+    (here the 450 and the 300); groups that both boxes reproduce are kept down to a tenth of
+    the largest (not the 25 outliers both boxes set aside), and one that only one box found (a
+    splinter, whose border is arbitrary) is not."""
+    subset, a, b = _boxes([1500, 750, 450, 300, 25])
+    res = between_boxes(_ctx(True, 750), subset, a, b)
+    assert sorted(len(c) for c in res.clusters) == [300, 450, 750, 1500]
+    subset, a, b = _boxes([1500, 750, 450, 300])
+    # box b split the 300 differently: half of it in the 450, half in the pool
+    split = Partition(
+        [b.clusters[0], b.clusters[1], np.union1d(b.clusters[2], b.clusters[3][:150])],
+        b.clusters[3][150:],
+    )
+    res = between_boxes(_ctx(True, 750), subset, a, split)
+    assert sorted(len(c) for c in res.clusters) == [450, 750, 1500]

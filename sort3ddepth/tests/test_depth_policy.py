@@ -62,7 +62,11 @@ def test_fragments_and_between_box_keeps_read_the_policy():
     assert not fragments(sizes, dataclasses.replace(POLICY, fragment_size=0.4)).any()
     pair = MatchedPair(0, 0, np.arange(30), 30, 32, 31, 90.0)
     assert between_box_keeps(pair, 40.0, 5.0, largest=60)
-    assert not between_box_keeps(pair, 40.0, 5.0, largest=90)  # the largest is 3x its size
+    assert between_box_keeps(pair, 40.0, 5.0, largest=150)  # SPHIRE's 1/3 would drop it
+    assert not between_box_keeps(pair, 40.0, 5.0, largest=300)  # the largest is 10x its size
+    assert between_box_keeps(
+        pair, 40.0, 5.0, largest=300, policy=dataclasses.replace(POLICY, kept_ratio=11)
+    )
     assert not between_box_keeps(
         pair, 40.0, 5.0, largest=60, policy=dataclasses.replace(POLICY, min_cluster_size=31)
     )
@@ -70,14 +74,14 @@ def test_fragments_and_between_box_keeps_read_the_policy():
 
 
 def test_the_third_of_the_largest_rule_is_exact_for_integer_sizes():
-    """not_tiny makes the decision both old forms made (size / largest > 1/3 within a box,
-    largest / size < 3 between boxes), also at the border."""
+    """not_tiny makes the decision both forms make (size / largest > 1/3 within a box,
+    largest / size < 10 between boxes), also at the border."""
     for largest in range(1, 400):
         sizes = np.arange(0, largest + 1)
         within = sizes.astype(float) / float(largest) > 1.0 / 3.0
-        between = np.array([largest / max(s, 1) < 3.0 for s in sizes])
+        between = np.array([largest / max(s, 1) < 10.0 for s in sizes])
         assert np.array_equal(not_tiny(sizes.astype(float), float(largest)), within)
-        assert np.array_equal(not_tiny(np.maximum(sizes, 1), largest), between)
+        assert np.array_equal(not_tiny(np.maximum(sizes, 1), largest, ratio=10), between)
 
 
 def test_size_bounds_follow_the_policy():

@@ -1,4 +1,4 @@
-"""The sorting driver (sorter.py): the generation loop and its post-filter on stored partitions
+"""The sorting driver (sorter.py): the generation loop on stored partitions
 (no sorting needed), and one small run end to end whose summary.json is read through the
 schema."""
 
@@ -36,22 +36,23 @@ def _part(clusters, stats=()):
     return Partition(clusters, np.zeros(0, np.int64), 0.5, list(stats))
 
 
-def test_post_filter_uses_the_reproduced_size():
-    """A cluster under a third of the largest (as reproduced) goes back to the pool; one the
-    member check shrank but that was reproduced large enough stays."""
+def test_post_filter_drops_only_tiny_clusters_by_their_reproduced_size():
+    """A cluster not more than a tenth of the largest (as reproduced) goes back to the pool; a
+    minority of 60 next to 400 stays (SPHIRE's third of the largest dropped it), and so does one
+    the member check shrank but that was reproduced large enough."""
     subset = np.arange(1000)
     stored = StoredGenerations(
         {
             "gen000": _part(
-                [range(0, 400), range(400, 500), range(500, 560)],
-                [{"jaccard": 90.0}, {"reproduced_size": 200}, {"jaccard": 70.0}],
+                [range(0, 400), range(400, 430), range(430, 490), range(490, 520)],
+                [{"jaccard": 90.0}, {"reproduced_size": 200}, {"jaccard": 70.0}, {}],
             )
         }
     )
     run = sorter._one_generation(_ctx(), 0, subset, 3, earlier=[], comm=Comm(), checkpoints=stored)
-    assert [len(c) for c in run.clusters] == [400, 100]
-    assert run.stats == [{"jaccard": 90.0}, {"reproduced_size": 200}]
-    np.testing.assert_array_equal(run.unaccounted, np.arange(500, 1000))
+    assert [len(c) for c in run.clusters] == [400, 30, 60]
+    assert run.stats == [{"jaccard": 90.0}, {"reproduced_size": 200}, {"jaccard": 70.0}]
+    np.testing.assert_array_equal(run.unaccounted, np.arange(490, 1000))
     assert (run.generation, run.n_images) == (0, 1000)
 
 

@@ -182,6 +182,18 @@ def test_homogeneous_data_with_pose_errors_give_one_cluster(tmp_path):
     assert len(real) == 1, [c["size"] for c in summary["clusters"]]
 
 
+def test_a_minority_state_is_a_cluster(tmp_path):
+    """Two states of 900 and 250 images: the minority is under a third of the majority, which
+    SPHIRE's rule drops between boxes and again after the generation; here both are clusters,
+    each >= 95 % true members."""
+    star, truth = make_star(tmp_path, n_per_class=np.array([900, 250]), n_classes=2, snr=3.0)
+    out = tmp_path / "minority"
+    sort3d(["--instack", star, "--output_dir", out, "--depth_order", 1, "--seed", 3], tmp_path)
+    rows = purity_table(out, truth)
+    assert sorted(state for _, _, state in rows) == [0, 1], rows
+    assert all(p >= 0.95 for _, p, _ in rows), rows
+
+
 def test_cluster_star_feeds_relion_reconstruct(freeze_run, three_classes):
     """Cluster_###.star is usable by RELION as it is: relion_reconstruct, started where the
     input STAR worked, rebuilds a map that agrees with our map of the same cluster."""

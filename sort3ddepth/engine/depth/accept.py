@@ -7,10 +7,10 @@ from ..comparison import split_two_classes
 from .policy import POLICY
 
 
-def not_tiny(sizes, largest, policy=POLICY):
-    """True where a group of `sizes` is more than 1 / policy.largest_ratio of `largest` (exact
-    for integer sizes: the same decision as size / largest > 1/3 or largest / size < 3)."""
-    return np.asarray(sizes) * policy.largest_ratio > largest
+def not_tiny(sizes, largest, policy=POLICY, *, ratio=None):
+    """True where a group of `sizes` is more than 1 / ratio of `largest` (default
+    policy.largest_ratio; exact for integer sizes: size / largest > 1/3 or largest / size < 3)."""
+    return np.asarray(sizes) * (policy.largest_ratio if ratio is None else ratio) > largest
 
 
 def within_box_accept(result, frozen, low, iteration, *, policy=POLICY):
@@ -57,10 +57,12 @@ def fragments(sizes, policy=POLICY):
 def between_box_keeps(pair, random_mean, random_std, *, largest, policy=POLICY):
     """Whether a group matched between two boxes is kept: its Jaccard index beats random
     partitions of the same sizes by jaccard_margin_std standard deviations (and jaccard_floor),
-    it is not tiny next to the largest matched group, and it is at least min_cluster_size."""
+    it is more than 1 / kept_ratio of the largest matched group, and it is at least
+    min_cluster_size. SPHIRE's 1 / 3 of the largest dropped minority states that both boxes
+    reproduced (bench/README.md, "Minority states")."""
     return bool(
         pair.jaccard
         > max(random_mean + policy.jaccard_margin_std * random_std, policy.jaccard_floor)
-        and not_tiny(max(pair.size, 1), largest, policy)
+        and not_tiny(max(pair.size, 1), largest, policy, ratio=policy.kept_ratio)
         and pair.size >= policy.min_cluster_size
     )

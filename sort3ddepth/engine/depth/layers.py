@@ -18,7 +18,8 @@ from .policy import policy_of
 def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
     """Two-way comparison of two boxes' partitions (their pools included as a group, but never
     accepted): a matched group is kept when its Jaccard index beats random partitions of the same
-    sizes by jaccard_margin_std standard deviations and it is not tiny next to the largest.
+    sizes by jaccard_margin_std standard deviations and it is not tiny next to the largest
+    (accept.between_box_keeps).
     n_allowed: the most groups the user's group size allows (None: no cap, search mode)."""
     policy = policy_of(ctx)
     la, lb = a.labels(subset), b.labels(subset)

@@ -17,7 +17,7 @@ def assign_members(ctx, subset, part, tag, *, earlier=()):
     unless the pool is as large as the smallest cluster (it may hold a group of its own, for the
     next generation). Images placed in an earlier generation's cluster go to the pool here (the
     final assignment decides them). Each kept cluster's stats get its estimated purity and its
-    size as reproduced (before the check: the size the SPHIRE post-filter compares).
+    size as reproduced (before the check).
 
     Why members are checked: MGSK-means fills every group to the minimum size in every
     orientation group, so images of a group short in some orientation are forced into another,

@@ -104,8 +104,14 @@ class DepthPolicy:
     )
     largest_ratio: int = _rule(
         3,
-        "a kept group is more than 1 / this of the largest (within "
-        "and between boxes): smaller ones are splinters",
+        "a group a box keeps is more than 1 / this of the largest (SPHIRE): smaller ones "
+        "are splinters of a box still exploring",
+    )
+    kept_ratio: int = _rule(
+        10,
+        "a group kept between boxes, and a generation's cluster, is more than 1 / this of the "
+        "largest: a state of 10 % next to one of 50 % is kept (SPHIRE's 1 / 3 dropped it), a "
+        "handful of outliers that both boxes set aside is not",
     )
     # -- search mode: rebuilding missing groups ------------------------------------------------
     merged_size: float = _rule(
