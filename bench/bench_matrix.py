@@ -30,6 +30,12 @@ bench_output/aspire-venv/bin/python; cells are reported "not run" when it is mis
     .venv/bin/python bench/bench_matrix.py --cells 0,2,5        # by index
     .venv/bin/python bench/bench_matrix.py                      # all cells (about an hour, 2 cores)
     .venv/bin/python bench/bench_matrix.py --cells 0 --reuse --ranks 1,3   # same bits on 1, 3 ranks?
+    .venv/bin/python bench/bench_matrix.py --cells 2 --reuse --relion      # + RELION Class3D
+
+With --relion (RELION on the PATH), RELION 3D classification runs on each cell's set and poses
+(bench/relion_class3d.py): without alignment, and with local searches around the given poses
+where they have errors; its figures print as a second table (states held, worst class purity,
+ARI) next to ours.
 
 Data sets and runs are cached under --output_dir (default bench_output/matrix; git-ignored):
 <cell>/data (particles.star, .mrcs, truth.npy, true_maps.npy, dataset.txt), <cell>/sort (the
@@ -579,7 +585,47 @@ def compare_ranks(cell, star, d, row, nproc, ranks, log, sorter_args=()):
         )
 
 
-def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=()):
+def run_relion(cell, star, truth, nproc, old, reuse, log, local=True):
+    """RELION Class3D on the cell's set and poses (relion_class3d.py): --skip_align, and local
+    searches (--sigma_ang = the cell's angular error) where the poses have errors and `local`.
+    Returns {mode: {found, worst, ari, wall, command} or {skipped}}, or {"skipped": why}; with
+    reuse, the modes already in the cell's result are not run again."""
+    from relion_class3d import majority_figures, run_class3d
+
+    from sort3ddepth.engine.star_io import read_star
+
+    if not shutil.which("relion_refine") or not shutil.which("relion_reconstruct"):
+        return {"skipped": "relion_refine / relion_reconstruct not on the PATH"}
+    rows = dict(old.get("relion", {})) if reuse and old.get("key") == _key(cell) else {}
+    rows.pop("skipped", None)
+    ps = read_star(star)
+    diameter = 2 * (ps.box // 2 - 2) * ps.pixel_size  # the sorter's default mask
+    modes = ["skip_align"] + (["local"] if local and cell["pose"][0] > 0 else [])
+    for mode in modes:
+        if "found" in rows.get(mode, {}):
+            continue
+        try:
+            labels, wall, cmd = run_class3d(
+                star,
+                cell["K"],
+                pixel_size=ps.pixel_size,
+                diameter_a=diameter,
+                seed=cell["seed"],
+                cores=nproc,
+                mode=mode,
+                sigma_ang=cell["pose"][0],
+                log=log,
+            )
+        except RuntimeError as e:
+            rows[mode] = {"skipped": str(e)[-300:]}
+            continue
+        found, worst, ari = majority_figures(labels, truth)
+        rows[mode] = dict(found=found, worst=worst, ari=ari, wall=wall, command=cmd)
+        log(f"  RELION {mode}: {found}/{cell['K']} states, worst {worst:.3f}, ARI {ari:.3f}")
+    return rows
+
+
+def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=(), relion=False):
     d = Path(out) / cell["name"]
     row = dict(cell=cell["name"], simulator=cell["simulator"])
     try:
@@ -630,6 +676,12 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=
     row["ratio97"] = row["ours97"] / row["f97"] if row["f97"] > 0 else float("nan")
     if ranks:
         compare_ranks(cell, star, d, row, nproc, ranks, log, sorter_args)
+    if relion:
+        row["relion"] = run_relion(
+            cell, star, truth, nproc, old, reuse, log, local=relion == "both"
+        )
+    elif "relion" in old and old.get("key") == _key(cell):
+        row["relion"] = old["relion"]
     (d / "result.json").write_text(json.dumps(row, indent=1))
     return row
 
@@ -661,6 +713,31 @@ def format_row(cell, r):
     )
 
 
+def print_relion(rows):
+    """The RELION Class3D table (cells that have RELION results), next to ours."""
+    have = [(c, r) for c, r in rows if isinstance(r.get("relion"), dict) and r["relion"]]
+    if not have:
+        return
+    print(
+        "\nRELION Class3D, K = the true K, on the same poses (every particle classified): states "
+        "held as a > 50 % majority, worst class purity, ARI, wall s; ours: states found, ARI"
+    )
+    print(f"{'cell':<26} | {'--skip_align':^24} | {'local, --sigma_ang':^24} | {'ours':^11}")
+    for c, r in have:
+        cols = []
+        for mode in ("skip_align", "local"):
+            m = r["relion"].get(mode)
+            if m is None or "skipped" in m:
+                cols.append(f"{'-' if m is None else 'failed':^24}")
+            else:
+                cols.append(
+                    f"{m['found']:>2}/{c['K']:<2} {100 * m['worst']:5.1f} {m['ari']:6.3f} "
+                    f"{m['wall']:5.0f}"
+                )
+        ours = f"{r['found']:>2}/{c['K']:<2} {r['ari']:6.3f}" if "found" in r else "-"
+        print(f"{c['name']:<26} | {cols[0]} | {cols[1]} | {ours}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cells", default="", help="comma list of cell names or indices (default all)")
@@ -685,6 +762,15 @@ def main():
         default="",
         help="comma list of other rank counts (e.g. 1,3,4): each cell is sorted again with "
         "each and its result files compared byte for byte with the main run's",
+    )
+    p.add_argument(
+        "--relion",
+        nargs="?",
+        const="both",
+        choices=("both", "skip_align"),
+        help="also run RELION Class3D on each cell's poses: --skip_align, and (both) local "
+        "searches (--sigma_ang) where the poses have errors (bench/relion_class3d.py; about 1 "
+        "minute a 3,000-image cell without alignment, 20 with local searches)",
     )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument(
@@ -720,7 +806,17 @@ def main():
         told = a.pose_sigma and c["pose"][0] > 0
         extra = ["--pose_sigma_deg", f"{c['pose'][0]:g}"] if told else []
         ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
-        r = run_cell(c, out, a.nproc, a.aspire_python, a.reuse, log, sorter_args=extra, ranks=ranks)
+        r = run_cell(
+            c,
+            out,
+            a.nproc,
+            a.aspire_python,
+            a.reuse,
+            log,
+            sorter_args=extra,
+            ranks=ranks,
+            relion=a.relion,
+        )
         rows.append((c, r))
         log(HEADER)
         log(format_row(c, r))
@@ -754,6 +850,7 @@ def main():
             )
     else:
         print(f"\nsummary: 0 of {len(rows)} cells run")
+    print_relion(rows)
     for c, r in rows:
         if "command" in r:
             print(f"{c['name']}: {r['command']}")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from relion_class3d import class3d_command  # noqa: E402  (bench/relion_class3d.py)
 from simdata import MAP_BOX, simulated_star  # noqa: E402  (bench/simdata.py)
 
 import sort3ddepth  # noqa: E402
@@ -286,46 +287,17 @@ def main():
         cmd_ref = ["relion_reconstruct", "--i", star.name, "--o", "relion/ref_all.mrc", "--ctf"]
         m_ref = run_measured(cmd_ref, out, rdir / "reconstruct.log")
         log(f"relion_reconstruct: {m_ref['wall_s']:.0f} s, {m_ref['maxrss_mb']:.0f} MB")
-        cmd_cls = [
-            "relion_refine",
-            "--i",
+        cmd_cls = class3d_command(
             star.name,
-            "--ref",
             "relion/ref_all.mrc",
-            "--o",
             "relion/run",
-            "--K",
             a.groups,
-            "--skip_align",
-            "--ctf",
-            "--iter",
-            a.relion_iter,
-            "--tau2_fudge",
-            4,
-            "--particle_diameter",
-            f"{diameter:g}",
-            "--ini_high",
-            f"{a.ini_high:g}",
-            "--flatten_solvent",
-            "--zero_mask",
-            "--norm",
-            "--scale",
-            "--sym",
-            "C1",
-            "--pad",
-            2,
-            "--oversampling",
-            1,
-            "--healpix_order",
-            2,
-            "--random_seed",
-            a.seed,
-            "--j",
-            a.cores,
-            "--pool",
-            3,
-            "--dont_combine_weights_via_disc",
-        ]
+            diameter_a=diameter,
+            ini_high_a=a.ini_high,
+            seed=a.seed,
+            cores=a.cores,
+            iters=a.relion_iter,
+        )
         m_cls = run_measured(cmd_cls, out, rdir / "refine.log")
         log(f"relion_refine: {m_cls['wall_s']:.0f} s, {m_cls['maxrss_mb']:.0f} MB")
         data = rdir / f"run_it{a.relion_iter:03d}_data.star"
