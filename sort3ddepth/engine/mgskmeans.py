@@ -26,7 +26,7 @@ from . import fourier
 from .assignment import constrained_assignment
 from .comparison import split_two_classes
 from .preprocess import comparison_circle, good_fft_size, scaled_fsc
-from .reconstruction import reconstruct
+from .reconstruction import difference_weights, reconstruct
 
 MAX_ITER = 15
 STOP_CHANGE = 5.0  # % of images changing group below which a run may stop (SPHIRE: 10; measured:
@@ -410,17 +410,27 @@ def mgsk_pair(
     tag="",
     use_umat=False,
     rmax_cap=None,
+    weighted=False,
 ):
     """Two independent MGSK-means runs on `subset` (sorted global indices) in lockstep.
 
     inits: two (n,) starting labels; schedules: two lists of minimum sizes. Each iteration is a
     sweep of two half-steps (half 1 re-assigned from half-0 maps, then half 0 from half-1 maps).
     rmax_cap: a lower resolution limit (shell) for maps and scores, for coarse exploratory runs.
+    weighted: each run scores with shells weighted by how reliably its two halves' maps agree on
+    their differences (reconstruction.difference_weights), for splitting a cluster in two.
     Returns the two best assignments and the sweep counts."""
     n = len(subset)
     og = merge_small_orientation_groups(orientation[subset], k, rng)
     sweeps = _PairSweeps(
-        maps_builder, subset, k, og=og, rng=rng, use_umat=use_umat, rmax_cap=rmax_cap
+        maps_builder,
+        subset,
+        k,
+        og=og,
+        rng=rng,
+        use_umat=use_umat,
+        rmax_cap=rmax_cap,
+        weighted=weighted,
     )
     runs = [
         RunState(np.asarray(init, np.int64).copy(), list(sch), frozen, search)
@@ -452,8 +462,9 @@ class _PairSweeps:
     dominate the cost); the resolution limit is the one of a group of n/K images of a half, or
     the caller's lower cap."""
 
-    def __init__(self, maps_builder, subset, k, *, og, rng, use_umat, rmax_cap):
+    def __init__(self, maps_builder, subset, k, *, og, rng, use_umat, rmax_cap, weighted=False):
         n = len(subset)
+        self.weighted = weighted
         self.subset, self.k, self.n, self.og, self.rng = subset, k, n, og, rng
         self.use_umat = use_umat
         self.halves = maps_builder.d.half[subset]
@@ -474,6 +485,9 @@ class _PairSweeps:
             return
         src = 1 - h
         self._update_sums(runs, src)
+        if self.weighted:
+            self._weighted_step(runs, h)
+            return
         k, mb = self.k, self.maps_builder
         cols = np.concatenate(
             [np.arange(j * k, (j + 1) * k) for j, r in enumerate(runs) if not r.done]
@@ -488,6 +502,25 @@ class _PairSweeps:
         )
         for j, r in enumerate(active):
             self._reassign(r, scores[:, j * k : (j + 1) * k], rows)
+
+    def _weighted_step(self, runs, h):
+        """half_step with each run's scores weighted per shell by the difference FSC of its
+        maps from the two halves: where the groups do not differ, a shell adds only the maps'
+        noise (bench/README.md, "Why states are missed")."""
+        rows, src, k, mb = self.rows_of[h], 1 - h, self.k, self.maps_builder
+        self._update_sums(runs, h)
+        rmax = min(self.rmax, mb.resolution_limit(self.group_half[src]))
+        for j, r in enumerate(runs):
+            if r.done:
+                continue
+            cols = np.arange(j * k, (j + 1) * k)
+            maps = [
+                mb.maps_from(self.sums[g][0][cols], self.sums[g][1][cols], self.group_half[g])
+                for g in (src, h)
+            ]
+            weights = difference_weights(maps[0], maps[1], mb.mask)
+            scores = mb.scores(maps[0], self.subset, half=h, rmax=rmax, shell_factors=weights)
+            self._reassign(r, scores, rows)
 
     def _update_sums(self, runs, src):
         """The sums of half ``src`` brought to the runs' current memberships."""

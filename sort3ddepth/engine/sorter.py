@@ -27,6 +27,7 @@ from .depth import (
     not_tiny,
     policy_of,
     run_generation,
+    split_check,
 )
 from .geometry import pose_neighbours
 from .membership import purity_curve
@@ -440,6 +441,9 @@ def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
             "homogeneous cluster"
         )
         clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
+    if policy_of(ctx).split_check and ctx.search and clusters:  # K given: never
+        clusters, stats, left = split_check(ctx, clusters, stats, tag=f"gen {gen}: ")
+        pool = np.union1d(pool, left)
     ctx.log(
         f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "
         f"({', '.join(str(len(c)) for c in clusters)}), unaccounted {len(pool)}"

@@ -10,6 +10,9 @@ the membership model's refinement).
 * box: one box (runs of box iterations, K resets).
 * layers: layers of boxes, the between-box comparison, one generation.
 * members: the generation's member check and the run's final assignment.
+* split: the split check of a generation's clusters (two states merged in one; search mode;
+  switched off in DepthPolicy);
+  rigid: whether a split is one map shifted (origin errors).
 Unaccounted images go on to the next generation.
 All random choices come from the one generator in the context, drawn on every rank in the same
 order (the data they depend on are identical on every rank), so results do not depend on the
@@ -30,6 +33,7 @@ from .partition import (
 )
 from .policy import POLICY, DepthPolicy, policy_of
 from .search import coarse_rmax, cut, probe_k, rebuild_starts, settle_groups
+from .split import split_check
 
 MIN_CLUSTER_SIZE = POLICY.min_cluster_size  # never report smaller clusters (sorter.py)
 
@@ -59,4 +63,5 @@ __all__ = [
     "run_generation",
     "assign_members",
     "final_assignment",
+    "split_check",
 ]

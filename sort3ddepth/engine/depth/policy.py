@@ -131,6 +131,23 @@ class DepthPolicy:
         "the largest group is cut in two (a hidden group) only if "
         "it holds this x min_cluster_size images",
     )
+    split_check: bool = _rule(
+        False,
+        "search mode checks each generation's cluster for two merged states (depth/split.py); "
+        "off: on one state with angular pose errors it keeps chance splits "
+        "(bench/README.md, 'The split check')",
+    )
+    split_check_factor: int = _rule(
+        4,
+        "a generation's cluster is checked for two states only if it holds this x "
+        "min_cluster_size images (each part must reach the purity target with min_cluster_size)",
+    )
+    split_kept_share: float = _rule(
+        0.5,
+        "a split is kept only if its parts hold this share of the cluster at the purity target "
+        "(else they are corners of one state; measured: state splits kept 0.62-1.0, a pure "
+        "state of 3,456 images cut into sure parts of 210 + 140)",
+    )
     probe_tries: int = _rule(3, "K probes per box (each adds >= 1 group or ends the probing)")
     settle_growth: float = _rule(
         1.25,

@@ -1,0 +1,113 @@
+"""The split check: does a generation's cluster hold two states?
+
+States that differ by a small density next to a larger one come out of the depth search merged:
+from random labels at search mode's K, MGSK-means never holds groups of a few hundred images
+whose maps differ only in a few low shells (bench/README.md, "Why states are missed"). Inside one
+cluster, with K = 2 and scores weighted by how reliably a run's two halves agree on the
+differences of its maps, the runs find such a split. A split is kept when it passes the two tests
+a generation's groups pass: the two independent runs reproduce it (between_boxes), and each part
+reaches the purity target under the membership posterior (membership.decide, cross-validated
+maps); and two more. Some splits reproduce without being states: along origin errors (the
+parts' maps are one map shifted: rigid.py), or along something a homogeneous cluster's images
+share, such as their signal level, where the posterior finds a part unsure or keeps only two
+corners of the cluster (DepthPolicy.split_kept_share). Switched off (DepthPolicy.split_check):
+angular pose errors make splits that none of these tests stops yet (bench/README.md, "The
+split check")."""
+
+import numpy as np
+
+from ..membership import decide
+from ..mgskmeans import mgsk_pair
+from .layers import between_boxes
+from .partition import Partition, pair_schedules, random_equal_assignment
+from .policy import policy_of
+from .rigid import shift_explains
+
+
+def split_check(ctx, clusters, stats, *, tag=""):
+    """Clusters (and their stats) with every cluster that holds two states replaced by its
+    parts, checked again in turn. Returns (clusters, stats, images set aside: the members of
+    a split cluster that neither part keeps)."""
+    todo = list(zip(clusters, stats))
+    out, left = [], []
+    while todo:
+        c, st = todo.pop(0)
+        parts = _split(ctx, c, tag=f"{tag}split check of {len(c)} images: ")
+        if parts is None:
+            out.append((c, st))
+            continue
+        rest = np.setdiff1d(c, np.concatenate(parts))
+        left.append(rest)
+        todo = [(p, {"split_from": int(len(c))}) for p in parts] + todo
+    order = np.argsort([-len(c) for c, _ in out], kind="stable")
+    left = np.concatenate(left) if left else np.zeros(0, np.int64)
+    return [out[i][0] for i in order], [out[i][1] for i in order], np.sort(left)
+
+
+def _split(ctx, c, *, tag):
+    """The two parts of cluster `c` (sorted global indices) when it holds two states, else None."""
+    policy = policy_of(ctx)
+    n = len(c)
+    if n < policy.split_check_factor * policy.min_cluster_size:
+        return None
+    inits = [random_equal_assignment(n, 2, ctx.rng) for _ in range(2)]
+    runs, _ = mgsk_pair(
+        ctx.maps,
+        c,
+        2,
+        inits,
+        schedules=pair_schedules(n, 2, ctx.nstep, policy),
+        frozen=False,
+        search=True,
+        orientation=ctx.data.orientation_groups,
+        rng=ctx.rng,
+        weighted=True,
+    )
+    boxes = [Partition([c[lab == j] for j in range(2)], np.zeros(0, np.int64)) for lab in runs]
+    part = between_boxes(ctx, c, *boxes, tag=tag)
+    if len(part.clusters) < 2 or _a_shift(ctx, c, part.clusters, tag=tag):
+        return None
+    _, memb, _ = decide(
+        ctx.maps,
+        ctx.data,
+        c,
+        part.clusters,
+        open_rows=np.ones(n, bool),
+        pool_joins=True,
+        min_purity=ctx.min_purity,
+        min_size=policy.min_cluster_size,
+    )
+    parts = [c[memb.labels == j] for j in range(len(part.clusters))]
+    est = ", ".join(f"{100 * e:.1f}" for e in memb.estimated_purity)
+    sure = (
+        not np.any(memb.below_target)
+        and min(len(p) for p in parts) >= policy.min_cluster_size
+        and sum(len(p) for p in parts) >= policy.split_kept_share * n
+    )
+    ctx.log(
+        f"{tag}parts ({', '.join(str(len(p)) for p in parts)}) at estimated purity ({est}) % "
+        f"-> {'split' if sure else 'kept whole'}"
+    )
+    return parts if sure else None
+
+
+def _a_shift(ctx, c, groups, *, tag):
+    """True when the two reproduced groups' maps are one map shifted (origin errors, rigid.py),
+    from each group's maps of the two random halves."""
+    memb = np.zeros((len(c), 2))
+    for j, g in enumerate(groups):
+        memb[np.searchsorted(c, g), j] = 1.0
+    size = 0.5 * sum(len(g) for g in groups)
+    halves = [ctx.maps.build(c, memb, size, half=h) for h in (0, 1)]
+    shift, t, z0, z1 = shift_explains(
+        [halves[0][0], halves[1][0]],
+        [halves[0][1], halves[1][1]],
+        ctx.maps.mask,
+        ctx.maps.resolution_limit(size),
+    )
+    moved = f"({', '.join(f'{x:.2f}' for x in t)}) px"
+    ctx.log(
+        f"{tag}the parts' maps differ reproducibly by {z0:.1f} sd, {z1:.1f} once one is shifted "
+        f"by {moved}" + (": a shift (origin errors) -> kept whole" if shift else "")
+    )
+    return shift
