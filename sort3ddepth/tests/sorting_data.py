@@ -42,3 +42,21 @@ def _turned(angles, sigma_deg, rng):
     turns = Rotation.from_rotvec(axes).as_matrix()
     mats = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]) @ turns
     return matrix_to_euler(mats)
+
+
+def prepared_set(folder, *, n_per_class, n_classes, snr, seed):
+    """make_star's set read and pre-processed with the default options, as the sorter would:
+    (SortingData, ClusterMaps, true labels), one process."""
+    from sort3ddepth.engine.mgskmeans import ClusterMaps
+    from sort3ddepth.engine.options import SortOptions
+    from sort3ddepth.engine.parallel import Comm
+    from sort3ddepth.engine.preprocess import prepare
+    from sort3ddepth.engine.star_io import read_star
+
+    star, truth = make_star(
+        folder, n_per_class=n_per_class, n_classes=n_classes, snr=snr, seed=seed
+    )
+    opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", str(folder)])
+    opts = opts.for_input(n_particles=len(truth))
+    data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
+    return data, ClusterMaps(data, Comm()), truth

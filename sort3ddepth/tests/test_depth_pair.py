@@ -9,23 +9,12 @@ from sort3ddepth.engine.comparison import adjusted_rand_index
 from sort3ddepth.engine.depth.pair import refine
 from sort3ddepth.engine.depth.policy import POLICY
 from sort3ddepth.engine.membership import cluster_scores
-from sort3ddepth.engine.mgskmeans import ClusterMaps
-from sort3ddepth.engine.options import SortOptions
-from sort3ddepth.engine.parallel import Comm
-from sort3ddepth.engine.preprocess import prepare
-from sort3ddepth.engine.star_io import read_star
-from sort3ddepth.tests.sorting_data import make_star
+from sort3ddepth.tests.sorting_data import prepared_set
 
 
-def _context(folder, *, n_per_class, n_classes, snr, seed):
-    star, truth = make_star(
-        folder, n_per_class=n_per_class, n_classes=n_classes, snr=snr, seed=seed
-    )
-    opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", str(folder)])
-    opts = opts.for_input(n_particles=len(truth))
-    data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
-    ctx = types.SimpleNamespace(data=data, maps=ClusterMaps(data, Comm()), policy=POLICY)
-    return ctx, truth
+def _context(folder, **kwargs):
+    data, maps, truth = prepared_set(folder, **kwargs)
+    return types.SimpleNamespace(data=data, maps=maps, policy=POLICY), truth
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,11 @@
 import numpy as np
 
 from sort3ddepth.engine.depth import SortContext, split_check
-from sort3ddepth.engine.mgskmeans import ClusterMaps
-from sort3ddepth.engine.options import SortOptions
-from sort3ddepth.engine.parallel import Comm
-from sort3ddepth.engine.preprocess import prepare
-from sort3ddepth.engine.star_io import read_star
-from sort3ddepth.tests.sorting_data import make_star
+from sort3ddepth.tests.sorting_data import prepared_set
 
 
-def _context(folder, *, n_per_class, n_classes, snr, seed):
-    star, truth = make_star(
-        folder, n_per_class=n_per_class, n_classes=n_classes, snr=snr, seed=seed
-    )
-    opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", str(folder)])
-    opts = opts.for_input(n_particles=len(truth))
-    data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
-    maps = ClusterMaps(data, Comm())
+def _context(folder, *, seed, **kwargs):
+    data, maps, truth = prepared_set(folder, seed=seed, **kwargs)
     ctx = SortContext(
         data, maps, np.random.default_rng(seed), lambda *a: None, True, False, 300, 5, 1
     )
