@@ -1,9 +1,9 @@
-"""depth.rigid: a split whose parts' maps are one map shifted is told from two states."""
+"""depth.rigid: a split whose parts' maps are one map shifted or turned is told from two states."""
 
 import numpy as np
 from scipy import ndimage
 
-from sort3ddepth.engine.depth.rigid import best_shift, shift_explains, shifted
+from sort3ddepth.engine.depth.rigid import best_shift, best_turn, motion_explains, shifted, turned
 
 N = 32
 
@@ -30,6 +30,26 @@ def test_best_shift_finds_a_subpixel_shift():
     assert np.allclose(t, (-0.3, 0.6, -1.2), atol=0.07), t
 
 
+def test_best_turn_finds_a_small_turn():
+    v = _map(np.random.default_rng(3))
+    r = best_turn(v, turned(v, (1.5, -2.0, 0.5)))
+    assert np.allclose(r, (-1.5, 2.0, -0.5), atol=0.15), r
+
+
+def test_parts_turned_apart_are_a_motion():
+    """Two parts made of the images whose orientation errors turn the particle one way and the
+    other about one axis (each part's map: the map turned by 1-3 degrees about it): the turn
+    explains the difference."""
+    rng = np.random.default_rng(4)
+    v = _map(rng)
+    axis = np.array([0.0, 0.6, -0.8])
+    blur = [np.mean([turned(v, s * d * axis) for d in (1.0, 2.0, 3.0)], axis=0) for s in (1, -1)]
+    moved, t, r, z0, z1 = motion_explains(_halves(blur[0], rng), _halves(blur[1], rng), _mask(), 14)
+    assert moved, (t, r, z0, z1)
+    assert z0 > 10 and z1 < 0.5 * z0
+    assert np.dot(r, axis) > 2.5  # part b turned onto part a: about +axis, by ~2 x 2 degrees
+
+
 def test_parts_shifted_apart_are_a_shift():
     """Two parts made of the images whose origin errors point +t and -t along one direction
     (each part's map: the map shifted by +-0.6 px along t, blurred by the spread of the errors):
@@ -38,8 +58,8 @@ def test_parts_shifted_apart_are_a_shift():
     v = _map(rng)
     axis = np.array([0.6, 0.0, 0.8])
     blur = [np.mean([shifted(v, s * d * axis) for d in (0.3, 0.6, 0.9)], axis=0) for s in (1, -1)]
-    shift, t, z0, z1 = shift_explains(_halves(blur[0], rng), _halves(blur[1], rng), _mask(), 14)
-    assert shift, (t, z0, z1)
+    moved, t, _, z0, z1 = motion_explains(_halves(blur[0], rng), _halves(blur[1], rng), _mask(), 14)
+    assert moved, (t, z0, z1)
     assert z0 > 10 and z1 < 0.5 * z0
     assert np.dot(t, axis) > 0.8  # part b moved onto part a: along +axis, by ~2 x 0.6 px
 
@@ -50,6 +70,6 @@ def test_two_states_are_not_a_shift():
     v = _map(rng)
     z, y, x = np.mgrid[:N, :N, :N] - N // 2
     ball = ndimage.gaussian_filter(((z - 7) ** 2 + y * y + x * x < 9) * 4.0, 1.0)
-    shift, t, z0, z1 = shift_explains(_halves(v + ball, rng), _halves(v, rng), _mask(), 14)
-    assert not shift, (t, z0, z1)
+    moved, t, r, z0, z1 = motion_explains(_halves(v + ball, rng), _halves(v, rng), _mask(), 14)
+    assert not moved, (t, r, z0, z1)
     assert z0 > 10 and z1 > 0.5 * z0

@@ -28,7 +28,8 @@ class StoredGenerations:
 
 
 def _ctx():
-    return types.SimpleNamespace(rng=np.random.default_rng(0), log=lambda *a: None)
+    # search=False: the split check (search mode only) is tested in test_depth_split.py
+    return types.SimpleNamespace(rng=np.random.default_rng(0), log=lambda *a: None, search=False)
 
 
 def _part(clusters, stats=()):

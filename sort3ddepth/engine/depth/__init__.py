@@ -10,9 +10,8 @@ the membership model's refinement).
 * box: one box (runs of box iterations, K resets).
 * layers: layers of boxes, the between-box comparison, one generation.
 * members: the generation's member check and the run's final assignment.
-* split: the split check of a generation's clusters (two states merged in one; search mode;
-  switched off in DepthPolicy);
-  rigid: whether a split is one map shifted (origin errors).
+* split: the split check of a generation's clusters (two states merged in one; search mode);
+  rigid: whether a split is one map moved (shifted, turned: pose errors).
 Unaccounted images go on to the next generation.
 All random choices come from the one generator in the context, drawn on every rank in the same
 order (the data they depend on are identical on every rank), so results do not depend on the

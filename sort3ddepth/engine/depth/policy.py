@@ -132,10 +132,9 @@ class DepthPolicy:
         "it holds this x min_cluster_size images",
     )
     split_check: bool = _rule(
-        False,
-        "search mode checks each generation's cluster for two merged states (depth/split.py); "
-        "off: on one state with angular pose errors it keeps chance splits "
-        "(bench/README.md, 'The split check')",
+        True,
+        "search mode checks each generation's cluster for two merged states (depth/split.py; "
+        "bench/README.md, 'The split check')",
     )
     split_check_factor: int = _rule(
         4,

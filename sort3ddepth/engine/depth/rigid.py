@@ -1,22 +1,29 @@
-"""Is a split of a cluster a shift of one map?
+"""Is a split of a cluster one map moved (shifted, turned)?
 
-Origins carry errors (half a pixel is common). Images whose origin errors point one way along
-a 3D direction t, seen in every view, make a map shifted by +t; the others a map shifted by -t.
-Two independent runs reproduce that split, and the membership posterior finds its parts sure
-(each image does fit its part's map better), yet it is no conformational state. A state adds or
-moves density in part of the particle: no rigid shift of one part's map makes it the other's.
-So a split is a state only if the parts' maps still differ reproducibly (between the random
-halves) after the best shift of one onto the other."""
+Poses carry errors: origins half a pixel, angles a degree or more. Images whose origin errors
+point one way along a 3D direction t, seen in every view, make a map shifted by +t; the others a
+map shifted by -t. Likewise images whose orientation errors turn the particle one way about an
+axis of the particle make a map turned about that axis; the others a map turned back. Two
+independent runs reproduce such a split, and the membership posterior finds its parts sure (each
+image does fit its part's map better), yet it is no conformational state. A state adds or moves
+density in part of the particle: no rigid motion of one part's map makes it the other's. So a
+split is a state only if the parts' maps still differ reproducibly (between the random halves)
+after the best shift and turn of one onto the other."""
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from ..reconstruction import fsc
 
 MAX_SHIFT = 3.0  # px at the sorting size: origin errors of refined poses are below this
 SHIFT_STEPS = (0.5, 0.125)  # grid refinements of the shift search (px)
-SHIFT_SHARE = 0.5  # a split is a shift when the shift removes at least this share of the parts'
-# reproducible difference (bench/README.md, "The split check": 0.67-0.83 for the origin-error
-# splits of three pose-error cells; 0 for two states' true groups, 12 pairs of 6 cells)
+MAX_TURN = 10.0  # degrees: orientation errors of refined poses are below this
+TURN_STEPS = 2  # Gauss-Newton steps of the turn search (the first alone is within ~10 %)
+MOTION_SHARE = 0.5  # a split is a motion when shift and turn remove at least this share of the
+# parts' reproducible difference (bench/README.md, "The split check": the shift 0.67-0.83 for the
+# origin-error splits of three pose-error cells, the turn 0.87 for a split of one state with
+# 3-degree angular errors; both ~0 for two states' true groups, 18 pairs of 7 cells)
 
 
 def _frequencies(n):
@@ -86,15 +93,47 @@ def filtered_along(a, b, t):
     return lambda v: np.fft.irfftn(np.fft.rfftn(v) * h[plane], s=v.shape)
 
 
-def shift_explains(half_a, half_b, mask, rmax):
-    """(True when moving one part's map onto the other's, shifted and blurred along one
-    direction, removes most of their reproducible difference; the shift; z before; z after).
+def turned(vol, rotvec_deg):
+    """`vol` turned about its centre by the rotation vector rotvec_deg (degrees)."""
+    centre = np.full(3, vol.shape[0] // 2, dtype=np.float64)
+    rot = Rotation.from_rotvec(np.radians(rotvec_deg)).as_matrix()
+    return ndimage.affine_transform(
+        vol, rot, offset=centre - rot @ centre, order=3, mode="constant"
+    )
+
+
+def best_turn(a, b):
+    """The rotation vector r (degrees, |r| <= MAX_TURN) that makes turned(b, r) closest to a:
+    Gauss-Newton on the maps' rotational derivatives (central differences of 1 degree)."""
+    r = np.zeros(3)
+    for _ in range(TURN_STEPS):
+        moved = turned(b, r)
+        grads = [0.5 * (turned(moved, e) - turned(moved, -e)).ravel() for e in np.eye(3)]
+        step, *_ = np.linalg.lstsq(np.stack(grads, 1), (a - moved).ravel(), rcond=None)
+        r = r + step
+        if np.linalg.norm(r) > MAX_TURN:
+            return r * (MAX_TURN / np.linalg.norm(r))
+    return r
+
+
+def motion_explains(half_a, half_b, mask, rmax):
+    """(True when moving one part's map onto the other's removes most of their reproducible
+    difference; the shift (px); the turn (rotation vector, degrees); z before; z after).
+    The motion is the best of three: a shift blurred along its direction, a turn, and the two
+    in turn (a turn alone is hurt by the small shift its cross-correlation peak may show).
     half_a, half_b: each part's maps from random halves 0 and 1."""
     a, b = (half_a[0] + half_a[1]) * mask, (half_b[0] + half_b[1]) * mask
-    t = best_shift(a, b)
     z0 = difference_z(half_a, half_b, mask, rmax)
-    if not np.any(t):
-        return False, t, z0, z0
-    filt = filtered_along(a, b, t)
-    z1 = difference_z(half_a, [filt(v) for v in half_b], mask, rmax)
-    return z1 <= (1.0 - SHIFT_SHARE) * z0, t, z0, z1
+    t = best_shift(a, b)
+    along = filtered_along(a, b, t) if np.any(t) else (lambda v: v)
+    still = np.zeros(3)
+    candidates = [(t, still, along), (still, best_turn(a, b), lambda v: v)]
+    if np.any(t):
+        candidates.append((t, best_turn(a, along(b) * mask), along))
+    best = None
+    for shift, turn, move in candidates:
+        z1 = difference_z(half_a, [turned(move(v), turn) for v in half_b], mask, rmax)
+        if best is None or z1 < best[-1]:
+            best = (shift, turn, z1)
+    shift, turn, z1 = best
+    return z1 <= (1.0 - MOTION_SHARE) * z0, shift, turn, z0, z1

@@ -7,12 +7,10 @@ cluster, with K = 2 and scores weighted by how reliably a run's two halves agree
 differences of its maps, the runs find such a split. A split is kept when it passes the two tests
 a generation's groups pass: the two independent runs reproduce it (between_boxes), and each part
 reaches the purity target under the membership posterior (membership.decide, cross-validated
-maps); and two more. Some splits reproduce without being states: along origin errors (the
-parts' maps are one map shifted: rigid.py), or along something a homogeneous cluster's images
-share, such as their signal level, where the posterior finds a part unsure or keeps only two
-corners of the cluster (DepthPolicy.split_kept_share). Switched off (DepthPolicy.split_check):
-angular pose errors make splits that none of these tests stops yet (bench/README.md, "The
-split check")."""
+maps); and two more. Some splits reproduce without being states: along origin or angle errors
+(the parts' maps are one map shifted or turned: rigid.py), or along something a homogeneous
+cluster's images share, such as their signal level, where the posterior finds a part unsure or
+keeps only two corners of the cluster (DepthPolicy.split_kept_share)."""
 
 import numpy as np
 
@@ -21,7 +19,7 @@ from ..mgskmeans import mgsk_pair
 from .layers import between_boxes
 from .partition import Partition, pair_schedules, random_equal_assignment
 from .policy import policy_of
-from .rigid import shift_explains
+from .rigid import motion_explains
 
 
 def split_check(ctx, clusters, stats, *, tag=""):
@@ -65,7 +63,7 @@ def _split(ctx, c, *, tag):
     )
     boxes = [Partition([c[lab == j] for j in range(2)], np.zeros(0, np.int64)) for lab in runs]
     part = between_boxes(ctx, c, *boxes, tag=tag)
-    if len(part.clusters) < 2 or _a_shift(ctx, c, part.clusters, tag=tag):
+    if len(part.clusters) < 2 or _a_motion(ctx, c, part.clusters, tag=tag):
         return None
     _, memb, _ = decide(
         ctx.maps,
@@ -91,23 +89,23 @@ def _split(ctx, c, *, tag):
     return parts if sure else None
 
 
-def _a_shift(ctx, c, groups, *, tag):
-    """True when the two reproduced groups' maps are one map shifted (origin errors, rigid.py),
-    from each group's maps of the two random halves."""
+def _a_motion(ctx, c, groups, *, tag):
+    """True when the two reproduced groups' maps are one map shifted and turned (pose errors,
+    rigid.py), from each group's maps of the two random halves."""
     memb = np.zeros((len(c), 2))
     for j, g in enumerate(groups):
         memb[np.searchsorted(c, g), j] = 1.0
     size = 0.5 * sum(len(g) for g in groups)
     halves = [ctx.maps.build(c, memb, size, half=h) for h in (0, 1)]
-    shift, t, z0, z1 = shift_explains(
+    motion, t, r, z0, z1 = motion_explains(
         [halves[0][0], halves[1][0]],
         [halves[0][1], halves[1][1]],
         ctx.maps.mask,
         ctx.maps.resolution_limit(size),
     )
-    moved = f"({', '.join(f'{x:.2f}' for x in t)}) px"
+    moved = f"({', '.join(f'{x:.2f}' for x in t)}) px and turned by {np.linalg.norm(r):.2f} deg"
     ctx.log(
         f"{tag}the parts' maps differ reproducibly by {z0:.1f} sd, {z1:.1f} once one is shifted "
-        f"by {moved}" + (": a shift (origin errors) -> kept whole" if shift else "")
+        f"by {moved}" + (": one map moved (pose errors) -> kept whole" if motion else "")
     )
-    return shift
+    return motion
