@@ -114,7 +114,7 @@ class _FoldMaps:
     focus: np.ndarray
 
     def _focused(self, data, weights, size):
-        vols = self.maps.motion_free(self.maps.maps_from(data, weights, size))
+        vols = self.maps.maps_from(data, weights, size)
         mean = vols.mean(axis=0)
         return mean[None] + self.focus[None] * (vols - mean[None])
 
@@ -144,11 +144,9 @@ def _fold_maps(maps, everyone, weights, *, fold, cache=None):
     total = [sum(s[i] for s in sums) for i in (0, 1)]
     per_half = CV_FOLDS // 2
     halves = [
-        maps.motion_free(
-            maps.maps_from(
-                *[sum(s[i] for s in sums[h * per_half : (h + 1) * per_half]) for i in (0, 1)],
-                size / 2,
-            ),
+        maps.maps_from(
+            *[sum(s[i] for s in sums[h * per_half : (h + 1) * per_half]) for i in (0, 1)],
+            size / 2,
         )
         for h in (0, 1)
     ]

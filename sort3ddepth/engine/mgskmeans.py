@@ -26,7 +26,7 @@ from . import fourier
 from .assignment import constrained_assignment
 from .comparison import split_two_classes
 from .preprocess import comparison_circle, good_fft_size, scaled_fsc
-from .reconstruction import difference_weights, reconstruct, without_rigid_motion
+from .reconstruction import difference_weights, reconstruct
 
 MAX_ITER = 15
 STOP_CHANGE = 5.0  # % of images changing group below which a run may stop (SPHIRE: 10; measured:
@@ -142,14 +142,6 @@ class ClusterMaps:
             rmax=min(self.resolution_limit(group_size), self.grid // 2 - 1),
             symmetry=self.sym,
         )
-
-    def motion_free(self, maps):
-        """With pose errors declared (pose_turns), the maps with their differences cleared of
-        rigid motion (reconstruction.without_rigid_motion): images whose errors point one way
-        make a map moved from the others', a split that pose errors alone explain; else maps."""
-        if self.pose_turns is None or len(maps) < 2:
-            return maps
-        return without_rigid_motion(maps, self.mask > 0.5)
 
     def build(self, subset, memberships, group_size, half=None):
         """Maps (K, grid, grid, grid) from the members of `subset` (in random half `half`)."""
@@ -514,8 +506,7 @@ class _PairSweeps:
     def _weighted_step(self, runs, h):
         """half_step with each run's scores weighted per shell by the difference FSC of its
         maps from the two halves: where the groups do not differ, a shell adds only the maps'
-        noise (bench/README.md, "Why states are missed"); with pose errors declared, the maps'
-        differences cleared of rigid motion (motion_free)."""
+        noise (bench/README.md, "Why states are missed")."""
         rows, src, k, mb = self.rows_of[h], 1 - h, self.k, self.maps_builder
         self._update_sums(runs, h)
         rmax = min(self.rmax, mb.resolution_limit(self.group_half[src]))
@@ -524,9 +515,7 @@ class _PairSweeps:
                 continue
             cols = np.arange(j * k, (j + 1) * k)
             maps = [
-                mb.motion_free(
-                    mb.maps_from(self.sums[g][0][cols], self.sums[g][1][cols], self.group_half[g])
-                )
+                mb.maps_from(self.sums[g][0][cols], self.sums[g][1][cols], self.group_half[g])
                 for g in (src, h)
             ]
             weights = difference_weights(maps[0], maps[1], mb.mask)

@@ -380,39 +380,6 @@ def difference_weights(maps_a, maps_b, mask):
     return np.clip(np.mean(curves, axis=0), 0.0, 1.0) ** 2
 
 
-def without_rigid_motion(maps, inside):
-    """The K maps with their differences from their mean cleared of what a rigid motion of
-    the mean explains: inside the mask `inside` (bool), each difference loses its least-squares
-    part along the mean's six motion derivatives (three shifts, three turns about the box
-    centre). Pose errors split a cluster into images whose errors point one way and the others,
-    whose maps differ by such a motion (depth/rigid.py); a state adds or moves density in part
-    of the particle, nearly orthogonal to them (bench/README.md, "The split check")."""
-    mean = maps.mean(axis=0)
-    n = mean.shape[0]
-    gz, gy, gx = _gradient(mean)
-    c = np.arange(n, dtype=np.float64) - n // 2
-    z, y, x = c[:, None, None], c[None, :, None], c[None, None, :]
-    turns = [y * gx - x * gy, x * gz - z * gx, z * gy - y * gz]
-    basis, _ = np.linalg.qr(np.stack([v[inside] for v in (gz, gy, gx, *turns)], axis=1))
-    out = np.array(maps, copy=True)
-    for vol in out:
-        d = vol[inside] - mean[inside]
-        vol[inside] = mean[inside] + d - basis @ (basis.T @ d)
-    return out
-
-
-def _gradient(vol):
-    """(d/dz, d/dy, d/dx) of vol, exact for a band-limited map (Fourier; Nyquist set to 0)."""
-    n = vol.shape[0]
-    f = scipy.fft.rfftn(vol)
-    k = np.fft.fftfreq(n, 1.0 / n)
-    k[n // 2] = 0.0 if n % 2 == 0 else k[n // 2]
-    kx = np.arange(n // 2 + 1, dtype=np.float64)
-    kx[-1] = 0.0 if n % 2 == 0 else kx[-1]
-    ks = (k[:, None, None], k[None, :, None], kx[None, None, :])
-    return [scipy.fft.irfftn(2j * np.pi * q / n * f, s=vol.shape) for q in ks]
-
-
 def difference_mask(maps_a, maps_b, inside, *, sigma=1.0, threshold=2.0, grow=2, edge=1.0):
     """Where the K maps reproducibly differ: the covariance, voxel by voxel, of the maps'
     deviations from their mean between two independent sets of maps (the random halves),

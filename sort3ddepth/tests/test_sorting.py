@@ -182,20 +182,6 @@ def test_homogeneous_data_with_pose_errors_give_one_cluster(tmp_path):
     assert len(real) == 1, [c["size"] for c in summary["clusters"]]
 
 
-def test_three_states_with_pose_errors_are_sorted(tmp_path):
-    """Three states whose given orientations are off by 2 degrees (median) and the sorter told
-    so (--pose_sigma_deg 3): every state is a cluster >= 90 % pure. Without the maps'
-    differences cleared of rigid motion, runs split along the errors' direction and two
-    states came out as one cluster of 1,002 (bench/README.md, "Pose errors")."""
-    star, truth = make_star(tmp_path, n_per_class=500, n_classes=3, snr=3.0, pose_error=3.0)
-    out = tmp_path / "pose"
-    args = ["--instack", star, "--output_dir", out, "--pose_sigma_deg", 3, "--seed", 1]
-    sort3d(args + ["--depth_order", 1], tmp_path)
-    rows = purity_table(out, truth)
-    assert sorted(state for _, _, state in rows) == [0, 1, 2], rows
-    assert all(p >= 0.9 for _, p, _ in rows), rows
-
-
 def test_a_minority_state_is_a_cluster(tmp_path):
     """Two states of 900 and 250 images: the minority is under a third of the majority, which
     SPHIRE's rule drops between boxes and again after the generation; here both are clusters,
