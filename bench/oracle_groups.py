@@ -1,0 +1,82 @@
+"""What the sorter's own member decisions make of the TRUE groups.
+
+The ideal sorter (frontier.py) scores particles against the TRUE maps, which no sorter has: its
+frontier mixes two limits, finding the groups and deciding their members from maps built of
+noisy images. This is the second alone: the membership posterior (membership.decide, as the
+sorter's final assignment: cross-validated maps, every particle open, purity target 97 %) with
+the true groups as the clusters. Its accounted share at >= 97 % purity (G@97) is what the sorter
+could keep if it found every group exactly; ours / G@97 well below 1 says the groups were not
+found, G@97 well below F@97 that maps from the data cannot rank the particles as the true maps do.
+
+    .venv/bin/python bench/oracle_groups.py SET_FOLDER   # particles.star + truth.npy
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PURITY = 0.97  # the frontier's F@97 level
+
+
+def oracle_groups(star, truth, purity=PURITY):
+    """dict(g97: share of all particles in clusters >= `purity` pure, measured; g_acc: share
+    whose most probable cluster is their state; g_est_err: max |estimated - measured| purity)."""
+    from sort3ddepth.engine.membership import decide
+    from sort3ddepth.engine.mgskmeans import ClusterMaps
+    from sort3ddepth.engine.options import SortOptions
+    from sort3ddepth.engine.parallel import Comm
+    from sort3ddepth.engine.preprocess import prepare
+    from sort3ddepth.engine.star_io import read_star
+
+    n, k = len(truth), int(truth.max()) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", tmp])
+        opts = opts.for_input(n_particles=n)
+        data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: 0)
+    maps = ClusterMaps(data, Comm())
+    groups = [np.nonzero(truth == j)[0] for j in range(k)]
+    _, memb, _ = decide(
+        maps,
+        data,
+        np.arange(n),
+        groups,
+        open_rows=np.ones(n, bool),
+        pool_joins=True,
+        min_purity=purity,
+        min_size=1,
+    )
+    clean, errors = 0, []
+    for j in range(k):
+        members = truth[memb.labels == j]
+        if members.size:
+            measured = np.mean(members == j)
+            clean += members.size if measured >= purity else 0
+            errors.append(abs(memb.estimated_purity[j] - measured))
+    return dict(
+        g97=clean / n,
+        g_acc=float(np.mean(np.argmax(memb.posterior, axis=1) == truth)),
+        g_est_err=float(max(errors)) if errors else float("nan"),
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", help="folder with particles.star and truth.npy")
+    a = ap.parse_args()
+    folder = Path(a.folder)
+    r = oracle_groups(folder / "particles.star", np.load(folder / "truth.npy"))
+    print(
+        f"true groups as clusters: {100 * r['g97']:.1f} % of particles in clusters >= 97 % pure; "
+        f"most probable cluster right {100 * r['g_acc']:.1f} %; "
+        f"|estimated - measured| purity <= {100 * r['g_est_err']:.1f} points"
+    )
+
+
+if __name__ == "__main__":
+    main()
