@@ -7,6 +7,8 @@ sorter's final assignment: cross-validated maps, every particle open, purity tar
 the true groups as the clusters. Its accounted share at >= 97 % purity (G@97) is what the sorter
 could keep if it found every group exactly; ours / G@97 well below 1 says the groups were not
 found, G@97 well below F@97 that maps from the data cannot rank the particles as the true maps do.
+The set is prepared with the sorter's default options (no `--pose_sigma_deg` neighbourhood even
+where bench_matrix.py --pose_sigma passes one to the sorter) and its own random halves.
 
     .venv/bin/python bench/oracle_groups.py SET_FOLDER   # particles.star + truth.npy
 """
