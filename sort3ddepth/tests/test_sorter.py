@@ -110,8 +110,9 @@ def test_the_pool_joins_when_no_group_can_be_missing(monkeypatch, search, init_k
 
 @pytest.mark.slow
 def test_small_run_writes_its_summary_through_the_schema(tmp_path):
-    """One process on 3 x 150 particles: summary.json carries schema_version, reads back into
-    the same dict, and agrees with the cluster files."""
+    """One process on 3 x 150 particles, --not_include_unaccounted: summary.json carries
+    schema_version, reads back into the same dict, and agrees with the cluster files; the images
+    in no cluster are in Core_set.txt only (no trash-bin cluster file)."""
     star, _ = make_star(tmp_path, n_per_class=150, n_classes=3, box=32, snr=3.0)
     out = tmp_path / "out"
     code = cli.run(
@@ -126,6 +127,7 @@ def test_small_run_writes_its_summary_through_the_schema(tmp_path):
             "3",
             "--depth_order",
             "1",
+            "--not_include_unaccounted",
         ]
     )
     assert code == 0
@@ -133,7 +135,10 @@ def test_small_run_writes_its_summary_through_the_schema(tmp_path):
     assert s.schema_version == SCHEMA_VERSION
     assert s.to_dict() == json.loads((out / "summary.json").read_text())
     assert s.mode == "freeze" and s.seed == 3 and s.n_particles == 450
-    assert sum(c.size for c in s.clusters) == 450 and len(s.regular) >= 2
+    core = (out / "Core_set.txt").read_text().split()
+    assert len(core) > 0 and sum(c.size for c in s.clusters) + len(core) == 450
+    assert len(s.regular) >= 2 and not any(c.unaccounted for c in s.clusters)
+    assert not (out / f"Cluster_{len(s.clusters):03d}.txt").exists()
     for c in s.clusters:
         assert len((out / c.file).read_text().split()) == c.size
     assert s.purity_curve is not None and len(s.purity_curve.accounted) > 0

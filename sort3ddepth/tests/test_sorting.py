@@ -1,5 +1,5 @@
 """The sorter end to end on simulated data: purity against the truth, search mode, a homogeneous
-set, 1 vs 2 MPI ranks, and the exact content of the output files."""
+set, and the exact content of the output files."""
 
 import json
 import shutil
@@ -131,34 +131,6 @@ def test_output_files(freeze_run, three_classes):
         np.testing.assert_array_equal(sub.ctf.defocus_u, inp.ctf.defocus_u[idx])
         assert sub.source["columns"][: len(inp.source["columns"])] == inp.source["columns"]
         np.testing.assert_array_equal(sub.load_images(), inp.load_images(idx))
-
-
-def test_two_ranks_give_identical_clusters(freeze_run, three_classes):
-    folder, star, _ = three_classes
-    out = folder / "freeze_np2"
-    sort3d(
-        [
-            "--instack",
-            star,
-            "--output_dir",
-            out,
-            "--img_per_grp",
-            N_PER_CLASS,
-            "--seed",
-            5,
-            "--not_include_unaccounted",
-        ],
-        folder,
-        nproc=2,
-    )
-    _, real1 = clusters_of(freeze_run)
-    _, real2 = clusters_of(out)
-    assert len(real1) == len(real2)
-    for a, b in zip(real1, real2):
-        assert (freeze_run / a["file"]).read_bytes() == (out / b["file"]).read_bytes()
-    # --not_include_unaccounted: no trash-bin cluster file
-    assert not (out / f"Cluster_{len(real2):03d}.txt").exists()
-    assert "2 MPI rank(s)" in (out / "log.txt").read_text()
 
 
 def test_search_mode_finds_the_number_of_groups(three_classes):
