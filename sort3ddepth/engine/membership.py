@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .mixture import MIN_WEIGHT, fit_mixture
 from .reconstruction import difference_mask, difference_weights
 
 DEFAULT_MIN_PURITY = 0.98  # --min_purity: members enter a cluster while its estimated purity
@@ -36,9 +37,6 @@ CV_FOLDS = 4  # cross-validation folds of the membership maps, two per random ha
 # (a map from 3/4 of the data instead of a half: less noise)
 EM_MAX_ITER = 200  # EM iterations at most (converges in tens on benchmark sets)
 EM_TOL = 1e-7  # ... stop when no responsibility moves more than this
-COVARIANCE_RIDGE = 1e-6  # relative ridge on every covariance: scores against near-equal
-# maps are collinear and the covariance would not invert
-MIN_WEIGHT = 1e-6  # a component's mixing weight never falls below this
 UNSURE_FLOOR = 0.5  # a cluster below the purity target even for its surest images keeps
 # those it more likely holds than not
 BAND_FSC = 0.143  # the likelihood counts the shells where the clusters' half maps' difference
@@ -257,45 +255,6 @@ def loglik_posteriors(loglik, spread, labels, fit_rows=None):
     return _averaged_posterior(loglik, spread, np.log(share))
 
 
-def _second_moment(d, w):
-    """sum_n w_n d_n d_n^T of the rows of d (n, m). Each entry one numpy sum over the images
-    (pairwise summation, no BLAS): the same bits on every rank and for any thread count, and
-    ~10x faster than one einsum over (n, m, m)."""
-    dt = np.ascontiguousarray(d.T)
-    dw = dt * w[None, :]
-    m = len(dt)
-    out = np.empty((m, m))
-    for a in range(m):
-        for b in range(a, m):
-            out[a, b] = out[b, a] = np.sum(dw[a] * dt[b])
-    return out
-
-
-def _m_step(scores, resp):
-    """Mixing weights, means (m, d) and the covariance shared by all clusters from
-    responsibilities. The shared covariance is the second moment of all the scores less that
-    of the means (one pass over the images, not one per cluster), about the scores' mean so
-    that nothing large cancels."""
-    nk = resp.sum(axis=0)
-    total = max(nk.sum(), 1e-300)
-    weight = np.maximum(nk / total, MIN_WEIGHT)
-    row_w = resp.sum(axis=1) / total
-    centre = np.einsum("n,nd->d", row_w, scores)
-    d = scores - centre
-    means = np.einsum("nk,nd->kd", resp, d) / np.maximum(nk, 1e-300)[:, None]
-    cov = _second_moment(d, row_w) - np.einsum("k,kd,ke->de", nk / total, means, means)
-    ridge = COVARIANCE_RIDGE * max(np.trace(cov) / len(cov), 1e-300)
-    return weight / weight.sum(), means + centre, cov + ridge * np.eye(len(cov))
-
-
-def _log_joint(scores, weight, means, cov):
-    """log pi_k + log N(s; mu_k, Sigma) up to the term shared by all components."""
-    lin = np.linalg.solve(cov, means.T).T  # (m, d): Sigma^-1 mu_k
-    return (
-        scores @ lin.T - 0.5 * np.einsum("kd,kd->k", lin, means)[None, :] + np.log(weight)[None, :]
-    )
-
-
 def _normalise(logp):
     logp = logp - logp.max(axis=1, keepdims=True)
     p = np.exp(logp)
@@ -304,9 +263,9 @@ def _normalise(logp):
 
 def fit_posteriors(scores, labels, fit_rows=None, *, tol=EM_TOL):
     """Posterior (n, m) of each image over the m clusters from its score vector: the Gaussian
-    mixture with a shared covariance, started from `labels` (cluster index, m: none) and fitted
-    by EM on the rows `fit_rows` (bool mask; default all), until no responsibility moves more
-    than `tol`. One cluster: posterior 1."""
+    mixture with a shared covariance (mixture.py), started from `labels` (cluster index, m:
+    none) and fitted by EM on the rows `fit_rows` (bool mask; default all), until no
+    responsibility moves more than `tol`. One cluster: posterior 1."""
     n, m = scores.shape
     if m < 2:
         return np.ones((n, m))
@@ -314,15 +273,7 @@ def fit_posteriors(scores, labels, fit_rows=None, *, tol=EM_TOL):
     member = labels < m
     resp = np.zeros((n, m))
     resp[np.nonzero(member)[0], labels[member]] = 1.0
-    # images without a label start from the model of the labelled ones
-    first = _m_step(scores[member], resp[member])
-    resp[~member] = _normalise(_log_joint(scores[~member], *first))
-    for _ in range(EM_MAX_ITER):
-        new = _normalise(_log_joint(scores, *_m_step(scores[fit], resp[fit])))
-        moved = np.max(np.abs(new - resp)) if n else 0.0
-        resp = new
-        if moved < tol:
-            break
+    fit_mixture(np.ascontiguousarray(scores, np.float64), resp, member, fit, tol, EM_MAX_ITER)
     return resp
 
 

@@ -471,6 +471,8 @@ class _PairSweeps:
         self.rows_of = [np.nonzero(self.halves == h)[0] for h in (0, 1)]
         self.sums = [None, None]
         self.used = [np.zeros((n, 2 * k)), np.zeros((n, 2 * k))]
+        self.half_maps = {}  # weighted: (half, run) -> that run's maps from the half's sums,
+        # dropped when the run's members of that half change (_update_sums)
         self.group_half = [(n / k) * self.rows_of[h].size / n for h in (0, 1)]
         rmax = max(maps_builder.resolution_limit(g) for g in self.group_half)
         if rmax_cap is not None and rmax_cap < rmax:
@@ -507,20 +509,25 @@ class _PairSweeps:
         """half_step with each run's scores weighted per shell by the difference FSC of its
         maps from the two halves: where the groups do not differ, a shell adds only the maps'
         noise (bench/README.md, "Why states are missed")."""
-        rows, src, k, mb = self.rows_of[h], 1 - h, self.k, self.maps_builder
+        rows, src, mb = self.rows_of[h], 1 - h, self.maps_builder
         self._update_sums(runs, h)
         rmax = min(self.rmax, mb.resolution_limit(self.group_half[src]))
         for j, r in enumerate(runs):
             if r.done:
                 continue
-            cols = np.arange(j * k, (j + 1) * k)
-            maps = [
-                mb.maps_from(self.sums[g][0][cols], self.sums[g][1][cols], self.group_half[g])
-                for g in (src, h)
-            ]
+            maps = [self._half_maps(g, j) for g in (src, h)]
             weights = difference_weights(maps[0], maps[1], mb.mask)
             scores = mb.scores(maps[0], self.subset, half=h, rmax=rmax, shell_factors=weights)
             self._reassign(r, scores, rows)
+
+    def _half_maps(self, g, j):
+        """Run j's maps from the sums of half g, made again only when its members there moved
+        (a half step changes one half: the other half's maps are those of the step before)."""
+        if (g, j) not in self.half_maps:
+            cols = np.arange(j * self.k, (j + 1) * self.k)
+            sums, size = self.sums[g], self.group_half[g]
+            self.half_maps[g, j] = self.maps_builder.maps_from(sums[0][cols], sums[1][cols], size)
+        return self.half_maps[g, j]
 
     def _update_sums(self, runs, src):
         """The sums of half ``src`` brought to the runs' current memberships."""
@@ -542,6 +549,9 @@ class _PairSweeps:
             self.sums[src][0].__iadd__(dd)
             self.sums[src][1].__iadd__(dw)
         self.used[src] = memb
+        for j in range(len(runs)):
+            if np.any(delta[:, j * k : (j + 1) * k]):
+                self.half_maps.pop((src, j), None)
 
     def _reassign(self, r, run_scores, rows):
         """Run ``r``'s images ``rows`` to their preferred maps under its minimum size (a damped
