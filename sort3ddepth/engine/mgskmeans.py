@@ -88,8 +88,12 @@ class ClusterMaps:
     def accumulate(self, subset, memberships, half=None, rmax=None):
         """Fourier sums (data, weights) of the K maps from (n_subset, K) insertion weights (rows
         in subset order; only images of random half `half` unless None), summed over ranks.
-        Linear in the weights: a change of labels can be applied as a difference."""
+        Linear in the weights: a change of labels can be applied as a difference.
+        On a coarse grid (at_limit) rmax defaults to the grid's reach: an image pixel beyond it
+        can only add to voxels past the shells that maps_from keeps."""
         d = self.d
+        if rmax is None and self.grid < d.nx:
+            rmax = self.grid // 2 + 1
         loc = d.local(subset)
         a, _ = np.searchsorted(subset, [d.lo, d.hi])
         memb = memberships[a : a + len(loc)]
