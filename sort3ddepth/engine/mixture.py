@@ -3,7 +3,7 @@ model membership.fit_posteriors puts over the images' score vectors.
 
 One serial numba kernel: search-mode refinement fits it tens of times per pair of runs, ~100 EM
 iterations each over every image (bench/README.md, "Where bench_sort's time goes"), and numpy's
-per-call overhead on (n, K) arrays made it half as costly as the scores it models. Serial on
+per-call overhead on (n, K) arrays made it about as costly as computing the scores it models. Serial on
 purpose: every rank fits the same mixture, and the bits must not depend on the thread count.
 """
 
