@@ -71,11 +71,40 @@ def _m_step(scores, resp, rows):
 
 
 @njit(cache=True)
+def _cholesky_solve(cov, means):
+    """Sigma^-1 mu_k for every row k of means (m, d), Sigma symmetric positive definite (the
+    ridge sees to it): Cholesky in plain loops, which numba compiles in a fraction of the time
+    its LAPACK binding takes (the first run of a fresh install pays that compilation)."""
+    dim = cov.shape[0]
+    low = np.zeros((dim, dim))
+    for a in range(dim):
+        for b in range(a + 1):
+            v = cov[a, b]
+            for c in range(b):
+                v -= low[a, c] * low[b, c]
+            low[a, b] = np.sqrt(max(v, 1e-300)) if a == b else v / low[b, b]
+    out = np.empty_like(means)
+    y = np.empty(dim)
+    for k in range(means.shape[0]):
+        for a in range(dim):  # L y = mu
+            v = means[k, a]
+            for c in range(a):
+                v -= low[a, c] * y[c]
+            y[a] = v / low[a, a]
+        for a in range(dim - 1, -1, -1):  # L^T x = y
+            v = y[a]
+            for c in range(a + 1, dim):
+                v -= low[c, a] * out[k, c]
+            out[k, a] = v / low[a, a]
+    return out
+
+
+@njit(cache=True)
 def _e_step(scores, weight, means, cov, rows, out):
     """out[rows] = the responsibilities: log pi_k + log N(s; mu_k, Sigma) up to the term
     shared by all components, normalised per image. Returns how far the most moved one went."""
     m, dim = means.shape
-    lin = np.ascontiguousarray(np.linalg.solve(cov, np.ascontiguousarray(means.T)).T)
+    lin = _cholesky_solve(cov, means)
     const = np.log(weight)
     for k in range(m):
         const[k] -= 0.5 * np.sum(lin[k] * means[k])
