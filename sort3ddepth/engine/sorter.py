@@ -532,6 +532,7 @@ def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_si
         anova=anova_tables,
         input="meridien" if ref is not None else "stack",
         min_purity=opts.min_purity,
+        pose_sigma_deg=float(opts.pose_sigma_deg),
         cluster_file_ids=(
             "meridien particle ids (main000/indexes_000.txt)"
             if ref is not None

@@ -834,4 +834,9 @@ def _summaryLines(s):
         target = "-" if s.min_purity is None else f"{s.min_purity:g}"
         values = ", ".join("-" if p is None else f"{p:.3f}" for p in purity) or "-"
         lines.append(f"Estimated purity per cluster (target {target}): {values}.")
+    if s.pose_sigma_deg:
+        lines.append(
+            f"Each image scored at its pose and neighbours turned by {s.pose_sigma_deg:g} deg "
+            "(orientations unchanged)."
+        )
     return lines

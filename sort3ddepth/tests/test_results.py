@@ -71,6 +71,7 @@ def _engine_summary():
         "wall_seconds": 40.0,
         "input": "stack",
         "min_purity": 0.98,
+        "pose_sigma_deg": 2.0,
         "cluster_file_ids": "0-based particle indices (input STAR row order)",
         "all_particles": "all_particles.star",
         "posteriors": "posteriors.npy",
@@ -89,6 +90,7 @@ def test_round_trip_keeps_every_field():
     assert list(s.to_dict()) == list(d)  # the engine's key order
     assert s.clusters[0].extra == {"future_key": [1, 2]}
     assert (s.clusters[0].estimated_purity, s.min_purity) == (0.99, 0.98)
+    assert s.pose_sigma_deg == 2.0
     assert s.purity_curve.estimated_purity == [0.9, None]
     assert [c.label for c in s.clusters] == ["Cluster_000", "unaccounted"]
     assert [c.id for c in s.regular] == [0] and s.unaccounted.size == 170
