@@ -894,3 +894,17 @@ def test_batch_script_example():
     assert len(sizes) >= 2, out
     assert sum(sizes) == 750, out
     assert f"total 750 of 750 particles in {len(sizes)} classes" in out, out
+
+
+def test_summary_says_when_poses_were_searched_around():
+    """The protocol's summary names the pose neighbourhood (--pose_sigma_deg) when the engine
+    used one, and says nothing of it for the given poses alone."""
+    from sort3ddepth.engine.results import Summary
+    from sort3ddepth.protocols.protocol_sort3d_depth import _summaryLines
+
+    s = Summary(n_particles=10, generations=[], clusters=[], pose_sigma_deg=2.5)
+    assert _summaryLines(s)[-1] == (
+        "Each image scored at its pose and neighbours turned by 2.5 deg (orientations unchanged)."
+    )
+    s.pose_sigma_deg = 0.0
+    assert not any("neighbours" in line for line in _summaryLines(s))
