@@ -186,9 +186,11 @@ def _converged(ctx, r, res, *, ri, niters):
         return True
     if r.it >= 1 and min(niters) <= policy.converge_sweeps:
         return True
-    # a box started from a previous layer's stable groups that kept all of them at once:
-    # another iteration changes little
-    return r.it == 0 and r.started and repro > policy.converge_repro and len(r.accepted) == r.k
+    # a box whose K is settled that kept every group at once: another iteration changes
+    # little. Settled: started from a previous layer's stable groups, or (search mode) given
+    # the K an earlier box of the layer validated (box learning), which that box has probed
+    settled = r.started or (ctx.search and r.run == 0 and not r.allow_k_reset)
+    return r.it == 0 and settled and repro > policy.converge_repro and len(r.accepted) == r.k
 
 
 def _rebuild_after_reset(ctx, r, res, new_k):
