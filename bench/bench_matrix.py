@@ -532,8 +532,7 @@ def _sorter_command(cell, star, run, nproc, sorter_args):
         str(star),
         "--output_dir",
         str(run),
-        "--seed",
-        str(cell["seed"]),
+        *([] if "--seed" in sorter_args else ["--seed", str(cell["seed"])]),
         "--depth_order",
         str(cell.get("depth_order", 2)),
         *sorter_args,
@@ -783,6 +782,13 @@ def main():
         "searches (--sigma_ang) where the poses have errors (bench/relion_class3d.py; about 1 "
         "minute a 3,000-image cell without alignment, 20 with local searches)",
     )
+    p.add_argument(
+        "--seed_offset",
+        type=int,
+        default=0,
+        help="sort each cell with its seed + this (the data stay the same): how much a "
+        "result owes to one random draw",
+    )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument(
         "--verify_aspire",
@@ -816,6 +822,8 @@ def main():
         log(f"[{time.strftime('%H:%M:%S')}] cell {c['name']}")
         told = a.pose_sigma and c["pose"][0] > 0
         extra = ["--pose_sigma_deg", f"{c['pose'][0]:g}"] if told else []
+        if a.seed_offset:
+            extra += ["--seed", str(c["seed"] + a.seed_offset)]
         ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
         r = run_cell(
             c,
