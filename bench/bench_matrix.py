@@ -34,6 +34,7 @@ bench_output/aspire-venv/bin/python; cells are reported "not run" when it is mis
     .venv/bin/python bench/bench_matrix.py                      # all cells (about an hour, 2 cores)
     .venv/bin/python bench/bench_matrix.py --cells 0 --reuse --ranks 1,3   # same bits on 1, 3 ranks?
     .venv/bin/python bench/bench_matrix.py --cells 2 --reuse --relion      # + RELION Class3D
+    .venv/bin/python bench/bench_matrix.py --cells 5 --seed_offset 1 --output_dir bench_output/m1
 
 With --relion (RELION on the PATH), RELION 3D classification runs on each cell's set and poses
 (bench/relion_class3d.py): without alignment, and with local searches around the given poses

@@ -17,6 +17,7 @@ import numpy as np
 from ..membership import decide
 from ..mgskmeans import mgsk_pair
 from .layers import between_boxes
+from .pair import coarse_rmax
 from .partition import Partition, pair_schedules, random_equal_assignment
 from .policy import policy_of
 from .rigid import motion_explains
@@ -48,22 +49,8 @@ def _split(ctx, c, *, tag):
     n = len(c)
     if n < policy.split_check_factor * policy.min_cluster_size:
         return None
-    inits = [random_equal_assignment(n, 2, ctx.rng) for _ in range(2)]
-    runs, _ = mgsk_pair(
-        ctx.maps,
-        c,
-        2,
-        inits,
-        schedules=pair_schedules(n, 2, ctx.nstep, policy),
-        frozen=False,
-        search=True,
-        orientation=ctx.data.orientation_groups,
-        rng=ctx.rng,
-        weighted=True,
-    )
-    boxes = [Partition([c[lab == j] for j in range(2)], np.zeros(0, np.int64)) for lab in runs]
-    part = between_boxes(ctx, c, *boxes, tag=tag)
-    if len(part.clusters) < 2 or _a_motion(ctx, c, part.clusters, tag=tag):
+    part = _reproduced_split(ctx, c, tag=tag)
+    if part is None:
         return None
     _, memb, _ = decide(
         ctx.maps,
@@ -87,6 +74,39 @@ def _split(ctx, c, *, tag):
         f"-> {'split' if sure else 'kept whole'}"
     )
     return parts if sure else None
+
+
+def _reproduced_split(ctx, c, *, tag):
+    """The split of `c` that a weighted K = 2 pair from random labels reproduces and that is no
+    rigid motion, as a Partition, or None. Tried at two limits: first the coarse one of the
+    search-mode runs (where the boxes separate states), then every shell a part's maps hold
+    (states that differ only past the coarse limit: o-k8-eq-snr05). Either may be the one that
+    separates two states cleanly (bench/README.md, "the split check at two limits"). A cluster
+    too small for a coarser limit is tried once, at its full one."""
+    n = len(c)
+    coarse = coarse_rmax(ctx, n, 2)
+    caps = (coarse, None) if coarse < ctx.maps.resolution_limit(n / 4) else (None,)
+    for cap in caps:
+        inits = [random_equal_assignment(n, 2, ctx.rng) for _ in range(2)]
+        runs, _ = mgsk_pair(
+            ctx.maps,
+            c,
+            2,
+            inits,
+            schedules=pair_schedules(n, 2, ctx.nstep, policy_of(ctx)),
+            frozen=False,
+            search=True,
+            orientation=ctx.data.orientation_groups,
+            rng=ctx.rng,
+            weighted=True,
+            rmax_cap=cap,
+        )
+        boxes = [Partition([c[lab == j] for j in range(2)], np.zeros(0, np.int64)) for lab in runs]
+        limit = "coarse limit" if cap is not None else "full limit"
+        part = between_boxes(ctx, c, *boxes, tag=f"{tag}{limit}: ")
+        if len(part.clusters) == 2 and not _a_motion(ctx, c, part.clusters, tag=tag):
+            return part
+    return None
 
 
 def _a_motion(ctx, c, groups, *, tag):
