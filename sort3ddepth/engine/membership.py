@@ -10,7 +10,8 @@ Which groups exist is decided by reproducibility (depth.py); this module decides
   projected with its CTF at its pose, times a free amplitude, plus noise whose power is measured
   on the image itself (mgskmeans.ClusterMaps.scores with noise), over the shells where the
   clusters differ reliably; the maps' own noise (measured between the maps of 3/4 and 1/2 of
-  the data) widens it. The posterior of cluster k is the likelihood times the cluster's share
+  the data) widens it, and lowers the scores against a map the more the fewer images built it
+  (corrected by the measured gain from 1/2 to 3/4 of the data). The posterior of cluster k is the likelihood times the cluster's share
   (fitted by EM), averaged over draws of the maps' noise. The maps are then rebuilt from the
   posteriors and the whole repeated (MEMBER_EM_ROUNDS). It compares only the clusters there
   are: images of a state that no cluster stands for would join the nearest ones at a high
@@ -45,6 +46,9 @@ MAP_NOISE_SAMPLE = 1000  # images per fold scored against the other half's maps,
 # the maps' noise (enough for its sd to ~3 %)
 MAP_NOISE_DRAWS = 32  # draws of the maps' noise the posterior is averaged over
 MAP_NOISE_SEED = 20261203  # their fixed stream: every rank and every rank count draws the same
+MAP_GAIN_STEPS = 1.0  # each cluster's scores times (1 + this x (g - 1)), g its scores' gain
+# from the 1/2 maps to the 3/4 maps (_map_gain); 0, 1 and 2 steps measured on the benchmark's
+# true groups (bench/README.md, "Scores against small clusters' maps run low")
 SHARE_EM_ITER = 100  # EM iterations of the clusters' shares at most ...
 SHARE_EM_TOL = 1e-6  # ... stop when no share moves more than this
 MEMBER_EM_ROUNDS = 3  # maps from the members, then twice from the posteriors
@@ -183,7 +187,9 @@ def cluster_loglik(maps, data, everyone, weights, *, cache=None):
     true maps, bench/README.md). The maps are noisy too: an error du in u moves the
     log-likelihood by u du; the sd of du is measured between the maps an image scores against
     (3/4 of the data) and those of the other half (1/2), on a sample of each fold, centred per
-    image (a shift common to all maps moves no posterior), per cluster by _map_noise. No
+    image (a shift common to all maps moves no posterior), per cluster by _map_noise. Scores
+    against a map run low by its noise, the more so the fewer images built it: each cluster's
+    are raised by their measured gain from 1/2 to 3/4 of the data (_map_gain). No
     reliable shell: all zeros. cache: see _fold_sums (the rounds of decide)."""
     n, m = weights.shape
     fold = folds(data, everyone)
@@ -192,19 +198,36 @@ def cluster_loglik(maps, data, everyone, weights, *, cache=None):
     u = np.zeros((n, m))
     if m < 2 or not band.any():
         return u, u.copy(), shells
-    deltas = []
+    deltas, sums = [], np.zeros((2, m))
     for f in range(CV_FOLDS):
         rows = np.nonzero(fold == f)[0]
         if not rows.size:
             continue
         s, var = maps.scores(fm.without(f), everyone[rows], shell_factors=band, noise=True)
         u[rows] = s / np.sqrt(np.maximum(var, 1e-300))
-        sample = rows[:: -(-rows.size // MAP_NOISE_SAMPLE)]
+        step = -(-rows.size // MAP_NOISE_SAMPLE)
+        sample = rows[::step]
         s2, var2 = maps.scores(fm.other_half(f), everyone[sample], shell_factors=band, noise=True)
         delta = u[sample] - s2 / np.sqrt(np.maximum(var2, 1e-300))
         deltas.append(delta - delta.mean(axis=1, keepdims=True))
-    u = np.maximum(u, 0.0)
+        sums[0] += s[::step].sum(axis=0)
+        sums[1] += s2.sum(axis=0)
+    u = np.maximum(u * _map_gain(*sums)[None, :], 0.0)
     return 0.5 * u**2, u * _map_noise(np.concatenate(deltas), weights.sum(axis=0))[None, :], shells
+
+
+def _map_gain(sum_3_4, sum_1_2):
+    """Factor (m,) on each cluster's scores: 1 + MAP_GAIN_STEPS (g - 1), g the ratio of the
+    sampled images' scores against its 3/4 maps to those against its 1/2 maps. A map's noise
+    adds power that no image matches, so every score against it runs low, more so the fewer
+    images built it (a 300-image cluster's by ~0.3 %, a 900-image one's by ~0.1 %, measured
+    with the 1 / data law on fold subsets); next to the few-tenths-of-a-percent differences
+    between clusters' scores, that alone moved images from small clusters to large ones and
+    made the shares' EM grow the large ones (bench/README.md). No gain where a sum is not
+    positive."""
+    ok = (sum_3_4 > 0) & (sum_1_2 > 0)
+    g = np.where(ok, sum_3_4 / np.where(ok, sum_1_2, 1.0), 1.0)
+    return 1.0 + MAP_GAIN_STEPS * (g - 1.0)
 
 
 def _map_noise(deltas, sizes):
