@@ -11,8 +11,9 @@ Which groups exist is decided by reproducibility (depth.py); this module decides
   on the image itself (mgskmeans.ClusterMaps.scores with noise), over the shells where the
   clusters differ reliably; the maps' own noise (measured between the maps of 3/4 and 1/2 of
   the data) widens it, and lowers the scores against a map the more the fewer images built it
-  (corrected by the measured gain from 1/2 to 3/4 of the data). The posterior of cluster k is the likelihood times the cluster's share
-  (fitted by EM), averaged over draws of the maps' noise. The maps are then rebuilt from the
+  (corrected by the measured gain from 1/2 to 3/4 of the data). The posterior of cluster k is
+  the likelihood times the cluster's share (fitted by EM), averaged over draws of the maps'
+  noise. The maps are then rebuilt from the
   posteriors and the whole repeated (MEMBER_EM_ROUNDS). It compares only the clusters there
   are: images of a state that no cluster stands for would join the nearest ones at a high
   posterior, so images in no cluster join only when they are too few to be a group.
@@ -48,7 +49,8 @@ MAP_NOISE_DRAWS = 32  # draws of the maps' noise the posterior is averaged over
 MAP_NOISE_SEED = 20261203  # their fixed stream: every rank and every rank count draws the same
 MAP_GAIN_STEPS = 1.0  # each cluster's scores times (1 + this x (g - 1)), g its scores' gain
 # from the 1/2 maps to the 3/4 maps (_map_gain); 0, 1 and 2 steps measured on the benchmark's
-# true groups (bench/README.md, "Scores against small clusters' maps run low")
+# true groups: 2 remove the deflation under the 1 / data law and overshoot (bench/README.md,
+# "the map gain")
 SHARE_EM_ITER = 100  # EM iterations of the clusters' shares at most ...
 SHARE_EM_TOL = 1e-6  # ... stop when no share moves more than this
 MEMBER_EM_ROUNDS = 3  # maps from the members, then twice from the posteriors
