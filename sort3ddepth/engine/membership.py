@@ -14,8 +14,9 @@ Which groups exist is decided by reproducibility (depth.py); this module decides
   (corrected by the measured gain from 1/2 to 3/4 of the data). The posterior of cluster k is
   the likelihood times the cluster's share (fitted by EM), averaged over draws of the maps'
   noise. The maps are then rebuilt from the posteriors and the whole repeated
-  (MEMBER_EM_ROUNDS). It compares only the clusters there are: images of a state that no cluster stands for would join the nearest ones at a high
-  posterior, so images in no cluster join only when they are too few to be a group.
+  (MEMBER_EM_ROUNDS). It compares only the clusters there are: images of a state that no
+  cluster stands for would join the nearest ones at a high posterior, so images in no cluster
+  join only when they are too few to be a group.
   (pair.py still refines MGSK-means runs with a Gaussian mixture over the score vectors,
   fit_posteriors: a density model fitted to the scores, for labels that may be far off.)
 * Selection: a cluster takes the images whose most probable cluster it is, in decreasing
