@@ -128,6 +128,11 @@ class ClusterMaps:
             value_max=self._image_max(),
         )
 
+    def turn_matrices(self):
+        """(1 + T, 3, 3): the identity (the pose itself), then the pose_turns."""
+        eye = np.eye(3)[None]
+        return eye if self.pose_turns is None else np.concatenate([eye, self.pose_turns])
+
     def _image_max(self):
         if self._rec_max is None:
             self._rec_max = fourier.component_max(self.d.rec_f)
@@ -182,7 +187,9 @@ class ClusterMaps:
         self.comm.allreduce_sum(out)
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
-    def scores(self, maps, subset, half=None, *, rmax=None, shell_factors=None, noise=False):
+    def scores(
+        self, maps, subset, half=None, *, rmax=None, shell_factors=None, noise=False, turns=False
+    ):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
         in subset order. rmax: the shell the maps were limited to (maps_from): pixels beyond it
@@ -193,26 +200,34 @@ class ClusterMaps:
         pose errors of ~2 degrees (median) a 3 x 700 set was one group at the given poses alone
         and 3 groups >= 98 % pure with the neighbours (bench/README.md, "Pose errors").
         noise: also return the variance (n_selected, K) each score would have from the image's
-        own noise alone (_score_noise), for a likelihood of the scores."""
+        own noise alone (_score_noise), for a likelihood of the scores.
+        turns: also return (last) where each score was best, (n_selected, K): 0 the given pose,
+        j the pose @ pose_turns[j - 1] (realign.py)."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = maps if isinstance(maps, fourier.FourierVolumes) else self.comparison_volumes(maps)
         sw = self._weights(shell_factors)
-        turns = [] if self.pose_turns is None else list(self.pose_turns)
-        best = terms = None
-        for rots in [d.rots] + [d.rots @ t for t in turns]:
+        pose = [] if self.pose_turns is None else list(self.pose_turns)
+        best = terms = at = None
+        for j, rots in enumerate([d.rots] + [d.rots @ t for t in pose]):
             # the rank's images as they are, the selected ones scored (no copy of them)
             cross, pp, xx = self._terms(fv, rots, loc, rmax=rmax, sw=sw)
             score = cross / np.sqrt(pp + 1e-30)
-            best = score if best is None else np.maximum(best, score)
-            terms = (cross, pp, xx) if terms is None else terms
+            if best is None:
+                best, terms, at = score, (cross, pp, xx), np.zeros(score.shape, np.int64)
+            else:
+                at[score > best] = j
+                best = np.maximum(best, score)
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
-        if not noise:
-            return self.comm.gather_rows(best, n_sel)
-        var = self._score_noise(fv, loc, rmax=rmax, shell_factors=shell_factors, terms=terms)
-        return self.comm.gather_rows(best, n_sel), self.comm.gather_rows(var, n_sel)
+        out = [self.comm.gather_rows(best, n_sel)]
+        if noise:
+            var = self._score_noise(fv, loc, rmax=rmax, shell_factors=shell_factors, terms=terms)
+            out.append(self.comm.gather_rows(var, n_sel))
+        if turns:
+            out.append(self.comm.gather_rows(at, n_sel))
+        return out[0] if len(out) == 1 else tuple(out)
 
     def _factors(self, shell_factors):
         """shell_factors (None: ones) on the length of the shell weights, zero beyond."""

@@ -103,9 +103,11 @@ class SortOptions:
     )
     pose_sigma_deg: float = _opt(
         0.0,
-        "typical angular error of the given orientations (0-10): each image is also scored at "
-        "its pose turned by this much about the three axes and the best score counts; the "
-        "stored orientations never change (0: the given poses alone; not in SPHIRE)",
+        "typical angular error of the given orientations (0-10): each image's pose is first "
+        "refined in turns of this much, then of half that, against the consensus map of its "
+        "random half, and it is scored at that pose and at the pose turned by this much about "
+        "the three axes, the best score counting; the stored orientations never change (0: the "
+        "given poses alone; not in SPHIRE)",
         unit="deg",
         sphire=False,
     )

@@ -35,6 +35,7 @@ from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
 from .preprocess import meridien_noise_weights, prepare, prepare_meridien
+from .realign import realign_to_consensus
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
@@ -332,10 +333,12 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     turns = pose_neighbours(opts.pose_sigma_deg)
     if turns is not None:
         log(
-            f"pose errors: each image scored at its given pose and {len(turns)} neighbours "
-            f"turned {opts.pose_sigma_deg:g} deg (--pose_sigma_deg); orientations unchanged"
+            f"pose errors: each image scored at its pose and {len(turns)} neighbours turned "
+            f"{opts.pose_sigma_deg:g} deg (--pose_sigma_deg), its pose first refined in such turns "
+            "against its random half's consensus map; the stored orientations are unchanged"
         )
     maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None, pose_turns=turns)
+    realign_to_consensus(maps, opts.pose_sigma_deg, comm, log)
     ctx = SortContext(
         data,
         maps,

@@ -246,10 +246,12 @@ class ProtSort3DDepth(ProtClassify3D):
             default=0.0,
             label="Pose error [deg]",
             help="Typical angular error of the particles' orientations (0-10 degrees; "
-            "a consensus refinement of a mixture leaves 1-3). Each particle is also "
-            "compared with the cluster maps at its orientation turned by this much "
-            "about the three axes, and the best match counts; the orientations "
-            "themselves are never changed. 0: the given orientations only.",
+            "a consensus refinement of a mixture leaves 1-3). Each particle's "
+            "orientation is first refined in turns of this much, then of half that, "
+            "against the consensus map of its random half; it is compared with the "
+            "cluster maps at that orientation and turned by this much about the three "
+            "axes, and the best match counts. The particles' stored orientations are "
+            "never changed. 0: the given orientations only.",
         )
         form.addParam(
             "memoryPerNode",
@@ -836,7 +838,7 @@ def _summaryLines(s):
         lines.append(f"Estimated purity per cluster (target {target}): {values}.")
     if s.pose_sigma_deg:
         lines.append(
-            f"Each image scored at its pose and neighbours turned by {s.pose_sigma_deg:g} deg "
-            "(orientations unchanged)."
+            f"Each image's pose refined against its half's consensus map, and scored at it "
+            f"and at neighbours turned by {s.pose_sigma_deg:g} deg (orientations unchanged)."
         )
     return lines

@@ -44,9 +44,13 @@ def _turned(angles, sigma_deg, rng):
     return matrix_to_euler(mats)
 
 
-def prepared_set(folder, *, n_per_class, n_classes, snr, seed):
+def prepared_set(
+    folder, *, n_per_class, n_classes, snr, seed, box=48, pose_error=0.0, pose_sigma=0.0
+):
     """make_star's set read and pre-processed with the default options, as the sorter would:
-    (SortingData, ClusterMaps, true labels), one process."""
+    (SortingData, ClusterMaps, true labels), one process. pose_sigma: the maps' pose turns
+    (--pose_sigma_deg)."""
+    from sort3ddepth.engine.geometry import pose_neighbours
     from sort3ddepth.engine.mgskmeans import ClusterMaps
     from sort3ddepth.engine.options import SortOptions
     from sort3ddepth.engine.parallel import Comm
@@ -54,9 +58,15 @@ def prepared_set(folder, *, n_per_class, n_classes, snr, seed):
     from sort3ddepth.engine.star_io import read_star
 
     star, truth = make_star(
-        folder, n_per_class=n_per_class, n_classes=n_classes, snr=snr, seed=seed
+        folder,
+        n_per_class=n_per_class,
+        n_classes=n_classes,
+        box=box,
+        snr=snr,
+        seed=seed,
+        pose_error=pose_error,
     )
     opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", str(folder)])
     opts = opts.for_input(n_particles=len(truth))
     data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: None)
-    return data, ClusterMaps(data, Comm()), truth
+    return data, ClusterMaps(data, Comm(), pose_turns=pose_neighbours(pose_sigma)), truth

@@ -904,7 +904,8 @@ def test_summary_says_when_poses_were_searched_around():
 
     s = Summary(n_particles=10, generations=[], clusters=[], pose_sigma_deg=2.5)
     assert _summaryLines(s)[-1] == (
-        "Each image scored at its pose and neighbours turned by 2.5 deg (orientations unchanged)."
+        "Each image's pose refined against its half's consensus map, and scored at it and at "
+        "neighbours turned by 2.5 deg (orientations unchanged)."
     )
     s.pose_sigma_deg = 0.0
     assert not any("neighbours" in line for line in _summaryLines(s))
