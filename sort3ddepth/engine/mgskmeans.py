@@ -188,7 +188,7 @@ class ClusterMaps:
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
     def scores(
-        self, maps, subset, half=None, *, rmax=None, shell_factors=None, noise=False, turns=False
+        self, maps, subset, half=None, *, rmax=None, shell_factors=None, noise=False, rots=None
     ):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
@@ -201,33 +201,28 @@ class ClusterMaps:
         and 3 groups >= 98 % pure with the neighbours (bench/README.md, "Pose errors").
         noise: also return the variance (n_selected, K) each score would have from the image's
         own noise alone (_score_noise), for a likelihood of the scores.
-        turns: also return (last) where each score was best, (n_selected, K): 0 the given pose,
-        j the pose @ pose_turns[j - 1] (realign.py)."""
+        rots: the rotations to score the rank's images at, (n_local, 3, 3) (default their
+        poses; realign.py tries turned ones)."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
             loc = loc[d.half[d.lo + loc] == half]
         fv = maps if isinstance(maps, fourier.FourierVolumes) else self.comparison_volumes(maps)
         sw = self._weights(shell_factors)
-        pose = [] if self.pose_turns is None else list(self.pose_turns)
-        best = terms = at = None
-        for j, rots in enumerate([d.rots] + [d.rots @ t for t in pose]):
+        base = d.rots if rots is None else rots
+        turns = [] if self.pose_turns is None else list(self.pose_turns)
+        best = terms = None
+        for posed in [base] + [base @ t for t in turns]:
             # the rank's images as they are, the selected ones scored (no copy of them)
-            cross, pp, xx = self._terms(fv, rots, loc, rmax=rmax, sw=sw)
+            cross, pp, xx = self._terms(fv, posed, loc, rmax=rmax, sw=sw)
             score = cross / np.sqrt(pp + 1e-30)
-            if best is None:
-                best, terms, at = score, (cross, pp, xx), np.zeros(score.shape, np.int64)
-            else:
-                at[score > best] = j
-                best = np.maximum(best, score)
+            best = score if best is None else np.maximum(best, score)
+            terms = (cross, pp, xx) if terms is None else terms
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
-        out = [self.comm.gather_rows(best, n_sel)]
-        if noise:
-            var = self._score_noise(fv, loc, rmax=rmax, shell_factors=shell_factors, terms=terms)
-            out.append(self.comm.gather_rows(var, n_sel))
-        if turns:
-            out.append(self.comm.gather_rows(at, n_sel))
-        return out[0] if len(out) == 1 else tuple(out)
+        if not noise:
+            return self.comm.gather_rows(best, n_sel)
+        var = self._score_noise(fv, loc, base, rmax=rmax, shell_factors=shell_factors, terms=terms)
+        return self.comm.gather_rows(best, n_sel), self.comm.gather_rows(var, n_sel)
 
     def _factors(self, shell_factors):
         """shell_factors (None: ones) on the length of the shell weights, zero beyond."""
@@ -258,7 +253,7 @@ class ClusterMaps:
             select=loc,
         )
 
-    def _score_noise(self, fv, loc, *, rmax, shell_factors, terms):
+    def _score_noise(self, fv, loc, rots, *, rmax, shell_factors, terms):
         """Variance of each score cross / sqrt(pp) from the image's own noise: the image's noise
         power per weighted pixel (what its best map leaves of |X|^2, over the band's pixels
         counted with their shell factor), divided by the mean square of the comparison circle
@@ -277,7 +272,7 @@ class ClusterMaps:
         power = np.maximum(xx - fit, 0.0) / max(n_eff * float(np.mean(circle**2)), 1e-30)
         pp2 = pp
         if shell_factors is not None and not np.array_equal(f**2, f):
-            _, pp2, _ = self._terms(fv, d.rots, loc, rmax=rmax, sw=self._weights(shell_factors, 2))
+            _, pp2, _ = self._terms(fv, rots, loc, rmax=rmax, sw=self._weights(shell_factors, 2))
         return power[:, None] * pp2 / (pp + 1e-30)
 
 

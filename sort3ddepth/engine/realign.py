@@ -37,13 +37,13 @@ def realign_to_consensus(maps, sigma_deg, comm, log):
     d = maps.d
     if not sigma_deg or d.smears is not None:
         return 0
+    given = d.rots.copy()
+    plain = type(maps)(d, comm, maps.sym, pad=maps.pad)  # scores at one pose each
     rounds = 0
     for step in REALIGN_STEPS:
-        turns = pose_neighbours(step * sigma_deg)
-        stage = type(maps)(d, comm, maps.sym, pad=maps.pad, pose_turns=turns)
-        mats = stage.turn_matrices()
+        mats = np.concatenate([np.eye(3)[None], pose_neighbours(step * sigma_deg)])
         for _ in range(REALIGN_ROUNDS):
-            turn = _best_turns(stage, np.arange(d.n_total))
+            turn = _best_turns(plain, mats, given, sigma_deg)
             moved = int(comm.allreduce_sum(np.array([np.count_nonzero(turn)], np.int64))[0])
             d.rots = d.rots @ mats[turn]
             rounds += 1
@@ -57,16 +57,34 @@ def realign_to_consensus(maps, sigma_deg, comm, log):
     return rounds
 
 
-def _best_turns(maps, everyone):
-    """For each of the rank's images, the pose turn (0: none) at which it fits its own half's
-    consensus map best."""
+def _best_turns(maps, mats, given, sigma_deg):
+    """For each of the rank's images, the turn (index into mats; 0: none) of its current pose
+    with the highest posterior against its own half's consensus map: the log-likelihood
+    u^2 / 2 of its score (u: the score over its noise sd, as membership.py) plus a Gaussian
+    prior of width sigma_deg on the angle from the given pose. Without the prior, at SNR 0.2
+    the scores' noise alone turned poses with median errors of 1.3 degrees to 1.8."""
     d = maps.d
+    everyone = np.arange(d.n_total)
     turn = np.zeros(d.hi - d.lo, np.int64)
-    ones = np.ones((len(everyone), 1))
     for h in (0, 1):
-        consensus = maps.build(everyone, ones, len(everyone), half=h)
-        _, best = maps.scores(consensus, everyone, half=h, turns=True)
+        fv = maps.comparison_volumes(maps.build(everyone, np.ones((d.n_total, 1)), d.n_total, h))
         rows = np.flatnonzero(d.half == h)
         mine = (rows >= d.lo) & (rows < d.hi)
-        turn[rows[mine] - d.lo] = best[mine, 0]
+        local = rows[mine] - d.lo
+        post = np.empty((len(mats), local.size))
+        for j, t in enumerate(mats):
+            rots = d.rots @ t
+            s = maps.scores(fv, everyone, half=h, rots=rots, noise=j == 0)
+            if j == 0:
+                s, var = s
+                var = np.maximum(var[mine, 0], 1e-300)
+            angle = _angles(rots[local], given[local])
+            post[j] = 0.5 * s[mine, 0] ** 2 / var - 0.5 * (angle / sigma_deg) ** 2
+        turn[local] = np.argmax(post, axis=0)
     return turn
+
+
+def _angles(a, b):
+    """Angle (degrees) of the rotation between each pair of rotations."""
+    cos = (np.einsum("nij,nij->n", a, b) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
