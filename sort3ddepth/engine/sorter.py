@@ -24,6 +24,7 @@ from .depth import (
     MIN_CLUSTER_SIZE,
     SortContext,
     final_assignment,
+    merge_moved,
     not_tiny,
     policy_of,
     run_generation,
@@ -357,6 +358,7 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     found = run_generations(
         ctx, n=len(particles), k0=k0, work=work, comm=comm, checkpoints=checkpoints
     )
+    found = merge_twins(ctx, found)
     found = assign_final(ctx, found)
     summary = write_results(
         particles,
@@ -463,6 +465,39 @@ def _no_group_missing(ctx, found):
     return not ctx.search and len(found.clusters) >= ctx.init_k
 
 
+def merge_twins(ctx, found):
+    """The clusters of all generations with any two whose maps are one map moved merged
+    (depth.merge_moved); the generations' records keep their clusters, final_id follows."""
+    if len(found.clusters) < 2:
+        return found
+    t = time.time()
+    clusters, into = merge_moved(ctx, found.clusters)
+    if len(clusters) == len(found.clusters):
+        return found
+    first = [into.index(k) for k in range(len(clusters))]
+    sizes = ", ".join(str(len(c)) for c in clusters)
+    ctx.log(
+        f"{len(found.clusters) - len(clusters)} cluster(s) merged with one whose map is the same "
+        f"map moved (pose errors), in {time.time() - t:.1f} s: clusters ({sizes})"
+    )
+    return dataclasses.replace(
+        found,
+        clusters=clusters,
+        stats=[_merged_stats(found.stats, into, k) for k in range(len(clusters))],
+        gen_of=[found.gen_of[i] for i in first],
+        final_id=[into[i] for i in found.final_id],
+    )
+
+
+def _merged_stats(stats, into, k):
+    """Stats of merged cluster k: those of its first part, less an estimated purity that was
+    the part's against its twin (the final assignment estimates it again)."""
+    parts = [i for i, j in enumerate(into) if j == k]
+    if len(parts) == 1:
+        return stats[parts[0]]
+    return {key: v for key, v in stats[parts[0]].items() if key != "estimated_purity"}
+
+
 def assign_final(ctx, found):
     """The final assignment over the clusters of all generations (membership posteriors); a
     cluster it leaves below the minimum size goes to the unaccounted set (final_id None)."""
@@ -485,7 +520,7 @@ def assign_final(ctx, found):
         clusters=[checked[i] for i in kept],
         unaccounted=unaccounted,
         memb=memb,
-        final_id=[kept.index(i) if i in kept else None for i in range(len(checked))],
+        final_id=[None if i is None or i not in kept else kept.index(i) for i in found.final_id],
         gen_of=[found.gen_of[i] for i in kept],
         stats=[
             {**found.stats[i], "estimated_purity": round(float(memb.estimated_purity[i]), 4)}

@@ -45,3 +45,28 @@ def test_one_state_is_not_split(tmp_path):
     assert any(s.endswith("-> kept whole") for s in lines), lines  # ... and rejected
     assert len(clusters) == 1 and np.array_equal(clusters[0], np.arange(n))
     assert stats == [{"jaccard": 90.0}] and left.size == 0
+
+
+def test_clusters_whose_maps_are_one_map_turned_are_merged(tmp_path):
+    """Two clusters of one state whose images' orientations are off by +3 and -3 degrees
+    about one axis (what orientation errors make: each cluster's map the state's map turned)
+    come back as one cluster; two true states given as two clusters stay two."""
+    from sort3ddepth.engine.depth import merge_moved
+
+    (tmp_path / "one").mkdir()
+    ctx, truth = _context(tmp_path / "one", n_per_class=600, n_classes=1, snr=1.0, seed=6)
+    n = len(truth)
+    a, b = np.arange(0, n, 2), np.arange(1, n, 2)
+    c, s = np.cos(np.radians(3.0)), np.sin(np.radians(3.0))
+    turn = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    ctx.data.rots[a] = ctx.data.rots[a] @ turn
+    ctx.data.rots[b] = ctx.data.rots[b] @ turn.T
+    clusters, into = merge_moved(ctx, [a, b])
+    assert len(clusters) == 1 and np.array_equal(clusters[0], np.arange(n))
+    assert into == [0, 0]
+
+    (tmp_path / "two").mkdir()
+    ctx, truth = _context(tmp_path / "two", n_per_class=300, n_classes=2, snr=1.0, seed=4)
+    states = [np.flatnonzero(truth == k) for k in (0, 1)]
+    clusters, into = merge_moved(ctx, states)
+    assert len(clusters) == 2 and into == [0, 1]

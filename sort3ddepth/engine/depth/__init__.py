@@ -32,7 +32,7 @@ from .partition import (
 )
 from .policy import POLICY, DepthPolicy, policy_of
 from .search import coarse_rmax, cut, probe_k, rebuild_starts, settle_groups
-from .split import split_check
+from .split import merge_moved, split_check
 
 MIN_CLUSTER_SIZE = POLICY.min_cluster_size  # never report smaller clusters (sorter.py)
 
@@ -62,5 +62,6 @@ __all__ = [
     "run_generation",
     "assign_members",
     "final_assignment",
+    "merge_moved",
     "split_check",
 ]
