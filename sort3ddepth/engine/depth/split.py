@@ -114,20 +114,29 @@ def merge_moved(ctx, clusters):
     (rigid.py) merged, pair after pair: origin errors of half a pixel let a generation keep a
     group that a later one finds again, each reproduced by independent runs and each sure of
     its images, yet one state (o-k4-uneq-snr02-pose2: two clusters of ~1,500 with the same mix
-    of the four states). Returns (clusters, index of each given cluster's merged one)."""
+    of the four states). Each cluster's half maps are made once (the pairs grow as K^2, the
+    maps' cost as the data). Returns (clusters, index of each given cluster's merged one)."""
     out = [np.asarray(c, np.int64) for c in clusters]
+    halves = [_half_maps(ctx, c) for c in out]
     into = list(range(len(out)))
     pairs = [(i, j) for i in range(len(out)) for j in range(i + 1, len(out))]
     while pairs:
         i, j = pairs.pop(0)
-        c = np.union1d(out[i], out[j])
         tag = f"clusters {i} and {j} ({len(out[i])}, {len(out[j])}): "
-        if _a_motion(ctx, c, [out[i], out[j]], tag=tag, verdict="merged"):
-            out[i] = c
-            del out[j]
+        size = 0.5 * (len(out[i]) + len(out[j]))
+        if _motion(ctx, halves[i], halves[j], size, tag=tag, verdict="merged"):
+            out[i] = np.union1d(out[i], out[j])
+            halves[i] = _half_maps(ctx, out[i])
+            del out[j], halves[j]
             into = [i if k == j else k - (k > j) for k in into]
             pairs = [(a, b) for a in range(len(out)) for b in range(a + 1, len(out))]
     return out, into
+
+
+def _half_maps(ctx, c):
+    """Cluster c's maps from its images of random halves 0 and 1."""
+    ones = np.ones((len(c), 1))
+    return [ctx.maps.build(c, ones, len(c), half=h)[0] for h in (0, 1)]
 
 
 def _a_motion(ctx, c, groups, *, tag, verdict="kept whole"):
@@ -138,11 +147,20 @@ def _a_motion(ctx, c, groups, *, tag, verdict="kept whole"):
         memb[np.searchsorted(c, g), j] = 1.0
     size = 0.5 * sum(len(g) for g in groups)
     halves = [ctx.maps.build(c, memb, size, half=h) for h in (0, 1)]
-    motion, t, r, z0, z1 = motion_explains(
+    return _motion(
+        ctx,
         [halves[0][0], halves[1][0]],
         [halves[0][1], halves[1][1]],
-        ctx.maps.mask,
-        ctx.maps.resolution_limit(size),
+        size,
+        tag=tag,
+        verdict=verdict,
+    )
+
+
+def _motion(ctx, half_a, half_b, size, *, tag, verdict):
+    """motion_explains of two groups' half maps (groups of `size` images), logged."""
+    motion, t, r, z0, z1 = motion_explains(
+        half_a, half_b, ctx.maps.mask, ctx.maps.resolution_limit(size)
     )
     moved = f"({', '.join(f'{x:.2f}' for x in t)}) px and turned by {np.linalg.norm(r):.2f} deg"
     ctx.log(
