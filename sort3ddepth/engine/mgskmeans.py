@@ -128,11 +128,6 @@ class ClusterMaps:
             value_max=self._image_max(),
         )
 
-    def turn_matrices(self):
-        """(1 + T, 3, 3): the identity (the pose itself), then the pose_turns."""
-        eye = np.eye(3)[None]
-        return eye if self.pose_turns is None else np.concatenate([eye, self.pose_turns])
-
     def _image_max(self):
         if self._rec_max is None:
             self._rec_max = fourier.component_max(self.d.rec_f)

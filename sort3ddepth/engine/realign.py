@@ -35,7 +35,10 @@ def realign_to_consensus(maps, sigma_deg, comm, log):
     smears already spread each image over nearby poses). maps: mgskmeans.ClusterMaps.
     Returns the rounds made."""
     d = maps.d
-    if not sigma_deg or d.smears is not None:
+    if not sigma_deg:
+        return 0
+    if d.smears is not None:
+        log("pose refinement: none in meridien mode (its smears spread each image over poses)")
         return 0
     given = d.rots.copy()
     plain = type(maps)(d, comm, maps.sym, pad=maps.pad)  # scores at one pose each
