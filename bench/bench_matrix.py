@@ -12,7 +12,8 @@ one row:
   that some output cluster holds as a > 50 % majority), worst purity over the output clusters,
   accounted (share of particles in output clusters, the unaccounted set excluded), the largest
   |estimated - measured| purity over the clusters (summary.json's estimated_purity), the adjusted
-  Rand index over ALL particles (the unaccounted set is one more cluster), wall time;
+  Rand index over ALL particles (the unaccounted set is one more cluster), the pose sigma it
+  used (--pose_sigma_deg, given or estimated), wall time;
 * ours/frontier@97: ours@97 / frontier@97, where ours@97 = share of particles in output clusters
   that are really >= 97 % pure (an output cluster below 97 % counts as not accounted);
 * G@97 (bench/oracle_groups.py): ours@97 when the sorter's own member decisions are given the
@@ -211,6 +212,7 @@ def score_run(run, truth, k):
         ari=float(adjusted_rand_index(label, truth)),
         ours97=clean97 / n,
         wall_summary=summary.get("wall_seconds"),
+        sigma=summary.get("pose_sigma_deg"),
     )
 
 
@@ -699,7 +701,7 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=
 HEADER = (
     f"{'cell':<26} {'sim':<6} {'K':>2} {'n':>6} {'SNR':>4} {'pose':>7} | {'F@97':>5} "
     f"{'F@99':>5} {'ideal':>5} | {'found':>5} {'worst':>5} {'acc':>5} {'|e-m|':>5} "
-    f"{'ARI':>5} {'wall s':>6} | {'o/F97':>5} | {'G@97':>5} {'o/G97':>5}"
+    f"{'ARI':>5} {'sigma':>5} {'wall s':>6} | {'o/F97':>5} | {'G@97':>5} {'o/G97':>5}"
 )
 
 
@@ -719,9 +721,16 @@ def format_row(cell, r):
         return s + r["skipped"]
     return s + (
         f"{r['found']:>2}/{cell['K']:<2} {pct(r['worst_purity'])} {pct(r['accounted'])} "
-        f"{pct(r['est_err'])} {r['ari']:5.3f} {r['wall']:6.0f} | {r['ratio97']:5.2f} | "
+        f"{pct(r['est_err'])} {r['ari']:5.3f} {_sigma(r)} {r['wall']:6.0f} | "
+        f"{r['ratio97']:5.2f} | "
         f"{pct(r['g97'])} {r['ratio_g97']:5.2f}"
     )
+
+
+def _sigma(r):
+    """The pose sigma the sorter used (summary.json; '-' in results from before it was kept)."""
+    sigma = r.get("sigma")
+    return f"{'-':>5}" if sigma is None else f"{sigma:5.2f}"
 
 
 def print_relion(rows):
@@ -766,7 +775,9 @@ def main():
         "--pose_sigma",
         action="store_true",
         help="tell the sorter each pose-error cell's angular error (--pose_sigma_deg = the "
-        "cell's simulated sigma, what a user reads off the refinement's reported accuracy)",
+        "cell's simulated sigma, what a user reads off the refinement's reported accuracy); "
+        "without it the sorter estimates it (its default, -1); the table's sigma column says "
+        "which it used",
     )
     p.add_argument(
         "--ranks",

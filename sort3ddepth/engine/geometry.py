@@ -66,17 +66,20 @@ def pose_neighbours(sigma_deg):
     neighbourhood (pose @ turn); None for sigma_deg 0 (the given pose alone)."""
     if not sigma_deg:
         return None
-    a = np.radians(float(sigma_deg))
+    return np.array(
+        [axis_turn(sign * float(sigma_deg), axis) for axis in range(3) for sign in (1.0, -1.0)]
+    )
+
+
+def axis_turn(deg, axis):
+    """The rotation (3, 3) by deg degrees about coordinate axis 0, 1 or 2 (x, y, z)."""
+    a = np.radians(float(deg))
     c, s = np.cos(a), np.sin(a)
-    turns = []
-    for axis in range(3):
-        for sign in (1.0, -1.0):
-            i, j = [k for k in range(3) if k != axis]
-            t = np.eye(3)
-            t[i, i] = t[j, j] = c
-            t[i, j], t[j, i] = -sign * s, sign * s
-            turns.append(t)
-    return np.array(turns)
+    i, j = [k for k in range(3) if k != axis]
+    t = np.eye(3)
+    t[i, i] = t[j, j] = c
+    t[i, j], t[j, i] = -s, s
+    return t
 
 
 def random_rotations(n, rng):

@@ -31,6 +31,7 @@ from .reconstruction import difference_weights, reconstruct
 MAX_ITER = 15
 STOP_CHANGE = 5.0  # % of images changing group below which a run may stop (SPHIRE: 10; measured:
 # at 10 % the assignments were still improving, see the issue notes)
+SHIFT_CHUNK = 4096  # images moved (copied) at a time when scores are taken at shifted origins
 MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to be kept
 
 
@@ -128,6 +129,14 @@ class ClusterMaps:
             value_max=self._image_max(),
         )
 
+    def move_images(self, local, shifts):
+        """Move the rank's images at positions `local` by `shifts` (n, 2) sorting pixels, the
+        comparison and the reconstruction images alike (realign.py refines origins)."""
+        d = self.d
+        d.comp_f[local] = fourier.shift_images(d.comp_f[local], shifts)
+        d.rec_f[local] = fourier.shift_images(d.rec_f[local], shifts)
+        self._rec_max = None
+
     def _image_max(self):
         if self._rec_max is None:
             self._rec_max = fourier.component_max(self.d.rec_f)
@@ -183,7 +192,16 @@ class ClusterMaps:
         return fourier.FourierVolumes(out, self.d.nx, self._npad(self.d.nx) / self.d.nx)
 
     def scores(
-        self, maps, subset, half=None, *, rmax=None, shell_factors=None, noise=False, rots=None
+        self,
+        maps,
+        subset,
+        half=None,
+        *,
+        rmax=None,
+        shell_factors=None,
+        noise=False,
+        rots=None,
+        shifts=None,
     ):
         """Cross scores of the images of `subset` in random half `half` (None: all) against the
         K maps (real-space maps, or fourier_maps' volumes), on every rank: (n_selected, K), rows
@@ -197,7 +215,8 @@ class ClusterMaps:
         noise: also return the variance (n_selected, K) each score would have from the image's
         own noise alone (_score_noise), for a likelihood of the scores.
         rots: the rotations to score the rank's images at, (n_local, 3, 3) (default their
-        poses; realign.py tries turned ones)."""
+        poses; realign.py tries turned ones). shifts: (n_local, 2) sorting pixels each image is
+        moved by before it is scored (realign.py tries shifted origins; None: as they are)."""
         d = self.d
         loc = d.local(subset)
         if half is not None:
@@ -209,7 +228,7 @@ class ClusterMaps:
         best = terms = None
         for posed in [base] + [base @ t for t in turns]:
             # the rank's images as they are, the selected ones scored (no copy of them)
-            cross, pp, xx = self._terms(fv, posed, loc, rmax=rmax, sw=sw)
+            cross, pp, xx = self._terms(fv, posed, loc, rmax=rmax, sw=sw, shifts=shifts)
             score = cross / np.sqrt(pp + 1e-30)
             best = score if best is None else np.maximum(best, score)
             terms = (cross, pp, xx) if terms is None else terms
@@ -234,19 +253,36 @@ class ClusterMaps:
         sw = self.d.shell_weights
         return sw if shell_factors is None else sw * self._factors(shell_factors)[None, :] ** power
 
-    def _terms(self, fv, rots, loc, *, rmax, sw):
+    def _terms(self, fv, rots, loc, *, rmax, sw, shifts=None):
         d = self.d
-        return fourier.distance_terms(
-            fv,
-            rots,
-            d.comp_f,
-            d.ctf_coefs,
-            rmin=1.0,
-            rmax=rmax,
-            shell_weights=sw,
-            groups=d.groups,
-            select=loc,
-        )
+        if shifts is None or loc.size == 0:
+            return fourier.distance_terms(
+                fv,
+                rots,
+                d.comp_f,
+                d.ctf_coefs,
+                rmin=1.0,
+                rmax=rmax,
+                shell_weights=sw,
+                groups=d.groups,
+                select=loc,
+            )
+        parts = []  # moved copies of SHIFT_CHUNK images at a time, not of the whole stack
+        for a in range(0, loc.size, SHIFT_CHUNK):
+            at = loc[a : a + SHIFT_CHUNK]
+            parts.append(
+                fourier.distance_terms(
+                    fv,
+                    rots[at],
+                    fourier.shift_images(d.comp_f[at], shifts[at]),
+                    None if d.ctf_coefs is None else d.ctf_coefs[at],
+                    rmin=1.0,
+                    rmax=rmax,
+                    shell_weights=sw,
+                    groups=None if d.groups is None else d.groups[at],
+                )
+            )
+        return tuple(np.concatenate(t) for t in zip(*parts))
 
     def _score_noise(self, fv, loc, rots, *, rmax, shell_factors, terms):
         """Variance of each score cross / sqrt(pp) from the image's own noise: the image's noise

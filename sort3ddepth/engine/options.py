@@ -1,7 +1,8 @@
 """The options of one sorting run, built once and never written to afterwards.
 
 `SortOptions` holds every option of SPHIRE's sp_sort3d_depth.py under its SPHIRE name, with its
-default and unit (field metadata), plus ours (`min_purity`, `seed`, `force`, `shift_rounding`)
+default and unit (field metadata), plus ours (`min_purity`, `pose_sigma_deg`, `pose_sigma_px`, `seed`, `force`,
+`shift_rounding`)
 and the values derived once the input is read (`for_input`). The command line (`cli`) and the
 Scipion protocol both build one; `validate` is the one set of rules both report with.
 
@@ -25,6 +26,8 @@ MAX_GROUPS = 29
 #: --pose_sigma_deg at most: the neighbourhood is one turn each way per axis, a local search
 #: for small errors, not a new alignment
 MAX_POSE_SIGMA_DEG = 10.0
+#: --pose_sigma_px at most (original pixels): sub-pixel to few-pixel origin errors, a local search
+MAX_POSE_SIGMA_PX = 5.0
 
 
 def _opt(default, text, *, unit="", argtype=None, choices=None, sphire=True):
@@ -102,13 +105,24 @@ class SortOptions:
         sphire=False,
     )
     pose_sigma_deg: float = _opt(
-        0.0,
-        "typical angular error of the given orientations (0-10): each image's pose is first "
-        "refined in turns of this much, then of half that, against the consensus map of its "
-        "random half, and it is scored at that pose and at the pose turned by this much about "
-        "the three axes, the best score counting; the stored orientations never change (0: the "
-        "given poses alone; not in SPHIRE)",
+        -1.0,
+        "typical angular error of the given orientations, per axis (0-10; default -1: "
+        "estimated from the data, as the width of the Gaussian pose error that best explains "
+        "how each image's fit to a consensus map changes around its given pose): each image's "
+        "pose is first refined in turns of this much, then of half that, against the "
+        "consensus map of its random half, and it is scored at that pose and at the pose "
+        "turned by this much about the three axes, the best score counting; the stored "
+        "orientations never change (0: the given poses alone; not in SPHIRE)",
         unit="deg",
+        sphire=False,
+    )
+    pose_sigma_px: float = _opt(
+        -1.0,
+        "typical error of the given origins, per axis (0-5; default -1: estimated from the "
+        "data, as for --pose_sigma_deg): each image is first moved in shifts of this much, "
+        "then of half that, with its pose's refinement; the stored origins never change (0: "
+        "the given origins; not in SPHIRE)",
+        unit="px",
         sphire=False,
     )
     seed: int | None = _opt(
@@ -280,9 +294,17 @@ def validate(options, data=None, *, name: Callable[[str], str] = _cli_name, chec
             bad(option, getattr(o, option), f"must be at least {low}{unit}")
     if not 0.5 <= o.min_purity <= 1.0:
         bad("min_purity", f"{o.min_purity:g}", "must be between 0.5 and 1")
-    if not 0.0 <= o.pose_sigma_deg <= MAX_POSE_SIGMA_DEG:
+    if o.pose_sigma_deg != -1 and not 0.0 <= o.pose_sigma_deg <= MAX_POSE_SIGMA_DEG:
         bad(
-            "pose_sigma_deg", f"{o.pose_sigma_deg:g}", f"must be between 0 and {MAX_POSE_SIGMA_DEG}"
+            "pose_sigma_deg",
+            f"{o.pose_sigma_deg:g}",
+            f"must be between 0 and {MAX_POSE_SIGMA_DEG:g} (or -1: estimated from the data)",
+        )
+    if o.pose_sigma_px != -1 and not 0.0 <= o.pose_sigma_px <= MAX_POSE_SIGMA_PX:
+        bad(
+            "pose_sigma_px",
+            f"{o.pose_sigma_px:g}",
+            f"must be between 0 and {MAX_POSE_SIGMA_PX:g} (or -1: estimated from the data)",
         )
     if o.img_per_grp != -1 and o.img_per_grp <= 1:
         bad("img_per_grp", o.img_per_grp, "must be > 1 (or -1 for search mode)")

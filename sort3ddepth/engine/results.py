@@ -193,6 +193,8 @@ class Summary:
     # --pose_sigma_deg: the turn of the pose neighbourhood each image was scored over (0: the
     # given poses alone); the stored orientations are never changed
     pose_sigma_deg: float | None = _optional()
+    # --pose_sigma_px: the origin error (original pixels) the poses were refined with
+    pose_sigma_px: float | None = _optional()
     cluster_file_ids: str | None = None  # what the Cluster_###.txt files list
     all_particles: str | None = _optional()  # every input row with its cluster (STAR)
     posteriors: str | None = _optional()  # posteriors.npy (particles, final clusters)

@@ -36,7 +36,7 @@ from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
 from .preprocess import meridien_noise_weights, prepare, prepare_meridien
-from .realign import realign_to_consensus
+from .realign import refine_poses
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
 from .symmetry import parse_symmetry
@@ -331,15 +331,21 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
         f"depth order {opts.depth_order} ({2**opts.depth_order} boxes in layer 0)"
     )
     data = _preprocess(particles, opts, comm, rng, log=log)
-    turns = pose_neighbours(opts.pose_sigma_deg)
+    symmetry = sym if sym.order > 1 else None
+    pose_sigma, origin_sigma = refine_poses(
+        ClusterMaps(data, comm, symmetry=symmetry),
+        comm,
+        log,
+        sigma_deg=opts.pose_sigma_deg,
+        sigma_px=opts.pose_sigma_px,
+    )
+    turns = pose_neighbours(pose_sigma)
     if turns is not None:
         log(
-            f"pose errors: each image scored at its pose and {len(turns)} neighbours turned "
-            f"{opts.pose_sigma_deg:g} deg (--pose_sigma_deg), its pose first refined in such turns "
-            "against its random half's consensus map; the stored orientations are unchanged"
+            f"pose errors: each image scored at its refined pose and {len(turns)} neighbours "
+            f"turned {pose_sigma:g} deg (--pose_sigma_deg); the stored orientations are unchanged"
         )
-    maps = ClusterMaps(data, comm, symmetry=sym if sym.order > 1 else None, pose_turns=turns)
-    realign_to_consensus(maps, opts.pose_sigma_deg, comm, log)
+    maps = ClusterMaps(data, comm, symmetry=symmetry, pose_turns=turns)
     ctx = SortContext(
         data,
         maps,
@@ -372,6 +378,7 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     )
     if summary is not None:
         summary.wall_seconds = round(time.time() - t_start, 1)
+        summary.pose_sigma_deg, summary.pose_sigma_px = pose_sigma, origin_sigma
         output.write_json(Path(out_dir) / results.SUMMARY_FILE, summary.to_dict())
     return summary
 
@@ -570,7 +577,6 @@ def write_results(particles, opts, found, *, comm, out_dir, log, sym, sorting_si
         anova=anova_tables,
         input="meridien" if ref is not None else "stack",
         min_purity=opts.min_purity,
-        pose_sigma_deg=float(opts.pose_sigma_deg),
         cluster_file_ids=(
             "meridien particle ids (main000/indexes_000.txt)"
             if ref is not None

@@ -54,6 +54,7 @@ FORM_OPTIONS = {
     "imgPerGrp": ("img_per_grp", False),
     "minPurity": ("min_purity", False),
     "poseSigmaDeg": ("pose_sigma_deg", False),
+    "poseSigmaPx": ("pose_sigma_px", False),
     "memoryPerNode": ("memory_per_node", False),
     "overhead": ("overhead", False),
     "depthOrder": ("depth_order", False),
@@ -243,15 +244,29 @@ class ProtSort3DDepth(ProtClassify3D):
         form.addParam(
             "poseSigmaDeg",
             params.FloatParam,
-            default=0.0,
+            default=-1.0,
             label="Pose error [deg]",
-            help="Typical angular error of the particles' orientations (0-10 degrees; "
-            "a consensus refinement of a mixture leaves 1-3). Each particle's "
+            help="Typical angular error of the particles' orientations, per axis (0-10 "
+            "degrees; a consensus refinement of a mixture leaves 1-3). -1 (default): "
+            "estimated from the data, as the width of the Gaussian error that best explains "
+            "how each particle's fit to a consensus map changes around its orientation "
+            "(exact orientations give 0). Each particle's "
             "orientation is first refined in turns of this much, then of half that, "
             "against the consensus map of its random half; it is compared with the "
             "cluster maps at that orientation and turned by this much about the three "
             "axes, and the best match counts. The particles' stored orientations are "
             "never changed. 0: the given orientations only.",
+        )
+        form.addParam(
+            "poseSigmaPx",
+            params.FloatParam,
+            default=-1.0,
+            label="Origin error [px]",
+            help="Typical error of the particles' origins (shifts), per axis, in pixels of "
+            "the input images (0-5). -1 (default): estimated from the data, as for the pose "
+            "error. Each particle is first moved in shifts of this much, then of half "
+            "that, along with its orientation's refinement. The stored origins are never "
+            "changed. 0: the given origins only.",
         )
         form.addParam(
             "memoryPerNode",
@@ -840,5 +855,10 @@ def _summaryLines(s):
         lines.append(
             f"Each image's pose refined against its half's consensus map, and scored at it "
             f"and at neighbours turned by {s.pose_sigma_deg:g} deg (orientations unchanged)."
+        )
+    if s.pose_sigma_px:
+        lines.append(
+            f"Each image's origin refined in shifts of {s.pose_sigma_px:.3g} px (origins "
+            "unchanged)."
         )
     return lines

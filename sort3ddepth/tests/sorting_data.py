@@ -11,12 +11,21 @@ from sort3ddepth.engine.star_io import write_star
 
 
 def make_star(
-    folder, n_per_class=700, n_classes=3, box=48, snr=2.0, seed=11, pose_error=0.0, domain=None
+    folder,
+    n_per_class=700,
+    n_classes=3,
+    box=48,
+    snr=2.0,
+    seed=11,
+    pose_error=0.0,
+    domain=None,
+    origin_error=0.0,
 ):
     """Write particles.star (+ .mrcs) in folder; returns (star path, true labels 0-based).
     domain: radius (px) of the part that differs between the states (default box / 8).
     pose_error: the STAR's orientations are the true ones turned by |N(0, this)| degrees about
-    random axes (what a consensus refinement leaves), the images stay."""
+    random axes (what a consensus refinement leaves), the images stay; origin_error: the
+    STAR's origins are the true ones plus N(0, this) pixels per axis."""
     rng = np.random.default_rng(seed)
     vol = fourier.resize_volume(load_demo_map(64), box)
     vol /= vol.std()
@@ -28,6 +37,8 @@ def make_star(
     ps = simulate_particles(maps, n_per_class, 5.0 * 64 / box, rng, snr=snr)
     if pose_error > 0:
         ps.angles = _turned(ps.angles, pose_error, rng)
+    if origin_error > 0:
+        ps.shifts = ps.shifts + rng.normal(0.0, origin_error, ps.shifts.shape)
     star, _ = write_star(ps, folder / "particles.star")
     return star, ps.class_label
 
@@ -45,7 +56,16 @@ def _turned(angles, sigma_deg, rng):
 
 
 def prepared_set(
-    folder, *, n_per_class, n_classes, snr, seed, box=48, pose_error=0.0, pose_sigma=0.0
+    folder,
+    *,
+    n_per_class,
+    n_classes,
+    snr,
+    seed,
+    box=48,
+    pose_error=0.0,
+    pose_sigma=0.0,
+    origin_error=0.0,
 ):
     """make_star's set read and pre-processed with the default options, as the sorter would:
     (SortingData, ClusterMaps, true labels), one process. pose_sigma: the maps' pose turns
@@ -65,6 +85,7 @@ def prepared_set(
         snr=snr,
         seed=seed,
         pose_error=pose_error,
+        origin_error=origin_error,
     )
     opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", str(folder)])
     opts = opts.for_input(n_particles=len(truth))
