@@ -897,8 +897,9 @@ def test_batch_script_example():
 
 
 def test_summary_says_when_poses_were_searched_around():
-    """The protocol's summary names the pose neighbourhood (--pose_sigma_deg) when the engine
-    used one, and says nothing of it for the given poses alone."""
+    """The protocol's summary names the pose neighbourhood (--pose_sigma_deg) and the origins'
+    refinement (--pose_sigma_px) when the engine used them, and says nothing of them for the
+    given poses alone."""
     from sort3ddepth.engine.results import Summary
     from sort3ddepth.protocols.protocol_sort3d_depth import _summaryLines
 
@@ -909,3 +910,7 @@ def test_summary_says_when_poses_were_searched_around():
     )
     s.pose_sigma_deg = 0.0
     assert not any("neighbours" in line for line in _summaryLines(s))
+    s.pose_sigma_px = 0.5
+    assert _summaryLines(s)[-1] == (
+        "Each image's origin refined in shifts of 0.5 px (origins unchanged)."
+    )
