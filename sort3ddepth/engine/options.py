@@ -1,10 +1,10 @@
 """The options of one sorting run, built once and never written to afterwards.
 
 `SortOptions` holds every option of SPHIRE's sp_sort3d_depth.py under its SPHIRE name, with its
-default and unit (field metadata), plus ours (`min_purity`, `pose_sigma_deg`, `pose_sigma_px`, `seed`, `force`,
-`shift_rounding`)
-and the values derived once the input is read (`for_input`). The command line (`cli`) and the
-Scipion protocol both build one; `validate` is the one set of rules both report with.
+default and unit (field metadata), plus ours (`min_purity`, `pose_sigma_deg`, `pose_sigma_px`,
+`seed`, `force`, `shift_rounding`) and the values derived once the input is read (`for_input`).
+The command line (`cli`) and the Scipion protocol both build one; `validate` is the one set of
+rules both report with.
 
 Pure Python (no numpy at import): the protocol imports it while Scipion discovers plugins.
 """

@@ -14,9 +14,10 @@ The fits are profiled along each axis separately (turns about x, y, z of PROFILE
 origin shifts along x, y of PROFILE_PX), and the marginal over a Gaussian is the product of the
 1D marginals: exact for a quadratic peak, a fair approximation past it. Origins come first
 (realign.refine_poses): their errors leak into the angles' profiles (0.5 px alone read as 1.25
-degrees; after the origins' refinement, 0), angle errors not into the origins'. Each image is scored against the consensus map
-of the OTHER random half, so it never scores against a map it helped make (against its own
-half's the estimate came out lower, 1.5 instead of 2.0 for a true 1.8).
+degrees; after the origins' refinement, 0), angle errors not into the origins'. Each image is
+scored against the consensus map of the OTHER random half, so it never scores against a map it
+helped make (against its own half's the estimate came out lower, 1.5 instead of 2.0 for a true
+1.8).
 """
 
 import numpy as np

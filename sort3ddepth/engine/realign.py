@@ -10,8 +10,9 @@ is moved in turns of --pose_sigma_deg and shifts of --pose_sigma_px, then of hal
 that half's images at their current poses). Origins matter as much as angles: on a 4-state set
 with 2-degree and 0.5 px errors the TRUE maps put 75 % of the images nearest their own state at
 the given poses, 77 % with the true angles and the given origins, 85 % with the given angles and
-the true origins. The sorting makes its maps and scores its images at these poses (and their neighbours);
-the stored orientations never change: every output keeps the given ones.
+the true origins. The sorting makes its maps and scores its images at these poses (and their
+neighbours); the stored orientations and origins never change: every output keeps the given
+ones.
 
 Why the consensus of the image's own half: poses chosen against CLUSTER maps make each map fit
 its members better the more of them it has (MGSK-means runs collapsed into one group), and poses
@@ -40,8 +41,8 @@ def refine_poses(maps, comm, log, *, sigma_deg, sigma_px):
     4-state set with 2-degree and 0.5 px errors the TRUE maps' accuracy went 75.1 -> 84.2 %
     after the origins, 86.2 % after the angles). Nothing in meridien mode, whose smears
     already spread each image over nearby poses (a given sigma_deg still turns the scores'
-    neighbours there; -1 counts as 0). maps: mgskmeans.ClusterMaps without pose
-    turns. Returns the widths used (degrees, original pixels)."""
+    neighbours there; -1 counts as 0). maps: mgskmeans.ClusterMaps without pose turns.
+    Returns the widths used (degrees, original pixels)."""
     if maps.d.smears is not None:
         if sigma_deg or sigma_px:
             log("pose refinement: none in meridien mode (its smears spread each image over poses)")
