@@ -144,10 +144,12 @@ def test_search_mode_finds_the_number_of_groups(three_classes):
 
 
 def test_homogeneous_data_with_pose_errors_give_one_cluster(tmp_path):
-    """One structure whose given orientations are off by 2 degrees (median) as after a
-    refinement: any split would follow the errors, the defocus or the views, and must not pass
-    as a group."""
-    star, truth = make_star(tmp_path, n_per_class=900, n_classes=1, snr=3.0, pose_error=3.0)
+    """One structure whose given orientations are off by 2 degrees (median) and origins by
+    N(0, 0.5) px, as after a refinement: any split would follow the errors, the defocus or the
+    views, and must not pass as a group (both errors are estimated and refined by default)."""
+    star, truth = make_star(
+        tmp_path, n_per_class=900, n_classes=1, snr=3.0, pose_error=3.0, origin_error=0.5
+    )
     out = tmp_path / "homog"
     sort3d(["--instack", star, "--output_dir", out, "--depth_order", 1, "--seed", 3], tmp_path)
     summary, real = clusters_of(out)
