@@ -32,6 +32,8 @@ MAX_ITER = 15
 STOP_CHANGE = 5.0  # % of images changing group below which a run may stop (SPHIRE: 10; measured:
 # at 10 % the assignments were still improving, see the issue notes)
 SHIFT_CHUNK = 4096  # images moved (copied) at a time when scores are taken at shifted origins
+NEIGHBOUR_PRIOR = float(np.exp(-0.5))  # prior weight of a pose neighbour next to the given
+# pose's 1: a Gaussian of width sigma, one sigma away
 MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to be kept
 
 
@@ -209,9 +211,9 @@ class ClusterMaps:
         hold only the mask's leakage. Measured at 60 px: rmax 25 instead of 29 makes the pass
         1.55x faster; where the limit is Nyquist (bench_sort) it saves nothing.
         shell_factors: (nshell,) extra weight per frequency shell (discriminative weights).
-        With pose_turns, each score is the best over the given pose and its neighbours: with
-        pose errors of ~2 degrees (median) a 3 x 700 set was one group at the given poses alone
-        and 3 groups >= 98 % pure with the neighbours (bench/README.md, "Pose errors").
+        With pose_turns, each score is the marginal over the given pose and its neighbours
+        (pose_marginal): with pose errors of ~2 degrees (median) a 3 x 700 set was one group at
+        the given poses alone (bench/README.md, "Pose errors").
         noise: also return the variance (n_selected, K) each score would have from the image's
         own noise alone (_score_noise), for a likelihood of the scores.
         rots: the rotations to score the rank's images at, (n_local, 3, 3) (default their
@@ -225,18 +227,22 @@ class ClusterMaps:
         sw = self._weights(shell_factors)
         base = d.rots if rots is None else rots
         turns = [] if self.pose_turns is None else list(self.pose_turns)
-        best = terms = None
+        posed_scores, terms = [], None
         for posed in [base] + [base @ t for t in turns]:
             # the rank's images as they are, the selected ones scored (no copy of them)
             cross, pp, xx = self._terms(fv, posed, loc, rmax=rmax, sw=sw, shifts=shifts)
-            score = cross / np.sqrt(pp + 1e-30)
-            best = score if best is None else np.maximum(best, score)
+            posed_scores.append(cross / np.sqrt(pp + 1e-30))
             terms = (cross, pp, xx) if terms is None else terms
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
+        var = None
+        if noise or turns:
+            var = self._score_noise(
+                fv, loc, base, rmax=rmax, shell_factors=shell_factors, terms=terms
+            )
+        score = posed_scores[0] if not turns else pose_marginal(np.stack(posed_scores), var)
         if not noise:
-            return self.comm.gather_rows(best, n_sel)
-        var = self._score_noise(fv, loc, base, rmax=rmax, shell_factors=shell_factors, terms=terms)
-        return self.comm.gather_rows(best, n_sel), self.comm.gather_rows(var, n_sel)
+            return self.comm.gather_rows(score, n_sel)
+        return self.comm.gather_rows(score, n_sel), self.comm.gather_rows(var, n_sel)
 
     def _factors(self, shell_factors):
         """shell_factors (None: ones) on the length of the shell weights, zero beyond."""
@@ -305,6 +311,27 @@ class ClusterMaps:
         if shell_factors is not None and not np.array_equal(f**2, f):
             _, pp2, _ = self._terms(fv, rots, loc, rmax=rmax, sw=self._weights(shell_factors, 2))
         return power[:, None] * pp2 / (pp + 1e-30)
+
+
+def pose_marginal(posed_scores, var):
+    """Scores (n, K) of images whose pose is uncertain, from their scores (J, n, K) at the given
+    pose (first) and its J - 1 neighbours (geometry.pose_neighbours) and the variance (n, K) of
+    a score from the image's own noise. In noise units u = score / sd the log-likelihood is
+    u^2 / 2 (free amplitude); the neighbourhood's likelihood is its prior-weighted mean
+    (NEIGHBOUR_PRIOR), and the result is the u that has that likelihood, times sd: the same
+    score when every pose scores alike. The best pose alone (a max) let noise pick a pose per
+    map: on refined poses it split homogeneous sets at chance, reproducibly (bench/README.md,
+    "Pose errors"). Negative u count as -u^2 / 2 (a monotone extension: they carry no
+    likelihood, but MGSK-means still ranks them)."""
+    sd = np.sqrt(np.maximum(var, 1e-300))
+    u = posed_scores / sd[None]
+    g = np.sign(u) * u * u / 2.0
+    logw = np.full(len(posed_scores), np.log(NEIGHBOUR_PRIOR))
+    logw[0] = 0.0
+    logw -= np.log(np.sum(np.exp(logw)))
+    top = g.max(axis=0)
+    like = top + np.log(np.einsum("j,jnk->nk", np.exp(logw), np.exp(g - top[None])))
+    return np.sign(like) * np.sqrt(2.0 * np.abs(like)) * sd
 
 
 def merge_small_orientation_groups(og, k, rng):

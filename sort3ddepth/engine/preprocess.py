@@ -49,6 +49,8 @@ class SortingData:
     groups: Optional[np.ndarray] = None  # (n_local,) particle (noise) group = shell_weights row
     smears: Optional[object] = None  # smearing.LocalSmears (meridien mode); rec_f then
     # holds the UNSHIFTED images the slices are made from
+    views: Optional[np.ndarray] = None  # (n_total, 3) viewing direction of every particle
+    # (depth/nuisance.py: does a group follow the views?)
 
     @property
     def pixel_size_sort(self):
@@ -303,6 +305,7 @@ def prepare(particles, comm, opts, rng, *, log=print):
         radius,
         np.asarray(og, np.int64),
         halves.astype(np.int64),
+        views=np.array(particles.rotations[:, 2, :]),
     )
 
 
@@ -475,6 +478,7 @@ def prepare_meridien(ref, comm, opts, log=print):
         half,
         groups=groups,
         smears=smears,
+        views=np.array(particles.rotations[:, 2, :]),
     )
 
 

@@ -8,9 +8,15 @@ from sort3ddepth.engine.depth.layers import between_boxes
 from sort3ddepth.engine.depth.partition import Partition
 
 
-def _ctx(search, img_per_grp):
+def _ctx(search, img_per_grp, n=5000):
+    """A context whose n particles have random views and halves (no group follows them)."""
+    rng = np.random.default_rng(0)
+    views = rng.standard_normal((n, 3))
+    data = SimpleNamespace(
+        views=views / np.linalg.norm(views, axis=1, keepdims=True), half=rng.integers(0, 2, n)
+    )
     return SimpleNamespace(
-        rng=np.random.default_rng(0), log=lambda *a: None, search=search, img_per_grp=img_per_grp
+        rng=rng, log=lambda *a: None, search=search, img_per_grp=img_per_grp, data=data
     )
 
 
@@ -55,3 +61,21 @@ def test_a_reproduced_minority_state_is_kept():
     )
     res = between_boxes(_ctx(True, 750), subset, a, split)
     assert sorted(len(c) for c in res.clusters) == [450, 750, 1500]
+
+
+def test_a_reproduced_group_that_follows_the_views_is_rejected():
+    """Both boxes split the images the same way, but one group is the images seen from near
+    the z axis (or its opposite): a state's images come from every direction, so that group is
+    no state; the group of random images next to it is kept. Only where asked (the split
+    check)."""
+    ctx = _ctx(True, 1000, n=3000)
+    polar = np.nonzero(np.abs(ctx.data.views[:, 2]) > 0.75)[0]
+    rng = np.random.default_rng(1)
+    rest = np.setdiff1d(np.arange(3000), polar)
+    other = np.sort(rng.choice(rest, 900, replace=False))
+    box = Partition([polar, other], np.setdiff1d(rest, other))
+    again = Partition([polar, other], box.pool)
+    res = between_boxes(ctx, np.arange(3000), box, again, views_test=True)
+    assert [len(c) for c in res.clusters] == [900]
+    res = between_boxes(ctx, np.arange(3000), box, again)  # the generations' comparison
+    assert sorted(len(c) for c in res.clusters) == sorted([900, len(polar)])

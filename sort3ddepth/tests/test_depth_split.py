@@ -33,16 +33,15 @@ def test_two_merged_states_are_split(tmp_path):
 
 
 def test_one_state_is_not_split(tmp_path):
-    """One state of 300 images at SNR 1. Here the two runs DO reproduce a split (rand index
-    0.78: along something the images share, not a structure); the posterior finds a part
-    unsure and the cluster comes back whole."""
+    """One state of 300 images at SNR 1. Here the two runs DO reproduce a split (Jaccard 63-71 %
+    against 32-41 % at random) along the images' views, not a structure (depth/nuisance.py);
+    it is rejected and the cluster comes back whole."""
     ctx, truth = _context(tmp_path, n_per_class=300, n_classes=1, snr=1.0, seed=5)
     lines = []
     ctx.log = lines.append
     n = len(truth)
     clusters, stats, left = split_check(ctx, [np.arange(n)], [{"jaccard": 90.0}])
-    assert any("kept 2 groups" in s for s in lines), lines  # reproduced ...
-    assert any(s.endswith("-> kept whole") for s in lines), lines  # ... and rejected
+    assert any("-> rejected (it follows the views" in s for s in lines), lines
     assert len(clusters) == 1 and np.array_equal(clusters[0], np.arange(n))
     assert stats == [{"jaccard": 90.0}] and left.size == 0
 

@@ -9,6 +9,7 @@ the membership model's refinement).
 * search: search mode's coarse limit, cuts, rebuilt starts, K probes, settling.
 * box: one box (runs of box iterations, K resets).
 * layers: layers of boxes, the between-box comparison, one generation.
+* nuisance: whether a reproduced group follows its images' views or halves (no state).
 * members: the generation's member check and the run's final assignment.
 * split: the split check of a generation's clusters (two states merged in one; search mode);
   rigid: whether a split is one map moved (shifted, turned: pose errors).

@@ -11,16 +11,20 @@ from .accept import between_box_keeps
 from .box import run_box
 from .context import load, save
 from .members import assign_members
+from .nuisance import NuisanceTest
 from .partition import Partition
 from .policy import policy_of
 
 
-def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
+def between_boxes(ctx, subset, a, b, *, n_allowed=None, views_test=False, tag=""):
     """Two-way comparison of two boxes' partitions (their pools included as a group, but never
     accepted): a matched group is kept when its Jaccard index beats random partitions of the same
     sizes by jaccard_margin_std standard deviations and it is not tiny next to the largest
     (accept.between_box_keeps).
-    n_allowed: the most groups the user's group size allows (None: no cap, search mode)."""
+    n_allowed: the most groups the user's group size allows (None: no cap, search mode).
+    views_test: a group that follows its images' views or halves is rejected too (nuisance.py;
+    the split check, where a rejected split leaves its cluster whole: at the generation level
+    it would drop both halves of a state split along its views)."""
     policy = policy_of(ctx)
     la, lb = a.labels(subset), b.labels(subset)
     res = two_way_comparison(la, lb)
@@ -28,7 +32,7 @@ def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
     sizes_a = np.bincount(la, minlength=len(a.clusters) + 1)
     sizes_b = np.bincount(lb, minlength=len(b.clusters) + 1)
     mean, std = random_reproducibility(sizes_a, sizes_b, ctx.rng)
-    kept, stats = [], []
+    kept, stats, nuisance = [], [], None
     real = [
         (p, j)
         for j, p in enumerate(res.pairs)
@@ -39,10 +43,16 @@ def between_boxes(ctx, subset, a, b, *, n_allowed=None, tag=""):
         m = mean[j] if j < len(mean) else 0.0
         s = std[j] if j < len(std) else 0.0
         good = between_box_keeps(p, m, s, largest=largest, policy=policy)
+        why = ""
+        if good and views_test:
+            nuisance = nuisance or NuisanceTest(ctx.data, subset)
+            what, how = nuisance.follows(subset[p.members])
+            if how >= policy.nuisance_dependence:
+                good, why = False, f" (it follows the {what}: {how:.2f})"
         ctx.log(
             f"{tag}matched group sizes {p.size_a}/{p.size_b}: stable {p.size}, Jaccard "
             f"{p.jaccard:.1f} % vs random {m:.1f} +- {s:.1f} % -> "
-            f"{'kept' if good else 'rejected'}"
+            f"{'kept' if good else 'rejected'}{why}"
         )
         if good:
             kept.append(subset[p.members])

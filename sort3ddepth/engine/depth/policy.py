@@ -182,6 +182,12 @@ class DepthPolicy:
         "between boxes a group's Jaccard beats random "
         "partitions' mean by this many std (and jaccard_floor)",
     )
+    nuisance_dependence: float = _rule(
+        0.5,
+        "a reproduced group whose label its images' views (or halves) tell half-way or more "
+        "from independence to certainty (less 3 sd) is no state (depth/nuisance.py: states "
+        "split along their views 0.55-0.78; true states of all 16 matrix cells <= 0.0)",
+    )
     min_cluster_size: int = _rule(20, "never report smaller clusters")
     learn_rand_index: float = _rule(
         0.85,

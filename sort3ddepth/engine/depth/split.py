@@ -7,10 +7,11 @@ cluster, with K = 2 and scores weighted by how reliably a run's two halves agree
 differences of its maps, the runs find such a split. A split is kept when it passes the two tests
 a generation's groups pass: the two independent runs reproduce it (between_boxes), and each part
 reaches the purity target under the membership posterior (membership.decide, cross-validated
-maps); and two more. Some splits reproduce without being states: along origin or angle errors
-(the parts' maps are one map shifted or turned: rigid.py), or along something a homogeneous
-cluster's images share, such as their signal level, where the posterior finds a part unsure or
-keeps only two corners of the cluster (DepthPolicy.split_kept_share)."""
+maps); and three more. Some splits reproduce without being states: along the images' views or
+random halves (nuisance.py), along origin or angle errors (the parts' maps are one map shifted
+or turned: rigid.py), or along something else a homogeneous cluster's images share, such as
+their signal level, where the posterior finds a part unsure or keeps only two corners of the
+cluster (DepthPolicy.split_kept_share)."""
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def _reproduced_split(ctx, c, *, tag):
         )
         boxes = [Partition([c[lab == j] for j in range(2)], np.zeros(0, np.int64)) for lab in runs]
         limit = "coarse limit" if cap is not None else "full limit"
-        part = between_boxes(ctx, c, *boxes, tag=f"{tag}{limit}: ")
+        part = between_boxes(ctx, c, *boxes, views_test=True, tag=f"{tag}{limit}: ")
         if len(part.clusters) == 2 and not _a_motion(ctx, c, part.clusters, tag=tag):
             return part
     return None
