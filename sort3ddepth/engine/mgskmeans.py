@@ -32,22 +32,27 @@ MAX_ITER = 15
 STOP_CHANGE = 5.0  # % of images changing group below which a run may stop (SPHIRE: 10; measured:
 # at 10 % the assignments were still improving, see the issue notes)
 SHIFT_CHUNK = 4096  # images moved (copied) at a time when scores are taken at shifted origins
-NEIGHBOUR_PRIOR = float(np.exp(-0.5))  # prior weight of a pose neighbour next to the given
-# pose's 1: a Gaussian of width sigma, one sigma away
+NEIGHBOUR_PRIOR = float(np.exp(-0.5))  # prior weight of a pose neighbour next to its pose's
+# 1 when the prior is centred on the pose scored: a Gaussian of width sigma, one sigma away
 MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to be kept
 
 
 class ClusterMaps:
     """Builds cluster maps from memberships and scores images against them, over MPI ranks."""
 
-    def __init__(self, data, comm, symmetry=None, *, pad=2, grid=None, pose_turns=None):
+    def __init__(
+        self, data, comm, symmetry=None, *, pad=2, grid=None, pose_turns=None, given_rots=None
+    ):
         self.d = data
         self.comm = comm
         self.sym = symmetry
         self.pad = pad
-        # images are scored at their given pose and, when pose_turns (geometry.pose_neighbours)
-        # is set, at its neighbours pose @ turn: the best of these counts
+        # images are scored at their pose and, when pose_turns (geometry.pose_neighbours) is
+        # set, at its neighbours pose @ turn: their marginal counts (pose_marginal), under a
+        # Gaussian prior of the turns' angle about given_rots (n_local, 3, 3: the rotations
+        # before realign.py refined them; None: about the pose scored)
         self.pose_turns = pose_turns
+        self.given_rots = given_rots
         # maps are reconstructed and compared on a box of `grid` voxels spanning the images'
         # field of view (grid < nx: coarser voxels, for maps limited to low resolution)
         self.grid = data.nx if grid is None else int(grid)
@@ -76,7 +81,13 @@ class ClusterMaps:
             return self
         if grid not in self._coarse:
             self._coarse[grid] = ClusterMaps(
-                self.d, self.comm, self.sym, pad=self.pad, grid=grid, pose_turns=self.pose_turns
+                self.d,
+                self.comm,
+                self.sym,
+                pad=self.pad,
+                grid=grid,
+                pose_turns=self.pose_turns,
+                given_rots=self.given_rots,
             )
         return self._coarse[grid]
 
@@ -227,22 +238,34 @@ class ClusterMaps:
         sw = self._weights(shell_factors)
         base = d.rots if rots is None else rots
         turns = [] if self.pose_turns is None else list(self.pose_turns)
-        posed_scores, terms = [], None
+        posed_scores, log_prior, terms = [], [], None
         for posed in [base] + [base @ t for t in turns]:
             # the rank's images as they are, the selected ones scored (no copy of them)
             cross, pp, xx = self._terms(fv, posed, loc, rmax=rmax, sw=sw, shifts=shifts)
             posed_scores.append(cross / np.sqrt(pp + 1e-30))
             terms = (cross, pp, xx) if terms is None else terms
+            if turns:
+                log_prior.append(self._pose_log_prior(posed[loc], base[loc], loc))
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         var = None
         if noise or turns:
             var = self._score_noise(
                 fv, loc, base, rmax=rmax, shell_factors=shell_factors, terms=terms
             )
-        score = posed_scores[0] if not turns else pose_marginal(np.stack(posed_scores), var)
+        score = posed_scores[0]
+        if turns:
+            score = pose_marginal(np.stack(posed_scores), var, np.stack(log_prior))
         if not noise:
             return self.comm.gather_rows(score, n_sel)
         return self.comm.gather_rows(score, n_sel), self.comm.gather_rows(var, n_sel)
+
+    def _pose_log_prior(self, posed, base, loc):
+        """Log prior (n,) of the poses `posed` of the images at local positions `loc`: a
+        Gaussian of the neighbours' turn angle (sigma) about their given rotations, or about
+        `base` (the poses scored) when there are none."""
+        sigma = _turn_angle(self.pose_turns[0])
+        centre = base if self.given_rots is None else self.given_rots[loc]
+        return -0.5 * (_turn_angle(np.swapaxes(centre, -1, -2) @ posed) / sigma) ** 2
 
     def _factors(self, shell_factors):
         """shell_factors (None: ones) on the length of the shell weights, zero beyond."""
@@ -313,25 +336,35 @@ class ClusterMaps:
         return power[:, None] * pp2 / (pp + 1e-30)
 
 
-def pose_marginal(posed_scores, var):
-    """Scores (n, K) of images whose pose is uncertain, from their scores (J, n, K) at the given
-    pose (first) and its J - 1 neighbours (geometry.pose_neighbours) and the variance (n, K) of
-    a score from the image's own noise. In noise units u = score / sd the log-likelihood is
-    u^2 / 2 (free amplitude); the neighbourhood's likelihood is its prior-weighted mean
-    (NEIGHBOUR_PRIOR), and the result is the u that has that likelihood, times sd: the same
-    score when every pose scores alike. The best pose alone (a max) let noise pick a pose per
-    map: on refined poses it split homogeneous sets at chance, reproducibly (bench/README.md,
-    "Pose errors"). Negative u count as -u^2 / 2 (a monotone extension: they carry no
-    likelihood, but MGSK-means still ranks them)."""
+def pose_marginal(posed_scores, var, log_prior=None):
+    """Scores (n, K) of images whose pose is uncertain, from their scores (J, n, K) at their
+    pose (first) and its J - 1 neighbours (geometry.pose_neighbours), the variance (n, K) of a
+    score from the image's own noise and the poses' log prior (J, n; default: the pose 0, a
+    neighbour log NEIGHBOUR_PRIOR). In noise units u = score / sd the log-likelihood is u^2 / 2
+    (free amplitude); the neighbourhood's likelihood is its prior-weighted mean, and the result
+    is the u that has that likelihood, times sd: the same score when every pose scores alike.
+    The best pose alone (a max) let noise pick a pose per map: on refined poses it split a
+    two-state set at chance, reproducibly (bench/README.md, "The pose neighbours as a
+    marginal"). Negative u count as -u^2 / 2 (a monotone extension: they carry no likelihood,
+    but MGSK-means still ranks them)."""
+    n_pose, n = posed_scores.shape[:2]
+    if log_prior is None:
+        log_prior = np.full((n_pose, n), np.log(NEIGHBOUR_PRIOR))
+        log_prior[0] = 0.0
+    w = np.exp(log_prior - log_prior.max(axis=0, keepdims=True))
+    w /= w.sum(axis=0, keepdims=True)
     sd = np.sqrt(np.maximum(var, 1e-300))
     u = posed_scores / sd[None]
     g = np.sign(u) * u * u / 2.0
-    logw = np.full(len(posed_scores), np.log(NEIGHBOUR_PRIOR))
-    logw[0] = 0.0
-    logw -= np.log(np.sum(np.exp(logw)))
     top = g.max(axis=0)
-    like = top + np.log(np.einsum("j,jnk->nk", np.exp(logw), np.exp(g - top[None])))
+    like = top + np.log(np.einsum("jn,jnk->nk", w, np.exp(g - top[None])))
     return np.sign(like) * np.sqrt(2.0 * np.abs(like)) * sd
+
+
+def _turn_angle(rots):
+    """Angle (degrees) of each rotation (..., 3, 3)."""
+    cos = (np.trace(rots, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def merge_small_orientation_groups(og, k, rng):

@@ -332,6 +332,7 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     )
     data = _preprocess(particles, opts, comm, rng, log=log)
     symmetry = sym if sym.order > 1 else None
+    given_rots = data.rots.copy()
     pose_sigma, origin_sigma = refine_poses(
         ClusterMaps(data, comm, symmetry=symmetry),
         comm,
@@ -343,9 +344,11 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     if turns is not None:
         log(
             f"pose errors: each image scored at its refined pose and {len(turns)} neighbours "
-            f"turned {pose_sigma:g} deg (--pose_sigma_deg); the stored orientations are unchanged"
+            f"turned {pose_sigma:g} deg, weighed by their likelihood and a Gaussian prior of "
+            f"that width about the given pose (--pose_sigma_deg); the stored orientations are "
+            f"unchanged"
         )
-    maps = ClusterMaps(data, comm, symmetry=symmetry, pose_turns=turns)
+    maps = ClusterMaps(data, comm, symmetry=symmetry, pose_turns=turns, given_rots=given_rots)
     ctx = SortContext(
         data,
         maps,

@@ -21,7 +21,7 @@ from sort3ddepth.engine.depth import (
     within_box_accept,
 )
 from sort3ddepth.engine.depth.box import _starts_from_groups
-from sort3ddepth.engine.geometry import pose_neighbours
+from sort3ddepth.engine.geometry import axis_turn, pose_neighbours
 from sort3ddepth.engine.mgskmeans import (
     MAX_ITER,
     NEIGHBOUR_PRIOR,
@@ -403,6 +403,28 @@ def test_pose_marginal_is_the_likelihood_of_the_neighbourhood():
         higher = near.copy()
         higher[j] += 1.0
         assert np.all(pose_marginal(higher, var) > pose_marginal(near, var))
+
+
+def test_pose_prior_is_centred_on_the_given_rotation(three_groups):
+    """A pose refined by +sigma about x from its given rotation: of its neighbours, the one
+    turned back is the given rotation (log prior 0), the pose itself is one sigma away (-1/2),
+    the one turned on two sigma (-2); a log prior that puts all weight on one pose gives that
+    pose's score."""
+    data, _ = three_groups
+    sigma = 3.0
+    turns = pose_neighbours(sigma)
+    given = data.rots @ axis_turn(-sigma, 0)
+    maps = ClusterMaps(data, Comm(), pose_turns=turns, given_rots=given)
+    loc = np.arange(5)
+    base = data.rots[loc]
+    prior = [maps._pose_log_prior(base @ t, base, loc) for t in (np.eye(3), *turns)]
+    np.testing.assert_allclose(prior[0], -0.5, atol=1e-9)
+    np.testing.assert_allclose(prior[1], -2.0, atol=1e-9)  # +sigma about x
+    np.testing.assert_allclose(prior[2], 0.0, atol=1e-6)  # -sigma about x: the given pose
+    scores = np.random.default_rng(0).normal(10.0, 2.0, (7, 5, 3))
+    only = np.full((7, 5), -1e3)
+    only[2] = 0.0
+    np.testing.assert_allclose(pose_marginal(scores, np.ones((5, 3)), only), scores[2])
 
 
 @pytest.mark.parametrize("graded", [False, True])

@@ -158,7 +158,7 @@ def test_pose_neighbourhood_leaves_the_orientations_as_given(tmp_path):
     argv = ["--instack", str(star), "--output_dir", str(out), "--img_per_grp", "150"]
     assert cli.run(argv + ["--seed", "3", "--depth_order", "1", "--pose_sigma_deg", "2"]) == 0
     assert read_summary(out / "summary.json").pose_sigma_deg == 2.0
-    assert "neighbours turned 2 deg (--pose_sigma_deg)" in (out / "log.txt").read_text()
+    assert "neighbours turned 2 deg, weighed by their likelihood" in (out / "log.txt").read_text()
     given = read_star(star)
     written = read_star(out / "all_particles.star")
     np.testing.assert_array_equal(written.angles, given.angles)
