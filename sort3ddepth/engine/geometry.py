@@ -82,6 +82,12 @@ def axis_turn(deg, axis):
     return t
 
 
+def angle_between(a, b):
+    """Angle (degrees) of the rotation between each pair of rotations (..., 3, 3)."""
+    cos = (np.einsum("...ij,...ij->...", a, b) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
 def random_rotations(n, rng):
     """n rotation matrices uniformly distributed on SO(3) (Haar), from unit quaternions."""
     q = rng.standard_normal((n, 4))

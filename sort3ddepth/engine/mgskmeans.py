@@ -25,6 +25,7 @@ import numpy as np
 from . import fourier
 from .assignment import constrained_assignment
 from .comparison import split_two_classes
+from .geometry import angle_between
 from .preprocess import comparison_circle, good_fft_size, scaled_fsc
 from .reconstruction import difference_weights, reconstruct
 
@@ -263,9 +264,9 @@ class ClusterMaps:
         """Log prior (n,) of the poses `posed` of the images at local positions `loc`: a
         Gaussian of the neighbours' turn angle (sigma) about their given rotations, or about
         `base` (the poses scored) when there are none."""
-        sigma = _turn_angle(self.pose_turns[0])
+        sigma = angle_between(self.pose_turns[0], np.eye(3))
         centre = base if self.given_rots is None else self.given_rots[loc]
-        return -0.5 * (_turn_angle(np.swapaxes(centre, -1, -2) @ posed) / sigma) ** 2
+        return -0.5 * (angle_between(centre, posed) / sigma) ** 2
 
     def _factors(self, shell_factors):
         """shell_factors (None: ones) on the length of the shell weights, zero beyond."""
@@ -359,12 +360,6 @@ def pose_marginal(posed_scores, var, log_prior=None):
     top = g.max(axis=0)
     like = top + np.log(np.einsum("jn,jnk->nk", w, np.exp(g - top[None])))
     return np.sign(like) * np.sqrt(2.0 * np.abs(like)) * sd
-
-
-def _turn_angle(rots):
-    """Angle (degrees) of each rotation (..., 3, 3)."""
-    cos = (np.trace(rots, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def merge_small_orientation_groups(og, k, rng):

@@ -23,7 +23,7 @@ owes it alike to every cluster's map; and MGSK-means scores each half against ma
 
 import numpy as np
 
-from .geometry import pose_neighbours
+from .geometry import angle_between, pose_neighbours
 from .pose_error import estimate_angle_error, estimate_origin_error
 
 REALIGN_STEPS = (1.0, 0.5)  # move sizes, times sigma: coarse, then fine (on a 3-state set
@@ -105,7 +105,7 @@ class _Prior:
         (2,) more than they already are."""
         out = np.zeros(local.size)
         if self.sigma_deg:
-            out -= 0.5 * (_angles(rots, self.given[local]) / self.sigma_deg) ** 2
+            out -= 0.5 * (angle_between(rots, self.given[local]) / self.sigma_deg) ** 2
         if self.px:
             out -= 0.5 * np.sum((self.shifted[local] + shift) ** 2, axis=1) / self.px**2
         return out
@@ -164,9 +164,3 @@ def _apply(maps, moves, best, prior):
     if moving.size:
         maps.move_images(moving, step[moving])
         prior.shifted[moving] += step[moving]
-
-
-def _angles(a, b):
-    """Angle (degrees) of the rotation between each pair of rotations."""
-    cos = (np.einsum("nij,nij->n", a, b) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
