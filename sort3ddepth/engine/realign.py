@@ -125,22 +125,35 @@ def _moves(turn_deg, shift_px):
     return np.array(turns), np.array(shifts)
 
 
+def turn_log_posteriors(maps, given_rots, sigma_deg):
+    """(turns (7, 3, 3): none, then the six turns of sigma_deg; (7, n_local) log posterior of
+    each of the rank's images turned so, against its half's consensus map, under the Gaussian
+    prior of width sigma_deg about its given rotation `given_rots` (n_local, 3, 3))."""
+    moves = _moves(sigma_deg, 0.0)
+    return moves[0], move_log_posteriors(maps, moves, _Prior(given_rots, sigma_deg, 0.0))
+
+
 def _best_moves(maps, moves, prior):
     """For each of the rank's images, the move (index into moves; 0: none) with the highest
-    posterior against its own half's consensus map: the log-likelihood u^2 / 2 of its score
-    (u: the score over its noise sd, as membership.py) plus the Gaussian prior on how far the
-    pose is from the given one. Without the prior, at SNR 0.2 the scores' noise alone turned
-    poses with median errors of 1.3 degrees to 1.8."""
+    posterior (move_log_posteriors). Without the prior, at SNR 0.2 the scores' noise alone
+    turned poses with median errors of 1.3 degrees to 1.8."""
+    return np.argmax(move_log_posteriors(maps, moves, prior), axis=0)
+
+
+def move_log_posteriors(maps, moves, prior):
+    """(n_moves, n_local) log posterior of each move of each of the rank's images against its
+    own half's consensus map: the log-likelihood u^2 / 2 of its score (u: the score over its
+    noise sd, as membership.py) plus the Gaussian prior on how far the pose is from the given
+    one (up to a constant per image)."""
     d = maps.d
     turns, shifts = moves
     everyone = np.arange(d.n_total)
-    best = np.zeros(d.hi - d.lo, np.int64)
+    out = np.zeros((len(turns), d.hi - d.lo))
     for h in (0, 1):
         fv = maps.comparison_volumes(maps.build(everyone, np.ones((d.n_total, 1)), d.n_total, h))
         rows = np.flatnonzero(d.half == h)
         mine = (rows >= d.lo) & (rows < d.hi)
         local = rows[mine] - d.lo
-        post = np.empty((len(turns), local.size))
         for j, (turn, shift) in enumerate(zip(turns, shifts)):
             rots = d.rots @ turn
             moved = None if not shift.any() else np.broadcast_to(shift, (d.hi - d.lo, 2))
@@ -149,9 +162,8 @@ def _best_moves(maps, moves, prior):
                 s, var = s
                 var = np.maximum(var[mine, 0], 1e-300)
             where = prior.log_prior(local, rots[local], shift)
-            post[j] = 0.5 * s[mine, 0] ** 2 / var + where
-        best[local] = np.argmax(post, axis=0)
-    return best
+            out[j, local] = 0.5 * s[mine, 0] ** 2 / var + where
+    return out
 
 
 def _apply(maps, moves, best, prior):

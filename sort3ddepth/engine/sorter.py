@@ -35,6 +35,7 @@ from .membership import purity_curve
 from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
+from .pose_smears import pose_smears
 from .preprocess import meridien_noise_weights, prepare, prepare_meridien
 from .realign import refine_poses
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
@@ -333,12 +334,12 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     data = _preprocess(particles, opts, comm, rng, log=log)
     symmetry = sym if sym.order > 1 else None
     given_rots = data.rots.copy()
+    point_maps = ClusterMaps(data, comm, symmetry=symmetry)
     pose_sigma, origin_sigma = refine_poses(
-        ClusterMaps(data, comm, symmetry=symmetry),
-        comm,
-        log,
-        sigma_deg=opts.pose_sigma_deg,
-        sigma_px=opts.pose_sigma_px,
+        point_maps, comm, log, sigma_deg=opts.pose_sigma_deg, sigma_px=opts.pose_sigma_px
+    )
+    data.smears = (
+        pose_smears(point_maps, comm, given_rots, sigma_deg=pose_sigma, log=log) or data.smears
     )
     turns = pose_neighbours(pose_sigma)
     if turns is not None:
