@@ -69,3 +69,20 @@ def test_clusters_whose_maps_are_one_map_turned_are_merged(tmp_path):
     states = [np.flatnonzero(truth == k) for k in (0, 1)]
     clusters, into = merge_moved(ctx, states)
     assert len(clusters) == 2 and into == [0, 1]
+
+
+def test_a_cluster_of_many_states_is_tried_at_the_generation_s_k(tmp_path):
+    """Five states of 120 images given as ONE cluster, working group size 120. No split in two
+    reproduces (five states have many equally good cuts in two), so a pair at K = 5 (what a
+    generation of 600 images starts from) is tried at both limits; here it reproduces nothing
+    either (rand index ~0.7-0.8) and the cluster comes back whole. (On o-k8-eq-snr05 the same
+    path splits a five-state cluster: bench/README.md, "K = 2, then the generation's K".)"""
+    data, maps, truth = prepared_set(tmp_path, n_per_class=120, n_classes=5, snr=1.0, seed=4)
+    lines = []
+    ctx = SortContext(data, maps, np.random.default_rng(4), lines.append, True, False, 120, 5, 1)
+    n = len(truth)
+    clusters, stats, left = split_check(ctx, [np.arange(n)], [{}])
+    tried = [s for s in lines if "between-box comparison" in s]
+    assert [", K = 5" in s for s in tried] == [False, False, True, True], tried
+    assert len(clusters) == 1 and np.array_equal(clusters[0], np.arange(n))
+    assert stats == [{}] and left.size == 0

@@ -78,23 +78,39 @@ def _split(ctx, c, *, tag):
 
 
 def _reproduced_split(ctx, c, *, tag):
-    """The split of `c` that a weighted K = 2 pair from random labels reproduces and that is no
-    rigid motion, as a Partition, or None. Tried at two limits: first the coarse one of the
-    search-mode runs (where the boxes separate states), then every shell a part's maps hold
+    """The split of `c` that a weighted pair from random labels reproduces and that is no
+    rigid motion, as a Partition, or None. K = 2 first, tried at two limits: the coarse one of
+    the search-mode runs (where the boxes separate states), then every shell a part's maps hold
     (states that differ only past the coarse limit: o-k8-eq-snr05). Either may be the one that
     separates two states cleanly (bench/README.md, "the split check at two limits"). A cluster
-    too small for a coarser limit is tried once, at its full one."""
+    too small for a coarser limit is tried once, at its full one. When no K = 2 split
+    reproduces, the K a generation of len(c) images starts from (len(c) / the working group
+    size), if 3 or more: five states of alike distances have many equally good cuts in two,
+    and two runs pick different ones (o-k8-eq-snr05, bench/README.md "K = 2, then the
+    generation's K")."""
     n = len(c)
-    coarse = coarse_rmax(ctx, n, 2)
-    caps = (coarse, None) if coarse < ctx.maps.resolution_limit(n / 4) else (None,)
+    k_gen = int(round(n / max(ctx.img_per_grp, 1)))
+    for k in (2, k_gen) if k_gen >= 3 else (2,):
+        part = _reproduced_k(ctx, c, k, tag=tag)
+        if part is not None:
+            return part
+    return None
+
+
+def _reproduced_k(ctx, c, k, *, tag):
+    """_reproduced_split at one K: the first limit whose pair reproduces >= 2 groups, no two of
+    them one map moved, as a Partition, or None."""
+    n = len(c)
+    coarse = coarse_rmax(ctx, n, k)
+    caps = (coarse, None) if coarse < ctx.maps.resolution_limit(n / (2 * k)) else (None,)
     for cap in caps:
-        inits = [random_equal_assignment(n, 2, ctx.rng) for _ in range(2)]
+        inits = [random_equal_assignment(n, k, ctx.rng) for _ in range(2)]
         runs, _ = mgsk_pair(
             ctx.maps,
             c,
-            2,
+            k,
             inits,
-            schedules=pair_schedules(n, 2, ctx.nstep, policy_of(ctx)),
+            schedules=pair_schedules(n, k, ctx.nstep, policy_of(ctx)),
             frozen=False,
             search=True,
             orientation=ctx.data.orientation_groups,
@@ -102,12 +118,20 @@ def _reproduced_split(ctx, c, *, tag):
             weighted=True,
             rmax_cap=cap,
         )
-        boxes = [Partition([c[lab == j] for j in range(2)], np.zeros(0, np.int64)) for lab in runs]
-        limit = "coarse limit" if cap is not None else "full limit"
+        boxes = [Partition([c[lab == j] for j in range(k)], np.zeros(0, np.int64)) for lab in runs]
+        limit = ("coarse limit" if cap is not None else "full limit") + (
+            f", K = {k}" if k > 2 else ""
+        )
         part = between_boxes(ctx, c, *boxes, views_test=True, tag=f"{tag}{limit}: ")
-        if len(part.clusters) == 2 and not _a_motion(ctx, c, part.clusters, tag=tag):
+        if len(part.clusters) >= 2 and not _any_motion(ctx, c, part.clusters, tag=tag):
             return part
     return None
+
+
+def _any_motion(ctx, c, groups, *, tag):
+    """True when some two of the reproduced groups' maps are one map shifted and turned."""
+    pairs = [(i, j) for i in range(len(groups)) for j in range(i + 1, len(groups))]
+    return any(_a_motion(ctx, c, [groups[i], groups[j]], tag=tag) for i, j in pairs)
 
 
 def merge_moved(ctx, clusters):
