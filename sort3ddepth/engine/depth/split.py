@@ -1,10 +1,11 @@
-"""The split check: does a generation's cluster hold two states?
+"""The split check: does a generation's cluster hold two states or more?
 
 States that differ by a small density next to a larger one come out of the depth search merged:
 from random labels at search mode's K, MGSK-means never holds groups of a few hundred images
 whose maps differ only in a few low shells (bench/README.md, "Why states are missed"). Inside one
-cluster, with K = 2 and scores weighted by how reliably a run's two halves agree on the
-differences of its maps, the runs find such a split. A split is kept when it passes the two tests
+cluster, with K = 2 (then, if nothing reproduces, the K a generation of its size starts from)
+and scores weighted by how reliably a run's two halves agree on the differences of its maps,
+the runs find such a split. A split is kept when it passes the two tests
 a generation's groups pass: the two independent runs reproduce it (between_boxes), and each part
 reaches the purity target under the membership posterior (membership.decide, cross-validated
 maps); and three more. Some splits reproduce without being states: along the images' views or
