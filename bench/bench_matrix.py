@@ -744,6 +744,40 @@ def format_row(cell, r):
     )
 
 
+FRONTIER_TARGET = (0.5, 0.9)  # issue 20: where F@97 >= 0.5, ours / F@97 >= 0.9
+ESTIMATE_TARGET = 0.02  # issue 20: estimated purity within 2 points of the measured
+
+
+def print_targets(rows):
+    """One line per target of the calibrated-sorting issue: the cells that meet it, and the
+    names and figures of those that fall short."""
+    done = [(c, r) for c, r in rows if "ratio97" in r]
+    floor, ratio = FRONTIER_TARGET
+    checks = [
+        (
+            f"ours/F@97 >= {ratio:g} where F@97 >= {100 * floor:g} %",
+            [(c, r, f"{r['ratio97']:.2f}") for c, r in done if r["f97"] >= floor],
+            lambda r: r["ratio97"] >= ratio,
+        ),
+        (
+            f"|estimated - measured purity| <= {100 * ESTIMATE_TARGET:g} points",
+            [(c, r, f"{100 * r['est_err']:.1f}") for c, r in done if np.isfinite(r["est_err"])],
+            lambda r: r["est_err"] <= ESTIMATE_TARGET,
+        ),
+        (
+            f"no state missed that the ideal sorter gets >= {100 * REQUIRED_ACCURACY:g} % right",
+            [(c, r, _need(r).replace(" ", "")) for c, r in done],
+            lambda r: r["required_found"] == len(r["required"]),
+        ),
+    ]
+    for what, cells, met in checks:
+        short = [f"{c['name']} {fig}" for c, r, fig in cells if not met(r)]
+        print(
+            f"target {what}: met in {len(cells) - len(short)} of {len(cells)} cells"
+            + (f"; short: {', '.join(short)}" if short else "")
+        )
+
+
 def _need(r):
     """'found/required' of the states the ideal sorter gets >= REQUIRED_ACCURACY right."""
     return f"{r['required_found']:>2}/{len(r['required']):<2}"
@@ -906,6 +940,7 @@ def main():
             f"{100 * min(r['worst_purity'] for r in done):.1f} %; total sorter wall "
             f"{sum(r['wall'] for r in done):.0f} s"
         )
+        print_targets(rows)
         compared = [r["ranks"] for r in done if "ranks" in r]
         if compared:
             same = sum(not any(v.values()) for v in compared)
