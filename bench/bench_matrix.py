@@ -717,7 +717,8 @@ def required_states(per_state, found_states):
 
 HEADER = (
     f"{'cell':<26} {'sim':<6} {'K':>2} {'n':>6} {'SNR':>4} {'pose':>7} | {'F@97':>5} "
-    f"{'F@99':>5} {'ideal':>5} | {'found':>5} {'need':>5} {'worst':>5} {'acc':>5} {'right':>5} {'|e-m|':>5} "
+    f"{'F@99':>5} {'ideal':>5} | {'found':>5} {'need':>5} {'worst':>5} {'acc':>5} {'right':>5} "
+    f"{'|e-m|':>5} "
     f"{'ARI':>5} {'sigma':>5} {'wall s':>6} | {'o/F97':>5} | {'G@97':>5} {'o/G97':>5}"
 )
 
@@ -737,7 +738,8 @@ def format_row(cell, r):
     if "skipped" in r:
         return s + r["skipped"]
     return s + (
-        f"{r['found']:>2}/{cell['K']:<2} {_need(r)} {pct(r['worst_purity'])} {pct(r['accounted'])} {pct(r['right'])} "
+        f"{r['found']:>2}/{cell['K']:<2} {_need(r)} {pct(r['worst_purity'])} "
+        f"{pct(r['accounted'])} {pct(r['right'])} "
         f"{pct(r['est_err'])} {r['ari']:5.3f} {_sigma(r)} {r['wall']:6.0f} | "
         f"{r['ratio97']:5.2f} | "
         f"{pct(r['g97'])} {r['ratio_g97']:5.2f}"
@@ -912,9 +914,10 @@ def main():
         "its accuracy; found: true states held as a > 50 % majority; need: of the states the ideal "
         "sorter gets >= 90 % right, those found; worst: lowest cluster "
         "purity; acc: accounted; right: share of all particles in a cluster whose majority "
-        "is their state (to set against ideal); |e-m|: max |estimated - measured| purity; ARI: unaccounted = "
-        "one cluster; o/F97: (share in clusters >= 97 % pure) / F@97; G@97: that share when "
-        "the sorter's member decisions get the TRUE groups (bench/oracle_groups.py); o/G97: "
+        "is their state (to set against ideal); |e-m|: max |estimated - measured| purity; "
+        "ARI: unaccounted = one cluster; o/F97: (share in clusters >= 97 % pure) / F@97; "
+        "G@97: that share when the sorter's member decisions get the TRUE groups "
+        "(bench/oracle_groups.py); o/G97: "
         "ours / G@97. Percentages.\n"
     )
     print(HEADER)
