@@ -36,6 +36,7 @@ bench_output/aspire-venv/bin/python; cells are reported "not run" when it is mis
     .venv/bin/python bench/bench_matrix.py --cells 0 --reuse --ranks 1,3   # same bits on 1, 3 ranks?
     .venv/bin/python bench/bench_matrix.py --cells 2 --reuse --relion      # + RELION Class3D
     .venv/bin/python bench/bench_matrix.py --cells 5 --seed_offset 1 --output_dir bench_output/m1
+    .venv/bin/python bench/bench_matrix.py --depth_order 2 --output_dir bench_output/m2  # 4 boxes
 
 With --relion (RELION on the PATH), RELION 3D classification runs on each cell's set and poses
 (bench/relion_class3d.py): without alignment, and with local searches around the given poses
@@ -553,8 +554,11 @@ def _sorter_command(cell, star, run, nproc, sorter_args):
         "--output_dir",
         str(run),
         *([] if "--seed" in sorter_args else ["--seed", str(cell["seed"])]),
-        "--depth_order",
-        str(cell.get("depth_order", 2)),
+        *(
+            []
+            if "--depth_order" in sorter_args
+            else ["--depth_order", str(cell.get("depth_order", 2))]
+        ),
         *sorter_args,
     ]
     if nproc > 1:
@@ -882,6 +886,13 @@ def main():
         help="sort each cell with its seed + this (the data stay the same): how much a "
         "result owes to one random draw",
     )
+    p.add_argument(
+        "--depth_order",
+        type=int,
+        default=None,
+        help="sort every cell with this --depth_order (the sorter's default is 2; the cells "
+        "use 1, half the boxes, unless a cell says otherwise)",
+    )
     p.add_argument("--list", action="store_true", help="list the cells and exit")
     p.add_argument(
         "--verify_aspire",
@@ -917,6 +928,8 @@ def main():
         extra = ["--pose_sigma_deg", f"{c['pose'][0]:g}"] if told else []
         if a.seed_offset:
             extra += ["--seed", str(c["seed"] + a.seed_offset)]
+        if a.depth_order is not None:
+            extra += ["--depth_order", str(a.depth_order)]
         ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
         r = run_cell(
             c,
