@@ -689,7 +689,7 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=
     cmd = _sorter_command(cell, star, run, nproc, sorter_args)
     row["command"] = " ".join(cmd)
     log("  " + row["command"])
-    if not (reuse and (run / "summary.json").exists()):
+    if not (reuse and (run / "summary.json").exists() and _same_sort(old, row["command"])):
         if run.exists():
             shutil.rmtree(run)
         t = time.time()
@@ -720,6 +720,19 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=
         row["relion"] = old["relion"]
     (d / "result.json").write_text(json.dumps(row, indent=1))
     return row
+
+
+def _same_sort(old, command):
+    """Whether a stored result was sorted with the same sorter options (seed, depth order,
+    extra arguments; the interpreter, the rank count and the folders aside): --reuse must not
+    report a run made with other options. Results stored without a command count as the same."""
+
+    def options(cmd):
+        words = cmd.split("sort3ddepth.engine.cli", 1)[-1].split()
+        paths = {i + 1 for i, w in enumerate(words) if w in ("--instack", "--output_dir")}
+        return [w for i, w in enumerate(words) if i not in paths]
+
+    return "command" not in old or options(old["command"]) == options(command)
 
 
 REQUIRED_ACCURACY = 0.90  # issue 20's target: no state missed where the ideal sorter puts at
@@ -854,7 +867,8 @@ def main():
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse an existing sorter output and ideal-sorter result",
+        help="reuse an existing sorter output (when made with the same sorter options) and "
+        "ideal-sorter result",
     )
     p.add_argument(
         "--pose_sigma",
