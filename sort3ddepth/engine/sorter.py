@@ -451,14 +451,20 @@ def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
     clusters = [c for c, _ in pairs]
     stats = [st for _, st in pairs]
     pool = np.setdiff1d(subset, np.concatenate(clusters) if clusters else [])
-    if gen == 0 and not clusters:
+    fallback = gen == 0 and not clusters
+    if fallback:
         ctx.log(
             "no reproducible structural groups were found: the data set is reported as one "
             "homogeneous cluster"
         )
         clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
     if policy_of(ctx).split_check and ctx.search and clusters:  # K given: never
-        clusters, stats, left = split_check(ctx, clusters, stats, tag=f"gen {gen}: ")
+        # groups were checked as reproduced (layers.py); checked again: those the member
+        # check grew with images no check has seen, and the whole set when none reproduced
+        grown = [
+            fallback or len(c) > st.get("reproduced_size", len(c)) for c, st in zip(clusters, stats)
+        ]
+        clusters, stats, left = split_check(ctx, clusters, stats, tag=f"gen {gen}: ", only=grown)
         pool = np.union1d(pool, left)
     ctx.log(
         f"generation {gen} done in {time.time() - t:.1f} s: {len(clusters)} clusters "

@@ -86,3 +86,38 @@ def test_a_cluster_of_many_states_is_tried_at_the_generation_s_k(tmp_path):
     assert [", K = 5" in s for s in tried] == [False, False, True, True], tried
     assert len(clusters) == 1 and np.array_equal(clusters[0], np.arange(n))
     assert stats == [{}] and left.size == 0
+
+
+def test_only_the_clusters_asked_for_are_checked(tmp_path):
+    """The two merged states of test_two_merged_states_are_split, given as one cluster next to
+    another that is not to be checked (only): the first is split, the second comes back as it
+    was, with its stats."""
+    ctx, truth = _context(tmp_path, n_per_class=300, n_classes=2, snr=1.0, seed=4)
+    n = len(truth)
+    other = np.arange(n, n + 50)
+    clusters, stats, left = split_check(
+        ctx, [np.arange(n), other], [{}, {"jaccard": 80.0}], only=[True, False]
+    )
+    assert len(clusters) == 3
+    assert any(np.array_equal(c, other) for c in clusters)
+    assert {"jaccard": 80.0} in stats
+
+
+def test_the_groups_are_checked_as_reproduced(monkeypatch):
+    """A generation's groups go to the split check before the member check (layers.py): a
+    split group is replaced by its parts, the images neither part keeps join the pool."""
+    import types
+
+    from sort3ddepth.engine.depth import Partition, layers, split
+
+    def halve(ctx, clusters, stats, *, tag="", only=None):
+        c = clusters[0]
+        return [c[:40], c[50:], *clusters[1:]], [{"split_from": len(c)}] * 2 + stats[1:], c[40:50]
+
+    monkeypatch.setattr(split, "split_check", halve)
+    ctx = types.SimpleNamespace(search=True)
+    part = Partition([np.arange(100), np.arange(100, 130)], np.arange(130, 140), 0.9, [{}, {}])
+    out = layers._split_reproduced(ctx, 0, part)
+    assert [len(c) for c in out.clusters] == [40, 50, 30]
+    np.testing.assert_array_equal(out.pool, np.r_[40:50, 130:140])
+    assert out.stats[:2] == [{"split_from": 100}] * 2

@@ -66,6 +66,30 @@ def test_nothing_reproduced_is_one_homogeneous_cluster():
     assert len(run.unaccounted) == 0
 
 
+def test_after_the_member_check_the_split_check_sees_only_grown_clusters(monkeypatch):
+    """Every group was split-checked as reproduced (before the member check); afterwards only a
+    cluster the member check grew with pool images is checked again (it holds images no check
+    has seen: a-k4-uneq-3500-snr05's 3,858 reproduced images of one state became 5,260 of
+    three), and the whole set when nothing reproduced."""
+    seen = []
+
+    def record(ctx, clusters, stats, *, tag="", only=None):
+        seen.append(list(only))
+        return clusters, stats, np.zeros(0, np.int64)
+
+    monkeypatch.setattr(sorter, "split_check", record)
+    ctx = _ctx()
+    ctx.search = True
+    grown = [{"reproduced_size": 300}, {"reproduced_size": 250}, {"reproduced_size": 100}]
+    stored = StoredGenerations(
+        {"gen000": _part([range(0, 400), range(400, 600), range(600, 700)], grown)}
+    )
+    sorter._one_generation(ctx, 0, np.arange(800), 3, earlier=[], comm=Comm(), checkpoints=stored)
+    stored = StoredGenerations({"gen000": _part([])})
+    sorter._one_generation(ctx, 0, np.arange(300), 3, earlier=[], comm=Comm(), checkpoints=stored)
+    assert seen == [[True, False, False], [True]]
+
+
 def test_generations_follow_the_pool_until_too_few_are_left():
     """Generation 1 sorts what generation 0 left; it stops when K = pool / group size < 2."""
     stored = StoredGenerations(

@@ -11,7 +11,8 @@ the membership model's refinement).
 * layers: layers of boxes, the between-box comparison, one generation.
 * nuisance: whether a reproduced group follows its images' views or halves (no state).
 * members: the generation's member check and the run's final assignment.
-* split: the split check of a generation's clusters (two states merged in one; search mode);
+* split: the split check of a generation's groups (two states merged in one; search mode),
+  before and after the member check;
   rigid: whether a split is one map moved (shifted, turned: pose errors).
 Unaccounted images go on to the next generation.
 All random choices come from the one generator in the context, drawn on every rank in the same

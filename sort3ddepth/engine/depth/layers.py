@@ -158,6 +158,20 @@ def run_generation(ctx, gen, subset, k, *, earlier=()):
         if len(pairs) == 1 or len(good) < len(pairs):
             # last layer, or a pair found fewer than two groups: the generation ends here
             best = max(pairs, key=lambda p: (len(p.clusters) >= 2, p.n_accounted))
+            best = _split_reproduced(ctx, gen, best)
             return assign_members(ctx, subset, best, f"gen {gen}: ", earlier=earlier)
         starts = good
         layer += 1
+
+
+def _split_reproduced(ctx, gen, part):
+    """The split check (split.py) on the groups as reproduced, before the member check keeps
+    only the sure images of a group that holds two states. Its parts replace the group; the
+    images neither part keeps join the pool."""
+    if not (policy_of(ctx).split_check and ctx.search and part.clusters):
+        return part
+    from .split import split_check  # here: split.py uses this module's between_boxes
+
+    stats = list(part.stats) + [{}] * (len(part.clusters) - len(part.stats))
+    clusters, stats, left = split_check(ctx, part.clusters, stats, tag=f"gen {gen}: ")
+    return Partition(clusters, np.union1d(part.pool, left), part.rand_index, stats, part.k_found)

@@ -12,7 +12,15 @@ maps); and three more. Some splits reproduce without being states: along the ima
 random halves (nuisance.py), along origin or angle errors (the parts' maps are one map shifted
 or turned: rigid.py), or along something else a homogeneous cluster's images share, such as
 their signal level, where the posterior finds a part unsure or keeps only two corners of the
-cluster (DepthPolicy.split_kept_share)."""
+cluster (DepthPolicy.split_kept_share).
+
+When: on a generation's groups as reproduced, before the member check (layers.py), and after
+it on the clusters it grew with pool images (sorter.py). The member check alone would come
+first otherwise: it keeps the few sure images of a group that holds two states (o-k8-eq-snr05,
+generation 1: 623 reproduced images of two states, 47 kept) and the rest goes to a pool that
+no later generation splits; checked after the member check alone, a group of one state that
+took in two states from the pool is never seen whole (bench/README.md, "The split check before
+the member check")."""
 
 import numpy as np
 
@@ -25,12 +33,15 @@ from .policy import policy_of
 from .rigid import motion_explains
 
 
-def split_check(ctx, clusters, stats, *, tag=""):
+def split_check(ctx, clusters, stats, *, tag="", only=None):
     """Clusters (and their stats) with every cluster that holds two states replaced by its
-    parts, checked again in turn. Returns (clusters, stats, images set aside: the members of
-    a split cluster that neither part keeps)."""
-    todo = list(zip(clusters, stats))
-    out, left = [], []
+    parts, checked again in turn. only: which clusters to check (bool per cluster; default
+    all), the others are kept as they are. Returns (clusters, stats, images set aside: the
+    members of a split cluster that neither part keeps)."""
+    check = [True] * len(clusters) if only is None else list(only)
+    out = [(c, st) for c, st, ok in zip(clusters, stats, check) if not ok]
+    todo = [(c, st) for c, st, ok in zip(clusters, stats, check) if ok]
+    left = []
     while todo:
         c, st = todo.pop(0)
         parts = _split(ctx, c, tag=f"{tag}split check of {len(c)} images: ")
