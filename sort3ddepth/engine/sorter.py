@@ -24,6 +24,7 @@ from .depth import (
     MIN_CLUSTER_SIZE,
     SortContext,
     final_assignment,
+    found_again,
     merge_moved,
     not_tiny,
     policy_of,
@@ -491,12 +492,18 @@ def merge_twins(ctx, found):
     clusters, into = merge_moved(ctx, found.clusters)
     if len(clusters) == len(found.clusters):
         return found
-    first = [into.index(k) for k in range(len(clusters))]
     sizes = ", ".join(str(len(c)) for c in clusters)
     ctx.log(
         f"{len(found.clusters) - len(clusters)} cluster(s) merged with one whose map is the same "
         f"map moved (pose errors), in {time.time() - t:.1f} s: clusters ({sizes})"
     )
+    return _merged(found, clusters, into)
+
+
+def _merged(found, clusters, into):
+    """found with its clusters replaced by the merged `clusters`; into: the merged index of
+    each cluster of found."""
+    first = [into.index(k) for k in range(len(clusters))]
     return dataclasses.replace(
         found,
         clusters=clusters,
@@ -504,6 +511,14 @@ def merge_twins(ctx, found):
         gen_of=[found.gen_of[i] for i in first],
         final_id=[into[i] for i in found.final_id],
     )
+
+
+def _merge_pair(found, j, i):
+    """found with cluster j merged into cluster i."""
+    into = [i - (i > j) if k == j else k - (k > j) for k in range(len(found.clusters))]
+    clusters = [c for k, c in enumerate(found.clusters) if k != j]
+    clusters[into[i]] = np.union1d(found.clusters[i], found.clusters[j])
+    return _merged(found, clusters, into)
 
 
 def _merged_stats(stats, into, k):
@@ -517,13 +532,33 @@ def _merged_stats(stats, into, k):
 
 def assign_final(ctx, found):
     """The final assignment over the clusters of all generations (membership posteriors); a
-    cluster it leaves below the minimum size goes to the unaccounted set (final_id None)."""
+    cluster it leaves below the minimum size goes to the unaccounted set (final_id None). A
+    state found twice (depth.found_again) is merged into one cluster and the assignment made
+    again, while more than two clusters are left (one cluster is not the final assignment's to
+    decide: the generations found groups)."""
     if len(found.clusters) < 2:
         return found
     t = time.time()
-    checked, unaccounted, memb = final_assignment(
-        ctx, found.clusters, found.unaccounted, pool_searched=_no_group_missing(ctx, found)
-    )
+    tried = set()
+    while True:
+        checked, unaccounted, memb = final_assignment(
+            ctx, found.clusters, found.unaccounted, pool_searched=_no_group_missing(ctx, found)
+        )
+        everyone = np.union1d(np.concatenate(found.clusters), found.unaccounted)
+        pair = (
+            found_again(ctx, found.clusters, memb, everyone, tried=tried)
+            if len(checked) > 2
+            else None
+        )
+        if pair is None:
+            break
+        j, i = pair
+        ctx.log(
+            f"cluster {j} ({len(found.clusters[j])}) merged with cluster {i} "
+            f"({len(found.clusters[i])}): their images split in no reproducible way (one state "
+            f"found again by a later generation); the final assignment again"
+        )
+        found = _merge_pair(found, j, i)
     kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]
     if len(kept) < len(checked):
         unaccounted = np.union1d(

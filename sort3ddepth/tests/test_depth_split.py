@@ -121,3 +121,28 @@ def test_the_groups_are_checked_as_reproduced(monkeypatch):
     assert [len(c) for c in out.clusters] == [40, 50, 30]
     np.testing.assert_array_equal(out.pool, np.r_[40:50, 130:140])
     assert out.stats[:2] == [{"split_from": 100}] * 2
+
+
+def test_a_state_found_twice_is_one_cluster(tmp_path):
+    """Two states of 300 images given as three clusters, state 0 split 240 + 60 (what a later
+    generation makes when it finds again the images an earlier cluster of their state left):
+    the final assignment cannot bring the 60 to the purity target (their posterior is shared
+    with the 240's map; here the 240 cannot either), and the union of the two splits in no
+    reproducible way: found again. Two states as two clusters, one of them unsure, split: two
+    states."""
+    from sort3ddepth.engine.depth import final_assignment, found_again
+    from sort3ddepth.engine.membership import Membership
+
+    ctx, truth = _context(tmp_path, n_per_class=300, n_classes=2, snr=1.0, seed=4)
+    zero, one = np.nonzero(truth == 0)[0], np.nonzero(truth == 1)[0]
+    clusters = [zero[:240], one, zero[240:]]
+    _, _, memb = final_assignment(ctx, clusters, np.zeros(0, np.int64), pool_searched=True)
+    assert memb.below_target[2] and not memb.below_target[1]
+    everyone = np.arange(len(truth))
+    assert set(found_again(ctx, clusters, memb, everyone, tried=set())) == {0, 2}
+    # the two states as two clusters, state 1's unsure and sharing its posterior with state 0's
+    post = np.where(truth[:, None] == 0, [1.0, 0.0], [0.3, 0.7])
+    unsure = Membership(post, truth.copy(), np.array([1.0, 0.7]), np.array([False, True]))
+    tried = set()
+    assert found_again(ctx, [zero, one], unsure, everyone, tried=tried) is None
+    assert len(tried) == 1

@@ -132,6 +132,46 @@ def test_the_pool_joins_when_no_group_can_be_missing(monkeypatch, search, init_k
     assert seen["joins"] is joins
 
 
+def test_a_state_found_again_is_merged_and_assigned_again(monkeypatch):
+    """The final assignment runs again after found_again (depth/split.py) names a pair: the
+    later cluster joins the earlier one, the generations' clusters follow (final_id), and a
+    pair is never checked twice (the set of pairs tried is the same across the rounds)."""
+    from sort3ddepth.engine.membership import Membership
+
+    stored = StoredGenerations(
+        {
+            "gen000": _part([range(0, 300), range(300, 600)], [{"jaccard": 90.0}, {}]),
+            "gen001": _part([range(600, 700), range(700, 760)], [{}, {"jaccard": 70.0}]),
+        }
+    )
+    ctx = _ctx()
+    found = sorter.run_generations(ctx, n=1000, k0=3, work=200, comm=Comm(), checkpoints=stored)
+    ctx.search, ctx.init_k = True, 7
+    rounds, tries = [], []
+
+    def final_assignment(ctx, clusters, pool, pool_searched=False):
+        rounds.append([len(c) for c in clusters])
+        m, n = len(clusters), 1000
+        return (
+            list(clusters),
+            pool,
+            Membership(np.ones((n, m)) / m, np.zeros(n, int), np.ones(m), np.zeros(m, bool)),
+        )
+
+    def found_again(ctx, clusters, memb, everyone, *, tried):
+        tries.append(id(tried))
+        return (3, 0) if len(clusters) == 4 else None
+
+    monkeypatch.setattr(sorter, "final_assignment", final_assignment)
+    monkeypatch.setattr(sorter, "found_again", found_again)
+    out = sorter.assign_final(ctx, found)
+    assert rounds == [[300, 300, 100, 60], [360, 300, 100]]
+    assert len(set(tries)) == 1
+    assert out.final_id == [0, 1, 2, 0]
+    assert out.gen_of == [0, 0, 1]
+    assert out.stats[0]["jaccard"] == 90.0
+
+
 @pytest.mark.slow
 def test_small_run_writes_its_summary_through_the_schema(tmp_path):
     """One process on 3 x 150 particles, --not_include_unaccounted: summary.json carries

@@ -12,7 +12,8 @@ the membership model's refinement).
 * nuisance: whether a reproduced group follows its images' views or halves (no state).
 * members: the generation's member check and the run's final assignment.
 * split: the split check of a generation's groups (two states merged in one; search mode),
-  before and after the member check;
+  before and after the member check; a state found twice (found_again: two clusters whose
+  union splits in no reproducible way);
   rigid: whether a split is one map moved (shifted, turned: pose errors).
 Unaccounted images go on to the next generation.
 All random choices come from the one generator in the context, drawn on every rank in the same
@@ -34,7 +35,7 @@ from .partition import (
 )
 from .policy import POLICY, DepthPolicy, policy_of
 from .search import coarse_rmax, cut, probe_k, rebuild_starts, settle_groups
-from .split import merge_moved, split_check
+from .split import found_again, merge_moved, split_check
 
 MIN_CLUSTER_SIZE = POLICY.min_cluster_size  # never report smaller clusters (sorter.py)
 
@@ -66,4 +67,5 @@ __all__ = [
     "final_assignment",
     "merge_moved",
     "split_check",
+    "found_again",
 ]

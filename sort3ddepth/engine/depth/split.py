@@ -205,3 +205,30 @@ def _motion(ctx, half_a, half_b, size, *, tag, verdict):
         f"by {moved}" + (f": one map moved (pose errors) -> {verdict}" if motion else "")
     )
     return motion
+
+
+def found_again(ctx, clusters, memb, everyone, *, tried):
+    """(j, i) when one state was found twice: cluster j is one the final assignment (memb, over
+    the sorted `everyone`) cannot bring to the purity target, i the cluster that holds most of
+    the posterior of j's images, and no split of their union reproduces (_reproduced_split).
+    Two maps of one state share its images' posterior, so neither reaches the target and most
+    of the state goes unaccounted; a later generation makes such a pair when it finds again the
+    images an earlier cluster of their state left (bench/README.md, "A state found again"). A
+    split of the union that reproduces but that the member posterior keeps whole still counts
+    as two states (blends). None when no pair; `tried` (a set) keeps the pairs checked."""
+    if not (policy_of(ctx).split_check and ctx.search):
+        return None
+    for j in np.nonzero(memb.below_target)[0]:
+        rows = np.searchsorted(everyone, clusters[j])
+        held = memb.posterior[rows].sum(axis=0)
+        held[j] = -1.0
+        i = int(np.argmax(held))
+        key = (clusters[i].tobytes(), clusters[j].tobytes())
+        if key in tried:
+            continue
+        tried.add(key)
+        union = np.union1d(clusters[i], clusters[j])
+        tag = f"clusters {j} and {i} ({len(clusters[j])}, {len(clusters[i])}), one state? "
+        if _reproduced_split(ctx, union, tag=f"{tag}{len(union)} images: ") is None:
+            return int(j), i
+    return None
