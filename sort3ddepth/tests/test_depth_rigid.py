@@ -30,6 +30,24 @@ def test_best_shift_finds_a_subpixel_shift():
     assert np.allclose(t, (-0.3, 0.6, -1.2), atol=0.07), t
 
 
+def test_best_shift_is_the_grid_peak_of_the_correlation():
+    """The shift is the best point of the finest grid around it, by the correlation summed
+    point by point over the spectrum (what the contractions compute at once), with noise."""
+    rng = np.random.default_rng(5)
+    v = _map(rng)
+    a, b = v + 0.5 * rng.normal(size=v.shape), shifted(v, (1.4, 0.2, -2.1))
+    t = best_shift(a, b)
+
+    def correlation(shift):
+        return float(np.sum(a * shifted(b, shift)))
+
+    step = 0.125
+    around = [t + step * np.array(d) for d in np.ndindex(3, 3, 3)]
+    around = [u - step for u in around if np.all(np.abs(u - step) <= 3.0 + 1e-9)]
+    assert all(correlation(t) >= correlation(u) - 1e-9 for u in around)
+    assert np.allclose(t, (-1.4, -0.2, 2.1), atol=0.2), t
+
+
 def test_best_turn_finds_a_small_turn():
     v = _map(np.random.default_rng(3))
     r = best_turn(v, turned(v, (1.5, -2.0, 0.5)))

@@ -42,22 +42,25 @@ def shifted(vol, t):
 
 def best_shift(a, b):
     """The shift t (|t_i| <= MAX_SHIFT) that makes shifted(b, t) closest to a: the peak of
-    their cross-correlation, searched on a grid refined twice."""
+    their cross-correlation, searched on a grid refined twice. Each grid is a product of one
+    grid per axis, so the correlation at all its points is three small contractions of the
+    cross spectrum (one axis at a time), not one sum over the whole spectrum per point."""
     fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
     n = a.shape[0]
-    kz, ky, kx = _frequencies(n)
-    cross = (fa * np.conj(fb)).ravel()
-    weight = np.where(kx == 0, 1.0, 2.0) * np.ones_like(fa.real)
-    k = np.stack([np.broadcast_to(q, fa.shape).ravel() for q in (kz, ky, kx)], 1)
-    keep = np.abs(cross) > 0
-    cross, k, weight = cross[keep], k[keep], weight.ravel()[keep]
+    cross = fa * np.conj(fb)
+    cross[..., 1:] *= 2.0  # the half spectrum: every kx > 0 stands for itself and -kx
+    k = np.fft.fftfreq(n, 1.0 / n), np.fft.fftfreq(n, 1.0 / n), np.arange(n // 2 + 1)
     best = np.zeros(3)
     for step, reach in ((1.0, MAX_SHIFT), *((s, 2 * s) for s in SHIFT_STEPS)):
         grid = np.arange(-reach, reach + 1e-9, step)
-        cand = best + np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
-        cand = cand[np.all(np.abs(cand) <= MAX_SHIFT + 1e-9, axis=1)]
-        score = [np.sum(weight * (cross * np.exp(2j * np.pi * (k @ t) / n)).real) for t in cand]
-        best = cand[int(np.argmax(score))]
+        axes = [best[i] + grid for i in range(3)]
+        axes = [t[np.abs(t) <= MAX_SHIFT + 1e-9] for t in axes]
+        score = cross
+        for i in (2, 1, 0):  # contract kx, then ky, then kz: (tz, ty, tx) at the end
+            phase = np.exp(2j * np.pi * np.outer(k[i], axes[i]) / n)
+            score = np.moveaxis(np.tensordot(score, phase, axes=([i], [0])), -1, i)
+        iz, iy, ix = np.unravel_index(int(np.argmax(score.real)), score.shape)
+        best = np.array([axes[0][iz], axes[1][iy], axes[2][ix]])
     return best
 
 

@@ -152,21 +152,29 @@ def merge_moved(ctx, clusters):
     group that a later one finds again, each reproduced by independent runs and each sure of
     its images, yet one state (o-k4-uneq-snr02-pose2: two clusters of ~1,500 with the same mix
     of the four states). Each cluster's half maps are made once (the pairs grow as K^2, the
-    maps' cost as the data). Returns (clusters, index of each given cluster's merged one)."""
+    maps' cost as the data), and after a merge only the pairs with the merged cluster are new:
+    the others keep their verdict (the test is deterministic). Returns (clusters, index of each
+    given cluster's merged one)."""
     out = [np.asarray(c, np.int64) for c in clusters]
     halves = [_half_maps(ctx, c) for c in out]
     into = list(range(len(out)))
+    apart = set()  # the pairs of clusters (their members' bytes) found not to be one map moved
     pairs = [(i, j) for i in range(len(out)) for j in range(i + 1, len(out))]
     while pairs:
         i, j = pairs.pop(0)
+        key = (out[i].tobytes(), out[j].tobytes())
+        if key in apart:
+            continue
         tag = f"clusters {i} and {j} ({len(out[i])}, {len(out[j])}): "
         size = 0.5 * (len(out[i]) + len(out[j]))
-        if _motion(ctx, halves[i], halves[j], size, tag=tag, verdict="merged"):
-            out[i] = np.union1d(out[i], out[j])
-            halves[i] = _half_maps(ctx, out[i])
-            del out[j], halves[j]
-            into = [i if k == j else k - (k > j) for k in into]
-            pairs = [(a, b) for a in range(len(out)) for b in range(a + 1, len(out))]
+        if not _motion(ctx, halves[i], halves[j], size, tag=tag, verdict="merged"):
+            apart.add(key)
+            continue
+        out[i] = np.union1d(out[i], out[j])
+        halves[i] = _half_maps(ctx, out[i])
+        del out[j], halves[j]
+        into = [i if k == j else k - (k > j) for k in into]
+        pairs = [(a, b) for a in range(len(out)) for b in range(a + 1, len(out))]
     return out, into
 
 
