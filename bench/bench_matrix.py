@@ -461,7 +461,8 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
     Debian's RELION 3.1.3 on 2 cores (3 MPI ranks) the cell's 1,800 particles of 48 px took ~40 s
     for iteration 1 and ~2 min for each of iterations 2-3 (26.7 Å after 3); a full auto-refine
     needs some 10-20 iterations, so budget ~30 min for this cell. Returns the ParticleSet with RELION's angles and
-    origins, rows in the input order (matched by image name)."""
+    origins and its half sets (rlnRandomSubset), rows in the input order (matched by image name);
+    a finished refine in folder/relion is reused."""
     import mrcfile
 
     from sort3ddepth.engine.star_io import read_star
@@ -520,15 +521,18 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
             extra = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
         cmd = [mpirun] + extra + ["-np", "3"] + cmd
     (folder / "relion").mkdir(exist_ok=True)
-    log("  " + " ".join(cmd))
-    subprocess.run(
-        cmd,
-        cwd=folder,
-        check=True,
-        stdin=subprocess.DEVNULL,
-        stdout=open(folder / "relion.stdout", "w"),
-        stderr=subprocess.STDOUT,
-    )
+    if (folder / "relion" / "run_data.star").exists():
+        log("  RELION's refine cached: relion/run_data.star")
+    else:
+        log("  " + " ".join(cmd))
+        subprocess.run(
+            cmd,
+            cwd=folder,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=open(folder / "relion.stdout", "w"),
+            stderr=subprocess.STDOUT,
+        )
     refined = read_star(folder / "relion" / "run_data.star")
     orig = read_star(clean_star)
 
@@ -538,6 +542,7 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
     pos = {name: i for i, name in enumerate(names(refined))}
     order = np.array([pos[name] for name in names(orig)])  # KeyError: RELION dropped one
     orig.angles, orig.shifts = refined.angles[order], refined.shifts[order]
+    orig.half_set = refined.half_set[order]  # what a user's run_data.star carries
     return orig
 
 
