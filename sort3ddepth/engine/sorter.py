@@ -201,7 +201,8 @@ def _box_stats(x):
 
 def _anova_lines(particles, clusters, names, smear_counts=None):
     """ANOVA of defocus (one value per cluster and defocus, as SPHIRE), smearing (meridien mode:
-    the number of smear entries of each particle, before any --nsmear) and norm."""
+    the number of smear entries of each particle, before any --nsmear), norm and, when the
+    input gives them, the refinement's half sets."""
     lines, tables = [], {}
     if len(clusters) < 2:
         return ["ANOVA analysis is skipped: fewer than two clusters"], tables
@@ -216,6 +217,12 @@ def _anova_lines(particles, clusters, names, smear_counts=None):
         variables["smearing"] = {k: counts[lab == k] for k in range(len(clusters))}
     if particles.norm is not None and np.ptp(particles.norm) > 0:
         variables["norm"] = {k: particles.norm[lab == k] for k in range(len(clusters))}
+    if particles.half_set is not None and np.ptp(particles.half_set) > 0:
+        # the refinement's half sets (rlnRandomSubset; mean = share of half 2): its two halves
+        # may sit in frames a degree apart, and clusters that follow them are no states
+        # (bench/README.md, "The RELION-pose cell")
+        half = np.asarray(particles.half_set, np.float64)
+        variables["half set"] = {k: half[lab == k] for k in range(len(clusters))}
     for var, groups in variables.items():
         named = {names[k]: v for k, v in groups.items()}
         res = anova.one_way_anova(named)

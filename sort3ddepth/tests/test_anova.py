@@ -83,3 +83,35 @@ def test_unique_per_cluster():
     np.testing.assert_array_equal(u[2], [9.0])
     with pytest.raises(ValueError):
         unique_per_cluster(values, labels[:-1])
+
+
+def test_clusters_that_follow_the_half_sets_are_reported():
+    """The input's half sets (rlnRandomSubset) get an ANOVA line of their own: clusters made
+    of one half each stand out (p ~ 0), clusters drawn across both halves do not; without half
+    sets in the input, no such line."""
+    from types import SimpleNamespace
+
+    from sort3ddepth.engine.sorter import _anova_lines
+
+    rng = np.random.default_rng(0)
+    n = 400
+
+    class Particles(SimpleNamespace):
+        def __len__(self):
+            return n
+
+    def particles(half_set):
+        ctf = SimpleNamespace(defocus_u=rng.uniform(1e4, 3e4, n), defocus_v=np.full(n, 2e4))
+        return Particles(ctf=ctf, norm=None, half_set=half_set)
+
+    half = np.repeat([0, 1], n // 2)
+    by_half = [np.arange(0, n // 2), np.arange(n // 2, n)]
+    across = [np.arange(0, n, 2), np.arange(1, n, 2)]
+    names = ["Cluster_000", "Cluster_001"]
+    _, tables = _anova_lines(particles(half), by_half, names)
+    assert tables["half set"]["p"] < 1e-10
+    assert [g["mean"] for g in tables["half set"]["groups"]] == [0.0, 1.0]
+    lines, tables = _anova_lines(particles(half), across, names)
+    assert tables["half set"]["p"] > 0.5 and any("half set" in line for line in lines)
+    _, tables = _anova_lines(particles(None), by_half, names)
+    assert "half set" not in tables
