@@ -42,8 +42,8 @@ def test_best_shift_is_the_grid_peak_of_the_correlation():
         return float(np.sum(a * shifted(b, shift)))
 
     step = 0.125
-    around = [t + step * np.array(d) for d in np.ndindex(3, 3, 3)]
-    around = [u - step for u in around if np.all(np.abs(u - step) <= 3.0 + 1e-9)]
+    around = [t + step * (np.array(d) - 1) for d in np.ndindex(3, 3, 3)]
+    around = [u for u in around if np.all(np.abs(u) <= 3.0 + 1e-9)]  # MAX_SHIFT
     assert all(correlation(t) >= correlation(u) - 1e-9 for u in around)
     assert np.allclose(t, (-1.4, -0.2, 2.1), atol=0.2), t
 
