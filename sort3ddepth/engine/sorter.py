@@ -218,9 +218,9 @@ def _anova_lines(particles, clusters, names, smear_counts=None):
     if particles.norm is not None and np.ptp(particles.norm) > 0:
         variables["norm"] = {k: particles.norm[lab == k] for k in range(len(clusters))}
     if particles.half_set is not None and np.ptp(particles.half_set) > 0:
-        # the refinement's half sets (rlnRandomSubset; mean = share of half 2): its two halves
-        # may sit in frames a degree apart, and clusters that follow them are no states
-        # (bench/README.md, "The RELION-pose cell")
+        # the refinement's half sets (rlnRandomSubset; mean = share of half 2): each half's
+        # particles were aligned to that half's own map, and clusters that follow the halves
+        # are no states (bench/README.md, "The RELION-pose cell")
         half = np.asarray(particles.half_set, np.float64)
         variables["half set"] = {k: half[lab == k] for k in range(len(clusters))}
     for var, groups in variables.items():
