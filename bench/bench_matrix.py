@@ -23,8 +23,9 @@ one row:
 Cells vary SNR (0.1-0.5), K (2-8), 300-3,500 particles per state, equal and unequal group sizes,
 small (4 px at 64 px) and large (12 px) changed domains, pose errors (exact; 2 deg and 5 deg
 angular + 0.5 px shift noise, bench/frontier.perturb_poses: the sorter and the ideal sorter both
-get the perturbed poses, the truth stays) and one cell whose poses come from a RELION 3D
-auto-refine of the whole mixture (run only when `relion_refine` is on the PATH).
+get the perturbed poses, the truth stays) and two cells whose poses come from a RELION 3D
+auto-refine of the whole mixture (run only when `relion_refine` is on the PATH; each prints how
+far RELION's poses are from the truth, per half set, each half in its own best frame).
 Simulators: "ours" (sort3ddepth.engine.simulate.simulate_particles) and "aspire" (ASPIRE's
 `Simulation`, bench/aspire_sets.py, run with the ASPIRE venv given by --aspire_python, default
 bench_output/aspire-venv/bin/python; cells are reported "not run" when it is missing).
@@ -153,6 +154,16 @@ CELLS = [
         seed=27,
     ),
     _cell("a-k4-uneq-3500-snr05", "aspire", [3500, 1750, 1050, 700], snr=0.5, seed=28),
+    # a refine at SNR 1 (cell 8's, at SNR 0.3, leaves its poses 9 / 22 deg off by half)
+    _cell(
+        "r-k3-large-snr1-relion",
+        "ours",
+        _sizes(3, 600),
+        snr=1.0,
+        radius=12.0,
+        seed=29,
+        poses="relion",
+    ),
 ]
 
 
@@ -546,6 +557,35 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
     return orig
 
 
+def _angles_deg(a, b):
+    """Angle (degrees) of the rotation between each pair of rotation matrices."""
+    cos = (np.trace(np.einsum("nij,nkj->nik", a, b), axis1=1, axis2=2) - 1) / 2
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def refine_pose_errors(truth, given):
+    """How far a refine's poses are from the truth, per half set. A refine's map sits in a frame
+    of its own (turned from the truth's), and RELION never aligns its two halves to each other:
+    each half's error is measured after its best frame G (given ~ true @ G, fitted to the half's
+    images within their median error, six rounds). truth, given: ParticleSets in one order,
+    given with its half sets."""
+    frames, med, p90 = [], [], []
+    for h in (0, 1):
+        t, g = truth.rotations[given.half_set == h], given.rotations[given.half_set == h]
+        frame = np.eye(3)
+        for _ in range(6):
+            err = _angles_deg(g, t @ frame)
+            near = err <= max(5.0, np.median(err))
+            u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", t[near], g[near]))
+            frame = u @ vt
+        err = _angles_deg(g, t @ frame)
+        frames.append(frame)
+        med.append(float(np.median(err)))
+        p90.append(float(np.percentile(err, 90)))
+    apart = float(_angles_deg(frames[0][None], frames[1][None])[0])
+    return {"median_deg": med, "p90_deg": p90, "frames_apart_deg": apart}
+
+
 # --------------------------------------------------------------------------- one cell
 
 
@@ -690,6 +730,18 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=
 
         row.update(oracle_groups(star, truth))
     row["key"] = _key(cell)
+    if cell.get("poses") == "relion":
+        from sort3ddepth.engine.star_io import read_star
+
+        q = refine_pose_errors(read_star(d / "data" / "clean.star"), read_star(star))
+        row["given_pose_errors"] = q
+        log(
+            "  RELION's poses against the truth, each half in its own best frame: median "
+            + " / ".join(f"{m:.2f}" for m in q["median_deg"])
+            + " deg (90th percentile "
+            + " / ".join(f"{m:.1f}" for m in q["p90_deg"])
+            + f"); the halves' frames {q['frames_apart_deg']:.1f} deg apart"
+        )
     run = d / "sort"
     cmd = _sorter_command(cell, star, run, nproc, sorter_args)
     row["command"] = " ".join(cmd)
