@@ -44,6 +44,11 @@ from .star_io import write_star_rows
 from .symmetry import parse_symmetry
 
 MIN_NEXT_GENERATION = 100
+HALVES_WARNING_P = 1e-4  # the clusters' shares of the input's half 2 differ beyond chance...
+HALVES_WARNING_SHARE = 0.1  # ... and one cluster's share is this far from all clusters': a
+# state is independent of a refinement's halves, and the clusters that followed RELION's halves
+# in the two RELION-pose cells were 0.13 and 0.32 off (bench/README.md, "How far RELION's poses
+# are"); a report, no cluster is dropped for it
 
 
 def final_maps(particles, clusters, comm, *, rng, sym, meridien=None, apply_noise=True):
@@ -243,7 +248,29 @@ def _anova_lines(particles, clusters, names, smear_counts=None):
             ],
             "pairs": [{"a": p.a, "b": p.b, "F": p.F, "p": p.p} for p in res.pairs],
         }
+    if "half set" in tables:
+        lines += _halves_warning(tables["half set"])
     return lines, tables
+
+
+def _halves_warning(table):
+    """A warning line when the clusters follow the input's half sets (the ANOVA's table of
+    rlnRandomSubset), else none: such clusters come from how each half was aligned, not from the
+    structure."""
+    groups = table["groups"]
+    share = sum(g["n"] * g["mean"] for g in groups) / max(sum(g["n"] for g in groups), 1)
+    means = [g["mean"] for g in groups]
+    off = max(abs(m - share) for m in means)
+    if not (table["p"] < HALVES_WARNING_P and off >= HALVES_WARNING_SHARE):
+        return []
+    return [
+        f"WARNING: the clusters follow the input's half sets (rlnRandomSubset): shares of half 2 "
+        f"from {min(means):.2f} to {max(means):.2f} against {share:.2f} in all clusters (ANOVA "
+        f"significance {100 * table['p']:.2g} %). A state does not depend on a refinement's "
+        f"random halves; each half's images were aligned to that half's own map, so such "
+        f"clusters may follow the poses rather than the structure: check the refinement (its "
+        f"two half maps agree? its resolution?) before trusting them."
+    ]
 
 
 def _log_check_smearing(ref, nx, log):
