@@ -93,7 +93,8 @@ def _cell(
 ):
     """One cell: name, simulator ("ours" or "aspire"), sizes (particles per state; K is their
     number), snr, seed, radius (px of the changed domain at 64 px), pose error (deg, px), box,
-    depth_order and, in extra, poses ("relion" = from relion_refine auto-refine of the mixture;
+    depth_order and, in extra, poses ("relion" = from relion_refine auto-refine of the mixture,
+    "relion-local" = its local searches from the poses perturbed by the pose error;
     else as simulated, perturbed by the pose error)."""
     return dict(
         name=name,
@@ -163,6 +164,16 @@ CELLS = [
         radius=12.0,
         seed=29,
         poses="relion",
+    ),
+    # a refine's last stage, as a user's ends: RELION's local searches from poses 3 deg off
+    _cell(
+        "r-k3-eq-snr05-local-relion",
+        "ours",
+        _sizes(3, 600),
+        snr=0.5,
+        seed=31,
+        pose=(3.0, 0.5),
+        poses="relion-local",
     ),
 ]
 
@@ -325,8 +336,6 @@ def make_set(cell, folder, aspire_python, log):
     else:
         raise ValueError(cell["simulator"])
     ps = read_star(clean)
-    if cell.get("poses") == "relion":
-        ps = relion_poses(clean, folder, maps, pixel_size, log)
     deg, px = cell["pose"]
     if deg > 0 or px > 0:
         from frontier import perturb_poses
@@ -335,7 +344,12 @@ def make_set(cell, folder, aspire_python, log):
             ps.angles, ps.shifts, deg, px, np.random.default_rng(cell["seed"] + 1000)
         )
         log(f"  poses perturbed: mean angular error {err.mean():.2f} deg, shift noise {px} px")
-    if cell.get("poses") == "relion" or deg > 0 or px > 0:
+    if cell.get("poses") == "relion":
+        ps = relion_poses(clean, folder, maps, pixel_size, log)
+    elif cell.get("poses") == "relion-local":  # RELION's local searches from the perturbed poses
+        write_star(ps, folder / "start.star")
+        ps = relion_poses(folder / "start.star", folder, maps, pixel_size, log, local=deg)
+    if cell.get("poses") or deg > 0 or px > 0:
         write_star(ps, star)
     else:
         shutil.copy(clean, star)
@@ -466,14 +480,29 @@ def verify_aspire(out, aspire_python, log):
         log(f"{name:40s} per-image r: mean {c.mean():+.4f}, min {c.min():+.4f}")
 
 
-def relion_poses(clean_star, folder, maps, pixel_size, log):
+# coarse global search (15 deg, +-3 px in 2 px steps): at 2, 5 px, the first iteration of 1,800
+# particles of 48 px alone was going to take 9 min on 2 cores
+_GLOBAL_SEARCH = [
+    "--healpix_order",
+    "1",
+    "--auto_local_healpix_order",
+    "3",
+    "--offset_range",
+    "3",
+    "--offset_step",
+    "2",
+]
+
+
+def relion_poses(clean_star, folder, maps, pixel_size, log, local=None):
     """Poses from a RELION 3D auto-refine of the whole mixture (reference: the mean of the true
     maps, low-passed to 40 Å by --ini_high; RELION's own pose search from scratch). Slow: with
     Debian's RELION 3.1.3 on 2 cores (3 MPI ranks) the cell's 1,800 particles of 48 px took ~40 s
     for iteration 1 and ~2 min for each of iterations 2-3 (26.7 Å after 3); a full auto-refine
     needs some 10-20 iterations, so budget ~30 min for this cell. Returns the ParticleSet with RELION's angles and
     origins and its half sets (rlnRandomSubset), rows in the input order (matched by image name);
-    a finished refine in folder/relion is reused."""
+    a finished refine in folder/relion is reused. local: a refine's last stage instead, local
+    searches only (prior width `local` degrees) about the poses clean_star gives."""
     import mrcfile
 
     from sort3ddepth.engine.star_io import read_star
@@ -503,16 +532,12 @@ def relion_poses(clean_star, folder, maps, pixel_size, log):
         "--ctf",
         "--flatten_solvent",
         "--zero_mask",
-        # coarse global search (15 deg, +-3 px in 2 px steps): at 2, 5 px, the first
-        # iteration of 1,800 particles of 48 px alone was going to take 9 min on 2 cores
-        "--healpix_order",
-        "1",
-        "--auto_local_healpix_order",
-        "3",
-        "--offset_range",
-        "3",
-        "--offset_step",
-        "2",
+        *(
+            _GLOBAL_SEARCH
+            if local is None
+            else ["--healpix_order", "3", "--auto_local_healpix_order", "3"]
+            + ["--sigma_ang", str(local), "--offset_range", "2", "--offset_step", "1"]
+        ),
         "--sym",
         "C1",
         "--pad",
@@ -730,7 +755,7 @@ def run_cell(cell, out, nproc, aspire_python, reuse, log, sorter_args=(), ranks=
 
         row.update(oracle_groups(star, truth))
     row["key"] = _key(cell)
-    if cell.get("poses") == "relion":
+    if cell.get("poses", "").startswith("relion"):
         from sort3ddepth.engine.star_io import read_star
 
         q = refine_pose_errors(read_star(d / "data" / "clean.star"), read_star(star))
@@ -804,7 +829,7 @@ def required_states(per_state, found_states):
 
 
 HEADER = (
-    f"{'cell':<26} {'sim':<6} {'K':>2} {'n':>6} {'SNR':>4} {'pose':>7} | {'F@97':>5} "
+    f"{'cell':<26} {'sim':<6} {'K':>2} {'n':>6} {'SNR':>4} {'pose':>8} | {'F@97':>5} "
     f"{'F@99':>5} {'ideal':>5} | {'found':>5} {'need':>5} {'worst':>5} {'acc':>5} {'right':>5} "
     f"{'every':>5} {'|e-m|':>5} "
     f"{'ARI':>5} {'sigma':>5} {'wall s':>6} | {'o/F97':>5} | {'G@97':>5} {'o/G97':>5}"
@@ -815,9 +840,11 @@ def format_row(cell, r):
     pose = "exact" if cell["pose"] == (0.0, 0.0) else f"{cell['pose'][0]:g}d{cell['pose'][1]:g}p"
     if cell.get("poses") == "relion":
         pose = "relion"
+    elif cell.get("poses") == "relion-local":
+        pose = "relion-l"
     head = (
         f"{cell['name']:<26} {cell['simulator']:<6} {cell['K']:>2} "
-        f"{sum(cell['sizes']):>6} {cell['snr']:>4g} {pose:>7} | "
+        f"{sum(cell['sizes']):>6} {cell['snr']:>4g} {pose:>8} | "
     )
     if "skipped" in r and "f97" not in r:
         return head + "not run: " + r["skipped"]
@@ -864,7 +891,7 @@ def print_targets(rows):
             [
                 (c, r, f"{100 * r.get('every', np.nan):.1f}/{100 * r['ideal_acc']:.1f}")
                 for c, r in done
-                if c["pose"] != (0.0, 0.0) or c.get("poses") == "relion"
+                if c["pose"] != (0.0, 0.0) or c.get("poses", "").startswith("relion")
             ],
             lambda r: r.get("every", -1.0) >= r["ideal_acc"],
         ),
