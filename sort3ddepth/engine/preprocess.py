@@ -44,8 +44,8 @@ class SortingData:
     fsc_full: np.ndarray  # global FSC of all data (full-data curve), per shell of `box`
     radius: float  # particle radius in original pixels
     orientation_groups: np.ndarray  # (n_total,) orientation-group label of every particle
-    half: np.ndarray  # (n_total,) 0/1 random half of every particle (meridien mode:
-    # meridien's own half sets)
+    half: np.ndarray  # (n_total,) 0/1 half set of every particle (sorting_halves: the
+    # input's own where it has them, else random)
     groups: Optional[np.ndarray] = None  # (n_local,) particle (noise) group = shell_weights row
     smears: Optional[object] = None  # smearing.LocalSmears (meridien mode); rec_f then
     # holds the UNSHIFTED images the slices are made from
@@ -254,6 +254,33 @@ def _sorting_size(fsc_full, particles, opts, *, comm, fsc_name, log):
     return nx
 
 
+INPUT_HALVES_MIN_SHARE = 0.25  # the input's half sets are used when the smaller holds at least
+# this share of the images: a much smaller half's maps would be much noisier than the other's,
+# and random halves (1/2 each) serve the cross-validation better then
+
+
+def sorting_halves(particles, rng, *, log=None):
+    """(n,) 0/1: each particle's half set; an image is scored against maps built from the other
+    half only. A refinement's own half sets where the input has them (rlnRandomSubset, as in
+    RELION's run_data.star; meridien's chunks): its poses were fitted to their half's map, noise
+    included, so a map from the other half is the only one an image's pose never saw. With
+    random halves instead, the clusters of a poorly refined RELION cell followed RELION's
+    halves, each estimated 98 % pure; on a refine of 0.7 deg the two choices sort alike
+    (bench/README.md, "The input's half sets"). Else random halves, drawn from rng."""
+    given = particles.half_set
+    if given is not None and len(given):
+        share = min(np.mean(given == 0), np.mean(given == 1))
+        if share >= INPUT_HALVES_MIN_SHARE:
+            if log is not None:
+                log(
+                    f"half sets: the input's own (rlnRandomSubset: {int(np.sum(given == 0))} / "
+                    f"{int(np.sum(given == 1))} images); each image is scored against maps of "
+                    f"the other half"
+                )
+            return np.asarray(given, np.int64)
+    return rng.integers(0, 2, len(particles))
+
+
 def prepare(particles, comm, opts, rng, *, log=print):
     """Build this rank's SortingData for the whole input (stack mode)."""
     n, box = len(particles), particles.box
@@ -262,7 +289,7 @@ def prepare(particles, comm, opts, rng, *, log=print):
         raise SortingInputError(
             f"--radius {opts.radius} is too large for {box} px images (need 2*radius + 2 <= {box})"
         )
-    halves = rng.integers(0, 2, n)
+    halves = sorting_halves(particles, rng, log=log)
     fsc_full = global_fsc(particles, comm, halves, log=log)
     nx = _sorting_size(fsc_full, particles, opts, comm=comm, fsc_name="global", log=log)
     sl = comm.local_slice(n)

@@ -37,7 +37,7 @@ from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
 from .pose_smears import pose_smears
-from .preprocess import meridien_noise_weights, prepare, prepare_meridien
+from .preprocess import meridien_noise_weights, prepare, prepare_meridien, sorting_halves
 from .realign import refine_poses
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
@@ -67,10 +67,7 @@ def final_maps(particles, clusters, comm, *, rng, sym, meridien=None, apply_nois
     sl = comm.local_slice(len(particles))
     idx = np.arange(len(particles))[sl]
     maps, res, curves = [], [], []
-    if meridien is None:
-        halves = rng.integers(0, 2, len(particles))
-    else:
-        halves = np.asarray(particles.half_set, np.int64)
+    halves = sorting_halves(particles, rng)
     ins = _FinalInsertion(particles, meridien, apply_noise)
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
     value_max = ins.value_max(idx, clusters)

@@ -231,3 +231,35 @@ def test_pose_neighbourhood_leaves_the_orientations_as_given(tmp_path):
         part = read_star(f)
         rows = np.loadtxt(f.with_suffix(".txt"), dtype=np.int64, ndmin=1)
         np.testing.assert_array_equal(part.angles, given.angles[rows])
+
+
+def test_the_input_half_sets_are_the_sorting_halves(tmp_path):
+    """Poses from a gold-standard refinement were fitted to their half's map, noise included,
+    so every map an image is scored against comes from the other of the REFINEMENT's halves
+    (rlnRandomSubset); random halves only where the input has none or one half holds under
+    INPUT_HALVES_MIN_SHARE of the images."""
+    from sort3ddepth.engine.options import SortOptions
+    from sort3ddepth.engine.preprocess import INPUT_HALVES_MIN_SHARE, prepare, sorting_halves
+    from sort3ddepth.engine.star_io import read_star
+
+    star, _ = make_star(tmp_path, n_per_class=100, n_classes=2, box=32)
+    particles = read_star(star)
+    given = np.random.default_rng(1).permutation(np.arange(200) % 2)
+    particles.half_set = given
+    opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", str(tmp_path)])
+    lines = []
+    data = prepare(
+        particles,
+        Comm(),
+        opts.for_input(n_particles=200),
+        np.random.default_rng(0),
+        log=lines.append,
+    )
+    np.testing.assert_array_equal(data.half, given)
+    assert any("half sets: the input's own (rlnRandomSubset: 100 / 100 images)" in x for x in lines)
+
+    drawn = np.random.default_rng(5).integers(0, 2, 200)
+    particles.half_set = (np.arange(200) < 0.9 * INPUT_HALVES_MIN_SHARE * 200).astype(np.int64)
+    np.testing.assert_array_equal(sorting_halves(particles, np.random.default_rng(5)), drawn)
+    particles.half_set = None
+    np.testing.assert_array_equal(sorting_halves(particles, np.random.default_rng(5)), drawn)
