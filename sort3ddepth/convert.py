@@ -224,7 +224,7 @@ def set_to_particle_set(part_set, enabled_only=True):
     ]
     if not rows:
         raise ConversionError("the particle set is empty (or all particles are disabled)")
-    ids, indices, files, mats, ctf_rows, mics, norms = (list(c) for c in zip(*rows))
+    ids, indices, files, mats, ctf_rows, mics, norms, halves = (list(c) for c in zip(*rows))
     mats = np.stack(mats)
     mirrored = np.nonzero(np.linalg.det(mats[:, :3, :3]) < 0)[0]
     if len(mirrored):
@@ -246,14 +246,31 @@ def set_to_particle_set(part_set, enabled_only=True):
         pixel_size=float(pixel_size),
         micrograph=micrograph,
         norm=np.asarray(norms, dtype=np.float64) if has_norm else None,
+        half_set=_half_sets(ids, halves),
         source={"scipion_set": part_set.getFileName()},
     )
     return ps, np.asarray(ids, dtype=np.int64)
 
 
+def _half_sets(ids, halves):
+    """The refinement's half sets, 0-based, when every particle carries _rlnRandomSubset (a set
+    imported from a RELION refinement does), else None: the engine sorts with them as its two
+    halves (engine/preprocess.sorting_halves)."""
+    if not halves or any(h is None for h in halves):
+        return None
+    values = np.asarray(halves, dtype=np.int64)
+    bad = np.nonzero((values != 1) & (values != 2))[0]
+    if len(bad):
+        raise ConversionError(
+            f"particle {ids[bad[0]]} has _rlnRandomSubset {values[bad[0]]} (RELION's half sets "
+            "are 1 and 2)"
+        )
+    return values - 1
+
+
 def _particle_row(part, set_acq):
     """One particle as (id, image index, image file, 4x4 transform, the 7 CTF values of
-    CTFParams, micrograph name or None, norm or None); a particle without a transform, a CTF
+    CTFParams, micrograph name or None, norm or None, half set (1/2) or None); a particle without a transform, a CTF
     or an image file is refused by its id (the set's flags alone do not guarantee them). The
     acquisition comes from the particle, else the set, else the usual defaults."""
     pid = part.getObjId()
@@ -286,8 +303,9 @@ def _particle_row(part, set_acq):
         if hasattr(part, "_rlnNormCorrection")
         else None
     )
+    half = part.getAttributeValue("_rlnRandomSubset") if hasattr(part, "_rlnRandomSubset") else None
     mat = np.asarray(t.getMatrix(), dtype=np.float64)
-    return pid, index or 0, fn, mat, ctf_values, mic, norm
+    return pid, index or 0, fn, mat, ctf_values, mic, norm, half
 
 
 def write_set_as_star(part_set, star_path, ids_path, stack_path=None):
@@ -322,8 +340,8 @@ def read_ids(ids_path):
 def star_to_scipion(star_path, sqlite_path, keep_class=True):
     """A Scipion SetOfParticles (ALIGN_PROJ, CTF) written to ``sqlite_path`` from a RELION STAR
     file; the images stay in their stacks (absolute paths). With ``keep_class`` and an
-    rlnClassNumber column, each particle keeps it as the extra attribute ``_rlnClassNumber``.
-    Object ids are 1..n in STAR row order. Returns the closed set's file name."""
+    rlnClassNumber column, each particle keeps it as the extra attribute ``_rlnClassNumber``;
+    rlnRandomSubset (a refinement's half sets) is kept as ``_rlnRandomSubset``. Object ids are 1..n in STAR row order. Returns the closed set's file name."""
     from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
     from pyworkflow.object import Integer
 
@@ -368,6 +386,8 @@ def star_to_scipion(star_path, sqlite_path, keep_class=True):
         p.setAcquisition(a)
         if keep_class and ps.class_label is not None:
             p._rlnClassNumber = Integer(int(ps.class_label[i]) + 1)
+        if ps.half_set is not None:
+            p._rlnRandomSubset = Integer(int(ps.half_set[i]) + 1)
         out.append(p)
     out.write()
     out.close()

@@ -85,11 +85,13 @@ def test_matrix_convention_known_case():
     np.testing.assert_allclose(origin, [2.0, 0.0], atol=1e-12)
 
 
-def _small_star(folder, n=24, box=32, seed=3):
+def _small_star(folder, n=24, box=32, seed=3, half_set=False):
     rng = np.random.default_rng(seed)
     vol = rng.standard_normal((box, box, box))
     ps = simulate_particles(vol, n, 2.5, rng, snr=5.0)
     ps.ctf.phase_shift[:] = rng.uniform(0, 20, n)
+    if half_set:  # a refinement's half sets (rlnRandomSubset)
+        ps.half_set = rng.permutation(np.arange(n) % 2)
     (folder / "input").mkdir()
     star, stack = write_star(ps, folder / "input" / "particles.star")
     return star, stack, ps
@@ -99,7 +101,7 @@ def test_round_trip_star_scipion_star(tmp_path):
     from pwem.constants import ALIGN_PROJ
     from pwem.objects import SetOfParticles
 
-    star, stack, ps = _small_star(tmp_path)
+    star, stack, ps = _small_star(tmp_path, half_set=True)
     sqlite = str(tmp_path / "particles.sqlite")
     convert.star_to_scipion(star, sqlite)
 
@@ -121,6 +123,7 @@ def test_round_trip_star_scipion_star(tmp_path):
         assert p.getCTF().getDefocusU() == pytest.approx(ps.ctf.defocus_u[k])
         assert p.getCTF().getDefocusAngle() == pytest.approx(ps.ctf.defocus_angle[k])
         assert p._rlnClassNumber.get() == ps.class_label[k] + 1
+        assert p._rlnRandomSubset.get() == ps.half_set[k] + 1
 
     out_star = tmp_path / "out" / "particles.star"
     ids = tmp_path / "out" / "ids.txt"
@@ -143,8 +146,9 @@ def test_round_trip_star_scipion_star(tmp_path):
     np.testing.assert_allclose(back.ctf.cs, 2.7)
     np.testing.assert_allclose(back.ctf.amplitude_contrast, 0.1)
     np.testing.assert_array_equal(back.load_images(), ps.load_images())
-    # the truth is not passed to the engine
+    # the truth is not passed to the engine; the refinement's half sets are
     assert back.class_label is None
+    np.testing.assert_array_equal(back.half_set, ps.half_set)
 
 
 def test_disabled_particles_are_left_out(tmp_path):
@@ -226,4 +230,20 @@ def test_mirrored_transform_is_refused(tmp_path):
     parts.update(p)
     parts.write()
     with pytest.raises(convert.ConversionError, match="particle 3 .*mirrored"):
+        convert.set_to_particle_set(parts)
+
+
+def test_a_half_set_other_than_1_or_2_is_refused(tmp_path):
+    from pwem.objects import SetOfParticles
+
+    star, _, _ = _small_star(tmp_path, n=6, half_set=True)
+    sqlite = str(tmp_path / "p.sqlite")
+    convert.star_to_scipion(star, sqlite)
+    parts = SetOfParticles(filename=sqlite)
+    parts.loadAllProperties()
+    p = parts[4]
+    p._rlnRandomSubset.set(3)
+    parts.update(p)
+    parts.write()
+    with pytest.raises(convert.ConversionError, match="particle 4 has _rlnRandomSubset 3"):
         convert.set_to_particle_set(parts)
