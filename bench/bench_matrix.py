@@ -23,9 +23,11 @@ one row:
 Cells vary SNR (0.1-0.5), K (2-8), 300-3,500 particles per state, equal and unequal group sizes,
 small (4 px at 64 px) and large (12 px) changed domains, pose errors (exact; 2 deg and 5 deg
 angular + 0.5 px shift noise, bench/frontier.perturb_poses: the sorter and the ideal sorter both
-get the perturbed poses, the truth stays) and two cells whose poses come from a RELION 3D
-auto-refine of the whole mixture (run only when `relion_refine` is on the PATH; each prints how
-far RELION's poses are from the truth, per half set, each half in its own best frame).
+get the perturbed poses, the truth stays) and four cells whose poses come from a RELION 3D
+auto-refine of the whole mixture (run only when `relion_refine` is on the PATH): two from a
+global search, two (one per simulator) from local searches about poses 2.4 degrees off, as a
+user's refine ends; each prints how far RELION's poses are from the truth, per half set, each
+half in its own best frame.
 Simulators: "ours" (sort3ddepth.engine.simulate.simulate_particles) and "aspire" (ASPIRE's
 `Simulation`, bench/aspire_sets.py, run with the ASPIRE venv given by --aspire_python, default
 bench_output/aspire-venv/bin/python; cells are reported "not run" when it is missing).
@@ -172,6 +174,15 @@ CELLS = [
         _sizes(3, 600),
         snr=0.5,
         seed=31,
+        pose=(3.0, 0.5),
+        poses="relion-local",
+    ),
+    _cell(
+        "r-a-k3-uneq-snr03-local-relion",
+        "aspire",
+        [900, 450, 300],
+        snr=0.3,
+        seed=32,
         pose=(3.0, 0.5),
         poses="relion-local",
     ),
