@@ -270,9 +270,10 @@ def _half_sets(ids, halves):
 
 def _particle_row(part, set_acq):
     """One particle as (id, image index, image file, 4x4 transform, the 7 CTF values of
-    CTFParams, micrograph name or None, norm or None, half set (1/2) or None); a particle without a transform, a CTF
-    or an image file is refused by its id (the set's flags alone do not guarantee them). The
-    acquisition comes from the particle, else the set, else the usual defaults."""
+    CTFParams, micrograph name or None, norm or None, half set (1/2) or None); a particle
+    without a transform, a CTF or an image file is refused by its id (the set's flags alone do
+    not guarantee them). The acquisition comes from the particle, else the set, else the usual
+    defaults."""
     pid = part.getObjId()
     t = part.getTransform()
     if t is None or t.getMatrix() is None:
@@ -341,7 +342,8 @@ def star_to_scipion(star_path, sqlite_path, keep_class=True):
     """A Scipion SetOfParticles (ALIGN_PROJ, CTF) written to ``sqlite_path`` from a RELION STAR
     file; the images stay in their stacks (absolute paths). With ``keep_class`` and an
     rlnClassNumber column, each particle keeps it as the extra attribute ``_rlnClassNumber``;
-    rlnRandomSubset (a refinement's half sets) is kept as ``_rlnRandomSubset``. Object ids are 1..n in STAR row order. Returns the closed set's file name."""
+    rlnRandomSubset (a refinement's half sets) is kept as ``_rlnRandomSubset``. Object ids are
+    1..n in STAR row order. Returns the closed set's file name."""
     from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
     from pyworkflow.object import Integer
 
