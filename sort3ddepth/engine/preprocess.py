@@ -267,18 +267,27 @@ def sorting_halves(particles, rng, *, log=None):
     random halves instead, the clusters of a poorly refined RELION cell followed RELION's
     halves, each estimated 98 % pure; on a refine of 0.7 deg the two choices sort alike
     (bench/README.md, "The input's half sets"). Else random halves, drawn from rng."""
+    given = input_halves(particles)
+    if given is None:
+        return rng.integers(0, 2, len(particles))
+    if log is not None:
+        log(
+            f"half sets: the input's own (rlnRandomSubset: {int(np.sum(given == 0))} / "
+            f"{int(np.sum(given == 1))} images); each image is scored against maps of the other "
+            f"half"
+        )
+    return given
+
+
+def input_halves(particles):
+    """The input's half sets (0/1) when it has them and the smaller holds at least
+    INPUT_HALVES_MIN_SHARE of the images, else None."""
     given = particles.half_set
-    if given is not None and len(given):
-        share = min(np.mean(given == 0), np.mean(given == 1))
-        if share >= INPUT_HALVES_MIN_SHARE:
-            if log is not None:
-                log(
-                    f"half sets: the input's own (rlnRandomSubset: {int(np.sum(given == 0))} / "
-                    f"{int(np.sum(given == 1))} images); each image is scored against maps of "
-                    f"the other half"
-                )
-            return np.asarray(given, np.int64)
-    return rng.integers(0, 2, len(particles))
+    if given is None or not len(given):
+        return None
+    if min(np.mean(given == 0), np.mean(given == 1)) < INPUT_HALVES_MIN_SHARE:
+        return None
+    return np.asarray(given, np.int64)
 
 
 def prepare(particles, comm, opts, rng, *, log=print):

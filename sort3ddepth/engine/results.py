@@ -195,6 +195,9 @@ class Summary:
     pose_sigma_deg: float | None = _optional()
     # --pose_sigma_px: the origin error (original pixels) the poses were refined with
     pose_sigma_px: float | None = _optional()
+    # the two halves every image was scored across: "input" (the refinement's own,
+    # rlnRandomSubset or meridien's) or "random"
+    half_sets: str | None = _optional()
     cluster_file_ids: str | None = None  # what the Cluster_###.txt files list
     all_particles: str | None = _optional()  # every input row with its cluster (STAR)
     posteriors: str | None = _optional()  # posteriors.npy (particles, final clusters)

@@ -37,7 +37,13 @@ from .meridien import check_smearing
 from .mgskmeans import ClusterMaps
 from .parallel import fault_point
 from .pose_smears import pose_smears
-from .preprocess import meridien_noise_weights, prepare, prepare_meridien, sorting_halves
+from .preprocess import (
+    input_halves,
+    meridien_noise_weights,
+    prepare,
+    prepare_meridien,
+    sorting_halves,
+)
 from .realign import refine_poses
 from .reconstruction import fsc, reconstruct, resolution_shell, soft_sphere_mask
 from .star_io import write_star_rows
@@ -415,6 +421,8 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     if summary is not None:
         summary.wall_seconds = round(time.time() - t_start, 1)
         summary.pose_sigma_deg, summary.pose_sigma_px = pose_sigma, origin_sigma
+        given = ref is not None or input_halves(particles) is not None
+        summary.half_sets = "input" if given else "random"
         output.write_json(Path(out_dir) / results.SUMMARY_FILE, summary.to_dict())
     return summary
 

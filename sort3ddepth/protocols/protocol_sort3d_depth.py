@@ -861,4 +861,6 @@ def _summaryLines(s):
             f"Each image's origin refined in shifts of {s.pose_sigma_px:.3g} px (origins "
             "unchanged)."
         )
+    if s.half_sets == "input":
+        lines.append("Half sets: the refinement's own (each image scored against the other's).")
     return lines

@@ -914,3 +914,7 @@ def test_summary_says_when_poses_were_searched_around():
     assert _summaryLines(s)[-1] == (
         "Each image's origin refined in shifts of 0.5 px (origins unchanged)."
     )
+    s.half_sets = "input"
+    assert _summaryLines(s)[-1] == (
+        "Half sets: the refinement's own (each image scored against the other's)."
+    )
