@@ -73,7 +73,10 @@ def final_maps(particles, clusters, comm, *, rng, sym, meridien=None, apply_nois
     sl = comm.local_slice(len(particles))
     idx = np.arange(len(particles))[sl]
     maps, res, curves = [], [], []
-    halves = sorting_halves(particles, rng)
+    if meridien is None:
+        halves = sorting_halves(particles, rng)
+    else:  # meridien's own, always (as prepare_meridien)
+        halves = np.asarray(particles.half_set, np.int64)
     ins = _FinalInsertion(particles, meridien, apply_noise)
     mask = soft_sphere_mask(box, box // 2 - 4, edge=3)
     value_max = ins.value_max(idx, clusters)
