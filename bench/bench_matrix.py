@@ -21,8 +21,8 @@ one row:
   (the rest is deciding members from maps of noisy images).
 
 Cells vary SNR (0.1-0.5), K (2-8), 300-3,500 particles per state, equal and unequal group sizes,
-small (4 px at 64 px) and large (12 px) changed domains, pose errors (exact; 2 deg and 5 deg
-angular + 0.5 px shift noise, bench/frontier.perturb_poses: the sorter and the ideal sorter both
+48 and 64 px boxes, small (4 px at 64 px) and large (12 px) changed domains, pose errors (exact;
+2 deg and 5 deg angular + 0.5 px shift noise, bench/frontier.perturb_poses: the sorter and the ideal sorter both
 get the perturbed poses, the truth stays) and four cells whose poses come from a RELION 3D
 auto-refine of the whole mixture (run only when `relion_refine` is on the PATH): two from a
 global search, two (one per simulator) from local searches about poses 2.4 degrees off, as a
@@ -186,6 +186,9 @@ CELLS = [
         pose=(3.0, 0.5),
         poses="relion-local",
     ),
+    # 64 px and 400-2,000 particles a state: the 48 px cells' sets are smaller than most tests
+    _cell("a-k5-eq-snr02-64px", "aspire", _sizes(5, 1000), snr=0.2, seed=41, box=64),
+    _cell("o-k4-uneq-snr03-64px", "ours", _sizes(4, 4000, UNEQ4), snr=0.3, seed=42, box=64),
 ]
 
 
