@@ -141,6 +141,13 @@ class DepthPolicy:
         "a generation's cluster is checked for two states only if it holds this x "
         "min_cluster_size images (each part must reach the purity target with min_cluster_size)",
     )
+    split_starts: int = _rule(
+        2,
+        "random starts each run of a split-check pair chooses from at the coarse limit, by how "
+        "reproducibly its groups' maps differ between the random halves (o-k4-uneq-snr03-64px: "
+        "~1 run in 4 lands in an equal split along nothing, difference FSC^2 summed 1.9-2.7 "
+        "against 5.0-5.1 in the states' direction); a coarse run costs ~1/6 of a full one",
+    )
     split_kept_share: float = _rule(
         0.5,
         "a split is kept only if its parts hold this share of the cluster at the purity target "

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..membership import decide
 from ..mgskmeans import mgsk_pair
+from ..reconstruction import difference_weights
 from .layers import between_boxes
 from .pair import coarse_rmax
 from .partition import Partition, pair_schedules, random_equal_assignment
@@ -111,11 +112,32 @@ def _reproduced_split(ctx, c, *, tag):
 
 def _reproduced_k(ctx, c, k, *, tag):
     """_reproduced_split at one K: the first limit whose pair reproduces >= 2 groups, no two of
-    them one map moved, as a Partition, or None."""
+    them one map moved, as a Partition, or None. At the coarse limit each run of the pair is
+    the better of DepthPolicy.split_starts starts (_best_runs; cheap there)."""
     n = len(c)
     coarse = coarse_rmax(ctx, n, k)
     caps = (coarse, None) if coarse < ctx.maps.resolution_limit(n / (2 * k)) else (None,)
     for cap in caps:
+        starts = policy_of(ctx).split_starts if cap is not None else 1
+        runs = _best_runs(ctx, c, k, cap=cap, starts=starts)
+        boxes = [Partition([c[lab == j] for j in range(k)], np.zeros(0, np.int64)) for lab in runs]
+        limit = ("coarse limit" if cap is not None else "full limit") + (
+            f", K = {k}" if k > 2 else ""
+        )
+        part = between_boxes(ctx, c, *boxes, views_test=True, tag=f"{tag}{limit}: ")
+        if len(part.clusters) >= 2 and not _any_motion(ctx, c, part.clusters, tag=tag):
+            return part
+    return None
+
+
+def _best_runs(ctx, c, k, *, cap, starts):
+    """The two runs of a weighted pair (labels over c), each the best of `starts` runs from
+    its own random labels by _difference_score: a run's choice sees only its own candidates, so
+    the two runs stay independent. A run from random labels can settle in an equal split along
+    nothing (bench/README.md, "Two cells at 64 px")."""
+    n = len(c)
+    candidates = []
+    for _ in range(starts):
         inits = [random_equal_assignment(n, k, ctx.rng) for _ in range(2)]
         runs, _ = mgsk_pair(
             ctx.maps,
@@ -130,14 +152,23 @@ def _reproduced_k(ctx, c, k, *, tag):
             weighted=True,
             rmax_cap=cap,
         )
-        boxes = [Partition([c[lab == j] for j in range(k)], np.zeros(0, np.int64)) for lab in runs]
-        limit = ("coarse limit" if cap is not None else "full limit") + (
-            f", K = {k}" if k > 2 else ""
-        )
-        part = between_boxes(ctx, c, *boxes, views_test=True, tag=f"{tag}{limit}: ")
-        if len(part.clusters) >= 2 and not _any_motion(ctx, c, part.clusters, tag=tag):
-            return part
-    return None
+        candidates.append(runs)
+    if starts == 1:
+        return candidates[0]
+    best = []
+    for j in (0, 1):
+        scores = [_difference_score(ctx, c, runs[j], k=k, cap=cap) for runs in candidates]
+        best.append(candidates[int(np.argmax(scores))][j])
+    return best
+
+
+def _difference_score(ctx, c, labels, *, k, cap):
+    """How reproducibly the K groups' maps differ between the two random halves: the sum over
+    shells of reconstruction.difference_weights of each half's maps (at the limit `cap`)."""
+    maps = ctx.maps if cap is None else ctx.maps.at_limit(cap)
+    memb = np.eye(k)[labels]
+    halves = [maps.build(c, memb, len(c) / k, half=h) for h in (0, 1)]
+    return float(difference_weights(halves[0], halves[1], maps.mask).sum())
 
 
 def _any_motion(ctx, c, groups, *, tag):
