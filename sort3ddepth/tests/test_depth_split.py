@@ -3,6 +3,7 @@
 import numpy as np
 
 from sort3ddepth.engine.depth import SortContext, split_check
+from sort3ddepth.engine.depth.partition import Partition
 from sort3ddepth.tests.sorting_data import prepared_set
 
 
@@ -190,3 +191,32 @@ def test_a_state_found_twice_is_one_cluster(tmp_path):
     tried = set()
     assert found_again(ctx, [zero, one], unsure, everyone, tried=tried) is None
     assert len(tried) == 1
+
+
+def test_a_cut_in_two_kept_whole_gives_way_to_the_generations_k(tmp_path, monkeypatch):
+    """A cut in two that reproduces but whose parts the member posterior keeps whole (rigged
+    here: a random halving of three states) is not the last word: the K a generation of the
+    cluster's size starts from (900 / 300 = 3) is tried next, and the groups it reproduces
+    (rigged: the true states) come out as three clusters, each >= 95 % one state."""
+    from sort3ddepth.engine.depth import split
+
+    ctx, truth = _context(tmp_path, n_per_class=300, n_classes=3, snr=1.0, seed=4)
+    everyone = np.arange(len(truth))
+    asked = []
+
+    def rigged(ctx, c, k, *, tag):
+        asked.append((len(c), k))
+        if k == 2:
+            cut = np.random.default_rng(0).permutation(len(c)) % 2
+            return Partition([c[cut == j] for j in range(2)], np.zeros(0, np.int64))
+        return Partition([c[truth[c] == j] for j in range(k)], np.zeros(0, np.int64))
+
+    monkeypatch.setattr(split, "_reproduced_k", rigged)
+    lines = []
+    ctx.log = lines.append
+    clusters, _, _ = split_check(ctx, [everyone], [{}])
+    assert asked[:2] == [(900, 2), (900, 3)], asked
+    assert any("split check of 900 images: parts" in s and "kept whole" in s for s in lines)
+    assert len(clusters) == 3, [len(c) for c in clusters]
+    assert sorted(int(np.bincount(truth[c]).argmax()) for c in clusters) == [0, 1, 2]
+    assert all(np.bincount(truth[c]).max() >= 0.95 * len(c) for c in clusters)

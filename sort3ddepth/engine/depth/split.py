@@ -3,7 +3,8 @@
 States that differ by a small density next to a larger one come out of the depth search merged:
 from random labels at search mode's K, MGSK-means never holds groups of a few hundred images
 whose maps differ only in a few low shells (bench/README.md, "Why states are missed"). Inside one
-cluster, with K = 2 (then, if nothing reproduces, the K a generation of its size starts from)
+cluster, with K = 2 (then, if nothing reproduces or the posterior keeps its parts whole, the
+K a generation of its size starts from)
 and scores weighted by how reliably a run's two halves agree on the differences of its maps,
 the runs find such a split. A split is kept when it passes the two tests
 a generation's groups pass: the two independent runs reproduce it (between_boxes), and each part
@@ -58,14 +59,23 @@ def split_check(ctx, clusters, stats, *, tag="", only=None):
 
 
 def _split(ctx, c, *, tag):
-    """The two parts of cluster `c` (sorted global indices) when it holds two states, else None."""
+    """The parts of cluster `c` (sorted global indices) when it holds two states or more, else
+    None: the first reproduced split (_reproduced_splits) whose parts are sure (_sure_parts)."""
+    policy = policy_of(ctx)
+    if len(c) < policy.split_check_factor * policy.min_cluster_size:
+        return None
+    for part in _reproduced_splits(ctx, c, tag=tag):
+        parts = _sure_parts(ctx, c, part, tag=tag)
+        if parts is not None:
+            return parts
+    return None
+
+
+def _sure_parts(ctx, c, part, *, tag):
+    """The reproduced groups of `part` as the member posterior keeps them (membership.decide
+    over c), or None when a part is unsure, too small, or the parts keep too little of c."""
     policy = policy_of(ctx)
     n = len(c)
-    if n < policy.split_check_factor * policy.min_cluster_size:
-        return None
-    part = _reproduced_split(ctx, c, tag=tag)
-    if part is None:
-        return None
     _, memb, _ = decide(
         ctx.maps,
         ctx.data,
@@ -91,23 +101,29 @@ def _split(ctx, c, *, tag):
 
 
 def _reproduced_split(ctx, c, *, tag):
-    """The split of `c` that a weighted pair from random labels reproduces and that is no
-    rigid motion, as a Partition, or None. K = 2 first, tried at two limits: the coarse one of
+    """The first of _reproduced_splits, or None."""
+    return next(_reproduced_splits(ctx, c, tag=tag), None)
+
+
+def _reproduced_splits(ctx, c, *, tag):
+    """The splits of `c` that a weighted pair from random labels reproduces and that are no
+    rigid motion, as Partitions, each tried only when the caller asks for the next (a
+    generator). K = 2 first, tried at two limits: the coarse one of
     the search-mode runs (where the boxes separate states), then every shell a part's maps hold
     (states that differ only past the coarse limit: o-k8-eq-snr05). Either may be the one that
     separates two states cleanly (bench/README.md, "the split check at two limits"). A cluster
-    too small for a coarser limit is tried once, at its full one. When no K = 2 split
-    reproduces, the K a generation of len(c) images starts from (len(c) / the working group
-    size), if 3 or more: five states of alike distances have many equally good cuts in two,
-    and two runs pick different ones (o-k8-eq-snr05, bench/README.md "K = 2, then the
-    generation's K")."""
+    too small for a coarser limit is tried once, at its full one. Then the K a generation of
+    len(c) images starts from (len(c) / the working group size), if 3 or more: five states of
+    alike distances have many equally good cuts in two, and two runs pick different ones
+    (o-k8-eq-snr05, bench/README.md "K = 2, then the generation's K"); and a cut in two of
+    three states leaves the middle one in both parts, which the posterior then keeps whole
+    (a-k6-eq-snr04, bench/README.md "Three states cut in two")."""
     n = len(c)
     k_gen = int(round(n / max(ctx.img_per_grp, 1)))
     for k in (2, k_gen) if k_gen >= 3 else (2,):
         part = _reproduced_k(ctx, c, k, tag=tag)
         if part is not None:
-            return part
-    return None
+            yield part
 
 
 def _reproduced_k(ctx, c, k, *, tag):
