@@ -7,8 +7,9 @@ sorter's final assignment: cross-validated maps, every particle open, purity tar
 the true groups as the clusters. Its accounted share at >= 97 % purity (G@97) is what the sorter
 could keep if it found every group exactly; ours / G@97 well below 1 says the groups were not
 found, G@97 well below F@97 that maps from the data cannot rank the particles as the true maps do.
-The set is prepared with the sorter's default options (no `--pose_sigma_deg` neighbourhood even
-where bench_matrix.py --pose_sigma passes one to the sorter) and its own random halves.
+The set is prepared as the sorter prepares it with its default options (sorter.sorting_maps:
+poses refined, and where they carry errors the estimated pose neighbourhood; not the sigma that
+bench_matrix.py --pose_sigma passes to the sorter) and its own random halves.
 
     .venv/bin/python bench/oracle_groups.py SET_FOLDER   # particles.star + truth.npy
 """
@@ -30,18 +31,19 @@ def oracle_groups(star, truth, purity=PURITY):
     """dict(g97: share of all particles in clusters >= `purity` pure, measured; g_acc: share
     whose most probable cluster is their state; g_est_err: max |estimated - measured| purity)."""
     from sort3ddepth.engine.membership import decide
-    from sort3ddepth.engine.mgskmeans import ClusterMaps
     from sort3ddepth.engine.options import SortOptions
     from sort3ddepth.engine.parallel import Comm
     from sort3ddepth.engine.preprocess import prepare
+    from sort3ddepth.engine.sorter import sorting_maps
     from sort3ddepth.engine.star_io import read_star
+    from sort3ddepth.engine.symmetry import parse_symmetry
 
     n, k = len(truth), int(truth.max()) + 1
     with tempfile.TemporaryDirectory() as tmp:
         opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", tmp])
         opts = opts.for_input(n_particles=n)
         data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: 0)
-    maps = ClusterMaps(data, Comm())
+    maps, _, _ = sorting_maps(data, opts, Comm(), sym=parse_symmetry(opts.sym), log=lambda *a: 0)
     groups = [np.nonzero(truth == j)[0] for j in range(k)]
     _, memb, _ = decide(
         maps,

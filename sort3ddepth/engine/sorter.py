@@ -373,24 +373,7 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
         f"depth order {opts.depth_order} ({2**opts.depth_order} boxes in layer 0)"
     )
     data = _preprocess(particles, opts, comm, rng, log=log)
-    symmetry = sym if sym.order > 1 else None
-    given_rots = data.rots.copy()
-    point_maps = ClusterMaps(data, comm, symmetry=symmetry)
-    pose_sigma, origin_sigma = refine_poses(
-        point_maps, comm, log, sigma_deg=opts.pose_sigma_deg, sigma_px=opts.pose_sigma_px
-    )
-    data.smears = (
-        pose_smears(point_maps, comm, given_rots, sigma_deg=pose_sigma, log=log) or data.smears
-    )
-    turns = pose_neighbours(pose_sigma)
-    if turns is not None:
-        log(
-            f"pose errors: each image scored at its refined pose and {len(turns)} neighbours "
-            f"turned {pose_sigma:g} deg, weighed by their likelihood and a Gaussian prior of "
-            f"that width about the given pose (--pose_sigma_deg); the stored orientations are "
-            f"unchanged"
-        )
-    maps = ClusterMaps(data, comm, symmetry=symmetry, pose_turns=turns, given_rots=given_rots)
+    maps, pose_sigma, origin_sigma = sorting_maps(data, opts, comm, sym=sym, log=log)
     ctx = SortContext(
         data,
         maps,
@@ -428,6 +411,33 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
         summary.half_sets = "input" if given else "random"
         output.write_json(Path(out_dir) / results.SUMMARY_FILE, summary.to_dict())
     return summary
+
+
+def sorting_maps(data, opts, comm, *, sym, log):
+    """The maps builder every score of the run goes through (mgskmeans.ClusterMaps): the
+    images' poses refined where they fit better moved (refine_poses: origins, then angles, at
+    the given or estimated sigma), and with pose errors each image scored over a neighbourhood
+    of its pose (and smeared into the maps). data is changed in place (refined poses, smears).
+    Returns (maps, pose sigma in degrees, origin sigma in pixels)."""
+    symmetry = sym if sym.order > 1 else None
+    given_rots = data.rots.copy()
+    point_maps = ClusterMaps(data, comm, symmetry=symmetry)
+    pose_sigma, origin_sigma = refine_poses(
+        point_maps, comm, log, sigma_deg=opts.pose_sigma_deg, sigma_px=opts.pose_sigma_px
+    )
+    data.smears = (
+        pose_smears(point_maps, comm, given_rots, sigma_deg=pose_sigma, log=log) or data.smears
+    )
+    turns = pose_neighbours(pose_sigma)
+    if turns is not None:
+        log(
+            f"pose errors: each image scored at its refined pose and {len(turns)} neighbours "
+            f"turned {pose_sigma:g} deg, weighed by their likelihood and a Gaussian prior of "
+            f"that width about the given pose (--pose_sigma_deg); the stored orientations are "
+            f"unchanged"
+        )
+    maps = ClusterMaps(data, comm, symmetry=symmetry, pose_turns=turns, given_rots=given_rots)
+    return maps, pose_sigma, origin_sigma
 
 
 def _preprocess(particles, opts, comm, rng, *, log):
