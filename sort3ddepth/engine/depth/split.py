@@ -1,19 +1,18 @@
 """The split check: does a generation's cluster hold two states or more?
 
 States that differ by a small density next to a larger one come out of the depth search merged:
-from random labels at search mode's K, MGSK-means never holds groups of a few hundred images
-whose maps differ only in a few low shells (bench/README.md, "Why states are missed"). Inside one
-cluster, with K = 2 (then, if nothing reproduces or the posterior keeps its parts whole, the
-K a generation of its size starts from)
-and scores weighted by how reliably a run's two halves agree on the differences of its maps,
-the runs find such a split. A split is kept when it passes the two tests
-a generation's groups pass: the two independent runs reproduce it (between_boxes), and each part
-reaches the purity target under the membership posterior (membership.decide, cross-validated
+from random labels at search mode's K, MGSK-means never holds groups of a few hundred images whose
+maps differ only in a few low shells (bench/README.md, "Why states are missed"). Inside one
+cluster, with K = 2 (then, if nothing reproduces or the posterior keeps its parts whole, the K a
+generation of its size starts from) and scores weighted by how reliably a run's two halves agree on
+the differences of its maps, the runs find such a split. A split is kept when it passes the two
+tests a generation's groups pass: the two independent runs reproduce it (between_boxes), and each
+part reaches the purity target under the membership posterior (membership.decide, cross-validated
 maps); and three more. Some splits reproduce without being states: along the images' views or
-random halves (nuisance.py), along origin or angle errors (the parts' maps are one map shifted
-or turned: rigid.py), or along something else a homogeneous cluster's images share, such as
-their signal level, where the posterior finds a part unsure or keeps only two corners of the
-cluster (DepthPolicy.split_kept_share).
+random halves (nuisance.py), along origin or angle errors (the parts' maps are one map shifted or
+turned: rigid.py), or along something else a homogeneous cluster's images share, such as their
+signal level, where the posterior finds a part unsure or keeps only two corners of the cluster
+(DepthPolicy.split_kept_share).
 
 When: on a generation's groups as reproduced, before the member check (layers.py), and after
 it on the clusters it grew with pool images (sorter.py). The member check alone would come
@@ -117,7 +116,7 @@ def _reproduced_splits(ctx, c, *, tag):
     alike distances have many equally good cuts in two, and two runs pick different ones
     (o-k8-eq-snr05, bench/README.md "K = 2, then the generation's K"); and a cut in two of
     three states leaves the middle one in both parts, which the posterior then keeps whole
-    (a-k6-eq-snr04, bench/README.md "Three states cut in two")."""
+    (a-k6-eq-snr04, bench/README.md "a cut in two kept whole gives way to the generation's K")."""
     n = len(c)
     k_gen = int(round(n / max(ctx.img_per_grp, 1)))
     for k in (2, k_gen) if k_gen >= 3 else (2,):
