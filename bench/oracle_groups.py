@@ -1,15 +1,16 @@
 """What the sorter's own member decisions make of the TRUE groups.
 
 The ideal sorter (frontier.py) scores particles against the TRUE maps, which no sorter has: its
-frontier mixes two limits, finding the groups and deciding their members from maps built of
-noisy images. This is the second alone: the membership posterior (membership.decide, as the
-sorter's final assignment: cross-validated maps, every particle open, purity target 97 %) with
-the true groups as the clusters. Its accounted share at >= 97 % purity (G@97) is what the sorter
-could keep if it found every group exactly; ours / G@97 well below 1 says the groups were not
-found, G@97 well below F@97 that maps from the data cannot rank the particles as the true maps do.
-The set is prepared as the sorter prepares it with its default options (sorter.sorting_maps:
-poses refined, and where they carry errors the estimated pose neighbourhood; not the sigma that
-bench_matrix.py --pose_sigma passes to the sorter) and its own random halves.
+frontier mixes two limits, finding the groups and deciding their members from maps built of noisy
+images. This is the second alone: the membership posterior (membership.decide, as the sorter's
+final assignment: cross-validated maps, every particle open, the sorter's default purity target
+(98 %), so that ours / G@97 compares like with like) with the true groups as the clusters. Its
+accounted share at >= 97 % purity (G@97) is what the sorter could keep if it found every group
+exactly; ours / G@97 well below 1 says the groups were not found, G@97 well below F@97 that maps
+from the data cannot rank the particles as the true maps do. The set is prepared as the sorter
+prepares it with its default options (sorter.sorting_maps: poses refined, and where they carry
+errors the estimated pose neighbourhood; not the sigma that bench_matrix.py --pose_sigma passes to
+the sorter) and its own random halves.
 
     .venv/bin/python bench/oracle_groups.py SET_FOLDER   # particles.star + truth.npy
 """
@@ -28,9 +29,10 @@ PURITY = 0.97  # the frontier's F@97 level
 
 
 def oracle_groups(star, truth, purity=PURITY):
-    """dict(g97: share of all particles in clusters >= `purity` pure, measured; g_acc: share
-    whose most probable cluster is their state; g_est_err: max |estimated - measured| purity)."""
-    from sort3ddepth.engine.membership import decide
+    """dict(g97: share of all particles in clusters >= `purity` pure, measured, the members
+    decided at the sorter's default target; g_acc: share whose most probable cluster is their
+    state; g_est_err: max |estimated - measured| purity)."""
+    from sort3ddepth.engine.membership import DEFAULT_MIN_PURITY, decide
     from sort3ddepth.engine.options import SortOptions
     from sort3ddepth.engine.parallel import Comm
     from sort3ddepth.engine.preprocess import prepare
@@ -52,7 +54,7 @@ def oracle_groups(star, truth, purity=PURITY):
         groups,
         open_rows=np.ones(n, bool),
         pool_joins=True,
-        min_purity=purity,
+        min_purity=DEFAULT_MIN_PURITY,
         min_size=1,
     )
     clean, errors = 0, []
