@@ -13,10 +13,10 @@ Which groups exist is decided by reproducibility (depth.py); this module decides
   the data) widens it, and lowers the scores against a map the more the fewer images built it
   (corrected by the measured gain from 1/2 to 3/4 of the data). The posterior of cluster k is
   the likelihood times the cluster's share (fitted by EM), averaged over draws of the maps'
-  noise. The maps are then rebuilt from the posteriors and the whole repeated
-  (MEMBER_EM_ROUNDS). It compares only the clusters there are: images of a state that no
-  cluster stands for would join the nearest ones at a high posterior, so images in no cluster
-  join only when they are too few to be a group.
+  noise. The maps are then rebuilt once from the posteriors and the posterior computed again
+  (MEMBER_EM_ROUNDS): more rebuilds drift towards blends. It compares only the clusters there
+  are: images of a state that no cluster stands for would join the nearest ones at a high
+  posterior, so images in no cluster join only when they are too few to be a group.
   (pair.py still refines MGSK-means runs with a Gaussian mixture over the score vectors,
   fit_posteriors: a density model fitted to the scores, for labels that may be far off.)
 * Selection: a cluster takes the images whose most probable cluster it is, in decreasing
@@ -53,7 +53,10 @@ MAP_GAIN_STEPS = 1.0  # each cluster's scores times (1 + this x (g - 1)), g its 
 # "the map gain")
 SHARE_EM_ITER = 100  # EM iterations of the clusters' shares at most ...
 SHARE_EM_TOL = 1e-6  # ... stop when no share moves more than this
-MEMBER_EM_ROUNDS = 3  # maps from the members, then twice from the posteriors
+MEMBER_EM_ROUNDS = 2  # maps from the members, then once from the posteriors: from the TRUE
+# groups of every matrix cell one rebuild puts more images in their state's cluster and a second
+# fewer again, the unsure images' posteriors feeding other states into each map (bench/README.md,
+# "One rebuild of the member maps")
 MAP_WEIGHT_FLOOR = 1e-3  # posteriors below this do not enter the rebuilt maps, and a weight
 # that moves by less keeps its value (a map of N images moves by < N * 1e-3 image-equivalents;
 # only the (image, map) pairs that moved are inserted again)
@@ -63,8 +66,9 @@ MAP_WEIGHT_FLOOR = 1e-3  # posteriors below this do not enter the rebuilt maps, 
 class Membership:
     """posterior (n, m) over the m clusters for the n scored images; labels (n,) the decision
     (cluster index, m = unaccounted); estimated_purity (m,) the mean posterior of each cluster's
-    members (nan for an empty cluster); below_target (m,) the clusters that kept images under
-    the UNSURE_FLOOR rule."""
+    members (nan for an empty cluster); below_target (m,) the clusters whose surest images do
+    not reach the purity target with min_size of them: they keep images under the UNSURE_FLOOR
+    rule, fewer than min_size when even those are too few (then a caller drops them)."""
 
     posterior: np.ndarray
     labels: np.ndarray
@@ -308,7 +312,9 @@ def select_members(posterior, min_purity, candidates=None, *, min_size=1, own=No
     candidates: bool mask of the images that may be members (default all). own: each image's
     cluster before (m: none; default none). A cluster whose target prefix holds fewer than
     min_size images keeps instead its own former members that it more likely holds than not
-    (posterior >= UNSURE_FLOOR), flagged in below_target. Returns a Membership."""
+    (posterior >= UNSURE_FLOOR), flagged in below_target, however few they are: a cluster that
+    keeps too few to stay is flagged too (found_again looks for such a cluster's twin).
+    Returns a Membership."""
     n, m = posterior.shape
     cand = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
     own = np.full(n, m, np.int64) if own is None else np.asarray(own, np.int64)
@@ -324,7 +330,7 @@ def select_members(posterior, min_purity, candidates=None, *, min_size=1, own=No
         chosen = rows[order[: int(np.sum(running >= min_purity))]]  # the mean falls: a prefix
         if len(chosen) < min_size:
             chosen = rows[(own[rows] == k) & (p >= UNSURE_FLOOR)]
-            below[k] = len(chosen) >= min_size
+            below[k] = True
         labels[chosen] = k
         if len(chosen):
             purity[k] = float(posterior[chosen, k].mean())
