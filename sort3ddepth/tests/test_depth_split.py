@@ -174,7 +174,7 @@ def test_a_state_found_twice_is_one_cluster(tmp_path):
     the final assignment cannot bring the 60 to the purity target (their posterior is shared
     with the 240's map; here the 240 cannot either), and the union of the two splits in no
     reproducible way: found again. Two states as two clusters, one of them unsure, split: two
-    states."""
+    states; the pair is not checked again with the roles swapped."""
     from sort3ddepth.engine.depth import final_assignment, found_again
     from sort3ddepth.engine.membership import Membership
 
@@ -190,6 +190,11 @@ def test_a_state_found_twice_is_one_cluster(tmp_path):
     unsure = Membership(post, truth.copy(), np.array([1.0, 0.7]), np.array([False, True]))
     tried = set()
     assert found_again(ctx, [zero, one], unsure, everyone, tried=tried) is None
+    assert len(tried) == 1
+    # both unsure: the pair was checked with state 1's cluster as j, and is not checked again
+    # with state 0's (the same test of the same union: a second draw, a second chance to merge)
+    both = Membership(post, truth.copy(), np.array([0.7, 0.7]), np.array([True, True]))
+    assert found_again(ctx, [zero, one], both, everyone, tried=tried) is None
     assert len(tried) == 1
 
 
