@@ -268,12 +268,11 @@ def found_again(ctx, clusters, memb, everyone, *, tried):
     Two clusters of one state compete for its images, so one of them (or both) misses the
     target and much of the state goes unaccounted; a later generation makes such a pair when it
     finds again the images an earlier cluster of their state left (bench/README.md, "A state
-    found again"). A
-    split of the union that reproduces but that the member posterior keeps whole still counts
-    as two states (blends). None when no pair; `tried` (a set) keeps the pairs checked, each
-    once whichever of the two is j: the test of their union is the same either way round, and a
-    second draw of it would be a second chance to merge (bench/README.md, "Do two maps of one
-    state share its images' posterior?")."""
+    found again"). A split of the union that reproduces but that the member posterior keeps
+    whole still counts as two states (blends). None when no pair; `tried` (a set) keeps the
+    pairs checked, each once whichever of the two is j: the test of their union is the same
+    either way round, and a second draw of it would be a second chance to merge
+    (bench/README.md, "Do two maps of one state share its images' posterior?")."""
     if not (policy_of(ctx).split_check and ctx.search):
         return None
     for j in np.nonzero(memb.below_target)[0]:
