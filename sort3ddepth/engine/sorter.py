@@ -513,9 +513,13 @@ def _one_generation(ctx, gen, subset, k, *, earlier, comm, checkpoints):
         clusters, pool, stats = [subset.copy()], np.zeros(0, np.int64), [{}]
     if policy_of(ctx).split_check and ctx.search and clusters:  # K given: never
         # groups were checked as reproduced (layers.py); checked again: those the member
-        # check grew with images no check has seen, and the whole set when none reproduced
+        # check grew with images no check has seen, at least as many as the smallest cluster
+        # (fewer cannot be a part of their own: bench/README.md, "Only the clusters that grew
+        # by a cluster"), and the whole set when none reproduced
+        least = policy_of(ctx).min_cluster_size
         grown = [
-            fallback or len(c) > st.get("reproduced_size", len(c)) for c, st in zip(clusters, stats)
+            fallback or len(c) - st.get("reproduced_size", len(c)) >= least
+            for c, st in zip(clusters, stats)
         ]
         clusters, stats, left = split_check(ctx, clusters, stats, tag=f"gen {gen}: ", only=grown)
         pool = np.union1d(pool, left)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sort3ddepth.engine import cli, sorter
-from sort3ddepth.engine.depth import Partition
+from sort3ddepth.engine.depth import Partition, policy_of
 from sort3ddepth.engine.parallel import Comm
 from sort3ddepth.engine.results import SCHEMA_VERSION, read_summary
 from sort3ddepth.tests.sorting_data import make_star
@@ -70,7 +70,9 @@ def test_after_the_member_check_the_split_check_sees_only_grown_clusters(monkeyp
     """Every group was split-checked as reproduced (before the member check); afterwards only a
     cluster the member check grew with pool images is checked again (it holds images no check
     has seen: a-k4-uneq-3500-snr05's 3,858 reproduced images of one state became 5,260 of
-    three), and the whole set when nothing reproduced."""
+    three) with at least as many new images as the smallest cluster (fewer cannot be a part
+    of their own: bench_sort's clusters took in 6-16 each, and their checks took 27 of 288 s),
+    and the whole set when nothing reproduced."""
     seen = []
 
     def record(ctx, clusters, stats, *, tag="", only=None):
@@ -80,14 +82,14 @@ def test_after_the_member_check_the_split_check_sees_only_grown_clusters(monkeyp
     monkeypatch.setattr(sorter, "split_check", record)
     ctx = _ctx()
     ctx.search = True
-    grown = [{"reproduced_size": 300}, {"reproduced_size": 250}, {"reproduced_size": 100}]
-    stored = StoredGenerations(
-        {"gen000": _part([range(0, 400), range(400, 600), range(600, 700)], grown)}
-    )
-    sorter._one_generation(ctx, 0, np.arange(800), 3, earlier=[], comm=Comm(), checkpoints=stored)
+    least = policy_of(ctx).min_cluster_size
+    grown = [{"reproduced_size": n} for n in (300, 250, 100, 61 - least, 60 - least)]
+    clusters = [range(0, 400), range(400, 600), range(600, 700), range(700, 760), range(760, 820)]
+    stored = StoredGenerations({"gen000": _part(clusters, grown)})
+    sorter._one_generation(ctx, 0, np.arange(900), 3, earlier=[], comm=Comm(), checkpoints=stored)
     stored = StoredGenerations({"gen000": _part([])})
     sorter._one_generation(ctx, 0, np.arange(300), 3, earlier=[], comm=Comm(), checkpoints=stored)
-    assert seen == [[True, False, False], [True]]
+    assert seen == [[True, False, False, False, True], [True]]
 
 
 def test_generations_follow_the_pool_until_too_few_are_left():
