@@ -171,8 +171,8 @@ def test_the_groups_are_checked_as_reproduced(monkeypatch):
 def test_a_state_found_twice_is_one_cluster(tmp_path):
     """Two states of 300 images given as three clusters, state 0 split 240 + 60 (what a later
     generation makes when it finds again the images an earlier cluster of their state left):
-    the final assignment cannot bring the 60 to the purity target (their posterior is shared
-    with the 240's map; here the 240 cannot either), and the union of the two splits in no
+    the final assignment cannot bring the 60 to the purity target (they compete with the 240's
+    map for their state's images; here the 240 cannot either), and the union of the two splits in no
     reproducible way: found again. Two states as two clusters, one of them unsure, split: two
     states; the pair is not checked again with the roles swapped."""
     from sort3ddepth.engine.depth import final_assignment, found_again
