@@ -36,6 +36,8 @@ SHIFT_CHUNK = 4096  # images moved (copied) at a time when scores are taken at s
 NEIGHBOUR_PRIOR = float(np.exp(-0.5))  # prior weight of a pose neighbour next to its pose's
 # 1 when the prior is centred on the pose scored: a Gaussian of width sigma, one sigma away
 MIN_PER_ORIENTATION = 20  # an orientation group needs K * this many images to be kept
+MIN_GROUP_FOR_MEAN = 5  # a group's images in an orientation group that its mean preference
+# counts from (centre_per_orientation): the mean of fewer is noisier than the shift it corrects
 
 
 class ClusterMaps:
@@ -480,19 +482,35 @@ def mix_memberships(u, labels, change_fraction, size_ratio):
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def centre_per_orientation(scores, groups):
+def centre_per_orientation(scores, groups, labels=None):
     """Scores (n, K) as preferences: each row minus its mean (raw scores mostly measure how much
     signal an image has, the same for every map), then, inside each orientation group, each
     map's column minus its mean there. Without the second step a map that happens to be better
     determined for some view directions (or built from more images) draws the images of those
     views whatever their structure, and independent runs reproduce such a split of a homogeneous
-    set (measured in bench/README.md, "Search mode on small sets"). Side effect: groups of
-    unequal true sizes are pulled towards equal sizes."""
+    set (measured in bench/README.md, "Search mode on small sets").
+    labels: the images' current groups. Given, a column's mean is the mean of the groups' means
+    (of the groups with at least MIN_GROUP_FOR_MEAN images in the orientation group), not of the
+    images: the images' mean is mostly the largest group's, and removing it moves the boundary
+    between two groups into the large one (900 + 300 images of two states: its images' mean
+    preference for their own map halves, the small one's grows by half). The groups' mean keeps
+    the boundary halfway (bench/README.md, "The groups' mean, not the images'")."""
     s = scores - scores.mean(axis=1, keepdims=True)
     for g in np.unique(groups):
-        rows = groups == g
-        s[rows] -= s[rows].mean(axis=0, keepdims=True)
+        rows = np.flatnonzero(groups == g)
+        s[rows] -= _column_means(s[rows], None if labels is None else labels[rows])
     return s
+
+
+def _column_means(s, labels):
+    """(1, K): the mean of the groups' mean rows (groups of >= MIN_GROUP_FOR_MEAN rows), or the
+    rows' mean when fewer than two such groups (or no labels)."""
+    if labels is not None:
+        ids, counts = np.unique(labels, return_counts=True)
+        ids = ids[counts >= MIN_GROUP_FOR_MEAN]
+        if ids.size >= 2:
+            return np.mean([s[labels == j].mean(axis=0) for j in ids], axis=0)[None]
+    return s.mean(axis=0, keepdims=True)
 
 
 def mgsk_pair(
@@ -657,7 +675,11 @@ class _PairSweeps:
         """Run ``r``'s images ``rows`` to their preferred maps under its minimum size (a damped
         run makes a random half of the moves); ``r.wanted`` counts what the images wanted."""
         og, rng = self.og, self.rng
-        s = centre_per_orientation(run_scores, og[rows])
+        # the groups' mean in the split check's runs only: in the depth search's box runs the
+        # images' mean holds them off a drift that loses states (bench/README.md, "The groups'
+        # mean, not the images'": 0 of 4 states in a-k4-uneq-snr02-pose2)
+        labels = r.labels[rows] if self.weighted else None
+        s = centre_per_orientation(run_scores, og[rows], labels)
         new = constrained_assignment(s, r.min_size * rows.size / self.n, rng, og[rows])
         if r.search:
             new = cap_oversized(new, self.k, rng)

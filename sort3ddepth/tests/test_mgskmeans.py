@@ -26,6 +26,7 @@ from sort3ddepth.engine.mgskmeans import (
     MAX_ITER,
     NEIGHBOUR_PRIOR,
     ClusterMaps,
+    centre_per_orientation,
     mgsk_pair,
     pose_marginal,
 )
@@ -455,3 +456,27 @@ def test_score_noise_variance_is_that_of_pure_noise_images(three_groups, graded)
         z2.append(s**2 / var)
     ratio = np.concatenate(z2).mean(axis=0)  # measured / predicted variance
     assert np.all(np.abs(ratio - 1.0) < 0.06), ratio
+
+
+def test_preferences_are_centred_on_the_groups_mean_not_the_images():
+    """900 images that score d higher against map 0 and 300 that score d higher against map 1,
+    plus a per-view offset of map 1 (a map better determined for some views): centred with
+    the groups' labels, each group keeps its preference (boundary halfway) and the view offset
+    is gone; centred over the images, the large group's preference halves and the small one's
+    grows by half (the boundary moves into the large group)."""
+    rng = np.random.default_rng(3)
+    d, n0, n1 = 1.0, 900, 300
+    labels = np.repeat([0, 1], [n0, n1])
+    views = rng.integers(0, 2, n0 + n1)
+    scores = np.where(labels[:, None] == np.arange(2)[None], d, 0.0)
+    scores[:, 1] += 0.7 * views  # map 1 scores higher for every image of view 1
+    scores += rng.normal(0.0, 0.2, scores.shape)
+
+    def own_minus_other(s):
+        diff = s[:, 0] - s[:, 1]
+        return diff[labels == 0].mean(), -diff[labels == 1].mean()
+
+    big, small = own_minus_other(centre_per_orientation(scores, views, labels))
+    assert abs(big - d) < 0.05 and abs(small - d) < 0.05, (big, small)
+    big, small = own_minus_other(centre_per_orientation(scores, views))
+    assert abs(big - d / 2) < 0.05 and abs(small - 1.5 * d) < 0.05, (big, small)
