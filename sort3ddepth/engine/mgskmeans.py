@@ -488,7 +488,8 @@ def centre_per_orientation(scores, groups, labels=None):
     map's column minus its mean there. Without the second step a map that happens to be better
     determined for some view directions (or built from more images) draws the images of those
     views whatever their structure, and independent runs reproduce such a split of a homogeneous
-    set (measured in bench/README.md, "Search mode on small sets").
+    set (measured in bench/README.md, "Search mode on small sets"). Without labels, groups of
+    unequal true sizes are pulled towards equal sizes.
     labels: the images' current groups. Given, a column's mean is the mean of the groups' means
     (of the groups with at least MIN_GROUP_FOR_MEAN images in the orientation group), not of the
     images: the images' mean is mostly the largest group's, and removing it moves the boundary
