@@ -152,7 +152,7 @@ class DepthPolicy:
         0.3,
         "a split is kept only if its parts hold this share of the cluster at the purity target "
         "(else they are corners of one state). Measured on the matrix at two seeds: one "
-        "state's clusters 0.04-0.17 (bench_sort's 3,456 images 0.10), clusters larger than "
+        "state's clusters 0.04-0.17 (bench_sort's 3,456 images 0.05-0.10), clusters larger than "
         'any state (blends) 0.22-0.47, clean splits 0.53-1.0 (bench/README.md, "Two draws '
         'of the matrix"); at 0.5 every blend was kept whole, reported ~98 % pure',
     )
