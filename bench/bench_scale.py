@@ -5,7 +5,8 @@ pixels, 5 x 64 / box Å, so the particle fills the box as in real data), in n_cl
 (domains removed / added), projected with astigmatic CTF, shifts and white noise, written as
 several MRC stacks (SIMULATION_BLOCK particles each) referenced by one RELION STAR file, in a
 folder the user names (never in the repository; a set already there is reused). Every set is
-sorted with ``mpirun -np NP sort3d-depth --img_per_grp N / n_classes`` and the run prints: wall
+sorted with ``mpirun -np NP sort3d-depth --img_per_grp N / n_classes`` (``--search``: no group
+size, the sorter's search mode) and the run prints: wall
 time, time per particle, the peak memory of all ranks together (sum of each rank's max RSS), the
 model's estimate (memory.py), the sorting size chosen, the groups found, purity (% true members,
 weighted over the groups), the accounted fraction, the pre-processing time and the median time of
@@ -15,6 +16,7 @@ measured time per particle and the memory model.
 
     .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 12500x128,25000x128
     .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 100000x192 --nxinit 64
+    .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 100000x192 --nxinit 64 --search
 """
 
 import argparse
@@ -131,8 +133,9 @@ def running_rank_peaks(peak_file):
     return out
 
 
-def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
-    """Sort one set; returns the figures of the run (dict). timeout: seconds after which the run
+def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None, search=False):
+    """Sort one set; returns the figures of the run (dict). search: no --img_per_grp (the
+    sorter's search mode). timeout: seconds after which the run
     is stopped (SIGTERM; the ranks still record their peaks): the figures are then partial
     (no wall time, groups or purity; the pre-processing and finished layer-0 boxes' times)."""
     out = Path(out)
@@ -156,9 +159,9 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
         str(out),
         "--seed",
         str(seed),
-        "--img_per_grp",
-        str(n // n_classes),
-    ] + list(extra)
+    ]
+    cmd += [] if search else ["--img_per_grp", str(n // n_classes)]
+    cmd += list(extra)
     if nproc > 1:
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(nproc)] + cmd
     t = time.time()
@@ -206,7 +209,11 @@ def run_set(star, truth, out, nproc, n_classes, seed, extra=(), timeout=None):
         "s_per_particle": None if stopped else wall / n,
         "peak_bytes": sum(peaks),
         "peak_per_rank": peaks,
-        "model_bytes": nproc * memory.bytes_per_rank(n, box, nproc, nx, n_groups=n_classes),
+        "search": search,
+        "model_bytes": nproc
+        * memory.bytes_per_rank(
+            n, box, nproc, nx, n_groups=memory.SEARCH_GROUPS if search else n_classes
+        ),
         "nx": nx,
         "groups": None if stopped else found,
         "purity": None if stopped else true_members / max(acc, 1),
@@ -253,6 +260,11 @@ def main():
         default=None,
         help="the sorter's --nxinit (sorting size; default: chosen from the data's FSC)",
     )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="search mode: no --img_per_grp, the sorter finds the number of groups",
+    )
     a = p.parse_args()
     out = Path(a.out).resolve()
     repo = Path(__file__).resolve().parent.parent
@@ -279,12 +291,13 @@ def main():
         r = run_set(
             star,
             truth,
-            out / f"run_{n}x{box}_np{a.nproc}",
+            out / (f"run_{n}x{box}_np{a.nproc}" + ("_search" if a.search else "")),
             a.nproc,
             a.classes,
             a.seed,
             extra=() if a.nxinit is None else ("--nxinit", str(a.nxinit)),
             timeout=a.timeout,
+            search=a.search,
         )
         rows.append(r)
         print(_row(r), flush=True)
