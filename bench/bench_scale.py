@@ -5,14 +5,14 @@ pixels, 5 x 64 / box Å, so the particle fills the box as in real data), in n_cl
 (domains removed / added), projected with astigmatic CTF, shifts and white noise, written as
 several MRC stacks (SIMULATION_BLOCK particles each) referenced by one RELION STAR file, in a
 folder the user names (never in the repository; a set already there is reused). Every set is
-sorted with ``mpirun -np NP sort3d-depth --img_per_grp N / n_classes`` (``--search``: no group
-size, the sorter's search mode) and the run prints: wall
-time, time per particle, the peak memory of all ranks together (sum of each rank's max RSS), the
-model's estimate (memory.py), the sorting size chosen, the groups found, purity (% true members,
-weighted over the groups), the accounted fraction, the pre-processing time and the median time of
-a layer-0 box (generation 0). At the end the EMPIAR-10028 shape
-(105,247 x 360 px, the user document's second case) is extrapolated from the largest run's
-measured time per particle and the memory model.
+sorted with ``mpirun -np NP sort3d-depth --img_per_grp N / n_classes`` (with ``--search``,
+without ``--img_per_grp``: the sorter's search mode) and the run prints: wall time, time per
+particle, the peak memory of all ranks together (sum of each rank's max RSS), the model's
+estimate (memory.py), the sorting size chosen, the groups (clusters) found, purity (% true
+members, weighted over the groups), the accounted fraction, the pre-processing time and the
+median time of a layer-0 box (generation 0). At the end the EMPIAR-10028 shape (105,247 x 360
+px, the user document's second case) is extrapolated from the largest run's measured time per
+particle and the memory model.
 
     .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 12500x128,25000x128
     .venv/bin/python bench/bench_scale.py --out /tmp/scale --sets 100000x192 --nxinit 64
