@@ -93,18 +93,42 @@ def _import_mask(test, path, label):
 
 # s; a sorting run of the test set takes ~30 s on 2 busy cores
 SORT_TIMEOUT = float(os.environ.get("SORT3DDEPTH_TEST_SORT_TIMEOUT", 300))
+DEAD_GRACE = 10.0  # s a run may show active in run.db after its process ended (the last write)
+
+
+def _run_db_status(test, prot):
+    """(status, active, PID) of the run as its own run.db says now (read afresh, nothing
+    stored): the PID is the one the running protocol wrote, not the launcher's."""
+    import pyworkflow.protocol as pwprot
+
+    run = pwprot.getProtocolFromDb(test.proj.path, prot.getDbPath(), prot.getObjId())
+    try:
+        return run.getStatus(), run.isActive(), run.getPid()
+    finally:
+        run.getProject().closeMapper()
+        run.closeMappers()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _launch_with_timeout(test, prot, timeout=SORT_TIMEOUT):
     """Launch and wait like BaseTest.launchProtocol, but stop the run (its whole process tree:
-    mpirun and the engine ranks) and fail instead of waiting forever if it hangs."""
+    mpirun and the engine ranks) and fail instead of waiting forever if it hangs. The wait
+    reads the run's own run.db each second instead of Project._updateProtocol: that stamps the
+    protocol with run.db's time taken AFTER reading it, so a run that ends in between looks up
+    to date for good, and its vanished PID then marks it failed ("Process N not found running";
+    seen on a loaded machine). A run whose process is gone while run.db still says active for
+    DEAD_GRACE seconds is reported as died."""
     test.proj.launchProtocol(prot, wait=False)
-    t0 = time.time()
+    t0, gone_since = time.time(), None
     while True:
         time.sleep(1.0)
-        test.proj._updateProtocol(prot)
-        if not prot.isActive():
-            break
         if time.time() - t0 > timeout:
             test.proj.stopProtocol(prot)
             test.printLastLogLines(prot)
@@ -112,6 +136,23 @@ def _launch_with_timeout(test, prot, timeout=SORT_TIMEOUT):
                 f"{prot.getRunName()} did not finish in {timeout:.0f} s and was stopped; see "
                 f"{prot.getLogPaths()[0]}"
             )
+        try:
+            status, active, pid = _run_db_status(test, prot)
+        except Exception:  # run.db locked or mid-write: read it again next second
+            continue
+        if not active:
+            break
+        if pid in (None, 0) or _pid_alive(pid):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.time()
+        elif time.time() - gone_since > DEAD_GRACE:
+            raise AssertionError(
+                f"{prot.getRunName()}: its process {pid} is gone and run.db still "
+                f"says {status}; see {prot.getLogPaths()[0]}"
+            )
+    prot.lastUpdateTimeStamp.set(None)  # the final state from run.db, whatever its time stamp
+    test.proj._updateProtocol(prot)
     if not prot.isFinished():
         test.printLastLogLines(prot)
         raise AssertionError(
