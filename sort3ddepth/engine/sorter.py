@@ -23,6 +23,7 @@ from .ctf import ctf_coefficients
 from .depth import (
     MIN_CLUSTER_SIZE,
     SortContext,
+    could_hold_a_group,
     final_assignment,
     found_again,
     merge_moved,
@@ -473,6 +474,8 @@ def run_generations(ctx, *, n, k0, work, comm, checkpoints):
         if not run.clusters:
             break
         k = int(round(len(pool) / work))
+        if k < 2 and ctx.search and could_hold_a_group(pool, found.clusters):
+            k = 2  # the pool is kept out of the clusters as a possible group: look for it
         if k < 2 or len(pool) < max(MIN_NEXT_GENERATION, 2 * MIN_CLUSTER_SIZE):
             break
         subset, gen = pool, gen + 1

@@ -266,3 +266,35 @@ def test_the_input_half_sets_are_the_sorting_halves(tmp_path):
     np.testing.assert_array_equal(sorting_halves(particles, np.random.default_rng(5)), drawn)
     particles.half_set = None
     np.testing.assert_array_equal(sorting_halves(particles, np.random.default_rng(5)), drawn)
+
+
+@pytest.mark.parametrize(
+    "search, second_cluster, searched",
+    [
+        (True, range(600, 780), True),
+        (True, range(600, 830), False),
+        (False, range(600, 780), False),
+    ],
+)
+def test_a_pool_that_could_hold_a_group_is_searched_at_k_2(
+    monkeypatch, search, second_cluster, searched
+):
+    """Search mode: a pool that the final assignment would keep out of the clusters (as many
+    images as the smallest cluster) is searched for its group at K = 2 even where K = pool /
+    group size rounds to 1; a smaller pool is not (it joins the clusters), nor is any pool
+    when the user gave K (SPHIRE's rule: K < 2 ends the generations)."""
+    monkeypatch.setattr(sorter, "split_check", lambda ctx, c, s, **kw: (c, s, np.zeros(0, int)))
+    stored = StoredGenerations(
+        {
+            "gen000": _part([range(0, 300), range(300, 600)]),
+            "gen001": _part([second_cluster]),
+            "gen002": _part([]),
+        }
+    )
+    ctx, logs = _ctx(), []
+    ctx.search, ctx.log = search, logs.append
+    found = sorter.run_generations(ctx, n=1000, k0=3, work=200, comm=Comm(), checkpoints=stored)
+    assert stored.loaded == ["gen000", "gen001"] + (["gen002"] if searched else [])
+    if searched:  # 220 images, 220 / 200 rounds to 1; the smallest cluster holds 180
+        assert "generation 2: 220 images, K = 2" in logs
+        assert sorter._no_group_missing(ctx, found)  # nothing there: the pool may join

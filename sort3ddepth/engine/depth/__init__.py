@@ -25,7 +25,7 @@ from .accept import between_box_keeps, fragments, not_tiny, sure_groups, within_
 from .box import run_box
 from .context import SortContext
 from .layers import between_boxes, run_generation
-from .members import assign_members, final_assignment
+from .members import assign_members, could_hold_a_group, final_assignment
 from .partition import (
     Partition,
     pair_schedules,
@@ -64,6 +64,7 @@ __all__ = [
     "between_boxes",
     "run_generation",
     "assign_members",
+    "could_hold_a_group",
     "final_assignment",
     "merge_moved",
     "split_check",
