@@ -459,7 +459,8 @@ def _preprocess(particles, opts, comm, rng, *, log):
 
 def run_generations(ctx, *, n, k0, work, comm, checkpoints):
     """Generation after generation on what the previous one left unaccounted, until one finds
-    nothing or too few images are left for another. Returns the Found clusters."""
+    nothing or too few images are left for another (K = pool / work below 2; in search mode
+    a pool that could hold a group is still searched, at K = 2). Returns the Found clusters."""
     found = Found(generations=[], clusters=[], stats=[], gen_of=[])
     subset, gen, k = np.arange(n), 0, k0
     while True:
