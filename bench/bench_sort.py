@@ -93,6 +93,12 @@ def main():
         f"wall time {wall:.0f} s with {a.nproc} MPI rank(s) on {os.cpu_count()} cores; "
         f"peak memory of one rank {peak_mb:.0f} MB; SNR {a.snr}"
     )
+    if summary.get("pose_seconds") is not None:
+        print(
+            f"of which checking the given poses {summary['pose_seconds']:.0f} s (errors "
+            f"estimated: {summary['pose_sigma_deg']:g} deg, {summary['pose_sigma_px']:.3g} px; "
+            f"at 0 deg no pose neighbourhood is scored)"
+        )
 
 
 if __name__ == "__main__":

@@ -195,6 +195,9 @@ class Summary:
     pose_sigma_deg: float | None = _optional()
     # --pose_sigma_px: the origin error (original pixels) the poses were refined with
     pose_sigma_px: float | None = _optional()
+    # seconds spent on the given poses before the sorting: their errors estimated, the poses
+    # refined, the neighbours' weights (the neighbourhood's share of each score is in the rest)
+    pose_seconds: float | None = _optional()
     # the two halves every image was scored across: "input" (the refinement's own,
     # rlnRandomSubset or meridien's) or "random"
     half_sets: str | None = _optional()

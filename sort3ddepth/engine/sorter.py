@@ -374,7 +374,13 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
         f"depth order {opts.depth_order} ({2**opts.depth_order} boxes in layer 0)"
     )
     data = _preprocess(particles, opts, comm, rng, log=log)
+    t_pose = time.time()
     maps, pose_sigma, origin_sigma = sorting_maps(data, opts, comm, sym=sym, log=log)
+    pose_seconds = time.time() - t_pose
+    log(
+        f"given poses checked in {pose_seconds:.1f} s (pose sigma {pose_sigma:g} deg, "
+        f"origin sigma {origin_sigma:.3g} px)"
+    )
     ctx = SortContext(
         data,
         maps,
@@ -408,6 +414,7 @@ def run_sorting(particles, opts, *, comm, out_dir, log, checkpoints=None):
     if summary is not None:
         summary.wall_seconds = round(time.time() - t_start, 1)
         summary.pose_sigma_deg, summary.pose_sigma_px = pose_sigma, origin_sigma
+        summary.pose_seconds = round(pose_seconds, 1)
         given = ref is not None or input_halves(particles) is not None
         summary.half_sets = "input" if given else "random"
         output.write_json(Path(out_dir) / results.SUMMARY_FILE, summary.to_dict())

@@ -202,6 +202,8 @@ def test_small_run_writes_its_summary_through_the_schema(tmp_path):
     assert s.to_dict() == json.loads((out / "summary.json").read_text())
     assert s.mode == "freeze" and s.seed == 3 and s.n_particles == 450
     assert s.pose_sigma_deg == 0.0  # the given poses alone (no --pose_sigma_deg)
+    assert 0.0 <= s.pose_seconds <= s.wall_seconds  # what checking the poses cost
+    assert "given poses checked in" in (out / "log.txt").read_text()
     assert s.half_sets == "random"  # the simulated STAR has no rlnRandomSubset
     core = (out / "Core_set.txt").read_text().split()
     assert len(core) > 0 and sum(c.size for c in s.clusters) + len(core) == 450
