@@ -47,6 +47,22 @@ def test_refine_of_random_splits_of_one_state_does_not_agree(tmp_path):
     assert len(split) < 2 or adjusted_rand_index(*split) < 0.2
 
 
+def test_the_log_says_when_the_refinement_took_every_image_into_one_group(tmp_path):
+    """300 + 100 images of two states at SNR 0.3: the mixture over the preferences cannot hold
+    the 3:1 split, so each refined run is one group, and the box's log line says so (else
+    it reads "reproducibility 100 %, kept 1/1 groups" as if the runs had agreed on a group)."""
+    from sort3ddepth.engine.depth import SortContext
+    from sort3ddepth.engine.depth.box import run_box
+
+    data, maps, truth = prepared_set(tmp_path, n_per_class=300, n_classes=2, snr=0.3, seed=5)
+    sub = np.sort(np.concatenate([np.flatnonzero(truth == 0), np.flatnonzero(truth == 1)[:100]]))
+    lines = []
+    ctx = SortContext(data, maps, np.random.default_rng(4), lines.append, True, False, 200, 5, 1)
+    run_box(ctx, sub, 2, allow_k_reset=True)
+    first = next(line for line in lines if "iteration 0: K=2" in line)
+    assert "(the refinement left 1 and 1 of the K groups)" in first, first
+
+
 def test_scores_from_patched_fold_sums_equal_those_from_new_sums(two_states):
     """A refinement sweep inserts only the images that moved (differences of the weights) into
     the cached fold sums: the scores are those of sums built anew, to rounding."""
