@@ -183,7 +183,7 @@ def _results(out):
         elif f.suffix == ".npy":
             res[rel] = np.load(f).tobytes()
     s = json.loads((Path(out) / "summary.json").read_text())
-    for k in ("wall_seconds", "generations"):
+    for k in ("wall_seconds", "pose_seconds", "generations"):
         s.pop(k, None)
     res["summary"] = json.dumps(s, sort_keys=True)
     return res
