@@ -164,7 +164,7 @@ def _iterate(ctx, r):
     r.unacc = np.setdiff1d(np.arange(r.nr), acc)
     ri = rand_index(la, lb)
     left = [len(np.unique(lab)) for lab in (la, lb)]
-    merged = (
+    refined_note = (
         f" (the refinement left {left[0]} and {left[1]} of the K groups)"
         if ctx.search and min(left) < r.k
         else ""
@@ -173,7 +173,7 @@ def _iterate(ctx, r):
         f"{r.tag}run {r.run} iteration {r.it}: K={r.k}, MGSK-means iterations {niters}, "
         f"reproducibility {res.reproducibility:.1f} %, rand index {ri:.3f}, kept "
         f"{len(r.accepted)}/{len(res.pairs)} groups "
-        f"({', '.join(str(len(a)) for a in r.accepted)}), unaccounted {len(r.unacc)}{merged} "
+        f"({', '.join(str(len(a)) for a in r.accepted)}), unaccounted {len(r.unacc)}{refined_note} "
         f"[{time.time() - t0:.1f} s]"
     )
     return res, ri, niters
