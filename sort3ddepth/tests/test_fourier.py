@@ -196,6 +196,26 @@ def test_shift_moves_content_by_plus_origin():
     assert np.unravel_index(np.argmax(out[0]), out[0].shape) == (16, 16)
 
 
+def test_shifted_images_have_the_same_bits_whatever_else_is_shifted_with_them():
+    """shift_images computes each distinct shift's phasors once: an image must get the same
+    bits alone, in a batch that shares its shift, and in one where every shift differs (signed
+    zeros kept apart)."""
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(300, 36, 19)) + 1j * rng.normal(size=(300, 36, 19))
+    images = images.astype(np.complex64)
+    shifts = rng.choice([0.0, -0.0, 0.25, -0.5, 1.0 / 3.0], size=(300, 2))
+    shifts[::3] = rng.normal(size=(100, 2))  # every third image a shift of its own
+    batch = F.shift_images(images, shifts)
+    for i in (0, 1, 2, 5, 299):
+        alone = F.shift_images(images[i : i + 1], shifts[i : i + 1])
+        assert np.array_equal(alone.view(np.uint32), batch[i : i + 1].view(np.uint32))
+    shared = F.shift_images(images, np.repeat(shifts[1:2], 300, axis=0))
+    assert np.array_equal(shared[1].view(np.uint32), batch[1].view(np.uint32))
+    assert len({tuple(r) for r in shifts[1::3].tolist()}) < 100  # shifts were shared
+    kx_phase = np.exp(-2j * np.pi / 36 * shifts[3, 0] * np.fft.rfftfreq(36, 1 / 36))
+    assert np.allclose(batch[3, 0], images[3, 0] * kx_phase, atol=1e-5)
+
+
 def test_fourier_crop_keeps_amplitudes(ribosome):
     small = F.resize_volume(ribosome, 32)
     assert small.shape == (32,) * 3
