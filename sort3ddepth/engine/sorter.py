@@ -622,8 +622,9 @@ def assign_final(ctx, found):
         j, i = pair
         ctx.log(
             f"cluster {j} ({len(found.clusters[j])}) merged with cluster {i} "
-            f"({len(found.clusters[i])}): their images split in no reproducible way (one state "
-            f"found again by a later generation); the final assignment again"
+            f"({len(found.clusters[i])}): their images split in no reproducible way that "
+            f"follows the two clusters (one state found again by a later generation); the "
+            f"final assignment again"
         )
         found = _merge_pair(found, j, i)
     kept = [i for i, c in enumerate(checked) if len(c) >= MIN_CLUSTER_SIZE]

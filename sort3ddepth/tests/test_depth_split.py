@@ -228,3 +228,33 @@ def test_a_cut_in_two_kept_whole_gives_way_to_the_generations_k(tmp_path, monkey
     assert len(clusters) == 3, [len(c) for c in clusters]
     assert sorted(int(np.bincount(truth[c]).argmax()) for c in clusters) == [0, 1, 2]
     assert all(np.bincount(truth[c]).max() >= 0.95 * len(c) for c in clusters)
+
+
+def test_a_split_across_two_clusters_of_one_state_does_not_keep_them_apart(tmp_path, monkeypatch):
+    """State 0 given as clusters of 240 and 60 (found twice), their union split reproducibly
+    (rigged) along something that cuts across both clusters (a random halving: the views, a
+    few images of another state): no evidence that the two differ, so they are merged. The
+    same union split along the two clusters keeps them apart."""
+    from sort3ddepth.engine.depth import final_assignment, found_again, split
+
+    ctx, truth = _context(tmp_path, n_per_class=300, n_classes=2, snr=1.0, seed=4)
+    zero, one = np.nonzero(truth == 0)[0], np.nonzero(truth == 1)[0]
+    clusters = [zero[:240], one, zero[240:]]
+    _, _, memb = final_assignment(ctx, clusters, np.zeros(0, np.int64), pool_searched=True)
+    everyone = np.arange(len(truth))
+    across = np.random.default_rng(0).permutation(len(truth)) % 2
+    along = np.isin(everyone, zero[240:]).astype(int)
+    lines = []
+    ctx.log = lines.append
+    for labels, expected in ((across, {0, 2}), (along, None)):
+        monkeypatch.setattr(
+            split,
+            "_reproduced_k",
+            lambda ctx, c, k, *, tag, lab=labels: Partition(
+                [c[lab[c] == j] for j in range(2)], np.zeros(0, np.int64)
+            ),
+        )
+        pair = found_again(ctx, clusters, memb, everyone, tried=set())
+        assert (set(pair) if pair else None) == expected
+    assert any("cuts across the two clusters (dependence 0.00)" in s for s in lines), lines
+    assert any("the split follows the two clusters" in s for s in lines), lines

@@ -13,7 +13,7 @@ the membership model's refinement).
 * members: the generation's member check and the run's final assignment.
 * split: the split check of a generation's groups (two states merged in one; search mode),
   before and after the member check; a state found twice (found_again: two clusters whose
-  union splits in no reproducible way);
+  union splits in no reproducible way that follows them);
   rigid: whether a split is one map moved (shifted, turned: pose errors).
 Unaccounted images go on to the next generation.
 All random choices come from the one generator in the context, drawn on every rank in the same

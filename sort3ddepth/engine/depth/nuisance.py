@@ -47,14 +47,14 @@ class NuisanceTest:
     def follows(self, members):
         """(what, how much at least) for the nuisance the group `members` follows the most:
         'views' (the share of its members' nearest views inside the group, from what
-        independence gives, 0, to all of them, 1) or 'halves' (_half_dependence); each less
+        independence gives, 0, to all of them, 1) or 'halves' (share_dependence); each less
         CONFIDENCE_Z of its sd under independence. No member in the sample, or all:
         ('views', 0.0)."""
         inside = np.isin(self.sample, members)
         n, m = len(inside), int(inside.sum())
         if m == 0 or m == n:
             return "views", 0.0
-        found = [("halves", _half_dependence(self.half, inside))]
+        found = [("halves", share_dependence(self.half, inside))]
         if self.neighbours is not None and m > 1:
             share = inside[self.neighbours[inside]].mean()
             e = (m - 1) / (n - 1)
@@ -63,9 +63,10 @@ class NuisanceTest:
         return max(found, key=lambda f: f[1])
 
 
-def _half_dependence(half, inside):
-    """How far the group's share of half 1 is from the whole sample's (0) towards all or none
-    (1), less CONFIDENCE_Z sd of that under independence."""
+def share_dependence(half, inside):
+    """How far the group's share of half 1 (of any yes/no of the images, 0 or 1) is from the
+    whole sample's (0) towards all or none (1), less CONFIDENCE_Z sd of that under
+    independence."""
     whole, group = half.mean(), half[inside].mean()
     room = (1.0 - whole) if group > whole else whole
     if room <= 0:

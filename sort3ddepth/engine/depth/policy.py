@@ -197,6 +197,16 @@ class DepthPolicy:
         "from independence to certainty (less 3 sd) is no state (depth/nuisance.py: states "
         "split along their views 0.55-0.78; true states of all 16 matrix cells <= 0.0)",
     )
+    twin_split_dependence: float = _rule(
+        0.0,
+        "two clusters are two states when a reproduced split of their union follows them: a "
+        "part and a cluster tell each other more than chance does (the nuisance test's "
+        "dependence, less its 3 sd, above this). On the matrix at two seeds: one state's two "
+        "clusters 0.00, a state next to junk or a blend 0.09-0.31, two states' clusters "
+        "0.42-0.89; a split that cuts across both clusters (views, a few images of another "
+        'state) is no evidence that they differ (bench/README.md, "Does the split follow the '
+        'two clusters?")',
+    )
     min_cluster_size: int = _rule(20, "never report smaller clusters")
     learn_rand_index: float = _rule(
         0.85,

@@ -28,6 +28,7 @@ from ..membership import decide
 from ..mgskmeans import mgsk_pair
 from ..reconstruction import difference_weights
 from .layers import between_boxes
+from .nuisance import share_dependence
 from .pair import coarse_rmax
 from .partition import Partition, pair_schedules, random_equal_assignment
 from .policy import policy_of
@@ -99,11 +100,6 @@ def _sure_parts(ctx, c, part, *, tag):
     return parts if sure else None
 
 
-def _reproduced_split(ctx, c, *, tag):
-    """The first of _reproduced_splits, or None."""
-    return next(_reproduced_splits(ctx, c, tag=tag), None)
-
-
 def _reproduced_splits(ctx, c, *, tag):
     """The splits of `c` that a weighted pair from random labels reproduces and that are no
     rigid motion, as Partitions, each tried only when the caller asks for the next (a
@@ -126,7 +122,7 @@ def _reproduced_splits(ctx, c, *, tag):
 
 
 def _reproduced_k(ctx, c, k, *, tag):
-    """_reproduced_split at one K: the first limit whose pair reproduces >= 2 groups, no two of
+    """_reproduced_splits at one K: the first limit whose pair reproduces >= 2 groups, no two of
     them one map moved, as a Partition, or None. At the coarse limit each run of the pair is
     the better of DepthPolicy.split_starts starts (_best_runs; cheap there)."""
     n = len(c)
@@ -264,14 +260,14 @@ def _motion(ctx, half_a, half_b, size, *, tag, verdict):
 def found_again(ctx, clusters, memb, everyone, *, tried):
     """(j, i) when one state was found twice: cluster j is one the final assignment (memb, over
     the sorted `everyone`) cannot bring to the purity target, i the cluster that holds most of
-    the posterior of j's images, and no split of their union reproduces (_reproduced_split).
-    Two clusters of one state compete for its images, so one of them (or both) misses the
-    target and much of the state goes unaccounted; a later generation makes such a pair when it
-    finds again the images an earlier cluster of their state left (bench/README.md, "A state
-    found again"). A split of the union that reproduces but that the member posterior keeps
-    whole still counts as two states (blends). None when no pair; `tried` (a set) keeps the
-    pairs checked, each once whichever of the two is j: the test of their union is the same
-    either way round, and a second draw of it would be a second chance to merge
+    the posterior of j's images, and no split of their union reproduces along the two clusters
+    (_reproduced_splits, _follows). Two clusters of one state compete for its images, so one of
+    them (or both) misses the target and much of the state goes unaccounted; a later generation
+    makes such a pair when it finds again the images an earlier cluster of their state left
+    (bench/README.md, "A state found again"). A split along the clusters that the member
+    posterior keeps whole still counts as two states (blends). None when no pair; `tried` (a
+    set) keeps the pairs checked, each once whichever of the two is j: the test of their union
+    is the same either way round, and a second draw of it would be a second chance to merge
     (bench/README.md, "Do two maps of one state share its images' posterior?")."""
     if not (policy_of(ctx).split_check and ctx.search):
         return None
@@ -286,6 +282,32 @@ def found_again(ctx, clusters, memb, everyone, *, tried):
         tried.add(key)
         union = np.union1d(clusters[i], clusters[j])
         tag = f"clusters {j} and {i} ({len(clusters[j])}, {len(clusters[i])}), one state? "
-        if _reproduced_split(ctx, union, tag=f"{tag}{len(union)} images: ") is None:
+        if not any(
+            _follows(ctx, part, clusters[j], tag=tag)
+            for part in _reproduced_splits(ctx, union, tag=f"{tag}{len(union)} images: ")
+        ):
             return int(j), i
     return None
+
+
+def _follows(ctx, part, cluster, *, tag):
+    """Does the reproduced split `part` of two clusters' union follow them (cluster, one of
+    the two, against the rest)? Two states found as two clusters split again along the
+    clusters; a split that cuts across both (along the views, or a few images of another
+    state in one of them) says nothing about whether they differ. The dependence between
+    "in this part" and "from this cluster" (nuisance.share_dependence, among the images the
+    parts keep), either way round, the highest over the parts."""
+    kept = np.concatenate(part.clusters)
+    mine = np.isin(kept, cluster)
+    how = 0.0
+    for p in part.clusters:
+        inside = np.isin(kept, p)
+        for a, b in ((mine, inside), (inside, mine), (~mine, inside), (inside, ~mine)):
+            if 0 < b.sum() < b.size:
+                how = max(how, share_dependence(a.astype(np.float64), b))
+    follows = how > policy_of(ctx).twin_split_dependence
+    ctx.log(
+        f"{tag}the split {'follows' if follows else 'cuts across'} the two clusters "
+        f"(dependence {how:.2f})"
+    )
+    return follows
