@@ -296,15 +296,16 @@ def _follows(ctx, part, cluster, *, tag):
     clusters; a split that cuts across both (along the views, or a few images of another
     state in one of them) says nothing about whether they differ. The dependence between
     "in this part" and "from this cluster" (nuisance.share_dependence, among the images the
-    parts keep), either way round, the highest over the parts."""
+    parts keep), either way round, the highest over the parts. (Of a yes/no and its opposite
+    the dependence is the same, so "from the other cluster" is asked only as a group.)"""
     kept = np.concatenate(part.clusters)
     mine = np.isin(kept, cluster)
     how = 0.0
     for p in part.clusters:
         inside = np.isin(kept, p)
-        for a, b in ((mine, inside), (inside, mine), (~mine, inside), (inside, ~mine)):
-            if 0 < b.sum() < b.size:
-                how = max(how, share_dependence(a.astype(np.float64), b))
+        for yes, group in ((mine, inside), (inside, mine), (inside, ~mine)):
+            if 0 < group.sum() < group.size:
+                how = max(how, share_dependence(yes.astype(np.float64), group))
     follows = how > policy_of(ctx).twin_split_dependence
     ctx.log(
         f"{tag}the split {'follows' if follows else 'cuts across'} the two clusters "
