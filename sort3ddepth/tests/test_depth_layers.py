@@ -79,3 +79,38 @@ def test_a_reproduced_group_that_follows_the_views_is_rejected():
     assert [len(c) for c in res.clusters] == [900]
     res = between_boxes(ctx, np.arange(3000), box, again)  # the generations' comparison
     assert sorted(len(c) for c in res.clusters) == sorted([900, len(polar)])
+
+
+def _layer_of_stand_in_boxes(monkeypatch, explorer):
+    """Layer 0 of four boxes in search mode; box 0 returns `explorer`, the others two groups.
+    Returns (the K each box was given, the K later layers keep at least, the log)."""
+    from sort3ddepth.engine.depth import layers
+
+    given = []
+
+    def stand_in_box(ctx, subset, k, **kw):
+        given.append(k)
+        return explorer if len(given) == 1 else Partition([subset[:50], subset[50:]], subset[:0])
+
+    monkeypatch.setattr(layers, "run_box", stand_in_box)
+    logged = []
+    ctx = SimpleNamespace(search=True, frozen=False, checkpoints=None, log=logged.append)
+    _, k_learned = layers._run_layer(ctx, 0, 0, np.arange(100), starts=[None] * 4, k=7, k_learned=2)
+    return given, k_learned, logged
+
+
+def test_box_learning_hands_on_the_k_whose_groups_were_kept(monkeypatch):
+    """An explorer that kept 2 groups of a run at K = 4 and set images aside, because at K = 2
+    those images would be shared out among its groups, teaches K = 4, to the layer's boxes and
+    to the later layers: boxes at K = 2 put every image into the two groups, and the pairs
+    reproduce that (a-k4-uneq-3500 at depth order 2 lost states so). Without that finding it
+    teaches the K of its groups."""
+    groups, aside = [np.arange(0, 40), np.arange(40, 70)], np.arange(70, 100)
+    shared_out = Partition(groups, aside, rand_index=0.99, k_found=2, k_taught=4)
+    given, k_learned, logged = _layer_of_stand_in_boxes(monkeypatch, shared_out)
+    assert given == [7, 4, 4, 4] and k_learned == 4
+    assert "K = 4 (its 2 groups were kept at K = 4" in logged[0]
+    kept_all = Partition(groups, aside, rand_index=0.99, k_found=2, k_taught=2)
+    given, k_learned, logged = _layer_of_stand_in_boxes(monkeypatch, kept_all)
+    assert given == [7, 2, 2, 2] and k_learned == 2
+    assert logged[0].endswith("the next boxes start with K = 2")

@@ -39,6 +39,7 @@ class _Box:
     rand_last: list  # each run's last rand index
     group_size: int  # the group size later runs look for
     k_found: int  # K of the first run at its end (for box learning)
+    k_taught: int = 0  # the K box learning hands on (Partition.k_taught)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class _Run:
     unacc: np.ndarray = None
     last_ri: float = 0.0
     k_failed: object = None  # lowest K found to have too few reproducible groups
+    k_taught: int = 0  # set when fewer groups than the run's K would share out its pool
     probed: bool = False
     it: int = 0
 
@@ -288,12 +290,13 @@ def _probe_missing(ctx, r):
     k_max = max(r.k, r.k_failed or r.k)
     if not (ctx.search and r.run == 0 and not r.probed and 2 <= len(r.accepted) < k_max):
         return
-    n_before = len(r.accepted)
+    n_before, k_ran = len(r.accepted), r.k
     r.accepted, r.unacc, k_probe, ri = probe_k(
         ctx, r.sub, r.accepted, r.unacc, k=r.k, k_max=k_max, tag=r.tag
     )
     if ri is None and n_before < r.k:
-        r.accepted, r.unacc = settle_groups(ctx, r.sub, r.accepted, r.unacc, tag=r.tag)
+        r.accepted, r.unacc, shared_out = settle_groups(ctx, r.sub, r.accepted, r.unacc, tag=r.tag)
+        r.k_taught = k_ran if shared_out else 0
     r.k = k_probe if r.allow_k_reset else r.k  # a learned K stays the box's K
     r.last_ri = r.last_ri if ri is None else ri
 
@@ -306,6 +309,7 @@ def _end_run(ctx, box, r, key):
     found = [r.sub[a] for a in r.accepted if len(a) >= policy.min_cluster_size]
     if r.run == 0:
         box.k_found = r.k
+        box.k_taught = r.k_taught or r.k
         if ctx.search and found:  # later runs look for groups of the size found here
             box.group_size = int(np.mean([len(f) for f in found]))
     box.clusters += found
@@ -319,6 +323,7 @@ def _end_run(ctx, box, r, key):
         rand=box.rand_last,
         group_size=box.group_size,
         k_found=box.k_found,
+        k_taught=box.k_taught,
         stop=stop,
     )
     return stop
@@ -335,6 +340,7 @@ def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None
         if done is not None:
             box.clusters, box.pool, box.rand_last = done["clusters"], done["pool"], done["rand"]
             box.group_size, box.k_found = done["group_size"], done["k_found"]
+            box.k_taught = done.get("k_taught", box.k_found)
             if done["stop"]:
                 break
             continue
@@ -362,6 +368,7 @@ def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None
         np.setdiff1d(subset, np.concatenate(box.clusters) if box.clusters else []),
         float(np.mean(box.rand_last)) if box.rand_last else 0.0,
         k_found=box.k_found,
+        k_taught=box.k_taught or box.k_found,
     )
     ctx.log(
         f"{tag}done: {len(result.clusters)} clusters "

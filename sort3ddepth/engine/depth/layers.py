@@ -75,7 +75,7 @@ def between_boxes(ctx, subset, a, b, *, n_allowed=None, views_test=False, tag=""
 
 def _box_k(ctx, start, *, k_layer, k_learned, k):
     """A box's K: the layer's K in layer 0; in later layers the incoming partition's groups,
-    at least the K that layer 0 validated (search mode: a pair of boxes can keep fewer groups
+    at least the K that layer 0 taught (search mode: a pair of boxes can keep fewer groups
     than that when one box stuck; the missing groups are seeded from the pool, and cut from
     groups if need be) or the user's K."""
     if start is None:
@@ -87,7 +87,9 @@ def _box_k(ctx, start, *, k_layer, k_learned, k):
 
 def _teaches_k(ctx, start, res):
     """Box learning (unfrozen modes): a layer-0 box whose two runs agreed well and kept every
-    group of the K it found hands that K to the next boxes of the layer."""
+    group of the K it found hands that K to the next boxes of the layer; or the higher K it kept
+    those groups at, when fewer groups would share out the images it set aside: boxes at the
+    lower K would put those images into the kept groups, and the pairs would reproduce that."""
     return (
         not ctx.frozen
         and start is None
@@ -98,7 +100,7 @@ def _teaches_k(ctx, start, res):
 
 
 def _run_layer(ctx, gen, layer, subset, *, starts, k, k_learned):
-    """Every box of one layer; returns (the boxes' Partitions, the K that layer 0 validated).
+    """Every box of one layer; returns (the boxes' Partitions, the K that layer 0 taught).
     K may be lowered in layer-0 boxes until one box has validated a K (then the others inherit
     it: an unlucky random start must not undo a validated K)."""
     results, k_layer, learned = [], k, False
@@ -121,11 +123,17 @@ def _run_layer(ctx, gen, layer, subset, *, starts, k, k_learned):
             save(ctx, key, partition=res)
         results.append(res)
         if _teaches_k(ctx, start, res):
-            learned = True
-            k_learned = res.k_found if layer == 0 else k_learned
-            if res.k_found != k_layer:
-                k_layer = res.k_found
-                ctx.log(f"{tag}box learning: the next boxes start with K = {k_layer}")
+            k_taught = res.k_taught or res.k_found
+            learned, k_learned = True, k_taught  # later layers keep at least this K
+            if k_taught != k_layer:
+                k_layer = k_taught
+                why = (
+                    f" (its {res.k_found} groups were kept at K = {k_taught}: fewer groups "
+                    f"would share out the {len(res.pool)} images it set aside)"
+                    if k_taught > res.k_found
+                    else ""
+                )
+                ctx.log(f"{tag}box learning: the next boxes start with K = {k_layer}{why}")
     return results, k_learned
 
 

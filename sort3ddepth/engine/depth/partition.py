@@ -18,6 +18,9 @@ class Partition:
     rand_index: float = 0.0
     stats: list = field(default_factory=list)
     k_found: int = 0  # K of a box's first run at its end (for box learning)
+    # the K box learning hands on: k_found, or the K the first run kept its groups at when
+    # fewer groups would share out the images it set aside (search.settle_groups)
+    k_taught: int = 0
 
     @property
     def n_accounted(self):

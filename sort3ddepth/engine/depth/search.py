@@ -145,12 +145,14 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag):
     K whose extra group took part of a real one (its members went to the pool). The new groups
     replace the old only if as many reproduce and no whole group grew by more than
     settle_growth: a pool that holds a missing group would otherwise be shared out among the
-    kept ones (two merges that reproduce)."""
+    kept ones (two merges that reproduce). Returns (accepted, unaccounted, shared_out): whether
+    the settling iteration was refused because, every group reproduced, it shared out the
+    pool (not when its groups failed to reproduce: a broken run's sizes say nothing)."""
     policy = policy_of(ctx)
     k, nr = len(accepted), len(sub)
     frag = fragments([len(a) for a in accepted], policy)
     if not frag.any():
-        return accepted, unacc
+        return accepted, unacc, False
     t0 = time.time()
     low, _ = size_bounds(nr, k, policy)
     inits = [
@@ -177,7 +179,7 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag):
             f"{len(new)} of {k} reproducible, whole groups grew up to x{grown:.2f}: the "
             f"groups stay as they were [{time.time() - t0:.1f} s]"
         )
-        return accepted, unacc
+        return accepted, unacc, len(new) >= k and grown > policy.settle_growth
     accepted = new
     unacc = np.setdiff1d(np.arange(nr), np.concatenate(accepted))
     ctx.log(
@@ -185,4 +187,4 @@ def settle_groups(ctx, sub, accepted, unacc, *, tag):
         f"groups ({', '.join(str(len(a)) for a in accepted)}), unaccounted {len(unacc)} "
         f"[{time.time() - t0:.1f} s]"
     )
-    return accepted, unacc
+    return accepted, unacc, False
