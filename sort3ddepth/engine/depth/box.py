@@ -368,7 +368,7 @@ def run_box(ctx, subset, k, *, start=None, tag="", allow_k_reset=False, key=None
         np.setdiff1d(subset, np.concatenate(box.clusters) if box.clusters else []),
         float(np.mean(box.rand_last)) if box.rand_last else 0.0,
         k_found=box.k_found,
-        k_taught=box.k_taught or box.k_found,
+        k_taught=box.k_taught,
     )
     ctx.log(
         f"{tag}done: {len(result.clusters)} clusters "
