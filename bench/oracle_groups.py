@@ -28,11 +28,9 @@ sys.path.insert(0, str(ROOT))
 PURITY = 0.97  # the frontier's F@97 level
 
 
-def oracle_groups(star, truth, purity=PURITY):
-    """dict(g97: share of all particles in clusters >= `purity` pure, measured, the members
-    decided at the sorter's default target; g_acc: share whose most probable cluster is their
-    state; g_est_err: max |estimated - measured| purity)."""
-    from sort3ddepth.engine.membership import DEFAULT_MIN_PURITY, decide
+def prepared(star):
+    """(SortingData, ClusterMaps) of the set at `star` as the sorter prepares it with its
+    default options, on one process."""
     from sort3ddepth.engine.options import SortOptions
     from sort3ddepth.engine.parallel import Comm
     from sort3ddepth.engine.preprocess import prepare
@@ -40,12 +38,23 @@ def oracle_groups(star, truth, purity=PURITY):
     from sort3ddepth.engine.star_io import read_star
     from sort3ddepth.engine.symmetry import parse_symmetry
 
-    n, k = len(truth), int(truth.max()) + 1
+    particles = read_star(star)
     with tempfile.TemporaryDirectory() as tmp:
         opts = SortOptions.from_argv(["--instack", str(star), "--output_dir", tmp])
-        opts = opts.for_input(n_particles=n)
-        data = prepare(read_star(star), Comm(), opts, np.random.default_rng(0), log=lambda *a: 0)
+        opts = opts.for_input(n_particles=len(particles))
+        data = prepare(particles, Comm(), opts, np.random.default_rng(0), log=lambda *a: 0)
     maps, _, _ = sorting_maps(data, opts, Comm(), sym=parse_symmetry(opts.sym), log=lambda *a: 0)
+    return data, maps
+
+
+def oracle_groups(star, truth, purity=PURITY):
+    """dict(g97: share of all particles in clusters >= `purity` pure, measured, the members
+    decided at the sorter's default target; g_acc: share whose most probable cluster is their
+    state; g_est_err: max |estimated - measured| purity)."""
+    from sort3ddepth.engine.membership import DEFAULT_MIN_PURITY, decide
+
+    n, k = len(truth), int(truth.max()) + 1
+    data, maps = prepared(star)
     groups = [np.nonzero(truth == j)[0] for j in range(k)]
     _, memb, _ = decide(
         maps,
