@@ -39,8 +39,9 @@ def cuts(particles, rows, seed=5):
 
 def cut_report(data, maps, rows, side):
     """dict(own: share whose most probable side is their own; first: share whose most probable
-    side is side 0; sure: images in a side that reaches the purity target; sure_own: the share
-    of those on their own side; estimated: the sides' estimated purity)."""
+    side is side 0; sure: (2,) images kept by each side that reaches the purity target (a
+    split needs both: one side taking every image is no split); sure_own: the share of those
+    on their own side; estimated: the sides' estimated purity)."""
     from sort3ddepth.engine.membership import DEFAULT_MIN_PURITY, decide
 
     _, memb, _ = decide(
@@ -61,7 +62,7 @@ def cut_report(data, maps, rows, side):
     return dict(
         own=float(np.mean(best == side)),
         first=float(np.mean(best == 0)),
-        sure=int(sure.sum()),
+        sure=[int(np.sum(sure & (memb.labels == j))) for j in (0, 1)],
         sure_own=float(np.mean(memb.labels[sure] == side[sure])) if sure.any() else float("nan"),
         estimated=memb.estimated_purity,
     )
@@ -87,14 +88,15 @@ def main():
     rows = np.nonzero(truth == a.state)[0][: a.max_images]
     data, maps = prepared(star)
     print(f"{star}: {len(rows)} images of state {a.state}")
-    print("cut      own side  side 0  sure images (own side)  estimated purity   time")
+    print("cut      own side  side 0  sure images: side 0 / 1 (own side)  estimated purity   time")
     for name, side in cuts(particles, rows).items():
         t = time.time()
         r = cut_report(data, maps, rows, side)
         est = " / ".join(f"{100 * e:.1f}" for e in r["estimated"])
         print(
-            f"{name:8s} {100 * r['own']:7.1f} % {100 * r['first']:5.1f} % {r['sure']:6d} "
-            f"({100 * r['sure_own']:5.1f} %)        {est:15s} {time.time() - t:5.0f} s",
+            f"{name:8s} {100 * r['own']:7.1f} % {100 * r['first']:5.1f} % "
+            f"{r['sure'][0]:6d} / {r['sure'][1]:6d} ({100 * r['sure_own']:5.1f} %)"
+            f"    {est:15s} {time.time() - t:5.0f} s",
             flush=True,
         )
 
