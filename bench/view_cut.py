@@ -10,7 +10,6 @@ should reach the purity target. A side that does is a split the split check woul
 simulated (bench/simdata.py: the demo map, 64 px).
 
     .venv/bin/python bench/view_cut.py --output_dir /tmp/vc                       # 10,000 x SNR 0.5
-    .venv/bin/python bench/view_cut.py --output_dir /tmp/vcnf --snr 1000          # noise-free
     .venv/bin/python bench/view_cut.py --folder CELL/data --state 0               # a matrix cell
 """
 
@@ -55,10 +54,7 @@ def cut_report(data, maps, rows, side):
         min_size=1,
     )
     best = np.argmax(memb.posterior, axis=1)
-    sure = np.zeros(len(rows), bool)
-    for j in (0, 1):
-        if not memb.below_target[j]:
-            sure |= memb.labels == j
+    sure = (memb.labels < 2) & ~memb.below_target[np.minimum(memb.labels, 1)]
     return dict(
         own=float(np.mean(best == side)),
         first=float(np.mean(best == 0)),
