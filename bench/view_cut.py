@@ -75,13 +75,20 @@ def main():
     ap.add_argument("--seed", type=int, default=3)
     a = ap.parse_args()
     if a.folder:
-        star, truth = Path(a.folder) / "particles.star", np.load(Path(a.folder) / "truth.npy")
+        star, truth_file = Path(a.folder) / "particles.star", Path(a.folder) / "truth.npy"
+        if not (star.exists() and truth_file.exists()):
+            sys.exit(f"view_cut: {a.folder} needs particles.star and truth.npy")
+        truth = np.load(truth_file)
     else:
         star, truth = simulated_star(a.output_dir, 1, a.n, a.snr, a.seed)
     from sort3ddepth.engine.star_io import read_star
 
     particles = read_star(star)
     rows = np.nonzero(truth == a.state)[0][: a.max_images]
+    if len(rows) < 2:
+        sys.exit(
+            f"view_cut: state {a.state} has {len(rows)} images in {star} (states 0-{truth.max()})"
+        )
     data, maps = prepared(star)
     print(f"{star}: {len(rows)} images of state {a.state}")
     print("cut      own side  side 0  sure images: side 0 / 1 (own side)  estimated purity   time")
