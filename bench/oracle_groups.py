@@ -94,11 +94,11 @@ def main():
     )
     a = ap.parse_args()
     folder = Path(a.folder)
-    r = oracle_groups(
-        folder / "particles.star",
-        np.load(folder / "truth.npy"),
-        drop=a.drop,
-    )
+    truth = np.load(folder / "truth.npy")
+    k = int(truth.max()) + 1
+    if any(not 0 <= j < k for j in a.drop) or len(set(a.drop)) > k - 2:
+        ap.error(f"--drop: states 0-{k - 1} of this set, at least two left with a cluster")
+    r = oracle_groups(folder / "particles.star", truth, drop=a.drop)
     print(
         f"true groups as clusters: {100 * r['g97']:.1f} % of particles in clusters >= 97 % pure; "
         f"most probable cluster right {100 * r['g_acc']:.1f} %; "
