@@ -59,7 +59,7 @@ def oracle_groups(star, truth, purity=PURITY, *, drop=()):
 
     n, k = len(truth), int(truth.max()) + 1
     data, maps = prepared(star)
-    kept = [j for j in range(k) if j not in set(drop)]  # dropped states: no cluster
+    kept = [j for j in range(k) if j not in drop]  # dropped states: no cluster
     groups = [np.nonzero(truth == j)[0] for j in kept]
     _, memb, _ = decide(
         maps,
@@ -94,6 +94,8 @@ def main():
     )
     a = ap.parse_args()
     folder = Path(a.folder)
+    if not ((folder / "particles.star").exists() and (folder / "truth.npy").exists()):
+        ap.error(f"{folder} needs particles.star and truth.npy")
     truth = np.load(folder / "truth.npy")
     k = int(truth.max()) + 1
     if any(not 0 <= j < k for j in a.drop) or len(set(a.drop)) > k - 2:
