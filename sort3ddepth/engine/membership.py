@@ -209,8 +209,7 @@ def cluster_loglik(maps, data, everyone, weights, *, cache=None):
         rows = np.nonzero(fold == f)[0]
         if not rows.size:
             continue
-        s, var = maps.scores(fm.without(f), everyone[rows], shell_factors=band, noise=True)
-        u[rows] = s / np.sqrt(np.maximum(var, 1e-300))
+        s, u[rows] = _fold_u(maps, fm.without(f), everyone[rows], band)
         step = -(-rows.size // MAP_NOISE_SAMPLE)
         sample = rows[::step]
         s2, var2 = maps.scores(fm.other_half(f), everyone[sample], shell_factors=band, noise=True)
@@ -220,6 +219,43 @@ def cluster_loglik(maps, data, everyone, weights, *, cache=None):
         sums[1] += s2.sum(axis=0)
     u = np.maximum(u * _map_gain(*sums)[None, :], 0.0)
     return 0.5 * u**2, u * _map_noise(np.concatenate(deltas), weights.sum(axis=0))[None, :], shells
+
+
+def _fold_u(maps, fold_maps, images, band):
+    """Scores of `images` against `fold_maps` over the shells `band`, and the same in units
+    of their noise sd (u)."""
+    s, var = maps.scores(fold_maps, images, shell_factors=band, noise=True)
+    return s, s / np.sqrt(np.maximum(var, 1e-300))
+
+
+def split_gain(maps, data, everyone, labels, *, k):
+    """(mean, standard error) over the images of `everyone` of the log-likelihood gain (nats)
+    of the K groups of `labels` (a mixture, shares from the labels) over ONE map of all of
+    them, every image scored against maps built without its fold (the likelihood of
+    cluster_loglik, without the maps' noise and gain: a held-out comparison of two models).
+    Groups that differ only by noise make noisier maps than their union and lose, groups
+    along the views lose too (the union's map fits every view as well as the map of the views
+    that built it), groups of two states gain (bench/README.md, "A held-out judge of a
+    split")."""
+    n = len(everyone)
+    weights = np.column_stack([np.eye(k)[labels], np.ones(n)])
+    fold = folds(data, everyone)
+    fm, shells = _fold_maps(maps, everyone, weights, fold=fold)
+    band = (shells >= BAND_FSC**2).astype(float)
+    if not band.any():
+        return 0.0, 0.0
+    u = np.zeros((n, k + 1))
+    for f in range(CV_FOLDS):
+        rows = np.nonzero(fold == f)[0]
+        if rows.size:
+            u[rows] = _fold_u(maps, fm.without(f), everyone[rows], band)[1]
+    loglik = 0.5 * np.maximum(u, 0.0) ** 2
+    share = np.bincount(labels, minlength=k)[:k] / max(n, 1)
+    held = share > 0
+    mix = loglik[:, :k][:, held] + np.log(share[held])[None, :]
+    top = mix.max(axis=1)
+    gain = top + np.log(np.exp(mix - top[:, None]).sum(axis=1)) - loglik[:, k]
+    return float(gain.mean()), float(gain.std() / np.sqrt(max(n, 1)))
 
 
 def _map_gain(sum_3_4, sum_1_2):

@@ -25,7 +25,7 @@ from .accept import between_box_keeps, fragments, not_tiny, sure_groups, within_
 from .box import run_box
 from .context import SortContext
 from .layers import between_boxes, run_generation
-from .members import assign_members, could_hold_a_group, final_assignment
+from .members import assign_members, could_hold_a_group, final_assignment, grown_clusters
 from .partition import (
     Partition,
     pair_schedules,
@@ -35,7 +35,7 @@ from .partition import (
 )
 from .policy import POLICY, DepthPolicy, policy_of
 from .search import coarse_rmax, cut, probe_k, rebuild_starts, settle_groups
-from .split import found_again, merge_moved, split_check
+from .split import found_again, merge_moved, split_check, two_states
 
 MIN_CLUSTER_SIZE = POLICY.min_cluster_size  # never report smaller clusters (sorter.py)
 
@@ -66,7 +66,9 @@ __all__ = [
     "assign_members",
     "could_hold_a_group",
     "final_assignment",
+    "grown_clusters",
     "merge_moved",
     "split_check",
+    "two_states",
     "found_again",
 ]

@@ -148,6 +148,19 @@ class DepthPolicy:
         "~1 run in 4 lands in an equal split along nothing, difference FSC^2 summed 1.9-2.7 "
         "against 5.0-5.1 in the states' direction); a coarse run costs ~1/6 of a full one",
     )
+    two_state_starts: int = _rule(
+        4,
+        "random starts each run of the two-state check of a grown cluster chooses from, by their "
+        "held-out likelihood gain: a run lands in a 900 + 300 blend's states' direction about one "
+        "start in three; the blend's pair reproduced at 3 of 6 draws with 2 starts, 5 of 6 with "
+        '4, 6 of 6 with 8 (bench/README.md, "A held-out judge of a split")',
+    )
+    two_state_z: float = _rule(
+        3.0,
+        "a grown cluster holds two states when a reproduced split gains over its one map by this "
+        "many standard errors (held out; one-sided ~0.1 %): cuts of one state gained -0.06 to "
+        "+0.04 nats per image (views -2.5), state splits +0.09 to +0.30 at 5-10 se",
+    )
     split_kept_share: float = _rule(
         0.3,
         "a split is kept only if its parts hold this share of the cluster at the purity target "

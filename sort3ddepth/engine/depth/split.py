@@ -24,12 +24,12 @@ the member check")."""
 
 import numpy as np
 
-from ..membership import decide
+from ..membership import decide, split_gain
 from ..mgskmeans import mgsk_pair
 from ..reconstruction import difference_weights
 from .layers import between_boxes
 from .nuisance import share_dependence
-from .pair import coarse_rmax
+from .pair import coarse_rmax, refine
 from .partition import Partition, pair_schedules, random_equal_assignment
 from .policy import policy_of
 from .rigid import motion_explains
@@ -56,6 +56,42 @@ def split_check(ctx, clusters, stats, *, tag="", only=None):
     order = np.argsort([-len(c) for c, _ in out], kind="stable")
     left = np.concatenate(left) if left else np.zeros(0, np.int64)
     return [out[i][0] for i in order], [out[i][1] for i in order], np.sort(left)
+
+
+def two_states(ctx, clusters, check):
+    """The index of the first cluster named by `check` (bools) that holds two states, or None:
+    a K = 2 pair
+    whose runs are judged by the held-out likelihood gain over the union's map (_reproduced_k,
+    judge "gain") reproduces groups whose own gain is at least DepthPolicy.two_state_z
+    standard errors above zero. The generations' split check judges its starts by how
+    reproducibly the maps differ, which a cut of one state along its views satisfies as well as
+    a cut between states; the held-out gain tells them apart (bench/README.md, "A held-out judge
+    of a split"). Used on the final clusters grown over the unaccounted images."""
+    policy = policy_of(ctx)
+    least = policy.split_check_factor * policy.min_cluster_size
+    for i, c in enumerate(clusters):
+        tag = f"check of grown cluster {i} ({len(c)} images): "
+        if check[i] and len(c) >= least and _holds_two(ctx, c, tag=tag):
+            return i
+    return None
+
+
+def _holds_two(ctx, c, *, tag):
+    """True when c's first gain-judged K = 2 split reproduces and its groups gain
+    significantly over c's one map (membership.split_gain over the images they keep)."""
+    part = _reproduced_k(ctx, c, 2, tag=tag, judge="gain")
+    if part is None:
+        return False
+    kept = np.concatenate(part.clusters)
+    order = np.argsort(kept, kind="stable")
+    labels = np.concatenate([np.full(len(p), j) for j, p in enumerate(part.clusters)])[order]
+    gain, se = split_gain(ctx.maps, ctx.data, kept[order], labels, k=len(part.clusters))
+    two = gain > policy_of(ctx).two_state_z * se
+    ctx.log(
+        f"{tag}groups ({', '.join(str(len(p)) for p in part.clusters)}) gain {gain:.3f} +- "
+        f"{se:.3f} nats per image over one map (held out) -> {'two states' if two else 'one'}"
+    )
+    return two
 
 
 def _split(ctx, c, *, tag):
@@ -121,7 +157,7 @@ def _reproduced_splits(ctx, c, *, tag):
             yield part
 
 
-def _reproduced_k(ctx, c, k, *, tag):
+def _reproduced_k(ctx, c, k, *, tag, judge="difference"):
     """_reproduced_splits at one K: the first limit whose pair reproduces >= 2 groups, no two of
     them one map moved, as a Partition, or None. At the coarse limit each run of the pair is
     the better of DepthPolicy.split_starts starts (_best_runs; cheap there)."""
@@ -129,8 +165,11 @@ def _reproduced_k(ctx, c, k, *, tag):
     coarse = coarse_rmax(ctx, n, k)
     caps = (coarse, None) if coarse < ctx.maps.resolution_limit(n / (2 * k)) else (None,)
     for cap in caps:
-        starts = policy_of(ctx).split_starts if cap is not None else 1
-        runs = _best_runs(ctx, c, k, cap=cap, starts=starts)
+        starts = 1
+        if cap is not None:
+            policy = policy_of(ctx)
+            starts = policy.split_starts if judge == "difference" else policy.two_state_starts
+        runs = _best_runs(ctx, c, k, cap=cap, starts=starts, judge=judge)
         boxes = [Partition([c[lab == j] for j in range(k)], np.zeros(0, np.int64)) for lab in runs]
         limit = ("coarse limit" if cap is not None else "full limit") + (
             f", K = {k}" if k > 2 else ""
@@ -141,11 +180,15 @@ def _reproduced_k(ctx, c, k, *, tag):
     return None
 
 
-def _best_runs(ctx, c, k, *, cap, starts):
+def _best_runs(ctx, c, k, *, cap, starts, judge="difference"):
     """The two runs of a weighted pair (labels over c), each the best of `starts` runs from
-    its own random labels by _difference_score: a run's choice sees only its own candidates, so
-    the two runs stay independent. A run from random labels can settle in an equal split along
-    nothing (bench/README.md, "Two cells at 64 px")."""
+    its own random labels: a run's choice sees only its own candidates, so the two runs stay
+    independent. A run from random labels can settle in an equal split along nothing
+    (bench/README.md, "Two cells at 64 px"). judge "difference": by _difference_score; "gain":
+    by membership.split_gain (held-out: a split along nothing or along the views loses against
+    the union's map), the best run then refined by the membership model (pair.refine: the
+    mixture with shares holds a 3:1 split) where that gains more (bench/README.md, "A held-out
+    judge of a split")."""
     n = len(c)
     candidates = []
     for _ in range(starts):
@@ -164,13 +207,28 @@ def _best_runs(ctx, c, k, *, cap, starts):
             rmax_cap=cap,
         )
         candidates.append(runs)
-    if starts == 1:
+    if starts == 1 and judge == "difference":
         return candidates[0]
+    maps = ctx.maps if cap is None else ctx.maps.at_limit(cap)
     best = []
     for j in (0, 1):
-        scores = [_difference_score(ctx, c, runs[j], k=k, cap=cap) for runs in candidates]
-        best.append(candidates[int(np.argmax(scores))][j])
+        scores = [
+            _judged(ctx, c, runs[j], k=k, maps=maps, cap=cap, judge=judge) for runs in candidates
+        ]
+        labels = candidates[int(np.argmax(scores))][j]
+        if judge == "gain":
+            refined = refine(ctx, c, k, labels, maps=maps)
+            if split_gain(maps, ctx.data, c, refined, k=k)[0] > max(scores):
+                labels = refined
+        best.append(labels)
     return best
+
+
+def _judged(ctx, c, labels, *, k, maps, cap, judge):
+    """A run's score as _best_runs judges it."""
+    if judge == "gain":
+        return split_gain(maps, ctx.data, c, labels, k=k)[0]
+    return _difference_score(ctx, c, labels, k=k, cap=cap)
 
 
 def _difference_score(ctx, c, labels, *, k, cap):
