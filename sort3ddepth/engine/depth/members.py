@@ -137,16 +137,7 @@ def grown_clusters(ctx, clusters, pool, pool_searched=False):
     if k < 2 or not (pool_searched and could_hold_a_group(pool, clusters)):
         return clusters, pool
     everyone = np.union1d(np.concatenate(clusters), pool)
-    _, memb, _ = decide(
-        ctx.maps,
-        ctx.data,
-        everyone,
-        list(clusters),
-        open_rows=np.ones(len(everyone), bool),
-        pool_joins=True,
-        min_purity=ctx.min_purity,
-        min_size=policy_of(ctx).min_cluster_size,
-    )
+    _, memb, _ = _decided_over_all(ctx, everyone, clusters, joins=True)
     labels = refine(ctx, everyone, k, np.argmax(memb.posterior, axis=1))
     grown = [everyone[labels == j] for j in range(k)]
     least = policy_of(ctx).min_cluster_size
@@ -164,6 +155,21 @@ def grown_clusters(ctx, clusters, pool, pool_searched=False):
     return grown, np.zeros(0, np.int64)
 
 
+def _decided_over_all(ctx, everyone, clusters, *, joins):
+    """membership.decide over every image of `everyone`, each free to change cluster (the final
+    assignment's decision; joins: the unaccounted may join and shape the model)."""
+    return decide(
+        ctx.maps,
+        ctx.data,
+        everyone,
+        list(clusters),
+        open_rows=np.ones(len(everyone), bool),
+        pool_joins=joins,
+        min_purity=ctx.min_purity,
+        min_size=policy_of(ctx).min_cluster_size,
+    )
+
+
 def final_assignment(ctx, clusters, pool, pool_searched=False):
     """The run's last word on membership, over the clusters of all generations at once (a
     generation's check saw the clusters of earlier generations, not those found later): every
@@ -175,21 +181,11 @@ def final_assignment(ctx, clusters, pool, pool_searched=False):
     a high posterior. Returns (clusters in the same order, which
     may shrink below min_cluster_size: the caller decides; the new pool; the Membership over
     every image in sorted index order)."""
-    policy = policy_of(ctx)
     pool = np.asarray(pool, np.int64)
     k = len(clusters)
     everyone = np.union1d(np.concatenate(clusters), pool)
     joins = bool(pool_searched) or not could_hold_a_group(pool, clusters)
-    labels, memb, _ = decide(
-        ctx.maps,
-        ctx.data,
-        everyone,
-        list(clusters),
-        open_rows=np.ones(len(everyone), bool),
-        pool_joins=joins,
-        min_purity=ctx.min_purity,
-        min_size=policy.min_cluster_size,
-    )
+    labels, memb, _ = _decided_over_all(ctx, everyone, clusters, joins=joins)
     out = [everyone[memb.labels == j] for j in range(k)]
     member = labels < k
     left = int(np.sum(member & (memb.labels == k)))
