@@ -60,10 +60,9 @@ def split_check(ctx, clusters, stats, *, tag="", only=None):
 
 def two_states(ctx, clusters, check):
     """The index of the first cluster named by `check` (bools) that holds two states, or None:
-    a K = 2 pair
-    whose runs are judged by the held-out likelihood gain over the union's map (_reproduced_k,
-    judge "gain") reproduces groups whose own gain is at least DepthPolicy.two_state_z
-    standard errors above zero. The generations' split check judges its starts by how
+    a K = 2 pair whose runs are judged by the held-out likelihood gain over the union's map
+    (_reproduced_k, judge "gain") reproduces groups whose own gain is at least
+    DepthPolicy.two_state_z standard errors above zero. The generations' split check judges its starts by how
     reproducibly the maps differ, which a cut of one state along its views satisfies as well as
     a cut between states; the held-out gain tells them apart (bench/README.md, "A held-out judge
     of a split"). Used on the final clusters grown over the unaccounted images."""
