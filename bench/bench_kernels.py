@@ -5,6 +5,9 @@
 Passes (each run in its own child process, so that each peak RSS is its own):
   project     fourier.project: n images' central slices of one map (pad 2)
   distance    fourier.distance_terms: fused CTF x projection vs image terms against K=5 maps (pad 2)
+  poses7      the same at each image's pose and its six neighbours turned 2 deg (pose errors'
+              scores), the seven poses in one call
+  poses7x     the same seven poses in seven calls (what one call saves)
   backproj2   fourier.backproject: n images with CTF into K=5 maps, hard assignment, pad 2
   backproj1   the same at pad 1
 Each pass is timed after a warm-up call on a few images (numba compile or cache load); the best of
@@ -26,7 +29,7 @@ import time
 # run from a checkout without installing: the package sits one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PASSES = ("project", "distance", "backproj2", "backproj1")
+PASSES = ("project", "distance", "poses7", "poses7x", "backproj2", "backproj1")
 N_MAPS = 5
 
 
@@ -45,7 +48,7 @@ def _child(name, n, box, repeat, seed):
 
     from sort3ddepth.engine import fourier
     from sort3ddepth.engine.ctf import ctf_coefficients
-    from sort3ddepth.engine.geometry import random_rotations
+    from sort3ddepth.engine.geometry import pose_neighbours, random_rotations
     from sort3ddepth.engine.particles import CTFParams
     from sort3ddepth.engine.simulate import load_demo_map, make_conformations
 
@@ -55,7 +58,7 @@ def _child(name, n, box, repeat, seed):
     k = 1 if name == "project" else N_MAPS
     maps = vol[None] if k == 1 else make_conformations(vol, k, rng)
     pad = 1 if name == "backproj1" else 2
-    fvols = fourier.volumes_to_fourier(maps, pad=pad) if name in ("project", "distance") else None
+    fvols = None if name.startswith("backproj") else fourier.volumes_to_fourier(maps, pad=pad)
     del maps
     imgs = None
     coefs = None
@@ -76,11 +79,19 @@ def _child(name, n, box, repeat, seed):
             memb = np.zeros((n, N_MAPS))
             memb[np.arange(n), rng.integers(0, N_MAPS, n)] = 1.0
 
+    posed = np.stack([rots] + [rots @ t for t in pose_neighbours(2.0)])
+
     def run(sl):
         if name == "project":
             return fourier.project(fvols, rots[sl])
         if name == "distance":
             return fourier.distance_terms(fvols, rots[sl], imgs[sl], ctf_coefs=coefs[sl])
+        if name == "poses7":
+            return fourier.distance_terms(fvols, posed[:, sl], imgs[sl], ctf_coefs=coefs[sl])
+        if name == "poses7x":
+            return [
+                fourier.distance_terms(fvols, r[sl], imgs[sl], ctf_coefs=coefs[sl]) for r in posed
+            ]
         return fourier.backproject(imgs[sl], rots[sl], memb[sl], ctf_coefs=coefs[sl], pad=pad)
 
     base_peak, base_rss = _peak_mib(), _rss_mib()

@@ -299,16 +299,17 @@ def _distance_kernel(
     pp,
     xx,
 ):
+    """rots (J, n, 3, 3): each image at J poses, its pixel, weight and CTF read once for all."""
     nk = vol.shape[3]
+    nj = rots.shape[0]
     nz, ny, nxh = vol.shape[0], vol.shape[1], vol.shape[2]
     c = ny // 2
     npix = piy.shape[0]
     for ii in prange(order.shape[0]):
         i = order[ii]
-        acc_c = np.zeros(nk)
-        acc_p = np.zeros(nk)
+        acc_c = np.zeros((nj, nk))
+        acc_p = np.zeros((nj, nk))
         acc_x = 0.0
-        r = rots[i]
         g = groups[i]
         for j in range(npix):
             w = shell_w[g, pshell[j]] * pherm[j]
@@ -317,31 +318,34 @@ def _distance_kernel(
             kx = pkx[j]
             ky = pky[j]
             ctf = ctf_value(coefs[i], kx, ky) if use_ctf else 1.0
-            px = (r[0, 0] * kx + r[1, 0] * ky) * pad
-            py = (r[0, 1] * kx + r[1, 1] * ky) * pad
-            pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
-            sgn = 1.0
-            if px < 0.0:
-                px, py, pz, sgn = -px, -py, -pz, -1.0
-            y = py + c
-            z = pz + c
-            x0, y0, z0 = int(px), int(np.floor(y)), int(np.floor(z))
             x = imgs[i, piy[j], pix[j]]
             xr, xi = x.real, x.imag
             acc_x += w * (xr * xr + xi * xi)
-            if x0 + 1 >= nxh or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
-                continue
-            tw = _trilinear_weights(px - x0, y - y0, z - z0)
-            # conj(P) when the point was mirrored: flip the sign of the imaginary part
-            xi_s = xi * sgn
+            for t in range(nj):
+                r = rots[t, i]
+                px = (r[0, 0] * kx + r[1, 0] * ky) * pad
+                py = (r[0, 1] * kx + r[1, 1] * ky) * pad
+                pz = (r[0, 2] * kx + r[1, 2] * ky) * pad
+                sgn = 1.0
+                if px < 0.0:
+                    px, py, pz, sgn = -px, -py, -pz, -1.0
+                y = py + c
+                z = pz + c
+                x0, y0, z0 = int(px), int(np.floor(y)), int(np.floor(z))
+                if x0 + 1 >= nxh or y0 < 0 or y0 + 1 >= ny or z0 < 0 or z0 + 1 >= nz:
+                    continue
+                tw = _trilinear_weights(px - x0, y - y0, z - z0)
+                # conj(P) when the point was mirrored: flip the sign of the imaginary part
+                xi_s = xi * sgn
+                for k in range(nk):
+                    v = _trilinear_sum(vol, z0, y0, x0, k, tw)
+                    pr, pim = ctf * v.real, ctf * v.imag
+                    acc_c[t, k] += w * (xr * pr + xi_s * pim)
+                    acc_p[t, k] += w * (pr * pr + pim * pim)
+        for t in range(nj):
             for k in range(nk):
-                v = _trilinear_sum(vol, z0, y0, x0, k, tw)
-                pr, pim = ctf * v.real, ctf * v.imag
-                acc_c[k] += w * (xr * pr + xi_s * pim)
-                acc_p[k] += w * (pr * pr + pim * pim)
-        for k in range(nk):
-            cross[i, k] = acc_c[k]
-            pp[i, k] = acc_p[k]
+                cross[t, i, k] = acc_c[t, k]
+                pp[t, i, k] = acc_p[t, k]
         xx[i] = acc_x
 
 
@@ -630,10 +634,15 @@ def distance_terms(
     rmin <= |k| <= rmax and shell weights w(group, shell):
     cross = sum w Re(conj(X) CTF P_k), pp = sum w |CTF P_k|^2, xx = sum w |X|^2.
     The squared distance is xx - 2 cross + pp; a normalised cross score is cross / sqrt(pp).
+    rotations (J, n, 3, 3): each image at J poses (its pose neighbours), cross and pp then
+    (J, n, K): an image's pixels and CTF are read once for all J poses, and nearby poses
+    gather from the same voxels (bench/README.md, "The pose neighbours in one pass").
     select: score only the images at these positions (rotations, images_f, ctf_coefs and groups
     then hold all the images; the rows of the results follow select), without a copy of them."""
-    rots = np.ascontiguousarray(rotations, np.float64).reshape(-1, 3, 3)
-    n = rots.shape[0]
+    rots = np.asarray(rotations, np.float64)
+    posed = rots.ndim == 4
+    rots = np.ascontiguousarray(rots if posed else rots.reshape(1, -1, 3, 3))
+    n = rots.shape[1]
     imgs = np.ascontiguousarray(images_f, np.complex64)
     if imgs.shape[0] != n or imgs.shape[1] != fvols.box:
         raise ValueError(
@@ -643,8 +652,8 @@ def distance_terms(
     coefs, use_ctf = _coefs(ctf_coefs, n)
     sw, g = _shell_weights(fvols.box, shell_weights, groups, n)
     sel = np.arange(n) if select is None else np.ascontiguousarray(select, np.int64)
-    cross = np.empty((n, fvols.n_maps))
-    pp = np.empty((n, fvols.n_maps))
+    cross = np.empty((rots.shape[0], n, fvols.n_maps))
+    pp = np.empty((rots.shape[0], n, fvols.n_maps))
     xx = np.empty(n)
     table = pixel_table(fvols.box, rmin, rmax)
     _distance_kernel(
@@ -656,15 +665,17 @@ def distance_terms(
         sw,
         g,
         float(fvols.pad),
-        sel[view_order(rots[sel])],
+        sel[view_order(rots[0, sel])],
         *table,
         cross,
         pp,
         xx,
     )
-    if select is None:
-        return cross, pp, xx
-    return cross[sel], pp[sel], xx[sel]
+    if select is not None:
+        cross, pp, xx = cross[:, sel], pp[:, sel], xx[sel]
+    if not posed:
+        cross, pp = cross[0], pp[0]
+    return cross, pp, xx
 
 
 def squared_distances(fvols, rotations, images_f, **kw):

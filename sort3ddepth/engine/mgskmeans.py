@@ -241,14 +241,11 @@ class ClusterMaps:
         sw = self._weights(shell_factors)
         base = d.rots if rots is None else rots
         turns = [] if self.pose_turns is None else list(self.pose_turns)
-        posed_scores, log_prior, terms = [], [], None
-        for posed in [base] + [base @ t for t in turns]:
-            # the rank's images as they are, the selected ones scored (no copy of them)
-            cross, pp, xx = self._terms(fv, posed, loc, rmax=rmax, sw=sw, shifts=shifts)
-            posed_scores.append(cross / np.sqrt(pp + 1e-30))
-            terms = (cross, pp, xx) if terms is None else terms
-            if turns:
-                log_prior.append(self._pose_log_prior(posed[loc], base[loc], loc))
+        poses = np.stack([base] + [base @ t for t in turns])  # (J, n_local, 3, 3)
+        # the rank's images as they are, the selected ones scored at every pose (no copy)
+        cross, pp, xx = self._terms(fv, poses, loc, rmax=rmax, sw=sw, shifts=shifts)
+        posed_scores = cross / np.sqrt(pp + 1e-30)
+        terms = (cross[0], pp[0], xx)
         n_sel = len(subset) if half is None else int(np.sum(d.half[subset] == half))
         var = None
         if noise or turns:
@@ -257,7 +254,8 @@ class ClusterMaps:
             )
         score = posed_scores[0]
         if turns:
-            score = pose_marginal(np.stack(posed_scores), var, np.stack(log_prior))
+            log_prior = [self._pose_log_prior(posed[loc], base[loc], loc) for posed in poses]
+            score = pose_marginal(posed_scores, var, np.stack(log_prior))
         if not noise:
             return self.comm.gather_rows(score, n_sel)
         return self.comm.gather_rows(score, n_sel), self.comm.gather_rows(var, n_sel)
@@ -305,7 +303,7 @@ class ClusterMaps:
             parts.append(
                 fourier.distance_terms(
                     fv,
-                    rots[at],
+                    rots[..., at, :, :],
                     fourier.shift_images(d.comp_f[at], shifts[at]),
                     None if d.ctf_coefs is None else d.ctf_coefs[at],
                     rmin=1.0,
@@ -314,7 +312,9 @@ class ClusterMaps:
                     groups=None if d.groups is None else d.groups[at],
                 )
             )
-        return tuple(np.concatenate(t) for t in zip(*parts))
+        cross, pp, xx = zip(*parts)
+        axis = cross[0].ndim - 2  # the images' axis of (n, K) or (J, n, K)
+        return np.concatenate(cross, axis), np.concatenate(pp, axis), np.concatenate(xx)
 
     def _score_noise(self, fv, loc, rots, *, rmax, shell_factors, terms):
         """Variance of each score cross / sqrt(pp) from the image's own noise: the image's noise

@@ -155,6 +155,28 @@ def test_fused_distance_equals_explicit_projection(ribosome):
             assert d[i, k] == pytest.approx(expected, rel=1e-4)
 
 
+def test_poses_in_one_call_equal_one_call_per_pose(ribosome):
+    """Each image at J poses in one call (the pose neighbours' scores) gives, bit for bit, what
+    J calls give, also for a selection of the images."""
+    rng = np.random.default_rng(5)
+    n, box = 30, 64
+    fv = F.volumes_to_fourier(np.stack([ribosome, np.roll(ribosome, 2, axis=1)]), pad=2)
+    rots = G.random_rotations(n, rng)
+    posed = np.stack([rots] + [rots @ t for t in G.pose_neighbours(2.0)])
+    imgs = np.fft.rfft2(rng.standard_normal((n, box, box))).astype(np.complex64)
+    kw = dict(ctf_coefs=C.ctf_coefficients(_random_ctf(rng, n), box, 4.0), rmin=1.0, rmax=25.0)
+    select = rng.permutation(n)[:17]
+    for sel in (None, select):
+        cross, pp, xx = F.distance_terms(fv, posed, imgs, select=sel, **kw)
+        assert cross.shape == pp.shape == (7, n if sel is None else 17, 2)
+        for j in range(7):
+            one = F.distance_terms(fv, posed[j], imgs, select=sel, **kw)
+            np.testing.assert_array_equal(cross[j], one[0])
+            np.testing.assert_array_equal(pp[j], one[1])
+            np.testing.assert_array_equal(xx, one[2])
+        assert not np.array_equal(cross[0], cross[1])
+
+
 def test_ctf_values_and_astigmatism():
     box, apix = 128, 1.5
     q = 0.07
