@@ -241,7 +241,7 @@ class ClusterMaps:
         sw = self._weights(shell_factors)
         base = d.rots if rots is None else rots
         turns = [] if self.pose_turns is None else list(self.pose_turns)
-        poses = np.stack([base] + [base @ t for t in turns])  # (J, n_local, 3, 3)
+        poses = with_neighbours(base, turns)
         # the rank's images as they are, the selected ones scored at every pose (no copy)
         cross, pp, xx = self._terms(fv, poses, loc, rmax=rmax, sw=sw, shifts=shifts)
         posed_scores = cross / np.sqrt(pp + 1e-30)
@@ -337,6 +337,18 @@ class ClusterMaps:
         if shell_factors is not None and not np.array_equal(f**2, f):
             _, pp2, _ = self._terms(fv, rots, loc, rmax=rmax, sw=self._weights(shell_factors, 2))
         return power[:, None] * pp2 / (pp + 1e-30)
+
+
+def with_neighbours(rots, turns):
+    """(1 + len(turns), n, 3, 3): the rotations, then the rotations turned by each turn (a view,
+    not a copy, without turns; made in place, not stacked from copies: n can be 10^5 a rank)."""
+    if not len(turns):
+        return rots[None]
+    out = np.empty((1 + len(turns),) + rots.shape, np.result_type(rots, *turns))
+    out[0] = rots
+    for j, turn in enumerate(turns, 1):
+        np.matmul(rots, turn, out=out[j])
+    return out
 
 
 def pose_marginal(posed_scores, var, log_prior=None):
