@@ -79,7 +79,9 @@ def _child(name, n, box, repeat, seed):
             memb = np.zeros((n, N_MAPS))
             memb[np.arange(n), rng.integers(0, N_MAPS, n)] = 1.0
 
-    posed = np.stack([rots] + [rots @ t for t in pose_neighbours(2.0)])
+    posed = None  # the poses passes' (7, n, 3, 3) rotations: not in the other passes' peak
+    if name.startswith("poses"):
+        posed = np.stack([rots] + [rots @ t for t in pose_neighbours(2.0)])
 
     def run(sl):
         if name == "project":
